@@ -1,0 +1,173 @@
+//! The one codec of the project: how values and keys become bytes.
+//!
+//! Two families of values are stored, and each carries a leading
+//! format-version byte so that the layout can migrate later:
+//!
+//! * **OpenMLS entities** (`[ENTITY_FORMAT_V1] ++ serde_json`). OpenMLS 0.9
+//!   uses `#[serde(untagged)]` and upstream only supports self-describing
+//!   formats for its entities, so they never go through bincode.
+//! * **The project's own records** (`[RECORD_FORMAT_V1] ++ bincode 2`), for
+//!   types this project defines (server queues, SDK cursors, ...). Decoding is
+//!   bounded by [`RECORD_SIZE_LIMIT`] so a corrupt length field cannot drive an
+//!   unbounded allocation.
+//!
+//! Keys of OpenMLS entities are the serde_json encoding of the OpenMLS key
+//! value: deterministic for every key type OpenMLS uses.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::StorageError;
+
+/// Version byte in front of every stored OpenMLS entity.
+pub const ENTITY_FORMAT_V1: u8 = 1;
+/// Version byte in front of every stored project record.
+pub const RECORD_FORMAT_V1: u8 = 1;
+/// Largest record the decoder will materialise.
+pub const RECORD_SIZE_LIMIT: usize = 64 * 1024 * 1024;
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<RECORD_SIZE_LIMIT>()
+}
+
+/// Encode an OpenMLS key (group id, hash reference, ...) for use inside a sled key.
+pub fn encode_key<K: Serialize + ?Sized>(tree: &str, key: &K) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(key).map_err(|e| StorageError::Encode {
+        tree: tree.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Encode an OpenMLS entity as a versioned value.
+pub fn encode_entity<T: Serialize + ?Sized>(
+    tree: &str,
+    value: &T,
+) -> Result<Vec<u8>, StorageError> {
+    let mut out = Vec::with_capacity(128);
+    out.push(ENTITY_FORMAT_V1);
+    serde_json::to_writer(&mut out, value).map_err(|e| StorageError::Encode {
+        tree: tree.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+/// Decode a versioned OpenMLS entity; `key` is only used in the error.
+pub fn decode_entity<T: DeserializeOwned>(
+    tree: &str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StorageError> {
+    match bytes.split_first() {
+        Some((&ENTITY_FORMAT_V1, body)) => serde_json::from_slice(body)
+            .map_err(|e| StorageError::corrupt(tree, key, format_args!("bad entity: {e}"))),
+        Some((v, _)) => Err(StorageError::corrupt(
+            tree,
+            key,
+            format_args!("unknown entity format version {v}"),
+        )),
+        None => Err(StorageError::corrupt(tree, key, "empty value")),
+    }
+}
+
+/// Encode a project record (bincode 2, behind a version byte).
+pub fn encode_record<T: bincode::Encode>(tree: &str, value: &T) -> Result<Vec<u8>, StorageError> {
+    let mut out = vec![RECORD_FORMAT_V1];
+    bincode::encode_into_std_write(value, &mut out, bincode_config()).map_err(|e| {
+        StorageError::Encode {
+            tree: tree.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(out)
+}
+
+/// Decode a project record; trailing bytes are treated as corruption.
+pub fn decode_record<T: bincode::Decode<()>>(
+    tree: &str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StorageError> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT_V1, body)) => {
+            let (value, used) = bincode::decode_from_slice(body, bincode_config())
+                .map_err(|e| StorageError::corrupt(tree, key, format_args!("bad record: {e}")))?;
+            if used != body.len() {
+                return Err(StorageError::corrupt(
+                    tree,
+                    key,
+                    format_args!("{} trailing bytes after record", body.len() - used),
+                ));
+            }
+            Ok(value)
+        }
+        Some((v, _)) => Err(StorageError::corrupt(
+            tree,
+            key,
+            format_args!("unknown record format version {v}"),
+        )),
+        None => Err(StorageError::corrupt(tree, key, "empty value")),
+    }
+}
+
+/// Lists (own leaf nodes, proposal queues, epoch key pairs) are stored as one
+/// entity holding a JSON array, so that reads need no scan and a whole list
+/// changes atomically.
+pub(crate) fn decode_list_values(
+    tree: &str,
+    key: &[u8],
+    bytes: Option<&[u8]>,
+) -> Result<Vec<serde_json::Value>, StorageError> {
+    match bytes {
+        Some(b) => decode_entity(tree, key, b),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Convert an OpenMLS value into a JSON value (for list membership tests).
+pub(crate) fn to_json_value<T: Serialize + ?Sized>(
+    tree: &str,
+    value: &T,
+) -> Result<serde_json::Value, StorageError> {
+    serde_json::to_value(value).map_err(|e| StorageError::Encode {
+        tree: tree.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(bincode::Encode, bincode::Decode, Debug, PartialEq)]
+    struct Rec {
+        a: u64,
+        b: Vec<u8>,
+    }
+
+    #[test]
+    fn entity_round_trip_and_errors() {
+        let v = encode_entity("t", &vec![1u8, 2, 3]).unwrap();
+        assert_eq!(v[0], ENTITY_FORMAT_V1);
+        let back: Vec<u8> = decode_entity("t", b"k", &v).unwrap();
+        assert_eq!(back, vec![1, 2, 3]);
+        for bad in [&[][..], &[9, b'[', b']'][..], &v[..v.len() - 1]] {
+            let err = decode_entity::<Vec<u8>>("t", b"k", bad).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("tree t") && msg.contains("6b"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn record_round_trip_and_errors() {
+        let r = Rec { a: 7, b: vec![9; 10] };
+        let bytes = encode_record("t", &r).unwrap();
+        assert_eq!(decode_record::<Rec>("t", b"k", &bytes).unwrap(), r);
+        assert!(decode_record::<Rec>("t", b"k", &bytes[..bytes.len() - 1]).is_err());
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_record::<Rec>("t", b"k", &long).is_err());
+        // A length prefix claiming 2^60 bytes must fail, not allocate.
+        let huge = [RECORD_FORMAT_V1, 7, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x10];
+        assert!(decode_record::<Rec>("t", b"k", &huge).is_err());
+    }
+}

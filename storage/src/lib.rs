@@ -1,0 +1,45 @@
+//! OpenMLS storage on sled.
+//!
+//! [`SledStorage`] implements every method of OpenMLS's
+//! `StorageProvider<CURRENT_VERSION>` (and so `PublicStorageProvider`), with one
+//! sled tree per entity family and keys namespaced so that several clients can
+//! share one database. [`SledProvider`] bundles it with RustCrypto.
+//!
+//! OpenMLS issues many independent storage calls per operation (merging a
+//! commit alone is a dozen), so the crate adds the transaction boundary the
+//! trait lacks: [`SledProvider::transaction`] makes one MLS operation reach the
+//! disk all or nothing, and lets the caller's own records join the same write.
+//! What "on disk" means is set by [`Durability`]; see `docs/ARCHITECTURE.md`.
+//!
+//! ```no_run
+//! use mls_ds_storage::{SledProvider, Store, StoreConfig};
+//! let store = Store::open("client-data", StoreConfig::default())?;
+//! let provider = SledProvider::new(store.storage(b"alice")?);
+//! provider.transaction(|p| {
+//!     // e.g. group.merge_pending_commit(p)?;
+//!     # let _ = p;
+//!     Ok::<_, mls_ds_storage::StorageError>(())
+//! })?;
+//! # Ok::<(), mls_ds_storage::StorageError>(())
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod bundle;
+pub mod codec;
+mod durability;
+mod entities;
+mod error;
+mod provider;
+mod store;
+pub mod trees;
+
+pub use bundle::{ProviderTransaction, SledProvider};
+pub use durability::{Durability, GroupCommit};
+pub use error::StorageError;
+pub use store::{RecordTree, SledStorage, Store, StoreConfig, Transaction, FORMAT_VERSION};
+
+/// Re-exported so that users name the same versions this crate was built with.
+pub use openmls_rust_crypto;
+pub use openmls_traits;

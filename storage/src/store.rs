@@ -1,0 +1,593 @@
+//! The opened database (`Store`), per-namespace handles on it (`SledStorage`),
+//! and the transaction overlay that makes one MLS operation atomic.
+//!
+//! Reads inside a transaction see the transaction's own writes first and the
+//! database second. Writes go to an in-memory overlay only; `commit` applies
+//! the whole overlay as one sled batch (one tree) or one multi-tree sled
+//! transaction, then waits for durability. The sled transaction closure only
+//! replays the overlay, so sled's retries are harmless and no scan is needed
+//! inside it. Dropping a transaction without committing discards the overlay.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::durability::{Durability, GroupCommit};
+use crate::error::StorageError;
+use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
+
+/// Format of the whole database (layout of trees, keys and value encodings).
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &[u8] = b"format_version";
+const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
+
+/// How to open a [`Store`].
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Durability policy of every atomic operation.
+    pub durability: Durability,
+    /// sled page cache size in bytes.
+    pub cache_capacity: u64,
+    /// Period of sled's background flusher (`None` disables it).
+    pub flush_every_ms: Option<u64>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            durability: Durability::Sync,
+            cache_capacity: 64 * 1024 * 1024,
+            flush_every_ms: Some(500),
+        }
+    }
+}
+
+struct Shared {
+    db: sled::Db,
+    path: Option<PathBuf>,
+    /// Family trees first (indexed by `Family::index`), record trees after.
+    trees: RwLock<Vec<(String, sled::Tree)>>,
+    durability: GroupCommit,
+}
+
+/// An opened sled database holding OpenMLS state for any number of namespaces.
+///
+/// Cheap to clone; all clones share the same trees and group commit.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.shared.path)
+            .field("durability", &self.shared.durability.mode())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Open (or create) the database in `path`.
+    ///
+    /// A database that fails to open, or whose format is newer than this
+    /// build, is reported as an error and left untouched.
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StorageError> {
+        let path = path.as_ref();
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(config.cache_capacity)
+            .flush_every_ms(config.flush_every_ms)
+            .open()
+            .map_err(|source| StorageError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        // sled keeps its log in `<dir>/db`; fsync needs a handle on it.
+        let log_file = OpenOptions::new().read(true).open(path.join("db")).ok();
+        Self::from_db(db, Some(path.to_owned()), log_file, config)
+    }
+
+    /// A throw-away database (sled `temporary` mode), for tests and benchmarks.
+    pub fn temporary(config: StoreConfig) -> Result<Store, StorageError> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .cache_capacity(config.cache_capacity)
+            .flush_every_ms(config.flush_every_ms)
+            .open()?;
+        Self::from_db(db, None, None, config)
+    }
+
+    fn from_db(
+        db: sled::Db,
+        path: Option<PathBuf>,
+        log_file: Option<File>,
+        config: StoreConfig,
+    ) -> Result<Store, StorageError> {
+        check_format(&db)?;
+        let mut trees = Vec::with_capacity(Family::ALL.len() + 8);
+        for f in Family::ALL {
+            trees.push((f.tree_name().to_owned(), db.open_tree(f.tree_name())?));
+        }
+        let durability = GroupCommit::new(db.clone(), log_file, config.durability);
+        Ok(Store {
+            shared: Arc::new(Shared {
+                db,
+                path,
+                trees: RwLock::new(trees),
+                durability,
+            }),
+        })
+    }
+
+    /// A storage handle whose keys all live under `namespace` (at most 255 bytes).
+    pub fn storage(&self, namespace: &[u8]) -> Result<SledStorage, StorageError> {
+        if namespace.len() > u8::MAX as usize {
+            return Err(StorageError::NamespaceTooLong(namespace.len()));
+        }
+        Ok(SledStorage {
+            shared: self.shared.clone(),
+            ns: namespace_prefix(namespace).into(),
+            tx: None,
+        })
+    }
+
+    /// The underlying sled database, for components that keep trees of their own.
+    pub fn db(&self) -> &sled::Db {
+        &self.shared.db
+    }
+
+    /// Directory of the database (`None` for a temporary one).
+    pub fn path(&self) -> Option<&Path> {
+        self.shared.path.as_deref()
+    }
+
+    /// Group commit shared by every handle on this store.
+    pub fn durability(&self) -> &GroupCommit {
+        &self.shared.durability
+    }
+
+    /// Flush and fsync now, whatever the durability policy.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.shared.durability.flush()
+    }
+
+    /// Open (creating if needed) the record tree `app.<name>` for the
+    /// caller's own records, which may join OpenMLS writes in one transaction.
+    pub fn record_tree(&self, name: &str) -> Result<RecordTree, StorageError> {
+        let full = format!("{APP_TREE_PREFIX}{name}");
+        {
+            let trees = read_lock(&self.shared.trees);
+            if let Some(i) = trees.iter().position(|(n, _)| *n == full) {
+                return Ok(RecordTree { index: i });
+            }
+        }
+        let tree = self.shared.db.open_tree(&full)?;
+        let mut trees = self
+            .shared
+            .trees
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = trees.iter().position(|(n, _)| *n == full) {
+            return Ok(RecordTree { index: i });
+        }
+        trees.push((full, tree));
+        Ok(RecordTree {
+            index: trees.len() - 1,
+        })
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_format(db: &sled::Db) -> Result<(), StorageError> {
+    let meta = db.open_tree(META_TREE)?;
+    match meta.get(FORMAT_KEY)? {
+        Some(v) => {
+            let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| {
+                StorageError::BadFormatRecord(format!("expected 4 bytes, found {}", v.len()))
+            })?;
+            let found = u32::from_be_bytes(bytes);
+            if found > FORMAT_VERSION {
+                return Err(StorageError::NewerFormat {
+                    found,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            if found < FORMAT_VERSION {
+                return Err(StorageError::BadFormatRecord(format!(
+                    "format version {found} is not one this build can read"
+                )));
+            }
+            Ok(())
+        }
+        None => {
+            // Only an empty database may be claimed; anything else is someone
+            // else's data and must not be touched.
+            let foreign = db
+                .tree_names()
+                .iter()
+                .filter(|n| n.as_ref() != META_TREE.as_bytes())
+                .any(|n| db.open_tree(n).map(|t| !t.is_empty()).unwrap_or(true));
+            if foreign {
+                return Err(StorageError::BadFormatRecord(
+                    "database holds data but no format-version record".into(),
+                ));
+            }
+            meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
+            meta.insert(
+                OPENMLS_VERSION_KEY,
+                &openmls_traits::storage::CURRENT_VERSION.to_be_bytes(),
+            )?;
+            db.flush()?;
+            Ok(())
+        }
+    }
+}
+
+/// Handle on a record tree opened with [`Store::record_tree`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordTree {
+    index: usize,
+}
+
+type Overlay = BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>;
+
+#[derive(Default)]
+struct TxInner {
+    /// `None` once the transaction committed or rolled back.
+    writes: Option<Overlay>,
+    write_count: usize,
+    fail_after: Option<usize>,
+}
+
+struct TxState {
+    inner: Mutex<TxInner>,
+}
+
+/// OpenMLS storage for one namespace of a [`Store`]; implements
+/// `StorageProvider<CURRENT_VERSION>` (and therefore `PublicStorageProvider`).
+///
+/// Outside a transaction every trait call is its own atomic, durable
+/// operation. Inside [`SledStorage::transaction`] (or a [`Transaction`])
+/// nothing reaches the disk until commit, and then everything does at once.
+#[derive(Clone)]
+pub struct SledStorage {
+    shared: Arc<Shared>,
+    ns: Arc<[u8]>,
+    tx: Option<Arc<TxState>>,
+}
+
+impl std::fmt::Debug for SledStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStorage")
+            .field("namespace", &String::from_utf8_lossy(&self.ns[1..]))
+            .field("in_transaction", &self.tx.is_some())
+            .finish()
+    }
+}
+
+/// An open transaction; derefs to the [`SledStorage`] view that reads its own
+/// writes. Dropping it without [`Transaction::commit`] rolls back.
+pub struct Transaction {
+    view: SledStorage,
+}
+
+impl std::ops::Deref for Transaction {
+    type Target = SledStorage;
+    fn deref(&self) -> &SledStorage {
+        &self.view
+    }
+}
+
+impl Transaction {
+    /// Apply every write of the transaction atomically, then wait for durability.
+    pub fn commit(self) -> Result<(), StorageError> {
+        self.view.commit_overlay()
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if let Some(tx) = &self.view.tx {
+            lock(&tx.inner).writes = None;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SledStorage {
+    /// Open a database directory with the default policy and the empty namespace.
+    pub fn open(path: impl AsRef<Path>) -> Result<SledStorage, StorageError> {
+        Store::open(path, StoreConfig::default())?.storage(b"")
+    }
+
+    /// The store this handle belongs to.
+    pub fn store(&self) -> Store {
+        Store {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The namespace of this handle.
+    pub fn namespace(&self) -> &[u8] {
+        &self.ns[1..]
+    }
+
+    /// Whether this handle is a transaction view.
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Start a transaction. Transactions that touch the same group must not
+    /// run concurrently (the overlay is read-your-writes, not snapshot
+    /// isolated); callers serialise per group, as an MLS client does anyway.
+    /// Starting one on a transaction view joins the outer transaction.
+    pub fn begin(&self) -> Transaction {
+        let view = SledStorage {
+            shared: self.shared.clone(),
+            ns: self.ns.clone(),
+            tx: Some(Arc::new(TxState {
+                inner: Mutex::new(TxInner {
+                    writes: Some(Overlay::new()),
+                    ..TxInner::default()
+                }),
+            })),
+        };
+        Transaction { view }
+    }
+
+    /// Run `f` on a transaction view and commit if it returns `Ok`; an `Err`
+    /// rolls everything back. On a transaction view, `f` joins the outer
+    /// transaction. After a rolled-back MLS operation, reload the group
+    /// (`MlsGroup::load`): the in-memory object may be ahead of storage.
+    pub fn transaction<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&SledStorage) -> Result<T, E>,
+        E: From<StorageError>,
+    {
+        if self.tx.is_some() {
+            return f(self);
+        }
+        let tx = self.begin();
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Test hook: make the write number `k + 1` of this transaction fail (and
+    /// every later one), so that the operation aborts after `k` writes.
+    pub fn inject_failure_after(&self, k: usize) {
+        if let Some(tx) = &self.tx {
+            lock(&tx.inner).fail_after = Some(k);
+        }
+    }
+
+    /// Number of writes recorded in this transaction so far.
+    pub fn transaction_write_count(&self) -> usize {
+        self.tx.as_ref().map_or(0, |tx| lock(&tx.inner).write_count)
+    }
+
+    fn commit_overlay(&self) -> Result<(), StorageError> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let writes = lock(&tx.inner)
+            .writes
+            .take()
+            .ok_or(StorageError::TransactionClosed)?;
+        self.apply(writes)?;
+        self.shared.durability.make_durable()
+    }
+
+    fn apply(&self, writes: Overlay) -> Result<(), StorageError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut per_tree: BTreeMap<usize, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
+        for ((tree, key), value) in writes {
+            per_tree.entry(tree).or_default().push((key, value));
+        }
+        let trees: Vec<sled::Tree> = {
+            let all = read_lock(&self.shared.trees);
+            per_tree.keys().map(|&i| all[i].1.clone()).collect()
+        };
+        if trees.len() == 1 {
+            let mut batch = sled::Batch::default();
+            for (_, ops) in per_tree.iter() {
+                for (k, v) in ops {
+                    match v {
+                        Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                        None => batch.remove(k.as_slice()),
+                    }
+                }
+            }
+            trees[0].apply_batch(batch)?;
+            return Ok(());
+        }
+        let ops: Vec<_> = per_tree.into_values().collect();
+        trees
+            .as_slice()
+            .transaction(|views| {
+                for (view, ops) in views.iter().zip(ops.iter()) {
+                    for (k, v) in ops {
+                        match v {
+                            Some(v) => view.insert(k.as_slice(), v.as_slice())?,
+                            None => view.remove(k.as_slice())?,
+                        };
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Storage(e) => StorageError::Sled(e),
+                TransactionError::Abort(()) => {
+                    StorageError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+                }
+            })
+    }
+
+    pub(crate) fn tree_name(&self, index: usize) -> String {
+        read_lock(&self.shared.trees)
+            .get(index)
+            .map_or_else(|| format!("#{index}"), |(n, _)| n.clone())
+    }
+
+    /// Full sled key: namespace prefix followed by `suffix`.
+    pub(crate) fn full_key(&self, suffix: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.ns.len() + suffix.len());
+        k.extend_from_slice(&self.ns);
+        k.extend_from_slice(suffix);
+        k
+    }
+
+    fn tree(&self, index: usize) -> sled::Tree {
+        read_lock(&self.shared.trees)[index].1.clone()
+    }
+
+    /// Read a raw value by full key, seeing this transaction's writes.
+    pub(crate) fn raw_get(&self, index: usize, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(tx) = &self.tx {
+            let inner = lock(&tx.inner);
+            let writes = inner.writes.as_ref().ok_or(StorageError::TransactionClosed)?;
+            if let Some(v) = writes.get(&(index, key.to_vec())) {
+                return Ok(v.clone());
+            }
+        }
+        Ok(self.tree(index).get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Write (`Some`) or delete (`None`) a raw value by full key.
+    pub(crate) fn raw_set(
+        &self,
+        index: usize,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StorageError> {
+        match &self.tx {
+            Some(tx) => {
+                let mut inner = lock(&tx.inner);
+                if let Some(k) = inner.fail_after {
+                    if inner.write_count >= k {
+                        return Err(StorageError::Injected(k));
+                    }
+                }
+                inner.write_count += 1;
+                let writes = inner.writes.as_mut().ok_or(StorageError::TransactionClosed)?;
+                writes.insert((index, key), value);
+                Ok(())
+            }
+            None => {
+                let tree = self.tree(index);
+                match value {
+                    Some(v) => tree.insert(key, v)?,
+                    None => tree.remove(key)?,
+                };
+                self.shared.durability.make_durable()
+            }
+        }
+    }
+
+    /// All `(full key, value)` pairs whose full key starts with `prefix`, in
+    /// key order, merging this transaction's writes over the database.
+    pub(crate) fn raw_scan(
+        &self,
+        index: usize,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for item in self.tree(index).scan_prefix(prefix) {
+            let (k, v) = item?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        if let Some(tx) = &self.tx {
+            let inner = lock(&tx.inner);
+            let writes = inner.writes.as_ref().ok_or(StorageError::TransactionClosed)?;
+            for ((_, k), v) in writes
+                .range((index, prefix.to_vec())..)
+                .take_while(|((i, k), _)| *i == index && k.starts_with(prefix))
+            {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
+    }
+
+    /// Run `f` atomically: inside a transaction it simply joins it, outside it
+    /// gets a transaction of its own (so multi-key trait methods stay atomic).
+    pub(crate) fn atomically<T>(
+        &self,
+        f: impl FnOnce(&SledStorage) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        self.transaction(f)
+    }
+
+    // ----- the caller's own records -----
+
+    /// Read a raw record (namespaced key) from a record tree.
+    pub fn get_raw(&self, tree: RecordTree, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.raw_get(tree.index, &self.full_key(key))
+    }
+
+    /// Write a raw record; inside a transaction it commits with the MLS writes.
+    pub fn put_raw(&self, tree: RecordTree, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        self.raw_set(tree.index, self.full_key(key), Some(value.to_vec()))
+    }
+
+    /// Delete a raw record.
+    pub fn remove_raw(&self, tree: RecordTree, key: &[u8]) -> Result<(), StorageError> {
+        self.raw_set(tree.index, self.full_key(key), None)
+    }
+
+    /// Records of this namespace whose key starts with `prefix`, in key order
+    /// (keys returned without the namespace).
+    pub fn scan_raw(
+        &self,
+        tree: RecordTree,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let ns_len = self.ns.len();
+        Ok(self
+            .raw_scan(tree.index, &self.full_key(prefix))?
+            .into_iter()
+            .map(|(k, v)| (k[ns_len..].to_vec(), v))
+            .collect())
+    }
+
+    /// Read a typed project record (see [`crate::codec::encode_record`]).
+    pub fn get_record<T: bincode::Decode<()>>(
+        &self,
+        tree: RecordTree,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let full = self.full_key(key);
+        match self.raw_get(tree.index, &full)? {
+            Some(bytes) => Ok(Some(crate::codec::decode_record(
+                &self.tree_name(tree.index),
+                &full,
+                &bytes,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Write a typed project record.
+    pub fn put_record<T: bincode::Encode>(
+        &self,
+        tree: RecordTree,
+        key: &[u8],
+        value: &T,
+    ) -> Result<(), StorageError> {
+        let bytes = crate::codec::encode_record(&self.tree_name(tree.index), value)?;
+        self.raw_set(tree.index, self.full_key(key), Some(bytes))
+    }
+}
