@@ -28,6 +28,11 @@ impl SledProvider {
         }
     }
 
+    /// The sled storage (also reachable through `OpenMlsProvider::storage`).
+    pub fn storage(&self) -> &SledStorage {
+        &self.storage
+    }
+
     /// Run one MLS operation atomically: `f` gets a provider whose storage is
     /// a transaction view; its writes commit together when `f` returns `Ok`
     /// and are discarded when it returns `Err`.
