@@ -237,6 +237,10 @@ pub struct RecordTree {
 }
 
 type Overlay = BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>;
+/// A key and its value (`None`: delete).
+type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
+/// Key/value pairs returned by scans.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Default)]
 struct TxInner {
@@ -390,7 +394,7 @@ impl SledStorage {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut per_tree: BTreeMap<usize, Vec<(Vec<u8>, Option<Vec<u8>>)>> = BTreeMap::new();
+        let mut per_tree: BTreeMap<usize, Vec<KeyWrite>> = BTreeMap::new();
         for ((tree, key), value) in writes {
             per_tree.entry(tree).or_default().push((key, value));
         }
@@ -500,7 +504,7 @@ impl SledStorage {
         &self,
         index: usize,
         prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Pairs, StorageError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for item in self.tree(index).scan_prefix(prefix) {
             let (k, v) = item?;
@@ -554,7 +558,7 @@ impl SledStorage {
         &self,
         tree: RecordTree,
         prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Pairs, StorageError> {
         let ns_len = self.ns.len();
         Ok(self
             .raw_scan(tree.index, &self.full_key(prefix))?

@@ -252,7 +252,8 @@ fn corrupt(s: &SledStorage, family: Family, f: impl Fn(&[u8]) -> Vec<u8>) {
 
 #[test]
 fn corrupt_or_truncated_values_are_errors_naming_tree_and_key() {
-    let damages: [(&str, fn(&[u8]) -> Vec<u8>); 4] = [
+    type Damage = fn(&[u8]) -> Vec<u8>;
+    let damages: [(&str, Damage); 4] = [
         ("truncated", |v| v[..v.len() / 2].to_vec()),
         ("empty", |_| Vec::new()),
         ("unknown version", |v| {
