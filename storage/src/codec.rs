@@ -159,7 +159,10 @@ mod tests {
 
     #[test]
     fn record_round_trip_and_errors() {
-        let r = Rec { a: 7, b: vec![9; 10] };
+        let r = Rec {
+            a: 7,
+            b: vec![9; 10],
+        };
         let bytes = encode_record("t", &r).unwrap();
         assert_eq!(decode_record::<Rec>("t", b"k", &bytes).unwrap(), r);
         assert!(decode_record::<Rec>("t", b"k", &bytes[..bytes.len() - 1]).is_err());

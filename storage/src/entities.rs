@@ -223,12 +223,11 @@ mod virtual_clients {
         {
             let tree = Family::VcRetainedMaterial.tree_name();
             let epoch_json = encode_key(tree, epoch_id)?;
-            let epoch_string = String::from_utf8(epoch_json.clone()).map_err(|e| {
-                StorageError::Encode {
+            let epoch_string =
+                String::from_utf8(epoch_json.clone()).map_err(|e| StorageError::Encode {
                     tree: tree.to_owned(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             self.atomically(|s| {
                 s.put_entity(Family::VcOperationTrees, epoch_id, operation_tree)?;
                 for (r, material) in materials {

@@ -166,11 +166,7 @@ impl Store {
             }
         }
         let tree = self.shared.db.open_tree(&full)?;
-        let mut trees = self
-            .shared
-            .trees
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut trees = self.shared.trees.write().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = trees.iter().position(|(n, _)| *n == full) {
             return Ok(RecordTree { index: i });
         }
@@ -456,10 +452,17 @@ impl SledStorage {
     }
 
     /// Read a raw value by full key, seeing this transaction's writes.
-    pub(crate) fn raw_get(&self, index: usize, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    pub(crate) fn raw_get(
+        &self,
+        index: usize,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         if let Some(tx) = &self.tx {
             let inner = lock(&tx.inner);
-            let writes = inner.writes.as_ref().ok_or(StorageError::TransactionClosed)?;
+            let writes = inner
+                .writes
+                .as_ref()
+                .ok_or(StorageError::TransactionClosed)?;
             if let Some(v) = writes.get(&(index, key.to_vec())) {
                 return Ok(v.clone());
             }
@@ -483,7 +486,10 @@ impl SledStorage {
                     }
                 }
                 inner.write_count += 1;
-                let writes = inner.writes.as_mut().ok_or(StorageError::TransactionClosed)?;
+                let writes = inner
+                    .writes
+                    .as_mut()
+                    .ok_or(StorageError::TransactionClosed)?;
                 writes.insert((index, key), value);
                 Ok(())
             }
@@ -500,11 +506,7 @@ impl SledStorage {
 
     /// All `(full key, value)` pairs whose full key starts with `prefix`, in
     /// key order, merging this transaction's writes over the database.
-    pub(crate) fn raw_scan(
-        &self,
-        index: usize,
-        prefix: &[u8],
-    ) -> Result<Pairs, StorageError> {
+    pub(crate) fn raw_scan(&self, index: usize, prefix: &[u8]) -> Result<Pairs, StorageError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for item in self.tree(index).scan_prefix(prefix) {
             let (k, v) = item?;
@@ -512,7 +514,10 @@ impl SledStorage {
         }
         if let Some(tx) = &self.tx {
             let inner = lock(&tx.inner);
-            let writes = inner.writes.as_ref().ok_or(StorageError::TransactionClosed)?;
+            let writes = inner
+                .writes
+                .as_ref()
+                .ok_or(StorageError::TransactionClosed)?;
             for ((_, k), v) in writes
                 .range((index, prefix.to_vec())..)
                 .take_while(|((i, k), _)| *i == index && k.starts_with(prefix))
@@ -554,11 +559,7 @@ impl SledStorage {
 
     /// Records of this namespace whose key starts with `prefix`, in key order
     /// (keys returned without the namespace).
-    pub fn scan_raw(
-        &self,
-        tree: RecordTree,
-        prefix: &[u8],
-    ) -> Result<Pairs, StorageError> {
+    pub fn scan_raw(&self, tree: RecordTree, prefix: &[u8]) -> Result<Pairs, StorageError> {
         let ns_len = self.ns.len();
         Ok(self
             .raw_scan(tree.index, &self.full_key(prefix))?

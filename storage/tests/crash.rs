@@ -58,7 +58,10 @@ impl Peer {
     fn open(store: &Store, name: &'static str) -> Peer {
         let storage = store.storage(name.as_bytes()).unwrap();
         let records = store.record_tree("crash").unwrap();
-        let public = storage.get_raw(records, b"identity").unwrap().expect("identity");
+        let public = storage
+            .get_raw(records, b"identity")
+            .unwrap()
+            .expect("identity");
         let signer = SignatureKeyPair::read(&storage, &public, CS.signature_algorithm())
             .expect("signer loads");
         let group = MlsGroup::load(&storage, &group_id())
@@ -79,7 +82,8 @@ impl Peer {
 
     /// The next log entry this member has to process, if the peer wrote it.
     fn pending(&self, peer: &SledStorage) -> Option<Vec<u8>> {
-        peer.get_raw(self.records, &out_key(self.cursor() + 1)).unwrap()
+        peer.get_raw(self.records, &out_key(self.cursor() + 1))
+            .unwrap()
     }
 
     fn reload(&mut self) {
@@ -108,7 +112,8 @@ impl Peer {
         };
         let s = tx.storage();
         s.put_raw(self.records, &out_key(seq), &bytes).unwrap();
-        s.put_raw(self.records, b"cursor", &seq.to_be_bytes()).unwrap();
+        s.put_raw(self.records, b"cursor", &seq.to_be_bytes())
+            .unwrap();
         tx.commit().unwrap();
     }
 
@@ -140,7 +145,8 @@ impl Peer {
             );
             s.put_raw(self.records, &recv_key(seq), text).unwrap();
         }
-        s.put_raw(self.records, b"cursor", &seq.to_be_bytes()).unwrap();
+        s.put_raw(self.records, b"cursor", &seq.to_be_bytes())
+            .unwrap();
         tx.commit().unwrap();
         text
     }
@@ -179,7 +185,9 @@ fn setup(dir: &Path) {
         let storage = store.storage(name.as_bytes()).unwrap();
         let signer = SignatureKeyPair::new(CS.signature_algorithm()).unwrap();
         signer.store(&storage).unwrap();
-        storage.put_raw(records, b"identity", signer.public()).unwrap();
+        storage
+            .put_raw(records, b"identity", signer.public())
+            .unwrap();
         let credential = CredentialWithKey {
             credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
             signature_key: signer.public().into(),
@@ -275,7 +283,12 @@ fn sigkill_at_random_moments() {
     for cycle in 0..kills {
         let child_seed: u64 = rng.gen();
         let mut child = Command::new(&exe)
-            .args(["crash_child_entry", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "crash_child_entry",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, format!("{child_seed}:{}", dir.path().display()))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -317,8 +330,16 @@ fn sigkill_at_random_moments() {
         drop(raw);
         let mut peers = open_and_catch_up(&store);
         assert_eq!(peers[0].cursor(), peers[1].cursor(), "cycle {cycle}: logs");
-        assert_eq!(peers[0].group.epoch(), peers[1].group.epoch(), "cycle {cycle}");
-        assert_eq!(peers[0].secret(), peers[1].secret(), "cycle {cycle}: secrets");
+        assert_eq!(
+            peers[0].group.epoch(),
+            peers[1].group.epoch(),
+            "cycle {cycle}"
+        );
+        assert_eq!(
+            peers[0].secret(),
+            peers[1].secret(),
+            "cycle {cycle}: secrets"
+        );
         // They still talk, both ways.
         for i in 0..2 {
             let text = format!("after crash {cycle} from {i}");
@@ -342,7 +363,9 @@ fn sigkill_at_random_moments() {
             let seq = u64::from_be_bytes(key[4..].try_into().unwrap());
             let bytes = me.get_raw(peers[i].records, &key).unwrap().unwrap();
             let is_app = matches!(
-                MlsMessageIn::tls_deserialize_exact(&bytes).unwrap().extract(),
+                MlsMessageIn::tls_deserialize_exact(&bytes)
+                    .unwrap()
+                    .extract(),
                 MlsMessageBodyIn::PrivateMessage(_)
             );
             let got = other.get_raw(peers[i].records, &recv_key(seq)).unwrap();
@@ -378,7 +401,10 @@ fn for_every_k<T>(
             None => {
                 drop(tx);
                 let reloaded = MlsGroup::load(provider.storage(), group.group_id()).unwrap();
-                assert!(reloaded == before, "state changed after failure at write {k}");
+                assert!(
+                    reloaded == before,
+                    "state changed after failure at write {k}"
+                );
                 *group = reloaded.unwrap();
             }
         }
@@ -397,7 +423,9 @@ fn operations_aborted_after_every_k_writes_leave_no_trace() {
     // Commit (self-update + merge) on alice.
     let signer = &alice.signer;
     let (n_commit, commit) = for_every_k(&alice.provider, &mut alice.group, |p, g| {
-        let bundle = g.self_update(p, signer, LeafNodeParameters::default()).ok()?;
+        let bundle = g
+            .self_update(p, signer, LeafNodeParameters::default())
+            .ok()?;
         g.merge_pending_commit(p).ok()?;
         Some(bundle.commit().tls_serialize_detached().unwrap())
     });
@@ -415,11 +443,18 @@ fn operations_aborted_after_every_k_writes_leave_no_trace() {
     // An application message each way.
     let signer = &bob.signer;
     let (n_send, msg) = for_every_k(&bob.provider, &mut bob.group, |p, g| {
-        Some(g.create_message(p, signer, b"hi").ok()?.tls_serialize_detached().unwrap())
+        Some(
+            g.create_message(p, signer, b"hi")
+                .ok()?
+                .tls_serialize_detached()
+                .unwrap(),
+        )
     });
     let (n_recv, text) = for_every_k(&alice.provider, &mut alice.group, |p, g| {
         let m = MlsMessageIn::tls_deserialize_exact(&msg).unwrap();
-        let processed = g.process_message(p, m.try_into_protocol_message().unwrap()).ok()?;
+        let processed = g
+            .process_message(p, m.try_into_protocol_message().unwrap())
+            .ok()?;
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => Some(app.into_bytes()),
             _ => panic!("expected an application message"),
@@ -431,5 +466,8 @@ fn operations_aborted_after_every_k_writes_leave_no_trace() {
     println!(
         "writes per operation: commit+merge {n_commit}, process+merge {n_process}, send {n_send}, receive {n_recv}"
     );
-    assert!(n_commit > 5 && n_process > 5, "operations write several keys");
+    assert!(
+        n_commit > 5 && n_process > 5,
+        "operations write several keys"
+    );
 }

@@ -25,7 +25,10 @@ fn every_member_survives_reopen_after_every_step() {
     let mut reopened = 0;
     let members = run_scenario(members, |step, members| {
         for (m, dir) in members.iter_mut().zip(&dirs) {
-            let before = m.group.as_ref().map(|g| (g.epoch(), g.pending_proposals().count()));
+            let before = m
+                .group
+                .as_ref()
+                .map(|g| (g.epoch(), g.pending_proposals().count()));
             // Drop the old handle first so sled releases its file lock.
             m.group = None;
             m.provider = SledProvider::new(
@@ -41,7 +44,10 @@ fn every_member_survives_reopen_after_every_step() {
                 continue;
             }
             m.group = loaded;
-            let after = m.group.as_ref().map(|g| (g.epoch(), g.pending_proposals().count()));
+            let after = m
+                .group
+                .as_ref()
+                .map(|g| (g.epoch(), g.pending_proposals().count()));
             assert_eq!(before, after, "{} after {step}", m.name);
             reopened += 1;
         }

@@ -82,7 +82,12 @@ macro_rules! group_value_round_trip {
 #[test]
 fn every_group_scoped_value_round_trips_and_deletes() {
     let s = &temp_storage();
-    group_value_round_trip!(s, write_mls_join_config, mls_group_join_config, delete_group_config);
+    group_value_round_trip!(
+        s,
+        write_mls_join_config,
+        mls_group_join_config,
+        delete_group_config
+    );
     group_value_round_trip!(s, write_tree, tree, delete_tree);
     group_value_round_trip!(
         s,
@@ -91,16 +96,31 @@ fn every_group_scoped_value_round_trips_and_deletes() {
         delete_interim_transcript_hash
     );
     group_value_round_trip!(s, write_context, group_context, delete_context);
-    group_value_round_trip!(s, write_confirmation_tag, confirmation_tag, delete_confirmation_tag);
+    group_value_round_trip!(
+        s,
+        write_confirmation_tag,
+        confirmation_tag,
+        delete_confirmation_tag
+    );
     group_value_round_trip!(s, write_group_state, group_state, delete_group_state);
-    group_value_round_trip!(s, write_message_secrets, message_secrets, delete_message_secrets);
+    group_value_round_trip!(
+        s,
+        write_message_secrets,
+        message_secrets,
+        delete_message_secrets
+    );
     group_value_round_trip!(
         s,
         write_resumption_psk_store,
         resumption_psk_store,
         delete_all_resumption_psk_secrets
     );
-    group_value_round_trip!(s, write_own_leaf_index, own_leaf_index, delete_own_leaf_index);
+    group_value_round_trip!(
+        s,
+        write_own_leaf_index,
+        own_leaf_index,
+        delete_own_leaf_index
+    );
     group_value_round_trip!(
         s,
         write_group_epoch_secrets,
@@ -162,12 +182,25 @@ fn every_key_addressed_value_round_trips_and_deletes() {
     // Epoch key pairs are addressed by (group, epoch, leaf index).
     let (g, e) = (t("group"), t("epoch"));
     let pairs = vec![t("a"), t("b")];
-    s.write_encryption_epoch_key_pairs(&g, &e, 3, &pairs).unwrap();
-    assert_eq!(s.encryption_epoch_key_pairs::<T, T, T>(&g, &e, 3).unwrap(), pairs);
-    assert!(s.encryption_epoch_key_pairs::<T, T, T>(&g, &e, 4).unwrap().is_empty());
-    assert!(s.encryption_epoch_key_pairs::<T, T, T>(&g, &other, 3).unwrap().is_empty());
+    s.write_encryption_epoch_key_pairs(&g, &e, 3, &pairs)
+        .unwrap();
+    assert_eq!(
+        s.encryption_epoch_key_pairs::<T, T, T>(&g, &e, 3).unwrap(),
+        pairs
+    );
+    assert!(s
+        .encryption_epoch_key_pairs::<T, T, T>(&g, &e, 4)
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .encryption_epoch_key_pairs::<T, T, T>(&g, &other, 3)
+        .unwrap()
+        .is_empty());
     s.delete_encryption_epoch_key_pairs(&g, &e, 3).unwrap();
-    assert!(s.encryption_epoch_key_pairs::<T, T, T>(&g, &e, 3).unwrap().is_empty());
+    assert!(s
+        .encryption_epoch_key_pairs::<T, T, T>(&g, &e, 3)
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -191,7 +224,8 @@ fn proposal_queue_keeps_order_and_removes_one_among_several() {
     let s = temp_storage();
     let (g, other) = (t("g"), t("other-group"));
     for n in ["p1", "p2", "p3"] {
-        s.queue_proposal(&g, &t(n), &t(&format!("proposal {n}"))).unwrap();
+        s.queue_proposal(&g, &t(n), &t(&format!("proposal {n}")))
+            .unwrap();
     }
     s.queue_proposal(&other, &t("p1"), &t("other p1")).unwrap();
     assert_eq!(
@@ -213,7 +247,11 @@ fn proposal_queue_keeps_order_and_removes_one_among_several() {
         vec![(t("p1"), t("other p1"))]
     );
     // The cleared proposals' values are gone from the tree, not just unlisted.
-    let tree = s.store().db().open_tree(Family::QueuedProposals.tree_name()).unwrap();
+    let tree = s
+        .store()
+        .db()
+        .open_tree(Family::QueuedProposals.tree_name())
+        .unwrap();
     assert_eq!(tree.len(), 1);
 }
 
@@ -289,7 +327,11 @@ fn dangling_proposal_reference_is_reported() {
     let s = temp_storage();
     let g = t("g");
     s.queue_proposal(&g, &t("r"), &t("p")).unwrap();
-    let tree = s.store().db().open_tree(Family::QueuedProposals.tree_name()).unwrap();
+    let tree = s
+        .store()
+        .db()
+        .open_tree(Family::QueuedProposals.tree_name())
+        .unwrap();
     tree.clear().unwrap();
     let err = s.queued_proposals::<T, T, T>(&g).unwrap_err();
     assert!(err.to_string().contains("not stored"), "{err}");
@@ -299,7 +341,10 @@ fn dangling_proposal_reference_is_reported() {
 fn newer_format_is_refused_and_data_left_untouched() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Store::open(dir.path(), StoreConfig::default()).unwrap().storage(b"").unwrap();
+        let s = Store::open(dir.path(), StoreConfig::default())
+            .unwrap()
+            .storage(b"")
+            .unwrap();
         s.write_tree(&t("g"), &t("tree")).unwrap();
         let meta = s.store().db().open_tree(META_TREE).unwrap();
         meta.insert("format_version", &99u32.to_be_bytes()).unwrap();
@@ -321,13 +366,20 @@ fn foreign_database_is_not_claimed() {
     let dir = tempfile::tempdir().unwrap();
     {
         let db = sled::open(dir.path()).unwrap();
-        db.open_tree("somebody-else").unwrap().insert("k", "v").unwrap();
+        db.open_tree("somebody-else")
+            .unwrap()
+            .insert("k", "v")
+            .unwrap();
         db.flush().unwrap();
     }
     let err = Store::open(dir.path(), StoreConfig::default()).unwrap_err();
     assert!(matches!(err, StorageError::BadFormatRecord(_)), "{err}");
     let db = sled::open(dir.path()).unwrap();
-    assert!(!db.open_tree(META_TREE).unwrap().contains_key("format_version").unwrap());
+    assert!(!db
+        .open_tree(META_TREE)
+        .unwrap()
+        .contains_key("format_version")
+        .unwrap());
 }
 
 #[test]
@@ -350,7 +402,10 @@ fn data_survives_reopen() {
     }
     let s = SledStorage::open(dir.path()).unwrap();
     assert_eq!(s.group_state::<T, T>(&t("g")).unwrap(), Some(t("state")));
-    assert_eq!(s.queued_proposal_refs::<T, T>(&t("g")).unwrap(), vec![t("r")]);
+    assert_eq!(
+        s.queued_proposal_refs::<T, T>(&t("g")).unwrap(),
+        vec![t("r")]
+    );
 }
 
 #[test]
@@ -369,7 +424,10 @@ fn transaction_reads_its_own_writes_and_commits_all_at_once() {
     // Inside: own writes visible, including list edits and records.
     assert_eq!(tx.tree::<T, T>(&g).unwrap(), Some(t("new")));
     assert_eq!(tx.queued_proposal_refs::<T, T>(&g).unwrap(), vec![t("r2")]);
-    assert_eq!(tx.get_raw(records, b"seq").unwrap().as_deref(), Some(&b"42"[..]));
+    assert_eq!(
+        tx.get_raw(records, b"seq").unwrap().as_deref(),
+        Some(&b"42"[..])
+    );
     // Outside: nothing yet.
     assert_eq!(s.tree::<T, T>(&g).unwrap(), Some(t("old")));
     assert!(s.queued_proposal_refs::<T, T>(&g).unwrap().is_empty());
@@ -377,8 +435,14 @@ fn transaction_reads_its_own_writes_and_commits_all_at_once() {
     tx.commit().unwrap();
 
     assert_eq!(s.tree::<T, T>(&g).unwrap(), Some(t("new")));
-    assert_eq!(s.queued_proposals::<T, T, T>(&g).unwrap(), vec![(t("r2"), t("p2"))]);
-    assert_eq!(s.get_raw(records, b"seq").unwrap().as_deref(), Some(&b"42"[..]));
+    assert_eq!(
+        s.queued_proposals::<T, T, T>(&g).unwrap(),
+        vec![(t("r2"), t("p2"))]
+    );
+    assert_eq!(
+        s.get_raw(records, b"seq").unwrap().as_deref(),
+        Some(&b"42"[..])
+    );
 }
 
 #[test]
@@ -450,7 +514,10 @@ fn record_scan_merges_transaction_writes() {
     let seen: Vec<_> = tx.scan_raw(q, b"q/").unwrap();
     assert_eq!(
         seen,
-        vec![(b"q/2".to_vec(), b"b".to_vec()), (b"q/3".to_vec(), b"c".to_vec())]
+        vec![
+            (b"q/2".to_vec(), b"b".to_vec()),
+            (b"q/3".to_vec(), b"c".to_vec())
+        ]
     );
     tx.commit().unwrap();
     assert_eq!(s.scan_raw(q, b"q/").unwrap().len(), 2);
@@ -460,7 +527,10 @@ fn record_scan_merges_transaction_writes() {
         seq: u64,
     }
     s.put_record(q, b"cursor", &Cursor { seq: 9 }).unwrap();
-    assert_eq!(s.get_record::<Cursor>(q, b"cursor").unwrap(), Some(Cursor { seq: 9 }));
+    assert_eq!(
+        s.get_record::<Cursor>(q, b"cursor").unwrap(),
+        Some(Cursor { seq: 9 })
+    );
     s.put_raw(q, b"cursor", b"\x01").unwrap();
     assert!(s.get_record::<Cursor>(q, b"cursor").is_err());
 }
@@ -471,7 +541,10 @@ fn virtual_client_state_and_retained_material() {
     let s = temp_storage();
     let (e1, e2) = (t("epoch-1"), t("epoch-2"));
     s.write_vc_emulation_epoch_state(&e1, &t("state")).unwrap();
-    assert_eq!(s.vc_emulation_epoch_state::<T, T>(&e1).unwrap(), Some(t("state")));
+    assert_eq!(
+        s.vc_emulation_epoch_state::<T, T>(&e1).unwrap(),
+        Some(t("state"))
+    );
     s.write_vc_operation_tree(&e1, &t("tree")).unwrap();
     assert_eq!(s.vc_operation_tree::<T, T>(&e1).unwrap(), Some(t("tree")));
 
@@ -482,7 +555,10 @@ fn virtual_client_state_and_retained_material() {
     )
     .unwrap();
     assert_eq!(s.vc_operation_tree::<T, T>(&e1).unwrap(), Some(t("tree-2")));
-    assert_eq!(s.retained_key_package_material::<T, T>(&t("kp1")).unwrap(), Some(t("m1")));
+    assert_eq!(
+        s.retained_key_package_material::<T, T>(&t("kp1")).unwrap(),
+        Some(t("m1"))
+    );
     assert!(s.has_retained_key_package_material_for_epoch(&e1).unwrap());
     assert!(!s.has_retained_key_package_material_for_epoch(&e2).unwrap());
     // Referenced: kept.
@@ -490,7 +566,10 @@ fn virtual_client_state_and_retained_material() {
     assert!(s.vc_emulation_epoch_state::<T, T>(&e1).unwrap().is_some());
     // Deleting the key packages removes their material too.
     s.delete_key_package(&t("kp1")).unwrap();
-    assert_eq!(s.retained_key_package_material::<T, T>(&t("kp1")).unwrap(), None);
+    assert_eq!(
+        s.retained_key_package_material::<T, T>(&t("kp1")).unwrap(),
+        None
+    );
     assert!(s.has_retained_key_package_material_for_epoch(&e1).unwrap());
     s.delete_retained_key_package_material(&t("kp2")).unwrap();
     assert!(!s.has_retained_key_package_material_for_epoch(&e1).unwrap());

@@ -229,7 +229,9 @@ impl<P: Atomic> Member<P> {
                     None
                 }
                 ProcessedMessageContent::ProposalMessage(proposal) => {
-                    group.store_pending_proposal(p.storage(), *proposal).unwrap();
+                    group
+                        .store_pending_proposal(p.storage(), *proposal)
+                        .unwrap();
                     None
                 }
                 other => panic!("unexpected message content {other:?}"),
@@ -290,7 +292,12 @@ pub fn assert_converged<P: Atomic>(members: &[Member<P>]) {
     let first = active[0];
     for m in &active[1..] {
         assert_eq!(m.epoch(), first.epoch(), "{} epoch", m.name);
-        assert_eq!(m.exported_secret(), first.exported_secret(), "{} secret", m.name);
+        assert_eq!(
+            m.exported_secret(),
+            first.exported_secret(),
+            "{} secret",
+            m.name
+        );
         assert_eq!(m.member_names(), first.member_names(), "{} roster", m.name);
     }
 }
@@ -345,7 +352,12 @@ pub fn run_scenario<P: Atomic>(
     {
         let bob = &mut members[1];
         let group = bob.group.as_mut().unwrap();
-        let first = group.pending_proposals().next().unwrap().proposal_reference_ref().clone();
+        let first = group
+            .pending_proposals()
+            .next()
+            .unwrap()
+            .proposal_reference_ref()
+            .clone();
         bob.provider
             .atomic(|p| group.remove_pending_proposal(p.storage(), &first))
             .unwrap();
