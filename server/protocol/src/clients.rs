@@ -1,0 +1,104 @@
+//! Client identity and registration.
+
+use std::fmt;
+
+use tls_codec::{TlsDeserialize, TlsSerialize, TlsSize, VLBytes};
+
+use crate::codec::DecodeError;
+
+/// Longest client id, in bytes.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// A client's id: 1 to 128 bytes of `[A-Za-z0-9._~@-]`, so that it can appear
+/// in a URL path unescaped. It is also the identity of the client's MLS
+/// `BasicCredential`, which is how the DS maps a group's leaves to clients.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct ClientId {
+    id: VLBytes,
+}
+
+impl ClientId {
+    /// Validate and wrap.
+    pub fn new(id: impl AsRef<[u8]>) -> Result<ClientId, DecodeError> {
+        let id = id.as_ref();
+        if id.is_empty() || id.len() > MAX_CLIENT_ID_LEN {
+            return Err(DecodeError::Invalid(format!(
+                "client id must be 1 to {MAX_CLIENT_ID_LEN} bytes, got {}",
+                id.len()
+            )));
+        }
+        if let Some(bad) = id
+            .iter()
+            .find(|b| !(b.is_ascii_alphanumeric() || b"._~@-".contains(b)))
+        {
+            return Err(DecodeError::Invalid(format!(
+                "client id may only contain A-Z a-z 0-9 . _ ~ @ -, found byte {bad:#04x}"
+            )));
+        }
+        Ok(ClientId { id: id.into() })
+    }
+
+    /// Check an id that arrived inside a decoded body.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        ClientId::new(self.as_bytes()).map(|_| ())
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.id.as_slice()
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Validated ids are ASCII; anything else is shown escaped.
+        f.write_str(&String::from_utf8_lossy(self.as_bytes()))
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientId({self})")
+    }
+}
+
+impl std::str::FromStr for ClientId {
+    type Err = DecodeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ClientId::new(s.as_bytes())
+    }
+}
+
+/// `POST /v1/clients`: register the client named in the request's
+/// signature-authenticated token, with the key that signed it.
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct RegisterClient {
+    /// Must equal the token's client id.
+    pub client_id: ClientId,
+    /// MLS `SignatureScheme` code point of `signature_key`.
+    pub signature_scheme: u16,
+    /// Public key of the client's MLS credential; it authenticates every later request.
+    pub signature_key: VLBytes,
+}
+
+/// Response to a registration (201 when new, 200 when already registered with the same key).
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct Registered {
+    /// The registered id.
+    pub client_id: ClientId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_url_safe() {
+        assert!(ClientId::new("alice@example.org").is_ok());
+        assert!(ClientId::new("").is_err());
+        assert!(ClientId::new("a/b").is_err());
+        assert!(ClientId::new("a b").is_err());
+        assert!(ClientId::new([b'a'; 129]).is_err());
+        assert!(ClientId::new([b'a'; 128]).is_ok());
+    }
+}

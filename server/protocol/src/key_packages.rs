@@ -1,0 +1,33 @@
+//! Publishing and claiming key packages.
+
+use tls_codec::{TlsDeserialize, TlsSerialize, TlsSize, VLBytes};
+
+/// `POST /v1/key-packages`: publish a batch. Each entry is an `MLSMessage`
+/// holding a `KeyPackage` (or a bare TLS-encoded `KeyPackage`). The batch is
+/// all or nothing: one invalid package rejects the request.
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct PublishKeyPackages {
+    /// Ordinary key packages, each handed out at most once.
+    pub key_packages: Vec<VLBytes>,
+    /// Replaces the client's last-resort package: handed out when no other
+    /// is left, and never consumed.
+    pub last_resort: Option<VLBytes>,
+}
+
+/// Response to a publish, and to `GET /v1/key-packages`.
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct KeyPackageCount {
+    /// Unclaimed, unexpired ordinary packages.
+    pub remaining: u32,
+    /// Whether a last-resort package is stored.
+    pub has_last_resort: crate::codec::Bool,
+}
+
+/// Response of `POST /v1/clients/{id}/key-package`.
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct ClaimedKeyPackage {
+    /// `MLSMessage` holding the `KeyPackage`.
+    pub key_package: VLBytes,
+    /// True if this is the client's last-resort package (not consumed).
+    pub last_resort: crate::codec::Bool,
+}
