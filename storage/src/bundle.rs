@@ -100,4 +100,10 @@ impl ProviderTransaction {
     pub fn commit(self) -> Result<(), StorageError> {
         self.tx.commit()
     }
+
+    /// The underlying storage transaction, for callers that add their own
+    /// records and commit it themselves.
+    pub fn into_storage_transaction(self) -> Transaction {
+        self.tx
+    }
 }

@@ -38,7 +38,9 @@ pub mod trees;
 pub use bundle::{ProviderTransaction, SledProvider};
 pub use durability::{Durability, GroupCommit};
 pub use error::StorageError;
-pub use store::{Pairs, RecordTree, SledStorage, Store, StoreConfig, Transaction, FORMAT_VERSION};
+pub use store::{
+    Pair, Pairs, RecordTree, SledStorage, Store, StoreConfig, Transaction, FORMAT_VERSION,
+};
 
 /// Re-exported so that users name the same versions this crate was built with.
 pub use openmls_rust_crypto;

@@ -235,8 +235,10 @@ pub struct RecordTree {
 type Overlay = BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>;
 /// A key and its value (`None`: delete).
 type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
+/// A key and its value, as returned by scans.
+pub type Pair = (Vec<u8>, Vec<u8>);
 /// Key/value pairs returned by scans.
-pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+pub type Pairs = Vec<Pair>;
 
 #[derive(Default)]
 struct TxInner {
@@ -566,6 +568,61 @@ impl SledStorage {
             .into_iter()
             .map(|(k, v)| (k[ns_len..].to_vec(), v))
             .collect())
+    }
+
+    /// Records with `from <= key <= to_inclusive` (keys without the
+    /// namespace), in key order, at most `limit` of them, merging this
+    /// transaction's writes over the database.
+    pub fn range_raw(
+        &self,
+        tree: RecordTree,
+        from: &[u8],
+        to_inclusive: &[u8],
+        limit: usize,
+    ) -> Result<Pairs, StorageError> {
+        let (lo, hi) = (self.full_key(from), self.full_key(to_inclusive));
+        let ns_len = self.ns.len();
+        let db_tree = self.tree(tree.index);
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        // Outside a transaction nothing can hide an entry, so the limit applies
+        // to the database read directly.
+        let db_limit = if self.tx.is_some() { usize::MAX } else { limit };
+        for item in db_tree.range(lo.clone()..=hi.clone()).take(db_limit) {
+            let (k, v) = item?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        if let Some(tx) = &self.tx {
+            let inner = lock(&tx.inner);
+            let writes = inner
+                .writes
+                .as_ref()
+                .ok_or(StorageError::TransactionClosed)?;
+            for ((_, k), v) in writes.range((tree.index, lo)..=(tree.index, hi)) {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k[ns_len..].to_vec(), v)))
+            .take(limit)
+            .collect())
+    }
+
+    /// The last record whose key starts with `prefix` (key without the
+    /// namespace), as stored in the database (ignores uncommitted writes).
+    pub fn last_raw(&self, tree: RecordTree, prefix: &[u8]) -> Result<Option<Pair>, StorageError> {
+        let ns_len = self.ns.len();
+        match self
+            .tree(tree.index)
+            .scan_prefix(self.full_key(prefix))
+            .next_back()
+        {
+            Some(item) => {
+                let (k, v) = item?;
+                Ok(Some((k[ns_len..].to_vec(), v.to_vec())))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Read a typed project record (see [`crate::codec::encode_record`]).

@@ -1,0 +1,168 @@
+//! Operator commands: `check` (integrity), `stats` (counts) and `backup`
+//! (consistent copy). They run on an opened [`Db`]: directly when the server
+//! is stopped, or inside the running server through its admin endpoint
+//! (`POST /admin/{check,stats,backup}`, authorised by the token the server
+//! writes to `<data-dir>/admin.token` at start), since sled allows one
+//! process per database.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use mls_ds_storage::codec::decode_record;
+use openmls::prelude::{GroupId, PublicGroup};
+
+use crate::db::{
+    self, ClientRecord, CommitRecord, Db, GroupRecord, KeyPackageRecord, StoredMessage,
+};
+use crate::error::{Result, ServerError};
+
+/// Name of the admin token file in the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+/// Name of the file holding the running server's address.
+pub const ADDR_FILE: &str = "server.addr";
+
+/// Verify every record decodes, every queue entry points to a stored
+/// message, and every group's `PublicGroup` loads with the recorded epoch.
+/// Returns a report and the number of problems.
+pub fn check(db: &Db) -> Result<(String, usize)> {
+    let s = &db.storage;
+    let mut problems = Vec::new();
+    let mut counts = [0usize; 5];
+    for (k, v) in s.scan_raw(db.clients, b"")? {
+        counts[0] += 1;
+        if let Err(e) = decode_record::<ClientRecord>("app.ds.clients", &k, &v) {
+            problems.push(format!("client record: {e}"));
+        }
+    }
+    for (k, v) in s.scan_raw(db.key_packages, b"")? {
+        counts[1] += 1;
+        if let Err(e) = decode_record::<KeyPackageRecord>("app.ds.key_packages", &k, &v) {
+            problems.push(format!("key package record: {e}"));
+        }
+    }
+    for (k, v) in s.scan_raw(db.groups, b"")? {
+        counts[2] += 1;
+        let gid = hex::encode(&k);
+        match decode_record::<GroupRecord>("app.ds.groups", &k, &v) {
+            Err(e) => problems.push(format!("group {gid}: {e}")),
+            Ok(record) => match PublicGroup::load(s, &GroupId::from_slice(&k)) {
+                Ok(Some(pg)) => {
+                    let epoch = pg.group_context().epoch().as_u64();
+                    if epoch != record.epoch {
+                        problems.push(format!(
+                            "group {gid}: record says epoch {}, PublicGroup is at {epoch}",
+                            record.epoch
+                        ));
+                    }
+                    if pg.members().count() != record.members.len() {
+                        problems.push(format!("group {gid}: roster size differs from PublicGroup"));
+                    }
+                }
+                Ok(None) => problems.push(format!("group {gid}: PublicGroup state missing")),
+                Err(e) => problems.push(format!("group {gid}: PublicGroup does not load: {e}")),
+            },
+        }
+        if s.get_raw(db.group_infos, &k)?.is_none() {
+            problems.push(format!("group {gid}: no GroupInfo stored"));
+        }
+    }
+    for (k, v) in s.scan_raw(db.commits, b"")? {
+        if let Err(e) = decode_record::<CommitRecord>("app.ds.commits", &k, &v) {
+            problems.push(format!("commit record: {e}"));
+        }
+    }
+    for (k, v) in s.scan_raw(db.delivery, b"q")? {
+        counts[3] += 1;
+        let id = db::be_u64("app.ds.delivery", &v)?;
+        match s.get_raw(db.delivery, &db::message_key(id))? {
+            None => problems.push(format!(
+                "queue entry {} points to missing message {id}",
+                hex::encode(&k)
+            )),
+            Some(m) => {
+                if let Err(e) = decode_record::<StoredMessage>("app.ds.delivery", &k, &m) {
+                    problems.push(format!("message {id}: {e}"));
+                }
+            }
+        }
+    }
+    counts[4] = s.scan_raw(db.delivery, b"m")?.len();
+    let mut report = format!(
+        "checked {} clients, {} key packages, {} groups, {} queue entries, {} stored messages\n",
+        counts[0], counts[1], counts[2], counts[3], counts[4]
+    );
+    for p in &problems {
+        let _ = writeln!(report, "PROBLEM: {p}");
+    }
+    let _ = writeln!(
+        report,
+        "{}",
+        if problems.is_empty() { "OK" } else { "FAILED" }
+    );
+    Ok((report, problems.len()))
+}
+
+/// Counts of what the database holds.
+pub fn stats(db: &Db) -> Result<String> {
+    let s = &db.storage;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "clients            {}",
+        s.scan_raw(db.clients, b"")?.len()
+    );
+    let _ = writeln!(
+        out,
+        "key packages       {}",
+        s.scan_raw(db.key_packages, b"")?.len()
+    );
+    let _ = writeln!(
+        out,
+        "groups             {}",
+        s.scan_raw(db.groups, b"")?.len()
+    );
+    let _ = writeln!(
+        out,
+        "accepted commits   {}",
+        s.scan_raw(db.commits, b"")?.len()
+    );
+    let _ = writeln!(
+        out,
+        "queue entries      {}",
+        s.scan_raw(db.delivery, b"q")?.len()
+    );
+    let _ = writeln!(
+        out,
+        "stored messages    {}",
+        s.scan_raw(db.delivery, b"m")?.len()
+    );
+    let _ = writeln!(
+        out,
+        "size on disk       {} bytes",
+        db.store.db().size_on_disk()?
+    );
+    Ok(out)
+}
+
+/// Copy every tree into a new database at `out`. The caller guarantees no
+/// writes run meanwhile (the server holds its write gate).
+pub fn backup(db: &Db, out: &Path) -> Result<String> {
+    if out.exists() {
+        return Err(ServerError::BadRequest(format!(
+            "backup target {} exists; choose a new directory",
+            out.display()
+        )));
+    }
+    db.store.flush()?;
+    let target = sled::Config::new().path(out).open().map_err(|e| {
+        ServerError::Internal(format!("cannot create backup at {}: {e}", out.display()))
+    })?;
+    let export = db.store.db().export();
+    let trees = export.len();
+    target.import(export);
+    target.flush()?;
+    Ok(format!(
+        "backup of {trees} trees written to {}\n",
+        out.display()
+    ))
+}

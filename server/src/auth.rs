@@ -1,0 +1,276 @@
+//! Request authentication: verifies [`AuthToken`]s, keeps sessions and the
+//! replay state (nonce cache, per-session counter windows).
+//!
+//! Sessions live in memory only: after a restart clients get 401 and open a
+//! new session with a signature. Losing them loses no data, and a captured
+//! request cannot be replayed into a fresh server because its session is gone.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use mls_ds_protocol::auth::{
+    self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, MAX_CLOCK_SKEW_MS, SESSION_ID_LEN,
+    SESSION_KEY_LEN,
+};
+use mls_ds_protocol::ClientId;
+use openmls_rust_crypto::RustCrypto;
+use openmls_traits::crypto::OpenMlsCrypto;
+use openmls_traits::types::SignatureScheme;
+use rand::RngCore;
+
+use crate::db::{now_ms, ClientRecord};
+use crate::error::{Result, ServerError};
+
+/// Width of the per-session replay window, in counters.
+const WINDOW: u64 = 128;
+
+struct Session {
+    client: ClientId,
+    key: [u8; SESSION_KEY_LEN],
+    expires_ms: u64,
+    highest: u64,
+    /// Bit i set: counter `highest - i` was used.
+    seen: u128,
+}
+
+impl Session {
+    fn accept(&mut self, counter: u64) -> bool {
+        if counter > self.highest {
+            let shift = counter - self.highest;
+            self.seen = if shift >= WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
+            self.seen |= 1;
+            self.highest = counter;
+            true
+        } else {
+            let age = self.highest - counter;
+            if age >= WINDOW || self.seen & (1 << age) != 0 {
+                return false;
+            }
+            self.seen |= 1 << age;
+            true
+        }
+    }
+}
+
+#[derive(Default)]
+struct Nonces {
+    seen: HashMap<[u8; 16], u64>,
+    order: VecDeque<([u8; 16], u64)>,
+}
+
+/// The authenticator shared by all requests.
+pub struct Authenticator {
+    crypto: RustCrypto,
+    sessions: Mutex<HashMap<[u8; SESSION_ID_LEN], Session>>,
+    nonces: Mutex<Nonces>,
+    session_ttl_ms: u64,
+    max_sessions: usize,
+}
+
+/// A request's verified identity.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The authenticated client.
+    pub client: ClientId,
+}
+
+/// What a request looks like to the authenticator.
+pub struct RequestView<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path with query string.
+    pub path_and_query: &'a str,
+    /// The raw body.
+    pub body: &'a [u8],
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Authenticator {
+    /// New authenticator; sessions last `session_ttl_ms`.
+    pub fn new(session_ttl_ms: u64, max_sessions: usize) -> Self {
+        Authenticator {
+            crypto: RustCrypto::default(),
+            sessions: Mutex::new(HashMap::new()),
+            nonces: Mutex::new(Nonces::default()),
+            session_ttl_ms,
+            max_sessions,
+        }
+    }
+
+    /// Parse the `Authorization` header value.
+    pub fn parse(header: Option<&str>) -> Result<AuthToken> {
+        let value =
+            header.ok_or_else(|| ServerError::Unauthorized("missing authorization".into()))?;
+        auth::parse_header(value).map_err(|e| ServerError::Unauthorized(e.to_string()))
+    }
+
+    fn check_clock(timestamp_ms: u64) -> Result<()> {
+        let now = now_ms();
+        if timestamp_ms.abs_diff(now) > MAX_CLOCK_SKEW_MS {
+            return Err(ServerError::Unauthorized(format!(
+                "stale token: timestamp {timestamp_ms} is more than {MAX_CLOCK_SKEW_MS} ms from the server's clock {now}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Verify a signature token against `record` (the registered key, or the
+    /// key being registered). Consumes the nonce.
+    pub fn verify_signature(
+        &self,
+        token: &SignatureAuth,
+        record: &ClientRecord,
+        req: &RequestView<'_>,
+    ) -> Result<Caller> {
+        Self::check_clock(token.timestamp_ms)?;
+        let scheme = SignatureScheme::try_from(record.signature_scheme).map_err(|_| {
+            ServerError::Unauthorized(format!(
+                "unsupported signature scheme {:#06x}",
+                record.signature_scheme
+            ))
+        })?;
+        let payload = auth::signature_payload(
+            req.method,
+            req.path_and_query,
+            &auth::body_hash(req.body),
+            token.timestamp_ms,
+            &token.client_id,
+            &token.nonce,
+        );
+        // OpenMLS signs `SignContent { label, content }`; the DS uses the raw
+        // payload, which carries its own label.
+        self.crypto
+            .verify_signature(
+                scheme,
+                &payload,
+                &record.signature_key,
+                token.signature.as_slice(),
+            )
+            .map_err(|_| ServerError::Unauthorized("bad signature".into()))?;
+        self.consume_nonce(token.nonce, token.timestamp_ms)?;
+        Ok(Caller {
+            client: token.client_id.clone(),
+        })
+    }
+
+    fn consume_nonce(&self, nonce: [u8; 16], timestamp_ms: u64) -> Result<()> {
+        let mut n = lock(&self.nonces);
+        // Nonces only need remembering while their timestamp is acceptable.
+        let horizon = now_ms().saturating_sub(2 * MAX_CLOCK_SKEW_MS);
+        while let Some((old, ts)) = n.order.front().copied() {
+            if ts >= horizon {
+                break;
+            }
+            n.order.pop_front();
+            n.seen.remove(&old);
+        }
+        if n.seen.insert(nonce, timestamp_ms).is_some() {
+            return Err(ServerError::Unauthorized("replayed token".into()));
+        }
+        n.order.push_back((nonce, timestamp_ms));
+        Ok(())
+    }
+
+    /// Verify a session token.
+    pub fn verify_session(&self, token: &SessionAuth, req: &RequestView<'_>) -> Result<Caller> {
+        Self::check_clock(token.timestamp_ms)?;
+        let payload = auth::session_payload(
+            req.method,
+            req.path_and_query,
+            &auth::body_hash(req.body),
+            token.timestamp_ms,
+            &token.session_id,
+            token.counter,
+        );
+        let mut sessions = lock(&self.sessions);
+        let s = sessions
+            .get_mut(&token.session_id)
+            .ok_or_else(|| ServerError::Unauthorized("unknown or expired session".into()))?;
+        if s.expires_ms < now_ms() {
+            sessions.remove(&token.session_id);
+            return Err(ServerError::Unauthorized("session expired".into()));
+        }
+        if !auth::verify_mac(&s.key, &payload, &token.mac) {
+            return Err(ServerError::Unauthorized("bad session MAC".into()));
+        }
+        if !s.accept(token.counter) {
+            return Err(ServerError::Unauthorized("replayed token".into()));
+        }
+        Ok(Caller {
+            client: s.client.clone(),
+        })
+    }
+
+    /// Open a session for an authenticated client.
+    pub fn open_session(&self, client: &ClientId) -> Result<SessionCreated> {
+        let mut id = [0u8; SESSION_ID_LEN];
+        let mut key = [0u8; SESSION_KEY_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        let now = now_ms();
+        let expires_ms = now + self.session_ttl_ms;
+        let mut sessions = lock(&self.sessions);
+        if sessions.len() >= self.max_sessions {
+            sessions.retain(|_, s| s.expires_ms >= now);
+            if sessions.len() >= self.max_sessions {
+                return Err(ServerError::Unavailable("too many open sessions".into()));
+            }
+        }
+        sessions.insert(
+            id,
+            Session {
+                client: client.clone(),
+                key,
+                expires_ms,
+                highest: 0,
+                seen: 0,
+            },
+        );
+        Ok(SessionCreated {
+            session_id: id,
+            session_key: key,
+            expires_at_ms: expires_ms,
+        })
+    }
+
+    /// Drop every session of a deleted client.
+    pub fn end_sessions(&self, client: &ClientId) {
+        lock(&self.sessions).retain(|_, s| &s.client != client);
+    }
+
+    /// Number of open sessions.
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_window_accepts_each_counter_once_in_any_order() {
+        let mut s = Session {
+            client: ClientId::new("a").unwrap(),
+            key: [0; 32],
+            expires_ms: u64::MAX,
+            highest: 0,
+            seen: 0,
+        };
+        for c in [5, 3, 4, 1, 2, 200] {
+            assert!(s.accept(c), "{c}");
+        }
+        for c in [5, 3, 200, 72] {
+            assert!(!s.accept(c), "{c} replayed or too old");
+        }
+        assert!(s.accept(199));
+        assert!(s.accept(73));
+    }
+}

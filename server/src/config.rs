@@ -1,0 +1,118 @@
+//! Command line and environment configuration (clap, with `MLS_DS_*` env fallbacks).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// mls-ds: a self-hostable MLS Delivery Service that keeps all its state in sled.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Directory of the sled database (created if missing).
+    #[arg(
+        long,
+        env = "MLS_DS_DATA_DIR",
+        default_value = "./ds-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `mls_ds_server=debug`).
+    #[arg(long, env = "MLS_DS_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Server options (used when no subcommand is given).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the delivery service (the default).
+    Serve(ServeArgs),
+    /// Check integrity: every queue entry points to a stored message, every
+    /// group loads, every record decodes. Exits non-zero on a problem.
+    Check,
+    /// Print counts of clients, key packages, groups, queued entries, messages.
+    Stats,
+    /// Write a consistent copy of the database to `--out` (a new directory).
+    Backup {
+        /// Target directory; must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Options of `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTP/1.1 and h2c).
+    #[arg(long, env = "MLS_DS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Write the actually bound address to this file once listening (useful
+    /// with port 0).
+    #[arg(long, env = "MLS_DS_PORT_FILE")]
+    pub port_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// Limits and tunables.
+#[derive(Args, Debug, Clone)]
+pub struct Limits {
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, env = "MLS_DS_MAX_BODY", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most key packages in one publish request.
+    #[arg(long, env = "MLS_DS_MAX_KP_BATCH", default_value_t = 500)]
+    pub max_key_package_batch: usize,
+
+    /// Longest long-poll wait a fetch may ask for, in milliseconds.
+    #[arg(long, env = "MLS_DS_MAX_WAIT_MS", default_value_t = 30_000)]
+    pub max_wait_ms: u64,
+
+    /// Most entries in one queue page.
+    #[arg(long, env = "MLS_DS_MAX_PAGE_ENTRIES", default_value_t = 1000)]
+    pub max_page_entries: usize,
+
+    /// Approximate byte bound of one queue page (at least one entry is always returned).
+    #[arg(long, env = "MLS_DS_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_page_bytes: usize,
+
+    /// Application messages are accepted for the current epoch and this many before it.
+    #[arg(long, env = "MLS_DS_PAST_EPOCHS", default_value_t = 3)]
+    pub past_epoch_window: u64,
+
+    /// Requests per second allowed per client (0: unlimited).
+    #[arg(long, env = "MLS_DS_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit_per_sec: u32,
+
+    /// Burst size of the per-client rate limit.
+    #[arg(long, env = "MLS_DS_RATE_BURST", default_value_t = 1000)]
+    pub rate_limit_burst: u32,
+
+    /// Lifetime of an authenticated session, in seconds.
+    #[arg(long, env = "MLS_DS_SESSION_TTL", default_value_t = 3600)]
+    pub session_ttl_secs: u64,
+
+    /// Most sessions held at once (further session requests: 503).
+    #[arg(long, env = "MLS_DS_MAX_SESSIONS", default_value_t = 100_000)]
+    pub max_sessions: usize,
+
+    /// Most requests handled at once (further ones: 503).
+    #[arg(long, env = "MLS_DS_MAX_INFLIGHT", default_value_t = 4096)]
+    pub max_inflight: usize,
+
+    /// sled page cache in MiB.
+    #[arg(long, env = "MLS_DS_CACHE_MB", default_value_t = 64)]
+    pub cache_mb: u64,
+}

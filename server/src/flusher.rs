@@ -1,0 +1,86 @@
+//! Group commit for async handlers: a 2xx is only sent once everything the
+//! request wrote is flushed and fsynced, and concurrent requests share one
+//! flush.
+//!
+//! Handlers apply their writes to sled (unflushed), then await
+//! [`Flusher::durable`]. A dedicated thread takes every waiter queued so far,
+//! flushes once (sled flush + `fdatasync` of its log file, via the storage
+//! crate), and wakes them all. A waiter queued after a flush started is served
+//! by the next one, so every write applied before `durable()` was called is
+//! covered.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+
+use mls_ds_storage::Store;
+use tokio::sync::oneshot;
+
+use crate::error::{Result, ServerError};
+
+type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+
+/// Counters exported on `/metrics`.
+#[derive(Default, Debug)]
+pub struct FlushStats {
+    /// Physical flushes.
+    pub flushes: AtomicU64,
+    /// Requests made durable.
+    pub requests: AtomicU64,
+    /// Flushes that failed.
+    pub failures: AtomicU64,
+}
+
+/// Handle to the flusher thread.
+#[derive(Clone)]
+pub struct Flusher {
+    queue: mpsc::Sender<Waiter>,
+    /// Shared counters.
+    pub stats: Arc<FlushStats>,
+}
+
+impl Flusher {
+    /// Start the flusher thread for `store`. It stops when every handle is dropped.
+    pub fn start(store: Store) -> Result<Flusher> {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let stats = Arc::new(FlushStats::default());
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("mls-ds-flusher".into())
+            .spawn(move || run(store, rx, thread_stats))
+            .map_err(|e| ServerError::Internal(format!("cannot start flusher: {e}")))?;
+        Ok(Flusher { queue: tx, stats })
+    }
+
+    /// Wait until every write applied before this call is on disk.
+    pub async fn durable(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(tx)
+            .map_err(|_| ServerError::Unavailable("flusher stopped".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServerError::Internal(format!("flush failed: {e}"))),
+            Err(_) => Err(ServerError::Unavailable("flusher stopped".into())),
+        }
+    }
+}
+
+fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let result = store.flush().map_err(|e| e.to_string());
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        stats
+            .requests
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Err(e) = &result {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, waiters = batch.len(), "flush failed; requests answered 500");
+        }
+        for w in batch {
+            // A waiter that gave up (client disconnected) is fine to skip.
+            let _ = w.send(result.clone());
+        }
+    }
+}

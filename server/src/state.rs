@@ -1,0 +1,66 @@
+//! Everything a request handler needs, shared across connections.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use openmls_rust_crypto::RustCrypto;
+
+use crate::auth::Authenticator;
+use crate::config::Limits;
+use crate::db::Db;
+use crate::flusher::Flusher;
+use crate::metrics::Metrics;
+use crate::queues::Queues;
+use crate::rate_limit::RateLimiter;
+
+/// Shared server state.
+pub struct AppState {
+    /// Trees.
+    pub db: Db,
+    /// Queue service.
+    pub queues: Queues,
+    /// Authentication and sessions.
+    pub auth: Authenticator,
+    /// Group commit.
+    pub flusher: Flusher,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+    /// Per-client request rate limit.
+    pub rate_limiter: RateLimiter,
+    /// Configured limits.
+    pub limits: Limits,
+    /// Crypto for OpenMLS validation.
+    pub crypto: RustCrypto,
+    /// One lock per group: handshakes of a group are validated one at a time.
+    group_locks: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises key package claims (each package is handed out once).
+    pub claim_lock: Mutex<()>,
+}
+
+impl AppState {
+    /// Assemble the state.
+    pub fn new(db: Db, queues: Queues, flusher: Flusher, limits: Limits) -> Arc<AppState> {
+        Arc::new(AppState {
+            auth: Authenticator::new(limits.session_ttl_secs * 1000, limits.max_sessions),
+            rate_limiter: RateLimiter::new(limits.rate_limit_per_sec, limits.rate_limit_burst),
+            db,
+            queues,
+            flusher,
+            metrics: Metrics::default(),
+            limits,
+            crypto: RustCrypto::default(),
+            group_locks: Mutex::new(HashMap::new()),
+            claim_lock: Mutex::new(()),
+        })
+    }
+
+    /// The lock of one group.
+    pub fn group_lock(&self, group_id: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
+        self.group_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(group_id.to_vec())
+            .or_default()
+            .clone()
+    }
+}
