@@ -1,1 +1,164 @@
-//! placeholder
+//! Harness for system tests: builds and starts the real `mls-ds` binary on
+//! 127.0.0.1 with an ephemeral port and a temporary data directory, restarts
+//! it on the same directory, stops it gracefully or kills it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Path of the server binary, built once per test process with the same
+/// cargo and profile as the tests.
+pub fn server_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let release = !cfg!(debug_assertions);
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&root)
+            .args(["build", "-q", "-p", "mls-ds-server", "--bin", "mls-ds"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the server");
+        assert!(status.success(), "building mls-ds failed");
+        // The test binary lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        profile_dir.join("mls-ds")
+    })
+    .clone()
+}
+
+/// A running server process.
+pub struct Server {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    addr: String,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Start a server on `data_dir` with extra flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            data_dir: data_dir.to_owned(),
+            addr: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let port_file = self.data_dir.join("test-port");
+        let _ = std::fs::remove_file(&port_file);
+        std::fs::create_dir_all(&self.data_dir).expect("data dir");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("server.log"))
+            .expect("log file");
+        let child = Command::new(server_binary())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mls-ds");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&port_file) {
+                if !addr.is_empty() {
+                    self.addr = addr;
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "mls-ds exited early with {status}; see {}",
+                    self.log_path().display()
+                );
+            }
+            assert!(Instant::now() < deadline, "mls-ds did not start in 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join("server.log")
+    }
+
+    /// SIGTERM and wait; returns whether the exit status was success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same directory (after `stop` or `kill`).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Run `mls-ds <args>` (an admin subcommand) on this data dir.
+    pub fn admin(&self, args: &[&str]) -> std::process::Output {
+        Command::new(server_binary())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .expect("run mls-ds admin command")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,226 @@
+//! Typed calls of the DS API (one method per endpoint), over [`Transport`].
+
+use hyper::Method;
+use mls_ds_protocol::auth::SessionCreated;
+use mls_ds_protocol::clients::{RegisterClient, Registered};
+use mls_ds_protocol::groups::{
+    CommitAccepted, CommitBundle, CreateGroup, GroupCreated, GroupInfoResponse, MessageAccepted,
+    SendMessage,
+};
+use mls_ds_protocol::key_packages::{ClaimedKeyPackage, KeyPackageCount, PublishKeyPackages};
+use mls_ds_protocol::queue::{Ack, Acked, QueuePage};
+use mls_ds_protocol::{decode, encode, paths, ClientId};
+
+use crate::error::{ClientError, Result};
+use crate::transport::{AuthMode, Transport};
+
+fn enc<T: tls_codec::Serialize>(v: &T) -> Result<Vec<u8>> {
+    encode(v).map_err(|e| ClientError::Usage(format!("cannot encode request: {e:?}")))
+}
+
+fn dec<T: tls_codec::Deserialize>(bytes: &[u8]) -> Result<T> {
+    decode(bytes).map_err(|e| ClientError::BadResponse(e.to_string()))
+}
+
+/// The DS API for one client.
+pub struct DsApi {
+    /// The transport (public so callers can tune it, e.g. `always_sign`).
+    pub transport: Transport,
+}
+
+impl DsApi {
+    /// Wrap a transport.
+    pub fn new(transport: Transport) -> DsApi {
+        DsApi { transport }
+    }
+
+    /// The client id.
+    pub fn client_id(&self) -> &ClientId {
+        self.transport.client_id()
+    }
+
+    /// Register this client with its signature key (idempotent).
+    pub async fn register(&self) -> Result<Registered> {
+        let signer = self.transport.signer();
+        let body = enc(&RegisterClient {
+            client_id: self.client_id().clone(),
+            signature_scheme: signer.signature_scheme() as u16,
+            signature_key: signer.public().to_vec().into(),
+        })?;
+        let bytes = self
+            .transport
+            .send(Method::POST, paths::CLIENTS, body, AuthMode::Signature)
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Open a session explicitly (normally done on demand).
+    pub async fn open_session(&self) -> Result<SessionCreated> {
+        let bytes = self
+            .transport
+            .send(
+                Method::POST,
+                paths::SESSIONS,
+                Vec::new(),
+                AuthMode::Signature,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Delete this client from the DS.
+    pub async fn delete_client(&self) -> Result<()> {
+        self.transport
+            .send(
+                Method::DELETE,
+                &paths::client(self.client_id()),
+                Vec::new(),
+                AuthMode::Session,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publish key packages (MLSMessage bytes) and optionally a last-resort one.
+    pub async fn publish_key_packages(
+        &self,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<KeyPackageCount> {
+        let body = enc(&PublishKeyPackages {
+            key_packages: key_packages.into_iter().map(Into::into).collect(),
+            last_resort: last_resort.map(Into::into),
+        })?;
+        let bytes = self
+            .transport
+            .send(Method::POST, paths::KEY_PACKAGES, body, AuthMode::Session)
+            .await?;
+        dec(&bytes)
+    }
+
+    /// How many key packages this client has left on the DS.
+    pub async fn key_package_count(&self) -> Result<KeyPackageCount> {
+        let bytes = self
+            .transport
+            .send(
+                Method::GET,
+                paths::KEY_PACKAGES,
+                Vec::new(),
+                AuthMode::Session,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Claim one key package of `client`.
+    pub async fn claim_key_package(&self, client: &ClientId) -> Result<ClaimedKeyPackage> {
+        let bytes = self
+            .transport
+            .send(
+                Method::POST,
+                &paths::claim_key_package(client),
+                Vec::new(),
+                AuthMode::Session,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Register a group with the DS.
+    pub async fn create_group(
+        &self,
+        group_info: Vec<u8>,
+        ratchet_tree: Vec<u8>,
+        open: bool,
+    ) -> Result<GroupCreated> {
+        let body = enc(&CreateGroup {
+            group_info: group_info.into(),
+            ratchet_tree: ratchet_tree.into(),
+            open: open.into(),
+        })?;
+        let bytes = self
+            .transport
+            .send(Method::POST, paths::GROUPS, body, AuthMode::Session)
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Submit a commit bundle.
+    pub async fn commit(
+        &self,
+        group_id: &[u8],
+        commit: Vec<u8>,
+        welcome: Option<Vec<u8>>,
+        group_info: Vec<u8>,
+    ) -> Result<CommitAccepted> {
+        let body = enc(&CommitBundle {
+            commit: commit.into(),
+            welcome: welcome.map(Into::into),
+            group_info: group_info.into(),
+        })?;
+        let bytes = self
+            .transport
+            .send(
+                Method::POST,
+                &paths::commits(group_id),
+                body,
+                AuthMode::Session,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Send an application message or a proposal.
+    pub async fn send_message(&self, group_id: &[u8], message: Vec<u8>) -> Result<MessageAccepted> {
+        let body = enc(&SendMessage {
+            message: message.into(),
+        })?;
+        let bytes = self
+            .transport
+            .send(
+                Method::POST,
+                &paths::messages(group_id),
+                body,
+                AuthMode::Session,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// The group's latest GroupInfo and ratchet tree.
+    pub async fn group_info(&self, group_id: &[u8]) -> Result<GroupInfoResponse> {
+        let bytes = self
+            .transport
+            .send(
+                Method::GET,
+                &paths::group_info(group_id),
+                Vec::new(),
+                AuthMode::Session,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Fetch queue entries after `after`, waiting up to `wait_ms` for the first.
+    pub async fn fetch(&self, after: u64, limit: u32, wait_ms: u64) -> Result<QueuePage> {
+        let path = format!(
+            "{}?after={after}&limit={limit}&wait_ms={wait_ms}",
+            paths::QUEUE
+        );
+        let bytes = self
+            .transport
+            .send(Method::GET, &path, Vec::new(), AuthMode::Session)
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Acknowledge every entry up to `up_to`.
+    pub async fn ack(&self, up_to: u64) -> Result<Acked> {
+        let body = enc(&Ack { up_to })?;
+        let bytes = self
+            .transport
+            .send(Method::POST, paths::QUEUE_ACK, body, AuthMode::Session)
+            .await?;
+        dec(&bytes)
+    }
+}

@@ -1,0 +1,56 @@
+//! The SDK's one error type.
+
+use mls_ds_protocol::ErrorBody;
+
+/// Everything the SDK can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The DS answered with an error.
+    #[error("server error {status}: {}", body.text())]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// The DS's error body.
+        body: ErrorBody,
+    },
+    /// The DS could not be reached or the connection broke.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The DS sent something the SDK cannot decode.
+    #[error("bad response from server: {0}")]
+    BadResponse(String),
+    /// Local storage failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] mls_ds_storage::StorageError),
+    /// An MLS operation failed.
+    #[error("MLS error: {0}")]
+    Mls(String),
+    /// Invalid use of the SDK (unknown group, not registered, ...).
+    #[error("{0}")]
+    Usage(String),
+    /// A commit lost the race for its epoch too many times.
+    #[error("commit rejected {0} times because other members committed first")]
+    CommitRetriesExhausted(u32),
+}
+
+impl ClientError {
+    /// True if the DS said 409 wrong epoch.
+    pub fn is_wrong_epoch(&self) -> bool {
+        matches!(self, ClientError::Server { body, .. } if body.code == mls_ds_protocol::ErrorCode::WrongEpoch)
+    }
+
+    /// HTTP status of a server error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Server { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn mls(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Mls(e.to_string())
+}
+
+/// Shorthand.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

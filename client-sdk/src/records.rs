@@ -1,0 +1,129 @@
+//! The SDK's own records, stored next to the OpenMLS state in the same sled
+//! database so that they join its atomic writes.
+//!
+//! | key (tree `app.sdk`) | value |
+//! | --- | --- |
+//! | `identity` | [`Identity`] |
+//! | `cursor` | highest DS queue sequence number processed (u64 BE) |
+//! | `group/<gid>` | [`GroupMeta`] (the list of groups) |
+//! | `outbox/<gid>` | [`Outbox`]: a commit sent (or about to be sent) but not yet resolved |
+//! | `inbox/<seq u64 BE>` | [`Event`] not yet taken by the application |
+
+/// Who this client is.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub struct Identity {
+    /// Client id (also the MLS BasicCredential identity).
+    pub client_id: Vec<u8>,
+    /// Signature scheme code point.
+    pub signature_scheme: u16,
+    /// Public signature key (the private key is in OpenMLS storage).
+    pub public_key: Vec<u8>,
+}
+
+/// A group this client is in.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub struct GroupMeta {
+    /// Whether the group was created open (external joins allowed).
+    pub open: bool,
+}
+
+/// What an unresolved commit was for.
+#[derive(bincode::Encode, bincode::Decode, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// A commit on an existing group (pending in OpenMLS until resolved).
+    Commit,
+    /// An external commit: the group was created locally already.
+    ExternalJoin,
+}
+
+/// A commit bundle stored before it is sent, so that a crash between sending
+/// and merging is resolved on reopen by resending it (the DS answers a retry
+/// of an accepted commit with the original success).
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub struct Outbox {
+    /// Kind of commit.
+    pub kind: OutboxKind,
+    /// `MLSMessage` of the commit.
+    pub commit: Vec<u8>,
+    /// `MLSMessage` of the Welcome, if any.
+    pub welcome: Option<Vec<u8>>,
+    /// `MLSMessage` of the new epoch's GroupInfo.
+    pub group_info: Vec<u8>,
+}
+
+/// Something the application should learn about, in DS order.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub enum Event {
+    /// An application message.
+    Message {
+        /// DS queue sequence number (unique, increasing).
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+        /// Sender's client id.
+        sender: Vec<u8>,
+        /// Plaintext.
+        data: Vec<u8>,
+    },
+    /// This client joined a group from a Welcome.
+    Joined {
+        /// DS queue sequence number.
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+    },
+    /// A commit by another member was merged.
+    Commit {
+        /// DS queue sequence number.
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+        /// New epoch.
+        epoch: u64,
+    },
+    /// This client was removed from a group.
+    Removed {
+        /// DS queue sequence number.
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+    },
+    /// A queue entry could not be processed (e.g. a duplicate or a message
+    /// for an epoch this client no longer has keys for); it was skipped.
+    Skipped {
+        /// DS queue sequence number.
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The DS sequence number of the entry that produced the event.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Event::Message { seq, .. }
+            | Event::Joined { seq, .. }
+            | Event::Commit { seq, .. }
+            | Event::Removed { seq, .. }
+            | Event::Skipped { seq, .. } => *seq,
+        }
+    }
+}
+
+pub(crate) const IDENTITY: &[u8] = b"identity";
+pub(crate) const CURSOR: &[u8] = b"cursor";
+
+pub(crate) fn group_key(gid: &[u8]) -> Vec<u8> {
+    [b"group/".as_slice(), gid].concat()
+}
+
+pub(crate) fn outbox_key(gid: &[u8]) -> Vec<u8> {
+    [b"outbox/".as_slice(), gid].concat()
+}
+
+pub(crate) fn inbox_key(seq: u64) -> Vec<u8> {
+    [b"inbox/".as_slice(), &seq.to_be_bytes()].concat()
+}

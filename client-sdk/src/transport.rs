@@ -1,0 +1,255 @@
+//! HTTP transport to the DS: request signing, sessions, and decoding of
+//! error bodies. One connection pool per [`Transport`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
+use hyper_util::rt::TokioExecutor;
+use mls_ds_protocol::auth::{
+    self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, NONCE_LEN,
+};
+use mls_ds_protocol::{decode, paths, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::signatures::Signer;
+use rand::RngCore;
+
+use crate::error::{ClientError, Result};
+
+struct Session {
+    created: SessionCreated,
+    counter: AtomicU64,
+}
+
+/// Authenticated HTTP access to one DS for one client.
+pub struct Transport {
+    base: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    client_id: ClientId,
+    signer: SignatureKeyPair,
+    session: Mutex<Option<std::sync::Arc<Session>>>,
+    /// Sign every request instead of using a session (slower; for tests and
+    /// clients that keep no session state).
+    pub always_sign: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How a request authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// No `Authorization` header.
+    None,
+    /// Signature token with the client's key.
+    Signature,
+    /// Session MAC (opening a session first if needed).
+    Session,
+}
+
+impl Transport {
+    /// Transport to `base_url` (e.g. `http://127.0.0.1:8080`) as `client_id`.
+    pub fn new(base_url: &str, client_id: ClientId, signer: SignatureKeyPair) -> Transport {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Transport {
+            base: base_url.trim_end_matches('/').to_owned(),
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            client_id,
+            signer,
+            session: Mutex::new(None),
+            always_sign: false,
+        }
+    }
+
+    /// The client this transport speaks for.
+    pub fn client_id(&self) -> &ClientId {
+        &self.client_id
+    }
+
+    /// The signature key pair.
+    pub fn signer(&self) -> &SignatureKeyPair {
+        &self.signer
+    }
+
+    /// Build a signature token for a request.
+    pub fn signature_token(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<AuthToken> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ts = now_ms();
+        let payload = auth::signature_payload(
+            method,
+            path_and_query,
+            &auth::body_hash(body),
+            ts,
+            &self.client_id,
+            &nonce,
+        );
+        let signature = self
+            .signer
+            .sign(&payload)
+            .map_err(|e| ClientError::Mls(format!("signing failed: {e:?}")))?;
+        Ok(AuthToken::Signature(SignatureAuth {
+            client_id: self.client_id.clone(),
+            timestamp_ms: ts,
+            nonce,
+            signature: signature.into(),
+        }))
+    }
+
+    fn session_token(
+        &self,
+        s: &Session,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> AuthToken {
+        let counter = s.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        let ts = now_ms();
+        let payload = auth::session_payload(
+            method,
+            path_and_query,
+            &auth::body_hash(body),
+            ts,
+            &s.created.session_id,
+            counter,
+        );
+        AuthToken::Session(SessionAuth {
+            session_id: s.created.session_id,
+            counter,
+            timestamp_ms: ts,
+            mac: auth::mac(&s.created.session_key, &payload),
+        })
+    }
+
+    async fn session(&self) -> Result<std::sync::Arc<Session>> {
+        if let Some(s) = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            if s.created.expires_at_ms > now_ms() + 10_000 {
+                return Ok(s);
+            }
+        }
+        let token = self.signature_token("POST", paths::SESSIONS, &[])?;
+        let bytes = self
+            .send_once(Method::POST, paths::SESSIONS, Vec::new(), Some(token))
+            .await?;
+        let created: SessionCreated =
+            decode(&bytes).map_err(|e| ClientError::BadResponse(e.to_string()))?;
+        let s = std::sync::Arc::new(Session {
+            created,
+            counter: AtomicU64::new(0),
+        });
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Send a request and return the body of a 2xx response; other statuses
+    /// become [`ClientError::Server`]. With [`AuthMode::Session`] a 401 (for
+    /// example after a server restart) opens a new session and retries once.
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        mode: AuthMode,
+    ) -> Result<Bytes> {
+        let mode = if self.always_sign && mode == AuthMode::Session {
+            AuthMode::Signature
+        } else {
+            mode
+        };
+        match self
+            .send_raw(method.clone(), path_and_query, body.clone(), mode)
+            .await
+        {
+            Err(ClientError::Server { status: 401, .. }) if mode == AuthMode::Session => {
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.send_raw(method, path_and_query, body, mode).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_raw(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        mode: AuthMode,
+    ) -> Result<Bytes> {
+        let token = match mode {
+            AuthMode::None => None,
+            AuthMode::Signature => {
+                Some(self.signature_token(method.as_str(), path_and_query, &body)?)
+            }
+            AuthMode::Session => {
+                let s = self.session().await?;
+                Some(self.session_token(&s, method.as_str(), path_and_query, &body))
+            }
+        };
+        self.send_once(method, path_and_query, body, token).await
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        token: Option<AuthToken>,
+    ) -> Result<Bytes> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path_and_query));
+        if !body.is_empty() {
+            builder = builder.header(hyper::header::CONTENT_TYPE, CONTENT_TYPE);
+        }
+        if let Some(t) = &token {
+            builder = builder.header(mls_ds_protocol::AUTH_HEADER, auth::header_value(t));
+        }
+        let req = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .to_bytes();
+        if (200..300).contains(&status) {
+            return Ok(bytes);
+        }
+        let body = decode::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+            ErrorBody::new(
+                ErrorCode::Internal,
+                format!(
+                    "undecodable error body: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
+            )
+        });
+        Err(ClientError::Server { status, body })
+    }
+}
