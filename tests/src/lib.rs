@@ -1,6 +1,9 @@
 //! Harness for system tests: builds and starts the real `mls-ds` binary on
 //! 127.0.0.1 with an ephemeral port and a temporary data directory, restarts
-//! it on the same directory, stops it gracefully or kills it.
+//! it on the same directory, stops it gracefully or kills it; and low-level
+//! clients ([`raw`]) for tests that need to step outside the SDK.
+
+pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

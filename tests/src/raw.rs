@@ -1,0 +1,303 @@
+//! Low-level test clients: OpenMLS groups driven by hand (on the storage
+//! crate's provider) over the SDK's typed API, so tests can stage competing
+//! commits, replay requests and send malformed ones.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use mls_ds_client::client::{create_config, join_config, CIPHERSUITE};
+use mls_ds_client::{DsApi, Transport};
+use mls_ds_protocol::queue::QueueEntry;
+use mls_ds_protocol::ClientId;
+use mls_ds_storage::{SledProvider, Store, StoreConfig};
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::*;
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_traits::OpenMlsProvider;
+
+/// One hand-driven member.
+pub struct RawMember {
+    /// Typed API with this member's credentials.
+    pub api: DsApi,
+    /// Local OpenMLS state (temporary store).
+    pub provider: SledProvider,
+    /// Signature key.
+    pub signer: SignatureKeyPair,
+    /// Credential.
+    pub credential: CredentialWithKey,
+    /// The group, once in one.
+    pub group: Option<MlsGroup>,
+    /// Highest queue sequence number processed.
+    pub cursor: u64,
+}
+
+/// Serialize an MLS object.
+pub fn wire<T: tls_codec::Serialize>(v: &T) -> Vec<u8> {
+    v.tls_serialize_detached().expect("serialize")
+}
+
+impl RawMember {
+    /// A new identity (not yet registered).
+    pub fn new(url: &str, name: &str) -> RawMember {
+        let store = Store::temporary(StoreConfig::default()).unwrap();
+        let provider = SledProvider::new(store.storage(name.as_bytes()).unwrap());
+        let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+        signer.store(provider.storage()).unwrap();
+        let credential = CredentialWithKey {
+            credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+            signature_key: signer.public().into(),
+        };
+        let api = DsApi::new(Transport::new(
+            url,
+            ClientId::new(name).unwrap(),
+            signer.clone(),
+        ));
+        RawMember {
+            api,
+            provider,
+            signer,
+            credential,
+            group: None,
+            cursor: 0,
+        }
+    }
+
+    /// Register and publish `n` key packages.
+    pub async fn register(&self, n: usize) {
+        self.api.register().await.unwrap();
+        if n > 0 {
+            let kps = (0..n).map(|_| self.key_package()).collect();
+            self.api.publish_key_packages(kps, None).await.unwrap();
+        }
+    }
+
+    /// A fresh key package as MLSMessage bytes.
+    pub fn key_package(&self) -> Vec<u8> {
+        let kp = KeyPackage::builder()
+            .build(
+                CIPHERSUITE,
+                &self.provider,
+                &self.signer,
+                self.credential.clone(),
+            )
+            .unwrap();
+        wire(&MlsMessageOut::from(kp.key_package().clone()))
+    }
+
+    /// The group (panics if none).
+    pub fn group(&mut self) -> &mut MlsGroup {
+        self.group.as_mut().expect("in a group")
+    }
+
+    /// Group id bytes.
+    pub fn gid(&self) -> Vec<u8> {
+        self.group.as_ref().unwrap().group_id().as_slice().to_vec()
+    }
+
+    /// Create a group and register it with the DS.
+    pub async fn create_group(&mut self, open: bool) {
+        let g = MlsGroup::new(
+            &self.provider,
+            &self.signer,
+            &create_config(),
+            self.credential.clone(),
+        )
+        .unwrap();
+        let gi = wire(
+            &g.export_group_info(self.provider.crypto(), &self.signer, false)
+                .unwrap(),
+        );
+        let tree = wire(&g.export_ratchet_tree());
+        self.group = Some(g);
+        self.api.create_group(gi, tree, open).await.unwrap();
+    }
+
+    /// Stage a commit adding the given claimed key packages (not merged).
+    /// Returns (commit, welcome, group_info) bytes.
+    pub fn stage_add(&mut self, kps: Vec<KeyPackage>) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
+        let (provider, signer) = (&self.provider, &self.signer);
+        let bundle = self
+            .group
+            .as_mut()
+            .unwrap()
+            .commit_builder()
+            .propose_adds(kps)
+            .load_psks(provider.storage())
+            .unwrap()
+            .create_group_info(true)
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .unwrap()
+            .stage_commit(provider)
+            .unwrap();
+        let (c, w, gi) = bundle.into_messages();
+        (wire(&c), w.map(|w| wire(&w)), wire(&gi.unwrap()))
+    }
+
+    /// Stage a self-update commit (not merged).
+    pub fn stage_update(&mut self) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
+        let (provider, signer) = (&self.provider, &self.signer);
+        let bundle = self
+            .group
+            .as_mut()
+            .unwrap()
+            .commit_builder()
+            .force_self_update(true)
+            .load_psks(provider.storage())
+            .unwrap()
+            .create_group_info(true)
+            .build(provider.rand(), provider.crypto(), signer, |_| true)
+            .unwrap()
+            .stage_commit(provider)
+            .unwrap();
+        let (c, w, gi) = bundle.into_messages();
+        (wire(&c), w.map(|w| wire(&w)), wire(&gi.unwrap()))
+    }
+
+    /// Claim a key package of `who` and validate it.
+    pub async fn claim(&self, who: &str) -> KeyPackage {
+        let claimed = self
+            .api
+            .claim_key_package(&ClientId::new(who).unwrap())
+            .await
+            .unwrap();
+        let msg = MlsMessageIn::tls_deserialize_exact(claimed.key_package.as_slice()).unwrap();
+        let MlsMessageBodyIn::KeyPackage(kp) = msg.extract() else {
+            panic!("not a key package")
+        };
+        kp.validate(self.provider.crypto(), ProtocolVersion::Mls10)
+            .unwrap()
+    }
+
+    /// Merge the pending commit after the DS accepted it.
+    pub fn merge(&mut self) {
+        let p = &self.provider;
+        self.group
+            .as_mut()
+            .unwrap()
+            .merge_pending_commit(p)
+            .unwrap();
+    }
+
+    /// Drop the pending commit after the DS rejected it.
+    pub fn clear(&mut self) {
+        let p = &self.provider;
+        self.group
+            .as_mut()
+            .unwrap()
+            .clear_pending_commit(p.storage())
+            .unwrap();
+    }
+
+    /// Encrypt an application message.
+    pub fn encrypt(&mut self, text: &[u8]) -> Vec<u8> {
+        let (p, s) = (&self.provider, &self.signer);
+        wire(
+            &self
+                .group
+                .as_mut()
+                .unwrap()
+                .create_message(p, s, text)
+                .unwrap(),
+        )
+    }
+
+    /// Fetch and process every queued entry; returns application plaintexts.
+    pub async fn sync(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.api.fetch(self.cursor, 100, 0).await.unwrap();
+            if page.entries.is_empty() {
+                return out;
+            }
+            for e in &page.entries {
+                if let Some(t) = self.process(e) {
+                    out.push(t);
+                }
+                self.cursor = e.seq;
+            }
+            self.api.ack(self.cursor).await.unwrap();
+        }
+    }
+
+    /// Process one queue entry.
+    pub fn process(&mut self, e: &QueueEntry) -> Option<Vec<u8>> {
+        let msg = MlsMessageIn::tls_deserialize_exact(e.message.as_slice()).unwrap();
+        let p = &self.provider;
+        match msg.extract() {
+            MlsMessageBodyIn::Welcome(w) => {
+                let g = StagedWelcome::new_from_welcome(p, &join_config(), w, None)
+                    .unwrap()
+                    .into_group(p)
+                    .unwrap();
+                self.group = Some(g);
+                None
+            }
+            body => {
+                let pm: ProtocolMessage = match body {
+                    MlsMessageBodyIn::PublicMessage(m) => m.into(),
+                    MlsMessageBodyIn::PrivateMessage(m) => m.into(),
+                    _ => panic!("unexpected entry"),
+                };
+                let g = self.group.as_mut().unwrap();
+                match g.process_message(p, pm).unwrap().into_content() {
+                    ProcessedMessageContent::ApplicationMessage(a) => Some(a.into_bytes()),
+                    ProcessedMessageContent::StagedCommitMessage(s) => {
+                        g.merge_staged_commit(p, *s).unwrap();
+                        None
+                    }
+                    ProcessedMessageContent::ProposalMessage(q) => {
+                        g.store_pending_proposal(p.storage(), *q).unwrap();
+                        None
+                    }
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    /// Current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.group.as_ref().unwrap().epoch().as_u64()
+    }
+
+    /// An exported secret.
+    pub fn secret(&self) -> Vec<u8> {
+        self.group
+            .as_ref()
+            .unwrap()
+            .export_secret(self.provider.crypto(), "t", b"", 32)
+            .unwrap()
+    }
+}
+
+/// Send a raw HTTP request; returns status and body.
+pub async fn raw_request(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    let client: HyperClient<_, Full<Bytes>> =
+        HyperClient::builder(TokioExecutor::new()).build_http();
+    let mut b = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    let resp = client
+        .request(b.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, body)
+}

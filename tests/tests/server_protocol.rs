@@ -1,0 +1,500 @@
+//! Protocol tests against one real server: commit ordering (race, idempotent
+//! retry, stale epoch), key packages claimed exactly once under concurrency,
+//! and one test per bad-input class, each checking the status and that
+//! nothing changed.
+
+use mls_ds_protocol::auth::{self, AuthToken, SessionAuth};
+use mls_ds_protocol::{decode, paths, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
+use mls_ds_tests::raw::{raw_request, wire, RawMember};
+use mls_ds_tests::Server;
+
+async fn group_of_two(url: &str, a: &str, b: &str) -> (RawMember, RawMember) {
+    let mut alice = RawMember::new(url, a);
+    let mut bob = RawMember::new(url, b);
+    alice.register(1).await;
+    bob.register(2).await;
+    alice.create_group(false).await;
+    let kp = alice.claim(b).await;
+    let (c, w, gi) = alice.stage_add(vec![kp]);
+    alice.api.commit(&alice.gid(), c, w, gi).await.unwrap();
+    alice.merge();
+    bob.sync().await;
+    assert_eq!(alice.epoch(), bob.epoch());
+    (alice, bob)
+}
+
+fn error_of(body: &[u8]) -> ErrorBody {
+    decode::<ErrorBody>(body).expect("error body decodes")
+}
+
+async fn commit_race(url: &str) {
+    let (mut alice, mut bob) = group_of_two(url, "race-alice", "race-bob").await;
+    let gid = alice.gid();
+    let epoch = alice.epoch();
+    let a = alice.stage_update();
+    let b = bob.stage_update();
+    let (ra, rb) = tokio::join!(
+        alice
+            .api
+            .commit(&gid, a.0.clone(), a.1.clone(), a.2.clone()),
+        bob.api.commit(&gid, b.0.clone(), b.1.clone(), b.2.clone()),
+    );
+    assert!(
+        ra.is_ok() != rb.is_ok(),
+        "exactly one commit wins: {ra:?} {rb:?}"
+    );
+    let (winner, loser, win_bundle, lose_bundle, loss) = if ra.is_ok() {
+        (&mut alice, &mut bob, a, b, rb.unwrap_err())
+    } else {
+        (&mut bob, &mut alice, b, a, ra.unwrap_err())
+    };
+    assert!(loss.is_wrong_epoch(), "{loss}");
+    let ClientError409 { current } = wrong_epoch(&loss);
+    assert_eq!(current, epoch + 1);
+    winner.merge();
+    loser.clear();
+    loser.sync().await;
+    assert_eq!(winner.epoch(), epoch + 1);
+    assert_eq!(loser.epoch(), epoch + 1);
+    assert_eq!(winner.secret(), loser.secret());
+
+    // A retry of the accepted commit gets the original success.
+    let again = winner
+        .api
+        .commit(&gid, win_bundle.0, win_bundle.1, win_bundle.2)
+        .await
+        .unwrap();
+    assert_eq!(again.epoch, epoch + 1);
+    // The losing commit stays rejected, naming the current epoch.
+    let err = loser
+        .api
+        .commit(&gid, lose_bundle.0, lose_bundle.1, lose_bundle.2)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_epoch(&err).current, epoch + 1);
+    // The loser recovers: its next commit is accepted.
+    let c = loser.stage_update();
+    loser.api.commit(&gid, c.0, c.1, c.2).await.unwrap();
+    loser.merge();
+    winner.sync().await;
+    assert_eq!(winner.secret(), loser.secret());
+}
+
+struct ClientError409 {
+    current: u64,
+}
+
+fn wrong_epoch(e: &mls_ds_client::ClientError) -> ClientError409 {
+    match e {
+        mls_ds_client::ClientError::Server { status: 409, body } => {
+            assert_eq!(body.code, ErrorCode::WrongEpoch);
+            ClientError409 {
+                current: body.current_epoch.expect("current epoch named"),
+            }
+        }
+        other => panic!("expected 409 wrong epoch, got {other}"),
+    }
+}
+
+async fn concurrent_claims(url: &str) {
+    let owner = RawMember::new(url, "kp-owner");
+    owner.api.register().await.unwrap();
+    let kps: Vec<Vec<u8>> = (0..20).map(|_| owner.key_package()).collect();
+    let last = owner.key_package();
+    owner
+        .api
+        .publish_key_packages(kps, Some(last.clone()))
+        .await
+        .unwrap();
+    let mut claimers = Vec::new();
+    for i in 0..6 {
+        let c = RawMember::new(url, &format!("claimer-{i}"));
+        c.register(0).await;
+        claimers.push(c);
+    }
+    let target = ClientId::new("kp-owner").unwrap();
+    let mut tasks = Vec::new();
+    for round in 0..5 {
+        for c in &claimers {
+            let _ = round;
+            tasks.push(c.api.claim_key_package(&target));
+        }
+    }
+    let results = futures_join_all(tasks).await;
+    let mut ordinary = std::collections::HashSet::new();
+    let mut last_resort = 0;
+    for r in results {
+        let claimed = r.expect("claim succeeds");
+        if claimed.last_resort.0 {
+            last_resort += 1;
+            assert_eq!(claimed.key_package.as_slice(), last.as_slice());
+        } else {
+            assert!(
+                ordinary.insert(claimed.key_package.as_slice().to_vec()),
+                "a key package was handed out twice"
+            );
+        }
+    }
+    assert_eq!(ordinary.len(), 20);
+    assert_eq!(last_resort, 10);
+    let count = owner.api.key_package_count().await.unwrap();
+    assert_eq!(count.remaining, 0);
+    assert!(count.has_last_resort.0, "the last resort is never consumed");
+}
+
+async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut handles = Vec::new();
+    for f in fs {
+        handles.push(Box::pin(f));
+    }
+    let mut out = Vec::new();
+    // Drive them concurrently on this task.
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    for r in results {
+        out.push(r.expect("completed"));
+    }
+    out
+}
+
+/// What the bad-input tests compare before and after.
+async fn snapshot(m: &RawMember, observer: &RawMember, gid: &[u8]) -> (u64, u32, u64) {
+    let info = m.api.group_info(gid).await.unwrap();
+    let kps = m.api.key_package_count().await.unwrap().remaining;
+    let head = observer.api.fetch(u64::MAX - 1, 1, 0).await.unwrap().head;
+    (info.epoch, kps, head)
+}
+
+async fn bad_inputs(url: &str) {
+    let (mut alice, mut bob) = group_of_two(url, "bad-alice", "bad-bob").await;
+    alice
+        .api
+        .publish_key_packages(vec![alice.key_package()], None)
+        .await
+        .unwrap();
+    let mallory = RawMember::new(url, "bad-mallory");
+    mallory.register(1).await;
+    let gid = alice.gid();
+    let before = snapshot(&alice, &bob, &gid).await;
+    let json = |s: &str| vec![("content-type", s.to_string())];
+
+    // 400: malformed bodies and MLS bytes, with authentication right.
+    let e = alice
+        .api
+        .commit(&gid, b"\x00\x01garbage".to_vec(), None, vec![1, 2])
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let mut msg = alice.encrypt(b"cut");
+    msg.truncate(msg.len() / 2);
+    let e = alice.api.send_message(&gid, msg).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let e = alice
+        .api
+        .publish_key_packages(vec![vec![0, 1, 0, 5, 9]], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    // A valid commit whose GroupInfo belongs to the old epoch: rejected, nothing merged.
+    let (c, w, _) = alice.stage_update();
+    let old_gi = {
+        let crypto = openmls_traits::OpenMlsProvider::crypto(&alice.provider);
+        let g = alice.group.as_ref().unwrap();
+        wire(&g.export_group_info(crypto, &alice.signer, false).unwrap())
+    };
+    let e = alice.api.commit(&gid, c, w, old_gi).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    alice.clear();
+    // Query parameter that is not a number.
+    let token = alice
+        .api
+        .transport
+        .signature_token("GET", "/v1/queue?after=x", b"")
+        .unwrap();
+    let (s, _) = raw_request(
+        url,
+        "GET",
+        "/v1/queue?after=x",
+        &[("authorization", auth::header_value(&token))],
+        vec![],
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    // 401: missing, forged, stale, replayed authentication.
+    let (s, b) = raw_request(url, "GET", paths::KEY_PACKAGES, &[], vec![]).await;
+    assert_eq!((s, error_of(&b).code), (401, ErrorCode::Unauthorized));
+    let good = alice
+        .api
+        .transport
+        .signature_token("GET", paths::KEY_PACKAGES, b"")
+        .unwrap();
+    let hdr = auth::header_value(&good);
+    assert_eq!(
+        raw_request(
+            url,
+            "GET",
+            paths::KEY_PACKAGES,
+            &[("authorization", hdr.clone())],
+            vec![]
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        raw_request(
+            url,
+            "GET",
+            paths::KEY_PACKAGES,
+            &[("authorization", hdr)],
+            vec![]
+        )
+        .await
+        .0,
+        401,
+        "replay"
+    );
+    let AuthToken::Signature(mut forged) = alice
+        .api
+        .transport
+        .signature_token("GET", paths::KEY_PACKAGES, b"")
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    forged.client_id = ClientId::new("bad-bob").unwrap();
+    assert_eq!(
+        raw_request(
+            url,
+            "GET",
+            paths::KEY_PACKAGES,
+            &[(
+                "authorization",
+                auth::header_value(&AuthToken::Signature(forged))
+            )],
+            vec![]
+        )
+        .await
+        .0,
+        401,
+        "forged"
+    );
+    let AuthToken::Signature(mut stale) = alice
+        .api
+        .transport
+        .signature_token("GET", paths::KEY_PACKAGES, b"")
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    stale.timestamp_ms -= 10 * 60 * 1000;
+    assert_eq!(
+        raw_request(
+            url,
+            "GET",
+            paths::KEY_PACKAGES,
+            &[(
+                "authorization",
+                auth::header_value(&AuthToken::Signature(stale))
+            )],
+            vec![]
+        )
+        .await
+        .0,
+        401,
+        "stale"
+    );
+    let session = alice.api.open_session().await.unwrap();
+    let fake_mac = AuthToken::Session(SessionAuth {
+        session_id: session.session_id,
+        counter: 1,
+        timestamp_ms: now_ms(),
+        mac: [0; 32],
+    });
+    assert_eq!(
+        raw_request(
+            url,
+            "GET",
+            paths::KEY_PACKAGES,
+            &[("authorization", auth::header_value(&fake_mac))],
+            vec![]
+        )
+        .await
+        .0,
+        401,
+        "forged MAC"
+    );
+    // A token for another path does not authorise this one.
+    let other = alice
+        .api
+        .transport
+        .signature_token("GET", "/v1/queue", b"")
+        .unwrap();
+    assert_eq!(
+        raw_request(
+            url,
+            "GET",
+            paths::KEY_PACKAGES,
+            &[("authorization", auth::header_value(&other))],
+            vec![]
+        )
+        .await
+        .0,
+        401
+    );
+
+    // 403: not a member; acting for someone else.
+    let e = mallory
+        .api
+        .send_message(&gid, alice.encrypt(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = mallory.api.group_info(&gid).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = mallory
+        .api
+        .publish_key_packages(vec![alice.key_package()], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let e = mallory
+        .api
+        .commit(&gid, alice.stage_update().0, None, vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(e.status(), Some(400) | Some(403)), "{e}");
+    alice.clear();
+    let token = mallory
+        .api
+        .transport
+        .signature_token(
+            "DELETE",
+            &paths::client(&ClientId::new("bad-alice").unwrap()),
+            b"",
+        )
+        .unwrap();
+    assert_eq!(
+        raw_request(
+            url,
+            "DELETE",
+            &paths::client(&ClientId::new("bad-alice").unwrap()),
+            &[("authorization", auth::header_value(&token))],
+            vec![]
+        )
+        .await
+        .0,
+        403
+    );
+
+    // 404: unknown client, unknown group, unknown route.
+    let e = alice
+        .api
+        .claim_key_package(&ClientId::new("nobody").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let e = alice.api.group_info(b"no-such-group").await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert_eq!(
+        raw_request(url, "GET", "/v1/nothing", &[], vec![]).await.0,
+        404
+    );
+    // 405.
+    assert_eq!(
+        raw_request(url, "DELETE", paths::QUEUE, &[], vec![])
+            .await
+            .0,
+        405
+    );
+
+    // 409: a commit for a stale epoch. Bob staged his at epoch e; Alice's
+    // commit for e is accepted first.
+    let stale = bob.stage_update();
+    let (c, w, gi) = alice.stage_update();
+    alice.api.commit(&gid, c, w, gi).await.unwrap();
+    alice.merge();
+    let e = bob
+        .api
+        .commit(&gid, stale.0, stale.1, stale.2)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_epoch(&e).current, before.0 + 1);
+    bob.clear();
+    bob.sync().await;
+    assert_eq!(bob.epoch(), alice.epoch());
+    // Alice's accepted commit moved the epoch and added one entry to Bob's queue.
+    let before = (before.0 + 1, before.1, before.2 + 1);
+
+    // 413: body over the limit.
+    let big = vec![0u8; 1024 * 1024 + 10];
+    let (s, b) = raw_request(url, "POST", paths::KEY_PACKAGES, &json(CONTENT_TYPE), big).await;
+    assert_eq!((s, error_of(&b).code), (413, ErrorCode::PayloadTooLarge));
+    // 415: wrong content type.
+    let token = alice
+        .api
+        .transport
+        .signature_token("POST", paths::QUEUE_ACK, b"{}")
+        .unwrap();
+    let (s, _) = raw_request(
+        url,
+        "POST",
+        paths::QUEUE_ACK,
+        &[
+            ("content-type", "application/json".into()),
+            ("authorization", auth::header_value(&token)),
+        ],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(s, 415);
+    // Acknowledging beyond the head: 400, nothing deleted.
+    let e = bob.api.ack(1_000_000).await.unwrap_err();
+    assert_eq!(e.status(), Some(400));
+
+    assert_eq!(
+        snapshot(&alice, &bob, &gid).await,
+        before,
+        "rejected requests changed nothing"
+    );
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let url = server.url();
+    commit_race(&url).await;
+    concurrent_claims(&url).await;
+    bad_inputs(&url).await;
+    let log = std::fs::read_to_string(server.log_path()).unwrap();
+    assert!(!log.contains("panicked"), "server log shows a panic");
+}
