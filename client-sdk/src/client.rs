@@ -116,7 +116,24 @@ impl Client {
         client_id: &str,
         config: ClientConfig,
     ) -> Result<Client> {
-        let id = ClientId::new(client_id).map_err(|e| ClientError::Usage(e.to_string()))?;
+        Self::open_inner(data_dir.as_ref(), ds_url, Some(client_id), config)
+    }
+
+    /// Reopen a client created earlier in `data_dir`, whatever its id.
+    pub fn open_existing(
+        data_dir: impl AsRef<Path>,
+        ds_url: &str,
+        config: ClientConfig,
+    ) -> Result<Client> {
+        Self::open_inner(data_dir.as_ref(), ds_url, None, config)
+    }
+
+    fn open_inner(
+        data_dir: &Path,
+        ds_url: &str,
+        client_id: Option<&str>,
+        config: ClientConfig,
+    ) -> Result<Client> {
         let store = Store::open(
             data_dir,
             StoreConfig {
@@ -127,7 +144,19 @@ impl Client {
         let storage = store.storage(b"client")?;
         let records = store.record_tree("sdk")?;
         let provider = SledProvider::new(storage.clone());
-        let signer = match storage.get_record::<Identity>(records, records::IDENTITY)? {
+        let stored = storage.get_record::<Identity>(records, records::IDENTITY)?;
+        let id = match (client_id, &stored) {
+            (Some(c), _) => ClientId::new(c).map_err(|e| ClientError::Usage(e.to_string()))?,
+            (None, Some(identity)) => ClientId::new(&identity.client_id)
+                .map_err(|e| ClientError::Usage(format!("stored identity: {e}")))?,
+            (None, None) => {
+                return Err(ClientError::Usage(format!(
+                    "no client in {}; register one first",
+                    data_dir.display()
+                )))
+            }
+        };
+        let signer = match stored {
             Some(identity) => {
                 if identity.client_id != id.as_bytes() {
                     return Err(ClientError::Usage(format!(

@@ -10,31 +10,36 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Path of the server binary, built once per test process with the same
+/// Path of a workspace binary, built once per test process with the same
 /// cargo and profile as the tests.
-pub fn server_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+pub fn binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let release = !cfg!(debug_assertions);
         let mut cmd = Command::new(cargo);
         cmd.current_dir(&root)
-            .args(["build", "-q", "-p", "mls-ds-server", "--bin", "mls-ds"]);
-        if release {
+            .args(["build", "-q", "-p", package, "--bin", name]);
+        if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("run cargo build for the server");
-        assert!(status.success(), "building mls-ds failed");
-        // The test binary lives in target/<profile>/deps/.
-        let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        profile_dir.join("mls-ds")
-    })
-    .clone()
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+        built.push(name.to_owned());
+    }
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join(name)
+}
+
+/// Path of the server binary.
+pub fn server_binary() -> PathBuf {
+    binary("mls-ds-server", "mls-ds")
 }
 
 /// A running server process.
