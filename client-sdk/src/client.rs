@@ -46,6 +46,10 @@ pub struct ClientConfig {
     pub max_commit_retries: u32,
     /// Durability of local state (default: flush + fdatasync per operation).
     pub durability: Durability,
+    /// Test hook: abort the process after the DS accepted a commit and before
+    /// it is merged locally (to test recovery of exactly that window).
+    #[doc(hidden)]
+    pub abort_after_commit_accepted: bool,
 }
 
 impl Default for ClientConfig {
@@ -54,6 +58,7 @@ impl Default for ClientConfig {
             min_key_packages: 10,
             max_commit_retries: 8,
             durability: Durability::Sync,
+            abort_after_commit_accepted: false,
         }
     }
 }
@@ -600,6 +605,9 @@ impl Client {
         };
         match accepted {
             Some(epoch) => {
+                if self.config.abort_after_commit_accepted {
+                    std::process::abort();
+                }
                 let tx = self.provider.begin();
                 if outbox.kind == OutboxKind::Commit {
                     let g = group_mut(&mut inner, group_id)?;

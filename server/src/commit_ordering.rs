@@ -246,8 +246,7 @@ pub async fn submit(
     }
     let tx_inner = tx.into_storage_transaction();
     let ticket = state.queues.commit(tx_inner, outgoing)?;
-    state.flusher.durable().await?;
-    state.queues.publish(&ticket);
+    state.deliver(ticket).await?;
     tracing::info!(group = %hex::encode(group_id), epoch = new_epoch, committer = %caller.client, external, "accepted commit");
     Reply::ok(&CommitAccepted {
         epoch: new_epoch,

@@ -17,7 +17,13 @@ use tokio::sync::oneshot;
 
 use crate::error::{Result, ServerError};
 
-type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+/// Work to run in the flusher thread once the flush covering it succeeded.
+pub type AfterFlush = Box<dyn FnOnce() + Send>;
+
+struct Waiter {
+    reply: oneshot::Sender<std::result::Result<(), String>>,
+    after: Option<AfterFlush>,
+}
 
 /// Counters exported on `/metrics`.
 #[derive(Default, Debug)]
@@ -53,9 +59,16 @@ impl Flusher {
 
     /// Wait until every write applied before this call is on disk.
     pub async fn durable(&self) -> Result<()> {
+        self.durable_then(None).await
+    }
+
+    /// Like [`Flusher::durable`], and run `after` in the flusher thread once
+    /// the flush succeeded, even if the waiting request is cancelled (its
+    /// client disconnected): what was made durable is always published.
+    pub async fn durable_then(&self, after: Option<AfterFlush>) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.queue
-            .send(tx)
+            .send(Waiter { reply: tx, after })
             .map_err(|_| ServerError::Unavailable("flusher stopped".into()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -79,8 +92,13 @@ fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
             tracing::error!(error = %e, waiters = batch.len(), "flush failed; requests answered 500");
         }
         for w in batch {
+            if result.is_ok() {
+                if let Some(after) = w.after {
+                    after();
+                }
+            }
             // A waiter that gave up (client disconnected) is fine to skip.
-            let _ = w.send(result.clone());
+            let _ = w.reply.send(result.clone());
         }
     }
 }

@@ -141,10 +141,10 @@ async fn fan_out(
             recipients: to,
         }],
     )?;
-    state.flusher.durable().await?;
-    state.queues.publish(&ticket);
+    let message_id = ticket.message_ids.first().copied().unwrap_or(0);
+    state.deliver(ticket).await?;
     Reply::ok(&MessageAccepted {
-        message_id: ticket.message_ids.first().copied().unwrap_or(0),
+        message_id,
         recipients: count,
     })
 }

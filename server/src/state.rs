@@ -10,7 +10,7 @@ use crate::config::Limits;
 use crate::db::Db;
 use crate::flusher::Flusher;
 use crate::metrics::Metrics;
-use crate::queues::Queues;
+use crate::queues::{Queues, Ticket};
 use crate::rate_limit::RateLimiter;
 
 /// Shared server state.
@@ -18,7 +18,7 @@ pub struct AppState {
     /// Trees.
     pub db: Db,
     /// Queue service.
-    pub queues: Queues,
+    pub queues: Arc<Queues>,
     /// Authentication and sessions.
     pub auth: Authenticator,
     /// Group commit.
@@ -44,7 +44,7 @@ impl AppState {
             auth: Authenticator::new(limits.session_ttl_secs * 1000, limits.max_sessions),
             rate_limiter: RateLimiter::new(limits.rate_limit_per_sec, limits.rate_limit_burst),
             db,
-            queues,
+            queues: Arc::new(queues),
             flusher,
             metrics: Metrics::default(),
             limits,
@@ -52,6 +52,16 @@ impl AppState {
             group_locks: Mutex::new(HashMap::new()),
             claim_lock: Mutex::new(()),
         })
+    }
+
+    /// Wait until a committed enqueue is durable, then make it visible to
+    /// fetches. The publication runs in the flusher thread, so it happens even
+    /// if this request is cancelled midway.
+    pub async fn deliver(&self, ticket: Ticket) -> crate::error::Result<()> {
+        let queues = self.queues.clone();
+        self.flusher
+            .durable_then(Some(Box::new(move || queues.publish(&ticket))))
+            .await
     }
 
     /// The lock of one group.

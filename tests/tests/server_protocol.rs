@@ -43,10 +43,10 @@ async fn commit_race(url: &str) {
         ra.is_ok() != rb.is_ok(),
         "exactly one commit wins: {ra:?} {rb:?}"
     );
-    let (winner, loser, win_bundle, lose_bundle, loss) = if ra.is_ok() {
-        (&mut alice, &mut bob, a, b, rb.unwrap_err())
-    } else {
-        (&mut bob, &mut alice, b, a, ra.unwrap_err())
+    let (winner, loser, win_bundle, lose_bundle, loss) = match (ra, rb) {
+        (Ok(_), Err(loss)) => (&mut alice, &mut bob, a, b, loss),
+        (Err(loss), Ok(_)) => (&mut bob, &mut alice, b, a, loss),
+        _ => unreachable!("checked above"),
     };
     assert!(loss.is_wrong_epoch(), "{loss}");
     let ClientError409 { current } = wrong_epoch(&loss);
