@@ -63,15 +63,23 @@ impl Default for ClientConfig {
     }
 }
 
+/// Past epochs whose keys a member keeps. The DS accepts application messages
+/// up to its window (default 3) of epochs old; a member can be one epoch
+/// further ahead than the DS was when it accepted a message (its own commit,
+/// made after syncing, merged before the message is processed), so the SDK
+/// keeps that window plus a margin.
+pub const MAX_PAST_EPOCHS: usize = 5;
+
 /// Group configuration used by the SDK: handshakes as PublicMessage (so the
 /// DS can validate them), application messages encrypted, the ratchet tree in
-/// Welcomes, and a few past epochs kept for late application messages.
+/// Welcomes, and [`MAX_PAST_EPOCHS`] past epochs kept for late application
+/// messages.
 pub fn create_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
-        .max_past_epochs(3)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -80,7 +88,7 @@ pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
-        .max_past_epochs(3)
+        .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }
 
@@ -460,7 +468,9 @@ impl Client {
                 tx.commit()?;
                 wire(&msg)?
             };
-            match self.api.send_message(group_id, bytes).await {
+            let result = self.api.send_message(group_id, bytes).await;
+            tracing::debug!(client = %self.id, ok = result.is_ok(), "sent application message");
+            match result {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_wrong_epoch() => {
                     self.sync().await?;
@@ -534,7 +544,10 @@ impl Client {
         F: FnMut(&mut MlsGroup, &SledProvider, &SignatureKeyPair) -> Result<CommitMessageBundle>,
     {
         for _ in 0..=self.config.max_commit_retries {
-            self.resolve_outboxes().await?;
+            // Process the queue first: a commit must not jump over entries
+            // the DS accepted before it (they would then be processed an epoch
+            // later than their sender intended), and it avoids a certain 409.
+            self.sync_queue(0).await?;
             let outbox = {
                 let mut inner = self.inner.lock().await;
                 let g = group_mut(&mut inner, group_id)?;
@@ -563,12 +576,10 @@ impl Client {
                 }
                 outbox
             };
-            match self.resolve_one(group_id, &outbox).await? {
-                Some(epoch) => return Ok(epoch),
-                None => {
-                    // Lost the race: learn the winning commit, then try again.
-                    self.sync().await?;
-                }
+            // `None`: lost the race; the next round syncs (learning the
+            // winning commit) and tries again.
+            if let Some(epoch) = self.resolve_one(group_id, &outbox).await? {
+                return Ok(epoch);
             }
         }
         Err(ClientError::CommitRetriesExhausted(
@@ -685,6 +696,13 @@ impl Client {
     /// `wait_ms` for the first entry), then acknowledge it. Returns the number
     /// of entries processed; their events are in the inbox ([`Client::events`]).
     pub async fn sync_wait(&self, wait_ms: u64) -> Result<usize> {
+        let processed = self.sync_queue(wait_ms).await?;
+        self.commit_pending_removals().await?;
+        Ok(processed)
+    }
+
+    /// Resolve outboxes, then fetch, process and acknowledge the queue.
+    async fn sync_queue(&self, wait_ms: u64) -> Result<usize> {
         self.resolve_outboxes().await?;
         let mut processed = 0;
         let mut wait = wait_ms;
@@ -709,7 +727,6 @@ impl Client {
             }
             self.api.ack(last).await?;
         }
-        self.commit_pending_removals().await?;
         Ok(processed)
     }
 
@@ -742,6 +759,14 @@ impl Client {
     }
 
     async fn process_entry(&self, entry: &QueueEntry) -> Result<()> {
+        tracing::debug!(
+            client = %self.id,
+            seq = entry.seq,
+            kind = ?entry.kind,
+            epoch = entry.epoch,
+            sender = %String::from_utf8_lossy(entry.sender.as_slice()),
+            "processing entry"
+        );
         let mut inner = self.inner.lock().await;
         let gid = entry.group_id.as_slice().to_vec();
         let seq = entry.seq;
@@ -756,7 +781,12 @@ impl Client {
                 let ev = Some(Event::Skipped {
                     seq,
                     group_id: gid.clone(),
-                    reason: e.to_string(),
+                    reason: format!(
+                        "{e} ({:?} from {} for epoch {})",
+                        entry.kind,
+                        String::from_utf8_lossy(entry.sender.as_slice()),
+                        entry.epoch
+                    ),
                 });
                 tracing::warn!(seq, error = %e, "skipped queue entry");
                 self.finish_entry(&tx, seq, ev.as_ref())?;

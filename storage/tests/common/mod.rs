@@ -38,6 +38,7 @@ pub fn create_config() -> MlsGroupCreateConfig {
         .ciphersuite(CS)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(3)
         .build()
 }
 
@@ -45,6 +46,7 @@ pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(3)
         .build()
 }
 
