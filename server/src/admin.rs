@@ -1,9 +1,7 @@
 //! Operator commands: `check` (integrity), `stats` (counts) and `backup`
-//! (consistent copy). They run on an opened [`Db`]: directly when the server
-//! is stopped, or inside the running server through its admin endpoint
-//! (`POST /admin/{check,stats,backup}`, authorised by the token the server
-//! writes to `<data-dir>/admin.token` at start), since sled allows one
-//! process per database.
+//! (consistent copy). They run on an opened [`Db`] while the server is
+//! stopped: sled allows one process per database, and the `mls-ds`
+//! subcommands say so when the server still holds it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -15,11 +13,6 @@ use crate::db::{
     self, ClientRecord, CommitRecord, Db, GroupRecord, KeyPackageRecord, StoredMessage,
 };
 use crate::error::{Result, ServerError};
-
-/// Name of the admin token file in the data directory.
-pub const TOKEN_FILE: &str = "admin.token";
-/// Name of the file holding the running server's address.
-pub const ADDR_FILE: &str = "server.addr";
 
 /// Verify every record decodes, every queue entry points to a stored
 /// message, and every group's `PublicGroup` loads with the recorded epoch.
@@ -144,8 +137,8 @@ pub fn stats(db: &Db) -> Result<String> {
     Ok(out)
 }
 
-/// Copy every tree into a new database at `out`. The caller guarantees no
-/// writes run meanwhile (the server holds its write gate).
+/// Copy every tree into a new database at `out`. Runs on a stopped server's
+/// database, so the copy is consistent.
 pub fn backup(db: &Db, out: &Path) -> Result<String> {
     if out.exists() {
         return Err(ServerError::BadRequest(format!(

@@ -24,9 +24,25 @@ pub fn load(state: &AppState, id: &ClientId) -> Result<Option<ClientRecord>> {
     }
 }
 
-/// Look up a client that must exist.
+/// Ids of every client that deleted itself.
+pub fn deleted_clients(db: &crate::db::Db) -> Result<std::collections::HashSet<ClientId>> {
+    let mut out = std::collections::HashSet::new();
+    for (k, v) in db.storage.scan_raw(db.clients, b"")? {
+        let r: ClientRecord = decode_record("app.ds.clients", &k, &v)?;
+        if r.is_deleted() {
+            out.insert(ClientId::new(&k)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Look up a client that must exist and not be deleted.
 pub fn require(state: &AppState, id: &ClientId) -> Result<ClientRecord> {
-    load(state, id)?.ok_or_else(|| ServerError::NotFound(format!("unknown client {id}")))
+    match load(state, id)? {
+        Some(r) if !r.is_deleted() => Ok(r),
+        Some(_) => Err(ServerError::NotFound(format!("client {id} was deleted"))),
+        None => Err(ServerError::NotFound(format!("unknown client {id}"))),
+    }
 }
 
 /// `POST /v1/clients`. The request must be signed (signature token) by the
@@ -53,47 +69,73 @@ pub async fn register(state: &AppState, token: &AuthToken, req: &RequestView<'_>
         signature_scheme: body.signature_scheme,
         signature_key: body.signature_key.as_slice().to_vec(),
         registered_ms: now_ms(),
+        deleted_ms: None,
     };
     state.auth.verify_signature(sig, &record, req)?;
     let reply = Registered {
         client_id: body.client_id.clone(),
     };
-    if let Some(existing) = load(state, &body.client_id)? {
-        if existing.signature_key == record.signature_key
-            && existing.signature_scheme == record.signature_scheme
-        {
+    {
+        // Check and write under one lock, so two registrations of one id
+        // cannot both succeed.
+        let _guard = state
+            .register_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = load(state, &body.client_id)? {
+            if existing.is_deleted() {
+                return Err(ServerError::Conflict(format!(
+                    "client id {} was deleted and cannot be registered again",
+                    body.client_id
+                )));
+            }
+            if existing.signature_key != record.signature_key
+                || existing.signature_scheme != record.signature_scheme
+            {
+                return Err(ServerError::Conflict(format!(
+                    "client id {} is registered with another key",
+                    body.client_id
+                )));
+            }
+            drop(_guard);
+            // Same key: idempotent, once the original registration is durable.
+            state.flusher.durable().await?;
             return Reply::ok(&reply);
         }
-        return Err(ServerError::Conflict(format!(
-            "client id {} is registered with another key",
-            body.client_id
-        )));
+        let db = &state.db;
+        let tx = db.storage.begin();
+        tx.put_record(db.clients, body.client_id.as_bytes(), &record)?;
+        tx.commit()?;
     }
-    let db = &state.db;
-    let tx = db.storage.begin();
-    tx.put_record(db.clients, body.client_id.as_bytes(), &record)?;
-    tx.commit()?;
     state.flusher.durable().await?;
     tracing::info!(client = %body.client_id, "registered client");
     Reply::created(&reply)
 }
 
-/// `POST /v1/sessions`.
-pub fn open_session(state: &AppState, caller: &Caller) -> Result<Reply> {
+/// `POST /v1/sessions`: only a signature token may open a session, so a
+/// session cannot extend itself without the client's key.
+pub fn open_session(state: &AppState, token: &AuthToken, caller: &Caller) -> Result<Reply> {
+    if !matches!(token, AuthToken::Signature(_)) {
+        return Err(ServerError::Unauthorized(
+            "a session must be opened with a signature token".into(),
+        ));
+    }
     let created: SessionCreated = state.auth.open_session(&caller.client)?;
     Reply::ok(&created)
 }
 
-/// `DELETE /v1/clients/{id}`: the client itself removes its registration, key
-/// packages, queue and sessions. Its leaves in groups stay until a member
-/// commits their removal.
+/// `DELETE /v1/clients/{id}`: the client itself removes its key packages,
+/// queue and sessions. The id stays reserved (a tombstone), so nobody can
+/// register it again and inherit its groups. Its leaves in groups stay until a
+/// member commits their removal; nothing is queued for it meanwhile.
 pub async fn delete(state: &AppState, caller: &Caller, id: &ClientId) -> Result<Reply> {
     if &caller.client != id {
         return Err(ServerError::Forbidden(
             "a client can only delete itself".into(),
         ));
     }
-    require(state, id)?;
+    let mut record = require(state, id)?;
+    record.deleted_ms = Some(now_ms());
     let db = &state.db;
     let tx = db.storage.begin();
     for (k, _) in db
@@ -103,9 +145,10 @@ pub async fn delete(state: &AppState, caller: &Caller, id: &ClientId) -> Result<
         tx.remove_raw(db.key_packages, &k)?;
     }
     state.queues.stage_delete_client(&tx, id)?;
-    tx.remove_raw(db.clients, id.as_bytes())?;
+    tx.put_record(db.clients, id.as_bytes(), &record)?;
     tx.commit()?;
     state.flusher.durable().await?;
+    state.mark_deleted(id);
     state.queues.forget_client(id);
     state.auth.end_sessions(id);
     tracing::info!(client = %id, "deleted client");

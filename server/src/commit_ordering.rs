@@ -62,6 +62,8 @@ pub async fn submit(
     let msg_epoch = message.epoch().as_u64();
     let commit_hash: [u8; 32] = Sha256::digest(bundle.commit.as_slice()).into();
 
+    // 404 before a lock is created for an unknown group.
+    groups::load(state, group_id)?;
     let lock = state.group_lock(group_id);
     let _guard = lock.lock().await;
     let db = &state.db;
@@ -71,7 +73,10 @@ pub async fn submit(
     if let Some(bytes) = db.storage.get_raw(db.commits, &ck)? {
         let accepted: CommitRecord = decode_record(COMMITS, &ck, &bytes)?;
         if accepted.commit_hash == commit_hash && accepted.committer == caller.client.as_bytes() {
-            // A retry of the accepted commit: same answer as the first time.
+            // A retry of the accepted commit: same answer as the first time,
+            // once the original write is durable (its first answer may have
+            // been lost to a failed flush or a dropped connection).
+            state.flusher.durable().await?;
             return Reply::ok(&CommitAccepted {
                 epoch: accepted.new_epoch,
                 recipients: accepted.recipients,
@@ -199,7 +204,7 @@ pub async fn submit(
     };
     let commit_recipients: Vec<ClientId> = old_members
         .into_iter()
-        .filter(|m| m != &caller.client)
+        .filter(|m| m != &caller.client && !state.is_deleted(m))
         .collect();
     let recipients = u32::try_from(commit_recipients.len() + welcome_to.len())
         .map_err(|_| ServerError::Internal("too many recipients".into()))?;
@@ -241,9 +246,8 @@ pub async fn submit(
             recipients,
         },
     )?;
-    for r in &added_refs {
-        s.remove_raw(db.kp_owners, r)?;
-    }
+    // kp_owners entries stay: a last-resort key package can be added to
+    // several groups, each needing the route to its owner.
     let tx_inner = tx.into_storage_transaction();
     let ticket = state.queues.commit(tx_inner, outgoing)?;
     state.deliver(ticket).await?;

@@ -38,6 +38,16 @@ pub struct ClientRecord {
     pub signature_key: Vec<u8>,
     /// Registration time (unix ms).
     pub registered_ms: u64,
+    /// Set when the client deleted itself (unix ms). The id stays reserved so
+    /// that nobody else can register it and inherit its groups or queue.
+    pub deleted_ms: Option<u64>,
+}
+
+impl ClientRecord {
+    /// Whether the client deleted itself.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted_ms.is_some()
+    }
 }
 
 /// A published key package.

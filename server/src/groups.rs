@@ -139,8 +139,12 @@ pub fn may_read_info(record: &GroupRecord, client: &ClientId) -> bool {
         || record.former_members.iter().any(|m| m == id)
 }
 
-/// `GET /v1/groups/{id}/info`.
-pub fn info(state: &AppState, caller: &Caller, group_id: &[u8]) -> Result<Reply> {
+/// `GET /v1/groups/{id}/info`. Read under the group lock, so the epoch,
+/// GroupInfo and ratchet tree all belong to the same epoch.
+pub async fn info(state: &AppState, caller: &Caller, group_id: &[u8]) -> Result<Reply> {
+    load(state, group_id)?;
+    let lock = state.group_lock(group_id);
+    let _guard = lock.lock().await;
     let record = load(state, group_id)?;
     if !may_read_info(&record, &caller.client) {
         return Err(ServerError::Forbidden(

@@ -184,9 +184,11 @@ fn authenticate(
     };
     let caller = match &token {
         AuthToken::Signature(sig) => {
-            let record = clients::load(state, &sig.client_id)?.ok_or_else(|| {
-                ServerError::Unauthorized(format!("unknown client {}", sig.client_id))
-            })?;
+            let record = clients::load(state, &sig.client_id)?
+                .filter(|r| !r.is_deleted())
+                .ok_or_else(|| {
+                    ServerError::Unauthorized(format!("unknown client {}", sig.client_id))
+                })?;
             state.auth.verify_signature(sig, &record, &view)?
         }
         AuthToken::Session(s) => state.auth.verify_session(s, &view)?,
@@ -251,8 +253,8 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> (&'static str, Re
                 clients::register(state, &token, &view).await
             }
             _ => {
-                let (_token, caller) = authenticate(state, &parts, &body)?;
-                authenticated(state, route, &segments, &parts, &body, &caller).await
+                let (token, caller) = authenticate(state, &parts, &body)?;
+                authenticated(state, route, &segments, &parts, &body, &token, &caller).await
             }
         }
     }
@@ -266,16 +268,17 @@ async fn authenticated(
     segments: &[&str],
     parts: &hyper::http::request::Parts,
     body: &[u8],
+    token: &AuthToken,
     caller: &Caller,
 ) -> Result<Reply> {
     match route {
-        "session" => clients::open_session(state, caller),
+        "session" => clients::open_session(state, token, caller),
         "delete_client" => clients::delete(state, caller, &ClientId::new(segments[2])?).await,
         "claim" => key_packages::claim(state, caller, &ClientId::new(segments[2])?).await,
         "publish" => key_packages::publish(state, caller, body).await,
         "count" => key_packages::count(state, caller),
         "create_group" => groups::create(state, caller, body).await,
-        "group_info" => groups::info(state, caller, &groups::parse_group_id(segments[2])?),
+        "group_info" => groups::info(state, caller, &groups::parse_group_id(segments[2])?).await,
         "commit" => {
             commit_ordering::submit(state, caller, &groups::parse_group_id(segments[2])?, body)
                 .await

@@ -64,8 +64,9 @@ pub fn build_state(data_dir: &Path, limits: Limits) -> Result<Arc<AppState>> {
     let store = open_store(data_dir, limits.cache_mb)?;
     let db = Db::new(store.clone())?;
     let queues = Queues::open(db.clone())?;
+    let deleted = clients::deleted_clients(&db)?;
     let flusher = Flusher::start(store)?;
-    Ok(AppState::new(db, queues, flusher, limits))
+    Ok(AppState::new(db, queues, flusher, limits, deleted))
 }
 
 /// Run the server until SIGINT or SIGTERM, then shut down gracefully: stop

@@ -19,16 +19,22 @@ use crate::http::Reply;
 use crate::queues::Outgoing;
 use crate::state::AppState;
 
-fn recipients(record: &GroupRecord, caller: &Caller) -> Result<Vec<ClientId>> {
+/// Every current member but the sender (and but clients that deleted
+/// themselves); 403 if the sender is not a member.
+fn recipients(state: &AppState, record: &GroupRecord, caller: &Caller) -> Result<Vec<ClientId>> {
     if !record.members.iter().any(|m| m == caller.client.as_bytes()) {
         return Err(ServerError::Forbidden("not a member of the group".into()));
     }
-    record
-        .members
-        .iter()
-        .filter(|m| m.as_slice() != caller.client.as_bytes())
-        .map(|m| Ok(ClientId::new(m)?))
-        .collect()
+    let mut out = Vec::with_capacity(record.members.len());
+    for m in &record.members {
+        if m.as_slice() != caller.client.as_bytes() {
+            let id = ClientId::new(m)?;
+            if !state.is_deleted(&id) {
+                out.push(id);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `POST /v1/groups/{id}/messages`.
@@ -58,6 +64,7 @@ pub async fn send(
                 ));
             }
             let record = groups::load(state, group_id)?;
+            let to = recipients(state, &record, caller)?;
             let epoch = private.epoch().as_u64();
             let window = state.limits.past_epoch_window;
             if epoch > record.epoch || epoch + window < record.epoch {
@@ -68,7 +75,6 @@ pub async fn send(
                     ),
                 });
             }
-            let to = recipients(&record, caller)?;
             fan_out(state, caller, group_id, epoch, bytes, to, None).await
         }
         _ => {
@@ -79,9 +85,12 @@ pub async fn send(
                         .into(),
                 ));
             }
+            // 404 before a lock is created for an unknown group.
+            groups::load(state, group_id)?;
             let lock = state.group_lock(group_id);
             let _guard = lock.lock().await;
             let record = groups::load(state, group_id)?;
+            let to = recipients(state, &record, caller)?;
             let epoch = public.epoch().as_u64();
             if epoch != record.epoch {
                 return Err(ServerError::WrongEpoch {
@@ -89,7 +98,6 @@ pub async fn send(
                     reason: format!("proposal is for epoch {epoch}"),
                 });
             }
-            let to = recipients(&record, caller)?;
             let db = &state.db;
             let mut public_group = PublicGroup::load(&db.storage, &GroupId::from_slice(group_id))?
                 .ok_or_else(|| ServerError::Internal("group state missing".into()))?;

@@ -1,8 +1,9 @@
 //! Everything a request handler needs, shared across connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use mls_ds_protocol::ClientId;
 use openmls_rust_crypto::RustCrypto;
 
 use crate::auth::Authenticator;
@@ -35,11 +36,22 @@ pub struct AppState {
     group_locks: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises key package claims (each package is handed out once).
     pub claim_lock: Mutex<()>,
+    /// Serialises registrations (one key per client id).
+    pub register_lock: Mutex<()>,
+    /// Clients that deleted themselves (loaded at start, kept current): they
+    /// stay in rosters until removed, but nothing is queued for them.
+    deleted: std::sync::RwLock<HashSet<ClientId>>,
 }
 
 impl AppState {
     /// Assemble the state.
-    pub fn new(db: Db, queues: Queues, flusher: Flusher, limits: Limits) -> Arc<AppState> {
+    pub fn new(
+        db: Db,
+        queues: Queues,
+        flusher: Flusher,
+        limits: Limits,
+        deleted: HashSet<ClientId>,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             auth: Authenticator::new(limits.session_ttl_secs * 1000, limits.max_sessions),
             rate_limiter: RateLimiter::new(limits.rate_limit_per_sec, limits.rate_limit_burst),
@@ -51,6 +63,8 @@ impl AppState {
             crypto: RustCrypto::default(),
             group_locks: Mutex::new(HashMap::new()),
             claim_lock: Mutex::new(()),
+            register_lock: Mutex::new(()),
+            deleted: std::sync::RwLock::new(deleted),
         })
     }
 
@@ -62,6 +76,22 @@ impl AppState {
         self.flusher
             .durable_then(Some(Box::new(move || queues.publish(&ticket))))
             .await
+    }
+
+    /// Whether a client deleted itself.
+    pub fn is_deleted(&self, client: &ClientId) -> bool {
+        self.deleted
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(client)
+    }
+
+    /// Record a deletion.
+    pub fn mark_deleted(&self, client: &ClientId) {
+        self.deleted
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client.clone());
     }
 
     /// The lock of one group.

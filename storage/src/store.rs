@@ -86,9 +86,10 @@ impl Store {
                 path: path.to_owned(),
                 source,
             })?;
-        // sled keeps its log in `<dir>/db`; fsync needs a handle on it.
-        let log_file = OpenOptions::new().read(true).open(path.join("db")).ok();
-        Self::from_db(db, Some(path.to_owned()), log_file, config)
+        // sled keeps its log in `<dir>/db`; fsync needs a handle on it, and
+        // silently skipping the fsync would weaken the durability promise.
+        let log_file = OpenOptions::new().read(true).open(path.join("db"))?;
+        Self::from_db(db, Some(path.to_owned()), Some(log_file), config)
     }
 
     /// A throw-away database (sled `temporary` mode), for tests and benchmarks.

@@ -480,6 +480,65 @@ async fn bad_inputs(url: &str) {
     );
 }
 
+/// A deleted client's id stays reserved; nothing is queued for it; a session
+/// cannot open another session; non-members learn nothing about the epoch.
+async fn deletion_and_sessions(url: &str) {
+    let (mut alice, bob) = group_of_two(url, "del-alice", "del-bob").await;
+    let gid = alice.gid();
+    // A session token cannot open a session (only the signature key can).
+    let session = alice.api.open_session().await.unwrap();
+    let payload = auth::session_payload(
+        "POST",
+        paths::SESSIONS,
+        &auth::body_hash(b""),
+        now_ms(),
+        &session.session_id,
+        1,
+    );
+    let token = AuthToken::Session(SessionAuth {
+        session_id: session.session_id,
+        counter: 1,
+        timestamp_ms: now_ms(),
+        mac: auth::mac(&session.session_key, &payload),
+    });
+    let (s, _) = raw_request(
+        url,
+        "POST",
+        paths::SESSIONS,
+        &[("authorization", auth::header_value(&token))],
+        vec![],
+    )
+    .await;
+    assert_eq!(s, 401, "session opened by a session token");
+
+    // A non-member gets 403, not the group's epoch.
+    let outsider = RawMember::new(url, "del-outsider");
+    outsider.register(0).await;
+    let msg = alice.encrypt(b"x");
+    let e = outsider.api.send_message(&gid, msg).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // Bob deletes himself: his id cannot be taken over, and nothing more is
+    // queued for him (alice's send reaches zero recipients).
+    bob.api.delete_client().await.unwrap();
+    let thief = RawMember::new(url, "del-bob");
+    let e = thief.api.register().await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let msg = alice.encrypt(b"after delete");
+    let sent = alice.api.send_message(&gid, msg).await.unwrap();
+    assert_eq!(sent.recipients, 0);
+    let e = bob.api.fetch(0, 10, 0).await.unwrap_err();
+    assert_eq!(
+        e.status(),
+        Some(401),
+        "deleted client cannot authenticate: {e}"
+    );
+    // Alice can still commit (bob's leaf is still there) and remove him.
+    let (c, w, gi) = alice.stage_update();
+    alice.api.commit(&gid, c, w, gi).await.unwrap();
+    alice.merge();
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -495,6 +554,7 @@ async fn protocol() {
     commit_race(&url).await;
     concurrent_claims(&url).await;
     bad_inputs(&url).await;
+    deletion_and_sessions(&url).await;
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(!log.contains("panicked"), "server log shows a panic");
 }

@@ -26,7 +26,8 @@ pub struct KeyPackageCount {
 /// Response of `POST /v1/clients/{id}/key-package`.
 #[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
 pub struct ClaimedKeyPackage {
-    /// `MLSMessage` holding the `KeyPackage`.
+    /// The key package exactly as its owner published it (an `MLSMessage`
+    /// holding a `KeyPackage`, or a bare `KeyPackage`).
     pub key_package: VLBytes,
     /// True if this is the client's last-resort package (not consumed).
     pub last_resort: crate::codec::Bool,

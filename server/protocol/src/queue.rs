@@ -23,7 +23,8 @@ pub struct QueueEntry {
     pub kind: EntryKind,
     /// Group the message belongs to.
     pub group_id: VLBytes,
-    /// Epoch of the group when the DS accepted the message.
+    /// Epoch the message belongs to: the epoch of its framing for messages
+    /// and commits, the new epoch for Welcomes.
     pub epoch: u64,
     /// Sender's client id (as the DS authenticated it).
     pub sender: VLBytes,
@@ -36,7 +37,8 @@ pub struct QueueEntry {
 pub struct QueuePage {
     /// Entries with `seq > after`, at most `limit` of them and about `max_bytes`.
     pub entries: Vec<QueueEntry>,
-    /// Highest sequence number stored for this client (0: none yet).
+    /// Highest sequence number that is durable and visible for this client
+    /// (0: none yet).
     pub head: u64,
     /// Entries below this were acknowledged (and deleted) already.
     pub acked: u64,
