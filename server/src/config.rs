@@ -61,6 +61,15 @@ pub struct ServeArgs {
     #[arg(long, env = "MLS_DS_PORT_FILE")]
     pub port_file: Option<PathBuf>,
 
+    /// PEM certificate chain: serve HTTPS (h2 and HTTP/1.1 by ALPN) instead of
+    /// plain HTTP. Needs `--tls-key`.
+    #[arg(long, env = "MLS_DS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching `--tls-cert`.
+    #[arg(long, env = "MLS_DS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -111,6 +120,11 @@ pub struct Limits {
     /// Most requests handled at once (further ones: 503).
     #[arg(long, env = "MLS_DS_MAX_INFLIGHT", default_value_t = 4096)]
     pub max_inflight: usize,
+
+    /// Unacknowledged messages older than this are dropped (retention bound for
+    /// offline clients), in seconds; 0 keeps them forever.
+    #[arg(long, env = "MLS_DS_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
+    pub retention_secs: u64,
 
     /// sled page cache in MiB.
     #[arg(long, env = "MLS_DS_CACHE_MB", default_value_t = 64)]

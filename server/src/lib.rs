@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod queues;
 pub mod rate_limit;
 pub mod state;
+pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -72,6 +73,10 @@ pub fn build_state(data_dir: &Path, limits: Limits) -> Result<Arc<AppState>> {
 /// Run the server until SIGINT or SIGTERM, then shut down gracefully: stop
 /// accepting, finish in-flight requests (up to 30 s), flush, return.
 pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let state = build_state(data_dir, args.limits.clone())?;
     let listener = TcpListener::bind(args.listen)
         .await
@@ -83,7 +88,12 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
         std::fs::write(path, local.to_string())
             .map_err(|e| ServerError::Internal(format!("cannot write port file: {e}")))?;
     }
-    tracing::info!(listen = %local, data_dir = %data_dir.display(), "mls-ds listening (HTTP/1.1 and h2c)");
+    tracing::info!(
+        listen = %local,
+        data_dir = %data_dir.display(),
+        tls = tls.is_some(),
+        "mls-ds listening (HTTP/1.1 and h2, TLS if configured, else h2c)"
+    );
 
     let maintenance = tokio::spawn(maintenance(state.clone()));
     let inflight = Arc::new(http::Inflight::default());
@@ -106,13 +116,41 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
                 let state = state.clone();
                 let inflight = inflight.clone();
                 let service = service_fn(move |req| http::handle(state.clone(), inflight.clone(), req));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                match &tls {
+                    None => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        let conn = graceful.watch(conn.into_owned());
+                        tokio::spawn(async move {
+                            if let Err(e) = conn.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
                     }
-                });
+                    Some(acceptor) => {
+                        // The handshake runs in the connection's task, so a
+                        // slow client cannot stall the accept loop.
+                        let acceptor = acceptor.clone();
+                        let builder = builder.clone();
+                        let watcher = graceful.watcher();
+                        tokio::spawn(async move {
+                            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                }
             }
             _ = &mut shutdown => break,
         }
@@ -147,7 +185,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Periodic housekeeping: prune expired key packages.
+/// Periodic housekeeping: prune expired key packages and apply the queue
+/// retention bound.
 async fn maintenance(state: Arc<AppState>) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
@@ -157,6 +196,24 @@ async fn maintenance(state: Arc<AppState>) {
             Ok(Ok(n)) if n > 0 => tracing::info!(pruned = n, "pruned expired key packages"),
             Ok(Err(e)) => tracing::warn!(error = %e, "key package pruning failed"),
             _ => {}
+        }
+        let retention_ms = state.limits.retention_secs.saturating_mul(1000);
+        if retention_ms > 0 {
+            let s = state.clone();
+            let cutoff = db::now_ms().saturating_sub(retention_ms);
+            match tokio::task::spawn_blocking(move || s.queues.expire(cutoff)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    if let Err(e) = state.flusher.durable().await {
+                        tracing::warn!(error = %e, "flush after retention failed");
+                    }
+                    tracing::warn!(
+                        dropped = n,
+                        "dropped queue entries older than the retention bound"
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "queue retention failed"),
+                _ => {}
+            }
         }
     }
 }

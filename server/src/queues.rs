@@ -345,6 +345,64 @@ impl Queues {
         Ok((up_to, head - up_to))
     }
 
+    /// Drop messages stored before `cutoff_ms` that some recipient still has
+    /// not acknowledged (the retention bound for offline clients): their queue
+    /// entries and bodies are deleted and each affected client's ack mark moves
+    /// past them, so its next page starts after the gap (`acked` tells it how
+    /// far). Returns the number of queue entries dropped; the caller flushes.
+    pub fn expire(&self, cutoff_ms: u64) -> Result<usize> {
+        let mut state = self.lock();
+        let s = &self.db.storage;
+        let mut expired = std::collections::HashSet::new();
+        // Message ids grow with time, so the scan stops at the first young one.
+        for (k, v) in s.scan_raw(self.db.delivery, b"m")? {
+            let m: StoredMessage = decode_record(DELIVERY, &k, &v)?;
+            if m.stored_ms >= cutoff_ms {
+                break;
+            }
+            expired.insert(db::be_u64(DELIVERY, &k[1..])?);
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let tx = s.begin();
+        let mut marks: HashMap<ClientId, u64> = HashMap::new();
+        let mut dropped = 0;
+        for (k, v) in s.scan_raw(self.db.delivery, b"q")? {
+            if !expired.contains(&db::be_u64(DELIVERY, &v)?) {
+                continue;
+            }
+            // Key: 'q' ++ [len] ++ client ++ seq u64.
+            let len = usize::from(*k.get(1).unwrap_or(&0));
+            let client = ClientId::new(k.get(2..2 + len).unwrap_or_default())?;
+            let seq = db::be_u64(DELIVERY, &k[k.len() - 8..])?;
+            let mark = marks.entry(client).or_default();
+            *mark = (*mark).max(seq);
+            tx.remove_raw(self.db.delivery, &k)?;
+            dropped += 1;
+        }
+        for id in &expired {
+            tx.remove_raw(self.db.delivery, &db::message_key(*id))?;
+        }
+        let mut new_marks = Vec::new();
+        for (client, seq) in marks {
+            let cq = self.client(&mut state, &client)?;
+            let mark = cq.acked.max(seq);
+            tx.put_raw(self.db.delivery, &db::ack_key(&client), &mark.to_be_bytes())?;
+            new_marks.push((client, mark));
+        }
+        tx.commit()?;
+        for id in &expired {
+            state.refs.remove(id);
+        }
+        for (client, mark) in new_marks {
+            if let Some(cq) = state.clients.get_mut(&client) {
+                cq.acked = mark;
+            }
+        }
+        Ok(dropped)
+    }
+
     /// Delete a client's whole queue (when the client is deleted), inside `tx`.
     pub fn stage_delete_client(&self, tx: &Transaction, client: &ClientId) -> Result<()> {
         let s = &self.db.storage;
@@ -384,5 +442,117 @@ fn entry_kind(code: u8) -> Result<EntryKind> {
         other => Err(ServerError::Internal(format!(
             "stored message has unknown kind {other}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mls_ds_storage::{Durability, Store, StoreConfig};
+
+    fn queues() -> Queues {
+        let store = Store::temporary(StoreConfig {
+            durability: Durability::Batched,
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        Queues::open(Db::new(store).unwrap()).unwrap()
+    }
+
+    fn message(stored_ms: u64) -> StoredMessage {
+        StoredMessage {
+            kind: EntryKind::Message as u8,
+            group_id: b"g".to_vec(),
+            epoch: 0,
+            sender: b"s".to_vec(),
+            message: vec![1, 2, 3],
+            stored_ms,
+        }
+    }
+
+    fn send(q: &Queues, stored_ms: u64, to: &[&ClientId]) {
+        let tx = q.db.storage.begin();
+        let t = q
+            .commit(
+                tx,
+                vec![Outgoing {
+                    message: message(stored_ms),
+                    recipients: to.iter().map(|c| (*c).clone()).collect(),
+                }],
+            )
+            .unwrap();
+        q.publish(&t);
+    }
+
+    #[tokio::test]
+    async fn fan_out_ack_and_body_deletion() {
+        let q = queues();
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        for _ in 0..3 {
+            send(&q, 1, &[&a, &b]);
+        }
+        assert_eq!(q.stored_messages(), 3);
+        let page = q.fetch(&a, 0, 10, 1 << 20, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        // Pages are bounded by count, and any queue drains page by page.
+        let page = q.fetch(&a, 1, 1, 1 << 20, Duration::ZERO).await.unwrap();
+        assert_eq!(page.entries.len(), 1);
+        assert_eq!(page.entries[0].seq, 2);
+        assert!(q.ack(&a, 9).is_err(), "cannot ack past the head");
+        q.ack(&a, 3).unwrap();
+        assert_eq!(q.stored_messages(), 3, "b still needs them");
+        q.ack(&b, 2).unwrap();
+        assert_eq!(q.stored_messages(), 1);
+        q.ack(&b, 3).unwrap();
+        assert_eq!(q.stored_messages(), 0);
+        // Sequence numbers continue after everything was acknowledged.
+        send(&q, 1, &[&a]);
+        let page = q.fetch(&a, 3, 10, 1 << 20, Duration::ZERO).await.unwrap();
+        assert_eq!(page.entries[0].seq, 4);
+    }
+
+    #[tokio::test]
+    async fn retention_drops_old_entries_and_moves_the_ack_mark() {
+        let q = queues();
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        send(&q, 100, &[&a, &b]);
+        send(&q, 200, &[&a]);
+        send(&q, 5_000, &[&a, &b]);
+        q.ack(&b, 1).unwrap();
+        assert_eq!(q.expire(1_000).unwrap(), 2, "a's two old entries");
+        let page = q.fetch(&a, 0, 10, 1 << 20, Duration::ZERO).await.unwrap();
+        assert_eq!(page.acked, 2);
+        assert_eq!(
+            page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(q.stored_messages(), 1);
+        let page = q.fetch(&b, 1, 10, 1 << 20, Duration::ZERO).await.unwrap();
+        assert_eq!(
+            page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(q.expire(1_000).unwrap(), 0, "nothing left to expire");
+    }
+
+    #[tokio::test]
+    async fn long_poll_wakes_on_publish() {
+        let q = std::sync::Arc::new(queues());
+        let a = ClientId::new("a").unwrap();
+        let waiter = {
+            let (q, a) = (q.clone(), a.clone());
+            tokio::spawn(async move { q.fetch(&a, 0, 10, 1 << 20, Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send(&q, 1, &[&a]);
+        let page = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken before its 10 s wait")
+            .unwrap()
+            .unwrap();
+        assert_eq!(page.entries.len(), 1);
     }
 }

@@ -301,3 +301,19 @@ pub async fn raw_request(
         .to_vec();
     (status, body)
 }
+
+/// A plain GET that reports failure instead of panicking (for probing).
+pub async fn try_raw_request(url: &str, method: &str, path: &str) -> Result<u16, String> {
+    let client: HyperClient<_, Full<Bytes>> =
+        HyperClient::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}

@@ -1,0 +1,292 @@
+//! Load generator: starts the real server (release build) on 127.0.0.1,
+//! registers clients, builds groups of 2, 10 and 100 members, sends
+//! application messages with 32 requests in flight while the recipients
+//! long-poll and acknowledge, and prints throughput, latency percentiles,
+//! server CPU per request and peak RSS. Finally it queues 100,000 messages for
+//! an offline client and reports the server's peak RSS.
+//!
+//! `cargo bench -p mls-ds-tests --bench load` (MLS_DS_LOAD_QUICK=1 for a
+//! short run). Numbers go to BENCHMARKS.md by hand.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mls_ds_tests::raw::RawMember;
+use mls_ds_tests::Server;
+use tokio::sync::Mutex;
+
+const IN_FLIGHT: usize = 32;
+
+fn quick() -> bool {
+    std::env::var("MLS_DS_LOAD_QUICK").is_ok()
+}
+
+/// (user + system) CPU seconds of a process, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime is field 14, stime 15 (1-based, counting pid and comm): index 11, 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Run `jobs` with `IN_FLIGHT` at a time; returns per-job latencies and wall time.
+async fn run_concurrently<F, Fut>(n: usize, job: F) -> (Vec<Duration>, Duration)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let job = Arc::new(job);
+    let next = Arc::new(AtomicUsize::new(0));
+    let lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let (job, next, lat) = (job.clone(), next.clone(), lat.clone());
+        workers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let t = Instant::now();
+                job(i).await;
+                mine.push(t.elapsed());
+            }
+            lat.lock().await.extend(mine);
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let wall = start.elapsed();
+    let mut v = std::mem::take(&mut *lat.lock().await);
+    v.sort();
+    (v, wall)
+}
+
+async fn registrations(url: &str, pid: u32) {
+    let n = if quick() { 500 } else { 4000 };
+    let members: Arc<Vec<RawMember>> = Arc::new(
+        (0..n)
+            .map(|i| RawMember::new(url, &format!("reg-{i}")))
+            .collect(),
+    );
+    let cpu0 = cpu_seconds(pid);
+    let m = members.clone();
+    let (lat, wall) = run_concurrently(n, move |i| {
+        let m = m.clone();
+        async move {
+            m[i].api.register().await.expect("register");
+        }
+    })
+    .await;
+    let cpu = cpu_seconds(pid) - cpu0;
+    println!(
+        "registrations: {n} in {:.2}s = {:.0}/s; p50 {:.2} ms p99 {:.2} ms; server CPU {:.0} us/request",
+        wall.as_secs_f64(),
+        n as f64 / wall.as_secs_f64(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        cpu / n as f64 * 1e6
+    );
+}
+
+async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
+    let messages = match (quick(), size) {
+        (true, _) => 1000,
+        (false, s) if s >= 100 => 5000,
+        _ => 20000,
+    };
+    let mut sender = RawMember::new(url, &format!("{tag}-sender"));
+    sender.register(0).await;
+    let mut recipients = Vec::new();
+    for i in 1..size {
+        let r = RawMember::new(url, &format!("{tag}-r{i}"));
+        r.register(1).await;
+        recipients.push(r);
+    }
+    sender.create_group(false).await;
+    let mut kps = Vec::new();
+    for r in &recipients {
+        kps.push(sender.claim(r.api.client_id().to_string().as_str()).await);
+    }
+    let gid = sender.gid();
+    let (c, w, gi) = sender.stage_add(kps);
+    sender
+        .api
+        .commit(&gid, c, w, gi)
+        .await
+        .expect("add members");
+    sender.merge();
+    // Recipients skip the Welcome and commit (they only drain, not decrypt).
+    for r in &recipients {
+        let page = r.api.fetch(0, 100, 0).await.unwrap();
+        if let Some(last) = page.entries.last() {
+            r.api.ack(last.seq).await.unwrap();
+        }
+    }
+    // Pre-encrypt, so the timed phase measures the DS, not client crypto.
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..messages)
+            .map(|i| sender.encrypt(format!("m{i}").as_bytes()))
+            .collect(),
+    );
+    let sender = Arc::new(sender);
+    let expected = messages * recipients.len();
+    let delivered = Arc::new(AtomicUsize::new(0));
+    let fetch_lat = Arc::new(Mutex::new(Vec::new()));
+    let cpu0 = cpu_seconds(pid);
+    let start = Instant::now();
+    let mut drains = Vec::new();
+    for r in recipients {
+        let (delivered, fetch_lat) = (delivered.clone(), fetch_lat.clone());
+        drains.push(tokio::spawn(async move {
+            let mut got = 0;
+            let mut after = r.api.fetch(0, 1, 0).await.unwrap().acked;
+            let mut lat = Vec::new();
+            while got < messages {
+                let t = Instant::now();
+                let page = r.api.fetch(after, 1000, 2000).await.expect("fetch");
+                lat.push(t.elapsed());
+                if let Some(last) = page.entries.last() {
+                    got += page.entries.len();
+                    delivered.fetch_add(page.entries.len(), Ordering::Relaxed);
+                    after = last.seq;
+                    r.api.ack(after).await.expect("ack");
+                }
+            }
+            fetch_lat.lock().await.extend(lat);
+        }));
+    }
+    let (b, s, g) = (bodies.clone(), sender.clone(), gid.clone());
+    let (send_lat, send_wall) = run_concurrently(messages, move |i| {
+        let (b, s, g) = (b.clone(), s.clone(), g.clone());
+        async move {
+            s.api.send_message(&g, b[i].clone()).await.expect("send");
+        }
+    })
+    .await;
+    for d in drains {
+        d.await.unwrap();
+    }
+    let total = start.elapsed();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let mut flat = std::mem::take(&mut *fetch_lat.lock().await);
+    flat.sort();
+    let requests = messages + flat.len() * 2;
+    println!(
+        "G={size}: {messages} sends in {:.2}s = {:.0} sends/s (send p50 {:.2} ms, p99 {:.2} ms); \
+         {} deliveries in {:.2}s = {:.0} deliveries/s (fetch p50 {:.2} ms, p99 {:.2} ms); \
+         server CPU {:.0} us/request over {requests} requests",
+        send_wall.as_secs_f64(),
+        messages as f64 / send_wall.as_secs_f64(),
+        percentile(&send_lat, 0.5),
+        percentile(&send_lat, 0.99),
+        delivered.load(Ordering::Relaxed),
+        total.as_secs_f64(),
+        expected as f64 / total.as_secs_f64(),
+        percentile(&flat, 0.5),
+        percentile(&flat, 0.99),
+        cpu / requests as f64 * 1e6,
+    );
+}
+
+async fn queued_backlog(url: &str, pid: u32) {
+    let n = if quick() { 5000 } else { 100_000 };
+    let run = std::process::id();
+    let mut sender = RawMember::new(url, &format!("backlog-sender-{run}"));
+    sender.register(0).await;
+    let offline_id = format!("backlog-offline-{run}");
+    let offline = RawMember::new(url, &offline_id);
+    offline.register(1).await;
+    sender.create_group(false).await;
+    let kp = sender.claim(&offline_id).await;
+    let gid = sender.gid();
+    let (c, w, gi) = sender.stage_add(vec![kp]);
+    sender.api.commit(&gid, c, w, gi).await.unwrap();
+    sender.merge();
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..n)
+            .map(|i| sender.encrypt(format!("backlog {i}").as_bytes()))
+            .collect(),
+    );
+    let sender = Arc::new(sender);
+    let (b, s, g) = (bodies.clone(), sender.clone(), gid.clone());
+    let (_, wall) = run_concurrently(n, move |i| {
+        let (b, s, g) = (b.clone(), s.clone(), g.clone());
+        async move {
+            s.api.send_message(&g, b[i].clone()).await.expect("send");
+        }
+    })
+    .await;
+    let page = offline.api.fetch(0, 1, 0).await.unwrap();
+    println!(
+        "backlog: {n} messages queued for an offline client in {:.1}s (queue head {}); server peak RSS {:.0} MiB",
+        wall.as_secs_f64(),
+        page.head,
+        peak_rss_mib(pid)
+    );
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    // MLS_DS_LOAD_URL + MLS_DS_LOAD_PID: drive an already running server
+    // (e.g. one under a profiler) instead of starting one.
+    let external = std::env::var("MLS_DS_LOAD_URL").ok().zip(
+        std::env::var("MLS_DS_LOAD_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok()),
+    );
+    let server = match external {
+        Some(_) => None,
+        None => Some(Server::start(dir.path(), &["--max-inflight", "100000"])),
+    };
+    let (url, pid) = match (&external, &server) {
+        (Some((url, pid)), _) => (url.clone(), *pid),
+        (None, Some(s)) => (s.url(), s.pid().expect("server pid")),
+        (None, None) => unreachable!("a server was started"),
+    };
+    println!("load generator: server pid {pid} at {url}, {IN_FLIGHT} requests in flight, machine: {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        registrations(&url, pid).await;
+        let sizes: Vec<usize> = std::env::var("MLS_DS_LOAD_GROUPS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
+            .unwrap_or_else(|| vec![2, 10, 100]);
+        let run = std::process::id();
+        for size in sizes {
+            group_run(&url, pid, size, &format!("g{size}-{run}")).await;
+        }
+        println!("server peak RSS so far {:.0} MiB", peak_rss_mib(pid));
+        queued_backlog(&url, pid).await;
+    });
+}
