@@ -253,6 +253,67 @@ async fn queued_backlog(url: &str, pid: u32) {
     );
 }
 
+/// SDK figures: end-to-end latency from `send` on one client to delivery on
+/// another that long-polls, and messages/s one SDK client sustains to a
+/// 10-member group (each send encrypted, persisted with fsync, acknowledged).
+async fn sdk_phase(url: &str) {
+    use mls_ds_client::{Client, ClientConfig, Event};
+    let dir = tempfile::tempdir().unwrap();
+    let run = std::process::id();
+    let names: Vec<String> = (0..10).map(|i| format!("sdk-{run}-{i}")).collect();
+    let clients: Vec<Client> = names
+        .iter()
+        .map(|n| Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap())
+        .collect();
+    for c in &clients {
+        c.register().await.unwrap();
+    }
+    let gid = clients[0].create_group(false).await.unwrap();
+    let others: Vec<&str> = names[1..].iter().map(String::as_str).collect();
+    clients[0].invite(&gid, &others).await.unwrap();
+    for c in &clients[1..] {
+        c.receive(0).await.unwrap();
+    }
+    let n = if quick() { 50 } else { 300 };
+    // Latency: bob long-polls while alice sends one message at a time.
+    let mut lat = Vec::with_capacity(n);
+    let (alice, bob) = (&clients[0], &clients[1]);
+    for i in 0..n {
+        let t = Instant::now();
+        let send = alice.send(&gid, format!("ping {i}").as_bytes());
+        let recv = async {
+            loop {
+                let events = bob.receive(5_000).await.unwrap();
+                if events.iter().any(|e| matches!(e, Event::Message { .. })) {
+                    return;
+                }
+            }
+        };
+        let (sent, ()) = tokio::join!(send, recv);
+        sent.unwrap();
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "SDK end-to-end (send -> long-poll delivery, 10-member group): p50 {:.2} ms, p99 {:.2} ms over {n} messages",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    let m = if quick() { 100 } else { 1000 };
+    let t = Instant::now();
+    for i in 0..m {
+        alice
+            .send(&gid, format!("burst {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let wall = t.elapsed();
+    println!(
+        "SDK send throughput, one client to a 10-member group: {:.0} messages/s ({m} sequential sends)",
+        m as f64 / wall.as_secs_f64()
+    );
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     // MLS_DS_LOAD_URL + MLS_DS_LOAD_PID: drive an already running server
@@ -286,6 +347,7 @@ fn main() {
         for size in sizes {
             group_run(&url, pid, size, &format!("g{size}-{run}")).await;
         }
+        sdk_phase(&url).await;
         println!("server peak RSS so far {:.0} MiB", peak_rss_mib(pid));
         queued_backlog(&url, pid).await;
     });

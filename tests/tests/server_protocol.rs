@@ -6,7 +6,7 @@
 use mls_ds_protocol::auth::{self, AuthToken, SessionAuth};
 use mls_ds_protocol::{decode, paths, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
 use mls_ds_tests::raw::{raw_request, wire, RawMember};
-use mls_ds_tests::Server;
+use mls_ds_tests::{join_all, Server};
 
 async fn group_of_two(url: &str, a: &str, b: &str) -> (RawMember, RawMember) {
     let mut alice = RawMember::new(url, a);
@@ -120,7 +120,7 @@ async fn concurrent_claims(url: &str) {
             tasks.push(c.api.claim_key_package(&target));
         }
     }
-    let results = futures_join_all(tasks).await;
+    let results = join_all(tasks).await;
     let mut ordinary = std::collections::HashSet::new();
     let mut last_resort = 0;
     for r in results {
@@ -140,41 +140,6 @@ async fn concurrent_claims(url: &str) {
     let count = owner.api.key_package_count().await.unwrap();
     assert_eq!(count.remaining, 0);
     assert!(count.has_last_resort.0, "the last resort is never consumed");
-}
-
-async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut handles = Vec::new();
-    for f in fs {
-        handles.push(Box::pin(f));
-    }
-    let mut out = Vec::new();
-    // Drive them concurrently on this task.
-    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut all = true;
-        for (i, slot) in pending.iter_mut().enumerate() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        results[i] = Some(v);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => all = false,
-                }
-            }
-        }
-        if all {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    for r in results {
-        out.push(r.expect("completed"));
-    }
-    out
 }
 
 /// What the bad-input tests compare before and after.
