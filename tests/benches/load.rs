@@ -280,7 +280,8 @@ async fn sdk_phase(url: &str) {
     let (alice, bob) = (&clients[0], &clients[1]);
     for i in 0..n {
         let t = Instant::now();
-        let send = alice.send(&gid, format!("ping {i}").as_bytes());
+        let text = format!("ping {i}");
+        let send = alice.send(&gid, text.as_bytes());
         let recv = async {
             loop {
                 let events = bob.receive(5_000).await.unwrap();
