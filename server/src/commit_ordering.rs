@@ -8,6 +8,8 @@ use mls_ds_protocol::groups::{CommitAccepted, CommitBundle};
 use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::{decode, ClientId};
 use mls_ds_storage::codec::decode_record;
+use openmls::ciphersuite::signable::Verifiable;
+use openmls::ciphersuite::signature::OpenMlsSignaturePublicKey;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
     ContentType, GroupId, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage,
@@ -18,10 +20,10 @@ use sha2::{Digest, Sha256};
 use crate::auth::Caller;
 use crate::db::{self, CommitRecord, GroupRecord, StoredMessage};
 use crate::error::{Result, ServerError};
-use crate::groups;
 use crate::http::Reply;
 use crate::queues::Outgoing;
 use crate::state::AppState;
+use crate::{clients, groups};
 
 const COMMITS: &str = "app.ds.commits";
 
@@ -171,7 +173,20 @@ pub async fn submit(
         (None, true) => {}
     }
 
-    let group_info = groups::parse_group_info(bundle.group_info.as_slice())?;
+    // The GroupInfo is what joiners will trust: it must carry the committer's
+    // signature (checked here) and describe the new epoch (checked after the
+    // merge), or later external joins would fail on a corrupt copy.
+    let committer = clients::require(state, &caller.client)?;
+    let committer_key = OpenMlsSignaturePublicKey::new(
+        committer.signature_key.into(),
+        public_group.ciphersuite().signature_algorithm(),
+    )
+    .map_err(|e| ServerError::BadRequest(format!("committer key unusable: {e:?}")))?;
+    let group_info = groups::parse_group_info(bundle.group_info.as_slice())?
+        .verify(&state.crypto, &committer_key)
+        .map_err(|_| {
+            ServerError::BadRequest("the GroupInfo is not signed by the committer".into())
+        })?;
 
     let tx = db.provider.begin();
     public_group

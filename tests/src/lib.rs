@@ -10,15 +10,23 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary, built once per test process with the same
-/// cargo and profile as the tests.
+/// Path of a workspace binary, built (once per test process) if it is missing
+/// or older than the sources it is made of. `cargo test --workspace` has built
+/// it already; rebuilding unconditionally would cost a relink per test file.
 pub fn binary(package: &str, name: &str) -> PathBuf {
     static BUILT: OnceLock<std::sync::Mutex<Vec<String>>> = OnceLock::new();
     let built = BUILT.get_or_init(Default::default);
     let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join(name);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !built.iter().any(|b| b == name) && stale(&path, &root) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let mut cmd = Command::new(cargo);
         cmd.current_dir(&root)
             .args(["build", "-q", "-p", package, "--bin", name]);
@@ -27,14 +35,34 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
         }
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building {name} failed");
-        built.push(name.to_owned());
     }
-    // The test binary lives in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .join(name)
+    built.push(name.to_owned());
+    path
+}
+
+/// Whether `bin` is missing or older than any source it could depend on.
+fn stale(bin: &Path, root: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return true;
+    };
+    let mut dirs = vec![root.join("Cargo.lock")];
+    for d in ["server", "storage", "client-sdk"] {
+        dirs.push(root.join(d));
+    }
+    let mut stack = dirs;
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if meta.modified().is_ok_and(|m| m > built) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Path of the server binary.

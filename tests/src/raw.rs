@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use mls_ds_client::client::{create_config, join_config, CIPHERSUITE};
 use mls_ds_client::{DsApi, Transport};
@@ -271,6 +271,14 @@ impl RawMember {
     }
 }
 
+/// A plain HTTP client with TCP_NODELAY (without it, a request written in two
+/// segments waits for the peer's delayed ACK).
+fn http_client() -> HyperClient<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    HyperClient::builder(TokioExecutor::new()).build(connector)
+}
+
 /// Send a raw HTTP request; returns status and body.
 pub async fn raw_request(
     url: &str,
@@ -279,8 +287,7 @@ pub async fn raw_request(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> (u16, Vec<u8>) {
-    let client: HyperClient<_, Full<Bytes>> =
-        HyperClient::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let mut b = hyper::Request::builder()
         .method(method)
         .uri(format!("{url}{path}"));
@@ -304,8 +311,7 @@ pub async fn raw_request(
 
 /// A plain GET that reports failure instead of panicking (for probing).
 pub async fn try_raw_request(url: &str, method: &str, path: &str) -> Result<u16, String> {
-    let client: HyperClient<_, Full<Bytes>> =
-        HyperClient::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let req = hyper::Request::builder()
         .method(method)
         .uri(format!("{url}{path}"))
