@@ -99,4 +99,21 @@ async fn three_clients_full_lifecycle() {
         alice.members(&gid).await.unwrap(),
         vec!["alice".to_string(), "bob".into(), "carol".into()]
     );
+
+    // Carol leaves: her self-remove proposal is committed by the next member
+    // that syncs, without anyone asking for it.
+    carol.leave(&gid).await.unwrap();
+    alice.receive(0).await.unwrap();
+    bob.receive(0).await.unwrap();
+    let events = carol.receive(0).await.unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Removed { .. })),
+        "{events:?}"
+    );
+    assert!(carol.groups().await.is_empty());
+    converged(&[&alice, &bob], &gid).await;
+    assert_eq!(
+        alice.members(&gid).await.unwrap(),
+        vec!["alice".to_string(), "bob".into()]
+    );
 }
