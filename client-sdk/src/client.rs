@@ -20,6 +20,7 @@ use mls_ds_protocol::queue::{EntryKind, QueueEntry};
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::codec::decode_record;
 use mls_ds_storage::{Durability, RecordTree, SledProvider, SledStorage, Store, StoreConfig};
+use openmls::group::{CommitBuilder, Initial};
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::*;
@@ -378,15 +379,11 @@ impl Client {
             );
         }
         self.commit_with_retry(group_id, |g, p, signer| {
-            g.commit_builder()
-                .propose_adds(kps.iter().cloned())
-                .load_psks(p.storage())
-                .map_err(mls)?
-                .create_group_info(true)
-                .build(p.rand(), p.crypto(), signer, |_| true)
-                .map_err(mls)?
-                .stage_commit(p)
-                .map_err(mls)
+            stage_commit(
+                g.commit_builder().propose_adds(kps.iter().cloned()),
+                p,
+                signer,
+            )
         })
         .await
     }
@@ -399,15 +396,7 @@ impl Client {
                 .find(|m| member_id(m) == client)
                 .ok_or_else(|| ClientError::Usage(format!("{client} is not a member")))?
                 .index;
-            g.commit_builder()
-                .propose_removals([leaf])
-                .load_psks(p.storage())
-                .map_err(mls)?
-                .create_group_info(true)
-                .build(p.rand(), p.crypto(), signer, |_| true)
-                .map_err(mls)?
-                .stage_commit(p)
-                .map_err(mls)
+            stage_commit(g.commit_builder().propose_removals([leaf]), p, signer)
         })
         .await
     }
@@ -415,15 +404,7 @@ impl Client {
     /// Update this client's leaf (fresh keys: post-compromise security).
     pub async fn self_update(&self, group_id: &[u8]) -> Result<u64> {
         self.commit_with_retry(group_id, |g, p, signer| {
-            g.commit_builder()
-                .force_self_update(true)
-                .load_psks(p.storage())
-                .map_err(mls)?
-                .create_group_info(true)
-                .build(p.rand(), p.crypto(), signer, |_| true)
-                .map_err(mls)?
-                .stage_commit(p)
-                .map_err(mls)
+            stage_commit(g.commit_builder().force_self_update(true), p, signer)
         })
         .await
     }
@@ -431,14 +412,7 @@ impl Client {
     /// Commit every pending proposal (e.g. a member's request to leave).
     pub async fn commit_pending_proposals(&self, group_id: &[u8]) -> Result<u64> {
         self.commit_with_retry(group_id, |g, p, signer| {
-            g.commit_builder()
-                .load_psks(p.storage())
-                .map_err(mls)?
-                .create_group_info(true)
-                .build(p.rand(), p.crypto(), signer, |_| true)
-                .map_err(mls)?
-                .stage_commit(p)
-                .map_err(mls)
+            stage_commit(g.commit_builder(), p, signer)
         })
         .await
     }
@@ -959,6 +933,23 @@ fn group_mut<'a>(inner: &'a mut Inner, gid: &[u8]) -> Result<&'a mut MlsGroup> {
         .groups
         .get_mut(gid)
         .ok_or_else(|| ClientError::Usage(format!("not in group {}", hex::encode(gid))))
+}
+
+/// Finish a commit: load PSKs, sign, and stage it (pending until the DS
+/// accepts it) together with the new epoch's GroupInfo.
+fn stage_commit(
+    builder: CommitBuilder<'_, Initial>,
+    p: &SledProvider,
+    signer: &SignatureKeyPair,
+) -> Result<CommitMessageBundle> {
+    builder
+        .load_psks(p.storage())
+        .map_err(mls)?
+        .create_group_info(true)
+        .build(p.rand(), p.crypto(), signer, |_| true)
+        .map_err(mls)?
+        .stage_commit(p)
+        .map_err(mls)
 }
 
 fn external_commit(

@@ -162,26 +162,37 @@ async fn read_body(
     Ok((parts, bytes))
 }
 
-fn authenticate(
-    state: &AppState,
-    parts: &hyper::http::request::Parts,
-    body: &[u8],
-) -> Result<(AuthToken, Caller)> {
+/// The request's token and what it must bind (method, path, body).
+fn token_and_view<'a>(
+    parts: &'a hyper::http::request::Parts,
+    body: &'a [u8],
+) -> Result<(AuthToken, RequestView<'a>)> {
     let header = parts
         .headers
         .get(mls_ds_protocol::AUTH_HEADER)
         .and_then(|v| v.to_str().ok());
     let token = Authenticator::parse(header)?;
-    let pq = parts
+    let path_and_query = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let view = RequestView {
-        method: parts.method.as_str(),
-        path_and_query: pq,
-        body,
-    };
+    Ok((
+        token,
+        RequestView {
+            method: parts.method.as_str(),
+            path_and_query,
+            body,
+        },
+    ))
+}
+
+fn authenticate(
+    state: &AppState,
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+) -> Result<(AuthToken, Caller)> {
+    let (token, view) = token_and_view(parts, body)?;
     let caller = match &token {
         AuthToken::Signature(sig) => {
             let record = clients::load(state, &sig.client_id)?
@@ -235,21 +246,9 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> (&'static str, Re
                 "text/plain; version=0.0.4",
             )),
             "register" => {
-                let header = parts
-                    .headers
-                    .get(mls_ds_protocol::AUTH_HEADER)
-                    .and_then(|v| v.to_str().ok());
-                let token = Authenticator::parse(header)?;
-                let pq = parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str())
-                    .unwrap_or("/");
-                let view = RequestView {
-                    method: parts.method.as_str(),
-                    path_and_query: pq,
-                    body: &body,
-                };
+                // Registration is signed by the key it registers, which the
+                // DS does not know yet: it verifies the token itself.
+                let (token, view) = token_and_view(&parts, &body)?;
                 clients::register(state, &token, &view).await
             }
             _ => {

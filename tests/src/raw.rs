@@ -11,6 +11,7 @@ use mls_ds_client::{DsApi, Transport};
 use mls_ds_protocol::queue::QueueEntry;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{SledProvider, Store, StoreConfig};
+use openmls::group::{CommitBuilder, Initial};
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
@@ -116,33 +117,20 @@ impl RawMember {
     /// Stage a commit adding the given claimed key packages (not merged).
     /// Returns (commit, welcome, group_info) bytes.
     pub fn stage_add(&mut self, kps: Vec<KeyPackage>) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
-        let (provider, signer) = (&self.provider, &self.signer);
-        let bundle = self
-            .group
-            .as_mut()
-            .unwrap()
-            .commit_builder()
-            .propose_adds(kps)
-            .load_psks(provider.storage())
-            .unwrap()
-            .create_group_info(true)
-            .build(provider.rand(), provider.crypto(), signer, |_| true)
-            .unwrap()
-            .stage_commit(provider)
-            .unwrap();
-        let (c, w, gi) = bundle.into_messages();
-        (wire(&c), w.map(|w| wire(&w)), wire(&gi.unwrap()))
+        self.stage(|b| b.propose_adds(kps))
     }
 
     /// Stage a self-update commit (not merged).
     pub fn stage_update(&mut self) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
+        self.stage(|b| b.force_self_update(true))
+    }
+
+    fn stage(
+        &mut self,
+        shape: impl FnOnce(CommitBuilder<'_, Initial>) -> CommitBuilder<'_, Initial>,
+    ) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
         let (provider, signer) = (&self.provider, &self.signer);
-        let bundle = self
-            .group
-            .as_mut()
-            .unwrap()
-            .commit_builder()
-            .force_self_update(true)
+        let bundle = shape(self.group.as_mut().unwrap().commit_builder())
             .load_psks(provider.storage())
             .unwrap()
             .create_group_info(true)
