@@ -1,7 +1,10 @@
 //! Operator commands: `check` (integrity), `stats` (counts) and `backup`
-//! (consistent copy). They run on an opened [`Db`] while the server is
-//! stopped: sled allows one process per database, and the `mls-ds`
-//! subcommands say so when the server still holds it.
+//! (consistent copy). sled allows one process per database, so they run on
+//! an opened [`Db`] directly when the server is stopped, and inside the
+//! running server otherwise: it listens on the Unix socket
+//! `<data-dir>/admin.sock` (reachable only by users who may write the data
+//! directory) for one command per connection and answers with the report and
+//! a final `EXIT <code>` line.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -137,8 +140,12 @@ pub fn stats(db: &Db) -> Result<String> {
     Ok(out)
 }
 
-/// Copy every tree into a new database at `out`. Runs on a stopped server's
-/// database, so the copy is consistent.
+/// Name of the admin socket in the data directory.
+pub const SOCKET: &str = "admin.sock";
+
+/// Copy every tree into a new database at `out`. The caller makes sure no
+/// write runs meanwhile (a stopped server, or the running server's write
+/// gate held exclusively), so the copy is consistent.
 pub fn backup(db: &Db, out: &Path) -> Result<String> {
     if out.exists() {
         return Err(ServerError::BadRequest(format!(
@@ -158,4 +165,62 @@ pub fn backup(db: &Db, out: &Path) -> Result<String> {
         "backup of {trees} trees written to {}\n",
         out.display()
     ))
+}
+
+/// Serve admin commands on `<data_dir>/admin.sock` until the task is dropped.
+pub async fn serve_socket(
+    state: std::sync::Arc<crate::state::AppState>,
+    data_dir: std::path::PathBuf,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let path = data_dir.join(SOCKET);
+    // A socket file left by a killed server would make bind fail.
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "admin socket unavailable; live backup disabled");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            if BufReader::new(read).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let (report, code) = run_command(&state, line.trim()).await;
+            let _ = write
+                .write_all(format!("{report}EXIT {code}\n").as_bytes())
+                .await;
+        });
+    }
+}
+
+async fn run_command(state: &std::sync::Arc<crate::state::AppState>, line: &str) -> (String, i32) {
+    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+    let db = state.db.clone();
+    let result = match cmd {
+        "check" => {
+            tokio::task::spawn_blocking(move || check(&db).map(|(r, n)| (r, i32::from(n > 0))))
+                .await
+        }
+        "stats" => tokio::task::spawn_blocking(move || stats(&db).map(|r| (r, 0))).await,
+        "backup" => {
+            let out = std::path::PathBuf::from(arg);
+            let _exclusive = state.write_gate.write().await;
+            tokio::task::spawn_blocking(move || backup(&db, &out).map(|r| (r, 0))).await
+        }
+        other => return (format!("unknown admin command {other:?}\n"), 2),
+    };
+    match result {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => (format!("{e}\n"), 1),
+        Err(e) => (format!("admin task failed: {e}\n"), 1),
+    }
 }

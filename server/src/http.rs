@@ -238,6 +238,12 @@ async fn dispatch(state: &AppState, req: Request<Incoming>) -> (&'static str, Re
         return (route, Err(ServerError::MethodNotAllowed));
     }
     let result = async {
+        // Mutating requests wait while a live backup copies the database.
+        let _gate = if method == Method::GET {
+            None
+        } else {
+            Some(state.write_gate.read().await)
+        };
         let (parts, body) = read_body(state, req).await?;
         match route {
             "healthz" => Ok(Reply::text("ok\n".into(), "text/plain")),

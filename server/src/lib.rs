@@ -96,6 +96,7 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
     );
 
     let maintenance = tokio::spawn(maintenance(state.clone()));
+    let admin_socket = tokio::spawn(admin::serve_socket(state.clone(), data_dir.to_owned()));
     let inflight = Arc::new(http::Inflight::default());
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -164,6 +165,8 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
         tracing::warn!("some connections did not finish within 30 s");
     }
     maintenance.abort();
+    admin_socket.abort();
+    let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
     state.db.store.flush()?;
     tracing::info!("flushed; bye");
     Ok(())

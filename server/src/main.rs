@@ -29,23 +29,62 @@ fn run(cli: Cli) -> Result<ExitCode, ServerError> {
             runtime.block_on(mls_ds_server::serve(&cli.data_dir, args))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check => {
-            let (report, problems) = with_db(&cli.data_dir, admin::check)?;
+        Command::Check => admin_command(&cli.data_dir, "check", |db| {
+            admin::check(db).map(|(report, problems)| (report, problems > 0))
+        }),
+        Command::Stats => admin_command(&cli.data_dir, "stats", |db| {
+            admin::stats(db).map(|r| (r, false))
+        }),
+        Command::Backup { out } => {
+            // The running server resolves the path in its own directory.
+            let out = std::path::absolute(&out)
+                .map_err(|e| ServerError::BadRequest(format!("bad --out path: {e}")))?;
+            let line = format!("backup {}", out.display());
+            admin_command(&cli.data_dir, &line, |db| {
+                admin::backup(db, &out).map(|r| (r, false))
+            })
+        }
+    }
+}
+
+/// Run an admin command: directly on the database if no server holds it,
+/// otherwise through the running server's admin socket.
+fn admin_command(
+    data_dir: &std::path::Path,
+    line: &str,
+    offline: impl FnOnce(&Db) -> Result<(String, bool), ServerError>,
+) -> Result<ExitCode, ServerError> {
+    match with_db(data_dir, offline) {
+        Ok((report, failed)) => {
             print!("{report}");
-            Ok(if problems == 0 {
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Err(ServerError::Unavailable(_)) if data_dir.join(admin::SOCKET).exists() => {
+            use std::io::{Read, Write};
+            let mut stream = std::os::unix::net::UnixStream::connect(data_dir.join(admin::SOCKET))
+                .map_err(|e| {
+                    ServerError::Unavailable(format!("cannot reach the running server: {e}"))
+                })?;
+            stream
+                .write_all(format!("{line}\n").as_bytes())
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+            let mut reply = String::new();
+            stream
+                .read_to_string(&mut reply)
+                .map_err(|e| ServerError::Internal(e.to_string()))?;
+            let (report, code) = reply.rsplit_once("EXIT ").unwrap_or((reply.as_str(), "1"));
+            print!("{report}");
+            Ok(if code.trim() == "0" {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
-        Command::Stats => {
-            print!("{}", with_db(&cli.data_dir, admin::stats)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Backup { out } => {
-            print!("{}", with_db(&cli.data_dir, |db| admin::backup(db, &out))?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Err(e) => Err(e),
     }
 }
 
@@ -61,12 +100,13 @@ fn with_db<T>(
         )));
     }
     let store = open_store(data_dir, 64).map_err(|e| match e {
-        ServerError::Storage(ref s) if s.to_string().contains("lock") => ServerError::Unavailable(
-            format!(
-                "{} is in use by a running server; stop it first (mls-ds backup/check/stats read the database directly)",
-                data_dir.display()
-            ),
-        ),
+        ServerError::Storage(ref s) if s.to_string().contains("lock") => {
+            ServerError::Unavailable(format!(
+                "{} is in use by a running server that does not answer on {}",
+                data_dir.display(),
+                admin::SOCKET
+            ))
+        }
         other => other,
     })?;
     let db = Db::new(store)?;

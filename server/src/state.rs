@@ -38,6 +38,9 @@ pub struct AppState {
     pub claim_lock: Mutex<()>,
     /// Serialises registrations (one key per client id).
     pub register_lock: Mutex<()>,
+    /// Every mutating request holds it shared; a live backup holds it
+    /// exclusively, so the copy is consistent across trees.
+    pub write_gate: tokio::sync::RwLock<()>,
     /// Clients that deleted themselves (loaded at start, kept current): they
     /// stay in rosters until removed, but nothing is queued for them.
     deleted: std::sync::RwLock<HashSet<ClientId>>,
@@ -64,6 +67,7 @@ impl AppState {
             group_locks: Mutex::new(HashMap::new()),
             claim_lock: Mutex::new(()),
             register_lock: Mutex::new(()),
+            write_gate: tokio::sync::RwLock::new(()),
             deleted: std::sync::RwLock::new(deleted),
         })
     }

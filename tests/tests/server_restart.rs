@@ -32,6 +32,32 @@ async fn state_survives_graceful_restart_and_sigkill() {
     alice.send(&gid, b"before restart").await.unwrap();
     let kps_before = bob.api().key_package_count().await.unwrap();
 
+    // Admin commands while the server runs go through its admin socket; the
+    // live backup is consistent and passes `check` later.
+    let stats = server.admin(&["stats"]);
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("groups             1"));
+    let live_backup = dir.path().join("live-backup");
+    let out = server.admin(&["backup", "--out", live_backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let check = std::process::Command::new(mls_ds_tests::server_binary())
+        .args(["--data-dir", live_backup.to_str().unwrap(), "check"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "live backup passes check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
     // Graceful stop: exit status 0; everything is still there afterwards.
     assert!(server.stop(), "graceful shutdown exits 0");
     let check = server.admin(&["check"]);
