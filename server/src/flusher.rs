@@ -35,6 +35,21 @@ pub struct FlushStats {
     pub requests: AtomicU64,
     /// Flushes that failed.
     pub failures: AtomicU64,
+    /// Set by the first failed flush. sled 0.34 keeps failing after an I/O
+    /// error (e.g. a full disk) even once the cause is gone, so the server
+    /// refuses further requests and reports unhealthy until it is restarted;
+    /// the restart recovers every acknowledged write.
+    pub broken: std::sync::Mutex<Option<String>>,
+}
+
+impl FlushStats {
+    /// The error that broke storage, if any.
+    pub fn broken(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Handle to the flusher thread.
@@ -107,6 +122,11 @@ fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
             stats.failures.fetch_add(1, Ordering::Relaxed);
+            stats
+                .broken
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(|| e.clone());
             tracing::error!(error = %e, waiters = batch.len(), "flush failed; requests answered 500");
         }
         for w in batch {

@@ -89,7 +89,15 @@ pub async fn handle(
     let start = Instant::now();
     let n = inflight.0.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = InflightGuard(&inflight.0);
-    let (route, result) = if n > state.limits.max_inflight {
+    let broken = state.flusher.stats.broken();
+    let (route, result) = if let Some(e) = broken.filter(|_| req.uri().path() != "/metrics") {
+        (
+            "storage_failed",
+            Err(ServerError::Unavailable(format!(
+                "storage failed ({e}); nothing more is accepted until the server is restarted"
+            ))),
+        )
+    } else if n > state.limits.max_inflight {
         (
             "overload",
             Err(ServerError::Unavailable(

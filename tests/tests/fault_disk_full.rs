@@ -1,0 +1,128 @@
+//! Disk trouble: the data directory sits on a small tmpfs that fills up
+//! mid-run. The server answers 5xx saying why, acknowledges
+//! nothing it could not write, reports unhealthy (sled keeps failing after an
+//! I/O error), and after space returns and it is restarted, every
+//! acknowledged message is delivered and the data directory passes `check`.
+//! Needs root (to mount the tmpfs), as CI runs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mls_ds_client::{Client, ClientConfig, Event};
+use mls_ds_tests::raw::raw_request;
+use mls_ds_tests::Server;
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Tmpfs(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = Tmpfs::mount(&dir.path().join("mnt"), "24m");
+    let data = mnt.0.join("ds");
+    let mut server = Server::start(&data, &[]);
+    let url = server.url();
+    let open = |url: &str, n: &str| {
+        Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap()
+    };
+    let (alice, bob) = (open(&url, "alice"), open(&url, "bob"));
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    let gid = alice.create_group(false).await.unwrap();
+    alice.invite(&gid, &["bob"]).await.unwrap();
+    let mut acknowledged = Vec::new();
+    for i in 0..5 {
+        let t = format!("before {i}");
+        alice.send(&gid, t.as_bytes()).await.unwrap();
+        acknowledged.push(t);
+    }
+
+    // Fill the file system.
+    let filler = mnt.0.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    drop(f);
+
+    // Keep sending: some may still fit in sled's buffers, then failures.
+    let mut failures = 0;
+    for i in 0..200 {
+        let t = format!("during {i}");
+        match alice.send(&gid, t.as_bytes()).await {
+            Ok(()) => acknowledged.push(t),
+            Err(e) => {
+                let status = e
+                    .status()
+                    .expect("a server answer, not a dropped connection");
+                assert!(status == 500 || status == 503, "{e}");
+                failures += 1;
+                if failures > 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(failures > 0, "the full disk was noticed");
+    // Unhealthy, and it says why (the log file itself is on the full disk).
+    let (status, body) = raw_request(&url, "GET", "/healthz", &[], vec![]).await;
+    assert_eq!(status, 503, "reports unhealthy");
+    let reason = mls_ds_protocol::decode::<mls_ds_protocol::ErrorBody>(&body)
+        .unwrap()
+        .text();
+    assert!(reason.contains("No space left on device"), "{reason}");
+
+    // Space returns; a restart recovers everything that was acknowledged.
+    std::fs::remove_file(&filler).unwrap();
+    server.kill();
+    server.restart();
+    let url = server.url();
+    drop((alice, bob));
+    let (alice, bob) = (open(&url, "alice"), open(&url, "bob"));
+    let got: Vec<String> = bob
+        .receive(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message { data, .. } => Some(String::from_utf8(data).unwrap()),
+            _ => None,
+        })
+        .collect();
+    for t in &acknowledged {
+        assert!(got.contains(t), "acknowledged {t:?} lost");
+    }
+    let unique: std::collections::HashSet<&String> = got.iter().collect();
+    assert_eq!(unique.len(), got.len(), "no duplicates");
+    alice.send(&gid, b"after").await.unwrap();
+    assert!(server.stop());
+    let check = server.admin(&["check"]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    println!(
+        "disk-full test: {} messages acknowledged, {failures} refused while full, all delivered after restart",
+        acknowledged.len()
+    );
+}
