@@ -220,6 +220,15 @@ pub fn be_u64(tree: &str, bytes: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// The sequence number that ends a queue key (an error, not a panic, for a
+/// corrupt key that is too short).
+pub fn key_seq(tree: &str, key: &[u8]) -> Result<u64> {
+    be_u64(
+        tree,
+        key.get(key.len().saturating_sub(8)..).unwrap_or_default(),
+    )
+}
+
 /// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

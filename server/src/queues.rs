@@ -126,7 +126,7 @@ impl Queues {
                 None => 0,
             };
             let last = match s.last_raw(self.db.delivery, &db::queue_prefix(id))? {
-                Some((k, _)) => db::be_u64(DELIVERY, &k[k.len() - 8..])?,
+                Some((k, _)) => db::key_seq(DELIVERY, &k)?,
                 None => 0,
             };
             let head = last.max(acked);
@@ -270,7 +270,7 @@ impl Queues {
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0usize;
         for (k, v) in rows {
-            let seq = db::be_u64(DELIVERY, &k[k.len() - 8..])?;
+            let seq = db::key_seq(DELIVERY, &k)?;
             let id = db::be_u64(DELIVERY, &v)?;
             let mk = db::message_key(id);
             let raw = s.get_raw(self.db.delivery, &mk)?.ok_or_else(|| {
@@ -375,7 +375,7 @@ impl Queues {
             // Key: 'q' ++ [len] ++ client ++ seq u64.
             let len = usize::from(*k.get(1).unwrap_or(&0));
             let client = ClientId::new(k.get(2..2 + len).unwrap_or_default())?;
-            let seq = db::be_u64(DELIVERY, &k[k.len() - 8..])?;
+            let seq = db::key_seq(DELIVERY, &k)?;
             let mark = marks.entry(client).or_default();
             *mark = (*mark).max(seq);
             tx.remove_raw(self.db.delivery, &k)?;
