@@ -216,6 +216,18 @@ impl Server {
         self.spawn();
     }
 
+    /// Stop gracefully (asserting exit 0) and assert that `mls-ds check`
+    /// finds the data directory intact.
+    pub fn stop_and_check(&mut self) {
+        assert!(self.stop(), "graceful shutdown exits 0");
+        let check = self.admin(&["check"]);
+        assert!(
+            check.status.success(),
+            "mls-ds check: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+
     /// Run `mls-ds <args>` (an admin subcommand) on this data dir.
     pub fn admin(&self, args: &[&str]) -> std::process::Output {
         Command::new(server_binary())

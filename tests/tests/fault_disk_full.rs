@@ -114,13 +114,7 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     let unique: std::collections::HashSet<&String> = got.iter().collect();
     assert_eq!(unique.len(), got.len(), "no duplicates");
     alice.send(&gid, b"after").await.unwrap();
-    assert!(server.stop());
-    let check = server.admin(&["check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    server.stop_and_check();
     println!(
         "disk-full test: {} messages acknowledged, {failures} refused while full, all delivered after restart",
         acknowledged.len()

@@ -200,13 +200,7 @@ async fn server_sigkilled_under_load() {
             );
         }
     }
-    assert!(server.stop());
-    let check = server.admin(&["check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    server.stop_and_check();
     println!(
         "server crash test: {cycles} kills survived, {} messages acknowledged, {checked} deliveries checked, {commits} commits, final epoch {epoch}",
         acknowledged.len()

@@ -59,13 +59,7 @@ async fn state_survives_graceful_restart_and_sigkill() {
     );
 
     // Graceful stop: exit status 0; everything is still there afterwards.
-    assert!(server.stop(), "graceful shutdown exits 0");
-    let check = server.admin(&["check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    server.stop_and_check();
     server.restart();
     let url = server.url();
     drop((alice, bob));
@@ -107,13 +101,7 @@ async fn state_survives_graceful_restart_and_sigkill() {
         alice.export_secret(&gid, "x", 32).await.unwrap(),
         bob.export_secret(&gid, "x", 32).await.unwrap()
     );
-    assert!(server.stop());
-    let check = server.admin(&["check"]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    server.stop_and_check();
     let stats = server.admin(&["stats"]);
     assert!(String::from_utf8_lossy(&stats.stdout).contains("groups             1"));
     let backup = dir.path().join("backup");
