@@ -510,8 +510,23 @@ impl SledStorage {
     /// All `(full key, value)` pairs whose full key starts with `prefix`, in
     /// key order, merging this transaction's writes over the database.
     pub(crate) fn raw_scan(&self, index: usize, prefix: &[u8]) -> Result<Pairs, StorageError> {
+        self.merge_overlay(index, self.tree(index).scan_prefix(prefix), prefix, |k| {
+            k.starts_with(prefix)
+        })
+    }
+
+    /// Database `rows` of tree `index`, with this transaction's writes to keys
+    /// from `start` on for which `within` holds laid over them (deletions hide
+    /// rows), in key order.
+    fn merge_overlay(
+        &self,
+        index: usize,
+        rows: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        start: &[u8],
+        within: impl Fn(&[u8]) -> bool,
+    ) -> Result<Pairs, StorageError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        for item in self.tree(index).scan_prefix(prefix) {
+        for item in rows {
             let (k, v) = item?;
             merged.insert(k.to_vec(), Some(v.to_vec()));
         }
@@ -522,8 +537,8 @@ impl SledStorage {
                 .as_ref()
                 .ok_or(StorageError::TransactionClosed)?;
             for ((_, k), v) in writes
-                .range((index, prefix.to_vec())..)
-                .take_while(|((i, k), _)| *i == index && k.starts_with(prefix))
+                .range((index, start.to_vec())..)
+                .take_while(|((i, k), _)| *i == index && within(k))
             {
                 merged.insert(k.clone(), v.clone());
             }
@@ -583,28 +598,17 @@ impl SledStorage {
     ) -> Result<Pairs, StorageError> {
         let (lo, hi) = (self.full_key(from), self.full_key(to_inclusive));
         let ns_len = self.ns.len();
-        let db_tree = self.tree(tree.index);
-        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         // Outside a transaction nothing can hide an entry, so the limit applies
         // to the database read directly.
         let db_limit = if self.tx.is_some() { usize::MAX } else { limit };
-        for item in db_tree.range(lo.clone()..=hi.clone()).take(db_limit) {
-            let (k, v) = item?;
-            merged.insert(k.to_vec(), Some(v.to_vec()));
-        }
-        if let Some(tx) = &self.tx {
-            let inner = lock(&tx.inner);
-            let writes = inner
-                .writes
-                .as_ref()
-                .ok_or(StorageError::TransactionClosed)?;
-            for ((_, k), v) in writes.range((tree.index, lo)..=(tree.index, hi)) {
-                merged.insert(k.clone(), v.clone());
-            }
-        }
-        Ok(merged
+        let rows = self
+            .tree(tree.index)
+            .range(lo.clone()..=hi.clone())
+            .take(db_limit);
+        Ok(self
+            .merge_overlay(tree.index, rows, &lo, |k| k <= hi.as_slice())?
             .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k[ns_len..].to_vec(), v)))
+            .map(|(k, v)| (k[ns_len..].to_vec(), v))
             .take(limit)
             .collect())
     }
