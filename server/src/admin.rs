@@ -12,9 +12,7 @@ use std::path::Path;
 use mls_ds_storage::codec::decode_record;
 use openmls::prelude::{GroupId, PublicGroup};
 
-use crate::db::{
-    self, ClientRecord, CommitRecord, Db, GroupRecord, KeyPackageRecord, StoredMessage,
-};
+use crate::db::{ClientRecord, CommitRecord, Db, GroupRecord, KeyPackageRecord};
 use crate::error::{Result, ServerError};
 
 /// Verify every record decodes, every queue entry points to a stored
@@ -67,22 +65,10 @@ pub fn check(db: &Db) -> Result<(String, usize)> {
             problems.push(format!("commit record: {e}"));
         }
     }
-    for (k, v) in s.scan_raw(db.delivery, b"q")? {
-        counts[3] += 1;
-        let id = db::be_u64("app.ds.delivery", &v)?;
-        match s.get_raw(db.delivery, &db::message_key(id))? {
-            None => problems.push(format!(
-                "queue entry {} points to missing message {id}",
-                hex::encode(&k)
-            )),
-            Some(m) => {
-                if let Err(e) = decode_record::<StoredMessage>("app.ds.delivery", &k, &m) {
-                    problems.push(format!("message {id}: {e}"));
-                }
-            }
-        }
-    }
-    counts[4] = s.scan_raw(db.delivery, b"m")?.len();
+    let queues = crate::queues::verify(db)?;
+    counts[3] = queues.entries as usize;
+    counts[4] = queues.messages;
+    problems.extend(queues.problems);
     let mut report = format!(
         "checked {} clients, {} key packages, {} groups, {} queue entries, {} stored messages\n",
         counts[0], counts[1], counts[2], counts[3], counts[4]
@@ -122,16 +108,9 @@ pub fn stats(db: &Db) -> Result<String> {
         "accepted commits   {}",
         s.scan_raw(db.commits, b"")?.len()
     );
-    let _ = writeln!(
-        out,
-        "queue entries      {}",
-        s.scan_raw(db.delivery, b"q")?.len()
-    );
-    let _ = writeln!(
-        out,
-        "stored messages    {}",
-        s.scan_raw(db.delivery, b"m")?.len()
-    );
+    let queues = crate::queues::verify(db)?;
+    let _ = writeln!(out, "queue entries      {}", queues.entries);
+    let _ = writeln!(out, "stored messages    {}", queues.messages);
     let _ = writeln!(
         out,
         "size on disk       {} bytes",

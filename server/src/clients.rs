@@ -75,14 +75,16 @@ pub async fn register(state: &AppState, token: &AuthToken, req: &RequestView<'_>
     let reply = Registered {
         client_id: body.client_id.clone(),
     };
-    {
-        // Check and write under one lock, so two registrations of one id
-        // cannot both succeed.
-        let _guard = state
-            .register_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = load(state, &body.client_id)? {
+    let durable = {
+        // Check and submit under one lock, so two registrations of one id
+        // cannot both succeed. The write is applied by the flusher, so ids
+        // submitted but not yet applied are looked up in `registering`.
+        let mut registering = state.registering.lock().unwrap_or_else(|e| e.into_inner());
+        let known = match registering.get(&body.client_id) {
+            Some(r) => Some(r.clone()),
+            None => load(state, &body.client_id)?,
+        };
+        if let Some(existing) = known {
             if existing.is_deleted() {
                 return Err(ServerError::Conflict(format!(
                     "client id {} was deleted and cannot be registered again",
@@ -97,18 +99,37 @@ pub async fn register(state: &AppState, token: &AuthToken, req: &RequestView<'_>
                     body.client_id
                 )));
             }
-            drop(_guard);
             // Same key: idempotent, once the original registration is durable.
-            state.flusher.durable().await?;
-            return Reply::ok(&reply);
+            None
+        } else {
+            let db = &state.db;
+            let tx = db.storage.begin();
+            tx.put_record(db.clients, body.client_id.as_bytes(), &record)?;
+            registering.insert(body.client_id.clone(), record);
+            let pending = state.registering.clone();
+            let id = body.client_id.clone();
+            // Once applied and flushed, sled answers for it.
+            let after = Box::new(move || {
+                pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+            match state.flusher.submit(Some(tx.into_pending()?), Some(after)) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    registering.remove(&body.client_id);
+                    return Err(e);
+                }
+            }
         }
-        let db = &state.db;
-        let tx = db.storage.begin();
-        tx.put_record(db.clients, body.client_id.as_bytes(), &record)?;
-        tx.commit()?;
-    }
-    state.flusher.durable().await?;
-    tracing::info!(client = %body.client_id, "registered client");
+    };
+    let Some(durable) = durable else {
+        state.flusher.durable().await?;
+        return Reply::ok(&reply);
+    };
+    durable.wait().await?;
+    tracing::debug!(client = %body.client_id, "registered client");
     Reply::created(&reply)
 }
 
@@ -144,12 +165,10 @@ pub async fn delete(state: &AppState, caller: &Caller, id: &ClientId) -> Result<
     {
         tx.remove_raw(db.key_packages, &k)?;
     }
-    state.queues.stage_delete_client(&tx, id)?;
     tx.put_record(db.clients, id.as_bytes(), &record)?;
-    tx.commit()?;
-    state.flusher.durable().await?;
+    // Marked first, so that nothing new is queued for it meanwhile.
     state.mark_deleted(id);
-    state.queues.forget_client(id);
+    state.queues.delete_client(tx, id)?.wait().await?;
     state.auth.end_sessions(id);
     tracing::info!(client = %id, "deleted client");
     Ok(Reply::no_content())

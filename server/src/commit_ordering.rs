@@ -264,8 +264,8 @@ pub async fn submit(
     // kp_owners entries stay: a last-resort key package can be added to
     // several groups, each needing the route to its owner.
     let tx_inner = tx.into_storage_transaction();
-    let ticket = state.queues.commit(tx_inner, outgoing)?;
-    state.deliver(ticket).await?;
+    let (_, durable) = state.queues.enqueue(tx_inner, outgoing)?;
+    durable.wait().await?;
     tracing::info!(group = %hex::encode(group_id), epoch = new_epoch, committer = %caller.client, external, "accepted commit");
     Reply::ok(&CommitAccepted {
         epoch: new_epoch,

@@ -12,7 +12,7 @@
 //! | `app.ds.group_infos` | group id | `MLSMessage(GroupInfo)` of the current epoch |
 //! | `app.ds.commits` | `group_key ++ epoch u64 BE` | [`CommitRecord`] (one accepted commit per epoch) |
 //! | `app.ds.delivery` | `'m' ++ id u64 BE` | [`StoredMessage`], stored once for all recipients |
-//! | | `'q' ++ client_key ++ seq u64 BE` | message id u64 BE (queue entry) |
+//! | | `'r' ++ id u64 BE` | [`Fanout`]: each recipient and the seq the message has in its queue |
 //! | | `'a' ++ client_key` | highest acknowledged seq u64 BE |
 //! | `app.ds.server` | `secret` | 32-byte server secret |
 //!
@@ -106,6 +106,17 @@ pub struct StoredMessage {
     pub stored_ms: u64,
 }
 
+/// Where one stored message went: the in-memory queue index is rebuilt from
+/// these records at startup.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub struct Fanout {
+    /// Acceptance time (unix ms), for retention.
+    pub stored_ms: u64,
+    /// Each recipient (client id) with the sequence number of the message in
+    /// its queue.
+    pub entries: Vec<(Vec<u8>, u64)>,
+}
+
 /// Handles on every tree of the server.
 #[derive(Clone)]
 pub struct Db {
@@ -197,14 +208,9 @@ pub fn message_key(id: u64) -> Vec<u8> {
     [b"m".as_slice(), &id.to_be_bytes()].concat()
 }
 
-/// Prefix of a client's queue entries.
-pub fn queue_prefix(client: &ClientId) -> Vec<u8> {
-    [b"q".as_slice(), &client_key(client)].concat()
-}
-
-/// Key of one queue entry.
-pub fn queue_key(client: &ClientId, seq: u64) -> Vec<u8> {
-    [queue_prefix(client).as_slice(), &seq.to_be_bytes()].concat()
+/// Key of a stored message's fan-out record.
+pub fn fanout_key(id: u64) -> Vec<u8> {
+    [b"r".as_slice(), &id.to_be_bytes()].concat()
 }
 
 /// Key of a client's acknowledgement mark.
@@ -220,8 +226,8 @@ pub fn be_u64(tree: &str, bytes: &[u8]) -> Result<u64> {
     Ok(u64::from_be_bytes(arr))
 }
 
-/// The sequence number that ends a queue key (an error, not a panic, for a
-/// corrupt key that is too short).
+/// The u64 that ends a key (message id, sequence number; an error, not a
+/// panic, for a corrupt key that is too short).
 pub fn key_seq(tree: &str, key: &[u8]) -> Result<u64> {
     be_u64(
         tree,

@@ -324,8 +324,8 @@ async fn authenticated(
         }
         "ack" => {
             let ack: Ack = decode(body)?;
-            let (acked, remaining) = state.queues.ack(&caller.client, ack.up_to)?;
-            state.flusher.durable().await?;
+            let (acked, remaining, durable) = state.queues.ack(&caller.client, ack.up_to)?;
+            durable.wait().await?;
             Reply::ok(&Acked { acked, remaining })
         }
         other => Err(ServerError::Internal(format!("unrouted {other}"))),

@@ -64,9 +64,9 @@ pub fn open_store(data_dir: &Path, cache_mb: u64) -> Result<Store> {
 pub fn build_state(data_dir: &Path, limits: Limits) -> Result<Arc<AppState>> {
     let store = open_store(data_dir, limits.cache_mb)?;
     let db = Db::new(store.clone())?;
-    let queues = Queues::open(db.clone())?;
-    let deleted = clients::deleted_clients(&db)?;
     let flusher = Flusher::start(store)?;
+    let queues = Arc::new(Queues::open(db.clone(), flusher.clone())?);
+    let deleted = clients::deleted_clients(&db)?;
     Ok(AppState::new(db, queues, flusher, limits, deleted))
 }
 
@@ -202,20 +202,19 @@ async fn maintenance(state: Arc<AppState>) {
         }
         let retention_ms = state.limits.retention_secs.saturating_mul(1000);
         if retention_ms > 0 {
-            let s = state.clone();
             let cutoff = db::now_ms().saturating_sub(retention_ms);
-            match tokio::task::spawn_blocking(move || s.queues.expire(cutoff)).await {
-                Ok(Ok(n)) if n > 0 => {
-                    if let Err(e) = state.flusher.durable().await {
-                        tracing::warn!(error = %e, "flush after retention failed");
+            match state.queues.expire(cutoff) {
+                Ok((n, Some(durable))) => {
+                    if let Err(e) = durable.wait().await {
+                        tracing::warn!(error = %e, "writing the retention cleanup failed");
                     }
                     tracing::warn!(
                         dropped = n,
                         "dropped queue entries older than the retention bound"
                     );
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "queue retention failed"),
-                _ => {}
+                Ok((_, None)) => {}
+                Err(e) => tracing::warn!(error = %e, "queue retention failed"),
             }
         }
     }

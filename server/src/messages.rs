@@ -135,7 +135,7 @@ async fn fan_out(
         Some(t) => t.into_storage_transaction(),
         None => state.db.storage.begin(),
     };
-    let ticket = state.queues.commit(
+    let (ids, durable) = state.queues.enqueue(
         tx,
         vec![Outgoing {
             message: StoredMessage {
@@ -149,8 +149,8 @@ async fn fan_out(
             recipients: to,
         }],
     )?;
-    let message_id = ticket.message_ids.first().copied().unwrap_or(0);
-    state.deliver(ticket).await?;
+    let message_id = ids.first().copied().unwrap_or(0);
+    durable.wait().await?;
     Reply::ok(&MessageAccepted {
         message_id,
         recipients: count,

@@ -1,15 +1,25 @@
 //! Per-client queues: gap-free sequence numbers, fan-out of one stored
-//! message to many queues, fetch pages with long-poll, acknowledgements, and
-//! deletion of message bodies once every recipient has acknowledged them.
+//! message to many queues, fetch pages with long-poll, acknowledgements,
+//! retention, and deletion of message bodies once every recipient has
+//! acknowledged them.
 //!
-//! All enqueues and acks run under one lock that assigns sequence numbers and
-//! applies the write, so sequence numbers reach sled in order. An entry only
-//! becomes visible to fetches after the flush covering it completed
-//! ([`Queues::publish`]), so a client never sees (or acknowledges) a message
-//! the DS could still lose. In-memory state (next sequence numbers, reference
-//! counts) is derived from disk at startup.
+//! A message for G recipients is written once, whatever G: its body
+//! (`'m' ++ id`) and one fan-out record (`'r' ++ id`) naming each recipient
+//! and the sequence number the message got in that recipient's queue. Which
+//! message sits at which sequence number of a queue is an in-memory index,
+//! rebuilt from the fan-out records (and the stored acknowledgement marks,
+//! `'a' ++ client`) at startup, so a send costs two keys and a fetch reads no
+//! index from disk. Bodies of unacknowledged messages are also kept in a
+//! bounded in-memory cache.
+//!
+//! Enqueues, acks, expiry and queue deletion run under one lock that assigns
+//! sequence numbers and hands the writes to the flusher in that order, so
+//! they reach sled in sequence order and a crash keeps a gap-free prefix. An
+//! entry becomes visible to fetches only after the flush covering it
+//! completed ([`Queues::publish`], run by the flusher thread), so a client
+//! never sees (or acknowledges) a message the DS could still lose.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,27 +29,96 @@ use mls_ds_storage::codec::decode_record;
 use mls_ds_storage::Transaction;
 use tokio::sync::Notify;
 
-use crate::db::{self, Db, StoredMessage};
+use crate::db::{self, Db, Fanout, StoredMessage};
 use crate::error::{Result, ServerError};
+use crate::flusher::{Durable, Flusher};
 
 const DELIVERY: &str = "app.ds.delivery";
+/// Bytes of message bodies kept in memory for fetches; beyond it bodies are
+/// read from sled.
+const BODY_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 struct ClientQueue {
-    /// Next sequence number to assign.
-    next_seq: u64,
-    /// Highest sequence number known durable (visible to fetch).
-    visible: u64,
     /// Highest acknowledged sequence number.
     acked: u64,
+    /// Highest sequence number known durable (visible to fetch).
+    visible: u64,
+    /// Message ids at sequence numbers `acked + 1 ..= acked + ids.len()`,
+    /// including entries not yet visible.
+    ids: VecDeque<u64>,
     notify: Arc<Notify>,
 }
 
-#[derive(Default)]
+impl ClientQueue {
+    fn new(acked: u64) -> ClientQueue {
+        ClientQueue {
+            acked,
+            visible: acked,
+            ids: VecDeque::new(),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.acked + self.ids.len() as u64 + 1
+    }
+
+    /// Acknowledge up to `up_to`, returning the ids that leave the queue.
+    fn advance(&mut self, up_to: u64) -> Vec<u64> {
+        let n = usize::try_from(up_to.saturating_sub(self.acked))
+            .unwrap_or(usize::MAX)
+            .min(self.ids.len());
+        self.acked = self.acked.max(up_to);
+        self.ids.drain(..n).collect()
+    }
+}
+
+/// What the index keeps per stored message.
+struct MessageMeta {
+    /// Unacknowledged queue entries referencing it.
+    refs: u32,
+    /// Acceptance time (unix ms), for retention.
+    stored_ms: u64,
+}
+
 struct State {
     clients: HashMap<ClientId, ClientQueue>,
     next_message_id: u64,
-    /// Unacknowledged references per stored message.
-    refs: HashMap<u64, u32>,
+    /// Every stored message still referenced, by id (ids grow with time).
+    messages: BTreeMap<u64, MessageMeta>,
+    cache: HashMap<u64, Arc<StoredMessage>>,
+    cache_bytes: usize,
+}
+
+impl State {
+    fn client(&mut self, id: &ClientId) -> &mut ClientQueue {
+        self.clients
+            .entry(id.clone())
+            .or_insert_with(|| ClientQueue::new(0))
+    }
+
+    /// Drop one reference from each of `ids`; returns those left unreferenced
+    /// (their body and fan-out record are to be deleted).
+    fn release(&mut self, ids: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        let mut freed = Vec::new();
+        for id in ids {
+            if let Some(meta) = self.messages.get_mut(&id) {
+                meta.refs = meta.refs.saturating_sub(1);
+                if meta.refs == 0 {
+                    self.messages.remove(&id);
+                    if let Some(m) = self.cache.remove(&id) {
+                        self.cache_bytes -= cached_size(&m);
+                    }
+                    freed.push(id);
+                }
+            }
+        }
+        freed
+    }
+}
+
+fn cached_size(m: &StoredMessage) -> usize {
+    m.message.len() + m.group_id.len() + m.sender.len() + 64
 }
 
 /// A message to fan out.
@@ -50,66 +129,166 @@ pub struct Outgoing {
     pub recipients: Vec<ClientId>,
 }
 
-/// What a committed enqueue produced; pass it to [`Queues::publish`] once durable.
-#[derive(Debug, Default)]
-pub struct Ticket {
-    entries: Vec<(ClientId, u64)>,
-    /// Ids of the stored messages, in input order.
-    pub message_ids: Vec<u64>,
-}
-
-impl Ticket {
-    /// Number of queue entries written.
-    pub fn recipients(&self) -> usize {
-        self.entries.len()
-    }
-}
-
 /// The queue service.
 pub struct Queues {
     db: Db,
+    flusher: Flusher,
     state: Mutex<State>,
 }
 
-impl Queues {
-    /// Rebuild in-memory state from disk: the next message id and the
-    /// reference count of every stored message. Bodies nobody references any
-    /// more (left by a crash between ack and cleanup) are deleted.
-    pub fn open(db: Db) -> Result<Queues> {
-        let s = &db.storage;
-        let next_message_id = match s.last_raw(db.delivery, b"m")? {
-            Some((k, _)) => db::be_u64(DELIVERY, &k[1..])? + 1,
-            None => 1,
-        };
-        let mut refs: HashMap<u64, u32> = HashMap::new();
-        for (_, v) in s.scan_raw(db.delivery, b"q")? {
-            *refs.entry(db::be_u64(DELIVERY, &v)?).or_default() += 1;
+/// The queue index as rebuilt from disk.
+struct Index {
+    clients: HashMap<ClientId, ClientQueue>,
+    messages: BTreeMap<u64, MessageMeta>,
+    next_message_id: u64,
+    /// Fan-out records whose every entry is acknowledged (left by a crash
+    /// between an ack and its cleanup, which cannot happen with one atomic
+    /// write, or by an older build): safe to delete.
+    orphans: Vec<u64>,
+}
+
+/// Rebuild the index from the fan-out records and ack marks. Fails on a
+/// queue with a gap or on data in a layout this build does not know.
+fn load_index(db: &Db) -> Result<Index> {
+    let s = &db.storage;
+    if s.last_raw(db.delivery, b"q")?.is_some() {
+        return Err(ServerError::Internal(
+            "the delivery tree holds per-entry queue keys of an earlier development build; \
+             this build cannot read them (start with an empty data directory)"
+                .into(),
+        ));
+    }
+    let mut clients: HashMap<ClientId, ClientQueue> = HashMap::new();
+    for (k, v) in s.scan_raw(db.delivery, b"a")? {
+        let client = ClientId::new(k.get(2..).unwrap_or_default())?;
+        clients.insert(client, ClientQueue::new(db::be_u64(DELIVERY, &v)?));
+    }
+    let mut messages = BTreeMap::new();
+    let mut orphans = Vec::new();
+    let mut next_message_id = match s.last_raw(db.delivery, b"m")? {
+        Some((k, _)) => db::key_seq(DELIVERY, &k)? + 1,
+        None => 1,
+    };
+    for (k, v) in s.scan_raw(db.delivery, b"r")? {
+        let id = db::key_seq(DELIVERY, &k)?;
+        next_message_id = next_message_id.max(id + 1);
+        let fanout: Fanout = decode_record(DELIVERY, &k, &v)?;
+        let mut refs = 0u32;
+        for (client, seq) in fanout.entries {
+            let client = ClientId::new(client)?;
+            let cq = clients
+                .entry(client.clone())
+                .or_insert_with(|| ClientQueue::new(0));
+            if seq <= cq.acked {
+                continue;
+            }
+            if seq != cq.next_seq() {
+                return Err(ServerError::Internal(format!(
+                    "queue of {client} has a gap: message {id} is at sequence number {seq}, expected {}",
+                    cq.next_seq()
+                )));
+            }
+            cq.ids.push_back(id);
+            refs += 1;
         }
-        let orphans: Vec<Vec<u8>> = s
-            .scan_raw(db.delivery, b"m")?
-            .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| {
-                db::be_u64(DELIVERY, &k[1..])
-                    .map(|id| !refs.contains_key(&id))
-                    .unwrap_or(false)
-            })
-            .collect();
-        if !orphans.is_empty() {
-            let tx = s.begin();
-            for k in &orphans {
-                tx.remove_raw(db.delivery, k)?;
+        if refs == 0 {
+            orphans.push(id);
+        } else {
+            messages.insert(
+                id,
+                MessageMeta {
+                    refs,
+                    stored_ms: fanout.stored_ms,
+                },
+            );
+        }
+    }
+    for cq in clients.values_mut() {
+        cq.visible = cq.next_seq() - 1;
+    }
+    Ok(Index {
+        clients,
+        messages,
+        next_message_id,
+        orphans,
+    })
+}
+
+/// What [`verify`] found in the delivery tree.
+pub struct QueueReport {
+    /// Unacknowledged queue entries.
+    pub entries: u64,
+    /// Stored message bodies.
+    pub messages: usize,
+    /// Everything wrong.
+    pub problems: Vec<String>,
+}
+
+/// Integrity check of the delivery tree (for `mls-ds check`): every queue is
+/// gap-free, every referenced body is stored and decodes, and every body has
+/// its fan-out record.
+pub fn verify(db: &Db) -> Result<QueueReport> {
+    let s = &db.storage;
+    let mut problems = Vec::new();
+    let mut entries = 0;
+    match load_index(db) {
+        Err(e) => problems.push(e.to_string()),
+        Ok(index) => {
+            entries = index.clients.values().map(|c| c.ids.len() as u64).sum();
+            for id in index.messages.keys() {
+                let mk = db::message_key(*id);
+                match s.get_raw(db.delivery, &mk)? {
+                    None => problems.push(format!("queued message {id} has no stored body")),
+                    Some(raw) => {
+                        if let Err(e) = decode_record::<StoredMessage>(DELIVERY, &mk, &raw) {
+                            problems.push(format!("message {id}: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let bodies = s.scan_raw(db.delivery, b"m")?;
+    for (k, _) in &bodies {
+        let id = db::key_seq(DELIVERY, k)?;
+        if s.get_raw(db.delivery, &db::fanout_key(id))?.is_none() {
+            problems.push(format!("message {id} has no fan-out record"));
+        }
+    }
+    Ok(QueueReport {
+        entries,
+        messages: bodies.len(),
+        problems,
+    })
+}
+
+impl Queues {
+    /// Rebuild the queue index from disk. Bodies nobody references any more
+    /// are deleted.
+    pub fn open(db: Db, flusher: Flusher) -> Result<Queues> {
+        let index = load_index(&db)?;
+        if !index.orphans.is_empty() {
+            let tx = db.storage.begin();
+            for id in &index.orphans {
+                tx.remove_raw(db.delivery, &db::message_key(*id))?;
+                tx.remove_raw(db.delivery, &db::fanout_key(*id))?;
             }
             tx.commit()?;
             db.store.flush()?;
-            tracing::info!(count = orphans.len(), "deleted unreferenced message bodies");
+            tracing::info!(
+                count = index.orphans.len(),
+                "deleted unreferenced message bodies"
+            );
         }
         Ok(Queues {
             db,
+            flusher,
             state: Mutex::new(State {
-                clients: HashMap::new(),
-                next_message_id,
-                refs,
+                clients: index.clients,
+                next_message_id: index.next_message_id,
+                messages: index.messages,
+                cache: HashMap::new(),
+                cache_bytes: 0,
             }),
         })
     }
@@ -118,56 +297,44 @@ impl Queues {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn client<'a>(&self, state: &'a mut State, id: &ClientId) -> Result<&'a mut ClientQueue> {
-        if !state.clients.contains_key(id) {
-            let s = &self.db.storage;
-            let acked = match s.get_raw(self.db.delivery, &db::ack_key(id))? {
-                Some(v) => db::be_u64(DELIVERY, &v)?,
-                None => 0,
-            };
-            let last = match s.last_raw(self.db.delivery, &db::queue_prefix(id))? {
-                Some((k, _)) => db::key_seq(DELIVERY, &k)?,
-                None => 0,
-            };
-            let head = last.max(acked);
-            state.clients.insert(
-                id.clone(),
-                ClientQueue {
-                    next_seq: head + 1,
-                    visible: head,
-                    acked,
-                    notify: Arc::new(Notify::new()),
-                },
-            );
-        }
-        state
-            .clients
-            .get_mut(id)
-            .ok_or_else(|| ServerError::Internal("queue state vanished".into()))
-    }
-
-    /// Add `outgoing` to `tx` (assigning ids and sequence numbers) and commit
-    /// it. Nothing is visible until [`Queues::publish`] after the flush.
-    pub fn commit(&self, tx: Transaction, outgoing: Vec<Outgoing>) -> Result<Ticket> {
+    /// Add `outgoing` to `tx` (assigning ids and sequence numbers) and hand
+    /// the whole transaction to the flusher. Returns the ids of the stored
+    /// messages (in input order) and a handle that resolves once everything
+    /// is durable; the entries are visible to fetches from then on.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        tx: Transaction,
+        outgoing: Vec<Outgoing>,
+    ) -> Result<(Vec<u64>, Durable)> {
         let mut state = self.lock();
+        let mut message_ids = Vec::with_capacity(outgoing.len());
+        let mut published: Vec<(ClientId, u64)> = Vec::new();
         let saved_next_id = state.next_message_id;
-        let mut ticket = Ticket::default();
-        let staged = self.stage(&mut state, &tx, outgoing, &mut ticket);
-        let result = staged.and_then(|()| tx.commit().map_err(ServerError::from));
-        if let Err(e) = result {
-            // Undo the in-memory allocation so sequence numbers stay gap-free.
-            state.next_message_id = saved_next_id;
-            for (client, _) in &ticket.entries {
-                if let Some(cq) = state.clients.get_mut(client) {
-                    cq.next_seq -= 1;
+        let staged = self.stage(&mut state, &tx, outgoing, &mut message_ids, &mut published);
+        let submitted = staged.and_then(|()| {
+            let queues = self.clone();
+            let after = Box::new(move || queues.publish(&published));
+            self.flusher.submit(Some(tx.into_pending()?), Some(after))
+        });
+        match submitted {
+            Ok(durable) => Ok((message_ids, durable)),
+            Err(e) => {
+                // Undo the allocation so that sequence numbers stay gap-free.
+                state.next_message_id = saved_next_id;
+                for id in &message_ids {
+                    state.messages.remove(id);
+                    if let Some(m) = state.cache.remove(id) {
+                        state.cache_bytes -= cached_size(&m);
+                    }
                 }
+                for cq in state.clients.values_mut() {
+                    while cq.ids.back().is_some_and(|id| *id >= saved_next_id) {
+                        cq.ids.pop_back();
+                    }
+                }
+                Err(e)
             }
-            for id in &ticket.message_ids {
-                state.refs.remove(id);
-            }
-            return Err(e);
         }
-        Ok(ticket)
     }
 
     fn stage(
@@ -175,37 +342,52 @@ impl Queues {
         state: &mut State,
         tx: &Transaction,
         outgoing: Vec<Outgoing>,
-        ticket: &mut Ticket,
+        message_ids: &mut Vec<u64>,
+        published: &mut Vec<(ClientId, u64)>,
     ) -> Result<()> {
         for out in outgoing {
             let id = state.next_message_id;
             state.next_message_id += 1;
-            ticket.message_ids.push(id);
-            let count = u32::try_from(out.recipients.len())
+            message_ids.push(id);
+            let refs = u32::try_from(out.recipients.len())
                 .map_err(|_| ServerError::Internal("too many recipients".into()))?;
-            if count == 0 {
+            if refs == 0 {
                 continue;
             }
-            state.refs.insert(id, count);
-            tx.put_record(self.db.delivery, &db::message_key(id), &out.message)?;
+            let mut entries = Vec::with_capacity(out.recipients.len());
             for r in out.recipients {
-                let cq = self.client(state, &r)?;
-                let seq = cq.next_seq;
-                cq.next_seq += 1;
-                tx.put_raw(self.db.delivery, &db::queue_key(&r, seq), &id.to_be_bytes())?;
-                ticket.entries.push((r, seq));
+                let cq = state.client(&r);
+                let seq = cq.next_seq();
+                cq.ids.push_back(id);
+                entries.push((r.as_bytes().to_vec(), seq));
+                published.push((r, seq));
+            }
+            let stored_ms = out.message.stored_ms;
+            tx.put_record(self.db.delivery, &db::message_key(id), &out.message)?;
+            tx.put_record(
+                self.db.delivery,
+                &db::fanout_key(id),
+                &Fanout { stored_ms, entries },
+            )?;
+            state.messages.insert(id, MessageMeta { refs, stored_ms });
+            let size = cached_size(&out.message);
+            if state.cache_bytes + size <= BODY_CACHE_BYTES {
+                state.cache_bytes += size;
+                state.cache.insert(id, Arc::new(out.message));
             }
         }
         Ok(())
     }
 
-    /// Make a committed, now durable, enqueue visible and wake long-polls.
-    pub fn publish(&self, ticket: &Ticket) {
+    /// Make durable entries visible and wake long-polls.
+    fn publish(&self, entries: &[(ClientId, u64)]) {
         let mut state = self.lock();
-        for (client, seq) in &ticket.entries {
+        for (client, seq) in entries {
             if let Some(cq) = state.clients.get_mut(client) {
-                cq.visible = cq.visible.max(*seq);
-                cq.notify.notify_waiters();
+                if *seq > cq.visible {
+                    cq.visible = *seq;
+                    cq.notify.notify_waiters();
+                }
             }
         }
     }
@@ -222,25 +404,36 @@ impl Queues {
     ) -> Result<QueuePage> {
         let deadline = Instant::now() + wait;
         loop {
-            let notify = {
-                let mut state = self.lock();
-                self.client(&mut state, client)?.notify.clone()
-            };
+            let notify = self.lock().client(client).notify.clone();
             // Register for wake-ups before reading, so a publish in between
             // is not missed.
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (visible, acked) = {
+            let (rows, visible, acked) = {
                 let mut state = self.lock();
-                let cq = self.client(&mut state, client)?;
-                (cq.visible, cq.acked)
+                let State { clients, cache, .. } = &mut *state;
+                let cq = clients
+                    .entry(client.clone())
+                    .or_insert_with(|| ClientQueue::new(0));
+                let start = after.max(cq.acked);
+                let end = cq.visible.min(start.saturating_add(limit as u64));
+                let mut rows = Vec::new();
+                for seq in start + 1..=end {
+                    let Some(id) = usize::try_from(seq - cq.acked - 1)
+                        .ok()
+                        .and_then(|i| cq.ids.get(i))
+                    else {
+                        break;
+                    };
+                    rows.push((seq, *id, cache.get(id).cloned()));
+                }
+                (rows, cq.visible, cq.acked)
             };
-            let page = self.read_page(client, after.max(acked), visible, limit, max_bytes)?;
             let now = Instant::now();
-            if !page.is_empty() || now >= deadline {
+            if !rows.is_empty() || now >= deadline {
                 return Ok(QueuePage {
-                    entries: page,
+                    entries: self.read_page(client, rows, max_bytes)?,
                     head: visible,
                     acked,
                 });
@@ -252,39 +445,37 @@ impl Queues {
     fn read_page(
         &self,
         client: &ClientId,
-        after: u64,
-        visible: u64,
-        limit: usize,
+        rows: Vec<(u64, u64, Option<Arc<StoredMessage>>)>,
         max_bytes: usize,
     ) -> Result<Vec<QueueEntry>> {
-        if after >= visible || limit == 0 {
-            return Ok(Vec::new());
-        }
-        let s = &self.db.storage;
-        let rows = s.range_raw(
-            self.db.delivery,
-            &db::queue_key(client, after + 1),
-            &db::queue_key(client, visible),
-            limit,
-        )?;
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0usize;
-        for (k, v) in rows {
-            let seq = db::key_seq(DELIVERY, &k)?;
-            let id = db::be_u64(DELIVERY, &v)?;
-            let mk = db::message_key(id);
-            let raw = s.get_raw(self.db.delivery, &mk)?.ok_or_else(|| {
-                ServerError::Internal(format!("queue entry {seq} points to missing message {id}"))
-            })?;
-            let m: StoredMessage = decode_record(DELIVERY, &mk, &raw)?;
-            bytes += m.message.len() + 64;
+        for (seq, id, cached) in rows {
+            let m = match cached {
+                Some(m) => m,
+                None => {
+                    let mk = db::message_key(id);
+                    match self.db.storage.get_raw(self.db.delivery, &mk)? {
+                        Some(raw) => Arc::new(decode_record(DELIVERY, &mk, &raw)?),
+                        // The client acknowledged (or retention dropped) the
+                        // entry while this page was read: end the page here.
+                        None if self.lock().client(client).acked >= seq => break,
+                        None => {
+                            return Err(ServerError::Internal(format!(
+                                "queue entry {seq} points to missing message {id}"
+                            )))
+                        }
+                    }
+                }
+            };
+            bytes += cached_size(&m);
             out.push(QueueEntry {
                 seq,
                 kind: entry_kind(m.kind)?,
-                group_id: m.group_id.into(),
+                group_id: m.group_id.clone().into(),
                 epoch: m.epoch,
-                sender: m.sender.into(),
-                message: m.message.into(),
+                sender: m.sender.clone().into(),
+                message: m.message.clone().into(),
             });
             // Always return at least one entry, so any queue drains.
             if bytes >= max_bytes {
@@ -294,12 +485,12 @@ impl Queues {
         Ok(out)
     }
 
-    /// Acknowledge (delete) every entry with `seq <= up_to`; message bodies
-    /// whose last reference goes are deleted in the same write. Returns the
-    /// new ack mark and the entries left; the caller awaits durability.
-    pub fn ack(&self, client: &ClientId, up_to: u64) -> Result<(u64, u64)> {
+    /// Acknowledge every entry with `seq <= up_to`; message bodies whose last
+    /// reference goes are deleted in the same write. Returns the new ack
+    /// mark, the entries left and the handle to await before answering.
+    pub fn ack(&self, client: &ClientId, up_to: u64) -> Result<(u64, u64, Durable)> {
         let mut state = self.lock();
-        let cq = self.client(&mut state, client)?;
+        let cq = state.client(client);
         if up_to > cq.visible {
             return Err(ServerError::BadRequest(format!(
                 "cannot acknowledge {up_to}: the queue's head is {}",
@@ -308,118 +499,94 @@ impl Queues {
         }
         let (acked, head) = (cq.acked, cq.visible);
         if up_to <= acked {
-            return Ok((acked, head - acked));
+            // Answer only once the ack that got there is durable.
+            return Ok((
+                acked,
+                head.saturating_sub(acked),
+                self.flusher.submit(None, None)?,
+            ));
         }
-        let s = &self.db.storage;
-        let rows = s.range_raw(
-            self.db.delivery,
-            &db::queue_key(client, acked + 1),
-            &db::queue_key(client, up_to),
-            usize::MAX,
-        )?;
-        let tx = s.begin();
-        let mut freed = Vec::new();
-        let mut decrements: HashMap<u64, u32> = HashMap::new();
-        for (k, v) in &rows {
-            tx.remove_raw(self.db.delivery, k)?;
-            *decrements.entry(db::be_u64(DELIVERY, v)?).or_default() += 1;
-        }
-        for (id, n) in &decrements {
-            if state.refs.get(id).copied().unwrap_or(0) <= *n {
-                tx.remove_raw(self.db.delivery, &db::message_key(*id))?;
-                freed.push(*id);
-            }
-        }
+        let popped = cq.advance(up_to);
+        let freed = state.release(popped);
+        let tx = self.db.storage.begin();
         tx.put_raw(self.db.delivery, &db::ack_key(client), &up_to.to_be_bytes())?;
-        tx.commit()?;
-        for (id, n) in decrements {
-            if let Some(r) = state.refs.get_mut(&id) {
-                *r = r.saturating_sub(n);
-            }
-        }
+        self.stage_removals(&tx, &freed)?;
+        // Submitted under the lock: the removals follow the writes of the
+        // bodies they delete.
+        let durable = self.flusher.submit(Some(tx.into_pending()?), None)?;
+        Ok((up_to, head - up_to, durable))
+    }
+
+    fn stage_removals(&self, tx: &Transaction, freed: &[u64]) -> Result<()> {
         for id in freed {
-            state.refs.remove(&id);
-        }
-        let cq = self.client(&mut state, client)?;
-        cq.acked = up_to;
-        Ok((up_to, head - up_to))
-    }
-
-    /// Drop messages stored before `cutoff_ms` that some recipient still has
-    /// not acknowledged (the retention bound for offline clients): their queue
-    /// entries and bodies are deleted and each affected client's ack mark moves
-    /// past them, so its next page starts after the gap (`acked` tells it how
-    /// far). Returns the number of queue entries dropped; the caller flushes.
-    pub fn expire(&self, cutoff_ms: u64) -> Result<usize> {
-        let mut state = self.lock();
-        let s = &self.db.storage;
-        let mut expired = std::collections::HashSet::new();
-        // Message ids grow with time, so the scan stops at the first young one.
-        for (k, v) in s.scan_raw(self.db.delivery, b"m")? {
-            let m: StoredMessage = decode_record(DELIVERY, &k, &v)?;
-            if m.stored_ms >= cutoff_ms {
-                break;
-            }
-            expired.insert(db::be_u64(DELIVERY, &k[1..])?);
-        }
-        if expired.is_empty() {
-            return Ok(0);
-        }
-        let tx = s.begin();
-        let mut marks: HashMap<ClientId, u64> = HashMap::new();
-        let mut dropped = 0;
-        for (k, v) in s.scan_raw(self.db.delivery, b"q")? {
-            if !expired.contains(&db::be_u64(DELIVERY, &v)?) {
-                continue;
-            }
-            // Key: 'q' ++ [len] ++ client ++ seq u64.
-            let len = usize::from(*k.get(1).unwrap_or(&0));
-            let client = ClientId::new(k.get(2..2 + len).unwrap_or_default())?;
-            let seq = db::key_seq(DELIVERY, &k)?;
-            let mark = marks.entry(client).or_default();
-            *mark = (*mark).max(seq);
-            tx.remove_raw(self.db.delivery, &k)?;
-            dropped += 1;
-        }
-        for id in &expired {
             tx.remove_raw(self.db.delivery, &db::message_key(*id))?;
+            tx.remove_raw(self.db.delivery, &db::fanout_key(*id))?;
         }
-        let mut new_marks = Vec::new();
-        for (client, seq) in marks {
-            let cq = self.client(&mut state, &client)?;
-            let mark = cq.acked.max(seq);
-            tx.put_raw(self.db.delivery, &db::ack_key(&client), &mark.to_be_bytes())?;
-            new_marks.push((client, mark));
-        }
-        tx.commit()?;
-        for id in &expired {
-            state.refs.remove(id);
-        }
-        for (client, mark) in new_marks {
-            if let Some(cq) = state.clients.get_mut(&client) {
-                cq.acked = mark;
-            }
-        }
-        Ok(dropped)
-    }
-
-    /// Delete a client's whole queue (when the client is deleted), inside `tx`.
-    pub fn stage_delete_client(&self, tx: &Transaction, client: &ClientId) -> Result<()> {
-        let s = &self.db.storage;
-        for (k, _) in s.scan_raw(self.db.delivery, &db::queue_prefix(client))? {
-            tx.remove_raw(self.db.delivery, &k)?;
-        }
-        tx.remove_raw(self.db.delivery, &db::ack_key(client))?;
         Ok(())
     }
 
-    /// Forget in-memory state of a deleted client (after its deletion committed).
-    /// Message bodies it referenced are reclaimed at the next start.
-    pub fn forget_client(&self, client: &ClientId) {
-        self.lock().clients.remove(client);
+    /// Drop messages stored before `cutoff_ms` that some recipient still has
+    /// not acknowledged (the retention bound for offline clients): their
+    /// entries leave the queues and each affected client's ack mark moves
+    /// past them, so its next page starts after the gap (`acked` tells it how
+    /// far). Returns the number of queue entries dropped and, if any, the
+    /// handle to await for durability.
+    pub fn expire(&self, cutoff_ms: u64) -> Result<(usize, Option<Durable>)> {
+        let mut state = self.lock();
+        // Message ids grow with time: everything before the first young one
+        // expires.
+        let boundary = state
+            .messages
+            .iter()
+            .find(|(_, m)| m.stored_ms >= cutoff_ms)
+            .map_or(state.next_message_id, |(id, _)| *id);
+        if state
+            .messages
+            .keys()
+            .next()
+            .is_none_or(|id| *id >= boundary)
+        {
+            return Ok((0, None));
+        }
+        let tx = self.db.storage.begin();
+        let mut released = Vec::new();
+        for (client, cq) in state.clients.iter_mut() {
+            let mut n = 0u64;
+            // Only visible entries: one not yet durable is never old.
+            while cq.ids.get(n as usize).is_some_and(|id| *id < boundary)
+                && cq.acked + n < cq.visible
+            {
+                n += 1;
+            }
+            if n > 0 {
+                let mark = cq.acked + n;
+                released.extend(cq.advance(mark));
+                tx.put_raw(self.db.delivery, &db::ack_key(client), &mark.to_be_bytes())?;
+            }
+        }
+        let dropped = released.len();
+        let freed = state.release(released);
+        self.stage_removals(&tx, &freed)?;
+        let durable = self.flusher.submit(Some(tx.into_pending()?), None)?;
+        Ok((dropped, Some(durable)))
     }
 
-    /// Depth (unacknowledged entries) of every client queue loaded in memory.
+    /// Delete a client's whole queue (when the client is deleted) in the same
+    /// atomic write as `tx`, which this submits; returns the handle to await.
+    pub fn delete_client(&self, tx: Transaction, client: &ClientId) -> Result<Durable> {
+        let mut state = self.lock();
+        let cq = state.client(client);
+        // Everything, including entries not yet durable: nothing of it is
+        // delivered any more.
+        let mark = cq.next_seq() - 1;
+        let popped = cq.advance(mark);
+        let freed = state.release(popped);
+        tx.put_raw(self.db.delivery, &db::ack_key(client), &mark.to_be_bytes())?;
+        self.stage_removals(&tx, &freed)?;
+        self.flusher.submit(Some(tx.into_pending()?), None)
+    }
+
+    /// Depth (unacknowledged entries) of every client queue.
     pub fn depths(&self) -> Vec<(ClientId, u64)> {
         self.lock()
             .clients
@@ -430,7 +597,7 @@ impl Queues {
 
     /// Number of stored message bodies still referenced.
     pub fn stored_messages(&self) -> usize {
-        self.lock().refs.len()
+        self.lock().messages.len()
     }
 }
 
@@ -450,13 +617,19 @@ mod tests {
     use super::*;
     use mls_ds_storage::{Durability, Store, StoreConfig};
 
-    fn queues() -> Queues {
-        let store = Store::temporary(StoreConfig {
-            durability: Durability::Batched,
-            ..StoreConfig::default()
-        })
-        .unwrap();
-        Queues::open(Db::new(store).unwrap()).unwrap()
+    fn queues_on(store: Store) -> Arc<Queues> {
+        let flusher = Flusher::start(store.clone()).unwrap();
+        Arc::new(Queues::open(Db::new(store).unwrap(), flusher).unwrap())
+    }
+
+    fn queues() -> Arc<Queues> {
+        queues_on(
+            Store::temporary(StoreConfig {
+                durability: Durability::Batched,
+                ..StoreConfig::default()
+            })
+            .unwrap(),
+        )
     }
 
     fn message(stored_ms: u64) -> StoredMessage {
@@ -470,10 +643,10 @@ mod tests {
         }
     }
 
-    fn send(q: &Queues, stored_ms: u64, to: &[&ClientId]) {
+    async fn send(q: &Arc<Queues>, stored_ms: u64, to: &[&ClientId]) {
         let tx = q.db.storage.begin();
-        let t = q
-            .commit(
+        let (_, durable) = q
+            .enqueue(
                 tx,
                 vec![Outgoing {
                     message: message(stored_ms),
@@ -481,7 +654,21 @@ mod tests {
                 }],
             )
             .unwrap();
-        q.publish(&t);
+        durable.wait().await.unwrap();
+    }
+
+    async fn ack(q: &Queues, c: &ClientId, up_to: u64) -> Result<(u64, u64)> {
+        let (acked, left, durable) = q.ack(c, up_to)?;
+        durable.wait().await?;
+        Ok((acked, left))
+    }
+
+    async fn seqs(q: &Queues, c: &ClientId, after: u64) -> Vec<u64> {
+        let page = q
+            .fetch(c, after, 100, 1 << 20, Duration::ZERO)
+            .await
+            .unwrap();
+        page.entries.iter().map(|e| e.seq).collect()
     }
 
     #[tokio::test]
@@ -489,65 +676,94 @@ mod tests {
         let q = queues();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
         for _ in 0..3 {
-            send(&q, 1, &[&a, &b]);
+            send(&q, 1, &[&a, &b]).await;
         }
         assert_eq!(q.stored_messages(), 3);
-        let page = q.fetch(&a, 0, 10, 1 << 20, Duration::ZERO).await.unwrap();
-        assert_eq!(
-            page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(seqs(&q, &a, 0).await, vec![1, 2, 3]);
         // Pages are bounded by count, and any queue drains page by page.
         let page = q.fetch(&a, 1, 1, 1 << 20, Duration::ZERO).await.unwrap();
         assert_eq!(page.entries.len(), 1);
         assert_eq!(page.entries[0].seq, 2);
         assert!(q.ack(&a, 9).is_err(), "cannot ack past the head");
-        q.ack(&a, 3).unwrap();
+        ack(&q, &a, 3).await.unwrap();
         assert_eq!(q.stored_messages(), 3, "b still needs them");
-        q.ack(&b, 2).unwrap();
+        ack(&q, &b, 2).await.unwrap();
         assert_eq!(q.stored_messages(), 1);
-        q.ack(&b, 3).unwrap();
+        ack(&q, &b, 3).await.unwrap();
         assert_eq!(q.stored_messages(), 0);
         // Sequence numbers continue after everything was acknowledged.
-        send(&q, 1, &[&a]);
-        let page = q.fetch(&a, 3, 10, 1 << 20, Duration::ZERO).await.unwrap();
-        assert_eq!(page.entries[0].seq, 4);
+        send(&q, 1, &[&a]).await;
+        assert_eq!(seqs(&q, &a, 3).await, vec![4]);
     }
 
     #[tokio::test]
     async fn retention_drops_old_entries_and_moves_the_ack_mark() {
         let q = queues();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
-        send(&q, 100, &[&a, &b]);
-        send(&q, 200, &[&a]);
-        send(&q, 5_000, &[&a, &b]);
-        q.ack(&b, 1).unwrap();
-        assert_eq!(q.expire(1_000).unwrap(), 2, "a's two old entries");
+        send(&q, 100, &[&a, &b]).await;
+        send(&q, 200, &[&a]).await;
+        send(&q, 5_000, &[&a, &b]).await;
+        ack(&q, &b, 1).await.unwrap();
+        let (dropped, durable) = q.expire(1_000).unwrap();
+        durable.unwrap().wait().await.unwrap();
+        assert_eq!(dropped, 2, "a's two old entries");
         let page = q.fetch(&a, 0, 10, 1 << 20, Duration::ZERO).await.unwrap();
         assert_eq!(page.acked, 2);
-        assert_eq!(
-            page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![3]
-        );
+        assert_eq!(seqs(&q, &a, 0).await, vec![3]);
         assert_eq!(q.stored_messages(), 1);
-        let page = q.fetch(&b, 1, 10, 1 << 20, Duration::ZERO).await.unwrap();
-        assert_eq!(
-            page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
-            vec![2]
+        assert_eq!(seqs(&q, &b, 1).await, vec![2]);
+        assert_eq!(q.expire(1_000).unwrap().0, 0, "nothing left to expire");
+    }
+
+    #[tokio::test]
+    async fn the_index_is_rebuilt_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            durability: Durability::Batched,
+            ..StoreConfig::default()
+        };
+        let (a, b, c) = (
+            ClientId::new("a").unwrap(),
+            ClientId::new("b").unwrap(),
+            ClientId::new("c").unwrap(),
         );
-        assert_eq!(q.expire(1_000).unwrap(), 0, "nothing left to expire");
+        {
+            let q = queues_on(Store::open(dir.path(), config.clone()).unwrap());
+            for i in 0..5 {
+                send(&q, 100 + i, &[&a, &b]).await;
+            }
+            send(&q, 200, &[&c]).await;
+            ack(&q, &a, 2).await.unwrap();
+            ack(&q, &b, 5).await.unwrap();
+            let tx = q.db.storage.begin();
+            q.delete_client(tx, &c).unwrap().wait().await.unwrap();
+            assert_eq!(q.stored_messages(), 3);
+        }
+        let q = queues_on(Store::open(dir.path(), config).unwrap());
+        assert_eq!(seqs(&q, &a, 0).await, vec![3, 4, 5]);
+        assert!(seqs(&q, &b, 0).await.is_empty());
+        assert!(seqs(&q, &c, 0).await.is_empty());
+        assert_eq!(q.stored_messages(), 3);
+        let report = verify(&q.db).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.entries, report.messages), (3, 3));
+        // New entries continue each queue's numbering.
+        send(&q, 300, &[&a, &b, &c]).await;
+        assert_eq!(seqs(&q, &a, 5).await, vec![6]);
+        assert_eq!(seqs(&q, &b, 5).await, vec![6]);
+        assert_eq!(seqs(&q, &c, 1).await, vec![2]);
     }
 
     #[tokio::test]
     async fn long_poll_wakes_on_publish() {
-        let q = std::sync::Arc::new(queues());
+        let q = queues();
         let a = ClientId::new("a").unwrap();
         let waiter = {
             let (q, a) = (q.clone(), a.clone());
             tokio::spawn(async move { q.fetch(&a, 0, 10, 1 << 20, Duration::from_secs(10)).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        send(&q, 1, &[&a]);
+        send(&q, 1, &[&a]).await;
         let page = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("woken before its 10 s wait")

@@ -11,7 +11,7 @@ use crate::config::Limits;
 use crate::db::Db;
 use crate::flusher::Flusher;
 use crate::metrics::Metrics;
-use crate::queues::{Queues, Ticket};
+use crate::queues::Queues;
 use crate::rate_limit::RateLimiter;
 
 /// Shared server state.
@@ -36,8 +36,9 @@ pub struct AppState {
     group_locks: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises key package claims (each package is handed out once).
     pub claim_lock: Mutex<()>,
-    /// Serialises registrations (one key per client id).
-    pub register_lock: Mutex<()>,
+    /// Registrations handed to the flusher and not yet applied; its lock
+    /// serialises registrations (one key per client id).
+    pub registering: Arc<Mutex<HashMap<ClientId, crate::db::ClientRecord>>>,
     /// Every mutating request holds it shared; a live backup holds it
     /// exclusively, so the copy is consistent across trees.
     pub write_gate: tokio::sync::RwLock<()>,
@@ -50,7 +51,7 @@ impl AppState {
     /// Assemble the state.
     pub fn new(
         db: Db,
-        queues: Queues,
+        queues: Arc<Queues>,
         flusher: Flusher,
         limits: Limits,
         deleted: HashSet<ClientId>,
@@ -59,27 +60,17 @@ impl AppState {
             auth: Authenticator::new(limits.session_ttl_secs * 1000, limits.max_sessions),
             rate_limiter: RateLimiter::new(limits.rate_limit_per_sec, limits.rate_limit_burst),
             db,
-            queues: Arc::new(queues),
+            queues,
             flusher,
             metrics: Metrics::default(),
             limits,
             crypto: RustCrypto::default(),
             group_locks: Mutex::new(HashMap::new()),
             claim_lock: Mutex::new(()),
-            register_lock: Mutex::new(()),
+            registering: Arc::default(),
             write_gate: tokio::sync::RwLock::new(()),
             deleted: std::sync::RwLock::new(deleted),
         })
-    }
-
-    /// Wait until a committed enqueue is durable, then make it visible to
-    /// fetches. The publication runs in the flusher thread, so it happens even
-    /// if this request is cancelled midway.
-    pub async fn deliver(&self, ticket: Ticket) -> crate::error::Result<()> {
-        let queues = self.queues.clone();
-        self.flusher
-            .durable_then(Some(Box::new(move || queues.publish(&ticket))))
-            .await
     }
 
     /// Whether a client deleted itself.

@@ -39,7 +39,8 @@ pub use bundle::{ProviderTransaction, SledProvider};
 pub use durability::{Durability, GroupCommit};
 pub use error::StorageError;
 pub use store::{
-    Pair, Pairs, RecordTree, SledStorage, Store, StoreConfig, Transaction, FORMAT_VERSION,
+    Pair, Pairs, PendingWrites, RecordTree, SledStorage, Store, StoreConfig, Transaction,
+    FORMAT_VERSION,
 };
 
 /// Re-exported so that users name the same versions this crate was built with.

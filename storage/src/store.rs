@@ -24,6 +24,14 @@ pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
 
+/// How long [`Store::open`] waits for a database lock held by this process's
+/// own closing handle.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
 /// How to open a [`Store`].
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -77,15 +85,27 @@ impl Store {
     /// build, is reported as an error and left untouched.
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StorageError> {
         let path = path.as_ref();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(config.cache_capacity)
-            .flush_every_ms(config.flush_every_ms)
-            .open()
-            .map_err(|source| StorageError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let open = || {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(config.cache_capacity)
+                .flush_every_ms(config.flush_every_ms)
+                .open()
+        };
+        // sled releases its file lock from a background thread after the last
+        // handle is dropped, so a database this process closed a moment ago
+        // can still look locked: retry briefly before reporting it as held.
+        let deadline = std::time::Instant::now() + LOCK_RETRY;
+        let mut attempt = open();
+        while matches!(&attempt, Err(e) if is_lock_error(e)) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            attempt = open();
+        }
+        let db = attempt.map_err(|source| StorageError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         // sled keeps its log in `<dir>/db`; fsync needs a handle on it, and
         // silently skipping the fsync would weaken the durability promise.
         let log_file = OpenOptions::new().read(true).open(path.join("db"))?;
@@ -176,6 +196,74 @@ impl Store {
             index: trees.len() - 1,
         })
     }
+
+    /// Apply the writes of several transactions, in order, as one atomic sled
+    /// write (a later write of a key wins over an earlier one). Nothing is
+    /// flushed: the caller makes the result durable with [`Store::flush`].
+    /// Either all of them reach the database or none does.
+    pub fn apply_all(
+        &self,
+        pending: impl IntoIterator<Item = PendingWrites>,
+    ) -> Result<(), StorageError> {
+        let mut merged = Overlay::new();
+        for p in pending {
+            if merged.is_empty() {
+                merged = p.writes;
+            } else {
+                merged.extend(p.writes);
+            }
+        }
+        apply_overlay(&self.shared, merged)
+    }
+}
+
+/// Apply an overlay as one sled batch (one tree) or one multi-tree sled
+/// transaction.
+fn apply_overlay(shared: &Shared, writes: Overlay) -> Result<(), StorageError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let mut per_tree: BTreeMap<usize, Vec<KeyWrite>> = BTreeMap::new();
+    for ((tree, key), value) in writes {
+        per_tree.entry(tree).or_default().push((key, value));
+    }
+    let trees: Vec<sled::Tree> = {
+        let all = read_lock(&shared.trees);
+        per_tree.keys().map(|&i| all[i].1.clone()).collect()
+    };
+    if trees.len() == 1 {
+        let mut batch = sled::Batch::default();
+        for (_, ops) in per_tree.iter() {
+            for (k, v) in ops {
+                match v {
+                    Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                    None => batch.remove(k.as_slice()),
+                }
+            }
+        }
+        trees[0].apply_batch(batch)?;
+        return Ok(());
+    }
+    let ops: Vec<_> = per_tree.into_values().collect();
+    trees
+        .as_slice()
+        .transaction(|views| {
+            for (view, ops) in views.iter().zip(ops.iter()) {
+                for (k, v) in ops {
+                    match v {
+                        Some(v) => view.insert(k.as_slice(), v.as_slice())?,
+                        None => view.remove(k.as_slice())?,
+                    };
+                }
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        })
+        .map_err(|e| match e {
+            TransactionError::Storage(e) => StorageError::Sled(e),
+            TransactionError::Abort(()) => {
+                StorageError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+            }
+        })
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -293,6 +381,40 @@ impl Transaction {
     pub fn commit(self) -> Result<(), StorageError> {
         self.view.commit_overlay()
     }
+
+    /// Take the transaction's writes out without applying them, for a caller
+    /// that runs its own group commit and applies the writes of many
+    /// transactions as one atomic write ([`Store::apply_all`]).
+    pub fn into_pending(self) -> Result<PendingWrites, StorageError> {
+        let Some(tx) = &self.view.tx else {
+            return Ok(PendingWrites::default());
+        };
+        let writes = lock(&tx.inner)
+            .writes
+            .take()
+            .ok_or(StorageError::TransactionClosed)?;
+        Ok(PendingWrites { writes })
+    }
+}
+
+/// The writes of a [`Transaction`] taken out uncommitted
+/// ([`Transaction::into_pending`]); nothing of them is on disk until
+/// [`Store::apply_all`].
+#[derive(Default)]
+pub struct PendingWrites {
+    writes: Overlay,
+}
+
+impl PendingWrites {
+    /// Number of keys written or deleted.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
 }
 
 impl Drop for Transaction {
@@ -385,55 +507,8 @@ impl SledStorage {
             .writes
             .take()
             .ok_or(StorageError::TransactionClosed)?;
-        self.apply(writes)?;
+        apply_overlay(&self.shared, writes)?;
         self.shared.durability.make_durable()
-    }
-
-    fn apply(&self, writes: Overlay) -> Result<(), StorageError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let mut per_tree: BTreeMap<usize, Vec<KeyWrite>> = BTreeMap::new();
-        for ((tree, key), value) in writes {
-            per_tree.entry(tree).or_default().push((key, value));
-        }
-        let trees: Vec<sled::Tree> = {
-            let all = read_lock(&self.shared.trees);
-            per_tree.keys().map(|&i| all[i].1.clone()).collect()
-        };
-        if trees.len() == 1 {
-            let mut batch = sled::Batch::default();
-            for (_, ops) in per_tree.iter() {
-                for (k, v) in ops {
-                    match v {
-                        Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                        None => batch.remove(k.as_slice()),
-                    }
-                }
-            }
-            trees[0].apply_batch(batch)?;
-            return Ok(());
-        }
-        let ops: Vec<_> = per_tree.into_values().collect();
-        trees
-            .as_slice()
-            .transaction(|views| {
-                for (view, ops) in views.iter().zip(ops.iter()) {
-                    for (k, v) in ops {
-                        match v {
-                            Some(v) => view.insert(k.as_slice(), v.as_slice())?,
-                            None => view.remove(k.as_slice())?,
-                        };
-                    }
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Storage(e) => StorageError::Sled(e),
-                TransactionError::Abort(()) => {
-                    StorageError::Sled(sled::Error::Unsupported("transaction aborted".into()))
-                }
-            })
     }
 
     pub(crate) fn tree_name(&self, index: usize) -> String {

@@ -585,3 +585,43 @@ fn virtual_client_state_and_retained_material() {
     assert!(!s.has_retained_key_package_material_for_epoch(&e1).unwrap());
     assert!(s.has_retained_key_package_material_for_epoch(&e2).unwrap());
 }
+
+#[test]
+fn pending_writes_of_many_transactions_apply_as_one_in_order() {
+    let s = temp_storage();
+    let store = s.store();
+    let records = store.record_tree("pending").unwrap();
+    let first = s.begin();
+    first.put_raw(records, b"a", b"1").unwrap();
+    first.put_raw(records, b"b", b"1").unwrap();
+    // Writes of a second transaction touch two trees (records and a family).
+    let second = s.begin();
+    second.put_raw(records, b"a", b"2").unwrap();
+    second.remove_raw(records, b"b").unwrap();
+    second
+        .write_key_package(&T(b"kp".to_vec()), &T(b"v".to_vec()))
+        .unwrap();
+    let pending = vec![
+        first.into_pending().unwrap(),
+        second.into_pending().unwrap(),
+    ];
+    assert_eq!(pending[0].len(), 2);
+    assert!(!pending[1].is_empty());
+    // Nothing is visible before the apply.
+    assert_eq!(s.get_raw(records, b"a").unwrap(), None);
+    store.apply_all(pending).unwrap();
+    assert_eq!(s.get_raw(records, b"a").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(s.get_raw(records, b"b").unwrap(), None, "later delete wins");
+    let kp: Option<T> = s.key_package(&T(b"kp".to_vec())).unwrap();
+    assert_eq!(kp, Some(T(b"v".to_vec())));
+    // Taken-out writes leave nothing for a later commit to apply twice.
+    let third = s.begin();
+    third.put_raw(records, b"c", b"3").unwrap();
+    let taken = third.into_pending().unwrap();
+    drop(taken);
+    assert_eq!(
+        s.get_raw(records, b"c").unwrap(),
+        None,
+        "dropped, never applied"
+    );
+}
