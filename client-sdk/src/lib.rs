@@ -19,4 +19,4 @@ pub use api::DsApi;
 pub use client::{Client, ClientConfig};
 pub use error::{ClientError, Result};
 pub use records::Event;
-pub use transport::{AuthMode, Transport};
+pub use transport::{AuthMode, HttpPool, Transport};

@@ -25,6 +25,27 @@ struct Session {
     counter: AtomicU64,
 }
 
+/// Keep-alive HTTP connections (TCP_NODELAY), cheap to clone: transports of
+/// many identities in one process can share one pool instead of each opening
+/// its own connections.
+#[derive(Clone)]
+pub struct HttpPool(HyperClient<HttpConnector, Full<Bytes>>);
+
+impl HttpPool {
+    /// An empty pool.
+    pub fn new() -> HttpPool {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        HttpPool(HyperClient::builder(TokioExecutor::new()).build(connector))
+    }
+}
+
+impl Default for HttpPool {
+    fn default() -> Self {
+        HttpPool::new()
+    }
+}
+
 /// Authenticated HTTP access to one DS for one client.
 pub struct Transport {
     base: String,
@@ -58,11 +79,19 @@ pub enum AuthMode {
 impl Transport {
     /// Transport to `base_url` (e.g. `http://127.0.0.1:8080`) as `client_id`.
     pub fn new(base_url: &str, client_id: ClientId, signer: SignatureKeyPair) -> Transport {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+        Self::with_pool(base_url, client_id, signer, HttpPool::new())
+    }
+
+    /// Like [`Transport::new`], with connections from a shared `pool`.
+    pub fn with_pool(
+        base_url: &str,
+        client_id: ClientId,
+        signer: SignatureKeyPair,
+        pool: HttpPool,
+    ) -> Transport {
         Transport {
             base: base_url.trim_end_matches('/').to_owned(),
-            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            http: pool.0,
             client_id,
             signer,
             session: Mutex::new(None),

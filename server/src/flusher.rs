@@ -3,10 +3,13 @@
 //! write and one flush.
 //!
 //! Hot-path handlers do not write to sled themselves: they hand the writes of
-//! their transaction to [`Flusher::submit`]. A dedicated thread takes every
-//! job queued so far, applies all their writes, in submission order, as one
-//! atomic sled write, flushes once (sled flush + `fdatasync` of its log file,
-//! via the storage crate), runs their after-flush work and wakes them all.
+//! their transaction to [`Flusher::submit`]. A writer thread takes every job
+//! queued so far and applies all their writes, in submission order, as one
+//! atomic sled write; a syncer thread then flushes once for everything
+//! applied meanwhile (sled flush + `fdatasync` of its log file, via the
+//! storage crate), runs the jobs' after-flush work and wakes them all. The
+//! two stages overlap: the next batch is applied while the last one is
+//! flushed.
 //! sled pays two log-buffer seals and their I/O-thread hand-offs per atomic
 //! write whatever its size, so one write per cycle instead of one per request
 //! is what lets durability keep up with load. Handlers that applied writes
@@ -55,6 +58,10 @@ pub struct FlushStats {
     pub requests: AtomicU64,
     /// Flushes that failed.
     pub failures: AtomicU64,
+    /// Time spent applying the cycles' writes to sled, in microseconds.
+    pub apply_us: AtomicU64,
+    /// Time spent in sled flush + `fdatasync`, in microseconds.
+    pub flush_us: AtomicU64,
     /// Set by the first failed flush. sled 0.34 keeps failing after an I/O
     /// error (e.g. a full disk) even once the cause is gone, so the server
     /// refuses further requests and reports unhealthy until it is restarted;
@@ -122,15 +129,42 @@ impl Flusher {
     }
 }
 
-/// How long the flusher lingers for more waiters after the first one, as long
-/// as they keep arriving. A flush costs a few hundred microseconds of mostly
-/// kernel time whatever it carries, so under load a short linger multiplies
-/// the requests per flush; an idle server adds at most this to one request.
-const LINGER: Duration = Duration::from_micros(150);
-/// Most waiters served by one flush.
-const MAX_BATCH: usize = 256;
+/// How long the writer lingers for more jobs while the disk is busy with the
+/// previous flush: one apply per batch instead of one per request.
+const LINGER: Duration = Duration::from_micros(100);
+/// Most jobs applied as one write.
+const MAX_BATCH: usize = 512;
 
+/// Jobs whose writes are applied, waiting for a flush.
+type Applied = (Vec<Waiter>, std::result::Result<(), String>);
+
+fn mark_broken(stats: &FlushStats, e: &str) {
+    stats.failures.fetch_add(1, Ordering::Relaxed);
+    stats
+        .broken
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(|| e.to_owned());
+}
+
+/// Stage one: apply each batch of jobs as one atomic write, in submission
+/// order, and pass it on to the syncer. While the syncer flushes, the next
+/// batch accumulates and is applied, so the disk is never idle under load.
+/// After a failed write nothing later is applied: later jobs may depend on it
+/// (sequence numbers), so they all fail and storage stays broken.
 fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
+    let (to_syncer, from_writer) = mpsc::channel::<Applied>();
+    let sync_store = store.clone();
+    let sync_stats = stats.clone();
+    let syncer = std::thread::Builder::new()
+        .name("mls-ds-syncer".into())
+        .spawn(move || sync(sync_store, from_writer, sync_stats));
+    if let Err(e) = syncer {
+        tracing::error!(error = %e, "cannot start the syncer thread");
+        mark_broken(&stats, &format!("cannot start the syncer thread: {e}"));
+        return;
+    }
+    let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -144,31 +178,59 @@ fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
             }
         }
         let writes: Vec<PendingWrites> = batch.iter_mut().filter_map(|w| w.write.take()).collect();
-        let result = store
-            .apply_all(writes)
-            .and_then(|()| store.flush())
-            .map_err(|e| e.to_string());
-        stats.flushes.fetch_add(1, Ordering::Relaxed);
-        stats
-            .requests
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        if let Err(e) = &result {
-            stats.failures.fetch_add(1, Ordering::Relaxed);
-            stats
-                .broken
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert_with(|| e.clone());
-            tracing::error!(error = %e, waiters = batch.len(), "write or flush failed; requests answered 500 and storage marked broken");
-        }
-        for w in batch {
-            if result.is_ok() {
-                if let Some(after) = w.after {
-                    after();
+        let result = match &failed {
+            Some(e) => Err(format!("an earlier write failed: {e}")),
+            None => {
+                let t0 = std::time::Instant::now();
+                let r = store.apply_all(writes).map_err(|e| e.to_string());
+                stats
+                    .apply_us
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if let Err(e) = &r {
+                    mark_broken(&stats, e);
+                    tracing::error!(error = %e, jobs = batch.len(), "applying writes failed; storage marked broken");
+                    failed = Some(e.clone());
                 }
+                r
             }
-            // A waiter that gave up (client disconnected) is fine to skip.
-            let _ = w.reply.send(result.clone());
+        };
+        if to_syncer.send((batch, result)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Stage two: flush once for everything applied so far (sled flush +
+/// `fdatasync`), then run the jobs' after-flush work and answer them, in
+/// order.
+fn sync(store: Store, rx: mpsc::Receiver<Applied>, stats: Arc<FlushStats>) {
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        batches.extend(rx.try_iter());
+        let t0 = std::time::Instant::now();
+        let flushed = store.flush().map_err(|e| e.to_string());
+        stats
+            .flush_us
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &flushed {
+            mark_broken(&stats, e);
+            tracing::error!(error = %e, "flush failed; requests answered 500 and storage marked broken");
+        }
+        for (jobs, applied) in batches {
+            let result = applied.and_then(|()| flushed.clone());
+            stats
+                .requests
+                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            for w in jobs {
+                if result.is_ok() {
+                    if let Some(after) = w.after {
+                        after();
+                    }
+                }
+                // A waiter that gave up (client disconnected) is fine to skip.
+                let _ = w.reply.send(result.clone());
+            }
         }
     }
 }

@@ -103,6 +103,22 @@ impl Metrics {
             "mls_ds_fsync_batches_total {}",
             f.flushes.load(Ordering::Relaxed)
         );
+        for (name, help, us) in [
+            (
+                "mls_ds_group_commit_apply_seconds_total",
+                "Time the flusher spent applying writes to sled.",
+                &f.apply_us,
+            ),
+            (
+                "mls_ds_group_commit_flush_seconds_total",
+                "Time the flusher spent in flush + fdatasync.",
+                &f.flush_us,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", us.load(Ordering::Relaxed) as f64 / 1e6);
+        }
         out.push_str(
             "# HELP mls_ds_durable_requests_total Requests made durable by those flushes.\n",
         );

@@ -6,14 +6,18 @@
 //! an offline client and reports the server's peak RSS.
 //!
 //! `cargo bench -p mls-ds-tests --bench load` (MLS_DS_LOAD_QUICK=1 for a
-//! short run). Numbers go to BENCHMARKS.md by hand.
+//! short run; MLS_DS_LOAD_GROUPS=2,10 and MLS_DS_LOAD_PHASES=reg,groups,sdk,backlog
+//! select parts). Numbers go to BENCHMARKS.md by hand.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mls_ds_client::{DsApi, HttpPool, Transport};
+use mls_ds_protocol::ClientId;
 use mls_ds_tests::raw::RawMember;
 use mls_ds_tests::Server;
+use openmls_basic_credential::SignatureKeyPair;
 use tokio::sync::Mutex;
 
 const IN_FLIGHT: usize = 32;
@@ -90,10 +94,18 @@ where
 }
 
 async fn registrations(url: &str, pid: u32) {
-    let n = if quick() { 500 } else { 4000 };
-    let members: Arc<Vec<RawMember>> = Arc::new(
+    let n = if quick() { 2000 } else { 20000 };
+    // One pool of keep-alive connections for all of them, as an application
+    // server registering its users would have; key generation is untimed.
+    let pool = HttpPool::new();
+    let scheme = mls_ds_client::client::CIPHERSUITE.signature_algorithm();
+    let members: Arc<Vec<DsApi>> = Arc::new(
         (0..n)
-            .map(|i| RawMember::new(url, &format!("reg-{i}")))
+            .map(|i| {
+                let id = ClientId::new(format!("reg-{i}")).unwrap();
+                let signer = SignatureKeyPair::new(scheme).unwrap();
+                DsApi::new(Transport::with_pool(url, id, signer, pool.clone()))
+            })
             .collect(),
     );
     let cpu0 = cpu_seconds(pid);
@@ -101,7 +113,7 @@ async fn registrations(url: &str, pid: u32) {
     let (lat, wall) = run_concurrently(n, move |i| {
         let m = m.clone();
         async move {
-            m[i].api.register().await.expect("register");
+            m[i].register().await.expect("register");
         }
     })
     .await;
@@ -338,18 +350,30 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // MLS_DS_LOAD_PHASES=reg,groups,sdk,backlog picks phases (default: all).
+    let phases =
+        std::env::var("MLS_DS_LOAD_PHASES").unwrap_or_else(|_| "reg,groups,sdk,backlog".into());
+    let phase = |p: &str| phases.split(',').any(|x| x == p);
     rt.block_on(async {
-        registrations(&url, pid).await;
+        if phase("reg") {
+            registrations(&url, pid).await;
+        }
         let sizes: Vec<usize> = std::env::var("MLS_DS_LOAD_GROUPS")
             .ok()
             .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
             .unwrap_or_else(|| vec![2, 10, 100]);
         let run = std::process::id();
-        for size in sizes {
-            group_run(&url, pid, size, &format!("g{size}-{run}")).await;
+        if phase("groups") {
+            for size in sizes {
+                group_run(&url, pid, size, &format!("g{size}-{run}")).await;
+            }
         }
-        sdk_phase(&url).await;
+        if phase("sdk") {
+            sdk_phase(&url).await;
+        }
         println!("server peak RSS so far {:.0} MiB", peak_rss_mib(pid));
-        queued_backlog(&url, pid).await;
+        if phase("backlog") {
+            queued_backlog(&url, pid).await;
+        }
     });
 }

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use mls_ds_client::client::{create_config, join_config, CIPHERSUITE};
-use mls_ds_client::{DsApi, Transport};
+use mls_ds_client::{DsApi, HttpPool, Transport};
 use mls_ds_protocol::queue::QueueEntry;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{SledProvider, Store, StoreConfig};
@@ -39,8 +39,13 @@ pub fn wire<T: tls_codec::Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl RawMember {
-    /// A new identity (not yet registered).
+    /// A new identity (not yet registered), with connections of its own.
     pub fn new(url: &str, name: &str) -> RawMember {
+        Self::with_pool(url, name, HttpPool::new())
+    }
+
+    /// A new identity whose requests share the connections of `pool`.
+    pub fn with_pool(url: &str, name: &str, pool: HttpPool) -> RawMember {
         let store = Store::temporary(StoreConfig::default()).unwrap();
         let provider = SledProvider::new(store.storage(name.as_bytes()).unwrap());
         let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
@@ -49,10 +54,11 @@ impl RawMember {
             credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
             signature_key: signer.public().into(),
         };
-        let api = DsApi::new(Transport::new(
+        let api = DsApi::new(Transport::with_pool(
             url,
             ClientId::new(name).unwrap(),
             signer.clone(),
+            pool,
         ));
         RawMember {
             api,
