@@ -148,7 +148,7 @@ pub fn backup(db: &Db, out: &Path) -> Result<String> {
 
 /// Serve admin commands on `<data_dir>/admin.sock` until the task is dropped.
 pub async fn serve_socket(
-    state: std::sync::Arc<crate::state::AppState>,
+    cell: std::sync::Arc<crate::recovery::StateCell>,
     data_dir: std::path::PathBuf,
 ) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -166,14 +166,20 @@ pub async fn serve_socket(
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let state = state.clone();
+        let cell = cell.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             if BufReader::new(read).read_line(&mut line).await.is_err() {
                 return;
             }
-            let (report, code) = run_command(&state, line.trim()).await;
+            let (report, code) = match cell.get() {
+                Some(state) => run_command(&state, line.trim()).await,
+                None => (
+                    "storage is being reopened after a failure; retry shortly\n".into(),
+                    1,
+                ),
+            };
             let _ = write
                 .write_all(format!("{report}EXIT {code}\n").as_bytes())
                 .await;

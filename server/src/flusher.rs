@@ -64,8 +64,8 @@ pub struct FlushStats {
     pub flush_us: AtomicU64,
     /// Set by the first failed flush. sled 0.34 keeps failing after an I/O
     /// error (e.g. a full disk) even once the cause is gone, so the server
-    /// refuses further requests and reports unhealthy until it is restarted;
-    /// the restart recovers every acknowledged write.
+    /// refuses further requests and reports unhealthy until `recovery`
+    /// reopens the database, which recovers every acknowledged write.
     pub broken: std::sync::Mutex<Option<String>>,
 }
 
@@ -178,7 +178,9 @@ fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
             }
         }
         let writes: Vec<PendingWrites> = batch.iter_mut().filter_map(|w| w.write.take()).collect();
-        let result = match &failed {
+        // A failed flush breaks storage as much as a failed write.
+        let failed_before = failed.clone().or_else(|| stats.broken());
+        let result = match &failed_before {
             Some(e) => Err(format!("an earlier write failed: {e}")),
             None => {
                 let t0 = std::time::Instant::now();

@@ -94,7 +94,7 @@ pub async fn handle(
         (
             "storage_failed",
             Err(ServerError::Unavailable(format!(
-                "storage failed ({e}); nothing more is accepted until the server is restarted"
+                "storage failed ({e}); nothing is accepted until the data directory is writable again and the server has reopened its storage"
             ))),
         )
     } else if n > state.limits.max_inflight {
@@ -110,25 +110,39 @@ pub async fn handle(
     let reply = match result {
         Ok(r) => r,
         Err(e) => {
-            let code = e.code();
-            if code.status() >= 500 {
+            if e.code().status() >= 500 {
                 tracing::error!(route, error = %e, "request failed");
             } else {
                 tracing::debug!(route, error = %e, "request rejected");
             }
-            Reply {
-                status: code.status(),
-                body: mls_ds_protocol::encode(&e.body()).unwrap_or_default(),
-                content_type: API_TYPE,
-            }
+            Reply::error(&e)
         }
     };
     state.metrics.record(route, reply.status, start.elapsed());
-    let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
-    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK);
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
-    Ok(resp)
+    Ok(reply.into_response())
+}
+
+/// The response for an error raised outside a request's handler.
+pub fn error_response(e: ServerError) -> Response<Full<Bytes>> {
+    Reply::error(&e).into_response()
+}
+
+impl Reply {
+    fn error(e: &ServerError) -> Reply {
+        Reply {
+            status: e.code().status(),
+            body: mls_ds_protocol::encode(&e.body()).unwrap_or_default(),
+            content_type: API_TYPE,
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from(self.body)));
+        *resp.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        resp
+    }
 }
 
 async fn read_body(

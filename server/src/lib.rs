@@ -4,7 +4,8 @@
 //! `config` (flags), `db` (trees, keys, records), `flusher` (group commit),
 //! `auth` (tokens, sessions, replay), `clients`, `key_packages`, `groups`,
 //! `commit_ordering`, `messages`, `queues`, `rate_limit`, `metrics`, `http`
-//! (routing and the error-to-status mapping), `admin` (check, stats, backup).
+//! (routing and the error-to-status mapping), `admin` (check, stats, backup),
+//! `recovery` (reopening storage after a disk failure).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod messages;
 pub mod metrics;
 pub mod queues;
 pub mod rate_limit;
+pub mod recovery;
 pub mod state;
 pub mod tls;
 
@@ -95,8 +97,14 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
         "mls-ds listening (HTTP/1.1 and h2, TLS if configured, else h2c)"
     );
 
-    let maintenance = tokio::spawn(maintenance(state.clone()));
-    let admin_socket = tokio::spawn(admin::serve_socket(state.clone(), data_dir.to_owned()));
+    let cell = recovery::StateCell::new(state);
+    let maintenance = tokio::spawn(maintenance(cell.clone()));
+    let admin_socket = tokio::spawn(admin::serve_socket(cell.clone(), data_dir.to_owned()));
+    let recovery = tokio::spawn(recovery::watch(
+        cell.clone(),
+        data_dir.to_owned(),
+        args.limits.clone(),
+    ));
     let inflight = Arc::new(http::Inflight::default());
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -114,9 +122,20 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
+                let cell = cell.clone();
                 let inflight = inflight.clone();
-                let service = service_fn(move |req| http::handle(state.clone(), inflight.clone(), req));
+                let service = service_fn(move |req| {
+                    let state = cell.get();
+                    let inflight = inflight.clone();
+                    async move {
+                        match state {
+                            Some(state) => http::handle(state, inflight, req).await,
+                            None => Ok(http::error_response(ServerError::Unavailable(
+                                "storage is being reopened after a failure; retry shortly".into(),
+                            ))),
+                        }
+                    }
+                });
                 match &tls {
                     None => {
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -166,8 +185,11 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
     }
     maintenance.abort();
     admin_socket.abort();
+    recovery.abort();
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
-    state.db.store.flush()?;
+    if let Some(state) = cell.get() {
+        state.db.store.flush()?;
+    }
     tracing::info!("flushed; bye");
     Ok(())
 }
@@ -190,10 +212,11 @@ async fn shutdown_signal() {
 
 /// Periodic housekeeping: prune expired key packages and apply the queue
 /// retention bound.
-async fn maintenance(state: Arc<AppState>) {
+async fn maintenance(cell: Arc<recovery::StateCell>) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tick.tick().await;
+        let Some(state) = cell.get() else { continue };
         let s = state.clone();
         match tokio::task::spawn_blocking(move || key_packages::prune_expired(&s)).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(pruned = n, "pruned expired key packages"),

@@ -134,6 +134,8 @@ pub struct Queues {
     db: Db,
     flusher: Flusher,
     state: Mutex<State>,
+    /// Set when the server lets go of this storage (see `recovery`).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// The queue index as rebuilt from disk.
@@ -290,7 +292,17 @@ impl Queues {
                 cache: HashMap::new(),
                 cache_bytes: 0,
             }),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// End every long-poll (they answer 503) and refuse new ones: the
+    /// storage behind this queue service is being closed.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        for cq in self.lock().clients.values() {
+            cq.notify.notify_waiters();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -404,6 +416,11 @@ impl Queues {
     ) -> Result<QueuePage> {
         let deadline = Instant::now() + wait;
         loop {
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(ServerError::Unavailable(
+                    "storage is being reopened after a failure; retry shortly".into(),
+                ));
+            }
             let notify = self.lock().client(client).notify.clone();
             // Register for wake-ups before reading, so a publish in between
             // is not missed.

@@ -136,7 +136,7 @@ impl Server {
             .arg("--port-file")
             .arg(&port_file)
             .args(&self.extra)
-            .stdout(Stdio::null())
+            .stdout(log.try_clone().expect("log file handle"))
             .stderr(log)
             .spawn()
             .expect("spawn mls-ds");

@@ -1,8 +1,8 @@
 //! Disk trouble: the data directory sits on a small tmpfs that fills up
-//! mid-run. The server answers 5xx saying why, acknowledges
-//! nothing it could not write, reports unhealthy (sled keeps failing after an
-//! I/O error), and after space returns and it is restarted, every
-//! acknowledged message is delivered and the data directory passes `check`.
+//! mid-run. The server answers 5xx saying why, acknowledges nothing it could
+//! not write, reports unhealthy, and once space returns it reopens its
+//! storage by itself: every acknowledged message is delivered, service
+//! resumes, and the data directory passes `check`.
 //! Needs root (to mount the tmpfs), as CI runs.
 
 use std::io::Write;
@@ -91,13 +91,24 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
         .text();
     assert!(reason.contains("No space left on device"), "{reason}");
 
-    // Space returns; a restart recovers everything that was acknowledged.
+    // Space returns: the server notices, reopens its storage by itself (no
+    // restart) and serves again; everything acknowledged is there.
     std::fs::remove_file(&filler).unwrap();
-    server.kill();
-    server.restart();
-    let url = server.url();
-    drop((alice, bob));
-    let (alice, bob) = (open(&url, "alice"), open(&url, "bob"));
+    let mut healthy = false;
+    for _ in 0..200 {
+        if raw_request(&url, "GET", "/healthz", &[], vec![]).await.0 == 200 {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(healthy, "the server came back once space returned");
+    let log = std::fs::read_to_string(server.log_path()).unwrap();
+    assert!(
+        log.contains("storage reopened; serving again"),
+        "{} bytes of log: {log}",
+        log.len()
+    );
     let got: Vec<String> = bob
         .receive(0)
         .await
@@ -114,9 +125,19 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     let unique: std::collections::HashSet<&String> = got.iter().collect();
     assert_eq!(unique.len(), got.len(), "no duplicates");
     alice.send(&gid, b"after").await.unwrap();
+    let after: Vec<Event> = bob.receive(0).await.unwrap();
+    assert!(
+        after
+            .iter()
+            .any(|e| matches!(e, Event::Message { data, .. } if data == b"after")),
+        "normal service after the reopen"
+    );
+    // A SIGKILL and restart on top still finds everything.
+    server.kill();
+    server.restart();
     server.stop_and_check();
     println!(
-        "disk-full test: {} messages acknowledged, {failures} refused while full, all delivered after restart",
+        "disk-full test: {} messages acknowledged, {failures} refused while full, all delivered after the server reopened its storage",
         acknowledged.len()
     );
 }
