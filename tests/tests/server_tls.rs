@@ -80,7 +80,7 @@ async fn h2c_with_prior_knowledge_serves_concurrent_streams() {
         tasks.push(tokio::spawn(async move {
             let req = if i % 2 == 0 {
                 hyper::Request::builder()
-                    .uri(format!("http://{addr}/healthz", addr = "localhost"))
+                    .uri("http://localhost/healthz")
                     .body(Full::new(bytes::Bytes::new()))
                     .unwrap()
             } else {
