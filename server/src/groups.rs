@@ -163,6 +163,10 @@ pub async fn info(state: &AppState, caller: &Caller, group_id: &[u8]) -> Result<
         .export_ratchet_tree()
         .tls_serialize_detached()
         .map_err(|e| ServerError::Internal(format!("encode ratchet tree: {e}")))?;
+    // What was read may come from a commit whose request was cancelled before
+    // its flush: answer only once it is durable, so that nobody joins an
+    // epoch the DS could still lose.
+    state.flusher.durable().await?;
     Reply::ok(&GroupInfoResponse {
         epoch: record.epoch,
         group_info: group_info.into(),
