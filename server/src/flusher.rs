@@ -18,7 +18,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
 
 use mls_ds_storage::{PendingWrites, Store};
 use tokio::sync::oneshot;
@@ -129,11 +128,8 @@ impl Flusher {
     }
 }
 
-/// How long the writer lingers for more jobs while the disk is busy with the
-/// previous flush: one apply per batch instead of one per request.
-const LINGER: Duration = Duration::from_micros(100);
 /// Most jobs applied as one write.
-const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 4096;
 
 /// Jobs whose writes are applied, waiting for a flush.
 type Applied = (Vec<Waiter>, std::result::Result<(), String>);
@@ -148,12 +144,15 @@ fn mark_broken(stats: &FlushStats, e: &str) {
 }
 
 /// Stage one: apply each batch of jobs as one atomic write, in submission
-/// order, and pass it on to the syncer. While the syncer flushes, the next
-/// batch accumulates and is applied, so the disk is never idle under load.
+/// order, and pass it on to the syncer. The hand-over holds one batch, so
+/// while the syncer flushes, one batch is applied ahead and everything else
+/// accumulates for the next: under load there is about one apply per flush
+/// (each sled write costs log-buffer seals and I/O-thread hand-offs whatever
+/// its size), and an idle server adds no waiting to a lone request.
 /// After a failed write nothing later is applied: later jobs may depend on it
 /// (sequence numbers), so they all fail and storage stays broken.
 fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
-    let (to_syncer, from_writer) = mpsc::channel::<Applied>();
+    let (to_syncer, from_writer) = mpsc::sync_channel::<Applied>(1);
     let sync_store = store.clone();
     let sync_stats = stats.clone();
     let syncer = std::thread::Builder::new()
@@ -167,16 +166,7 @@ fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
     let mut failed: Option<String> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        batch.extend(rx.try_iter());
-        while batch.len() < MAX_BATCH {
-            match rx.recv_timeout(LINGER) {
-                Ok(w) => {
-                    batch.push(w);
-                    batch.extend(rx.try_iter());
-                }
-                Err(_) => break,
-            }
-        }
+        batch.extend(rx.try_iter().take(MAX_BATCH));
         let writes: Vec<PendingWrites> = batch.iter_mut().filter_map(|w| w.write.take()).collect();
         // A failed flush breaks storage as much as a failed write.
         let failed_before = failed.clone().or_else(|| stats.broken());
