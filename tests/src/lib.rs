@@ -1,8 +1,11 @@
 //! Harness for system tests: builds and starts the real `mls-ds` binary on
 //! 127.0.0.1 with an ephemeral port and a temporary data directory, restarts
-//! it on the same directory, stops it gracefully or kills it; and low-level
-//! clients ([`raw`]) for tests that need to step outside the SDK.
+//! it on the same directory, stops it gracefully or kills it; low-level
+//! clients ([`raw`]) for tests that need to step outside the SDK; and what
+//! crash tests share ([`crashing`]: retries across restarts, exact records
+//! of sends and deliveries, the loop of a client run as a child process).
 
+pub mod crashing;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
