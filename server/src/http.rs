@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::Body;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use mls_ds_protocol::auth::AuthToken;
@@ -21,6 +21,8 @@ use crate::auth::{Authenticator, Caller, RequestView};
 use crate::error::{Result, ServerError};
 use crate::state::AppState;
 use crate::{clients, commit_ordering, groups, key_packages, messages};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A handler's successful answer.
 pub struct Reply {
@@ -80,12 +82,18 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
-/// Serve one request. Never fails: errors become error responses.
-pub async fn handle(
+/// Serve one request. Never fails: errors become error responses. Generic
+/// over the body so that [`handle_bytes`] shares this path; the server
+/// itself serves `Request<Incoming>`.
+pub async fn handle<B>(
     state: Arc<AppState>,
     inflight: Arc<Inflight>,
-    req: Request<Incoming>,
-) -> std::result::Result<Response<Full<Bytes>>, Infallible> {
+    req: Request<B>,
+) -> std::result::Result<Response<Full<Bytes>>, Infallible>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let start = Instant::now();
     let n = inflight.0.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = InflightGuard(&inflight.0);
@@ -145,10 +153,36 @@ impl Reply {
     }
 }
 
-async fn read_body(
+/// Serve one request given as its parts, through [`handle`] (limits,
+/// authentication, routing, error mapping), for callers without a
+/// connection, such as the fuzz targets in `tests/fuzz`. `None` if the parts
+/// do not form an HTTP request (hyper refuses those before [`handle`]).
+pub async fn handle_bytes(
+    state: Arc<AppState>,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &[u8])],
+    body: Vec<u8>,
+) -> Option<(u16, Vec<u8>)> {
+    let mut builder = Request::builder().method(method).uri(path_and_query);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let req = builder.body(Full::new(Bytes::from(body))).ok()?;
+    let Ok(resp) = handle(state, Arc::new(Inflight::default()), req).await;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, body.to_vec()))
+}
+
+async fn read_body<B>(
     state: &AppState,
-    req: Request<Incoming>,
-) -> Result<(hyper::http::request::Parts, Bytes)> {
+    req: Request<B>,
+) -> Result<(hyper::http::request::Parts, Bytes)>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let max = state.limits.max_body_bytes;
     let declared = req
         .headers()
@@ -245,7 +279,11 @@ fn query_u64(query: &str, name: &str) -> Result<Option<u64>> {
     Ok(None)
 }
 
-async fn dispatch(state: &AppState, req: Request<Incoming>) -> (&'static str, Result<Reply>) {
+async fn dispatch<B>(state: &AppState, req: Request<B>) -> (&'static str, Result<Reply>)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();

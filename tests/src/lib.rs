@@ -1,8 +1,11 @@
 //! Harness for system tests: builds and starts the real `mls-ds` binary on
 //! 127.0.0.1 with an ephemeral port and a temporary data directory, restarts
-//! it on the same directory, stops it gracefully or kills it; and low-level
-//! clients ([`raw`]) for tests that need to step outside the SDK.
+//! it on the same directory, stops it gracefully or kills it; low-level
+//! clients ([`raw`]) for tests that need to step outside the SDK; and what
+//! crash tests share ([`crashing`]: retries across restarts, exact records
+//! of sends and deliveries, the loop of a client run as a child process).
 
+pub mod crashing;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
@@ -103,6 +106,7 @@ pub async fn join_all<F: std::future::Future>(fs: impl IntoIterator<Item = F>) -
 pub struct Server {
     child: Option<Child>,
     data_dir: PathBuf,
+    log: PathBuf,
     addr: String,
     extra: Vec<String>,
 }
@@ -110,9 +114,17 @@ pub struct Server {
 impl Server {
     /// Start a server on `data_dir` with extra flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_logging_to(data_dir, &data_dir.join("server.log"), extra)
+    }
+
+    /// Like [`Server::start`], with the log in `log` instead of the data
+    /// directory: a test that breaks the data directory's file system still
+    /// reads what the server said about it.
+    pub fn start_logging_to(data_dir: &Path, log: &Path, extra: &[&str]) -> Server {
         let mut s = Server {
             child: None,
             data_dir: data_dir.to_owned(),
+            log: log.to_owned(),
             addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
@@ -127,8 +139,12 @@ impl Server {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.data_dir.join("server.log"))
+            .open(&self.log)
             .expect("log file");
+        // The server logs (tracing, no colour codes off a terminal) and
+        // reports panics on stderr, and prints command output on stdout: both
+        // go to the log, so tests can look for what it said.
+        let stdout = log.try_clone().expect("log file handle");
         let child = Command::new(server_binary())
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -136,7 +152,7 @@ impl Server {
             .arg("--port-file")
             .arg(&port_file)
             .args(&self.extra)
-            .stdout(log.try_clone().expect("log file handle"))
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("spawn mls-ds");
@@ -177,7 +193,17 @@ impl Server {
 
     /// The server's log file.
     pub fn log_path(&self) -> PathBuf {
-        self.data_dir.join("server.log")
+        self.log.clone()
+    }
+
+    /// Peak resident set size of the running server in KiB (`VmHWM` in
+    /// `/proc/<pid>/status`), the high-water mark since it started.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// SIGTERM and wait; returns whether the exit status was success.

@@ -281,6 +281,18 @@ pub async fn raw_request(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> (u16, Vec<u8>) {
+    raw_request_bytes(url, method, path, headers, Bytes::from(body)).await
+}
+
+/// [`raw_request`] with a shared body (many large requests without a copy
+/// of the body each), on a connection of its own.
+pub async fn raw_request_bytes(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Bytes,
+) -> (u16, Vec<u8>) {
     let client = http_client();
     let mut b = hyper::Request::builder()
         .method(method)
@@ -289,7 +301,7 @@ pub async fn raw_request(
         b = b.header(*k, v);
     }
     let resp = client
-        .request(b.body(Full::new(Bytes::from(body))).unwrap())
+        .request(b.body(Full::new(body)).unwrap())
         .await
         .unwrap();
     let status = resp.status().as_u16();

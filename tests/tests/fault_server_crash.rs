@@ -8,31 +8,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use mls_ds_client::{Client, ClientConfig, ClientError, Event};
+use mls_ds_client::{Client, ClientConfig, Event};
+use mls_ds_tests::crashing::{is_transport, retry};
 use mls_ds_tests::Server;
 use rand::{Rng, SeedableRng};
 
 const NAMES: [&str; 3] = ["alice", "bob", "carol"];
-
-fn is_transport(e: &ClientError) -> bool {
-    matches!(e, ClientError::Transport(_)) || e.status().is_some_and(|s| s >= 500)
-}
-
-/// Retry an operation across server restarts.
-async fn retry<T, F, Fut>(mut op: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    for _ in 0..200 {
-        match op().await {
-            Ok(v) => return v,
-            Err(e) if is_transport(&e) => tokio::time::sleep(Duration::from_millis(25)).await,
-            Err(e) => panic!("operation failed: {e}"),
-        }
-    }
-    panic!("operation kept failing");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sigkilled_under_load() {
