@@ -67,7 +67,7 @@ pub async fn submit(
     // 404 before a lock is created for an unknown group.
     groups::load(state, group_id)?;
     let lock = state.group_lock(group_id);
-    let _guard = lock.lock().await;
+    let guard = lock.lock_owned().await;
     let db = &state.db;
     let record = groups::load(state, group_id)?;
 
@@ -265,7 +265,7 @@ pub async fn submit(
     // several groups, each needing the route to its owner.
     let tx_inner = tx.into_storage_transaction();
     let (_, durable) = state.queues.enqueue(tx_inner, outgoing)?;
-    durable.wait().await?;
+    durable.wait_holding(guard).await?;
     tracing::info!(group = %hex::encode(group_id), epoch = new_epoch, committer = %caller.client, external, "accepted commit");
     Reply::ok(&CommitAccepted {
         epoch: new_epoch,

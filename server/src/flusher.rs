@@ -46,6 +46,19 @@ impl Durable {
             Err(_) => Err(ServerError::Unavailable("flusher stopped".into())),
         }
     }
+
+    /// Like [`Durable::wait`], and keep `hold` (a group's lock) until the
+    /// write is durable or failed, even if the waiting request is cancelled
+    /// meanwhile: whoever takes the lock next sees only durable state.
+    pub async fn wait_holding<H: Send + 'static>(self, hold: H) -> Result<()> {
+        let task = tokio::spawn(async move {
+            let result = self.wait().await;
+            drop(hold);
+            result
+        });
+        task.await
+            .map_err(|e| ServerError::Internal(format!("waiting for durability failed: {e}")))?
+    }
 }
 
 /// Counters exported on `/metrics`.

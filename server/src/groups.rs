@@ -88,7 +88,7 @@ pub async fn create(state: &AppState, caller: &Caller, body: &[u8]) -> Result<Re
         )));
     }
     let lock = state.group_lock(&group_id);
-    let _guard = lock.lock().await;
+    let guard = lock.lock_owned().await;
     let db = &state.db;
     if db.storage.get_raw(db.groups, &group_id)?.is_some() {
         return Err(ServerError::Conflict(format!(
@@ -123,7 +123,11 @@ pub async fn create(state: &AppState, caller: &Caller, body: &[u8]) -> Result<Re
     s.put_record(db.groups, &group_id, &record)?;
     s.put_raw(db.group_infos, &group_id, req.group_info.as_slice())?;
     tx.commit()?;
-    state.flusher.durable().await?;
+    state
+        .flusher
+        .submit(None, None)?
+        .wait_holding(guard)
+        .await?;
     tracing::info!(group = %hex::encode(&group_id), epoch, members = members.len(), "created group");
     Reply::created(&GroupCreated {
         group_id: group_id.into(),
@@ -163,10 +167,6 @@ pub async fn info(state: &AppState, caller: &Caller, group_id: &[u8]) -> Result<
         .export_ratchet_tree()
         .tls_serialize_detached()
         .map_err(|e| ServerError::Internal(format!("encode ratchet tree: {e}")))?;
-    // What was read may come from a commit whose request was cancelled before
-    // its flush: answer only once it is durable, so that nobody joins an
-    // epoch the DS could still lose.
-    state.flusher.durable().await?;
     Reply::ok(&GroupInfoResponse {
         epoch: record.epoch,
         group_info: group_info.into(),

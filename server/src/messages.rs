@@ -88,7 +88,7 @@ pub async fn send(
             // 404 before a lock is created for an unknown group.
             groups::load(state, group_id)?;
             let lock = state.group_lock(group_id);
-            let _guard = lock.lock().await;
+            let guard = lock.lock_owned().await;
             let record = groups::load(state, group_id)?;
             let to = recipients(state, &record, caller)?;
             let epoch = public.epoch().as_u64();
@@ -116,7 +116,7 @@ pub async fn send(
             // The DS keeps the proposal so that a commit referencing it validates.
             let tx = db.provider.begin();
             public_group.add_proposal(tx.storage(), *proposal)?;
-            fan_out(state, caller, group_id, epoch, bytes, to, Some(tx)).await
+            fan_out(state, caller, group_id, epoch, bytes, to, Some((tx, guard))).await
         }
     }
 }
@@ -128,12 +128,15 @@ async fn fan_out(
     epoch: u64,
     bytes: &[u8],
     to: Vec<ClientId>,
-    tx: Option<mls_ds_storage::ProviderTransaction>,
+    proposal: Option<(
+        mls_ds_storage::ProviderTransaction,
+        tokio::sync::OwnedMutexGuard<()>,
+    )>,
 ) -> Result<Reply> {
     let count = to.len() as u32;
-    let tx = match tx {
-        Some(t) => t.into_storage_transaction(),
-        None => state.db.storage.begin(),
+    let (tx, guard) = match proposal {
+        Some((t, g)) => (t.into_storage_transaction(), Some(g)),
+        None => (state.db.storage.begin(), None),
     };
     let (ids, durable) = state.queues.enqueue(
         tx,
@@ -150,7 +153,10 @@ async fn fan_out(
         }],
     )?;
     let message_id = ids.first().copied().unwrap_or(0);
-    durable.wait().await?;
+    match guard {
+        Some(g) => durable.wait_holding(g).await?,
+        None => durable.wait().await?,
+    }
     Reply::ok(&MessageAccepted {
         message_id,
         recipients: count,

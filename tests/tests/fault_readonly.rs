@@ -212,7 +212,8 @@ async fn read_only_file_system_is_refused_and_nothing_acknowledged_is_lost() {
     assert_eq!(status, 503, "reports unhealthy");
     let unhealthy = decode::<ErrorBody>(&body).unwrap().text();
     assert!(
-        unhealthy.contains(EROFS) && unhealthy.contains("until the data directory is writable again"),
+        unhealthy.contains(EROFS)
+            && unhealthy.contains("until the data directory is writable again"),
         "{unhealthy}"
     );
     let sends = join_all([
