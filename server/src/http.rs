@@ -175,6 +175,10 @@ pub async fn handle_bytes(
     Some((status, body.to_vec()))
 }
 
+/// How long a client may take to send a request body; a stalled upload
+/// holds an in-flight slot only this long.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn read_body<B>(
     state: &AppState,
     req: Request<B>,
@@ -193,15 +197,23 @@ where
         return Err(ServerError::PayloadTooLarge(max));
     }
     let (parts, body) = req.into_parts();
-    let collected = Limited::new(body, max).collect().await.map_err(|e| {
-        if e.downcast_ref::<http_body_util::LengthLimitError>()
-            .is_some()
-        {
-            ServerError::PayloadTooLarge(max)
-        } else {
-            ServerError::BadRequest(format!("cannot read body: {e}"))
-        }
-    })?;
+    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, max).collect())
+        .await
+        .map_err(|_| {
+            ServerError::BadRequest(format!(
+                "request body not received within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ServerError::PayloadTooLarge(max)
+            } else {
+                ServerError::BadRequest(format!("cannot read body: {e}"))
+            }
+        })?;
     let bytes = collected.to_bytes();
     if !bytes.is_empty() {
         let ct = parts
@@ -298,13 +310,15 @@ where
         return (route, Err(ServerError::MethodNotAllowed));
     }
     let result = async {
+        // The body first: a client that stalls its upload must not hold up a
+        // live backup waiting for the gate.
+        let (parts, body) = read_body(state, req).await?;
         // Mutating requests wait while a live backup copies the database.
         let _gate = if method == Method::GET {
             None
         } else {
             Some(state.write_gate.read().await)
         };
-        let (parts, body) = read_body(state, req).await?;
         match route {
             "healthz" => Ok(Reply::text("ok\n".into(), "text/plain")),
             "metrics" => Ok(Reply::text(
