@@ -251,7 +251,17 @@ pub async fn client_loop(spec: ChildSpec) {
         if open.as_ref().is_none_or(|(u, _, _)| *u != url) {
             // Release the store before opening it again.
             drop(open.take());
+            let waits = LOCK_WAITS.load(std::sync::atomic::Ordering::Relaxed);
             let client = open_client(&spec.data_dir, &url, &spec.name, config.clone());
+            if LOCK_WAITS.load(std::sync::atomic::Ordering::Relaxed) != waits {
+                // Tells a lock left by the previous process from one this
+                // process's previous handle still held.
+                eprintln!(
+                    "lock wait above: on {} open of process {}",
+                    if n == 1 { "the first" } else { "a repeated" },
+                    std::process::id()
+                );
+            }
             let log = Log::open(&client);
             open = Some((url, client, log));
         }
