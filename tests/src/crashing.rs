@@ -39,10 +39,12 @@ pub static LOCK_WAITS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomi
 
 /// Open a client's store, waiting (up to 2 s) while it is still locked.
 /// Reopening a store in the process that just dropped it can find sled's
-/// lock still held for a moment (seen about once in 20 runs of the combined
-/// crash test, from a child reopening after the DS moved); a lock held by
-/// another live process is a test bug and still fails after the wait. Each
-/// wait is reported on stderr with the lock's holders from /proc/locks.
+/// lock still held for a moment: sled 0.34 writes its log buffers on a
+/// thread pool whose tasks keep the locked file open until they finish
+/// (seen in about one run in ten of the combined crash test, in a child
+/// reopening after the DS moved). A lock held by another live process is a
+/// test bug and still fails after the wait. Each wait is reported on stderr
+/// with the lock's holders from /proc/locks.
 pub fn open_client(data_dir: &Path, url: &str, name: &str, config: ClientConfig) -> Client {
     for _ in 0..100 {
         match Client::open(data_dir, url, name, config.clone()) {
