@@ -21,10 +21,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mls_ds_client::{Client, ClientConfig};
-use mls_ds_tests::crashing::{is_transport, retry, ChildSpec, Log, Records};
+use mls_ds_tests::crashing::{
+    is_transport, open_client, retry, ChildSpec, Log, Records, LOCK_WAITS,
+};
 use mls_ds_tests::Server;
 use rand::{Rng, SeedableRng};
 
@@ -90,9 +93,8 @@ async fn server_and_clients_crash_together() {
     let mut server = Server::start(&dir.path().join("ds"), &[]);
     let url_file = dir.path().join("url");
     publish_url(&url_file, &server.url());
-    let open = |url: &str, n: &str| {
-        Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap()
-    };
+    let open =
+        |url: &str, n: &str| open_client(&dir.path().join(n), url, n, ClientConfig::default());
 
     // alice's group of four; the children take over bob, carol and dave.
     let url = server.url();
@@ -383,12 +385,22 @@ async fn server_and_clients_crash_together() {
     }
     drop(others);
     server.stop_and_check();
+    // Reopens that had to wait for a lock (see `open_client`), here and in
+    // the children.
+    let mut lock_waits = LOCK_WAITS.load(Ordering::Relaxed);
+    for name in CHILDREN {
+        let log = std::fs::read_to_string(child_log(name)).unwrap_or_default();
+        for line in log.lines().filter(|l| l.starts_with("lock wait:")) {
+            println!("{name}: {line}");
+            lock_waits += 1;
+        }
+    }
     let sent: BTreeMap<&str, (usize, usize)> = records
         .iter()
         .map(|(n, r)| (*n, (r.attempted.len(), r.acked.len())))
         .collect();
     println!(
-        "combined crash test: {cycles} server kills, {child_kills} client kills, {child_aborts} aborts after an accepted commit, {} client processes; {alice_commits} self-updates by alice, {toggles} membership changes of dave; sends (attempted, acknowledged) {sent:?}; {checked} deliveries checked; dave skipped {dave_skips} entries from before his joins; final epoch {epoch}",
+        "combined crash test: {cycles} server kills, {child_kills} client kills, {child_aborts} aborts after an accepted commit, {} client processes; {alice_commits} self-updates by alice, {toggles} membership changes of dave; sends (attempted, acknowledged) {sent:?}; {checked} deliveries checked; dave skipped {dave_skips} entries from before his joins; final epoch {epoch}; {lock_waits} reopens waited for a lock",
         incarnations
     );
     assert!(acknowledged > 0, "messages were acknowledged");

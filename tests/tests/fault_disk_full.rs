@@ -9,7 +9,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use mls_ds_client::{Client, ClientConfig, Event};
+use mls_ds_client::{ClientConfig, Event};
+use mls_ds_tests::crashing::open_client;
 use mls_ds_tests::raw::raw_request;
 use mls_ds_tests::Server;
 
@@ -41,9 +42,8 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     let data = mnt.0.join("ds");
     let mut server = Server::start(&data, &[]);
     let url = server.url();
-    let open = |url: &str, n: &str| {
-        Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap()
-    };
+    let open =
+        |url: &str, n: &str| open_client(&dir.path().join(n), url, n, ClientConfig::default());
     let (alice, bob) = (open(&url, "alice"), open(&url, "bob"));
     alice.register().await.unwrap();
     bob.register().await.unwrap();

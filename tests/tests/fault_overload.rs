@@ -156,12 +156,14 @@ async fn overload_is_refused_with_bounded_memory_then_recovers() {
     // Memory: hundreds of maximal bodies held at once. Every request sends
     // all of its body but the last byte, then stalls until released, so the
     // server holds each admitted body (nearly 1 MiB) at the same time. Since
-    // none can finish, exactly MAX_INFLIGHT are admitted and every other one
-    // is refused with 503 before its body is read. Without the limit the
-    // bodies alone would take 320 MiB.
+    // no admitted request can finish before the release, exactly
+    // MAX_INFLIGHT are admitted; every other one is refused before its body
+    // is read: 503, or, when the server closes the connection on the unread
+    // body before the client has read the answer, a reset. Without the limit
+    // the bodies alone would take 320 MiB.
     let (release, released) = tokio::sync::watch::channel(false);
     let chunk = Bytes::from(vec![0x5a; BODY_BYTES - 1]);
-    let refused_bodies = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
     let client = stalling_client();
     let requests = join_all((0..BODIES).map(|_| async {
         let body = Stalled {
@@ -173,17 +175,19 @@ async fn overload_is_refused_with_bounded_memory_then_recovers() {
             .header("content-type", CONTENT_TYPE)
             .body(body)
             .unwrap();
-        let status = client.request(req).await.map(|r| r.status().as_u16());
-        if status.as_ref().is_ok_and(|s| *s == 503) {
-            refused_bodies.fetch_add(1, Ordering::SeqCst);
-        }
-        status
+        let answer = match client.request(req).await {
+            Ok(r) => r.status().as_u16().to_string(),
+            Err(_) => "reset before the answer was read".to_string(),
+        };
+        let early = !*released.borrow();
+        finished.fetch_add(1, Ordering::SeqCst);
+        (answer, early)
     }));
     let all_refused = async {
         // Wait (not a timing assertion: the counts are checked below) until
         // everything past the limit was refused, then let the rest finish.
         for _ in 0..3000 {
-            if refused_bodies.load(Ordering::SeqCst) >= BODIES - MAX_INFLIGHT {
+            if finished.load(Ordering::SeqCst) >= BODIES - MAX_INFLIGHT {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -194,19 +198,27 @@ async fn overload_is_refused_with_bounded_memory_then_recovers() {
     };
     let (answers, rss_held) = tokio::join!(requests, all_refused);
     let mut by_status = std::collections::BTreeMap::new();
-    for a in &answers {
-        let key = a.as_ref().map_or_else(|e| e.to_string(), |s| s.to_string());
-        *by_status.entry(key).or_insert(0) += 1;
+    for (answer, _) in &answers {
+        *by_status.entry(answer.as_str()).or_insert(0) += 1;
     }
+    let admitted: Vec<&str> = answers
+        .iter()
+        .filter(|(_, early)| !early)
+        .map(|(a, _)| a.as_str())
+        .collect();
     assert_eq!(
-        by_status,
-        [
-            ("401".to_string(), MAX_INFLIGHT),
-            ("503".to_string(), BODIES - MAX_INFLIGHT)
-        ]
-        .into(),
-        "exactly the limit admitted (each read whole, then refused for lack of authentication)"
+        admitted,
+        vec!["401"; MAX_INFLIGHT],
+        "exactly the limit admitted, each read whole and then refused for lack of authentication ({by_status:?})"
     );
+    assert!(
+        answers
+            .iter()
+            .filter(|(_, early)| *early)
+            .all(|(a, _)| a != "401"),
+        "no body past the limit was read: {by_status:?}"
+    );
+    assert!(by_status.get("503") > Some(&0), "{by_status:?}");
     let peak = server.peak_rss_kib().expect("VmHWM");
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(

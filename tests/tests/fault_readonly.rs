@@ -29,6 +29,7 @@ use std::process::Command;
 
 use mls_ds_client::{Client, ClientConfig, ClientError, Event};
 use mls_ds_protocol::{decode, ErrorBody};
+use mls_ds_tests::crashing::open_client;
 use mls_ds_tests::raw::raw_request;
 use mls_ds_tests::{join_all, Server};
 
@@ -156,9 +157,8 @@ async fn read_only_file_system_is_refused_and_nothing_acknowledged_is_lost() {
     // The log stays writable, off the file system that breaks.
     let mut server = Server::start_logging_to(&data, &dir.path().join("server.log"), &[]);
     let url = server.url();
-    let open = |url: &str, n: &str| {
-        Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap()
-    };
+    let open =
+        |url: &str, n: &str| open_client(&dir.path().join(n), url, n, ClientConfig::default());
     let names = ["alice", "bob", "carol"];
     let clients: Vec<Client> = names.iter().map(|n| open(&url, n)).collect();
     let [alice, bob, carol] = &clients[..] else {

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use mls_ds_client::{Client, ClientConfig, Event};
-use mls_ds_tests::crashing::{is_transport, retry};
+use mls_ds_tests::crashing::{is_transport, open_client, retry};
 use mls_ds_tests::Server;
 use rand::{Rng, SeedableRng};
 
@@ -36,9 +36,8 @@ async fn server_sigkilled_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start(&dir.path().join("ds"), &[]);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let open = |url: &str, n: &str| {
-        Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap()
-    };
+    let open =
+        |url: &str, n: &str| open_client(&dir.path().join(n), url, n, ClientConfig::default());
 
     let url = server.url();
     let mut clients: Vec<Client> = NAMES.iter().map(|n| open(&url, n)).collect();

@@ -181,6 +181,9 @@ pub struct World {
     seeds: Vec<Seed>,
     /// Requests served since the world was built.
     pub served: u64,
+    /// With `MLS_DS_FUZZ_STATS` set: answers by method, route and status,
+    /// printed when the world is dropped (to see how deep inputs get).
+    stats: Option<std::collections::BTreeMap<String, u64>>,
     // Dropped last: the store lives in it.
     _dir: tempfile::TempDir,
 }
@@ -219,6 +222,7 @@ impl World {
             group_id: Vec::new(),
             seeds: Vec::new(),
             served: 0,
+            stats: std::env::var_os("MLS_DS_FUZZ_STATS").map(|_| Default::default()),
             _dir: dir,
         };
         world.setup();
@@ -505,6 +509,11 @@ impl World {
         ) else {
             return;
         };
+        if let Some(stats) = self.stats.as_mut() {
+            *stats
+                .entry(format!("{method} {} {status}", route_of(&path)))
+                .or_default() += 1;
+        }
         // Nothing a client sends makes the server fail.
         assert!(status < 500, "{status} for {method} {path}: {reply:?}");
         // Every refusal carries an error body with the matching code.
@@ -513,6 +522,33 @@ impl World {
             assert_eq!(e.code.status(), status, "{}", e.text());
         }
     }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(stats) = &self.stats {
+            for (k, n) in stats {
+                eprintln!("answers: {n:>7} {k}");
+            }
+        }
+    }
+}
+
+/// A path with ids replaced by `{id}` and without its query.
+fn route_of(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or_default();
+    path.split('/')
+        .map(|seg| {
+            let id = seg.len() > 16 && seg.bytes().all(|b| b.is_ascii_hexdigit());
+            let client = ["alice", "bob", "carol", "dave"].contains(&seg);
+            if id || client {
+                "{id}"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 impl Default for World {
