@@ -107,7 +107,13 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
     ));
     let inflight = Arc::new(http::Inflight::default());
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that stalls its request head gives up its connection after
+    // this (bodies have their own limit in `http`).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
