@@ -249,6 +249,12 @@ pub async fn client_loop(spec: ChildSpec) {
         ..ClientConfig::default()
     };
     for n in 1u64.. {
+        // The test that started this process is gone (its temporary
+        // directory with it, e.g. after a failed assertion): stop, instead
+        // of looping forever as an orphan.
+        if spec.url_file.parent().is_some_and(|d| !d.exists()) {
+            std::process::exit(0);
+        }
         let url = std::fs::read_to_string(&spec.url_file).unwrap_or_default();
         if open.as_ref().is_none_or(|(u, _, _)| *u != url) {
             // Release the store before opening it again.
