@@ -36,8 +36,8 @@ pub enum ServerError {
     #[error("{0}")]
     UnsupportedMediaType(String),
     /// Method not allowed (405).
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("method not allowed; allowed: {0}")]
+    MethodNotAllowed(String),
     /// Rate limit (429).
     #[error("rate limit exceeded, retry later")]
     TooManyRequests,
@@ -76,7 +76,7 @@ impl ServerError {
             ServerError::Conflict(_) => ErrorCode::Conflict,
             ServerError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             ServerError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
-            ServerError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ServerError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             ServerError::TooManyRequests => ErrorCode::TooManyRequests,
             ServerError::Unavailable(_) => ErrorCode::Unavailable,
             ServerError::Storage(_) | ServerError::Internal(_) => ErrorCode::Internal,

@@ -29,6 +29,8 @@ pub struct Reply {
     status: u16,
     body: Vec<u8>,
     content_type: &'static str,
+    /// `Allow` header of a 405.
+    allow: Option<String>,
 }
 
 impl Reply {
@@ -39,6 +41,7 @@ impl Reply {
             status,
             body,
             content_type: API_TYPE,
+            allow: None,
         })
     }
 
@@ -58,6 +61,7 @@ impl Reply {
             status: 204,
             body: Vec::new(),
             content_type: API_TYPE,
+            allow: None,
         }
     }
 
@@ -66,6 +70,7 @@ impl Reply {
             status: 200,
             body: body.into_bytes(),
             content_type,
+            allow: None,
         }
     }
 }
@@ -141,6 +146,10 @@ impl Reply {
             status: e.code().status(),
             body: mls_ds_protocol::encode(&e.body()).unwrap_or_default(),
             content_type: API_TYPE,
+            allow: match e {
+                ServerError::MethodNotAllowed(allowed) => Some(allowed.clone()),
+                _ => None,
+            },
         }
     }
 
@@ -149,6 +158,9 @@ impl Reply {
         *resp.status_mut() = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        if let Some(v) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            resp.headers_mut().insert(hyper::header::ALLOW, v);
+        }
         resp
     }
 }
@@ -299,7 +311,7 @@ where
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let route = route_name(&method, &segments);
+    let (route, allowed) = route_name(&method, &segments);
     if route == "unknown" {
         return (
             route,
@@ -307,7 +319,10 @@ where
         );
     }
     if route == "method" {
-        return (route, Err(ServerError::MethodNotAllowed));
+        return (
+            route,
+            Err(ServerError::MethodNotAllowed(allowed.join(", "))),
+        );
     }
     let result = async {
         // The body first: a client that stalls its upload must not hold up a
@@ -399,10 +414,10 @@ async fn authenticated(
 }
 
 /// Name of the route (also the metrics label); "unknown" for no such path,
-/// "method" for a known path with the wrong method.
-fn route_name(method: &Method, segments: &[&str]) -> &'static str {
+/// "method" for a known path with the wrong method; with the path's methods.
+fn route_name(method: &Method, segments: &[&str]) -> (&'static str, &'static [&'static str]) {
     let m = method.as_str();
-    let (name, allowed): (&'static str, &[&str]) = match segments {
+    let (name, allowed): (&'static str, &'static [&'static str]) = match segments {
         ["healthz"] => ("healthz", &["GET"]),
         ["metrics"] => ("metrics", &["GET"]),
         ["v1", "clients"] => ("register", &["POST"]),
@@ -410,8 +425,8 @@ fn route_name(method: &Method, segments: &[&str]) -> &'static str {
         ["v1", "clients", _] => ("delete_client", &["DELETE"]),
         ["v1", "clients", _, "key-package"] => ("claim", &["POST"]),
         ["v1", "key-packages"] => match m {
-            "GET" => ("count", &["GET"]),
-            _ => ("publish", &["POST"]),
+            "GET" => ("count", &["GET", "POST"]),
+            _ => ("publish", &["GET", "POST"]),
         },
         ["v1", "groups"] => ("create_group", &["POST"]),
         ["v1", "groups", _, "info"] => ("group_info", &["GET"]),
@@ -419,11 +434,11 @@ fn route_name(method: &Method, segments: &[&str]) -> &'static str {
         ["v1", "groups", _, "messages"] => ("send", &["POST"]),
         ["v1", "queue"] => ("fetch", &["GET"]),
         ["v1", "queue", "ack"] => ("ack", &["POST"]),
-        _ => return "unknown",
+        _ => return ("unknown", &[]),
     };
     if allowed.contains(&m) {
-        name
+        (name, allowed)
     } else {
-        "method"
+        ("method", allowed)
     }
 }

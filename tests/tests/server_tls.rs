@@ -108,4 +108,14 @@ async fn h2c_with_prior_knowledge_serves_concurrent_streams() {
             assert!(err.text().contains("authorization"), "{}", err.text());
         }
     }
+    // A known path with the wrong method: 405 naming the allowed ones.
+    let mut send = send;
+    let req = hyper::Request::builder()
+        .method("DELETE")
+        .uri("http://localhost/v1/key-packages")
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "GET, POST");
 }
