@@ -108,9 +108,9 @@ pub fn stats(db: &Db) -> Result<String> {
         "accepted commits   {}",
         s.scan_raw(db.commits, b"")?.len()
     );
-    let queues = crate::queues::verify(db)?;
-    let _ = writeln!(out, "queue entries      {}", queues.entries);
-    let _ = writeln!(out, "stored messages    {}", queues.messages);
+    let (entries, messages) = crate::queues::counts(db)?;
+    let _ = writeln!(out, "queue entries      {entries}");
+    let _ = writeln!(out, "stored messages    {messages}");
     let _ = writeln!(
         out,
         "size on disk       {} bytes",
@@ -175,10 +175,7 @@ pub async fn serve_socket(
             }
             let (report, code) = match cell.get() {
                 Some(state) => run_command(&state, line.trim()).await,
-                None => (
-                    "storage is being reopened after a failure; retry shortly\n".into(),
-                    1,
-                ),
+                None => (format!("{}\n", crate::recovery::REOPENING), 1),
             };
             let _ = write
                 .write_all(format!("{report}EXIT {code}\n").as_bytes())

@@ -137,7 +137,7 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
                         match state {
                             Some(state) => http::handle(state, inflight, req).await,
                             None => Ok(http::error_response(ServerError::Unavailable(
-                                "storage is being reopened after a failure; retry shortly".into(),
+                                recovery::REOPENING.into(),
                             ))),
                         }
                     }

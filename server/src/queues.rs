@@ -216,6 +216,14 @@ fn load_index(db: &Db) -> Result<Index> {
     })
 }
 
+/// Unacknowledged queue entries and stored message bodies (for `stats`; no
+/// integrity checks, see [`verify`]).
+pub fn counts(db: &Db) -> Result<(u64, usize)> {
+    let index = load_index(db)?;
+    let entries = index.clients.values().map(|c| c.ids.len() as u64).sum();
+    Ok((entries, index.messages.len() + index.orphans.len()))
+}
+
 /// What [`verify`] found in the delivery tree.
 pub struct QueueReport {
     /// Unacknowledged queue entries.
@@ -417,9 +425,7 @@ impl Queues {
         let deadline = Instant::now() + wait;
         loop {
             if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-                return Err(ServerError::Unavailable(
-                    "storage is being reopened after a failure; retry shortly".into(),
-                ));
+                return Err(ServerError::Unavailable(crate::recovery::REOPENING.into()));
             }
             let notify = self.lock().client(client).notify.clone();
             // Register for wake-ups before reading, so a publish in between

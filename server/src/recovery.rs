@@ -43,6 +43,9 @@ impl StateCell {
     }
 }
 
+/// What requests are told while storage is being reopened.
+pub const REOPENING: &str = "storage is being reopened after a failure; retry shortly";
+
 /// How often the watcher looks at storage health.
 const PERIOD: Duration = Duration::from_millis(500);
 /// How long requests still using the broken state may take to finish.
