@@ -214,6 +214,27 @@ impl DsApi {
         dec(&bytes)
     }
 
+    /// Acknowledge every entry up to `ack` and fetch the next page in one
+    /// request (see [`DsApi::fetch`] and [`DsApi::ack`]); the page comes back
+    /// once the acknowledgement is durable.
+    pub async fn ack_and_fetch(
+        &self,
+        ack: u64,
+        after: u64,
+        limit: u32,
+        wait_ms: u64,
+    ) -> Result<QueuePage> {
+        let path = format!(
+            "{}?ack={ack}&after={after}&limit={limit}&wait_ms={wait_ms}",
+            paths::QUEUE
+        );
+        let bytes = self
+            .transport
+            .send(Method::GET, &path, Vec::new(), AuthMode::Session)
+            .await?;
+        dec(&bytes)
+    }
+
     /// Acknowledge every entry up to `up_to`.
     pub async fn ack(&self, up_to: u64) -> Result<Acked> {
         let body = enc(&Ack { up_to })?;

@@ -115,7 +115,7 @@ pub async fn register(state: &AppState, token: &AuthToken, req: &RequestView<'_>
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
             });
-            match state.flusher.submit(Some(tx.into_pending()?), Some(after)) {
+            match state.flusher.submit(vec![tx.into_pending()?], Some(after)) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     registering.remove(&body.client_id);

@@ -4,17 +4,20 @@
 //!
 //! Hot-path handlers do not write to sled themselves: they hand the writes of
 //! their transaction to [`Flusher::submit`]. A writer thread takes every job
-//! queued so far and applies all their writes, in submission order, as one
-//! atomic sled write; a syncer thread then flushes once for everything
+//! queued so far and applies all their writes, in submission order (multi-key
+//! sets merged into one atomic sled write, single keys as plain inserts, see
+//! [`Store::apply_all`]); a syncer thread then flushes once for everything
 //! applied meanwhile (sled flush + `fdatasync` of its log file, via the
 //! storage crate), runs the jobs' after-flush work and wakes them all. The
 //! two stages overlap: the next batch is applied while the last one is
 //! flushed.
-//! sled pays two log-buffer seals and their I/O-thread hand-offs per atomic
-//! write whatever its size, so one write per cycle instead of one per request
-//! is what lets durability keep up with load. Handlers that applied writes
-//! directly call [`Flusher::durable`]: a job queued after a flush started is
-//! served by the next one, so every write applied before the call is covered.
+//! sled seals its log buffer twice per atomic write whatever its size, and
+//! each seal is a log write + `sync_file_range` on its I/O threads, so one
+//! write per cycle instead of one per request (and none at all for cycles of
+//! single-key sets) is what lets durability keep up with load. Handlers that
+//! applied writes directly call [`Flusher::durable`]: a job queued after a
+//! flush started is served by the next one, so every write applied before
+//! the call is covered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -28,7 +31,7 @@ use crate::error::{Result, ServerError};
 pub type AfterFlush = Box<dyn FnOnce() + Send>;
 
 struct Waiter {
-    write: Option<PendingWrites>,
+    writes: Vec<PendingWrites>,
     reply: oneshot::Sender<std::result::Result<(), String>>,
     after: Option<AfterFlush>,
 }
@@ -114,25 +117,21 @@ impl Flusher {
 
     /// Wait until every write applied before this call is on disk.
     pub async fn durable(&self) -> Result<()> {
-        self.submit(None, None)?.wait().await
+        self.submit(Vec::new(), None)?.wait().await
     }
 
-    /// Queue `write` for the next cycle of the flusher thread, which applies
-    /// it (after everything submitted before it, in one atomic write with the
-    /// other jobs of the cycle), flushes, and then runs `after`, even if the
+    /// Queue `writes` for the next cycle of the flusher thread, which applies
+    /// them (after everything submitted before, each set atomically, see
+    /// [`Store::apply_all`]), flushes, and then runs `after`, even if the
     /// request that submitted it was cancelled meanwhile: what was made
     /// durable is always published. Submission order is application order,
     /// so callers that need an order (queue sequence numbers) submit under
     /// the lock that decides it. Does not block.
-    pub fn submit(
-        &self,
-        write: Option<PendingWrites>,
-        after: Option<AfterFlush>,
-    ) -> Result<Durable> {
+    pub fn submit(&self, writes: Vec<PendingWrites>, after: Option<AfterFlush>) -> Result<Durable> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .send(Waiter {
-                write,
+                writes,
                 reply: tx,
                 after,
             })
@@ -156,8 +155,8 @@ fn mark_broken(stats: &FlushStats, e: &str) {
         .get_or_insert_with(|| e.to_owned());
 }
 
-/// Stage one: apply each batch of jobs as one atomic write, in submission
-/// order, and pass it on to the syncer. The hand-over holds one batch, so
+/// Stage one: apply each batch of jobs (see [`Store::apply_all`]), in
+/// submission order, and pass it on to the syncer. The hand-over holds one batch, so
 /// while the syncer flushes, one batch is applied ahead and everything else
 /// accumulates for the next: under load there is about one apply per flush
 /// (each sled write costs log-buffer seals and I/O-thread hand-offs whatever
@@ -180,7 +179,10 @@ fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter().take(MAX_BATCH));
-        let writes: Vec<PendingWrites> = batch.iter_mut().filter_map(|w| w.write.take()).collect();
+        let writes: Vec<PendingWrites> = batch
+            .iter_mut()
+            .flat_map(|w| std::mem::take(&mut w.writes))
+            .collect();
         // A failed flush breaks storage as much as a failed write.
         let failed_before = failed.clone().or_else(|| stats.broken());
         let result = match &failed_before {

@@ -125,7 +125,7 @@ pub async fn create(state: &AppState, caller: &Caller, body: &[u8]) -> Result<Re
     tx.commit()?;
     state
         .flusher
-        .submit(None, None)?
+        .submit(Vec::new(), None)?
         .wait_holding(guard)
         .await?;
     tracing::info!(group = %hex::encode(&group_id), epoch, members = members.len(), "created group");

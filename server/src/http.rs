@@ -391,6 +391,12 @@ async fn authenticated(
             let wait = query_u64(q, "wait_ms")?
                 .unwrap_or(0)
                 .min(limits.max_wait_ms);
+            // `ack`: acknowledge first (as `POST /v1/queue/ack`), so a
+            // draining client needs one request per page instead of two.
+            let acked = match query_u64(q, "ack")? {
+                Some(up_to) => Some(state.queues.ack(&caller.client, up_to)?.2),
+                None => None,
+            };
             let page = state
                 .queues
                 .fetch(
@@ -401,6 +407,9 @@ async fn authenticated(
                     Duration::from_millis(wait),
                 )
                 .await?;
+            if let Some(durable) = acked {
+                durable.wait().await?;
+            }
             Reply::ok(&page)
         }
         "ack" => {

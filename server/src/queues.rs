@@ -18,6 +18,16 @@
 //! entry becomes visible to fetches only after the flush covering it
 //! completed ([`Queues::publish`], run by the flusher thread), so a client
 //! never sees (or acknowledges) a message the DS could still lose.
+//!
+//! The writes of a plain fan-out, an ack and an expiry are applied key by
+//! key, without a sled batch (which costs two log writes): sled recovers a
+//! prefix of its log, and every key-order prefix of these writes is a state
+//! [`load_index`] accepts. Bodies (`'m'`) sort before fan-out records
+//! (`'r'`), so a crash can leave at most the newest body without its record
+//! (an unacknowledged send), and ack marks (`'a'`) sort before the removals
+//! they allow, so a crash can leave fully acknowledged messages behind;
+//! startup deletes both. A fan-out that joins other writes (a commit with
+//! its group state) stays one atomic write.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -143,9 +153,10 @@ struct Index {
     clients: HashMap<ClientId, ClientQueue>,
     messages: BTreeMap<u64, MessageMeta>,
     next_message_id: u64,
-    /// Fan-out records whose every entry is acknowledged (left by a crash
-    /// between an ack and its cleanup, which cannot happen with one atomic
-    /// write, or by an older build): safe to delete.
+    /// Messages nobody will fetch: fan-out records whose every entry is
+    /// acknowledged (a crash between an ack and its removals) and the newest
+    /// body if it has no fan-out record (a crash between the two writes of
+    /// an unacknowledged send). Safe to delete.
     orphans: Vec<u64>,
 }
 
@@ -167,10 +178,11 @@ fn load_index(db: &Db) -> Result<Index> {
     }
     let mut messages = BTreeMap::new();
     let mut orphans = Vec::new();
-    let mut next_message_id = match s.last_raw(db.delivery, b"m")? {
-        Some((k, _)) => db::key_seq(DELIVERY, &k)? + 1,
-        None => 1,
+    let newest_body = match s.last_raw(db.delivery, b"m")? {
+        Some((k, _)) => Some(db::key_seq(DELIVERY, &k)?),
+        None => None,
     };
+    let mut next_message_id = newest_body.map_or(1, |id| id + 1);
     for (k, v) in s.scan_raw(db.delivery, b"r")? {
         let id = db::key_seq(DELIVERY, &k)?;
         next_message_id = next_message_id.max(id + 1);
@@ -205,6 +217,11 @@ fn load_index(db: &Db) -> Result<Index> {
             );
         }
     }
+    if let Some(id) = newest_body {
+        if s.get_raw(db.delivery, &db::fanout_key(id))?.is_none() {
+            orphans.push(id);
+        }
+    }
     for cq in clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
     }
@@ -236,14 +253,17 @@ pub struct QueueReport {
 
 /// Integrity check of the delivery tree (for `mls-ds check`): every queue is
 /// gap-free, every referenced body is stored and decodes, and every body has
-/// its fan-out record.
+/// its fan-out record (but the one a crash may leave, which the next start
+/// deletes, see [`Index::orphans`]).
 pub fn verify(db: &Db) -> Result<QueueReport> {
     let s = &db.storage;
     let mut problems = Vec::new();
     let mut entries = 0;
+    let mut orphans = Vec::new();
     match load_index(db) {
         Err(e) => problems.push(e.to_string()),
         Ok(index) => {
+            orphans = index.orphans;
             entries = index.clients.values().map(|c| c.ids.len() as u64).sum();
             for id in index.messages.keys() {
                 let mk = db::message_key(*id);
@@ -261,7 +281,7 @@ pub fn verify(db: &Db) -> Result<QueueReport> {
     let bodies = s.scan_raw(db.delivery, b"m")?;
     for (k, _) in &bodies {
         let id = db::key_seq(DELIVERY, k)?;
-        if s.get_raw(db.delivery, &db::fanout_key(id))?.is_none() {
+        if !orphans.contains(&id) && s.get_raw(db.delivery, &db::fanout_key(id))?.is_none() {
             problems.push(format!("message {id} has no fan-out record"));
         }
     }
@@ -331,10 +351,17 @@ impl Queues {
         let mut published: Vec<(ClientId, u64)> = Vec::new();
         let saved_next_id = state.next_message_id;
         let staged = self.stage(&mut state, &tx, outgoing, &mut message_ids, &mut published);
-        let submitted = staged.and_then(|()| {
+        let submitted = staged.and_then(|queue_keys| {
             let queues = self.clone();
             let after = Box::new(move || queues.publish(&published));
-            self.flusher.submit(Some(tx.into_pending()?), Some(after))
+            let pending = tx.into_pending()?;
+            // Nothing but this fan-out: key by key is safe (module doc).
+            let writes = if pending.len() == queue_keys {
+                pending.into_single_writes()
+            } else {
+                vec![pending]
+            };
+            self.flusher.submit(writes, Some(after))
         });
         match submitted {
             Ok(durable) => Ok((message_ids, durable)),
@@ -364,7 +391,8 @@ impl Queues {
         outgoing: Vec<Outgoing>,
         message_ids: &mut Vec<u64>,
         published: &mut Vec<(ClientId, u64)>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
+        let mut keys = 0;
         for out in outgoing {
             let id = state.next_message_id;
             state.next_message_id += 1;
@@ -389,6 +417,7 @@ impl Queues {
                 &db::fanout_key(id),
                 &Fanout { stored_ms, entries },
             )?;
+            keys += 2;
             state.messages.insert(id, MessageMeta { refs, stored_ms });
             let size = cached_size(&out.message);
             if state.cache_bytes + size <= BODY_CACHE_BYTES {
@@ -396,7 +425,7 @@ impl Queues {
                 state.cache.insert(id, Arc::new(out.message));
             }
         }
-        Ok(())
+        Ok(keys)
     }
 
     /// Make durable entries visible and wake long-polls.
@@ -526,7 +555,7 @@ impl Queues {
             return Ok((
                 acked,
                 head.saturating_sub(acked),
-                self.flusher.submit(None, None)?,
+                self.flusher.submit(Vec::new(), None)?,
             ));
         }
         let popped = cq.advance(up_to);
@@ -535,8 +564,10 @@ impl Queues {
         tx.put_raw(self.db.delivery, &db::ack_key(client), &up_to.to_be_bytes())?;
         self.stage_removals(&tx, &freed)?;
         // Submitted under the lock: the removals follow the writes of the
-        // bodies they delete.
-        let durable = self.flusher.submit(Some(tx.into_pending()?), None)?;
+        // bodies they delete. Key by key is safe (module doc).
+        let durable = self
+            .flusher
+            .submit(tx.into_pending()?.into_single_writes(), None)?;
         Ok((up_to, head - up_to, durable))
     }
 
@@ -590,7 +621,9 @@ impl Queues {
         let dropped = released.len();
         let freed = state.release(released);
         self.stage_removals(&tx, &freed)?;
-        let durable = self.flusher.submit(Some(tx.into_pending()?), None)?;
+        let durable = self
+            .flusher
+            .submit(tx.into_pending()?.into_single_writes(), None)?;
         Ok((dropped, Some(durable)))
     }
 
@@ -606,7 +639,7 @@ impl Queues {
         let freed = state.release(popped);
         tx.put_raw(self.db.delivery, &db::ack_key(client), &mark.to_be_bytes())?;
         self.stage_removals(&tx, &freed)?;
-        self.flusher.submit(Some(tx.into_pending()?), None)
+        self.flusher.submit(vec![tx.into_pending()?], None)
     }
 
     /// Depth (unacknowledged entries) of every client queue.
@@ -775,6 +808,70 @@ mod tests {
         assert_eq!(seqs(&q, &a, 5).await, vec![6]);
         assert_eq!(seqs(&q, &b, 5).await, vec![6]);
         assert_eq!(seqs(&q, &c, 1).await, vec![2]);
+    }
+
+    /// Fan-outs and acks are applied key by key: every prefix a crash can
+    /// keep must reopen to a consistent state (module doc).
+    #[tokio::test]
+    async fn crash_prefixes_of_key_by_key_writes_reopen_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            durability: Durability::Batched,
+            ..StoreConfig::default()
+        };
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        // `check` on the crashed database finds nothing wrong, and startup
+        // deletes the leftovers.
+        let reopen = || async {
+            let store = Store::open(dir.path(), config.clone()).unwrap();
+            let report = verify(&Db::new(store.clone()).unwrap()).unwrap();
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+            queues_on(store)
+        };
+        {
+            let q = queues_on(Store::open(dir.path(), config.clone()).unwrap());
+            send(&q, 1, &[&a, &b]).await;
+            send(&q, 2, &[&a, &b]).await;
+            // A send cut after its body: the body has no fan-out record.
+            let s = &q.db.storage;
+            s.put_record(q.db.delivery, &db::message_key(3), &message(3))
+                .unwrap();
+            // b's ack of message 1 cut after its mark: the message is fully
+            // acknowledged but still stored.
+            ack(&q, &a, 1).await.unwrap();
+            s.put_raw(q.db.delivery, &db::ack_key(&b), &1u64.to_be_bytes())
+                .unwrap();
+        }
+        {
+            let q = reopen().await;
+            assert_eq!(q.stored_messages(), 1, "only message 2 is still queued");
+            assert_eq!(seqs(&q, &a, 1).await, vec![2]);
+            assert_eq!(seqs(&q, &b, 1).await, vec![2]);
+            let s = &q.db.storage;
+            for id in [1, 3] {
+                assert_eq!(
+                    s.get_raw(q.db.delivery, &db::message_key(id)).unwrap(),
+                    None
+                );
+                assert_eq!(s.get_raw(q.db.delivery, &db::fanout_key(id)).unwrap(), None);
+            }
+            // An ack cut after removing the body but before the record.
+            ack(&q, &a, 2).await.unwrap();
+            s.put_raw(q.db.delivery, &db::ack_key(&b), &2u64.to_be_bytes())
+                .unwrap();
+            s.remove_raw(q.db.delivery, &db::message_key(2)).unwrap();
+        }
+        let q = reopen().await;
+        assert_eq!(q.stored_messages(), 0);
+        assert_eq!(
+            q.db.storage
+                .get_raw(q.db.delivery, &db::fanout_key(2))
+                .unwrap(),
+            None
+        );
+        // Numbering goes on after the cleaned-up messages.
+        send(&q, 4, &[&a]).await;
+        assert_eq!(seqs(&q, &a, 2).await, vec![3]);
     }
 
     #[tokio::test]

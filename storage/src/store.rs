@@ -197,17 +197,33 @@ impl Store {
         })
     }
 
-    /// Apply the writes of several transactions, in order, as one atomic sled
-    /// write (a later write of a key wins over an earlier one). Nothing is
-    /// flushed: the caller makes the result durable with [`Store::flush`].
-    /// Either all of them reach the database or none does.
+    /// Apply the writes of several transactions in order (a later write of a
+    /// key wins over an earlier one). Nothing is flushed: the caller makes
+    /// the result durable with [`Store::flush`].
+    ///
+    /// Each [`PendingWrites`] is applied atomically. Consecutive ones that
+    /// write several keys are merged into one atomic sled write; one that
+    /// writes a single key is applied as a plain sled insert or remove, which
+    /// is atomic by itself and, unlike a sled batch, does not seal the log
+    /// buffer (each seal is a log write with `sync_file_range` on sled's I/O
+    /// threads). sled recovers a prefix of its log, so after a crash the
+    /// database holds a prefix of these writes, in this order.
     pub fn apply_all(
         &self,
         pending: impl IntoIterator<Item = PendingWrites>,
     ) -> Result<(), StorageError> {
         let mut merged = Overlay::new();
         for p in pending {
-            if merged.is_empty() {
+            if p.writes.len() == 1 {
+                apply_overlay(&self.shared, std::mem::take(&mut merged))?;
+                for ((tree, key), value) in p.writes {
+                    let tree = read_lock(&self.shared.trees)[tree].1.clone();
+                    match value {
+                        Some(v) => tree.insert(key, v)?,
+                        None => tree.remove(key)?,
+                    };
+                }
+            } else if merged.is_empty() {
                 merged = p.writes;
             } else {
                 merged.extend(p.writes);
@@ -406,6 +422,19 @@ pub struct PendingWrites {
 }
 
 impl PendingWrites {
+    /// Split into one set per key, in key order (tree by tree, keys in byte
+    /// order). [`Store::apply_all`] applies each without a sled batch, so a
+    /// crash can keep any prefix of them: only for writes whose every
+    /// key-order prefix is a consistent state.
+    pub fn into_single_writes(self) -> Vec<PendingWrites> {
+        self.writes
+            .into_iter()
+            .map(|(k, v)| PendingWrites {
+                writes: Overlay::from([(k, v)]),
+            })
+            .collect()
+    }
+
     /// Number of keys written or deleted.
     pub fn len(&self) -> usize {
         self.writes.len()

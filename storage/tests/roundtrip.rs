@@ -625,3 +625,35 @@ fn pending_writes_of_many_transactions_apply_as_one_in_order() {
         "dropped, never applied"
     );
 }
+
+#[test]
+fn single_key_writes_apply_in_order_between_atomic_sets() {
+    let s = temp_storage();
+    let store = s.store();
+    let records = store.record_tree("single").unwrap();
+    let fan_out = s.begin();
+    fan_out.put_raw(records, b"m1", b"body").unwrap();
+    fan_out.put_raw(records, b"r1", b"record").unwrap();
+    let singles = fan_out.into_pending().unwrap().into_single_writes();
+    assert_eq!(singles.len(), 2);
+    assert!(singles.iter().all(|p| p.len() == 1));
+    let atomic = s.begin();
+    atomic.put_raw(records, b"m1", b"replaced").unwrap();
+    atomic.put_raw(records, b"g", b"state").unwrap();
+    let after = s.begin();
+    after.remove_raw(records, b"r1").unwrap();
+    let mut pending = singles;
+    pending.push(atomic.into_pending().unwrap());
+    pending.push(after.into_pending().unwrap());
+    store.apply_all(pending).unwrap();
+    assert_eq!(
+        s.get_raw(records, b"m1").unwrap(),
+        Some(b"replaced".to_vec())
+    );
+    assert_eq!(s.get_raw(records, b"g").unwrap(), Some(b"state".to_vec()));
+    assert_eq!(
+        s.get_raw(records, b"r1").unwrap(),
+        None,
+        "the later removal wins"
+    );
+}

@@ -445,6 +445,48 @@ async fn bad_inputs(url: &str) {
     );
 }
 
+/// `GET /v1/queue?ack=N` acknowledges before it fetches; an ack beyond the
+/// head is refused and changes nothing.
+async fn ack_with_fetch(url: &str) {
+    let (mut alice, bob) = group_of_two(url, "ackf-alice", "ackf-bob").await;
+    let start = bob.api.fetch(0, 1, 0).await.unwrap().acked;
+    for i in 0..3 {
+        let m = alice.encrypt(format!("m{i}").as_bytes());
+        alice.api.send_message(&alice.gid(), m).await.unwrap();
+    }
+    let page = bob.api.fetch(start, 10, 0).await.unwrap();
+    assert_eq!(page.entries.len(), 3);
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    let page = bob
+        .api
+        .ack_and_fetch(seqs[1], seqs[1], 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(page.acked, seqs[1]);
+    assert_eq!(
+        page.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![seqs[2]]
+    );
+    let e = bob
+        .api
+        .ack_and_fetch(1_000_000, seqs[1], 10, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert_eq!(
+        bob.api.fetch(0, 10, 0).await.unwrap().acked,
+        seqs[1],
+        "unchanged"
+    );
+    // Acknowledging the rest and long-polling on the empty queue.
+    let page = bob
+        .api
+        .ack_and_fetch(seqs[2], seqs[2], 10, 50)
+        .await
+        .unwrap();
+    assert_eq!((page.acked, page.entries.len()), (seqs[2], 0));
+}
+
 /// A deleted client's id stays reserved; nothing is queued for it; a session
 /// cannot open another session; non-members learn nothing about the epoch.
 async fn deletion_and_sessions(url: &str) {
@@ -519,6 +561,7 @@ async fn protocol() {
     commit_race(&url).await;
     concurrent_claims(&url).await;
     bad_inputs(&url).await;
+    ack_with_fetch(&url).await;
     deletion_and_sessions(&url).await;
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(!log.contains("panicked"), "server log shows a panic");
