@@ -680,9 +680,14 @@ impl Client {
         self.resolve_outboxes().await?;
         let mut processed = 0;
         let mut wait = wait_ms;
+        // The ack of a processed page travels with the next fetch.
+        let mut processed_up_to = None;
         loop {
             let cursor = self.cursor()?;
-            let page = self.api.fetch(cursor, 256, wait).await?;
+            let page = match processed_up_to.take() {
+                Some(up_to) => self.api.ack_and_fetch(up_to, cursor, 256, wait).await?,
+                None => self.api.fetch(cursor, 256, wait).await?,
+            };
             wait = 0;
             if page.entries.is_empty() {
                 if page.acked < cursor && cursor <= page.head {
@@ -699,7 +704,7 @@ impl Client {
                 last = entry.seq;
                 processed += 1;
             }
-            self.api.ack(last).await?;
+            processed_up_to = Some(last);
         }
         Ok(processed)
     }
