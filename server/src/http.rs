@@ -393,10 +393,11 @@ async fn authenticated(
                 .min(limits.max_wait_ms);
             // `ack`: acknowledge first (as `POST /v1/queue/ack`), so a
             // draining client needs one request per page instead of two.
-            let acked = match query_u64(q, "ack")? {
-                Some(up_to) => Some(state.queues.ack(&caller.client, up_to)?.2),
-                None => None,
-            };
+            // The page is read once the ack is durable, so it also holds
+            // what became visible meanwhile.
+            if let Some(up_to) = query_u64(q, "ack")? {
+                state.queues.ack(&caller.client, up_to)?.2.wait().await?;
+            }
             let page = state
                 .queues
                 .fetch(
@@ -407,9 +408,6 @@ async fn authenticated(
                     Duration::from_millis(wait),
                 )
                 .await?;
-            if let Some(durable) = acked {
-                durable.wait().await?;
-            }
             Reply::ok(&page)
         }
         "ack" => {
