@@ -156,11 +156,12 @@ fn mark_broken(stats: &FlushStats, e: &str) {
 }
 
 /// Stage one: apply each batch of jobs (see [`Store::apply_all`]), in
-/// submission order, and pass it on to the syncer. The hand-over holds one batch, so
-/// while the syncer flushes, one batch is applied ahead and everything else
-/// accumulates for the next: under load there is about one apply per flush
-/// (each sled write costs log-buffer seals and I/O-thread hand-offs whatever
-/// its size), and an idle server adds no waiting to a lone request.
+/// submission order, and pass it on to the syncer. The hand-over holds one
+/// batch, so while the syncer flushes, one batch is applied ahead and
+/// everything else accumulates for the next: under load there is about one
+/// apply per flush (each atomic sled write costs log-buffer seals and
+/// I/O-thread hand-offs whatever its size), and an idle server adds no
+/// waiting to a lone request.
 /// After a failed write nothing later is applied: later jobs may depend on it
 /// (sequence numbers), so they all fail and storage stays broken.
 fn run(store: Store, rx: mpsc::Receiver<Waiter>, stats: Arc<FlushStats>) {
