@@ -129,4 +129,10 @@ pub struct Limits {
     /// sled page cache in MiB.
     #[arg(long, env = "MLS_DS_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
+
+    /// How long a client may take to send a request head (HTTP/1) or a
+    /// request body, in milliseconds; a stalled client loses its connection
+    /// or gets 400 then, and gives up its in-flight slot.
+    #[arg(long, env = "MLS_DS_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    pub read_timeout_ms: u64,
 }

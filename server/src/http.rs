@@ -187,10 +187,6 @@ pub async fn handle_bytes(
     Some((status, body.to_vec()))
 }
 
-/// How long a client may take to send a request body; a stalled upload
-/// holds an in-flight slot only this long.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 async fn read_body<B>(
     state: &AppState,
     req: Request<B>,
@@ -209,12 +205,14 @@ where
         return Err(ServerError::PayloadTooLarge(max));
     }
     let (parts, body) = req.into_parts();
-    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, max).collect())
+    // A stalled upload holds an in-flight slot only this long.
+    let limit = Duration::from_millis(state.limits.read_timeout_ms);
+    let collected = tokio::time::timeout(limit, Limited::new(body, max).collect())
         .await
         .map_err(|_| {
             ServerError::BadRequest(format!(
-                "request body not received within {} s",
-                BODY_READ_TIMEOUT.as_secs()
+                "request body not received within {} ms",
+                limit.as_millis()
             ))
         })?
         .map_err(|e| {

@@ -109,11 +109,11 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client that stalls its request head gives up its connection after
-    // this (bodies have their own limit in `http`).
+    // this (bodies are bounded by the same limit in `http`).
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(Duration::from_millis(args.limits.read_timeout_ms));
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
