@@ -874,6 +874,55 @@ mod tests {
         assert_eq!(seqs(&q, &a, 2).await, vec![3]);
     }
 
+    /// A queue with a gap, or keys of an older layout, is refused at startup
+    /// (and reported by `check`) instead of being served wrongly.
+    #[tokio::test]
+    async fn a_gap_or_an_old_layout_is_refused() {
+        let config = StoreConfig {
+            durability: Durability::Batched,
+            ..StoreConfig::default()
+        };
+        let a = ClientId::new("a").unwrap();
+        let gap = tempfile::tempdir().unwrap();
+        {
+            let q = queues_on(Store::open(gap.path(), config.clone()).unwrap());
+            for i in 0..3 {
+                send(&q, i, &[&a]).await;
+            }
+            // Lose the middle message's record: a's queue jumps from 1 to 3.
+            q.db.storage
+                .remove_raw(q.db.delivery, &db::fanout_key(2))
+                .unwrap();
+        }
+        let store = Store::open(gap.path(), config.clone()).unwrap();
+        let db = Db::new(store.clone()).unwrap();
+        let report = verify(&db).unwrap();
+        assert!(
+            report.problems.iter().any(|p| p.contains("has a gap")),
+            "{:?}",
+            report.problems
+        );
+        let flusher = Flusher::start(store).unwrap();
+        let refused = Queues::open(db, flusher).err().expect("refused");
+        assert!(refused.to_string().contains("has a gap"), "{refused}");
+
+        let old = tempfile::tempdir().unwrap();
+        {
+            let q = queues_on(Store::open(old.path(), config.clone()).unwrap());
+            q.db.storage
+                .put_raw(q.db.delivery, b"q\x01a", &1u64.to_be_bytes())
+                .unwrap();
+        }
+        let store = Store::open(old.path(), config).unwrap();
+        let db = Db::new(store.clone()).unwrap();
+        let flusher = Flusher::start(store).unwrap();
+        let refused = Queues::open(db, flusher).err().expect("refused");
+        assert!(
+            refused.to_string().contains("earlier development build"),
+            "{refused}"
+        );
+    }
+
     #[tokio::test]
     async fn long_poll_wakes_on_publish() {
         let q = queues();
