@@ -70,6 +70,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MLS_DS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Threads handling requests (default: one per CPU core); the flusher's
+    /// two threads and sled's I/O threads come on top. On a machine shared
+    /// with other busy processes, fewer can be faster (BENCHMARKS.md).
+    #[arg(long, env = "MLS_DS_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: Option<u16>,
+
     #[command(flatten)]
     pub limits: Limits,
 }

@@ -36,7 +36,13 @@ fn run(cli: Cli) -> Result<ExitCode, ServerError> {
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     match command {
         Command::Serve(args) => {
-            let runtime = tokio::runtime::Runtime::new()
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.workers {
+                builder.worker_threads(usize::from(n));
+            }
+            let runtime = builder
+                .enable_all()
+                .build()
                 .map_err(|e| ServerError::Internal(format!("cannot start runtime: {e}")))?;
             runtime.block_on(mls_ds_server::serve(&cli.data_dir, args))?;
             Ok(ExitCode::SUCCESS)

@@ -44,7 +44,15 @@ fn stalled_heads_and_bodies_are_cut_off() {
     let timeout = TIMEOUT_MS.to_string();
     let server = Server::start(
         dir.path(),
-        &["--read-timeout-ms", &timeout, "--max-inflight", "1"],
+        // One worker thread: the stalled requests must not block it.
+        &[
+            "--read-timeout-ms",
+            &timeout,
+            "--max-inflight",
+            "1",
+            "--workers",
+            "1",
+        ],
     );
     let url = server.url();
     let addr = url.trim_start_matches("http://");
