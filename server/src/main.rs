@@ -2,12 +2,6 @@
 
 use std::process::ExitCode;
 
-/// glibc's allocator showed up as about 15% of the request handlers' CPU
-/// under load (`malloc_consolidate`, `_int_free`); mimalloc is cheaper for
-/// this many small, short-lived allocations across threads (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser;
 use mls_ds_server::config::{Cli, Command};
 use mls_ds_server::{admin, db::Db, error::ServerError, open_store};
