@@ -203,15 +203,7 @@ impl DsApi {
 
     /// Fetch queue entries after `after`, waiting up to `wait_ms` for the first.
     pub async fn fetch(&self, after: u64, limit: u32, wait_ms: u64) -> Result<QueuePage> {
-        let path = format!(
-            "{}?after={after}&limit={limit}&wait_ms={wait_ms}",
-            paths::QUEUE
-        );
-        let bytes = self
-            .transport
-            .send(Method::GET, &path, Vec::new(), AuthMode::Session)
-            .await?;
-        dec(&bytes)
+        self.fetch_page("", after, limit, wait_ms).await
     }
 
     /// Acknowledge every entry up to `ack` and fetch the next page in one
@@ -224,8 +216,20 @@ impl DsApi {
         limit: u32,
         wait_ms: u64,
     ) -> Result<QueuePage> {
+        self.fetch_page(&format!("ack={ack}&"), after, limit, wait_ms)
+            .await
+    }
+
+    /// `GET /v1/queue` with `extra` query parameters (each ending in `&`).
+    async fn fetch_page(
+        &self,
+        extra: &str,
+        after: u64,
+        limit: u32,
+        wait_ms: u64,
+    ) -> Result<QueuePage> {
         let path = format!(
-            "{}?ack={ack}&after={after}&limit={limit}&wait_ms={wait_ms}",
+            "{}?{extra}after={after}&limit={limit}&wait_ms={wait_ms}",
             paths::QUEUE
         );
         let bytes = self
