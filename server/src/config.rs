@@ -139,6 +139,11 @@ pub struct Limits {
     /// How long a client may take to send a request head (HTTP/1) or a
     /// request body, in milliseconds; a stalled client loses its connection
     /// or gets 400 then, and gives up its in-flight slot.
-    #[arg(long, env = "MLS_DS_READ_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        env = "MLS_DS_READ_TIMEOUT_MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     pub read_timeout_ms: u64,
 }
