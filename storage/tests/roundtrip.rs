@@ -357,8 +357,25 @@ fn newer_format_is_refused_and_data_left_untouched() {
     );
     assert!(err.to_string().contains("newer"));
     // The data is still there for a newer build.
-    let db = sled::open(dir.path()).unwrap();
+    let db = sled_after_refusal(dir.path());
     assert_eq!(db.open_tree(Family::Trees.tree_name()).unwrap().len(), 1);
+}
+
+/// Open the raw sled database that `Store::open` just refused. sled releases
+/// its file lock from a background thread after the refused handle is
+/// dropped, so under load the lock can still be held for a moment (as
+/// `Store::open` itself allows for).
+fn sled_after_refusal(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("cannot reopen {}: {e}", path.display()),
+        }
+    }
 }
 
 #[test]
@@ -374,7 +391,7 @@ fn foreign_database_is_not_claimed() {
     }
     let err = Store::open(dir.path(), StoreConfig::default()).unwrap_err();
     assert!(matches!(err, StorageError::BadFormatRecord(_)), "{err}");
-    let db = sled::open(dir.path()).unwrap();
+    let db = sled_after_refusal(dir.path());
     assert!(!db
         .open_tree(META_TREE)
         .unwrap()
