@@ -29,7 +29,7 @@
 //! startup deletes both. A fan-out that joins other writes (a commit with
 //! its group state) stays one atomic write.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -259,11 +259,11 @@ pub fn verify(db: &Db) -> Result<QueueReport> {
     let s = &db.storage;
     let mut problems = Vec::new();
     let mut entries = 0;
-    let mut orphans = Vec::new();
+    let mut orphans = HashSet::new();
     match load_index(db) {
         Err(e) => problems.push(e.to_string()),
         Ok(index) => {
-            orphans = index.orphans;
+            orphans = index.orphans.into_iter().collect();
             entries = index.clients.values().map(|c| c.ids.len() as u64).sum();
             for id in index.messages.keys() {
                 let mk = db::message_key(*id);
@@ -678,14 +678,16 @@ mod tests {
         Arc::new(Queues::open(Db::new(store).unwrap(), flusher).unwrap())
     }
 
+    /// Tests make durability explicit through the flusher.
+    fn batched() -> StoreConfig {
+        StoreConfig {
+            durability: Durability::Batched,
+            ..StoreConfig::default()
+        }
+    }
+
     fn queues() -> Arc<Queues> {
-        queues_on(
-            Store::temporary(StoreConfig {
-                durability: Durability::Batched,
-                ..StoreConfig::default()
-            })
-            .unwrap(),
-        )
+        queues_on(Store::temporary(batched()).unwrap())
     }
 
     fn message(stored_ms: u64) -> StoredMessage {
@@ -774,10 +776,7 @@ mod tests {
     #[tokio::test]
     async fn the_index_is_rebuilt_from_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig {
-            durability: Durability::Batched,
-            ..StoreConfig::default()
-        };
+        let config = batched();
         let (a, b, c) = (
             ClientId::new("a").unwrap(),
             ClientId::new("b").unwrap(),
@@ -815,10 +814,7 @@ mod tests {
     #[tokio::test]
     async fn crash_prefixes_of_key_by_key_writes_reopen_cleanly() {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig {
-            durability: Durability::Batched,
-            ..StoreConfig::default()
-        };
+        let config = batched();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
         // `check` on the crashed database finds nothing wrong, and startup
         // deletes the leftovers.
@@ -878,10 +874,7 @@ mod tests {
     /// (and reported by `check`) instead of being served wrongly.
     #[tokio::test]
     async fn a_gap_or_an_old_layout_is_refused() {
-        let config = StoreConfig {
-            durability: Durability::Batched,
-            ..StoreConfig::default()
-        };
+        let config = batched();
         let a = ClientId::new("a").unwrap();
         let gap = tempfile::tempdir().unwrap();
         {
