@@ -147,3 +147,32 @@ pub struct Limits {
     )]
     pub read_timeout_ms: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Cli;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mls-ds").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn zero_workers_or_read_timeout_is_refused() {
+        for flag in ["--workers", "--read-timeout-ms"] {
+            let err = match parse(&[flag, "0"]) {
+                Ok(cli) => panic!("{flag} 0 was accepted: {cli:?}"),
+                Err(e) => e,
+            };
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let cli = match parse(&["--workers", "1", "--read-timeout-ms", "1"]) {
+            Ok(cli) => cli,
+            Err(e) => panic!("smallest valid values refused: {e}"),
+        };
+        assert_eq!(cli.serve.workers, Some(1));
+        assert_eq!(cli.serve.limits.read_timeout_ms, 1);
+    }
+}
