@@ -11,8 +11,8 @@
 //! | `app.ds.groups` | group id | [`GroupRecord`] |
 //! | `app.ds.group_infos` | group id | `MLSMessage(GroupInfo)` of the current epoch |
 //! | `app.ds.commits` | `group_key ++ epoch u64 BE` | [`CommitRecord`] (one accepted commit per epoch) |
-//! | `app.ds.delivery` | `'m' ++ id u64 BE` | [`StoredMessage`], stored once for all recipients |
-//! | | `'r' ++ id u64 BE` | [`Fanout`]: each recipient and the seq the message has in its queue |
+//! | `app.ds.delivery` | `'e' ++ id u64 BE` | [`Envelope`]: a message, stored once for all recipients, with each recipient and the seq it has in that queue |
+//! | | `'m'` / `'r'` `++ id u64 BE` | the same split in two ([`StoredMessage`], [`Fanout`]), as written before envelopes; converted at startup (`queues::migrate_split_messages`) |
 //! | | `'a' ++ client_key` | highest acknowledged seq u64 BE |
 //! | `app.ds.server` | `secret` | 32-byte server secret |
 //!
@@ -117,6 +117,27 @@ pub struct Fanout {
     pub entries: Vec<(Vec<u8>, u64)>,
 }
 
+/// A stored message with its fan-out, as one value: a plain send is one key
+/// to write and one to remove. The fan-out comes first so that the startup
+/// scan of these records reads them in one pass.
+#[derive(bincode::Decode, Clone, Debug, PartialEq)]
+pub struct Envelope {
+    /// Where the message went.
+    pub fanout: Fanout,
+    /// The message.
+    pub message: StoredMessage,
+}
+
+/// [`Envelope`] by reference, for writing one without copying the message
+/// (same encoding).
+#[derive(bincode::Encode)]
+pub struct EnvelopeRef<'a> {
+    /// Where the message went.
+    pub fanout: &'a Fanout,
+    /// The message.
+    pub message: &'a StoredMessage,
+}
+
 /// Handles on every tree of the server.
 #[derive(Clone)]
 pub struct Db {
@@ -203,12 +224,17 @@ pub fn commit_key(group_id: &[u8], epoch: u64) -> Result<Vec<u8>> {
     Ok([len_prefixed(group_id)?.as_slice(), &epoch.to_be_bytes()].concat())
 }
 
-/// Key of a stored message.
+/// Key of a stored message and its fan-out ([`Envelope`]).
+pub fn envelope_key(id: u64) -> Vec<u8> {
+    [b"e".as_slice(), &id.to_be_bytes()].concat()
+}
+
+/// Key of a message body in the split layout written before envelopes.
 pub fn message_key(id: u64) -> Vec<u8> {
     [b"m".as_slice(), &id.to_be_bytes()].concat()
 }
 
-/// Key of a stored message's fan-out record.
+/// Key of a fan-out record in the split layout written before envelopes.
 pub fn fanout_key(id: u64) -> Vec<u8> {
     [b"r".as_slice(), &id.to_be_bytes()].concat()
 }

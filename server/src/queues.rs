@@ -3,12 +3,12 @@
 //! retention, and deletion of message bodies once every recipient has
 //! acknowledged them.
 //!
-//! A message for G recipients is written once, whatever G: its body
-//! (`'m' ++ id`) and one fan-out record (`'r' ++ id`) naming each recipient
-//! and the sequence number the message got in that recipient's queue. Which
-//! message sits at which sequence number of a queue is an in-memory index,
-//! rebuilt from the fan-out records (and the stored acknowledgement marks,
-//! `'a' ++ client`) at startup, so a send costs two keys and a fetch reads no
+//! A message for G recipients is written once, whatever G: one envelope
+//! (`'e' ++ id`) holding the body and the fan-out (each recipient with the
+//! sequence number the message got in that recipient's queue). Which message
+//! sits at which sequence number of a queue is an in-memory index, rebuilt
+//! from the envelopes' fan-outs (and the stored acknowledgement marks,
+//! `'a' ++ client`) at startup, so a send writes one key and a fetch reads no
 //! index from disk. Bodies of unacknowledged messages are also kept in a
 //! bounded in-memory cache.
 //!
@@ -22,12 +22,16 @@
 //! The writes of a plain fan-out, an ack and an expiry are applied key by
 //! key, without a sled batch (which costs two log writes): sled recovers a
 //! prefix of its log, and every key-order prefix of these writes is a state
-//! [`load_index`] accepts. Bodies (`'m'`) sort before fan-out records
-//! (`'r'`), so a crash can leave at most the newest body without its record
-//! (an unacknowledged send), and ack marks (`'a'`) sort before the removals
-//! they allow, so a crash can leave fully acknowledged messages behind;
-//! startup deletes both. A fan-out that joins other writes (a commit with
-//! its group state) stays one atomic write.
+//! [`load_index`] accepts. A plain send is a single key. Ack marks (`'a'`)
+//! sort before the envelopes whose removal they allow, so a crash can leave
+//! fully acknowledged messages behind; startup deletes them. A fan-out that
+//! joins other writes (a commit with its group state) stays one atomic write.
+//!
+//! Builds before envelopes stored a message as two keys, its body (`'m'`)
+//! and its fan-out record (`'r'`). Startup reads that layout too and
+//! converts what is still queued ([`migrate_split_messages`]); the split
+//! layout's crash leftover (the newest body without its record) is deleted
+//! like the others.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,7 +43,7 @@ use mls_ds_storage::codec::decode_record;
 use mls_ds_storage::Transaction;
 use tokio::sync::Notify;
 
-use crate::db::{self, Db, Fanout, StoredMessage};
+use crate::db::{self, Db, Envelope, EnvelopeRef, Fanout, StoredMessage};
 use crate::error::{Result, ServerError};
 use crate::flusher::{Durable, Flusher};
 
@@ -153,14 +157,44 @@ struct Index {
     clients: HashMap<ClientId, ClientQueue>,
     messages: BTreeMap<u64, MessageMeta>,
     next_message_id: u64,
-    /// Messages nobody will fetch: fan-out records whose every entry is
-    /// acknowledged (a crash between an ack and its removals) and the newest
-    /// body if it has no fan-out record (a crash between the two writes of
-    /// an unacknowledged send). Safe to delete.
+    /// Messages nobody will fetch: stored messages whose every entry is
+    /// acknowledged (a crash between an ack and its removals) and, in the
+    /// split layout, the newest body if it has no fan-out record (a crash
+    /// between the two writes of an unacknowledged send). Safe to delete.
     orphans: Vec<u64>,
+    /// Referenced messages still in the split layout (`'m'` + `'r'`).
+    split: Vec<u64>,
+    /// Envelopes read.
+    envelopes: usize,
 }
 
-/// Rebuild the index from the fan-out records and ack marks. Fails on a
+/// Envelopes read per range query at startup, so that the scan holds a
+/// bounded number of message bodies in memory.
+const ENVELOPE_PAGE: usize = 256;
+
+/// Call `f` with every stored envelope, in id order.
+fn for_each_envelope(db: &Db, mut f: impl FnMut(u64, Envelope) -> Result<()>) -> Result<()> {
+    let mut from = db::envelope_key(0);
+    let to = db::envelope_key(u64::MAX);
+    loop {
+        let page = db
+            .storage
+            .range_raw(db.delivery, &from, &to, ENVELOPE_PAGE)?;
+        let full = page.len() == ENVELOPE_PAGE;
+        let mut last = None;
+        for (k, v) in page {
+            let id = db::key_seq(DELIVERY, &k)?;
+            f(id, decode_record(DELIVERY, &k, &v)?)?;
+            last = Some(id);
+        }
+        match last.and_then(|id| id.checked_add(1)) {
+            Some(next) if full => from = db::envelope_key(next),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Rebuild the index from the stored fan-outs and ack marks. Fails on a
 /// queue with a gap or on data in a layout this build does not know.
 fn load_index(db: &Db) -> Result<Index> {
     let s = &db.storage;
@@ -176,17 +210,40 @@ fn load_index(db: &Db) -> Result<Index> {
         let client = ClientId::new(k.get(2..).unwrap_or_default())?;
         clients.insert(client, ClientQueue::new(db::be_u64(DELIVERY, &v)?));
     }
+    // Every fan-out, in id order (queues are checked in sequence order): the
+    // envelopes and the split layout's records. A crash during the startup
+    // conversion leaves both layouts, for different ids.
+    let mut fanouts: BTreeMap<u64, (Fanout, bool)> = BTreeMap::new();
+    let mut envelopes = 0;
+    for_each_envelope(db, |id, envelope| {
+        envelopes += 1;
+        fanouts.insert(id, (envelope.fanout, false));
+        Ok(())
+    })?;
+    for (k, v) in s.scan_raw(db.delivery, b"r")? {
+        let id = db::key_seq(DELIVERY, &k)?;
+        let fanout: Fanout = decode_record(DELIVERY, &k, &v)?;
+        if fanouts.insert(id, (fanout, true)).is_some() {
+            return Err(ServerError::Internal(format!(
+                "message {id} is stored both as an envelope and as a fan-out record"
+            )));
+        }
+    }
     let mut messages = BTreeMap::new();
     let mut orphans = Vec::new();
+    let mut split = Vec::new();
     let newest_body = match s.last_raw(db.delivery, b"m")? {
         Some((k, _)) => Some(db::key_seq(DELIVERY, &k)?),
         None => None,
     };
     let mut next_message_id = newest_body.map_or(1, |id| id + 1);
-    for (k, v) in s.scan_raw(db.delivery, b"r")? {
-        let id = db::key_seq(DELIVERY, &k)?;
+    if let Some(id) = newest_body {
+        if !fanouts.contains_key(&id) {
+            orphans.push(id);
+        }
+    }
+    for (id, (fanout, is_split)) in fanouts {
         next_message_id = next_message_id.max(id + 1);
-        let fanout: Fanout = decode_record(DELIVERY, &k, &v)?;
         let mut refs = 0u32;
         for (client, seq) in fanout.entries {
             let client = ClientId::new(client)?;
@@ -208,6 +265,9 @@ fn load_index(db: &Db) -> Result<Index> {
         if refs == 0 {
             orphans.push(id);
         } else {
+            if is_split {
+                split.push(id);
+            }
             messages.insert(
                 id,
                 MessageMeta {
@@ -215,11 +275,6 @@ fn load_index(db: &Db) -> Result<Index> {
                     stored_ms: fanout.stored_ms,
                 },
             );
-        }
-    }
-    if let Some(id) = newest_body {
-        if s.get_raw(db.delivery, &db::fanout_key(id))?.is_none() {
-            orphans.push(id);
         }
     }
     for cq in clients.values_mut() {
@@ -230,10 +285,12 @@ fn load_index(db: &Db) -> Result<Index> {
         messages,
         next_message_id,
         orphans,
+        split,
+        envelopes,
     })
 }
 
-/// Unacknowledged queue entries and stored message bodies (for `stats`; no
+/// Unacknowledged queue entries and stored messages (for `stats`; no
 /// integrity checks, see [`verify`]).
 pub fn counts(db: &Db) -> Result<(u64, usize)> {
     let index = load_index(db)?;
@@ -245,27 +302,31 @@ pub fn counts(db: &Db) -> Result<(u64, usize)> {
 pub struct QueueReport {
     /// Unacknowledged queue entries.
     pub entries: u64,
-    /// Stored message bodies.
+    /// Stored messages.
     pub messages: usize,
     /// Everything wrong.
     pub problems: Vec<String>,
 }
 
 /// Integrity check of the delivery tree (for `mls-ds check`): every queue is
-/// gap-free, every referenced body is stored and decodes, and every body has
-/// its fan-out record (but the one a crash may leave, which the next start
-/// deletes, see [`Index::orphans`]).
+/// gap-free and every stored message decodes; in the split layout of older
+/// builds, every referenced body is stored and every body has its fan-out
+/// record (but the one a crash may leave, which the next start deletes, see
+/// [`Index::orphans`]).
 pub fn verify(db: &Db) -> Result<QueueReport> {
     let s = &db.storage;
     let mut problems = Vec::new();
     let mut entries = 0;
+    let mut envelopes = 0;
     let mut orphans = HashSet::new();
+    let mut split = HashSet::new();
     match load_index(db) {
         Err(e) => problems.push(e.to_string()),
         Ok(index) => {
             orphans = index.orphans.into_iter().collect();
             entries = index.clients.values().map(|c| c.ids.len() as u64).sum();
-            for id in index.messages.keys() {
+            envelopes = index.envelopes;
+            for id in &index.split {
                 let mk = db::message_key(*id);
                 match s.get_raw(db.delivery, &mk)? {
                     None => problems.push(format!("queued message {id} has no stored body")),
@@ -276,20 +337,64 @@ pub fn verify(db: &Db) -> Result<QueueReport> {
                     }
                 }
             }
+            split = index.split.into_iter().collect();
         }
     }
     let bodies = s.scan_raw(db.delivery, b"m")?;
     for (k, _) in &bodies {
         let id = db::key_seq(DELIVERY, k)?;
-        if !orphans.contains(&id) && s.get_raw(db.delivery, &db::fanout_key(id))?.is_none() {
+        if !orphans.contains(&id)
+            && !split.contains(&id)
+            && s.get_raw(db.delivery, &db::fanout_key(id))?.is_none()
+        {
             problems.push(format!("message {id} has no fan-out record"));
         }
     }
     Ok(QueueReport {
         entries,
-        messages: bodies.len(),
+        messages: envelopes + bodies.len(),
         problems,
     })
+}
+
+/// Messages converted per atomic write by [`migrate_split_messages`].
+const MIGRATION_CHUNK: usize = 256;
+
+/// Convert referenced messages of the split layout (a body `'m'` and a
+/// fan-out record `'r'`, as builds before envelopes wrote them) into
+/// envelopes. Each chunk of messages is one atomic write, so a crash
+/// leaves every message whole in one layout or the other, and the next
+/// start goes on where this one stopped.
+pub fn migrate_split_messages(db: &Db, ids: &[u64]) -> Result<()> {
+    let s = &db.storage;
+    for chunk in ids.chunks(MIGRATION_CHUNK) {
+        let tx = s.begin();
+        for id in chunk {
+            let (mk, rk) = (db::message_key(*id), db::fanout_key(*id));
+            let (Some(body), Some(record)) =
+                (s.get_raw(db.delivery, &mk)?, s.get_raw(db.delivery, &rk)?)
+            else {
+                return Err(ServerError::Internal(format!(
+                    "queued message {id} has no stored body; run `mls-ds check`"
+                )));
+            };
+            let message: StoredMessage = decode_record(DELIVERY, &mk, &body)?;
+            let fanout: Fanout = decode_record(DELIVERY, &rk, &record)?;
+            tx.put_record(
+                db.delivery,
+                &db::envelope_key(*id),
+                &EnvelopeRef {
+                    fanout: &fanout,
+                    message: &message,
+                },
+            )?;
+            tx.remove_raw(db.delivery, &mk)?;
+            tx.remove_raw(db.delivery, &rk)?;
+        }
+        tx.commit()?;
+    }
+    db.store.flush()?;
+    Ok(())
 }
 
 impl Queues {
@@ -300,14 +405,19 @@ impl Queues {
         if !index.orphans.is_empty() {
             let tx = db.storage.begin();
             for id in &index.orphans {
+                tx.remove_raw(db.delivery, &db::envelope_key(*id))?;
                 tx.remove_raw(db.delivery, &db::message_key(*id))?;
                 tx.remove_raw(db.delivery, &db::fanout_key(*id))?;
             }
             tx.commit()?;
             db.store.flush()?;
+            tracing::info!(count = index.orphans.len(), "deleted unreferenced messages");
+        }
+        if !index.split.is_empty() {
+            migrate_split_messages(&db, &index.split)?;
             tracing::info!(
-                count = index.orphans.len(),
-                "deleted unreferenced message bodies"
+                count = index.split.len(),
+                "converted queued messages to envelopes"
             );
         }
         Ok(Queues {
@@ -411,13 +521,15 @@ impl Queues {
                 published.push((r, seq));
             }
             let stored_ms = out.message.stored_ms;
-            tx.put_record(self.db.delivery, &db::message_key(id), &out.message)?;
             tx.put_record(
                 self.db.delivery,
-                &db::fanout_key(id),
-                &Fanout { stored_ms, entries },
+                &db::envelope_key(id),
+                &EnvelopeRef {
+                    fanout: &Fanout { stored_ms, entries },
+                    message: &out.message,
+                },
             )?;
-            keys += 2;
+            keys += 1;
             state.messages.insert(id, MessageMeta { refs, stored_ms });
             let size = cached_size(&out.message);
             if state.cache_bytes + size <= BODY_CACHE_BYTES {
@@ -506,9 +618,12 @@ impl Queues {
             let m = match cached {
                 Some(m) => m,
                 None => {
-                    let mk = db::message_key(id);
-                    match self.db.storage.get_raw(self.db.delivery, &mk)? {
-                        Some(raw) => Arc::new(decode_record(DELIVERY, &mk, &raw)?),
+                    let ek = db::envelope_key(id);
+                    match self.db.storage.get_raw(self.db.delivery, &ek)? {
+                        Some(raw) => {
+                            let envelope: Envelope = decode_record(DELIVERY, &ek, &raw)?;
+                            Arc::new(envelope.message)
+                        }
                         // The client acknowledged (or retention dropped) the
                         // entry while this page was read: end the page here.
                         None if self.lock().client(client).acked >= seq => break,
@@ -573,8 +688,7 @@ impl Queues {
 
     fn stage_removals(&self, tx: &Transaction, freed: &[u64]) -> Result<()> {
         for id in freed {
-            tx.remove_raw(self.db.delivery, &db::message_key(*id))?;
-            tx.remove_raw(self.db.delivery, &db::fanout_key(*id))?;
+            tx.remove_raw(self.db.delivery, &db::envelope_key(*id))?;
         }
         Ok(())
     }
@@ -809,6 +923,35 @@ mod tests {
         assert_eq!(seqs(&q, &c, 1).await, vec![2]);
     }
 
+    /// The startup scan reads envelopes a page at a time.
+    #[tokio::test]
+    async fn more_envelopes_than_one_scan_page_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = batched();
+        let a = ClientId::new("a").unwrap();
+        let n = 2 * ENVELOPE_PAGE as u64 + 3;
+        {
+            let q = queues_on(Store::open(dir.path(), config.clone()).unwrap());
+            let tx = q.db.storage.begin();
+            let outgoing = (0..n)
+                .map(|i| Outgoing {
+                    message: message(i),
+                    recipients: vec![a.clone()],
+                })
+                .collect();
+            let (_, durable) = q.enqueue(tx, outgoing).unwrap();
+            durable.wait().await.unwrap();
+        }
+        let q = queues_on(Store::open(dir.path(), config).unwrap());
+        assert_eq!(q.stored_messages() as u64, n);
+        let page = q
+            .fetch(&a, 0, 10_000, 1 << 30, Duration::ZERO)
+            .await
+            .unwrap();
+        let got: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(got, (1..=n).collect::<Vec<_>>());
+    }
+
     /// Fan-outs and acks are applied key by key: every prefix a crash can
     /// keep must reopen to a consistent state (module doc).
     #[tokio::test]
@@ -828,46 +971,107 @@ mod tests {
             let q = queues_on(Store::open(dir.path(), config.clone()).unwrap());
             send(&q, 1, &[&a, &b]).await;
             send(&q, 2, &[&a, &b]).await;
-            // A send cut after its body: the body has no fan-out record.
-            let s = &q.db.storage;
-            s.put_record(q.db.delivery, &db::message_key(3), &message(3))
-                .unwrap();
             // b's ack of message 1 cut after its mark: the message is fully
             // acknowledged but still stored.
             ack(&q, &a, 1).await.unwrap();
-            s.put_raw(q.db.delivery, &db::ack_key(&b), &1u64.to_be_bytes())
+            q.db.storage
+                .put_raw(q.db.delivery, &db::ack_key(&b), &1u64.to_be_bytes())
                 .unwrap();
-        }
-        {
-            let q = reopen().await;
-            assert_eq!(q.stored_messages(), 1, "only message 2 is still queued");
-            assert_eq!(seqs(&q, &a, 1).await, vec![2]);
-            assert_eq!(seqs(&q, &b, 1).await, vec![2]);
-            let s = &q.db.storage;
-            for id in [1, 3] {
-                assert_eq!(
-                    s.get_raw(q.db.delivery, &db::message_key(id)).unwrap(),
-                    None
-                );
-                assert_eq!(s.get_raw(q.db.delivery, &db::fanout_key(id)).unwrap(), None);
-            }
-            // An ack cut after removing the body but before the record.
-            ack(&q, &a, 2).await.unwrap();
-            s.put_raw(q.db.delivery, &db::ack_key(&b), &2u64.to_be_bytes())
-                .unwrap();
-            s.remove_raw(q.db.delivery, &db::message_key(2)).unwrap();
         }
         let q = reopen().await;
-        assert_eq!(q.stored_messages(), 0);
+        assert_eq!(q.stored_messages(), 1, "only message 2 is still queued");
+        assert_eq!(seqs(&q, &a, 1).await, vec![2]);
+        assert_eq!(seqs(&q, &b, 1).await, vec![2]);
+        let s = &q.db.storage;
         assert_eq!(
-            q.db.storage
-                .get_raw(q.db.delivery, &db::fanout_key(2))
-                .unwrap(),
+            s.get_raw(q.db.delivery, &db::envelope_key(1)).unwrap(),
             None
         );
-        // Numbering goes on after the cleaned-up messages.
-        send(&q, 4, &[&a]).await;
+        assert!(s
+            .get_raw(q.db.delivery, &db::envelope_key(2))
+            .unwrap()
+            .is_some());
+        // Numbering goes on after the cleaned-up message.
+        send(&q, 3, &[&a]).await;
         assert_eq!(seqs(&q, &a, 2).await, vec![3]);
+    }
+
+    /// A message stored by an older build as a body and a fan-out record:
+    /// `check` accepts the layout, and startup converts what is queued into
+    /// envelopes and deletes that layout's crash leftovers.
+    #[tokio::test]
+    async fn split_layout_is_converted_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = batched();
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        let split = |s: &mls_ds_storage::SledStorage, db: &Db, id: u64, to: &[(&ClientId, u64)]| {
+            s.put_record(db.delivery, &db::message_key(id), &message(id))
+                .unwrap();
+            let entries = to
+                .iter()
+                .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
+                .collect();
+            s.put_record(
+                db.delivery,
+                &db::fanout_key(id),
+                &Fanout {
+                    stored_ms: id,
+                    entries,
+                },
+            )
+            .unwrap();
+        };
+        {
+            let store = Store::open(dir.path(), config.clone()).unwrap();
+            let db = Db::new(store.clone()).unwrap();
+            let s = &db.storage;
+            // 1: acknowledged by both, but its removals were cut by a crash.
+            split(s, &db, 1, &[(&a, 1), (&b, 1)]);
+            split(s, &db, 2, &[(&a, 2), (&b, 2)]);
+            split(s, &db, 3, &[(&a, 3)]);
+            // 4: a send cut after its body.
+            s.put_record(db.delivery, &db::message_key(4), &message(4))
+                .unwrap();
+            for (c, mark) in [(&a, 1u64), (&b, 1)] {
+                s.put_raw(db.delivery, &db::ack_key(c), &mark.to_be_bytes())
+                    .unwrap();
+            }
+            store.flush().unwrap();
+            let report = verify(&db).unwrap();
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+            assert_eq!((report.entries, report.messages), (3, 4));
+        }
+        let q = queues_on(Store::open(dir.path(), config.clone()).unwrap());
+        assert_eq!(q.stored_messages(), 2);
+        let s = &q.db.storage;
+        for id in 1..=4 {
+            assert_eq!(
+                s.get_raw(q.db.delivery, &db::message_key(id)).unwrap(),
+                None
+            );
+            assert_eq!(s.get_raw(q.db.delivery, &db::fanout_key(id)).unwrap(), None);
+            let envelope = s.get_raw(q.db.delivery, &db::envelope_key(id)).unwrap();
+            assert_eq!(envelope.is_some(), id == 2 || id == 3, "message {id}");
+        }
+        // Served from the envelopes (the body cache starts empty).
+        let page = q.fetch(&a, 1, 10, 1 << 20, Duration::ZERO).await.unwrap();
+        let got: Vec<(u64, u64)> = page.entries.iter().map(|e| (e.seq, e.epoch)).collect();
+        assert_eq!(got, vec![(2, 0), (3, 0)]);
+        assert_eq!(page.entries[0].message.as_slice(), &[1, 2, 3]);
+        assert_eq!(seqs(&q, &b, 1).await, vec![2]);
+        let report = verify(&q.db).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.entries, report.messages), (3, 2));
+        // New messages get ids after every id the old layout used.
+        send(&q, 5, &[&b]).await;
+        assert_eq!(seqs(&q, &b, 2).await, vec![3]);
+        assert!(s
+            .get_raw(q.db.delivery, &db::envelope_key(5))
+            .unwrap()
+            .is_some());
+        ack(&q, &a, 3).await.unwrap();
+        ack(&q, &b, 3).await.unwrap();
+        assert_eq!(q.stored_messages(), 0);
     }
 
     /// A queue with a gap, or keys of an older layout, is refused at startup
@@ -882,9 +1086,9 @@ mod tests {
             for i in 0..3 {
                 send(&q, i, &[&a]).await;
             }
-            // Lose the middle message's record: a's queue jumps from 1 to 3.
+            // Lose the middle message: a's queue jumps from 1 to 3.
             q.db.storage
-                .remove_raw(q.db.delivery, &db::fanout_key(2))
+                .remove_raw(q.db.delivery, &db::envelope_key(2))
                 .unwrap();
         }
         let store = Store::open(gap.path(), config.clone()).unwrap();
