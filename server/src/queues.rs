@@ -996,6 +996,61 @@ mod tests {
         assert_eq!(seqs(&q, &a, 2).await, vec![3]);
     }
 
+    /// Store message `id` as builds before envelopes did: body and fan-out
+    /// record as two keys.
+    fn put_split(db: &Db, id: u64, to: &[(&ClientId, u64)]) {
+        let s = &db.storage;
+        s.put_record(db.delivery, &db::message_key(id), &message(id))
+            .unwrap();
+        let entries = to
+            .iter()
+            .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
+            .collect();
+        let fanout = Fanout {
+            stored_ms: id,
+            entries,
+        };
+        s.put_record(db.delivery, &db::fanout_key(id), &fanout)
+            .unwrap();
+    }
+
+    /// A crash during the startup conversion leaves some messages converted
+    /// and the rest split: `check` accepts that, and the next start finishes.
+    #[tokio::test]
+    async fn a_conversion_cut_by_a_crash_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = batched();
+        let a = ClientId::new("a").unwrap();
+        {
+            let store = Store::open(dir.path(), config.clone()).unwrap();
+            let db = Db::new(store.clone()).unwrap();
+            for id in 1..=3 {
+                put_split(&db, id, &[(&a, id)]);
+            }
+            migrate_split_messages(&db, &[1]).unwrap();
+            let report = verify(&db).unwrap();
+            assert!(report.problems.is_empty(), "{:?}", report.problems);
+            assert_eq!((report.entries, report.messages), (3, 3));
+        }
+        let q = queues_on(Store::open(dir.path(), config).unwrap());
+        let s = &q.db.storage;
+        for id in 1..=3 {
+            assert!(s
+                .get_raw(q.db.delivery, &db::envelope_key(id))
+                .unwrap()
+                .is_some());
+            assert_eq!(
+                s.get_raw(q.db.delivery, &db::message_key(id)).unwrap(),
+                None
+            );
+            assert_eq!(s.get_raw(q.db.delivery, &db::fanout_key(id)).unwrap(), None);
+        }
+        assert_eq!(seqs(&q, &a, 0).await, vec![1, 2, 3]);
+        let report = verify(&q.db).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!((report.entries, report.messages), (3, 3));
+    }
+
     /// A message stored by an older build as a body and a fan-out record:
     /// `check` accepts the layout, and startup converts what is queued into
     /// envelopes and deletes that layout's crash leftovers.
@@ -1004,31 +1059,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = batched();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
-        let split = |s: &mls_ds_storage::SledStorage, db: &Db, id: u64, to: &[(&ClientId, u64)]| {
-            s.put_record(db.delivery, &db::message_key(id), &message(id))
-                .unwrap();
-            let entries = to
-                .iter()
-                .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
-                .collect();
-            s.put_record(
-                db.delivery,
-                &db::fanout_key(id),
-                &Fanout {
-                    stored_ms: id,
-                    entries,
-                },
-            )
-            .unwrap();
-        };
         {
             let store = Store::open(dir.path(), config.clone()).unwrap();
             let db = Db::new(store.clone()).unwrap();
             let s = &db.storage;
             // 1: acknowledged by both, but its removals were cut by a crash.
-            split(s, &db, 1, &[(&a, 1), (&b, 1)]);
-            split(s, &db, 2, &[(&a, 2), (&b, 2)]);
-            split(s, &db, 3, &[(&a, 3)]);
+            put_split(&db, 1, &[(&a, 1), (&b, 1)]);
+            put_split(&db, 2, &[(&a, 2), (&b, 2)]);
+            put_split(&db, 3, &[(&a, 3)]);
             // 4: a send cut after its body.
             s.put_record(db.delivery, &db::message_key(4), &message(4))
                 .unwrap();
