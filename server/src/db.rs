@@ -118,8 +118,8 @@ pub struct Fanout {
 }
 
 /// A stored message with its fan-out, as one value: a plain send is one key
-/// to write and one to remove. The fan-out comes first so that the startup
-/// scan of these records reads them in one pass.
+/// to write and one to remove. Startup reads every envelope's fan-out to
+/// rebuild the queue index.
 #[derive(bincode::Decode, Clone, Debug, PartialEq)]
 pub struct Envelope {
     /// Where the message went.
