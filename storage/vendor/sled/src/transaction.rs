@@ -348,8 +348,13 @@ impl TransactionalTree {
         self.tree.context.pagecache.generate_id_inner()
     }
 
+    // Patched (PATCHES.md): published sled has `unimplemented!()` here. A
+    // transaction that is retried must not keep what the failed attempt
+    // staged, so unstaging drops its writes and reads.
     fn unstage(&self) {
-        unimplemented!()
+        self.writes.borrow_mut().clear();
+        self.read_cache.borrow_mut().clear();
+        *self.flush_on_commit.borrow_mut() = false;
     }
 
     const fn validate(&self) -> bool {
