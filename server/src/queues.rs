@@ -1051,6 +1051,50 @@ mod tests {
         assert_eq!((report.entries, report.messages), (3, 3));
     }
 
+    /// A queued split-layout message whose body is missing is reported by
+    /// `check` and refused at startup, and the refused conversion writes
+    /// nothing.
+    #[tokio::test]
+    async fn a_split_message_without_its_body_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = batched();
+        let a = ClientId::new("a").unwrap();
+        let store = Store::open(dir.path(), config).unwrap();
+        let db = Db::new(store.clone()).unwrap();
+        put_split(&db, 1, &[(&a, 1)]);
+        put_split(&db, 2, &[(&a, 2)]);
+        db.storage
+            .remove_raw(db.delivery, &db::message_key(1))
+            .unwrap();
+        let report = verify(&db).unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("queued message 1 has no stored body")),
+            "{:?}",
+            report.problems
+        );
+        let flusher = Flusher::start(store).unwrap();
+        let refused = Queues::open(db.clone(), flusher).err().expect("refused");
+        assert!(
+            refused.to_string().contains("has no stored body"),
+            "{refused}"
+        );
+        let s = &db.storage;
+        for id in [1, 2] {
+            assert!(s
+                .get_raw(db.delivery, &db::fanout_key(id))
+                .unwrap()
+                .is_some());
+            assert_eq!(s.get_raw(db.delivery, &db::envelope_key(id)).unwrap(), None);
+        }
+        assert!(s
+            .get_raw(db.delivery, &db::message_key(2))
+            .unwrap()
+            .is_some());
+    }
+
     /// A message stored by an older build as a body and a fan-out record:
     /// `check` accepts the layout, and startup converts what is queued into
     /// envelopes and deletes that layout's crash leftovers.
