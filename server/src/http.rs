@@ -406,7 +406,7 @@ async fn authenticated(
                     Duration::from_millis(wait),
                 )
                 .await?;
-            Reply::ok(&page)
+            Reply::ok(&page.wire())
         }
         "ack" => {
             let ack: Ack = decode(body)?;

@@ -37,10 +37,11 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use mls_ds_protocol::queue::{EntryKind, QueueEntry, QueuePage};
+use mls_ds_protocol::queue::{EntryKind, QueueEntryRef, QueuePageRef};
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::codec::decode_record;
 use mls_ds_storage::Transaction;
+use tls_codec::VLByteSlice;
 use tokio::sync::Notify;
 
 use crate::db::{self, Db, Envelope, EnvelopeRef, Fanout, StoredMessage};
@@ -562,7 +563,7 @@ impl Queues {
         limit: usize,
         max_bytes: usize,
         wait: Duration,
-    ) -> Result<QueuePage> {
+    ) -> Result<Page> {
         let deadline = Instant::now() + wait;
         loop {
             if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -596,7 +597,7 @@ impl Queues {
             };
             let now = Instant::now();
             if !rows.is_empty() || now >= deadline {
-                return Ok(QueuePage {
+                return Ok(Page {
                     entries: self.read_page(client, rows, max_bytes)?,
                     head: visible,
                     acked,
@@ -611,7 +612,7 @@ impl Queues {
         client: &ClientId,
         rows: Vec<(u64, u64, Option<Arc<StoredMessage>>)>,
         max_bytes: usize,
-    ) -> Result<Vec<QueueEntry>> {
+    ) -> Result<Vec<PageEntry>> {
         let mut out = Vec::with_capacity(rows.len());
         let mut bytes = 0usize;
         for (seq, id, cached) in rows {
@@ -636,13 +637,10 @@ impl Queues {
                 }
             };
             bytes += cached_size(&m);
-            out.push(QueueEntry {
+            out.push(PageEntry {
                 seq,
                 kind: entry_kind(m.kind)?,
-                group_id: m.group_id.clone().into(),
-                epoch: m.epoch,
-                sender: m.sender.clone().into(),
-                message: m.message.clone().into(),
+                stored: m,
             });
             // Always return at least one entry, so any queue drains.
             if bytes >= max_bytes {
@@ -768,6 +766,50 @@ impl Queues {
     /// Number of stored message bodies still referenced.
     pub fn stored_messages(&self) -> usize {
         self.lock().messages.len()
+    }
+}
+
+/// A page read from a client's queue: the stored messages themselves,
+/// shared with the body cache, encoded for the wire by [`Page::wire`].
+pub struct Page {
+    /// Entries in sequence order.
+    pub entries: Vec<PageEntry>,
+    /// Highest visible sequence number.
+    pub head: u64,
+    /// Acknowledged up to here.
+    pub acked: u64,
+}
+
+/// One entry of a [`Page`].
+pub struct PageEntry {
+    /// Sequence number in the client's queue.
+    pub seq: u64,
+    /// The stored message's kind, checked when the page was read.
+    pub kind: EntryKind,
+    /// The stored message.
+    pub stored: Arc<StoredMessage>,
+}
+
+impl Page {
+    /// The response body's value, borrowing every byte string from the
+    /// stored messages (a fetch copies each body once, into the response).
+    pub fn wire(&self) -> QueuePageRef<'_> {
+        QueuePageRef {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| QueueEntryRef {
+                    seq: e.seq,
+                    kind: e.kind,
+                    group_id: VLByteSlice(&e.stored.group_id),
+                    epoch: e.stored.epoch,
+                    sender: VLByteSlice(&e.stored.sender),
+                    message: VLByteSlice(&e.stored.message),
+                })
+                .collect(),
+            head: self.head,
+            acked: self.acked,
+        }
     }
 }
 
@@ -1137,9 +1179,13 @@ mod tests {
         }
         // Served from the envelopes (the body cache starts empty).
         let page = q.fetch(&a, 1, 10, 1 << 20, Duration::ZERO).await.unwrap();
-        let got: Vec<(u64, u64)> = page.entries.iter().map(|e| (e.seq, e.epoch)).collect();
+        let got: Vec<(u64, u64)> = page
+            .entries
+            .iter()
+            .map(|e| (e.seq, e.stored.epoch))
+            .collect();
         assert_eq!(got, vec![(2, 0), (3, 0)]);
-        assert_eq!(page.entries[0].message.as_slice(), &[1, 2, 3]);
+        assert_eq!(page.entries[0].stored.message.as_slice(), &[1, 2, 3]);
         assert_eq!(seqs(&q, &b, 1).await, vec![2]);
         let report = verify(&q.db).unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
