@@ -39,14 +39,21 @@ impl DsApi {
         self.transport.client_id()
     }
 
-    /// Register this client with its signature key (idempotent).
-    pub async fn register(&self) -> Result<Registered> {
+    /// The request body of [`DsApi::register`]: this client's id and the
+    /// public half of its signature key (for callers with their own HTTP
+    /// client, together with [`Transport::authorization`]).
+    pub fn registration_body(&self) -> Result<Vec<u8>> {
         let signer = self.transport.signer();
-        let body = enc(&RegisterClient {
+        enc(&RegisterClient {
             client_id: self.client_id().clone(),
             signature_scheme: signer.signature_scheme() as u16,
             signature_key: signer.public().to_vec().into(),
-        })?;
+        })
+    }
+
+    /// Register this client with its signature key (idempotent).
+    pub async fn register(&self) -> Result<Registered> {
+        let body = self.registration_body()?;
         let bytes = self
             .transport
             .send(Method::POST, paths::CLIENTS, body, AuthMode::Signature)

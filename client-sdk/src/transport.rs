@@ -189,6 +189,49 @@ impl Transport {
         Ok(s)
     }
 
+    /// The `Authorization` header value for a request, for callers that
+    /// send it with their own HTTP client (`None` for [`AuthMode::None`]).
+    /// With [`AuthMode::Session`] this opens a session first if there is no
+    /// fresh one; each value is good for one request.
+    pub async fn authorization(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+        mode: AuthMode,
+    ) -> Result<Option<String>> {
+        let token = self
+            .token(method, path_and_query, body, self.effective(mode))
+            .await?;
+        Ok(token.as_ref().map(auth::header_value))
+    }
+
+    /// `mode`, with sessions replaced by signatures if [`Self::always_sign`].
+    fn effective(&self, mode: AuthMode) -> AuthMode {
+        if self.always_sign && mode == AuthMode::Session {
+            AuthMode::Signature
+        } else {
+            mode
+        }
+    }
+
+    async fn token(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+        mode: AuthMode,
+    ) -> Result<Option<AuthToken>> {
+        Ok(match mode {
+            AuthMode::None => None,
+            AuthMode::Signature => Some(self.signature_token(method, path_and_query, body)?),
+            AuthMode::Session => {
+                let s = self.session().await?;
+                Some(self.session_token(&s, method, path_and_query, body))
+            }
+        })
+    }
+
     /// Send a request and return the body of a 2xx response; other statuses
     /// become [`ClientError::Server`]. With [`AuthMode::Session`] a 401 (for
     /// example after a server restart) opens a new session and retries once.
@@ -199,11 +242,7 @@ impl Transport {
         body: Vec<u8>,
         mode: AuthMode,
     ) -> Result<Bytes> {
-        let mode = if self.always_sign && mode == AuthMode::Session {
-            AuthMode::Signature
-        } else {
-            mode
-        };
+        let mode = self.effective(mode);
         match self
             .send_raw(method.clone(), path_and_query, body.clone(), mode)
             .await
@@ -223,16 +262,9 @@ impl Transport {
         body: Vec<u8>,
         mode: AuthMode,
     ) -> Result<Bytes> {
-        let token = match mode {
-            AuthMode::None => None,
-            AuthMode::Signature => {
-                Some(self.signature_token(method.as_str(), path_and_query, &body)?)
-            }
-            AuthMode::Session => {
-                let s = self.session().await?;
-                Some(self.session_token(&s, method.as_str(), path_and_query, &body))
-            }
-        };
+        let token = self
+            .token(method.as_str(), path_and_query, &body, mode)
+            .await?;
         self.send_once(method, path_and_query, body, token).await
     }
 

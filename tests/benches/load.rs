@@ -8,13 +8,24 @@
 //! `cargo bench -p mls-ds-tests --bench load` (MLS_DS_LOAD_QUICK=1 for a
 //! short run; MLS_DS_LOAD_GROUPS=2,10 and MLS_DS_LOAD_PHASES=reg,groups,sdk,backlog
 //! select parts). Numbers go to BENCHMARKS.md by hand.
+//!
+//! The timed requests of the registration and group phases go over lean
+//! HTTP/1.1 connections (`mls_ds_tests::lean_http`, one per request in
+//! flight) carrying the SDK's own request bodies and `Authorization` values:
+//! the load generator shares the two cores with the server, and the SDK's
+//! hyper client costs it about twice as much per request.
+//! `MLS_DS_LOAD_CLIENT=sdk` sends them through the SDK's transport instead.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mls_ds_client::{DsApi, HttpPool, Transport};
-use mls_ds_protocol::ClientId;
+use mls_ds_client::{AuthMode, DsApi, HttpPool, Transport};
+use mls_ds_protocol::clients::Registered;
+use mls_ds_protocol::groups::{MessageAccepted, SendMessage};
+use mls_ds_protocol::queue::QueuePage;
+use mls_ds_protocol::{decode, encode, paths, ClientId, CONTENT_TYPE};
+use mls_ds_tests::lean_http::LeanConn;
 use mls_ds_tests::raw::RawMember;
 use mls_ds_tests::Server;
 use openmls_basic_credential::SignatureKeyPair;
@@ -57,18 +68,114 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-/// Run `jobs` with `IN_FLIGHT` at a time; returns per-job latencies and wall time.
-async fn run_concurrently<F, Fut>(n: usize, job: F) -> (Vec<Duration>, Duration)
+/// How the timed requests reach the server.
+enum Wire {
+    /// Through the SDK's transport (`MLS_DS_LOAD_CLIENT=sdk`).
+    Sdk,
+    /// Over a connection of this worker's own, with the SDK's bodies and
+    /// authorization.
+    Lean(LeanConn),
+}
+
+impl Wire {
+    async fn open(url: &str) -> Wire {
+        if std::env::var("MLS_DS_LOAD_CLIENT").is_ok_and(|v| v == "sdk") {
+            return Wire::Sdk;
+        }
+        let addr = url.trim_start_matches("http://");
+        Wire::Lean(LeanConn::connect(addr).await.expect("connect"))
+    }
+
+    /// `POST` `body` to `path` as `api`'s client; the 2xx response body.
+    async fn post(&mut self, api: &DsApi, path: &str, body: Vec<u8>, mode: AuthMode) -> Vec<u8> {
+        match self {
+            Wire::Sdk => api
+                .transport
+                .send(hyper::Method::POST, path, body, mode)
+                .await
+                .expect("request")
+                .to_vec(),
+            Wire::Lean(conn) => {
+                let auth = api
+                    .transport
+                    .authorization("POST", path, &body, mode)
+                    .await
+                    .expect("authorization");
+                expect_2xx(
+                    conn.request("POST", path, auth.as_deref(), CONTENT_TYPE, &body)
+                        .await,
+                )
+            }
+        }
+    }
+
+    /// Send an application message to the group.
+    async fn send(&mut self, api: &DsApi, group_id: &[u8], message: &[u8]) {
+        let body = encode(&SendMessage {
+            message: message.to_vec().into(),
+        })
+        .expect("encode");
+        let reply = self
+            .post(api, &paths::messages(group_id), body, AuthMode::Session)
+            .await;
+        decode::<MessageAccepted>(&reply).expect("send reply");
+    }
+
+    /// A page of `api`'s queue after `after`, acknowledging up to `ack`.
+    async fn fetch(&mut self, api: &DsApi, ack: Option<u64>, after: u64) -> QueuePage {
+        let Wire::Lean(conn) = self else {
+            return match ack {
+                Some(up_to) => api.ack_and_fetch(up_to, after, 1000, 2000).await,
+                None => api.fetch(after, 1000, 2000).await,
+            }
+            .expect("fetch");
+        };
+        let ack = ack.map(|a| format!("ack={a}&")).unwrap_or_default();
+        let path = format!(
+            "{}?{ack}after={after}&limit=1000&wait_ms=2000",
+            paths::QUEUE
+        );
+        let auth = api
+            .transport
+            .authorization("GET", &path, &[], AuthMode::Session)
+            .await
+            .expect("authorization");
+        let body = expect_2xx(
+            conn.request("GET", &path, auth.as_deref(), CONTENT_TYPE, &[])
+                .await,
+        );
+        decode(&body).expect("queue page")
+    }
+}
+
+fn expect_2xx(reply: std::io::Result<(u16, &[u8])>) -> Vec<u8> {
+    let (status, body) = reply.expect("request");
+    assert!(
+        (200..300).contains(&status),
+        "status {status}: {}",
+        String::from_utf8_lossy(body)
+    );
+    body.to_vec()
+}
+
+/// Run `n` jobs with `IN_FLIGHT` at a time, each worker with a [`Wire`] of
+/// its own (opened before the clock starts); returns per-job latencies and
+/// wall time.
+async fn run_concurrently<F, Fut>(url: &str, n: usize, job: F) -> (Vec<Duration>, Duration)
 where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(Wire, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Wire> + Send + 'static,
 {
     let job = Arc::new(job);
     let next = Arc::new(AtomicUsize::new(0));
     let lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let mut wires = Vec::with_capacity(IN_FLIGHT);
+    for _ in 0..IN_FLIGHT {
+        wires.push(Wire::open(url).await);
+    }
     let start = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..IN_FLIGHT {
+    for mut wire in wires {
         let (job, next, lat) = (job.clone(), next.clone(), lat.clone());
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
@@ -78,7 +185,7 @@ where
                     break;
                 }
                 let t = Instant::now();
-                job(i).await;
+                wire = job(wire, i).await;
                 mine.push(t.elapsed());
             }
             lat.lock().await.extend(mine);
@@ -110,10 +217,16 @@ async fn registrations(url: &str, pid: u32) {
     );
     let cpu0 = cpu_seconds(pid);
     let m = members.clone();
-    let (lat, wall) = run_concurrently(n, move |i| {
+    let (lat, wall) = run_concurrently(url, n, move |mut wire, i| {
         let m = m.clone();
         async move {
-            m[i].register().await.expect("register");
+            let api = &m[i];
+            let body = api.registration_body().expect("encode");
+            let reply = wire
+                .post(api, paths::CLIENTS, body, AuthMode::Signature)
+                .await;
+            decode::<Registered>(&reply).expect("register reply");
+            wire
         }
     })
     .await;
@@ -172,12 +285,17 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
     let expected = messages * recipients.len();
     let delivered = Arc::new(AtomicUsize::new(0));
     let fetch_lat = Arc::new(Mutex::new(Vec::new()));
+    let mut wires = Vec::with_capacity(recipients.len());
+    for _ in &recipients {
+        wires.push(Wire::open(url).await);
+    }
     let cpu0 = cpu_seconds(pid);
     let own0 = cpu_seconds(std::process::id());
     let start = Instant::now();
     let mut drains = Vec::new();
     for r in recipients {
         let (delivered, fetch_lat) = (delivered.clone(), fetch_lat.clone());
+        let mut wire = wires.pop().expect("one wire per recipient");
         drains.push(tokio::spawn(async move {
             let mut got = 0;
             let mut after = r.api.fetch(0, 1, 0).await.unwrap().acked;
@@ -186,11 +304,7 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
             let mut unacked = None;
             while got < messages {
                 let t = Instant::now();
-                let page = match unacked {
-                    Some(up_to) => r.api.ack_and_fetch(up_to, after, 1000, 2000).await,
-                    None => r.api.fetch(after, 1000, 2000).await,
-                }
-                .expect("fetch");
+                let page = wire.fetch(&r.api, unacked, after).await;
                 lat.push(t.elapsed());
                 if let Some(last) = page.entries.last() {
                     got += page.entries.len();
@@ -204,10 +318,11 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
         }));
     }
     let (b, s, g) = (bodies.clone(), sender.clone(), gid.clone());
-    let (send_lat, send_wall) = run_concurrently(messages, move |i| {
+    let (send_lat, send_wall) = run_concurrently(url, messages, move |mut wire, i| {
         let (b, s, g) = (b.clone(), s.clone(), g.clone());
         async move {
-            s.api.send_message(&g, b[i].clone()).await.expect("send");
+            wire.send(&s.api, &g, &b[i]).await;
+            wire
         }
     })
     .await;
@@ -260,10 +375,11 @@ async fn queued_backlog(url: &str, pid: u32) {
     );
     let sender = Arc::new(sender);
     let (b, s, g) = (bodies.clone(), sender.clone(), gid.clone());
-    let (_, wall) = run_concurrently(n, move |i| {
+    let (_, wall) = run_concurrently(url, n, move |mut wire, i| {
         let (b, s, g) = (b.clone(), s.clone(), g.clone());
         async move {
-            s.api.send_message(&g, b[i].clone()).await.expect("send");
+            wire.send(&s.api, &g, &b[i]).await;
+            wire
         }
     })
     .await;

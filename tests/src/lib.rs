@@ -6,6 +6,7 @@
 //! of sends and deliveries, the loop of a client run as a child process).
 
 pub mod crashing;
+pub mod lean_http;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
