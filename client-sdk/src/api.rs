@@ -210,7 +210,7 @@ impl DsApi {
 
     /// Fetch queue entries after `after`, waiting up to `wait_ms` for the first.
     pub async fn fetch(&self, after: u64, limit: u32, wait_ms: u64) -> Result<QueuePage> {
-        self.fetch_page("", after, limit, wait_ms).await
+        self.fetch_page(None, after, limit, wait_ms).await
     }
 
     /// Acknowledge every entry up to `ack` and fetch the next page in one
@@ -223,22 +223,18 @@ impl DsApi {
         limit: u32,
         wait_ms: u64,
     ) -> Result<QueuePage> {
-        self.fetch_page(&format!("ack={ack}&"), after, limit, wait_ms)
-            .await
+        self.fetch_page(Some(ack), after, limit, wait_ms).await
     }
 
-    /// `GET /v1/queue` with `extra` query parameters (each ending in `&`).
+    /// `GET /v1/queue`, acknowledging up to `ack` first if given.
     async fn fetch_page(
         &self,
-        extra: &str,
+        ack: Option<u64>,
         after: u64,
         limit: u32,
         wait_ms: u64,
     ) -> Result<QueuePage> {
-        let path = format!(
-            "{}?{extra}after={after}&limit={limit}&wait_ms={wait_ms}",
-            paths::QUEUE
-        );
+        let path = paths::queue_page(ack, after, limit, wait_ms);
         let bytes = self
             .transport
             .send(Method::GET, &path, Vec::new(), AuthMode::Session)

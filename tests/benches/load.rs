@@ -130,11 +130,7 @@ impl Wire {
             }
             .expect("fetch");
         };
-        let ack = ack.map(|a| format!("ack={a}&")).unwrap_or_default();
-        let path = format!(
-            "{}?{ack}after={after}&limit=1000&wait_ms=2000",
-            paths::QUEUE
-        );
+        let path = paths::queue_page(ack, after, 1000, 2000);
         let auth = api
             .transport
             .authorization("GET", &path, &[], AuthMode::Session)

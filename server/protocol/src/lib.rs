@@ -72,4 +72,12 @@ pub mod paths {
     pub fn messages(group_id: &[u8]) -> String {
         format!("{GROUPS}/{}/messages", hex::encode(group_id))
     }
+
+    /// `GET`: a page of the caller's queue after `after`, at most `limit`
+    /// entries, waiting up to `wait_ms` for the first one; with `ack`, the
+    /// entries up to it are acknowledged first.
+    pub fn queue_page(ack: Option<u64>, after: u64, limit: u32, wait_ms: u64) -> String {
+        let ack = ack.map(|a| format!("ack={a}&")).unwrap_or_default();
+        format!("{QUEUE}?{ack}after={after}&limit={limit}&wait_ms={wait_ms}")
+    }
 }
