@@ -348,9 +348,9 @@ impl TransactionalTree {
         self.tree.context.pagecache.generate_id_inner()
     }
 
-    // Patched (PATCHES.md): published sled has `unimplemented!()` here. A
-    // transaction that is retried must not keep what the failed attempt
-    // staged, so unstaging drops its writes and reads.
+    // Patched (PATCHES.md): published sled panics here. A transaction that
+    // is retried must not keep what the failed attempt staged, so unstaging
+    // drops its writes and reads.
     fn unstage(&self) {
         self.writes.borrow_mut().clear();
         self.read_cache.borrow_mut().clear();

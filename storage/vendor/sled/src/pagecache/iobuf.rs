@@ -1028,6 +1028,32 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
     maybe_seal_and_write_iobuf_inner(iobufs, iobuf, header, from_reserve, false)
 }
 
+/// Patched (shared by the pool task and the inline write): write `iobuf`
+/// to the log; on an error, make it sled's global error and wake the
+/// threads waiting for the stable LSN before returning it.
+fn write_or_fail(iobufs: &Arc<IoBufs>, iobuf: &Arc<IoBuf>, lsn: Lsn) -> Result<()> {
+    if let Err(e) = iobufs.write_to_log(iobuf) {
+        error!(
+            "hit error while writing iobuf with lsn {}: {:?}",
+            lsn, e
+        );
+
+        // store error before notifying so that waiting threads will see
+        // it
+        iobufs.config.set_global_error(e.clone());
+
+        let intervals = iobufs.intervals.lock();
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+
+        let _notified = iobufs.interval_updated.notify_all();
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Patched: `write_inline` writes a buffer this thread sealed (and that has
 /// no writers left) on this thread instead of the thread pool.
 fn maybe_seal_and_write_iobuf_inner(
@@ -1193,40 +1219,13 @@ fn maybe_seal_and_write_iobuf_inner(
             lsn
         );
         if write_inline {
-            if let Err(e) = iobufs.write_to_log(iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-                iobufs.config.set_global_error(e.clone());
-                let intervals = iobufs.intervals.lock();
-                drop(intervals);
-                let _notified = iobufs.interval_updated.notify_all();
-                return Err(e);
-            }
-            return Ok(());
+            return write_or_fail(iobufs, iobuf, lsn);
         }
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
         let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            // The error is recorded as sled's global error for the waiters.
+            let _ = write_or_fail(&iobufs, &iobuf, lsn);
         })?;
 
         #[cfg(feature = "event_log")]
