@@ -1,6 +1,6 @@
 //! Client SDK for the mls-ds Delivery Service.
 //!
-//! * [`api::DsApi`]: one typed call per DS endpoint, authenticated with the
+//! * [`DsApi`]: one typed call per DS endpoint, authenticated with the
 //!   client's MLS signature key (then a session MAC).
 //! * [`Client`]: a durable MLS client whose identity, groups and queue cursor
 //!   live in sled (through `mls-ds-storage`), so that reopening it after any
@@ -9,11 +9,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod api;
+mod api;
 pub mod client;
-pub mod error;
-pub mod records;
-pub mod transport;
+mod error;
+mod records;
+mod transport;
 
 pub use api::DsApi;
 pub use client::{Client, ClientConfig};

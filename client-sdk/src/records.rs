@@ -11,25 +11,25 @@
 
 /// Who this client is.
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// Client id (also the MLS BasicCredential identity).
-    pub client_id: Vec<u8>,
+    pub(crate) client_id: Vec<u8>,
     /// Signature scheme code point.
-    pub signature_scheme: u16,
+    pub(crate) signature_scheme: u16,
     /// Public signature key (the private key is in OpenMLS storage).
-    pub public_key: Vec<u8>,
+    pub(crate) public_key: Vec<u8>,
 }
 
 /// A group this client is in.
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
-pub struct GroupMeta {
+pub(crate) struct GroupMeta {
     /// Whether the group was created open (external joins allowed).
-    pub open: bool,
+    pub(crate) open: bool,
 }
 
 /// What an unresolved commit was for.
 #[derive(bincode::Encode, bincode::Decode, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutboxKind {
+pub(crate) enum OutboxKind {
     /// A commit on an existing group (pending in OpenMLS until resolved).
     Commit,
     /// An external commit: the group was created locally already.
@@ -40,15 +40,15 @@ pub enum OutboxKind {
 /// and merging is resolved on reopen by resending it (the DS answers a retry
 /// of an accepted commit with the original success).
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     /// Kind of commit.
-    pub kind: OutboxKind,
+    pub(crate) kind: OutboxKind,
     /// `MLSMessage` of the commit.
-    pub commit: Vec<u8>,
+    pub(crate) commit: Vec<u8>,
     /// `MLSMessage` of the Welcome, if any.
-    pub welcome: Option<Vec<u8>>,
+    pub(crate) welcome: Option<Vec<u8>>,
     /// `MLSMessage` of the new epoch's GroupInfo.
-    pub group_info: Vec<u8>,
+    pub(crate) group_info: Vec<u8>,
 }
 
 /// Something the application should learn about, in DS order.

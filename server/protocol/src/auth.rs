@@ -20,7 +20,7 @@ use tls_codec::{Serialize as _, TlsDeserialize, TlsSerialize, TlsSize, VLBytes};
 use crate::clients::ClientId;
 
 /// Domain-separation label in every signed or MAC'd payload.
-pub const AUTH_LABEL: &[u8] = b"mls-ds auth v1";
+const AUTH_LABEL: &[u8] = b"mls-ds auth v1";
 /// Largest accepted clock difference between client and server, in ms.
 pub const MAX_CLOCK_SKEW_MS: u64 = 120_000;
 /// Size of session ids.

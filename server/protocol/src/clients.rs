@@ -7,7 +7,7 @@ use tls_codec::{TlsDeserialize, TlsSerialize, TlsSize, VLBytes};
 use crate::codec::DecodeError;
 
 /// Longest client id, in bytes.
-pub const MAX_CLIENT_ID_LEN: usize = 128;
+const MAX_CLIENT_ID_LEN: usize = 128;
 
 /// A client's id: 1 to 128 bytes of `[A-Za-z0-9._~@-]`, so that it can appear
 /// in a URL path unescaped. It is also the identity of the client's MLS

@@ -33,11 +33,6 @@ pub fn decode<T: Deserialize>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(value)
 }
 
-/// Read a UTF-8 string carried as bytes.
-pub fn utf8(bytes: &[u8]) -> Result<&str, DecodeError> {
-    std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid("text is not UTF-8".into()))
-}
-
 /// A boolean on the wire: one byte, 0 or 1 (anything else is malformed).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bool(pub bool);

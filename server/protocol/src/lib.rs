@@ -26,7 +26,7 @@ pub const CONTENT_TYPE: &str = "application/vnd.mls-ds.v1+tls";
 /// Header carrying the hex-encoded [`auth::AuthToken`].
 pub const AUTH_HEADER: &str = "authorization";
 /// Scheme word in front of the token in [`AUTH_HEADER`].
-pub const AUTH_SCHEME: &str = "MLS-DS";
+pub(crate) const AUTH_SCHEME: &str = "MLS-DS";
 
 /// The API's paths. Path parameters are hex-free: client ids are URL-safe by
 /// construction ([`ClientId`]); group ids are hex-encoded.
@@ -45,8 +45,6 @@ pub mod paths {
     pub const QUEUE_ACK: &str = "/v1/queue/ack";
     /// `GET`: liveness.
     pub const HEALTHZ: &str = "/healthz";
-    /// `GET`: Prometheus metrics.
-    pub const METRICS: &str = "/metrics";
 
     /// `DELETE`: remove a client; `/key-package` below it: `POST` claims one.
     pub fn client(id: &super::ClientId) -> String {

@@ -1,0 +1,65 @@
+//! How a client is configured: the application's tunables ([`ClientConfig`])
+//! and the MLS group configuration that every SDK client uses, so that the
+//! groups they create and join agree.
+
+use mls_ds_storage::Durability;
+use openmls::prelude::*;
+
+/// The ciphersuite of groups created by the SDK.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Keep at least this many key packages on the DS (plus a last-resort one).
+    pub min_key_packages: usize,
+    /// Attempts of a commit that keeps losing its epoch to other members.
+    pub max_commit_retries: u32,
+    /// Durability of local state (default: flush + fdatasync per operation).
+    pub durability: Durability,
+    /// Test hook (feature `test-hooks`, which no release build enables): abort
+    /// the process after the DS accepted a commit and before it is merged
+    /// locally (to test recovery of exactly that window).
+    #[cfg(feature = "test-hooks")]
+    pub abort_after_commit_accepted: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            min_key_packages: 10,
+            max_commit_retries: 8,
+            durability: Durability::Sync,
+            #[cfg(feature = "test-hooks")]
+            abort_after_commit_accepted: false,
+        }
+    }
+}
+
+/// Past epochs whose keys a member keeps. The DS accepts application messages
+/// up to its window (default 3) of epochs old; a member can be one epoch
+/// further ahead than the DS was when it accepted a message (its own commit,
+/// made after syncing, merged before the message is processed), so the SDK
+/// keeps that window plus a margin.
+const MAX_PAST_EPOCHS: usize = 5;
+
+/// Group configuration used by the SDK: handshakes as PublicMessage (so the
+/// DS can validate them), application messages encrypted, the ratchet tree in
+/// Welcomes, and five past epochs kept for late application messages.
+pub fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .build()
+}
+
+/// Join configuration matching [`create_config`].
+pub fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .build()
+}
