@@ -111,11 +111,7 @@ pub fn stats(db: &Db) -> Result<String> {
     let (entries, messages) = crate::queues::counts(db)?;
     let _ = writeln!(out, "queue entries      {entries}");
     let _ = writeln!(out, "stored messages    {messages}");
-    let _ = writeln!(
-        out,
-        "size on disk       {} bytes",
-        db.store.db().size_on_disk()?
-    );
+    let _ = writeln!(out, "size on disk       {} bytes", db.store.size_on_disk()?);
     Ok(out)
 }
 
@@ -132,14 +128,7 @@ pub fn backup(db: &Db, out: &Path) -> Result<String> {
             out.display()
         )));
     }
-    db.store.flush()?;
-    let target = sled::Config::new().path(out).open().map_err(|e| {
-        ServerError::Internal(format!("cannot create backup at {}: {e}", out.display()))
-    })?;
-    let export = db.store.db().export();
-    let trees = export.len();
-    target.import(export);
-    target.flush()?;
+    let trees = db.store.export_to(out)?.trees;
     Ok(format!(
         "backup of {trees} trees written to {}\n",
         out.display()

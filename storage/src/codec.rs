@@ -7,9 +7,10 @@
 //!   uses `#[serde(untagged)]` and upstream only supports self-describing
 //!   formats for its entities, so they never go through bincode.
 //! * **The project's own records** (`[RECORD_FORMAT_V1] ++ bincode 2`), for
-//!   types this project defines (server queues, SDK cursors, ...). Decoding is
-//!   bounded by [`RECORD_SIZE_LIMIT`] so a corrupt length field cannot drive an
-//!   unbounded allocation.
+//!   types this project defines (server queues, SDK cursors, ...), written
+//!   with [`crate::SledStorage::put_record`]. Decoding ([`decode_record`]) is
+//!   bounded by a size limit (64 MiB) so a corrupt length field cannot drive
+//!   an unbounded allocation.
 //!
 //! Keys of OpenMLS entities are the serde_json encoding of the OpenMLS key
 //! value: deterministic for every key type OpenMLS uses.
@@ -19,18 +20,21 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::error::StorageError;
 
 /// Version byte in front of every stored OpenMLS entity.
-pub const ENTITY_FORMAT_V1: u8 = 1;
+pub(crate) const ENTITY_FORMAT_V1: u8 = 1;
 /// Version byte in front of every stored project record.
-pub const RECORD_FORMAT_V1: u8 = 1;
+pub(crate) const RECORD_FORMAT_V1: u8 = 1;
 /// Largest record the decoder will materialise.
-pub const RECORD_SIZE_LIMIT: usize = 64 * 1024 * 1024;
+pub(crate) const RECORD_SIZE_LIMIT: usize = 64 * 1024 * 1024;
 
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<RECORD_SIZE_LIMIT>()
 }
 
 /// Encode an OpenMLS key (group id, hash reference, ...) for use inside a sled key.
-pub fn encode_key<K: Serialize + ?Sized>(tree: &str, key: &K) -> Result<Vec<u8>, StorageError> {
+pub(crate) fn encode_key<K: Serialize + ?Sized>(
+    tree: &str,
+    key: &K,
+) -> Result<Vec<u8>, StorageError> {
     serde_json::to_vec(key).map_err(|e| StorageError::Encode {
         tree: tree.to_owned(),
         reason: e.to_string(),
@@ -38,7 +42,7 @@ pub fn encode_key<K: Serialize + ?Sized>(tree: &str, key: &K) -> Result<Vec<u8>,
 }
 
 /// Encode an OpenMLS entity as a versioned value.
-pub fn encode_entity<T: Serialize + ?Sized>(
+pub(crate) fn encode_entity<T: Serialize + ?Sized>(
     tree: &str,
     value: &T,
 ) -> Result<Vec<u8>, StorageError> {
@@ -52,7 +56,7 @@ pub fn encode_entity<T: Serialize + ?Sized>(
 }
 
 /// Decode a versioned OpenMLS entity; `key` is only used in the error.
-pub fn decode_entity<T: DeserializeOwned>(
+pub(crate) fn decode_entity<T: DeserializeOwned>(
     tree: &str,
     key: &[u8],
     bytes: &[u8],
@@ -70,7 +74,10 @@ pub fn decode_entity<T: DeserializeOwned>(
 }
 
 /// Encode a project record (bincode 2, behind a version byte).
-pub fn encode_record<T: bincode::Encode>(tree: &str, value: &T) -> Result<Vec<u8>, StorageError> {
+pub(crate) fn encode_record<T: bincode::Encode>(
+    tree: &str,
+    value: &T,
+) -> Result<Vec<u8>, StorageError> {
     let mut out = vec![RECORD_FORMAT_V1];
     bincode::encode_into_std_write(value, &mut out, bincode_config()).map_err(|e| {
         StorageError::Encode {

@@ -12,7 +12,6 @@
 //! leader is one of them.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::StorageError;
@@ -47,14 +46,12 @@ struct Round {
 }
 
 /// Shares flushes between concurrent writers (see the module docs).
-pub struct GroupCommit {
+pub(crate) struct GroupCommit {
     db: sled::Db,
     log_file: Option<File>,
     mode: Durability,
     round: Mutex<Round>,
     done: Condvar,
-    flushes: AtomicU64,
-    waiters: AtomicU64,
 }
 
 impl GroupCommit {
@@ -65,24 +62,12 @@ impl GroupCommit {
             mode,
             round: Mutex::new(Round::default()),
             done: Condvar::new(),
-            flushes: AtomicU64::new(0),
-            waiters: AtomicU64::new(0),
         }
     }
 
     /// The policy this store was opened with.
-    pub fn mode(&self) -> Durability {
+    pub(crate) fn mode(&self) -> Durability {
         self.mode
-    }
-
-    /// Number of physical flushes done so far (each may serve many writers).
-    pub fn flush_count(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
-    }
-
-    /// Number of callers that waited for durability so far.
-    pub fn durable_request_count(&self) -> u64 {
-        self.waiters.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, Round> {
@@ -93,16 +78,15 @@ impl GroupCommit {
 
     /// Make every write applied before this call durable according to the
     /// policy. Blocks; call it from a blocking context.
-    pub fn make_durable(&self) -> Result<(), StorageError> {
+    pub(crate) fn make_durable(&self) -> Result<(), StorageError> {
         if self.mode == Durability::Batched {
             return Ok(());
         }
-        self.waiters.fetch_add(1, Ordering::Relaxed);
         self.wait_for_round()
     }
 
     /// Flush now, whatever the policy (used at shutdown and by `Batched` users).
-    pub fn flush(&self) -> Result<(), StorageError> {
+    pub(crate) fn flush(&self) -> Result<(), StorageError> {
         self.wait_for_round()
     }
 
@@ -139,7 +123,6 @@ impl GroupCommit {
                 f.sync_data()?;
             }
         }
-        self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

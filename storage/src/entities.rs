@@ -3,7 +3,7 @@
 //!
 //! Every helper builds the full key as `namespace ++ json(key)` and stores
 //! values through [`crate::codec`]. Multi-key updates run inside
-//! [`SledStorage::atomically`], so each trait call is atomic on its own and
+//! [`SledStorage::transaction`], so each trait call is atomic on its own and
 //! joins the caller's transaction when there is one.
 
 use serde::{de::DeserializeOwned, Serialize};
@@ -77,7 +77,7 @@ impl SledStorage {
         let tree = family.tree_name();
         let k = self.entity_key(family, key)?;
         let item = to_json_value(tree, item)?;
-        self.atomically(|s| {
+        self.transaction(|s| {
             let current = s.raw_get(family.index(), &k)?;
             let mut list = decode_list_values(tree, &k, current.as_deref())?;
             list.push(item);
@@ -95,7 +95,7 @@ impl SledStorage {
         let tree = family.tree_name();
         let k = self.entity_key(family, key)?;
         let item = to_json_value(tree, item)?;
-        self.atomically(|s| {
+        self.transaction(|s| {
             let current = s.raw_get(family.index(), &k)?;
             if current.is_none() {
                 return Ok(());
@@ -116,7 +116,7 @@ impl SledStorage {
         proposal_ref: &R,
         proposal: &P,
     ) -> Result<(), StorageError> {
-        self.atomically(|s| {
+        self.transaction(|s| {
             s.put_entity(Family::QueuedProposals, &(group_id, proposal_ref), proposal)?;
             s.push_list(Family::ProposalQueues, group_id, proposal_ref)
         })
@@ -150,7 +150,7 @@ impl SledStorage {
         group_id: &G,
         proposal_ref: &R,
     ) -> Result<(), StorageError> {
-        self.atomically(|s| {
+        self.transaction(|s| {
             s.remove_from_list(Family::ProposalQueues, group_id, proposal_ref)?;
             s.delete_entity(Family::QueuedProposals, &(group_id, proposal_ref))
         })
@@ -160,7 +160,7 @@ impl SledStorage {
         &self,
         group_id: &G,
     ) -> Result<(), StorageError> {
-        self.atomically(|s| {
+        self.transaction(|s| {
             let refs: Vec<R> = s.get_list(Family::ProposalQueues, group_id)?;
             for r in &refs {
                 s.delete_entity(Family::QueuedProposals, &(group_id, r))?;
@@ -175,7 +175,7 @@ impl SledStorage {
         &self,
         hash_ref: &R,
     ) -> Result<(), StorageError> {
-        self.atomically(|s| {
+        self.transaction(|s| {
             #[cfg(feature = "virtual-clients-draft")]
             s.delete_retained_material_impl(hash_ref)?;
             s.delete_entity(Family::KeyPackages, hash_ref)
@@ -228,7 +228,7 @@ mod virtual_clients {
                     tree: tree.to_owned(),
                     reason: e.to_string(),
                 })?;
-            self.atomically(|s| {
+            self.transaction(|s| {
                 s.put_entity(Family::VcOperationTrees, epoch_id, operation_tree)?;
                 for (r, material) in materials {
                     s.delete_retained_material_impl(r)?;
@@ -262,7 +262,7 @@ mod virtual_clients {
             hash_ref: &R,
         ) -> Result<(), StorageError> {
             let tree = Family::VcRetainedMaterial.tree_name();
-            self.atomically(|s| {
+            self.transaction(|s| {
                 let old: Option<Retained<serde_json::Value>> =
                     s.get_entity(Family::VcRetainedMaterial, hash_ref)?;
                 if let Some(old) = old {
@@ -290,7 +290,7 @@ mod virtual_clients {
             &self,
             epoch_id: &E,
         ) -> Result<bool, StorageError> {
-            self.atomically(|s| {
+            self.transaction(|s| {
                 if s.epoch_referenced_impl(epoch_id)? {
                     return Ok(false);
                 }

@@ -12,6 +12,16 @@ pub enum StorageError {
     #[error("sled error: {0}")]
     Sled(#[from] sled::Error),
 
+    /// The database is locked by another open handle: another process, or
+    /// this one still holding it open. Nothing was changed.
+    // The server's admin commands look for "lock" in this message to fall
+    // back to the running server's admin socket.
+    #[error("database at {path} is in use: locked by another process or handle")]
+    InUse {
+        /// Path that was being opened.
+        path: PathBuf,
+    },
+
     /// The database directory could not be opened. The directory is left as it was.
     #[error("cannot open database at {path}: {source}")]
     Open {
@@ -24,6 +34,14 @@ pub enum StorageError {
     /// A file-level I/O operation (fsync of the log, backup copy) failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+
+    /// [`crate::Store::export_to`] was given a path that already exists; it
+    /// only writes into a new directory, so nothing was written.
+    #[error("export target {path} exists; choose a new directory")]
+    ExportTargetExists {
+        /// The existing path.
+        path: PathBuf,
+    },
 
     /// A value could not be encoded for storage.
     #[error("cannot encode value for tree {tree}: {reason}")]
@@ -66,7 +84,9 @@ pub enum StorageError {
     #[error("namespace is {0} bytes long; at most 255 are allowed")]
     NamespaceTooLong(usize),
 
-    /// A write failure injected by a test through [`crate::SledStorage::inject_failure_after`].
+    /// A write failure injected by a test through
+    /// [`crate::SledStorage::inject_failure_after`] (feature `test-hooks`).
+    #[cfg(feature = "test-hooks")]
     #[error("injected failure after {0} writes")]
     Injected(usize),
 

@@ -11,6 +11,15 @@
 //! disk all or nothing, and lets the caller's own records join the same write.
 //! What "on disk" means is set by [`Durability`]; see `docs/ARCHITECTURE.md`.
 //!
+//! The raw sled database stays inside the crate: callers keep records of their
+//! own in record trees ([`Store::record_tree`]), and reach the whole database
+//! only through [`Store::size_on_disk`] and [`Store::export_to`] (a backup).
+//!
+//! The feature `test-hooks` adds what this crate's own tests need (failure
+//! injection with [`StorageError`]`::Injected`, write counting, the raw sled
+//! database); its integration tests turn it on through a dev-dependency on the
+//! crate itself, so `cargo test` needs no flag. Product code leaves it off.
+//!
 //! ```no_run
 //! use mls_ds_storage::{SledProvider, Store, StoreConfig};
 //! let store = Store::open("client-data", StoreConfig::default())?;
@@ -36,11 +45,11 @@ mod store;
 pub mod trees;
 
 pub use bundle::{ProviderTransaction, SledProvider};
-pub use durability::{Durability, GroupCommit};
+pub use durability::Durability;
 pub use error::StorageError;
 pub use store::{
-    Pair, Pairs, PendingWrites, RecordTree, SledStorage, Store, StoreConfig, Transaction,
-    FORMAT_VERSION,
+    ExportReport, Pair, Pairs, PendingWrites, RecordTree, SledStorage, Store, StoreConfig,
+    Transaction,
 };
 
 /// Re-exported so that users name the same versions this crate was built with.

@@ -20,7 +20,7 @@ use crate::error::StorageError;
 use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 
 /// Format of the whole database (layout of trees, keys and value encodings).
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
 
@@ -82,7 +82,8 @@ impl Store {
     /// Open (or create) the database in `path`.
     ///
     /// A database that fails to open, or whose format is newer than this
-    /// build, is reported as an error and left untouched.
+    /// build, is reported as an error and left untouched. One that another
+    /// handle holds open (sled locks it) is [`StorageError::InUse`].
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StorageError> {
         let path = path.as_ref();
         let open = || {
@@ -102,9 +103,17 @@ impl Store {
             std::thread::sleep(std::time::Duration::from_millis(10));
             attempt = open();
         }
-        let db = attempt.map_err(|source| StorageError::Open {
-            path: path.to_owned(),
-            source,
+        let db = attempt.map_err(|source| {
+            if is_lock_error(&source) {
+                StorageError::InUse {
+                    path: path.to_owned(),
+                }
+            } else {
+                StorageError::Open {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
         })?;
         // sled keeps its log in `<dir>/db`; fsync needs a handle on it, and
         // silently skipping the fsync would weaken the durability promise.
@@ -156,24 +165,81 @@ impl Store {
         })
     }
 
-    /// The underlying sled database, for components that keep trees of their own.
-    pub fn db(&self) -> &sled::Db {
+    /// The underlying sled database, for this crate's own tests only (they
+    /// damage stored bytes on purpose).
+    #[cfg(feature = "test-hooks")]
+    pub fn raw_db(&self) -> &sled::Db {
         &self.shared.db
-    }
-
-    /// Directory of the database (`None` for a temporary one).
-    pub fn path(&self) -> Option<&Path> {
-        self.shared.path.as_deref()
-    }
-
-    /// Group commit shared by every handle on this store.
-    pub fn durability(&self) -> &GroupCommit {
-        &self.shared.durability
     }
 
     /// Flush and fsync now, whatever the durability policy.
     pub fn flush(&self) -> Result<(), StorageError> {
         self.shared.durability.flush()
+    }
+
+    /// Bytes the database occupies on disk, as sled counts them.
+    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
+        Ok(self.shared.db.size_on_disk()?)
+    }
+
+    /// Copy every tree into a new database created at `target`, flushed and
+    /// fsynced before this returns; `target` must not exist yet.
+    ///
+    /// The copy is consistent only if no write runs meanwhile: the caller
+    /// stops writers first (the delivery service holds its write gate). This
+    /// database is flushed first, so that nothing the copy holds is missing
+    /// from this one's disk (writes under `Batched` or through
+    /// [`Store::apply_all`] may not have been flushed yet).
+    pub fn export_to(&self, target: &Path) -> Result<ExportReport, StorageError> {
+        if target.exists() {
+            return Err(StorageError::ExportTargetExists {
+                path: target.to_owned(),
+            });
+        }
+        self.flush()?;
+        let open_error = |source| StorageError::Open {
+            path: target.to_owned(),
+            source,
+        };
+        // `create_new` turns a directory created by someone else between the
+        // check above and this open into an error instead of a merge.
+        let copy = sled::Config::new()
+            .path(target)
+            .create_new(true)
+            .open()
+            .map_err(open_error)?;
+        // sled's own `export`/`import` panic on an I/O error; this copy reports
+        // it instead, tree by tree.
+        let mut report = ExportReport {
+            trees: 0,
+            entries: 0,
+        };
+        for name in self.shared.db.tree_names() {
+            let from = self.shared.db.open_tree(&name)?;
+            let to = copy.open_tree(&name)?;
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0usize;
+            for item in from.iter() {
+                let (k, v) = item?;
+                batch.insert(k, v);
+                in_batch += 1;
+                report.entries += 1;
+                if in_batch == EXPORT_BATCH {
+                    to.apply_batch(std::mem::take(&mut batch))?;
+                    in_batch = 0;
+                }
+            }
+            if in_batch > 0 {
+                to.apply_batch(batch)?;
+            }
+            report.trees += 1;
+        }
+        copy.flush()?;
+        OpenOptions::new()
+            .read(true)
+            .open(target.join("db"))?
+            .sync_data()?;
+        Ok(report)
     }
 
     /// Open (creating if needed) the record tree `app.<name>` for the
@@ -331,6 +397,20 @@ fn check_format(db: &sled::Db) -> Result<(), StorageError> {
     }
 }
 
+/// Entries per sled batch when [`Store::export_to`] copies a tree: large
+/// enough to make the per-batch log seal negligible, small enough to bound
+/// the memory a copy of a big tree holds at once.
+const EXPORT_BATCH: usize = 4096;
+
+/// What [`Store::export_to`] copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportReport {
+    /// Trees copied (sled's default tree and the metadata tree included).
+    pub trees: usize,
+    /// Key/value pairs copied, over all trees.
+    pub entries: u64,
+}
+
 /// Handle on a record tree opened with [`Store::record_tree`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordTree {
@@ -345,11 +425,12 @@ pub type Pair = (Vec<u8>, Vec<u8>);
 /// Key/value pairs returned by scans.
 pub type Pairs = Vec<Pair>;
 
-#[derive(Default)]
 struct TxInner {
     /// `None` once the transaction committed or rolled back.
     writes: Option<Overlay>,
+    #[cfg(feature = "test-hooks")]
     write_count: usize,
+    #[cfg(feature = "test-hooks")]
     fail_after: Option<usize>,
 }
 
@@ -471,13 +552,8 @@ impl SledStorage {
         }
     }
 
-    /// The namespace of this handle.
-    pub fn namespace(&self) -> &[u8] {
-        &self.ns[1..]
-    }
-
     /// Whether this handle is a transaction view.
-    pub fn in_transaction(&self) -> bool {
+    pub(crate) fn in_transaction(&self) -> bool {
         self.tx.is_some()
     }
 
@@ -492,7 +568,10 @@ impl SledStorage {
             tx: Some(Arc::new(TxState {
                 inner: Mutex::new(TxInner {
                     writes: Some(Overlay::new()),
-                    ..TxInner::default()
+                    #[cfg(feature = "test-hooks")]
+                    write_count: 0,
+                    #[cfg(feature = "test-hooks")]
+                    fail_after: None,
                 }),
             })),
         };
@@ -517,15 +596,19 @@ impl SledStorage {
         Ok(out)
     }
 
-    /// Test hook: make the write number `k + 1` of this transaction fail (and
-    /// every later one), so that the operation aborts after `k` writes.
+    /// Test hook (feature `test-hooks`): make the write number `k + 1` of this
+    /// transaction fail (and every later one), so that the operation aborts
+    /// after `k` writes.
+    #[cfg(feature = "test-hooks")]
     pub fn inject_failure_after(&self, k: usize) {
         if let Some(tx) = &self.tx {
             lock(&tx.inner).fail_after = Some(k);
         }
     }
 
-    /// Number of writes recorded in this transaction so far.
+    /// Test hook (feature `test-hooks`): number of writes recorded in this
+    /// transaction so far.
+    #[cfg(feature = "test-hooks")]
     pub fn transaction_write_count(&self) -> usize {
         self.tx.as_ref().map_or(0, |tx| lock(&tx.inner).write_count)
     }
@@ -587,12 +670,15 @@ impl SledStorage {
         match &self.tx {
             Some(tx) => {
                 let mut inner = lock(&tx.inner);
-                if let Some(k) = inner.fail_after {
-                    if inner.write_count >= k {
-                        return Err(StorageError::Injected(k));
+                #[cfg(feature = "test-hooks")]
+                {
+                    if let Some(k) = inner.fail_after {
+                        if inner.write_count >= k {
+                            return Err(StorageError::Injected(k));
+                        }
                     }
+                    inner.write_count += 1;
                 }
-                inner.write_count += 1;
                 let writes = inner
                     .writes
                     .as_mut()
@@ -651,15 +737,6 @@ impl SledStorage {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect())
-    }
-
-    /// Run `f` atomically: inside a transaction it simply joins it, outside it
-    /// gets a transaction of its own (so multi-key trait methods stay atomic).
-    pub(crate) fn atomically<T>(
-        &self,
-        f: impl FnOnce(&SledStorage) -> Result<T, StorageError>,
-    ) -> Result<T, StorageError> {
-        self.transaction(f)
     }
 
     // ----- the caller's own records -----
@@ -734,7 +811,7 @@ impl SledStorage {
         }
     }
 
-    /// Read a typed project record (see [`crate::codec::encode_record`]).
+    /// Read a typed project record (as written by [`SledStorage::put_record`]).
     pub fn get_record<T: bincode::Decode<()>>(
         &self,
         tree: RecordTree,
@@ -751,7 +828,8 @@ impl SledStorage {
         }
     }
 
-    /// Write a typed project record.
+    /// Write a typed project record (bincode 2 behind a version byte; see
+    /// [`crate::codec`]).
     pub fn put_record<T: bincode::Encode>(
         &self,
         tree: RecordTree,

@@ -65,7 +65,7 @@ pub enum Family {
 
 impl Family {
     /// All families, in tree-index order.
-    pub const ALL: [Family; 25] = [
+    pub(crate) const ALL: [Family; 25] = [
         Family::KeyPackages,
         Family::Psks,
         Family::EncryptionKeyPairs,
@@ -132,8 +132,8 @@ impl Family {
 
 /// Name of the tree holding database-wide metadata (the format version).
 pub const META_TREE: &str = "meta";
-/// Prefix of trees opened by applications through [`crate::SledStorage::record_tree`].
-pub const APP_TREE_PREFIX: &str = "app.";
+/// Prefix of trees opened by applications through [`crate::Store::record_tree`].
+pub(crate) const APP_TREE_PREFIX: &str = "app.";
 
 /// Build `[len u8] ++ namespace`, the prefix of every key of one storage.
 pub(crate) fn namespace_prefix(namespace: &[u8]) -> Vec<u8> {

@@ -249,7 +249,7 @@ fn proposal_queue_keeps_order_and_removes_one_among_several() {
     // The cleared proposals' values are gone from the tree, not just unlisted.
     let tree = s
         .store()
-        .db()
+        .raw_db()
         .open_tree(Family::QueuedProposals.tree_name())
         .unwrap();
     assert_eq!(tree.len(), 1);
@@ -279,7 +279,7 @@ fn namespaces_do_not_see_each_other() {
 
 /// Overwrite the stored bytes of one entity through sled directly.
 fn corrupt(s: &SledStorage, family: Family, f: impl Fn(&[u8]) -> Vec<u8>) {
-    let tree = s.store().db().open_tree(family.tree_name()).unwrap();
+    let tree = s.store().raw_db().open_tree(family.tree_name()).unwrap();
     let keys: Vec<_> = tree.iter().keys().map(|k| k.unwrap()).collect();
     assert!(!keys.is_empty());
     for k in keys {
@@ -329,7 +329,7 @@ fn dangling_proposal_reference_is_reported() {
     s.queue_proposal(&g, &t("r"), &t("p")).unwrap();
     let tree = s
         .store()
-        .db()
+        .raw_db()
         .open_tree(Family::QueuedProposals.tree_name())
         .unwrap();
     tree.clear().unwrap();
@@ -346,7 +346,7 @@ fn newer_format_is_refused_and_data_left_untouched() {
             .storage(b"")
             .unwrap();
         s.write_tree(&t("g"), &t("tree")).unwrap();
-        let meta = s.store().db().open_tree(META_TREE).unwrap();
+        let meta = s.store().raw_db().open_tree(META_TREE).unwrap();
         meta.insert("format_version", &99u32.to_be_bytes()).unwrap();
         s.store().flush().unwrap();
     }

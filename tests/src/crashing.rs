@@ -49,7 +49,7 @@ pub fn open_client(data_dir: &Path, url: &str, name: &str, config: ClientConfig)
     for _ in 0..100 {
         match Client::open(data_dir, url, name, config.clone()) {
             Ok(c) => return c,
-            Err(e) if e.to_string().contains("could not acquire lock") => {
+            Err(ClientError::Storage(mls_ds_storage::StorageError::InUse { .. })) => {
                 LOCK_WAITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 eprintln!(
                     "lock wait: process {} found {} locked: {:?}",
