@@ -1,0 +1,1 @@
+//! Empty: the package exists only to fetch its dependency (see Cargo.toml).
