@@ -4,15 +4,15 @@
 //! first of a session pays; and, for comparison, verifying a signature token
 //! (Ed25519), which registration and opening a session pay.
 //!
-//! `cargo bench -p mls-ds-server --bench auth` (MLS_DS_AUTH_QUICK=1: fewer
-//! iterations). Tokens are built before the timer starts.
+//! `cargo bench -p mls-ds-server --features test-support --bench auth`
+//! (MLS_DS_AUTH_QUICK=1: fewer iterations). Tokens are built before the
+//! timer starts.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mls_ds_protocol::auth::{self, AuthToken, SessionAuth, SignatureAuth};
 use mls_ds_protocol::ClientId;
-use mls_ds_server::auth::{Authenticator, RequestView};
-use mls_ds_server::db::ClientRecord;
+use mls_ds_server::test_support::{Authenticator, RegisteredKey, RequestView};
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto;
 use openmls_traits::types::SignatureScheme;
@@ -80,11 +80,9 @@ fn main() {
     let crypto = RustCrypto::default();
     let scheme = SignatureScheme::ED25519;
     let (private, public) = crypto.signature_key_gen(scheme).expect("key pair");
-    let record = ClientRecord {
-        signature_scheme: scheme as u16,
-        signature_key: public,
-        registered_ms: ts,
-        deleted_ms: None,
+    let key = RegisteredKey {
+        scheme: scheme as u16,
+        public_key: &public,
     };
     let ts = now_ms();
     let headers: Vec<String> = (0..signatures_n as u64)
@@ -108,7 +106,7 @@ fn main() {
             panic!("not a signature token");
         };
         authn
-            .verify_signature(&token, &record, &view)
+            .verify_signature(&token, key, &view)
             .expect("verifies");
     }
     let per = t.elapsed().as_secs_f64() / signatures_n as f64 * 1e6;

@@ -1,146 +1,141 @@
-//! Operator commands: `check` (integrity), `stats` (counts) and `backup`
-//! (consistent copy). sled allows one process per database, so they run on
-//! an opened [`Db`] directly when the server is stopped, and inside the
-//! running server otherwise: it listens on the Unix socket
-//! `<data-dir>/admin.sock` (reachable only by users who may write the data
-//! directory) for one command per connection and answers with the report and
-//! a final `EXIT <code>` line.
+//! Operator commands: `check`, `stats` and `backup`. sled allows one
+//! process per data directory, so a command runs on the directory directly
+//! when no server holds it, and otherwise inside the running server: it
+//! listens on the Unix socket `<data-dir>/admin.sock` (reachable only by
+//! users who may write the data directory) for one command per connection
+//! and answers with the report and a final `EXIT <code>` line.
 
-use std::fmt::Write as _;
-use std::path::Path;
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use mls_ds_storage::codec::decode_record;
-use openmls::prelude::{GroupId, PublicGroup};
+use mls_ds_storage::StorageError;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-use crate::db::{ClientRecord, CommitRecord, Db, GroupRecord, KeyPackageRecord};
-use crate::error::{Result, ServerError};
-
-/// Verify every record decodes, every queue entry points to a stored
-/// message, and every group's `PublicGroup` loads with the recorded epoch.
-/// Returns a report and the number of problems.
-pub fn check(db: &Db) -> Result<(String, usize)> {
-    let s = &db.storage;
-    let mut problems = Vec::new();
-    let mut counts = [0usize; 5];
-    for (k, v) in s.scan_raw(db.clients, b"")? {
-        counts[0] += 1;
-        if let Err(e) = decode_record::<ClientRecord>("app.ds.clients", &k, &v) {
-            problems.push(format!("client record: {e}"));
-        }
-    }
-    for (k, v) in s.scan_raw(db.key_packages, b"")? {
-        counts[1] += 1;
-        if let Err(e) = decode_record::<KeyPackageRecord>("app.ds.key_packages", &k, &v) {
-            problems.push(format!("key package record: {e}"));
-        }
-    }
-    for (k, v) in s.scan_raw(db.groups, b"")? {
-        counts[2] += 1;
-        let gid = hex::encode(&k);
-        match decode_record::<GroupRecord>("app.ds.groups", &k, &v) {
-            Err(e) => problems.push(format!("group {gid}: {e}")),
-            Ok(record) => match PublicGroup::load(s, &GroupId::from_slice(&k)) {
-                Ok(Some(pg)) => {
-                    let epoch = pg.group_context().epoch().as_u64();
-                    if epoch != record.epoch {
-                        problems.push(format!(
-                            "group {gid}: record says epoch {}, PublicGroup is at {epoch}",
-                            record.epoch
-                        ));
-                    }
-                    if pg.members().count() != record.members.len() {
-                        problems.push(format!("group {gid}: roster size differs from PublicGroup"));
-                    }
-                }
-                Ok(None) => problems.push(format!("group {gid}: PublicGroup state missing")),
-                Err(e) => problems.push(format!("group {gid}: PublicGroup does not load: {e}")),
-            },
-        }
-        if s.get_raw(db.group_infos, &k)?.is_none() {
-            problems.push(format!("group {gid}: no GroupInfo stored"));
-        }
-    }
-    for (k, v) in s.scan_raw(db.commits, b"")? {
-        if let Err(e) = decode_record::<CommitRecord>("app.ds.commits", &k, &v) {
-            problems.push(format!("commit record: {e}"));
-        }
-    }
-    let queues = crate::queues::verify(db)?;
-    counts[3] = queues.entries as usize;
-    counts[4] = queues.messages;
-    problems.extend(queues.problems);
-    let mut report = format!(
-        "checked {} clients, {} key packages, {} groups, {} queue entries, {} stored messages\n",
-        counts[0], counts[1], counts[2], counts[3], counts[4]
-    );
-    for p in &problems {
-        let _ = writeln!(report, "PROBLEM: {p}");
-    }
-    let _ = writeln!(
-        report,
-        "{}",
-        if problems.is_empty() { "OK" } else { "FAILED" }
-    );
-    Ok((report, problems.len()))
-}
-
-/// Counts of what the database holds.
-pub fn stats(db: &Db) -> Result<String> {
-    let s = &db.storage;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "clients            {}",
-        s.scan_raw(db.clients, b"")?.len()
-    );
-    let _ = writeln!(
-        out,
-        "key packages       {}",
-        s.scan_raw(db.key_packages, b"")?.len()
-    );
-    let _ = writeln!(
-        out,
-        "groups             {}",
-        s.scan_raw(db.groups, b"")?.len()
-    );
-    let _ = writeln!(
-        out,
-        "accepted commits   {}",
-        s.scan_raw(db.commits, b"")?.len()
-    );
-    let (entries, messages) = crate::queues::counts(db)?;
-    let _ = writeln!(out, "queue entries      {entries}");
-    let _ = writeln!(out, "stored messages    {messages}");
-    let _ = writeln!(out, "size on disk       {} bytes", db.store.size_on_disk()?);
-    Ok(out)
-}
+use crate::backend::sled::{admin as sled_admin, layout::Layout};
+use crate::backend::{AdminReport, Backend, StoreError};
+use crate::embedded::SledDs;
+use crate::state_cell::{StateCell, REOPENING};
 
 /// Name of the admin socket in the data directory.
-pub const SOCKET: &str = "admin.sock";
+pub(crate) const SOCKET: &str = "admin.sock";
 
-/// Copy every tree into a new database at `out`. The caller makes sure no
-/// write runs meanwhile (a stopped server, or the running server's write
-/// gate held exclusively), so the copy is consistent.
-pub fn backup(db: &Db, out: &Path) -> Result<String> {
-    if out.exists() {
-        return Err(ServerError::BadRequest(format!(
-            "backup target {} exists; choose a new directory",
-            out.display()
-        )));
+/// An operator command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// Integrity check.
+    Check,
+    /// Counts.
+    Stats,
+    /// A consistent copy into a new directory.
+    Backup(PathBuf),
+}
+
+impl AdminCommand {
+    /// The line sent over the admin socket.
+    fn line(&self) -> String {
+        match self {
+            AdminCommand::Check => "check".into(),
+            AdminCommand::Stats => "stats".into(),
+            AdminCommand::Backup(out) => format!("backup {}", out.display()),
+        }
     }
-    let trees = db.store.export_to(out)?.trees;
-    Ok(format!(
-        "backup of {trees} trees written to {}\n",
-        out.display()
-    ))
+}
+
+/// What a command printed, and whether it found a problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminOutput {
+    /// The report.
+    pub text: String,
+    /// Exit non-zero.
+    pub failed: bool,
+}
+
+/// Why a command could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Nothing to run it on.
+    #[error("no database in {0}")]
+    NoDatabase(PathBuf),
+    /// `--out` could not be resolved.
+    #[error("bad --out path {path}: {source}")]
+    BadOut {
+        /// The path given.
+        path: PathBuf,
+        /// Why it did not resolve.
+        source: std::io::Error,
+    },
+    /// A server holds the directory and its socket does not answer.
+    #[error("{dir} is in use by a running server that does not answer on {SOCKET}: {source}")]
+    Unreachable {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why the socket failed.
+        source: std::io::Error,
+    },
+    /// The command failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Run `command` on `data_dir`: directly if no server holds it, otherwise
+/// through the running server's admin socket.
+pub fn run(data_dir: &Path, command: AdminCommand) -> Result<AdminOutput, AdminError> {
+    let command = match command {
+        // The running server resolves the path in its own directory.
+        AdminCommand::Backup(out) => AdminCommand::Backup(
+            std::path::absolute(&out).map_err(|source| AdminError::BadOut { path: out, source })?,
+        ),
+        other => other,
+    };
+    if !data_dir.join("db").exists() {
+        return Err(AdminError::NoDatabase(data_dir.to_owned()));
+    }
+    match Layout::open(data_dir, 64) {
+        Ok(layout) => offline(&layout, &command)
+            .map(output)
+            .map_err(|e| AdminError::Failed(e.to_string())),
+        Err(StoreError::Storage(StorageError::InUse { .. })) => through_socket(data_dir, &command),
+        Err(e) => Err(AdminError::Failed(e.to_string())),
+    }
+}
+
+fn offline(layout: &Layout, command: &AdminCommand) -> Result<AdminReport, StoreError> {
+    match command {
+        AdminCommand::Check => sled_admin::check(layout),
+        AdminCommand::Stats => sled_admin::stats(layout),
+        AdminCommand::Backup(out) => sled_admin::backup(layout, out),
+    }
+}
+
+fn output(report: AdminReport) -> AdminOutput {
+    AdminOutput {
+        text: report.text,
+        failed: report.failed,
+    }
+}
+
+fn through_socket(data_dir: &Path, command: &AdminCommand) -> Result<AdminOutput, AdminError> {
+    let unreachable = |source| AdminError::Unreachable {
+        dir: data_dir.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(data_dir.join(SOCKET)).map_err(unreachable)?;
+    stream
+        .write_all(format!("{}\n", command.line()).as_bytes())
+        .map_err(unreachable)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).map_err(unreachable)?;
+    let (text, code) = reply.rsplit_once("EXIT ").unwrap_or((reply.as_str(), "1"));
+    Ok(AdminOutput {
+        text: text.to_owned(),
+        failed: code.trim() != "0",
+    })
 }
 
 /// Serve admin commands on `<data_dir>/admin.sock` until the task is dropped.
-pub async fn serve_socket(
-    cell: std::sync::Arc<crate::recovery::StateCell>,
-    data_dir: std::path::PathBuf,
-) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+pub(crate) async fn serve_socket(cell: Arc<StateCell<SledDs>>, data_dir: PathBuf) {
     let path = data_dir.join(SOCKET);
     // A socket file left by a killed server would make bind fail.
     let _ = std::fs::remove_file(&path);
@@ -162,36 +157,34 @@ pub async fn serve_socket(
             if BufReader::new(read).read_line(&mut line).await.is_err() {
                 return;
             }
-            let (report, code) = match cell.get() {
-                Some(state) => run_command(&state, line.trim()).await,
-                None => (format!("{}\n", crate::recovery::REOPENING), 1),
+            let report = match cell.get() {
+                Some(ds) => answer(ds.backend(), line.trim()).await,
+                None => AdminReport {
+                    text: format!("{REOPENING}\n"),
+                    failed: true,
+                },
             };
+            let code = i32::from(report.failed);
             let _ = write
-                .write_all(format!("{report}EXIT {code}\n").as_bytes())
+                .write_all(format!("{}EXIT {code}\n", report.text).as_bytes())
                 .await;
         });
     }
 }
 
-async fn run_command(state: &std::sync::Arc<crate::state::AppState>, line: &str) -> (String, i32) {
+/// Run one command line on the live backend.
+async fn answer<B: Backend>(backend: &B, line: &str) -> AdminReport {
     let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
-    let db = state.db.clone();
     let result = match cmd {
-        "check" => {
-            tokio::task::spawn_blocking(move || check(&db).map(|(r, n)| (r, i32::from(n > 0))))
-                .await
-        }
-        "stats" => tokio::task::spawn_blocking(move || stats(&db).map(|r| (r, 0))).await,
-        "backup" => {
-            let out = std::path::PathBuf::from(arg);
-            let _exclusive = state.write_gate.write().await;
-            tokio::task::spawn_blocking(move || backup(&db, &out).map(|r| (r, 0))).await
-        }
-        other => return (format!("unknown admin command {other:?}\n"), 2),
+        "check" => backend.check().await,
+        "stats" => backend.report().await,
+        "backup" => backend.backup(Path::new(arg)).await,
+        other => Err(StoreError::Unavailable(format!(
+            "unknown admin command {other:?}"
+        ))),
     };
-    match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => (format!("{e}\n"), 1),
-        Err(e) => (format!("admin task failed: {e}\n"), 1),
-    }
+    result.unwrap_or_else(|e| AdminReport {
+        text: format!("{e}\n"),
+        failed: true,
+    })
 }

@@ -1,94 +1,124 @@
 //! mls-ds: an MLS Delivery Service whose whole state lives in sled.
 //!
-//! Module map (see `docs/ARCHITECTURE.md` for data flow and trees):
-//! `config` (flags), `db` (trees, keys, records), `flusher` (group commit),
-//! `auth` (tokens, sessions, replay), `clients`, `key_packages`, `groups`,
-//! `commit_ordering`, `messages`, `queues`, `rate_limit`, `metrics`, `http`
-//! (routing and the error-to-status mapping), `admin` (check, stats, backup),
-//! `recovery` (reopening storage after a disk failure).
+//! Layers (`docs/ARCHITECTURE.md` has the picture):
+//! - [`http`]: connections, routes, bodies, authentication, and the one
+//!   mapping from errors to statuses;
+//! - [`service`]: the DS's core, HTTP-free and storage-free;
+//! - [`backend`]: the seam to storage (`Backend`) and its embedded
+//!   implementation on sled;
+//! - around them: [`config`] (flags), [`admin`] (check, stats, backup),
+//!   [`recovery`] (reopening storage after a disk failure), [`metrics`],
+//!   [`rate_limit`], [`tls`].
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod auth;
-pub mod clients;
-pub mod commit_ordering;
+mod backend;
 pub mod config;
-pub mod db;
-pub mod error;
-pub mod flusher;
-pub mod groups;
-pub mod http;
-pub mod key_packages;
-pub mod messages;
-pub mod metrics;
-pub mod queues;
-pub mod rate_limit;
-pub mod recovery;
-pub mod state;
-pub mod tls;
+mod embedded;
+mod http;
+mod metrics;
+mod rate_limit;
+mod recovery;
+mod service;
+mod state_cell;
+#[cfg(feature = "test-support")]
+pub mod test_support;
+mod tls;
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use mls_ds_storage::{Durability, Store, StoreConfig};
 use tokio::net::TcpListener;
 
+use crate::backend::sled::SledBackend;
+use crate::backend::Backend;
 use crate::config::{Limits, ServeArgs};
-use crate::db::Db;
-use crate::error::{Result, ServerError};
-use crate::flusher::Flusher;
-use crate::queues::Queues;
-use crate::state::AppState;
+use crate::embedded::SledDs;
+use crate::http::{Front, HttpLimits};
+use crate::rate_limit::RateLimiter;
+use crate::state_cell::StateCell;
 
-/// Open the database the way the server does: the storage crate's own
-/// per-operation flush is off (`Batched`) because the server's flusher makes
-/// every request durable before answering.
-pub fn open_store(data_dir: &Path, cache_mb: u64) -> Result<Store> {
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| ServerError::Internal(format!("cannot create {}: {e}", data_dir.display())))?;
-    Ok(Store::open(
-        data_dir,
-        StoreConfig {
-            durability: Durability::Batched,
-            cache_capacity: cache_mb * 1024 * 1024,
-            flush_every_ms: Some(500),
-        },
-    )?)
+/// How often expired key packages are pruned and the retention bound applied.
+const MAINTENANCE_PERIOD: Duration = Duration::from_secs(600);
+
+/// Why the server could not start, or not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data directory could not be opened.
+    #[error("cannot open the data directory {dir}: {reason}")]
+    Open {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS certificate or key is unusable.
+    #[error("{0}")]
+    Tls(String),
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The port file could not be written.
+    #[error("cannot write the port file {path}: {source}")]
+    PortFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The last flush at shutdown failed.
+    #[error("storage failure at shutdown: {0}")]
+    Flush(String),
 }
 
-/// Open everything and build the shared state.
-pub fn build_state(data_dir: &Path, limits: Limits) -> Result<Arc<AppState>> {
-    let store = open_store(data_dir, limits.cache_mb)?;
-    let db = Db::new(store.clone())?;
-    let flusher = Flusher::start(store)?;
-    let queues = Arc::new(Queues::open(db.clone(), flusher.clone())?);
-    let deleted = clients::deleted_clients(&db)?;
-    Ok(AppState::new(db, queues, flusher, limits, deleted))
+/// The HTTP front of the DS in `cell`.
+fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
+    Front::new(
+        cell,
+        HttpLimits {
+            max_body_bytes: limits.max_body_bytes,
+            read_timeout: Duration::from_millis(limits.read_timeout_ms),
+            max_inflight: limits.max_inflight,
+        },
+        RateLimiter::new(limits.rate_limit_per_sec, limits.rate_limit_burst),
+    )
 }
 
 /// Run the server until SIGINT or SIGTERM, then shut down gracefully: stop
 /// accepting, finish in-flight requests (up to 30 s), flush, return.
-pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
+pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(ServeError::Tls)?),
         _ => None,
     };
-    let state = build_state(data_dir, args.limits.clone())?;
+    let limits = args.limits.clone();
+    let ds = embedded::open(data_dir, &limits).map_err(|reason| ServeError::Open {
+        dir: data_dir.to_owned(),
+        reason,
+    })?;
     let listener = TcpListener::bind(args.listen)
         .await
-        .map_err(|e| ServerError::Internal(format!("cannot listen on {}: {e}", args.listen)))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| ServerError::Internal(e.to_string()))?;
+        .map_err(|source| ServeError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: args.listen,
+        source,
+    })?;
     if let Some(path) = &args.port_file {
-        std::fs::write(path, local.to_string())
-            .map_err(|e| ServerError::Internal(format!("cannot write port file: {e}")))?;
+        std::fs::write(path, local.to_string()).map_err(|source| ServeError::PortFile {
+            path: path.clone(),
+            source,
+        })?;
     }
     tracing::info!(
         listen = %local,
@@ -97,104 +127,31 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
         "mls-ds listening (HTTP/1.1 and h2, TLS if configured, else h2c)"
     );
 
-    let cell = recovery::StateCell::new(state);
+    let cell = StateCell::new(Arc::new(ds));
     let maintenance = tokio::spawn(maintenance(cell.clone()));
     let admin_socket = tokio::spawn(admin::serve_socket(cell.clone(), data_dir.to_owned()));
-    let recovery = tokio::spawn(recovery::watch(
-        cell.clone(),
-        data_dir.to_owned(),
-        args.limits.clone(),
-    ));
-    let inflight = Arc::new(http::Inflight::default());
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that stalls its request head gives up its connection after
-    // this (bodies are bounded by the same limit in `http`).
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(args.limits.read_timeout_ms));
-    let mut shutdown = std::pin::pin!(shutdown_signal());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // E.g. out of file descriptors: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let cell = cell.clone();
-                let inflight = inflight.clone();
-                let service = service_fn(move |req| {
-                    let state = cell.get();
-                    let inflight = inflight.clone();
-                    async move {
-                        match state {
-                            Some(state) => http::handle(state, inflight, req).await,
-                            None => Ok(http::error_response(ServerError::Unavailable(
-                                recovery::REOPENING.into(),
-                            ))),
-                        }
-                    }
-                });
-                match &tls {
-                    None => {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        let conn = graceful.watch(conn.into_owned());
-                        tokio::spawn(async move {
-                            if let Err(e) = conn.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
-                    }
-                    Some(acceptor) => {
-                        // The handshake runs in the connection's task, so a
-                        // slow client cannot stall the accept loop.
-                        let acceptor = acceptor.clone();
-                        let builder = builder.clone();
-                        let watcher = graceful.watcher();
-                        tokio::spawn(async move {
-                            let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!("TLS handshake timed out");
-                                    return;
-                                }
-                            };
-                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
-                    }
-                }
-            }
-            _ = &mut shutdown => break,
-        }
-    }
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish within 30 s");
-    }
+    let reopen = {
+        let (dir, limits) = (data_dir.to_owned(), limits.clone());
+        move || embedded::open(&dir, &limits)
+    };
+    let recovery = tokio::spawn(recovery::watch(cell.clone(), data_dir.to_owned(), reopen));
+    let front = Arc::new(front(cell.clone(), &limits));
+    http::serve(
+        listener,
+        tls,
+        front,
+        Duration::from_millis(limits.read_timeout_ms),
+        shutdown_signal(),
+    )
+    .await;
     maintenance.abort();
     admin_socket.abort();
     recovery.abort();
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
-    if let Some(state) = cell.get() {
-        state.db.store.flush()?;
+    if let Some(ds) = cell.get() {
+        ds.backend()
+            .flush()
+            .map_err(|e| ServeError::Flush(e.to_string()))?;
     }
     tracing::info!("flushed; bye");
     Ok(())
@@ -218,33 +175,26 @@ async fn shutdown_signal() {
 
 /// Periodic housekeeping: prune expired key packages and apply the queue
 /// retention bound.
-async fn maintenance(cell: Arc<recovery::StateCell>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
+async fn maintenance(cell: Arc<StateCell<SledDs>>) {
+    let mut tick = tokio::time::interval(MAINTENANCE_PERIOD);
     loop {
         tick.tick().await;
-        let Some(state) = cell.get() else { continue };
-        let s = state.clone();
-        match tokio::task::spawn_blocking(move || key_packages::prune_expired(&s)).await {
-            Ok(Ok(n)) if n > 0 => tracing::info!(pruned = n, "pruned expired key packages"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "key package pruning failed"),
-            _ => {}
+        let Some(ds) = cell.get() else { continue };
+        if ds.backend().health().is_err() {
+            continue;
         }
-        let retention_ms = state.limits.retention_secs.saturating_mul(1000);
-        if retention_ms > 0 {
-            let cutoff = db::now_ms().saturating_sub(retention_ms);
-            match state.queues.expire(cutoff) {
-                Ok((n, Some(durable))) => {
-                    if let Err(e) = durable.wait().await {
-                        tracing::warn!(error = %e, "writing the retention cleanup failed");
-                    }
-                    tracing::warn!(
-                        dropped = n,
-                        "dropped queue entries older than the retention bound"
-                    );
-                }
-                Ok((_, None)) => {}
-                Err(e) => tracing::warn!(error = %e, "queue retention failed"),
-            }
+        match ds.prune_key_packages().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "pruned expired key packages"),
+            Err(e) => tracing::warn!(error = %e, "key package pruning failed"),
+        }
+        match ds.apply_retention().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                dropped = n,
+                "dropped queue entries older than the retention bound"
+            ),
+            Err(e) => tracing::warn!(error = %e, "queue retention failed"),
         }
     }
 }

@@ -1,13 +1,13 @@
-//! Prometheus text metrics: requests by route and status, a latency
-//! histogram, queue depths, and group-commit (fsync) batches.
+//! Prometheus text metrics: requests by route and status and a latency
+//! histogram (counted by the HTTP adapter), and the backend's queue depths
+//! and group-commit (fsync) counters.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::state::AppState;
+use crate::backend::BackendStats;
 
 /// Upper bounds of the latency buckets, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -24,13 +24,13 @@ struct Inner {
 
 /// Request counters.
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     inner: Mutex<Inner>,
 }
 
 impl Metrics {
     /// Record one finished request.
-    pub fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
+    pub(crate) fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         *m.requests.entry((route, status)).or_default() += 1;
@@ -43,101 +43,109 @@ impl Metrics {
         m.latency_sum += secs;
     }
 
-    /// Render everything in Prometheus text format.
-    pub fn render(&self, state: &AppState) -> String {
+    /// Render everything in Prometheus text format: the request counters,
+    /// then the backend's gauges and counters and the session count.
+    pub(crate) fn render(&self, stats: &BackendStats, sessions: usize) -> String {
         let mut out = String::new();
-        {
-            let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            out.push_str("# HELP mls_ds_requests_total Requests by route and status.\n");
-            out.push_str("# TYPE mls_ds_requests_total counter\n");
-            for ((route, status), n) in &m.requests {
-                let _ = writeln!(
-                    out,
-                    "mls_ds_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-                );
-            }
-            out.push_str("# HELP mls_ds_request_duration_seconds Request latency.\n");
-            out.push_str("# TYPE mls_ds_request_duration_seconds histogram\n");
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "mls_ds_request_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                    m.latency_counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "mls_ds_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-                m.latency_count
-            );
-            let _ = writeln!(out, "mls_ds_request_duration_seconds_sum {}", m.latency_sum);
-            let _ = writeln!(
-                out,
-                "mls_ds_request_duration_seconds_count {}",
-                m.latency_count
-            );
-        }
-        let depths = state.queues.depths();
-        let total: u64 = depths.iter().map(|(_, d)| d).sum();
-        let max = depths.iter().map(|(_, d)| *d).max().unwrap_or(0);
-        out.push_str("# HELP mls_ds_queue_entries Unacknowledged queue entries (loaded queues).\n");
-        out.push_str("# TYPE mls_ds_queue_entries gauge\n");
-        let _ = writeln!(out, "mls_ds_queue_entries {total}");
-        out.push_str("# HELP mls_ds_queue_depth_max Deepest loaded queue.\n");
-        out.push_str("# TYPE mls_ds_queue_depth_max gauge\n");
-        let _ = writeln!(out, "mls_ds_queue_depth_max {max}");
-        out.push_str("# HELP mls_ds_stored_messages Message bodies still referenced.\n");
-        out.push_str("# TYPE mls_ds_stored_messages gauge\n");
-        let _ = writeln!(
-            out,
-            "mls_ds_stored_messages {}",
-            state.queues.stored_messages()
-        );
-        let f = &state.flusher.stats;
-        out.push_str(
-            "# HELP mls_ds_fsync_batches_total Group-commit flushes (flush + fdatasync).\n",
-        );
-        out.push_str("# TYPE mls_ds_fsync_batches_total counter\n");
-        let _ = writeln!(
-            out,
-            "mls_ds_fsync_batches_total {}",
-            f.flushes.load(Ordering::Relaxed)
-        );
-        for (name, help, us) in [
-            (
-                "mls_ds_group_commit_apply_seconds_total",
-                "Time the flusher spent applying writes to sled.",
-                &f.apply_us,
-            ),
-            (
-                "mls_ds_group_commit_flush_seconds_total",
-                "Time the flusher spent in flush + fdatasync.",
-                &f.flush_us,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", us.load(Ordering::Relaxed) as f64 / 1e6);
-        }
-        out.push_str(
-            "# HELP mls_ds_durable_requests_total Requests made durable by those flushes.\n",
-        );
-        out.push_str("# TYPE mls_ds_durable_requests_total counter\n");
-        let _ = writeln!(
-            out,
-            "mls_ds_durable_requests_total {}",
-            f.requests.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP mls_ds_fsync_failures_total Failed flushes.\n");
-        out.push_str("# TYPE mls_ds_fsync_failures_total counter\n");
-        let _ = writeln!(
-            out,
-            "mls_ds_fsync_failures_total {}",
-            f.failures.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP mls_ds_sessions Open authenticated sessions.\n");
-        out.push_str("# TYPE mls_ds_sessions gauge\n");
-        let _ = writeln!(out, "mls_ds_sessions {}", state.auth.session_count());
+        self.render_requests(&mut out);
+        render_backend(&mut out, stats, sessions);
         out
+    }
+
+    fn render_requests(&self, out: &mut String) {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str("# HELP mls_ds_requests_total Requests by route and status.\n");
+        out.push_str("# TYPE mls_ds_requests_total counter\n");
+        for ((route, status), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "mls_ds_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP mls_ds_request_duration_seconds Request latency.\n");
+        out.push_str("# TYPE mls_ds_request_duration_seconds histogram\n");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "mls_ds_request_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                m.latency_counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "mls_ds_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            m.latency_count
+        );
+        let _ = writeln!(out, "mls_ds_request_duration_seconds_sum {}", m.latency_sum);
+        let _ = writeln!(
+            out,
+            "mls_ds_request_duration_seconds_count {}",
+            m.latency_count
+        );
+    }
+}
+
+/// The backend's gauges and counters, and the session count.
+fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize) {
+    let gauges = [
+        (
+            "mls_ds_queue_entries",
+            "Unacknowledged visible queue entries.",
+            "gauge",
+            stats.queue_entries.to_string(),
+        ),
+        (
+            "mls_ds_queue_depth_max",
+            "Deepest queue.",
+            "gauge",
+            stats.queue_depth_max.to_string(),
+        ),
+        (
+            "mls_ds_stored_messages",
+            "Message bodies still referenced.",
+            "gauge",
+            stats.stored_messages.to_string(),
+        ),
+        (
+            "mls_ds_fsync_batches_total",
+            "Group-commit flushes (flush + fdatasync).",
+            "counter",
+            stats.flushes.to_string(),
+        ),
+        (
+            "mls_ds_group_commit_apply_seconds_total",
+            "Time the write path spent applying writes.",
+            "counter",
+            stats.apply_seconds.to_string(),
+        ),
+        (
+            "mls_ds_group_commit_flush_seconds_total",
+            "Time the write path spent in flush + fdatasync.",
+            "counter",
+            stats.flush_seconds.to_string(),
+        ),
+        (
+            "mls_ds_durable_requests_total",
+            "Writes made durable by those flushes.",
+            "counter",
+            stats.durable_writes.to_string(),
+        ),
+        (
+            "mls_ds_fsync_failures_total",
+            "Failed writes or flushes.",
+            "counter",
+            stats.flush_failures.to_string(),
+        ),
+        (
+            "mls_ds_sessions",
+            "Open authenticated sessions.",
+            "gauge",
+            sessions.to_string(),
+        ),
+    ];
+    for (name, help, kind, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {value}");
     }
 }

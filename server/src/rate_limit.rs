@@ -12,7 +12,7 @@ struct Bucket {
 }
 
 /// Token buckets keyed by client.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     per_sec: f64,
     burst: f64,
     buckets: Mutex<HashMap<ClientId, Bucket>>,
@@ -20,7 +20,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// `per_sec == 0` disables limiting.
-    pub fn new(per_sec: u32, burst: u32) -> Self {
+    pub(crate) fn new(per_sec: u32, burst: u32) -> Self {
         RateLimiter {
             per_sec: f64::from(per_sec),
             burst: f64::from(burst.max(1)),
@@ -29,7 +29,7 @@ impl RateLimiter {
     }
 
     /// Take one token for `client`; false means "over the limit".
-    pub fn allow(&self, client: &ClientId) -> bool {
+    pub(crate) fn allow(&self, client: &ClientId) -> bool {
         if self.per_sec == 0.0 {
             return true;
         }

@@ -1,50 +1,19 @@
-//! Coming back from a storage failure without a restart: the state the
-//! handlers use sits in a [`StateCell`]; once storage is broken (a failed
-//! write or flush, e.g. a full or read-only disk) and the data directory
-//! accepts writes again, the watcher closes the old state, waits for every
-//! request still holding it, and reopens the database from disk, which
+//! Coming back from a storage failure without a restart. The DS the HTTP
+//! front serves sits in a [`StateCell`]; once the embedded backend is broken
+//! (a failed write or flush, e.g. a full or read-only disk) and the data
+//! directory accepts writes again, the watcher closes the old DS, waits for
+//! every request still holding it, and opens the data directory again, which
 //! recovers exactly what was flushed (sled 0.34 stays broken after an I/O
 //! error, so reopening is the only way back). Meanwhile requests get 503.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::Limits;
-use crate::state::AppState;
-
-/// The current server state, or none while storage is being reopened.
-pub struct StateCell {
-    current: RwLock<Option<Arc<AppState>>>,
-}
-
-impl StateCell {
-    /// A cell holding `state`.
-    pub fn new(state: Arc<AppState>) -> Arc<StateCell> {
-        Arc::new(StateCell {
-            current: RwLock::new(Some(state)),
-        })
-    }
-
-    /// The state to serve a request with; `None` while reopening.
-    pub fn get(&self) -> Option<Arc<AppState>> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn replace(&self, state: Option<Arc<AppState>>) -> Option<Arc<AppState>> {
-        std::mem::replace(
-            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
-            state,
-        )
-    }
-}
-
-/// What requests are told while storage is being reopened.
-pub const REOPENING: &str = "storage is being reopened after a failure; retry shortly";
+use crate::backend::Backend;
+use crate::embedded::SledDs;
+use crate::state_cell::StateCell;
 
 /// How often the watcher looks at storage health.
 const PERIOD: Duration = Duration::from_millis(500);
@@ -64,14 +33,17 @@ fn writable(dir: &Path) -> std::io::Result<()> {
     result
 }
 
-/// Watch for broken storage and reopen it once the disk is usable again.
-/// Runs until the task is dropped.
-pub async fn watch(cell: Arc<StateCell>, data_dir: PathBuf, limits: Limits) {
+/// Watch for broken storage and reopen it with `open` once the disk is
+/// usable again. Runs until the task is dropped.
+pub(crate) async fn watch<F>(cell: Arc<StateCell<SledDs>>, data_dir: PathBuf, open: F)
+where
+    F: Fn() -> Result<SledDs, String> + Clone + Send + 'static,
+{
     let mut logged_wait = false;
     loop {
         tokio::time::sleep(PERIOD).await;
         let broken = match cell.get() {
-            Some(state) => state.flusher.stats.broken(),
+            Some(ds) => ds.backend().broken().map(|f| f.to_string()),
             // A previous reopen failed: keep trying.
             None => Some("reopening failed".into()),
         };
@@ -94,7 +66,7 @@ pub async fn watch(cell: Arc<StateCell>, data_dir: PathBuf, limits: Limits) {
         tracing::warn!(%reason, "the data directory is writable again; reopening storage");
         if let Some(old) = cell.replace(None) {
             // Wake long-polls so that they let go of the old state.
-            old.queues.close();
+            old.backend().close();
             let deadline = Instant::now() + DRAIN;
             while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -104,13 +76,12 @@ pub async fn watch(cell: Arc<StateCell>, data_dir: PathBuf, limits: Limits) {
                 cell.replace(Some(old));
                 continue;
             }
-            // Dropping it stops the flusher threads and closes sled.
+            // Dropping it stops the write path's threads and closes sled.
             drop(old);
         }
-        let (dir, l) = (data_dir.clone(), limits.clone());
-        match tokio::task::spawn_blocking(move || crate::build_state(&dir, l)).await {
-            Ok(Ok(state)) => {
-                cell.replace(Some(state));
+        match tokio::task::spawn_blocking(open.clone()).await {
+            Ok(Ok(ds)) => {
+                cell.replace(Some(Arc::new(ds)));
                 logged_wait = false;
                 tracing::warn!("storage reopened; serving again");
             }

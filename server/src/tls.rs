@@ -10,28 +10,21 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
-use crate::error::{Result, ServerError};
-
 /// Build the acceptor from a certificate chain and a private key (PEM).
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor> {
+pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| ServerError::Internal(format!("cannot read {}: {e}", cert.display())))?
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| {
-            ServerError::Internal(format!("bad certificate in {}: {e}", cert.display()))
-        })?;
+        .map_err(|e| format!("bad certificate in {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(ServerError::Internal(format!(
-            "no certificate in {}",
-            cert.display()
-        )));
+        return Err(format!("no certificate in {}", cert.display()));
     }
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| ServerError::Internal(format!("cannot read key {}: {e}", key.display())))?;
+        .map_err(|e| format!("cannot read key {}: {e}", key.display()))?;
     let mut config = ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Internal(format!("invalid certificate or key: {e}")))?;
+        .map_err(|e| format!("invalid certificate or key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -73,11 +73,10 @@ pub(crate) fn decode_entity<T: DeserializeOwned>(
     }
 }
 
-/// Encode a project record (bincode 2, behind a version byte).
-pub(crate) fn encode_record<T: bincode::Encode>(
-    tree: &str,
-    value: &T,
-) -> Result<Vec<u8>, StorageError> {
+/// Encode a project record (bincode 2, behind a version byte), for callers
+/// that write the bytes themselves (e.g. with [`crate::SledStorage::put_raw`]
+/// into a transaction); [`decode_record`] reads it back.
+pub fn encode_record<T: bincode::Encode>(tree: &str, value: &T) -> Result<Vec<u8>, StorageError> {
     let mut out = vec![RECORD_FORMAT_V1];
     bincode::encode_into_std_write(value, &mut out, bincode_config()).map_err(|e| {
         StorageError::Encode {

@@ -186,7 +186,7 @@ impl Store {
     /// fsynced before this returns; `target` must not exist yet.
     ///
     /// The copy is consistent only if no write runs meanwhile: the caller
-    /// stops writers first (the delivery service holds its write gate). This
+    /// stops writers first (the delivery service runs it on its writer thread). This
     /// database is flushed first, so that nothing the copy holds is missing
     /// from this one's disk (writes under `Batched` or through
     /// [`Store::apply_all`] may not have been flushed yet).

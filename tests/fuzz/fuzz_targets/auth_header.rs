@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use mls_ds_protocol::auth::{self, AuthToken};
-use mls_ds_server::auth::Authenticator;
+use mls_ds_server::test_support::Authenticator;
 
 fuzz_target!(|data: &[u8]| {
     // hyper hands the handler header values that are visible ASCII or

@@ -1,5 +1,7 @@
-//! Request authentication: verifies [`AuthToken`]s, keeps sessions and the
-//! replay state (nonce cache, per-session counter windows).
+//! Request authentication: verifies [`AuthToken`]s against what the request
+//! binds (method, path and query, body: a [`RequestView`], no HTTP types),
+//! keeps sessions and the replay state (nonce cache, per-session counter
+//! windows).
 //!
 //! Sessions live in memory only: after a restart clients get 401 and open a
 //! new session with a signature. Losing them loses no data, and a captured
@@ -18,8 +20,8 @@ use openmls_traits::crypto::OpenMlsCrypto;
 use openmls_traits::types::SignatureScheme;
 use rand::RngCore;
 
-use crate::db::{now_ms, ClientRecord};
-use crate::error::{Result, ServerError};
+use crate::backend::records::now_ms;
+use crate::service::error::{DsError, Result};
 
 /// Width of the per-session replay window, in counters.
 const WINDOW: u64 = 128;
@@ -76,6 +78,18 @@ pub struct Authenticator {
 pub struct Caller {
     /// The authenticated client.
     pub client: ClientId,
+    /// Whether it authenticated with its signature key (not a session).
+    pub by_signature: bool,
+}
+
+/// The key a signature token must verify with: the registered one, or the
+/// one being registered.
+#[derive(Clone, Copy, Debug)]
+pub struct RegisteredKey<'a> {
+    /// MLS signature scheme code point.
+    pub scheme: u16,
+    /// Public key.
+    pub public_key: &'a [u8],
 }
 
 /// What a request looks like to the authenticator.
@@ -107,34 +121,30 @@ impl Authenticator {
     /// Parse the `Authorization` header value.
     pub fn parse(header: Option<&str>) -> Result<AuthToken> {
         let value =
-            header.ok_or_else(|| ServerError::Unauthorized("missing authorization".into()))?;
-        auth::parse_header(value).map_err(|e| ServerError::Unauthorized(e.to_string()))
+            header.ok_or_else(|| DsError::Unauthenticated("missing authorization".into()))?;
+        auth::parse_header(value).map_err(|e| DsError::Unauthenticated(e.to_string()))
     }
 
     fn check_clock(timestamp_ms: u64) -> Result<()> {
         let now = now_ms();
         if timestamp_ms.abs_diff(now) > MAX_CLOCK_SKEW_MS {
-            return Err(ServerError::Unauthorized(format!(
+            return Err(DsError::Unauthenticated(format!(
                 "stale token: timestamp {timestamp_ms} is more than {MAX_CLOCK_SKEW_MS} ms from the server's clock {now}"
             )));
         }
         Ok(())
     }
 
-    /// Verify a signature token against `record` (the registered key, or the
-    /// key being registered). Consumes the nonce.
+    /// Verify a signature token with `key`. Consumes the nonce.
     pub fn verify_signature(
         &self,
         token: &SignatureAuth,
-        record: &ClientRecord,
+        key: RegisteredKey<'_>,
         req: &RequestView<'_>,
     ) -> Result<Caller> {
         Self::check_clock(token.timestamp_ms)?;
-        let scheme = SignatureScheme::try_from(record.signature_scheme).map_err(|_| {
-            ServerError::Unauthorized(format!(
-                "unsupported signature scheme {:#06x}",
-                record.signature_scheme
-            ))
+        let scheme = SignatureScheme::try_from(key.scheme).map_err(|_| {
+            DsError::Unauthenticated(format!("unsupported signature scheme {:#06x}", key.scheme))
         })?;
         let payload = auth::signature_payload(
             req.method,
@@ -147,16 +157,12 @@ impl Authenticator {
         // OpenMLS signs `SignContent { label, content }`; the DS uses the raw
         // payload, which carries its own label.
         self.crypto
-            .verify_signature(
-                scheme,
-                &payload,
-                &record.signature_key,
-                token.signature.as_slice(),
-            )
-            .map_err(|_| ServerError::Unauthorized("bad signature".into()))?;
+            .verify_signature(scheme, &payload, key.public_key, token.signature.as_slice())
+            .map_err(|_| DsError::Unauthenticated("bad signature".into()))?;
         self.consume_nonce(token.nonce, token.timestamp_ms)?;
         Ok(Caller {
             client: token.client_id.clone(),
+            by_signature: true,
         })
     }
 
@@ -172,7 +178,7 @@ impl Authenticator {
             n.seen.remove(&old);
         }
         if n.seen.insert(nonce, timestamp_ms).is_some() {
-            return Err(ServerError::Unauthorized("replayed token".into()));
+            return Err(DsError::Unauthenticated("replayed token".into()));
         }
         n.order.push_back((nonce, timestamp_ms));
         Ok(())
@@ -192,19 +198,20 @@ impl Authenticator {
         let mut sessions = lock(&self.sessions);
         let s = sessions
             .get_mut(&token.session_id)
-            .ok_or_else(|| ServerError::Unauthorized("unknown or expired session".into()))?;
+            .ok_or_else(|| DsError::Unauthenticated("unknown or expired session".into()))?;
         if s.expires_ms < now_ms() {
             sessions.remove(&token.session_id);
-            return Err(ServerError::Unauthorized("session expired".into()));
+            return Err(DsError::Unauthenticated("session expired".into()));
         }
         if !auth::verify_mac(&s.key, &payload, &token.mac) {
-            return Err(ServerError::Unauthorized("bad session MAC".into()));
+            return Err(DsError::Unauthenticated("bad session MAC".into()));
         }
         if !s.accept(token.counter) {
-            return Err(ServerError::Unauthorized("replayed token".into()));
+            return Err(DsError::Unauthenticated("replayed token".into()));
         }
         Ok(Caller {
             client: s.client.clone(),
+            by_signature: false,
         })
     }
 
@@ -220,7 +227,7 @@ impl Authenticator {
         if sessions.len() >= self.max_sessions {
             sessions.retain(|_, s| s.expires_ms >= now);
             if sessions.len() >= self.max_sessions {
-                return Err(ServerError::Unavailable("too many open sessions".into()));
+                return Err(DsError::Unavailable("too many open sessions".into()));
             }
         }
         sessions.insert(

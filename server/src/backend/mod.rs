@@ -1,0 +1,195 @@
+//! The seam between the DS's core and its storage: the [`Backend`] trait,
+//! the records and write sets that cross it, and its first implementation,
+//! [`sled`] (the embedded default).
+//!
+//! The core never names a storage engine. It reads typed records, submits
+//! [`WriteSet`]s and awaits their durability, reads queue pages and waits on
+//! a client's wake-up handle. A backend owns everything that depends on
+//! where the data lives:
+//!
+//! - **Atomicity and durability**: a write set is applied all or nothing and
+//!   its [`Committing`] handle resolves only once it is durable.
+//! - **Ordering**: write sets are applied in one order; a write set's
+//!   conditions are checked against the state all earlier ones left, so two
+//!   DS processes on one database cannot both accept a commit for an epoch
+//!   (the group's revision is compared and set inside the write), nor both
+//!   claim one key package, nor both register one id.
+//! - **Queues**: a delivery's message is stored once; each recipient's
+//!   sequence number is assigned when the write set is applied, so every
+//!   queue is gap-free in apply order. An entry becomes visible to fetches
+//!   only once durable, and then the recipient's wake-up handle fires,
+//!   whichever process wrote it.
+//! - **Per-group serialisation**: [`Backend::lock_group`] spares concurrent
+//!   handshakes of one group the validation work that the condition would
+//!   refuse anyway; correctness never rests on it alone.
+
+pub(crate) mod committing;
+pub(crate) mod error;
+pub(crate) mod page;
+pub(crate) mod public_group;
+pub(crate) mod records;
+pub(crate) mod sled;
+pub(crate) mod write_set;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use mls_ds_protocol::ClientId;
+use tokio::sync::Notify;
+
+pub(crate) use committing::Committing;
+pub(crate) use error::{StorageFault, StoreError};
+pub(crate) use page::Page;
+use records::{ClientRecord, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord};
+pub(crate) use write_set::{AckOutcome, Applied, WriteSet};
+
+/// Storage of the DS: reads, the one write path, queues and wake-ups.
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// Held while one handshake of a group is validated and written.
+    type GroupGuard: Send + 'static;
+
+    /// A client's record, deleted or not.
+    fn client(
+        &self,
+        id: &ClientId,
+    ) -> impl Future<Output = Result<Option<ClientRecord>, StoreError>> + Send;
+
+    /// A client's ordinary key packages, in key order.
+    fn key_packages(
+        &self,
+        owner: &ClientId,
+    ) -> impl Future<Output = Result<Vec<KeyPackageRecord>, StoreError>> + Send;
+
+    /// A client's last-resort key package.
+    fn last_resort(
+        &self,
+        owner: &ClientId,
+    ) -> impl Future<Output = Result<Option<KeyPackageRecord>, StoreError>> + Send;
+
+    /// Ordinary key packages of every client whose lifetime ended before
+    /// `now_secs`.
+    fn expired_key_packages(
+        &self,
+        now_secs: u64,
+    ) -> impl Future<Output = Result<Vec<ExpiredKeyPackage>, StoreError>> + Send;
+
+    /// Who published the claimed key package `kp_ref`.
+    fn key_package_owner(
+        &self,
+        kp_ref: &[u8],
+    ) -> impl Future<Output = Result<Option<ClientId>, StoreError>> + Send;
+
+    /// A group's record.
+    fn group(
+        &self,
+        id: &GroupId,
+    ) -> impl Future<Output = Result<Option<GroupRecord>, StoreError>> + Send;
+
+    /// A group's GroupInfo and `PublicGroup`.
+    fn group_state(
+        &self,
+        id: &GroupId,
+    ) -> impl Future<Output = Result<Option<GroupState>, StoreError>> + Send;
+
+    /// The commit accepted for `epoch` of a group.
+    fn commit(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+    ) -> impl Future<Output = Result<Option<CommitRecord>, StoreError>> + Send;
+
+    /// Wait for the group's handshake lock (see the module doc).
+    fn lock_group(&self, id: &GroupId) -> impl Future<Output = Self::GroupGuard> + Send;
+
+    /// Apply a write set (module doc of [`write_set`]). Never waits: the
+    /// write happens even if the handle is dropped.
+    fn submit(&self, set: WriteSet) -> Committing<Applied>;
+
+    /// Resolves once everything submitted before is durable (a retried
+    /// request is answered only once its first attempt's writes are).
+    fn settled(&self) -> Committing<()>;
+
+    /// Acknowledge every entry of `client`'s queue up to `up_to`; message
+    /// bodies whose last reference goes are deleted.
+    fn ack(&self, client: &ClientId, up_to: u64) -> Committing<AckOutcome>;
+
+    /// Drop queue entries of messages stored before `cutoff_ms` (the
+    /// retention bound): they leave the queues, and each affected queue's
+    /// acknowledgement mark moves past them. Resolves to the number dropped.
+    fn expire(&self, cutoff_ms: u64) -> Committing<usize>;
+
+    /// The visible entries of `client`'s queue after `after`: at most
+    /// `limit`, and fewer once `max_bytes` are reached (never none if any is
+    /// visible).
+    fn page(
+        &self,
+        client: &ClientId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+
+    /// The handle that is notified (`notify_waiters`) whenever entries of
+    /// `client`'s queue become visible, and when the backend closes.
+    fn subscribe(&self, client: &ClientId) -> Result<Arc<Notify>, StoreError>;
+
+    /// `Err` while the backend cannot serve (broken storage, closed).
+    fn health(&self) -> Result<(), StoreError>;
+
+    /// Stop serving: pending long-polls end, new requests are refused.
+    fn close(&self);
+
+    /// Gauges and counters for `/metrics`.
+    fn stats(&self) -> BackendStats;
+
+    /// Integrity check of everything stored (`mls-ds check`).
+    fn check(&self) -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
+
+    /// Counts of what is stored (`mls-ds stats`).
+    fn report(&self) -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
+
+    /// A consistent copy of everything into the new directory `target`
+    /// (`mls-ds backup`).
+    fn backup(&self, target: &Path)
+        -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
+}
+
+/// An expired ordinary key package.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ExpiredKeyPackage {
+    /// Who published it.
+    pub(crate) owner: ClientId,
+    /// Its hash reference.
+    pub(crate) kp_ref: Vec<u8>,
+}
+
+/// What an operator command found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AdminReport {
+    /// Text for the operator.
+    pub(crate) text: String,
+    /// Whether the command found a problem (non-zero exit).
+    pub(crate) failed: bool,
+}
+
+/// Gauges and counters a backend exports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct BackendStats {
+    /// Unacknowledged visible queue entries.
+    pub(crate) queue_entries: u64,
+    /// Deepest queue.
+    pub(crate) queue_depth_max: u64,
+    /// Stored messages still referenced by a queue.
+    pub(crate) stored_messages: u64,
+    /// Durability rounds (flush + fdatasync, or database commits).
+    pub(crate) flushes: u64,
+    /// Write sets made durable.
+    pub(crate) durable_writes: u64,
+    /// Failed durability rounds.
+    pub(crate) flush_failures: u64,
+    /// Time spent applying writes, in seconds.
+    pub(crate) apply_seconds: f64,
+    /// Time spent making them durable, in seconds.
+    pub(crate) flush_seconds: f64,
+}

@@ -1,0 +1,262 @@
+//! A stored group's `PublicGroup` as OpenMLS sees it: an in-memory
+//! `PublicStorageProvider` over the [`PublicGroupEntities`] of one group.
+//!
+//! The DS loads a group's entities from its backend, lets OpenMLS load,
+//! validate against and merge into them here, and writes the result back as
+//! part of a write set. So OpenMLS's storage calls never reach a database
+//! directly, whatever the backend, and a validation that fails leaves
+//! nothing behind. Every entity is the serde_json encoding of the OpenMLS
+//! value (OpenMLS 0.9 entities need a self-describing format).
+
+use std::sync::{Mutex, MutexGuard};
+
+use openmls_traits::public_storage::PublicStorageProvider;
+use openmls_traits::storage::{traits, Key, CURRENT_VERSION};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::records::{PublicGroupEntities, QueuedProposalEntity};
+
+/// One group's `PublicGroup` storage, in memory.
+pub(crate) struct PublicGroupStore {
+    /// serde_json of the group's OpenMLS `GroupId`: calls for any other
+    /// group are refused.
+    group: Vec<u8>,
+    entities: Mutex<PublicGroupEntities>,
+}
+
+/// Why a `PublicGroup` entity could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PublicGroupStoreError {
+    /// serde_json failed (a stored entity this build cannot read).
+    #[error("PublicGroup entity: {0}")]
+    Json(#[from] serde_json::Error),
+    /// OpenMLS asked for another group than the one loaded.
+    #[error("the stored PublicGroup belongs to another group")]
+    OtherGroup,
+}
+
+type Result<T> = std::result::Result<T, PublicGroupStoreError>;
+
+impl PublicGroupStore {
+    /// The storage of `group` holding `entities` (empty for a new group).
+    pub(crate) fn new(
+        group: &openmls::prelude::GroupId,
+        entities: PublicGroupEntities,
+    ) -> Result<PublicGroupStore> {
+        Ok(PublicGroupStore {
+            group: serde_json::to_vec(group)?,
+            entities: Mutex::new(entities),
+        })
+    }
+
+    /// The entities as OpenMLS left them.
+    pub(crate) fn into_entities(self) -> PublicGroupEntities {
+        self.entities
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entities, once `group_id` is checked to be this store's group.
+    fn of<G: Key<CURRENT_VERSION>>(
+        &self,
+        group_id: &G,
+    ) -> Result<MutexGuard<'_, PublicGroupEntities>> {
+        if serde_json::to_vec(group_id)? != self.group {
+            return Err(PublicGroupStoreError::OtherGroup);
+        }
+        Ok(self.entities.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(value)?)
+}
+
+fn decode<T: DeserializeOwned>(bytes: Option<&Vec<u8>>) -> Result<Option<T>> {
+    bytes
+        .map(|b| serde_json::from_slice(b))
+        .transpose()
+        .map_err(Into::into)
+}
+
+impl PublicStorageProvider<CURRENT_VERSION> for PublicGroupStore {
+    type PublicError = PublicGroupStoreError;
+
+    fn write_tree<G: traits::GroupId<CURRENT_VERSION>, T: traits::TreeSync<CURRENT_VERSION>>(
+        &self,
+        group_id: &G,
+        tree: &T,
+    ) -> Result<()> {
+        self.of(group_id)?.tree = Some(encode(tree)?);
+        Ok(())
+    }
+
+    fn write_interim_transcript_hash<
+        G: traits::GroupId<CURRENT_VERSION>,
+        H: traits::InterimTranscriptHash<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+        hash: &H,
+    ) -> Result<()> {
+        self.of(group_id)?.interim_transcript_hash = Some(encode(hash)?);
+        Ok(())
+    }
+
+    fn write_context<
+        G: traits::GroupId<CURRENT_VERSION>,
+        C: traits::GroupContext<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+        context: &C,
+    ) -> Result<()> {
+        self.of(group_id)?.context = Some(encode(context)?);
+        Ok(())
+    }
+
+    fn write_confirmation_tag<
+        G: traits::GroupId<CURRENT_VERSION>,
+        T: traits::ConfirmationTag<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+        tag: &T,
+    ) -> Result<()> {
+        self.of(group_id)?.confirmation_tag = Some(encode(tag)?);
+        Ok(())
+    }
+
+    fn queue_proposal<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+        P: traits::QueuedProposal<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+        proposal_ref: &R,
+        proposal: &P,
+    ) -> Result<()> {
+        let reference = encode(proposal_ref)?;
+        let proposal = encode(proposal)?;
+        let mut e = self.of(group_id)?;
+        match e.proposals.iter_mut().find(|p| p.reference == reference) {
+            Some(existing) => existing.proposal = proposal,
+            None => e.proposals.push(QueuedProposalEntity {
+                reference,
+                proposal,
+            }),
+        }
+        Ok(())
+    }
+
+    fn queued_proposals<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+        P: traits::QueuedProposal<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+    ) -> Result<Vec<(R, P)>> {
+        self.of(group_id)?
+            .proposals
+            .iter()
+            .map(|p| {
+                Ok((
+                    serde_json::from_slice(&p.reference)?,
+                    serde_json::from_slice(&p.proposal)?,
+                ))
+            })
+            .collect()
+    }
+
+    fn tree<G: traits::GroupId<CURRENT_VERSION>, T: traits::TreeSync<CURRENT_VERSION>>(
+        &self,
+        group_id: &G,
+    ) -> Result<Option<T>> {
+        decode(self.of(group_id)?.tree.as_ref())
+    }
+
+    fn group_context<
+        G: traits::GroupId<CURRENT_VERSION>,
+        C: traits::GroupContext<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+    ) -> Result<Option<C>> {
+        decode(self.of(group_id)?.context.as_ref())
+    }
+
+    fn interim_transcript_hash<
+        G: traits::GroupId<CURRENT_VERSION>,
+        H: traits::InterimTranscriptHash<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+    ) -> Result<Option<H>> {
+        decode(self.of(group_id)?.interim_transcript_hash.as_ref())
+    }
+
+    fn confirmation_tag<
+        G: traits::GroupId<CURRENT_VERSION>,
+        T: traits::ConfirmationTag<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+    ) -> Result<Option<T>> {
+        decode(self.of(group_id)?.confirmation_tag.as_ref())
+    }
+
+    fn delete_tree<G: traits::GroupId<CURRENT_VERSION>>(&self, group_id: &G) -> Result<()> {
+        self.of(group_id)?.tree = None;
+        Ok(())
+    }
+
+    fn delete_confirmation_tag<G: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &G,
+    ) -> Result<()> {
+        self.of(group_id)?.confirmation_tag = None;
+        Ok(())
+    }
+
+    fn delete_context<G: traits::GroupId<CURRENT_VERSION>>(&self, group_id: &G) -> Result<()> {
+        self.of(group_id)?.context = None;
+        Ok(())
+    }
+
+    fn delete_interim_transcript_hash<G: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        group_id: &G,
+    ) -> Result<()> {
+        self.of(group_id)?.interim_transcript_hash = None;
+        Ok(())
+    }
+
+    fn remove_proposal<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+        proposal_ref: &R,
+    ) -> Result<()> {
+        let reference = encode(proposal_ref)?;
+        self.of(group_id)?
+            .proposals
+            .retain(|p| p.reference != reference);
+        Ok(())
+    }
+
+    fn clear_proposal_queue<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        group_id: &G,
+    ) -> Result<()> {
+        self.of(group_id)?.proposals.clear();
+        Ok(())
+    }
+}

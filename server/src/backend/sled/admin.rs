@@ -1,0 +1,159 @@
+//! Operator commands on a sled data directory: `check` (every record
+//! decodes, every group's `PublicGroup` loads at its recorded epoch, every
+//! queue is gap-free), `stats` (counts) and `backup` (a copy into a new
+//! directory). They run on an opened [`Layout`], either of a stopped server
+//! or inside the running one.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use mls_ds_storage::codec::decode_record;
+use openmls::prelude::{GroupId as MlsGroupId, PublicGroup};
+
+use super::layout::{Layout, Tree};
+use super::queue_startup;
+use crate::backend::error::StoreError;
+use crate::backend::public_group::PublicGroupStore;
+use crate::backend::records::{
+    ClientRecord, CommitRecord, GroupRecord, GroupState, KeyPackageRecord,
+};
+use crate::backend::AdminReport;
+
+/// Count the records of `tree`, noting each that does not decode as `T`.
+fn decode_all<T: bincode::Decode<()>>(
+    layout: &Layout,
+    tree: Tree,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> Result<usize, StoreError> {
+    let rows = layout.storage.scan_raw(tree.handle, b"")?;
+    for (k, v) in &rows {
+        if let Err(e) = decode_record::<T>(tree.name, k, v) {
+            problems.push(format!("{what}: {e}"));
+        }
+    }
+    Ok(rows.len())
+}
+
+/// Problems of one group: its state must exist, load as a `PublicGroup`,
+/// and agree with the group record.
+fn check_group(
+    layout: &Layout,
+    key: &[u8],
+    record: &GroupRecord,
+) -> Result<Vec<String>, StoreError> {
+    let gid = hex::encode(key);
+    let t = layout.trees.group_states;
+    let Some(raw) = layout.storage.get_raw(t.handle, key)? else {
+        return Ok(vec![format!(
+            "group {gid}: no GroupInfo or PublicGroup stored"
+        )]);
+    };
+    let state: GroupState = match decode_record(t.name, key, &raw) {
+        Ok(s) => s,
+        Err(e) => return Ok(vec![format!("group {gid}: {e}")]),
+    };
+    let mls_id = MlsGroupId::from_slice(key);
+    let loaded = PublicGroupStore::new(&mls_id, state.public_group)
+        .map_err(|e| e.to_string())
+        .and_then(|store| PublicGroup::load(&store, &mls_id).map_err(|e| e.to_string()));
+    Ok(match loaded {
+        Ok(Some(pg)) => {
+            let mut problems = Vec::new();
+            let epoch = pg.group_context().epoch().as_u64();
+            if epoch != record.epoch {
+                problems.push(format!(
+                    "group {gid}: record says epoch {}, PublicGroup is at {epoch}",
+                    record.epoch
+                ));
+            }
+            if pg.members().count() != record.members.len() {
+                problems.push(format!("group {gid}: roster size differs from PublicGroup"));
+            }
+            problems
+        }
+        Ok(None) => vec![format!("group {gid}: PublicGroup state missing")],
+        Err(e) => vec![format!("group {gid}: PublicGroup does not load: {e}")],
+    })
+}
+
+/// `mls-ds check`.
+pub(crate) fn check(layout: &Layout) -> Result<AdminReport, StoreError> {
+    let t = &layout.trees;
+    let mut problems = Vec::new();
+    let clients = decode_all::<ClientRecord>(layout, t.clients, "client record", &mut problems)?;
+    let key_packages = decode_all::<KeyPackageRecord>(
+        layout,
+        t.key_packages,
+        "key package record",
+        &mut problems,
+    )?;
+    decode_all::<CommitRecord>(layout, t.commits, "commit record", &mut problems)?;
+    let groups = layout.storage.scan_raw(t.groups.handle, b"")?;
+    for (k, v) in &groups {
+        match decode_record::<GroupRecord>(t.groups.name, k, v) {
+            Err(e) => problems.push(format!("group {}: {e}", hex::encode(k))),
+            Ok(record) => problems.extend(check_group(layout, k, &record)?),
+        }
+    }
+    let queues = queue_startup::verify(layout);
+    problems.extend(queues.problems);
+    let mut text = format!(
+        "checked {clients} clients, {key_packages} key packages, {} groups, {} queue entries, {} stored messages\n",
+        groups.len(),
+        queues.entries,
+        queues.messages
+    );
+    for p in &problems {
+        let _ = writeln!(text, "PROBLEM: {p}");
+    }
+    let _ = writeln!(
+        text,
+        "{}",
+        if problems.is_empty() { "OK" } else { "FAILED" }
+    );
+    Ok(AdminReport {
+        text,
+        failed: !problems.is_empty(),
+    })
+}
+
+/// `mls-ds stats`.
+pub(crate) fn stats(layout: &Layout) -> Result<AdminReport, StoreError> {
+    let t = &layout.trees;
+    let count = |tree: Tree| -> Result<usize, StoreError> {
+        Ok(layout.storage.scan_raw(tree.handle, b"")?.len())
+    };
+    let queues = queue_startup::verify(layout);
+    let mut text = String::new();
+    let _ = writeln!(text, "clients            {}", count(t.clients)?);
+    let _ = writeln!(text, "key packages       {}", count(t.key_packages)?);
+    let _ = writeln!(text, "groups             {}", count(t.groups)?);
+    let _ = writeln!(text, "accepted commits   {}", count(t.commits)?);
+    let _ = writeln!(text, "queue entries      {}", queues.entries);
+    let _ = writeln!(text, "stored messages    {}", queues.messages);
+    let _ = writeln!(
+        text,
+        "size on disk       {} bytes",
+        layout.store.size_on_disk()?
+    );
+    Ok(AdminReport {
+        text,
+        failed: !queues.problems.is_empty(),
+    })
+}
+
+/// `mls-ds backup --out target`: copy every tree into a new database at
+/// `target`. The caller makes sure nothing is written meanwhile (a stopped
+/// server, or the running server's writer thread, which runs it as a job).
+pub(crate) fn backup(layout: &Layout, target: &Path) -> Result<AdminReport, StoreError> {
+    let exported = layout.store.export_to(target)?;
+    Ok(AdminReport {
+        text: format!(
+            "backup of {} trees written to {}\n",
+            exported.trees,
+            target.display()
+        ),
+        failed: false,
+    })
+}

@@ -1,0 +1,406 @@
+//! Turning jobs into sled writes, on the group commit's writer thread: the
+//! conditions of a write set are checked against the database as every
+//! earlier job left it, its changes become keys of the layout, its
+//! deliveries get their sequence numbers from the queue index, and queue
+//! operations (acknowledgements, expiry) become ack marks and removals.
+//!
+//! Because this runs on the one writer thread, in submission order,
+//! sequence numbers follow the order in which writes reach sled's log, and a
+//! crash keeps a gap-free prefix of every queue.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use mls_ds_protocol::ClientId;
+use mls_ds_storage::{PendingWrites, Transaction};
+
+use super::layout::{self, EnvelopeRef, Fanout, Layout};
+use super::queue_index::{Assignment, IndexState, QueueIndex, Released};
+use crate::backend::committing::CommitReply;
+use crate::backend::error::StoreError;
+use crate::backend::records::{GroupRecord, StoredMessage};
+use crate::backend::write_set::{
+    AckOutcome, Applied, Change, Condition, Delivery, DeliveryOutcome, WriteSet,
+};
+use crate::backend::AdminReport;
+
+/// A unit of work for the writer thread.
+pub(crate) enum Job {
+    /// A write set.
+    Write {
+        set: WriteSet,
+        reply: CommitReply<Applied>,
+    },
+    /// Acknowledge a client's queue up to `up_to`.
+    Ack {
+        client: ClientId,
+        up_to: u64,
+        reply: CommitReply<AckOutcome>,
+    },
+    /// Drop queue entries older than `cutoff_ms`.
+    Expire {
+        cutoff_ms: u64,
+        reply: CommitReply<usize>,
+    },
+    /// Nothing to write: answered once everything before it is durable.
+    Settle { reply: CommitReply<()> },
+    /// Copy the database while nothing else is written.
+    Backup {
+        target: PathBuf,
+        reply: CommitReply<AdminReport>,
+    },
+}
+
+impl Job {
+    /// Whether the job reads the database to decide what to write, so that
+    /// everything queued before it must be applied first.
+    pub(crate) fn reads_first(&self) -> bool {
+        match self {
+            Job::Write { set, .. } => {
+                !set.conditions.is_empty()
+                    || set
+                        .changes
+                        .iter()
+                        .any(|c| matches!(c, Change::DeleteClient { .. }))
+            }
+            Job::Backup { .. } => true,
+            Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => false,
+        }
+    }
+
+    /// Answer without doing anything.
+    pub(crate) fn refuse(self, e: StoreError) {
+        match self {
+            Job::Write { reply, .. } => reply.send(Err(e)),
+            Job::Ack { reply, .. } => reply.send(Err(e)),
+            Job::Expire { reply, .. } => reply.send(Err(e)),
+            Job::Settle { reply } => reply.send(Err(e)),
+            Job::Backup { reply, .. } => reply.send(Err(e)),
+        }
+    }
+}
+
+/// A job turned into writes, waiting for them to be durable.
+pub(crate) struct Prepared {
+    /// In order; a set of one key is applied as a plain insert or remove.
+    pub(crate) writes: Vec<PendingWrites>,
+    /// Queue entries that become visible once the writes are durable.
+    pub(crate) publish: Vec<(ClientId, u64)>,
+    /// Whom to answer, with what.
+    pub(crate) finish: Finish,
+}
+
+/// The answer a prepared job gets once its writes are durable.
+pub(crate) enum Finish {
+    Write(CommitReply<Applied>, Applied),
+    Ack(CommitReply<AckOutcome>, AckOutcome),
+    Expire(CommitReply<usize>, usize),
+    Settle(CommitReply<()>),
+}
+
+impl Finish {
+    /// Answer with the outcome if `result` is `Ok`, else with the error.
+    pub(crate) fn answer(self, result: Result<(), StoreError>) {
+        match self {
+            Finish::Write(reply, applied) => reply.send(result.map(|()| applied)),
+            Finish::Ack(reply, outcome) => reply.send(result.map(|()| outcome)),
+            Finish::Expire(reply, n) => reply.send(result.map(|()| n)),
+            Finish::Settle(reply) => reply.send(result),
+        }
+    }
+}
+
+/// A write set turned into sled writes.
+struct StagedWrite {
+    writes: Vec<PendingWrites>,
+    publish: Vec<(ClientId, u64)>,
+    applied: Applied,
+}
+
+/// What the writer thread prepares jobs with.
+pub(crate) struct Applier {
+    pub(crate) layout: Layout,
+    pub(crate) index: Arc<QueueIndex>,
+}
+
+impl Applier {
+    /// Turn `job` into writes, or answer it at once (a failed condition,
+    /// an ack past the head, a backup, a write that cannot be encoded).
+    pub(crate) fn prepare(&self, job: Job) -> Option<Prepared> {
+        match job {
+            Job::Write { set, reply } => match self.write(set) {
+                Ok(staged) => Some(Prepared {
+                    writes: staged.writes,
+                    publish: staged.publish,
+                    finish: Finish::Write(reply, staged.applied),
+                }),
+                Err(e) => {
+                    reply.send(Err(e));
+                    None
+                }
+            },
+            Job::Ack {
+                client,
+                up_to,
+                reply,
+            } => match self.ack(&client, up_to) {
+                Ok((writes, outcome)) => Some(Prepared {
+                    writes,
+                    publish: Vec::new(),
+                    finish: Finish::Ack(reply, outcome),
+                }),
+                Err(e) => {
+                    reply.send(Err(e));
+                    None
+                }
+            },
+            Job::Expire { cutoff_ms, reply } => {
+                let released = self.index.lock().expire(cutoff_ms);
+                match self.release_writes(&released) {
+                    Ok(writes) => Some(Prepared {
+                        writes,
+                        publish: Vec::new(),
+                        finish: Finish::Expire(reply, released.entries),
+                    }),
+                    Err(e) => {
+                        reply.send(Err(e));
+                        None
+                    }
+                }
+            }
+            Job::Settle { reply } => Some(Prepared {
+                writes: Vec::new(),
+                publish: Vec::new(),
+                finish: Finish::Settle(reply),
+            }),
+            Job::Backup { target, reply } => {
+                reply.send(super::admin::backup(&self.layout, &target));
+                None
+            }
+        }
+    }
+
+    fn write(&self, set: WriteSet) -> Result<StagedWrite, StoreError> {
+        for c in &set.conditions {
+            if !self.holds(c)? {
+                return Err(StoreError::ConditionFailed(c.clone()));
+            }
+        }
+        let tx = self.layout.storage.begin();
+        let mut deleted = Vec::new();
+        for change in set.changes {
+            if let Change::DeleteClient { id, tombstone } = change {
+                self.stage_client_deletion(&tx, &id, &tombstone)?;
+                deleted.push(id);
+            } else {
+                self.stage(&tx, change)?;
+            }
+        }
+        // Index changes come last, once nothing else can fail.
+        let mut state = self.index.lock();
+        for id in &deleted {
+            let released = state.delete_client(id);
+            stage_release(&self.layout, &tx, &released)?;
+        }
+        let (applied, publish) = self.deliver(&mut state, &tx, set.deliveries)?;
+        drop(state);
+        Ok(StagedWrite {
+            writes: vec![tx.into_pending()?],
+            publish,
+            applied,
+        })
+    }
+
+    /// Whether a condition holds in the database as applied so far.
+    fn holds(&self, c: &Condition) -> Result<bool, StoreError> {
+        let l = &self.layout;
+        let t = &l.trees;
+        Ok(match c {
+            Condition::ClientAbsent(id) => !l.contains(t.clients, id.as_bytes())?,
+            Condition::ClientActive(id) => l.client(id)?.is_some_and(|r| !r.is_deleted()),
+            Condition::GroupAbsent(id) => !l.contains(t.groups, id.as_bytes())?,
+            Condition::GroupAt { group, revision } => l
+                .get::<GroupRecord>(t.groups, group.as_bytes())?
+                .is_some_and(|r| r.revision == *revision),
+            Condition::KeyPackageUnclaimed { owner, kp_ref } => {
+                l.contains(t.key_packages, &layout::kp_key(owner, kp_ref))?
+            }
+        })
+    }
+
+    /// Add one change's keys to `tx`.
+    fn stage(&self, tx: &Transaction, change: Change) -> Result<(), StoreError> {
+        let t = &self.layout.trees;
+        let put = |tree: layout::Tree, key: &[u8], bytes: Vec<u8>| -> Result<(), StoreError> {
+            Ok(tx.put_raw(tree.handle, key, &bytes)?)
+        };
+        match change {
+            Change::PutClient { id, record } => put(
+                t.clients,
+                id.as_bytes(),
+                layout::encode(t.clients, &record)?,
+            ),
+            Change::DeleteClient { .. } => Err(StoreError::Corrupt(
+                "client deletion is staged with the queue index".into(),
+            )),
+            Change::PutKeyPackage { owner, record } => put(
+                t.key_packages,
+                &layout::kp_key(&owner, &record.kp_ref),
+                layout::encode(t.key_packages, &record)?,
+            ),
+            Change::PutLastResort { owner, record } => put(
+                t.key_packages,
+                &layout::last_resort_key(&owner),
+                layout::encode(t.key_packages, &record)?,
+            ),
+            Change::RemoveKeyPackage { owner, kp_ref } => {
+                Ok(tx.remove_raw(t.key_packages.handle, &layout::kp_key(&owner, &kp_ref))?)
+            }
+            Change::PutKeyPackageOwner { kp_ref, owner } => {
+                put(t.kp_owners, &kp_ref, owner.as_bytes().to_vec())
+            }
+            Change::PutGroup { id, record } => {
+                put(t.groups, id.as_bytes(), layout::encode(t.groups, &record)?)
+            }
+            Change::PutGroupState { id, state } => put(
+                t.group_states,
+                id.as_bytes(),
+                layout::encode(t.group_states, &state)?,
+            ),
+            Change::PutCommit {
+                group,
+                epoch,
+                record,
+            } => put(
+                t.commits,
+                &layout::commit_key(&group, epoch),
+                layout::encode(t.commits, &record)?,
+            ),
+        }
+    }
+
+    /// The tombstone and the removal of every key package of a client that
+    /// deletes itself (its queue goes with the index changes).
+    fn stage_client_deletion(
+        &self,
+        tx: &Transaction,
+        id: &ClientId,
+        tombstone: &crate::backend::records::ClientRecord,
+    ) -> Result<(), StoreError> {
+        let t = &self.layout.trees;
+        for (k, _) in self
+            .layout
+            .storage
+            .scan_raw(t.key_packages.handle, &layout::client_key(id))?
+        {
+            tx.remove_raw(t.key_packages.handle, &k)?;
+        }
+        tx.put_raw(
+            t.clients.handle,
+            id.as_bytes(),
+            &layout::encode(t.clients, tombstone)?,
+        )?;
+        Ok(())
+    }
+
+    /// Assign sequence numbers to `deliveries` and stage their envelopes.
+    /// Undone in the index if an envelope cannot be staged, so that no
+    /// queue keeps a gap.
+    fn deliver(
+        &self,
+        state: &mut IndexState,
+        tx: &Transaction,
+        deliveries: Vec<Delivery>,
+    ) -> Result<(Applied, Vec<(ClientId, u64)>), StoreError> {
+        let mut applied = Applied::default();
+        let mut publish = Vec::new();
+        let mut assignments: Vec<Assignment> = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            let a = state.assign(&d.recipients, &d.message);
+            let staged = stage_envelope(&self.layout, tx, &a, &d.message);
+            let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
+            applied.deliveries.push(DeliveryOutcome {
+                message_id: a.message_id,
+                recipients,
+            });
+            let message_id = a.message_id;
+            let had_entries = !a.entries.is_empty();
+            assignments.push(a);
+            if let Err(e) = staged {
+                state.unassign(&assignments);
+                return Err(e);
+            }
+            if had_entries {
+                state.cache(message_id, Arc::new(d.message));
+            }
+        }
+        for a in assignments {
+            publish.extend(a.entries);
+        }
+        Ok((applied, publish))
+    }
+
+    fn ack(
+        &self,
+        client: &ClientId,
+        up_to: u64,
+    ) -> Result<(Vec<PendingWrites>, AckOutcome), StoreError> {
+        let mut state = self.index.lock();
+        let released = state
+            .ack(client, up_to)
+            .map_err(|head| StoreError::AckBeyondHead { up_to, head })?;
+        let outcome = state.position(client);
+        drop(state);
+        Ok((self.release_writes(&released)?, outcome))
+    }
+
+    /// Ack marks and removals of freed messages, applied key by key: every
+    /// key-order prefix is a state startup accepts (marks sort before the
+    /// envelopes whose removal they allow; a crash in between leaves fully
+    /// acknowledged messages, which startup deletes).
+    fn release_writes(&self, released: &Released) -> Result<Vec<PendingWrites>, StoreError> {
+        let tx = self.layout.storage.begin();
+        stage_release(&self.layout, &tx, released)?;
+        Ok(tx.into_pending()?.into_single_writes())
+    }
+}
+
+fn stage_release(layout: &Layout, tx: &Transaction, released: &Released) -> Result<(), StoreError> {
+    let delivery = layout.trees.delivery.handle;
+    for (client, mark) in &released.marks {
+        tx.put_raw(delivery, &layout::ack_key(client), &mark.to_be_bytes())?;
+    }
+    for id in &released.freed {
+        tx.remove_raw(delivery, &layout::envelope_key(*id))?;
+    }
+    Ok(())
+}
+
+fn stage_envelope(
+    layout: &Layout,
+    tx: &Transaction,
+    a: &Assignment,
+    message: &StoredMessage,
+) -> Result<(), StoreError> {
+    if a.entries.is_empty() {
+        return Ok(());
+    }
+    let fanout = Fanout {
+        stored_ms: message.stored_ms,
+        entries: a
+            .entries
+            .iter()
+            .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
+            .collect(),
+    };
+    let tree = layout.trees.delivery;
+    let bytes = layout::encode(
+        tree,
+        &EnvelopeRef {
+            fanout: &fanout,
+            message,
+        },
+    )?;
+    tx.put_raw(tree.handle, &layout::envelope_key(a.message_id), &bytes)?;
+    Ok(())
+}

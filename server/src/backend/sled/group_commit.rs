@@ -1,0 +1,281 @@
+//! The sled backend's one write path: group commit in two threads.
+//!
+//! Every job (a write set, an acknowledgement, expiry, a barrier, a live
+//! backup) goes through one channel, so submission order is apply order. The
+//! writer thread takes every job queued so far, turns each into writes
+//! (`apply`: conditions checked, sequence numbers assigned) and applies them
+//! in that order: multi-key sets merged into one atomic sled write, single
+//! keys as plain inserts (`Store::apply_all`); before a job that reads the
+//! database to decide (a condition, a deletion, a backup), what is queued is
+//! applied first. The syncer thread then flushes once for everything applied
+//! meanwhile (sled flush + `fdatasync` of its log file), makes the new queue
+//! entries visible and answers. The two overlap: the next batch is applied
+//! while the last one is flushed.
+//!
+//! sled seals its log buffer for every atomic write whatever its size, so one
+//! write per cycle instead of one per request (and none for cycles of single
+//! keys) is what lets durability keep up with load. After a failed write or
+//! flush, nothing more is applied (sled 0.34 stays broken after an I/O
+//! error, and later jobs may depend on the failed one): storage is marked
+//! broken until the server reopens it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use mls_ds_protocol::ClientId;
+use mls_ds_storage::{PendingWrites, StorageError, Store};
+
+use super::apply::{Applier, Finish, Job};
+use crate::backend::error::{StorageFault, StoreError};
+
+/// Most jobs taken into one batch.
+const MAX_BATCH: usize = 4096;
+
+/// Counters exported on `/metrics`, and the broken state.
+#[derive(Default, Debug)]
+pub(crate) struct CommitStats {
+    /// Physical flushes.
+    pub(crate) flushes: AtomicU64,
+    /// Jobs made durable.
+    pub(crate) durable: AtomicU64,
+    /// Flushes or writes that failed.
+    pub(crate) failures: AtomicU64,
+    /// Time spent applying writes to sled, in microseconds.
+    pub(crate) apply_us: AtomicU64,
+    /// Time spent in sled flush + `fdatasync`, in microseconds.
+    pub(crate) flush_us: AtomicU64,
+    /// Set by the first failure; the server reopens the database to recover.
+    broken: Mutex<Option<StorageFault>>,
+}
+
+impl CommitStats {
+    /// The fault that broke storage, if any.
+    pub(crate) fn broken(&self) -> Option<StorageFault> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn mark_broken(&self, e: &StorageError) -> StorageFault {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let fault = fault_of(e);
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(fault)
+            .clone()
+    }
+}
+
+/// The words a client may see for a storage error: the OS error only.
+fn fault_of(e: &StorageError) -> StorageFault {
+    let io = match e {
+        StorageError::Io(io) => Some(io),
+        StorageError::Sled(sled::Error::Io(io)) => Some(io),
+        _ => None,
+    };
+    io.map_or_else(|| StorageFault::from_os_error(None), StorageFault::from_io)
+}
+
+/// Handle to the writer thread; the threads stop when every handle is gone.
+pub(crate) struct GroupCommit {
+    queue: mpsc::Sender<Job>,
+    pub(crate) stats: Arc<CommitStats>,
+}
+
+impl GroupCommit {
+    /// Start the writer and syncer threads.
+    pub(crate) fn start(applier: Applier) -> Result<GroupCommit, StoreError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(CommitStats::default());
+        let (to_syncer, from_writer) = mpsc::sync_channel::<Cycle>(1);
+        let syncer = Syncer {
+            store: applier.layout.store.clone(),
+            index: applier.index.clone(),
+            stats: stats.clone(),
+        };
+        let writer = Writer {
+            store: applier.layout.store.clone(),
+            applier,
+            stats: stats.clone(),
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| StoreError::Unavailable(format!("cannot start {name}: {e}")))
+        };
+        spawn("mls-ds-syncer", Box::new(move || syncer.run(from_writer)))?;
+        spawn("mls-ds-writer", Box::new(move || writer.run(rx, to_syncer)))?;
+        Ok(GroupCommit { queue: tx, stats })
+    }
+
+    /// Queue a job; it is refused at once if the threads stopped.
+    pub(crate) fn submit(&self, job: Job) {
+        if let Err(mpsc::SendError(job)) = self.queue.send(job) {
+            job.refuse(StoreError::Unavailable(
+                "the storage write pipeline stopped".into(),
+            ));
+        }
+    }
+}
+
+/// A batch's prepared jobs and whether applying them succeeded.
+struct Cycle {
+    done: Vec<Done>,
+    applied: Result<(), StoreError>,
+}
+
+/// A prepared job waiting for the flush.
+struct Done {
+    publish: Vec<(ClientId, u64)>,
+    finish: Finish,
+}
+
+struct Writer {
+    store: Store,
+    applier: Applier,
+    stats: Arc<CommitStats>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Job>, to_syncer: mpsc::SyncSender<Cycle>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            batch.extend(rx.try_iter().take(MAX_BATCH));
+            let cycle = self.cycle(batch);
+            if !cycle.done.is_empty() && to_syncer.send(cycle).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Prepare and apply one batch, in order.
+    fn cycle(&self, batch: Vec<Job>) -> Cycle {
+        let mut pending: Vec<PendingWrites> = Vec::new();
+        let mut done = Vec::with_capacity(batch.len());
+        let mut applied = Ok(());
+        for job in batch {
+            if let Some(e) = self.refusal(&applied) {
+                job.refuse(e);
+                continue;
+            }
+            if job.reads_first() && !pending.is_empty() {
+                applied = self.apply(std::mem::take(&mut pending));
+                if let Some(e) = self.refusal(&applied) {
+                    job.refuse(e);
+                    continue;
+                }
+            }
+            if let Some(p) = self.applier.prepare(job) {
+                pending.extend(p.writes);
+                done.push(Done {
+                    publish: p.publish,
+                    finish: p.finish,
+                });
+            }
+        }
+        if applied.is_ok() {
+            applied = self.apply(pending);
+        }
+        Cycle { done, applied }
+    }
+
+    /// Why nothing more may be applied, if so.
+    fn refusal(&self, applied: &Result<(), StoreError>) -> Option<StoreError> {
+        if let Err(e) = applied {
+            return Some(StoreError::Unavailable(format!(
+                "an earlier write failed: {e}"
+            )));
+        }
+        self.stats.broken().map(|fault| {
+            StoreError::Unavailable(format!("an earlier write or flush failed: {fault}"))
+        })
+    }
+
+    fn apply(&self, writes: Vec<PendingWrites>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let result = self.store.apply_all(writes);
+        self.stats
+            .apply_us
+            .fetch_add(elapsed_us(t0), Ordering::Relaxed);
+        result.map_err(|e| {
+            let fault = self.stats.mark_broken(&e);
+            tracing::error!(error = %e, "applying writes failed; storage marked broken");
+            StoreError::Failed(fault)
+        })
+    }
+}
+
+struct Syncer {
+    store: Store,
+    index: Arc<super::queue_index::QueueIndex>,
+    stats: Arc<CommitStats>,
+}
+
+impl Syncer {
+    /// Flush + `fdatasync`, unless storage already broke (a broken sled
+    /// fails every flush, and one failure is the one to report).
+    fn flush(&self) -> Result<(), StoreError> {
+        if let Some(fault) = self.stats.broken() {
+            return Err(StoreError::Failed(fault));
+        }
+        let t0 = Instant::now();
+        let flushed = self.store.flush().map_err(|e| {
+            let fault = self.stats.mark_broken(&e);
+            tracing::error!(error = %e, "flush failed; requests answered 500 and storage marked broken");
+            StoreError::Failed(fault)
+        });
+        self.stats
+            .flush_us
+            .fetch_add(elapsed_us(t0), Ordering::Relaxed);
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        flushed
+    }
+
+    /// Flush once for everything applied so far, then publish the new queue
+    /// entries and answer, in order.
+    fn run(self, rx: mpsc::Receiver<Cycle>) {
+        while let Ok(first) = rx.recv() {
+            let mut cycles = vec![first];
+            cycles.extend(rx.try_iter());
+            let flushed = self.flush();
+            for cycle in cycles {
+                let ok = cycle.applied.is_ok() && flushed.is_ok();
+                if ok {
+                    let mut index = self.index.lock();
+                    for d in &cycle.done {
+                        index.publish(&d.publish);
+                    }
+                }
+                self.stats
+                    .durable
+                    .fetch_add(cycle.done.len() as u64, Ordering::Relaxed);
+                for d in cycle.done {
+                    let result = match (&cycle.applied, &flushed) {
+                        (Ok(()), Ok(())) => Ok(()),
+                        (Err(e), _) | (_, Err(e)) => Err(copy(e)),
+                    };
+                    d.finish.answer(result);
+                }
+            }
+        }
+    }
+}
+
+/// The error each waiter of a failed cycle gets.
+fn copy(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Failed(fault) => StoreError::Failed(fault.clone()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn elapsed_us(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,352 @@
+//! The sled backend's on-disk layout: its trees (record trees of the storage
+//! crate, namespace `ds`, so that any of them can join one atomic write),
+//! their keys, the envelope a queued message is stored in, and the layout
+//! version that refuses data of other builds.
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `app.ds.meta` | `layout_version` | u32 BE, [`LAYOUT_VERSION`] |
+//! | `app.ds.clients` | client id | `ClientRecord` |
+//! | `app.ds.key_packages` | `client_key ++ 'k' ++ kp_ref` / `client_key ++ 'l'` | `KeyPackageRecord` (ordinary / last resort) |
+//! | `app.ds.kp_owners` | kp_ref | client id that published the claimed key package (Welcome routing) |
+//! | `app.ds.groups` | group id | `GroupRecord` |
+//! | `app.ds.group_states` | group id | `GroupState` (GroupInfo and `PublicGroup` entities) |
+//! | `app.ds.commits` | `group_key ++ epoch u64 BE` | `CommitRecord` (one accepted commit per epoch) |
+//! | `app.ds.delivery` | `'e' ++ id u64 BE` | [`Envelope`]: a message, stored once, with each recipient and its sequence number there |
+//! | | `'a' ++ client_key` | highest acknowledged sequence number, u64 BE |
+//!
+//! `client_key` and `group_key` are `[len u8] ++ bytes`. Records are bincode
+//! 2 behind a version byte (the storage crate's record codec).
+
+use std::path::Path;
+
+use mls_ds_protocol::ClientId;
+use mls_ds_storage::codec::{decode_record, encode_record};
+use mls_ds_storage::{Durability, RecordTree, SledStorage, Store, StoreConfig};
+
+use crate::backend::error::StoreError;
+use crate::backend::records::{ClientRecord, GroupId, StoredMessage};
+
+/// Version of this layout. Databases without it (written before layout
+/// versions existed) or with another one are refused, never converted.
+pub(crate) const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_KEY: &[u8] = b"layout_version";
+/// Namespace of all DS data in the store.
+const NAMESPACE: &[u8] = b"ds";
+
+/// A record tree and its full name (for error messages).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tree {
+    /// Full sled tree name.
+    pub(crate) name: &'static str,
+    pub(crate) handle: RecordTree,
+}
+
+/// Every tree of the layout (see the module table).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Trees {
+    pub(crate) meta: Tree,
+    pub(crate) clients: Tree,
+    pub(crate) key_packages: Tree,
+    pub(crate) kp_owners: Tree,
+    pub(crate) groups: Tree,
+    pub(crate) group_states: Tree,
+    pub(crate) commits: Tree,
+    pub(crate) delivery: Tree,
+}
+
+/// The opened store and its trees.
+#[derive(Clone)]
+pub(crate) struct Layout {
+    pub(crate) store: Store,
+    /// The `ds` namespace, where every record lives.
+    pub(crate) storage: SledStorage,
+    pub(crate) trees: Trees,
+}
+
+impl Layout {
+    /// Open the database in `data_dir` the way the DS uses it: the storage
+    /// crate's own per-operation flush is off (`Batched`), because the
+    /// group commit makes every write set durable before it is answered.
+    pub(crate) fn open(data_dir: &Path, cache_mb: u64) -> Result<Layout, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(mls_ds_storage::StorageError::Io)?;
+        let store = Store::open(
+            data_dir,
+            StoreConfig {
+                durability: Durability::Batched,
+                cache_capacity: cache_mb.saturating_mul(1024 * 1024),
+                flush_every_ms: Some(500),
+            },
+        )?;
+        Layout::on(store)
+    }
+
+    /// Use `store` (checking or claiming the layout version).
+    pub(crate) fn on(store: Store) -> Result<Layout, StoreError> {
+        let tree = |name: &'static str| -> Result<Tree, StoreError> {
+            let short = name.strip_prefix("app.").unwrap_or(name);
+            Ok(Tree {
+                name,
+                handle: store.record_tree(short)?,
+            })
+        };
+        let trees = Trees {
+            meta: tree("app.ds.meta")?,
+            clients: tree("app.ds.clients")?,
+            key_packages: tree("app.ds.key_packages")?,
+            kp_owners: tree("app.ds.kp_owners")?,
+            groups: tree("app.ds.groups")?,
+            group_states: tree("app.ds.group_states")?,
+            commits: tree("app.ds.commits")?,
+            delivery: tree("app.ds.delivery")?,
+        };
+        let layout = Layout {
+            storage: store.storage(NAMESPACE)?,
+            store,
+            trees,
+        };
+        layout.check_version()?;
+        Ok(layout)
+    }
+
+    fn check_version(&self) -> Result<(), StoreError> {
+        let s = &self.storage;
+        match s.get_raw(self.trees.meta.handle, LAYOUT_KEY)? {
+            Some(v) => {
+                let found = be_u64_or_u32(&v).ok_or_else(|| {
+                    StoreError::Layout(format!(
+                        "the layout version record holds {} bytes; the data directory is damaged",
+                        v.len()
+                    ))
+                })?;
+                if found == u64::from(LAYOUT_VERSION) {
+                    Ok(())
+                } else if found > u64::from(LAYOUT_VERSION) {
+                    Err(StoreError::Layout(format!(
+                        "the data directory has DS layout version {found}, newer than this build's \
+                         {LAYOUT_VERSION}; upgrade mls-ds (the data was left untouched)"
+                    )))
+                } else {
+                    Err(StoreError::Layout(older_layout(&format!(
+                        "version {found}"
+                    ))))
+                }
+            }
+            None => {
+                let t = &self.trees;
+                for tree in [
+                    t.clients,
+                    t.key_packages,
+                    t.kp_owners,
+                    t.groups,
+                    t.group_states,
+                    t.commits,
+                    t.delivery,
+                ] {
+                    if s.last_raw(tree.handle, b"")?.is_some() {
+                        return Err(StoreError::Layout(older_layout("no layout version")));
+                    }
+                }
+                s.put_raw(t.meta.handle, LAYOUT_KEY, &LAYOUT_VERSION.to_be_bytes())?;
+                self.store.flush()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Read and decode a record.
+    pub(crate) fn get<T: bincode::Decode<()>>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        match self.storage.get_raw(tree.handle, key)? {
+            Some(bytes) => Ok(Some(decode_record(tree.name, key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a key is stored.
+    pub(crate) fn contains(&self, tree: Tree, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.storage.get_raw(tree.handle, key)?.is_some())
+    }
+
+    /// A client's record.
+    pub(crate) fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, StoreError> {
+        self.get(self.trees.clients, id.as_bytes())
+    }
+}
+
+fn older_layout(what: &str) -> String {
+    format!(
+        "the data directory was written by an earlier development build of mls-ds ({what}; this \
+         build reads layout version {LAYOUT_VERSION} only and converts nothing); start with an \
+         empty data directory (the data was left untouched)"
+    )
+}
+
+fn be_u64_or_u32(bytes: &[u8]) -> Option<u64> {
+    let arr: [u8; 4] = bytes.try_into().ok()?;
+    Some(u64::from(u32::from_be_bytes(arr)))
+}
+
+/// Encode a record for `tree`.
+pub(crate) fn encode<T: bincode::Encode>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
+    Ok(encode_record(tree.name, value)?)
+}
+
+/// `[len u8] ++ bytes` of a client id (at most 128 bytes, validated on decode).
+pub(crate) fn client_key(id: &ClientId) -> Vec<u8> {
+    len_prefixed(id.as_bytes())
+}
+
+fn len_prefixed(bytes: &[u8]) -> Vec<u8> {
+    // Client ids are at most 128 and group ids at most 255 bytes.
+    let len = u8::try_from(bytes.len()).unwrap_or(u8::MAX);
+    let mut k = Vec::with_capacity(bytes.len() + 1);
+    k.push(len);
+    k.extend_from_slice(bytes);
+    k
+}
+
+/// Key of an ordinary key package.
+pub(crate) fn kp_key(owner: &ClientId, kp_ref: &[u8]) -> Vec<u8> {
+    [kp_prefix(owner).as_slice(), kp_ref].concat()
+}
+
+/// Prefix of a client's ordinary key packages.
+pub(crate) fn kp_prefix(owner: &ClientId) -> Vec<u8> {
+    [client_key(owner).as_slice(), b"k"].concat()
+}
+
+/// Key of a client's last-resort key package.
+pub(crate) fn last_resort_key(owner: &ClientId) -> Vec<u8> {
+    [client_key(owner).as_slice(), b"l"].concat()
+}
+
+/// Key of the commit accepted for `epoch`.
+pub(crate) fn commit_key(group: &GroupId, epoch: u64) -> Vec<u8> {
+    [
+        len_prefixed(group.as_bytes()).as_slice(),
+        &epoch.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// Prefix of every envelope key.
+pub(crate) const ENVELOPE_PREFIX: u8 = b'e';
+/// Prefix of every ack mark key.
+pub(crate) const ACK_PREFIX: u8 = b'a';
+
+/// Key of a stored message and its fan-out ([`Envelope`]).
+pub(crate) fn envelope_key(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(ENVELOPE_PREFIX);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Key of a client's acknowledgement mark.
+pub(crate) fn ack_key(client: &ClientId) -> Vec<u8> {
+    [&[ACK_PREFIX][..], &client_key(client)].concat()
+}
+
+/// The u64 that ends a key (message id), or `None` for a key too short.
+pub(crate) fn key_id(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+/// A big-endian u64 value (ack marks).
+pub(crate) fn be_u64(bytes: &[u8]) -> Option<u64> {
+    let arr: [u8; 8] = bytes.try_into().ok()?;
+    Some(u64::from_be_bytes(arr))
+}
+
+/// Where one stored message went: the in-memory queue index is rebuilt from
+/// these at startup.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct Fanout {
+    /// Acceptance time (unix ms), for retention.
+    pub(crate) stored_ms: u64,
+    /// Each recipient (client id) with the sequence number of the message in
+    /// its queue.
+    pub(crate) entries: Vec<(Vec<u8>, u64)>,
+}
+
+/// A stored message with its fan-out, as one value: a plain send writes one
+/// key and the last acknowledgement removes one key.
+#[derive(bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct Envelope {
+    /// Where the message went.
+    pub(crate) fanout: Fanout,
+    /// The message.
+    pub(crate) message: StoredMessage,
+}
+
+/// [`Envelope`] by reference, to write one without copying the message
+/// (same encoding).
+#[derive(bincode::Encode)]
+pub(crate) struct EnvelopeRef<'a> {
+    /// Where the message went.
+    pub(crate) fanout: &'a Fanout,
+    /// The message.
+    pub(crate) message: &'a StoredMessage,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temporary() -> Store {
+        Store::temporary(StoreConfig {
+            durability: Durability::Batched,
+            ..StoreConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_database_gets_the_layout_version_and_opens_again() {
+        let store = temporary();
+        let layout = Layout::on(store.clone()).unwrap();
+        let v = layout
+            .storage
+            .get_raw(layout.trees.meta.handle, LAYOUT_KEY)
+            .unwrap();
+        assert_eq!(v, Some(LAYOUT_VERSION.to_be_bytes().to_vec()));
+        Layout::on(store).unwrap();
+    }
+
+    #[test]
+    fn data_without_a_layout_version_or_of_another_version_is_refused() {
+        let store = temporary();
+        let layout = Layout::on(store.clone()).unwrap();
+        let s = &layout.storage;
+        s.put_raw(layout.trees.clients.handle, b"alice", b"x")
+            .unwrap();
+        s.remove_raw(layout.trees.meta.handle, LAYOUT_KEY).unwrap();
+        let e = Layout::on(store.clone()).err().expect("refused");
+        assert!(e.to_string().contains("earlier development build"), "{e}");
+        assert_eq!(
+            s.get_raw(layout.trees.clients.handle, b"alice").unwrap(),
+            Some(b"x".to_vec()),
+            "left untouched"
+        );
+        for (version, says) in [(1u32, "earlier development build"), (3, "newer")] {
+            s.put_raw(layout.trees.meta.handle, LAYOUT_KEY, &version.to_be_bytes())
+                .unwrap();
+            let e = Layout::on(store.clone()).err().expect("refused");
+            assert!(e.to_string().contains(says), "{version}: {e}");
+        }
+    }
+
+    #[test]
+    fn keys_end_in_their_id() {
+        assert_eq!(key_id(&envelope_key(7)), Some(7));
+        assert_eq!(key_id(b"short"), None);
+        let c = ClientId::new("carol").unwrap();
+        assert_eq!(ack_key(&c), b"a\x05carol".to_vec());
+        assert_eq!(kp_key(&c, b"r"), b"\x05carolkr".to_vec());
+    }
+}

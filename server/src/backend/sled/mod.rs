@@ -1,0 +1,289 @@
+//! The embedded backend: everything in one sled database (through the
+//! storage crate), one process per data directory.
+//!
+//! - [`layout`]: trees, keys, records' encoding, the layout version;
+//! - [`group_commit`]: the write path (writer and syncer threads);
+//! - [`apply`]: jobs turned into sled writes on the writer thread;
+//! - [`queue_index`]: the in-memory queue index;
+//! - [`queue_startup`]: rebuilding it at startup, and `check`;
+//! - [`queues`]: reading pages;
+//! - [`admin`]: `check`, `stats`, `backup`.
+//!
+//! Per-group serialisation is an in-process lock per group, held until the
+//! handshake's write is durable; the condition in the write set (the group's
+//! revision) is checked on the writer thread all the same.
+
+pub(crate) mod admin;
+mod apply;
+mod group_commit;
+pub(crate) mod layout;
+mod queue_index;
+mod queue_startup;
+mod queues;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use mls_ds_protocol::ClientId;
+use tokio::sync::{Notify, OwnedMutexGuard};
+
+use self::apply::{Applier, Job};
+use self::group_commit::GroupCommit;
+use self::layout::Layout;
+use self::queue_index::QueueIndex;
+use super::committing::{committing, Committing};
+use super::records::{
+    ClientRecord, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord,
+};
+use super::write_set::{AckOutcome, Applied, WriteSet};
+use super::{AdminReport, Backend, BackendStats, ExpiredKeyPackage, Page, StoreError};
+
+/// The sled backend of one data directory.
+pub(crate) struct SledBackend {
+    layout: Layout,
+    index: Arc<QueueIndex>,
+    commit: GroupCommit,
+    group_locks: Mutex<HashMap<GroupId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SledBackend {
+    /// Open the data directory: check the layout, rebuild the queue index
+    /// (deleting messages every recipient acknowledged before a crash could
+    /// remove them), start the write path.
+    pub(crate) fn open(data_dir: &Path, cache_mb: u64) -> Result<SledBackend, StoreError> {
+        let layout = Layout::open(data_dir, cache_mb)?;
+        let loaded = queue_startup::load(&layout)?;
+        if !loaded.orphans.is_empty() {
+            let tx = layout.storage.begin();
+            for id in &loaded.orphans {
+                tx.remove_raw(layout.trees.delivery.handle, &layout::envelope_key(*id))?;
+            }
+            tx.commit()?;
+            layout.store.flush()?;
+            tracing::info!(
+                count = loaded.orphans.len(),
+                "deleted fully acknowledged messages"
+            );
+        }
+        let index = Arc::new(QueueIndex::new(loaded.state));
+        let commit = GroupCommit::start(Applier {
+            layout: layout.clone(),
+            index: index.clone(),
+        })?;
+        Ok(SledBackend {
+            layout,
+            index,
+            commit,
+            group_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The fault that broke storage, if any (the server reopens it then).
+    pub(crate) fn broken(&self) -> Option<super::StorageFault> {
+        self.commit.stats.broken()
+    }
+
+    /// Flush everything (at shutdown).
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        Ok(self.layout.store.flush()?)
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Layout) -> Result<T, StoreError> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static {
+        let layout = self.layout.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&layout))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("storage task failed: {e}")))?
+        }
+    }
+}
+
+impl Backend for SledBackend {
+    type GroupGuard = OwnedMutexGuard<()>;
+
+    async fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, StoreError> {
+        self.layout.client(id)
+    }
+
+    async fn key_packages(&self, owner: &ClientId) -> Result<Vec<KeyPackageRecord>, StoreError> {
+        let tree = self.layout.trees.key_packages;
+        let rows = self
+            .layout
+            .storage
+            .scan_raw(tree.handle, &layout::kp_prefix(owner))?;
+        rows.iter()
+            .map(|(k, v)| Ok(mls_ds_storage::codec::decode_record(tree.name, k, v)?))
+            .collect()
+    }
+
+    async fn last_resort(&self, owner: &ClientId) -> Result<Option<KeyPackageRecord>, StoreError> {
+        self.layout.get(
+            self.layout.trees.key_packages,
+            &layout::last_resort_key(owner),
+        )
+    }
+
+    async fn expired_key_packages(
+        &self,
+        now_secs: u64,
+    ) -> Result<Vec<ExpiredKeyPackage>, StoreError> {
+        self.run(move |layout| {
+            let tree = layout.trees.key_packages;
+            let mut expired = Vec::new();
+            for (k, v) in layout.storage.scan_raw(tree.handle, b"")? {
+                let record: KeyPackageRecord =
+                    mls_ds_storage::codec::decode_record(tree.name, &k, &v)?;
+                // Ordinary packages only: `[len] client 'k' ref`.
+                let owner_len = usize::from(k.first().copied().unwrap_or(0));
+                let is_ordinary = k.get(1 + owner_len) == Some(&b'k');
+                if is_ordinary && record.not_after < now_secs {
+                    let owner = ClientId::new(k.get(1..1 + owner_len).unwrap_or_default())
+                        .map_err(|e| StoreError::Corrupt(format!("key package key: {e}")))?;
+                    expired.push(ExpiredKeyPackage {
+                        owner,
+                        kp_ref: record.kp_ref,
+                    });
+                }
+            }
+            Ok(expired)
+        })
+        .await
+    }
+
+    async fn key_package_owner(&self, kp_ref: &[u8]) -> Result<Option<ClientId>, StoreError> {
+        match self
+            .layout
+            .storage
+            .get_raw(self.layout.trees.kp_owners.handle, kp_ref)?
+        {
+            Some(id) => ClientId::new(id)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("key package owner: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    async fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        self.layout.get(self.layout.trees.groups, id.as_bytes())
+    }
+
+    async fn group_state(&self, id: &GroupId) -> Result<Option<GroupState>, StoreError> {
+        self.layout
+            .get(self.layout.trees.group_states, id.as_bytes())
+    }
+
+    async fn commit(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+    ) -> Result<Option<CommitRecord>, StoreError> {
+        self.layout
+            .get(self.layout.trees.commits, &layout::commit_key(group, epoch))
+    }
+
+    async fn lock_group(&self, id: &GroupId) -> OwnedMutexGuard<()> {
+        let lock = self
+            .group_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    fn submit(&self, set: WriteSet) -> Committing<Applied> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Write { set, reply });
+        handle
+    }
+
+    fn settled(&self) -> Committing<()> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Settle { reply });
+        handle
+    }
+
+    fn ack(&self, client: &ClientId, up_to: u64) -> Committing<AckOutcome> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Ack {
+            client: client.clone(),
+            up_to,
+            reply,
+        });
+        handle
+    }
+
+    fn expire(&self, cutoff_ms: u64) -> Committing<usize> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Expire { cutoff_ms, reply });
+        handle
+    }
+
+    async fn page(
+        &self,
+        client: &ClientId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        queues::page(&self.layout, &self.index, client, after, limit, max_bytes)
+    }
+
+    fn subscribe(&self, client: &ClientId) -> Result<Arc<Notify>, StoreError> {
+        Ok(self.index.subscribe(client))
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        match self.broken() {
+            Some(fault) => Err(StoreError::Unavailable(format!(
+                "storage failed ({fault}); nothing is accepted until the data directory is \
+                 writable again and the server has reopened its storage"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&self) {
+        self.index.close();
+    }
+
+    fn stats(&self) -> BackendStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let depths = self.index.depths();
+        let s = &self.commit.stats;
+        BackendStats {
+            queue_entries: depths.entries,
+            queue_depth_max: depths.deepest,
+            stored_messages: depths.stored_messages,
+            flushes: s.flushes.load(Relaxed),
+            durable_writes: s.durable.load(Relaxed),
+            flush_failures: s.failures.load(Relaxed),
+            apply_seconds: s.apply_us.load(Relaxed) as f64 / 1e6,
+            flush_seconds: s.flush_us.load(Relaxed) as f64 / 1e6,
+        }
+    }
+
+    async fn check(&self) -> Result<AdminReport, StoreError> {
+        self.run(admin::check).await
+    }
+
+    async fn report(&self) -> Result<AdminReport, StoreError> {
+        self.run(admin::stats).await
+    }
+
+    async fn backup(&self, target: &Path) -> Result<AdminReport, StoreError> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Backup {
+            target: PathBuf::from(target),
+            reply,
+        });
+        handle.wait().await
+    }
+}

@@ -1,0 +1,485 @@
+//! The sled backend's in-memory queue index: which stored message sits at
+//! which sequence number of each client's queue, how far each queue is
+//! acknowledged and visible, how many queue entries still reference each
+//! stored message, and a bounded cache of message bodies.
+//!
+//! It is rebuilt from the stored envelopes at startup
+//! (`queue_startup::load`). Only the group commit's writer thread changes
+//! which entries exist (assigning sequence numbers as write sets are
+//! applied, acknowledging, expiring, deleting queues); its syncer thread
+//! makes entries visible once they are durable; fetches only read. One
+//! mutex guards it all, each holder keeping it for a few map operations.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mls_ds_protocol::ClientId;
+use tokio::sync::Notify;
+
+use crate::backend::page::entry_size;
+use crate::backend::records::StoredMessage;
+use crate::backend::write_set::AckOutcome;
+
+/// Bytes of message bodies kept in memory for fetches; beyond it bodies are
+/// read from sled.
+const BODY_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// One client's queue.
+pub(crate) struct ClientQueue {
+    /// Highest acknowledged sequence number.
+    pub(crate) acked: u64,
+    /// Highest sequence number known durable (visible to fetches).
+    pub(crate) visible: u64,
+    /// Message ids at sequence numbers `acked + 1 ..= acked + ids.len()`,
+    /// including entries not yet visible.
+    pub(crate) ids: VecDeque<u64>,
+    /// The client deleted itself: nothing is queued for it any more.
+    pub(crate) deleted: bool,
+    notify: Arc<Notify>,
+}
+
+impl ClientQueue {
+    pub(crate) fn new(acked: u64) -> ClientQueue {
+        ClientQueue {
+            acked,
+            visible: acked,
+            ids: VecDeque::new(),
+            deleted: false,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The sequence number the next entry gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.acked + self.ids.len() as u64 + 1
+    }
+
+    /// Acknowledge up to `up_to`, returning the ids that leave the queue.
+    fn advance(&mut self, up_to: u64) -> Vec<u64> {
+        let n = usize::try_from(up_to.saturating_sub(self.acked))
+            .unwrap_or(usize::MAX)
+            .min(self.ids.len());
+        self.acked = self.acked.max(up_to);
+        self.ids.drain(..n).collect()
+    }
+}
+
+/// What the index keeps per stored message.
+pub(crate) struct MessageMeta {
+    /// Unacknowledged queue entries referencing it.
+    pub(crate) refs: u32,
+    /// Acceptance time (unix ms), for retention.
+    pub(crate) stored_ms: u64,
+}
+
+/// The index's contents (see the module doc).
+#[derive(Default)]
+pub(crate) struct IndexState {
+    pub(crate) clients: HashMap<ClientId, ClientQueue>,
+    pub(crate) next_message_id: u64,
+    /// Every stored message still referenced, by id (ids grow with time).
+    pub(crate) messages: BTreeMap<u64, MessageMeta>,
+    cache: HashMap<u64, Arc<StoredMessage>>,
+    cache_bytes: usize,
+}
+
+/// Sequence numbers a delivery got.
+pub(crate) struct Assignment {
+    /// Id of the stored message.
+    pub(crate) message_id: u64,
+    /// Each recipient (those that had not deleted themselves) and its
+    /// sequence number.
+    pub(crate) entries: Vec<(ClientId, u64)>,
+}
+
+/// Entries that left queues, and the stored messages they freed.
+#[derive(Default)]
+pub(crate) struct Released {
+    /// New acknowledgement marks to store.
+    pub(crate) marks: Vec<(ClientId, u64)>,
+    /// Stored messages no queue references any more (to delete).
+    pub(crate) freed: Vec<u64>,
+    /// Queue entries that left.
+    pub(crate) entries: usize,
+}
+
+/// The part of a queue a fetch reads, taken under the lock.
+pub(crate) struct Rows {
+    /// Sequence number, message id and the cached body if there is one.
+    pub(crate) rows: Vec<Row>,
+    /// Highest visible sequence number.
+    pub(crate) head: u64,
+    /// Acknowledgement mark.
+    pub(crate) acked: u64,
+}
+
+/// One entry of [`Rows`].
+pub(crate) struct Row {
+    pub(crate) seq: u64,
+    pub(crate) message_id: u64,
+    pub(crate) cached: Option<Arc<StoredMessage>>,
+}
+
+impl IndexState {
+    /// An index of `clients`' queues, the next message getting id `next_message_id`.
+    pub(crate) fn new(clients: HashMap<ClientId, ClientQueue>, next_message_id: u64) -> IndexState {
+        IndexState {
+            clients,
+            next_message_id,
+            ..IndexState::default()
+        }
+    }
+
+    /// The queue of `id`, created empty if unknown.
+    pub(crate) fn client(&mut self, id: &ClientId) -> &mut ClientQueue {
+        self.clients
+            .entry(id.clone())
+            .or_insert_with(|| ClientQueue::new(0))
+    }
+
+    /// Queue `message` for each of `recipients` that has not deleted itself.
+    pub(crate) fn assign(
+        &mut self,
+        recipients: &[ClientId],
+        message: &StoredMessage,
+    ) -> Assignment {
+        let message_id = self.next_message_id;
+        self.next_message_id += 1;
+        let mut entries = Vec::with_capacity(recipients.len());
+        for r in recipients {
+            let cq = self.client(r);
+            if cq.deleted {
+                continue;
+            }
+            let seq = cq.next_seq();
+            cq.ids.push_back(message_id);
+            entries.push((r.clone(), seq));
+        }
+        if !entries.is_empty() {
+            self.messages.insert(
+                message_id,
+                MessageMeta {
+                    refs: u32::try_from(entries.len()).unwrap_or(u32::MAX),
+                    stored_ms: message.stored_ms,
+                },
+            );
+        }
+        Assignment {
+            message_id,
+            entries,
+        }
+    }
+
+    /// Undo the last assignments, newest first (their write could not be
+    /// prepared), so that no queue keeps a gap.
+    pub(crate) fn unassign(&mut self, assignments: &[Assignment]) {
+        for a in assignments.iter().rev() {
+            for (client, _) in &a.entries {
+                if let Some(cq) = self.clients.get_mut(client) {
+                    if cq.ids.back() == Some(&a.message_id) {
+                        cq.ids.pop_back();
+                    }
+                }
+            }
+            self.messages.remove(&a.message_id);
+            self.uncache(a.message_id);
+            if self.next_message_id == a.message_id + 1 {
+                self.next_message_id = a.message_id;
+            }
+        }
+    }
+
+    /// Keep a body in memory for fetches, within the cache bound.
+    pub(crate) fn cache(&mut self, id: u64, message: Arc<StoredMessage>) {
+        let size = entry_size(&message);
+        if self.cache_bytes + size <= BODY_CACHE_BYTES {
+            self.cache_bytes += size;
+            self.cache.insert(id, message);
+        }
+    }
+
+    fn uncache(&mut self, id: u64) {
+        if let Some(m) = self.cache.remove(&id) {
+            self.cache_bytes -= entry_size(&m);
+        }
+    }
+
+    /// Drop one reference from each of `ids`; returns those left unreferenced.
+    fn release(&mut self, ids: impl IntoIterator<Item = u64>) -> Vec<u64> {
+        let mut freed = Vec::new();
+        for id in ids {
+            if let Some(meta) = self.messages.get_mut(&id) {
+                meta.refs = meta.refs.saturating_sub(1);
+                if meta.refs == 0 {
+                    self.messages.remove(&id);
+                    self.uncache(id);
+                    freed.push(id);
+                }
+            }
+        }
+        freed
+    }
+
+    /// Acknowledge `client`'s visible entries up to `up_to`. `Err(head)` if
+    /// `up_to` is past the visible head. An ack at or below the mark
+    /// releases nothing.
+    pub(crate) fn ack(&mut self, client: &ClientId, up_to: u64) -> Result<Released, u64> {
+        let cq = self.client(client);
+        if up_to > cq.visible {
+            return Err(cq.visible);
+        }
+        if up_to <= cq.acked {
+            return Ok(Released::default());
+        }
+        let popped = cq.advance(up_to);
+        let entries = popped.len();
+        let freed = self.release(popped);
+        Ok(Released {
+            marks: vec![(client.clone(), up_to)],
+            freed,
+            entries,
+        })
+    }
+
+    /// The acknowledgement mark of `client` and its visible entries after it.
+    pub(crate) fn position(&mut self, client: &ClientId) -> AckOutcome {
+        let cq = self.client(client);
+        AckOutcome {
+            acked: cq.acked,
+            remaining: cq.visible.saturating_sub(cq.acked),
+        }
+    }
+
+    /// Drop visible entries of messages stored before `cutoff_ms`.
+    pub(crate) fn expire(&mut self, cutoff_ms: u64) -> Released {
+        // Message ids grow with time: everything before the first young one
+        // expires.
+        let boundary = self
+            .messages
+            .iter()
+            .find(|(_, m)| m.stored_ms >= cutoff_ms)
+            .map_or(self.next_message_id, |(id, _)| *id);
+        if self.messages.keys().next().is_none_or(|id| *id >= boundary) {
+            return Released::default();
+        }
+        let mut marks = Vec::new();
+        let mut popped = Vec::new();
+        for (client, cq) in self.clients.iter_mut() {
+            let mut n = 0u64;
+            // Only visible entries: one not yet durable is never old.
+            while cq.ids.get(n as usize).is_some_and(|id| *id < boundary)
+                && cq.acked + n < cq.visible
+            {
+                n += 1;
+            }
+            if n > 0 {
+                let mark = cq.acked + n;
+                popped.extend(cq.advance(mark));
+                marks.push((client.clone(), mark));
+            }
+        }
+        let entries = popped.len();
+        let freed = self.release(popped);
+        Released {
+            marks,
+            freed,
+            entries,
+        }
+    }
+
+    /// A client deleted itself: its whole queue (entries not yet visible
+    /// included) is acknowledged, and nothing more is queued for it.
+    pub(crate) fn delete_client(&mut self, client: &ClientId) -> Released {
+        let cq = self.client(client);
+        cq.deleted = true;
+        let mark = cq.next_seq() - 1;
+        let popped = cq.advance(mark);
+        let entries = popped.len();
+        let freed = self.release(popped);
+        Released {
+            marks: vec![(client.clone(), mark)],
+            freed,
+            entries,
+        }
+    }
+
+    /// Make durable entries visible and wake their long-polls.
+    pub(crate) fn publish(&mut self, entries: &[(ClientId, u64)]) {
+        for (client, seq) in entries {
+            if let Some(cq) = self.clients.get_mut(client) {
+                if *seq > cq.visible {
+                    cq.visible = *seq;
+                    cq.notify.notify_waiters();
+                }
+            }
+        }
+    }
+
+    /// Up to `limit` visible entries of `client` after `after`.
+    pub(crate) fn rows(&mut self, client: &ClientId, after: u64, limit: usize) -> Rows {
+        let IndexState { clients, cache, .. } = self;
+        let cq = clients
+            .entry(client.clone())
+            .or_insert_with(|| ClientQueue::new(0));
+        let start = after.max(cq.acked);
+        let end = cq.visible.min(start.saturating_add(limit as u64));
+        let mut rows = Vec::new();
+        for seq in start + 1..=end {
+            let Some(id) = usize::try_from(seq - cq.acked - 1)
+                .ok()
+                .and_then(|i| cq.ids.get(i))
+            else {
+                break;
+            };
+            rows.push(Row {
+                seq,
+                message_id: *id,
+                cached: cache.get(id).cloned(),
+            });
+        }
+        Rows {
+            rows,
+            head: cq.visible,
+            acked: cq.acked,
+        }
+    }
+}
+
+/// The index behind its lock, and whether the backend closed.
+#[derive(Default)]
+pub(crate) struct QueueIndex {
+    state: Mutex<IndexState>,
+    closed: AtomicBool,
+}
+
+impl QueueIndex {
+    /// An index holding `state`.
+    pub(crate) fn new(state: IndexState) -> QueueIndex {
+        QueueIndex {
+            state: Mutex::new(state),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Take the lock.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, IndexState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The wake-up handle of `client`'s queue.
+    pub(crate) fn subscribe(&self, client: &ClientId) -> Arc<Notify> {
+        self.lock().client(client).notify.clone()
+    }
+
+    /// End every long-poll and refuse new ones.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for cq in self.lock().clients.values() {
+            cq.notify.notify_waiters();
+        }
+    }
+
+    /// Whether [`QueueIndex::close`] ran.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Visible unacknowledged entries (all queues, and the deepest one) and
+    /// referenced messages.
+    pub(crate) fn depths(&self) -> QueueDepths {
+        let state = self.lock();
+        let mut depths = QueueDepths {
+            stored_messages: state.messages.len() as u64,
+            ..QueueDepths::default()
+        };
+        for q in state.clients.values() {
+            let d = q.visible.saturating_sub(q.acked);
+            depths.entries += d;
+            depths.deepest = depths.deepest.max(d);
+        }
+        depths
+    }
+}
+
+/// Sizes of the queues (for metrics).
+#[derive(Default)]
+pub(crate) struct QueueDepths {
+    pub(crate) entries: u64,
+    pub(crate) deepest: u64,
+    pub(crate) stored_messages: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(stored_ms: u64) -> StoredMessage {
+        StoredMessage {
+            kind: 1,
+            group_id: b"g".to_vec(),
+            epoch: 0,
+            sender: b"s".to_vec(),
+            message: vec![1, 2, 3],
+            stored_ms,
+        }
+    }
+
+    fn visible(state: &mut IndexState, a: &Assignment) {
+        state.publish(&a.entries);
+    }
+
+    #[test]
+    fn assignment_skips_deleted_clients_and_undo_leaves_no_gap() {
+        let mut s = IndexState {
+            next_message_id: 1,
+            ..IndexState::default()
+        };
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        let first = s.assign(&[a.clone(), b.clone()], &message(1));
+        assert_eq!(first.entries, vec![(a.clone(), 1), (b.clone(), 1)]);
+        let second = s.assign(std::slice::from_ref(&a), &message(1));
+        s.unassign(&[second]);
+        assert_eq!(s.client(&a).next_seq(), 2);
+        assert_eq!(s.next_message_id, 2);
+        s.delete_client(&b);
+        let third = s.assign(&[a.clone(), b.clone()], &message(1));
+        assert_eq!(third.entries, vec![(a.clone(), 2)], "b deleted itself");
+    }
+
+    #[test]
+    fn acks_release_messages_and_refuse_past_the_head() {
+        let mut s = IndexState {
+            next_message_id: 1,
+            ..IndexState::default()
+        };
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        let m = s.assign(&[a.clone(), b.clone()], &message(1));
+        assert_eq!(s.ack(&a, 1).err(), Some(0), "not visible yet");
+        visible(&mut s, &m);
+        let r = s.ack(&a, 1).unwrap();
+        assert_eq!((r.entries, r.freed.len()), (1, 0), "b still needs it");
+        assert!(
+            s.ack(&a, 1).unwrap().marks.is_empty(),
+            "already acknowledged"
+        );
+        let r = s.ack(&b, 1).unwrap();
+        assert_eq!(r.freed, vec![m.message_id]);
+        assert!(s.messages.is_empty());
+    }
+
+    #[test]
+    fn expiry_takes_only_visible_old_entries() {
+        let mut s = IndexState {
+            next_message_id: 1,
+            ..IndexState::default()
+        };
+        let a = ClientId::new("a").unwrap();
+        let old = s.assign(std::slice::from_ref(&a), &message(100));
+        visible(&mut s, &old);
+        let _pending_old = s.assign(std::slice::from_ref(&a), &message(200));
+        let r = s.expire(1_000);
+        assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
+        assert_eq!(s.client(&a).ids.len(), 1, "the entry not yet durable stays");
+    }
+}

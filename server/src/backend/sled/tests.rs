@@ -1,0 +1,445 @@
+//! Tests of the sled backend through the `Backend` trait: queues (fan-out,
+//! acknowledgements, retention, deletion, the index rebuilt from disk, the
+//! crash prefixes of key-by-key writes), conditions, and live backups.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mls_ds_protocol::ClientId;
+
+use super::layout;
+use super::SledBackend;
+use crate::backend::records::{
+    ClientRecord, GroupId, GroupRecord, KeyPackageRecord, StoredMessage,
+};
+use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
+use crate::backend::{Backend, StoreError};
+
+fn open(dir: &Path) -> SledBackend {
+    SledBackend::open(dir, 16).unwrap()
+}
+
+fn id(s: &str) -> ClientId {
+    ClientId::new(s).unwrap()
+}
+
+fn message(stored_ms: u64) -> StoredMessage {
+    StoredMessage {
+        kind: 1,
+        group_id: b"g".to_vec(),
+        epoch: 0,
+        sender: b"s".to_vec(),
+        message: vec![1, 2, 3],
+        stored_ms,
+    }
+}
+
+fn delivery(stored_ms: u64, to: &[&ClientId]) -> Delivery {
+    Delivery {
+        message: message(stored_ms),
+        recipients: to.iter().map(|c| (*c).clone()).collect(),
+    }
+}
+
+async fn send(b: &SledBackend, stored_ms: u64, to: &[&ClientId]) -> u64 {
+    let set = WriteSet {
+        deliveries: vec![delivery(stored_ms, to)],
+        ..WriteSet::default()
+    };
+    b.submit(set).wait().await.unwrap().deliveries[0].message_id
+}
+
+async fn seqs(b: &SledBackend, c: &ClientId, after: u64) -> Vec<u64> {
+    let page = b.page(c, after, 100, 1 << 20).await.unwrap();
+    page.entries.iter().map(|e| e.seq).collect()
+}
+
+fn stored(b: &SledBackend) -> u64 {
+    b.stats().stored_messages
+}
+
+#[tokio::test]
+async fn fan_out_ack_and_body_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let (a, c) = (id("a"), id("c"));
+    for _ in 0..3 {
+        send(&b, 1, &[&a, &c]).await;
+    }
+    assert_eq!(stored(&b), 3);
+    assert_eq!(seqs(&b, &a, 0).await, vec![1, 2, 3]);
+    // Pages are bounded by count, and any queue drains page by page.
+    let page = b.page(&a, 1, 1, 1 << 20).await.unwrap();
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].seq, 2);
+    assert!(matches!(
+        b.ack(&a, 9).wait().await,
+        Err(StoreError::AckBeyondHead { up_to: 9, head: 3 })
+    ));
+    let acked = b.ack(&a, 3).wait().await.unwrap();
+    assert_eq!((acked.acked, acked.remaining), (3, 0));
+    assert_eq!(stored(&b), 3, "c still needs them");
+    b.ack(&c, 2).wait().await.unwrap();
+    assert_eq!(stored(&b), 1);
+    b.ack(&c, 3).wait().await.unwrap();
+    assert_eq!(stored(&b), 0);
+    // Sequence numbers continue after everything was acknowledged.
+    send(&b, 1, &[&a]).await;
+    assert_eq!(seqs(&b, &a, 3).await, vec![4]);
+}
+
+#[tokio::test]
+async fn retention_drops_old_entries_and_moves_the_ack_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let (a, c) = (id("a"), id("c"));
+    send(&b, 100, &[&a, &c]).await;
+    send(&b, 200, &[&a]).await;
+    send(&b, 5_000, &[&a, &c]).await;
+    b.ack(&c, 1).wait().await.unwrap();
+    let dropped = b.expire(1_000).wait().await.unwrap();
+    assert_eq!(dropped, 2, "a's two old entries");
+    let page = b.page(&a, 0, 10, 1 << 20).await.unwrap();
+    assert_eq!(page.acked, 2);
+    assert_eq!(seqs(&b, &a, 0).await, vec![3]);
+    assert_eq!(stored(&b), 1);
+    assert_eq!(seqs(&b, &c, 1).await, vec![2]);
+    assert_eq!(
+        b.expire(1_000).wait().await.unwrap(),
+        0,
+        "nothing left to expire"
+    );
+}
+
+fn client_record() -> ClientRecord {
+    ClientRecord {
+        signature_scheme: 0x0807,
+        signature_key: vec![7; 32],
+        registered_ms: 1,
+        deleted_ms: None,
+    }
+}
+
+async fn register(b: &SledBackend, c: &ClientId) {
+    let set = WriteSet {
+        conditions: vec![Condition::ClientAbsent(c.clone())],
+        changes: vec![Change::PutClient {
+            id: c.clone(),
+            record: client_record(),
+        }],
+        deliveries: Vec::new(),
+    };
+    b.submit(set).wait().await.unwrap();
+}
+
+async fn delete(b: &SledBackend, c: &ClientId) {
+    let set = WriteSet {
+        conditions: vec![Condition::ClientActive(c.clone())],
+        changes: vec![Change::DeleteClient {
+            id: c.clone(),
+            tombstone: ClientRecord {
+                deleted_ms: Some(2),
+                ..client_record()
+            },
+        }],
+        deliveries: Vec::new(),
+    };
+    b.submit(set).wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_index_is_rebuilt_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c, d) = (id("a"), id("c"), id("d"));
+    {
+        let b = open(dir.path());
+        register(&b, &d).await;
+        for i in 0..5 {
+            send(&b, 100 + i, &[&a, &c]).await;
+        }
+        send(&b, 200, &[&d]).await;
+        b.ack(&a, 2).wait().await.unwrap();
+        b.ack(&c, 5).wait().await.unwrap();
+        delete(&b, &d).await;
+        assert_eq!(stored(&b), 3);
+    }
+    let b = open(dir.path());
+    assert_eq!(seqs(&b, &a, 0).await, vec![3, 4, 5]);
+    assert!(seqs(&b, &c, 0).await.is_empty());
+    assert!(seqs(&b, &d, 0).await.is_empty());
+    assert_eq!(stored(&b), 3);
+    let report = super::queue_startup::verify(&b.layout);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!((report.entries, report.messages), (3, 3));
+    // New entries continue each queue's numbering; the deleted client gets
+    // none, after a restart too.
+    let sent = b
+        .submit(WriteSet {
+            deliveries: vec![delivery(300, &[&a, &c, &d])],
+            ..WriteSet::default()
+        })
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(sent.deliveries[0].recipients, 2);
+    assert_eq!(seqs(&b, &a, 5).await, vec![6]);
+    assert_eq!(seqs(&b, &c, 5).await, vec![6]);
+    assert!(seqs(&b, &d, 0).await.is_empty());
+}
+
+/// The startup scan reads envelopes a page at a time.
+#[tokio::test]
+async fn more_envelopes_than_one_scan_page_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = id("a");
+    let n = 2 * 256 + 3;
+    {
+        let b = open(dir.path());
+        let set = WriteSet {
+            deliveries: (0..n).map(|i| delivery(i, &[&a])).collect(),
+            ..WriteSet::default()
+        };
+        b.submit(set).wait().await.unwrap();
+    }
+    let b = open(dir.path());
+    assert_eq!(stored(&b), n);
+    let page = b.page(&a, 0, 10_000, 1 << 30).await.unwrap();
+    let got: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(got, (1..=n).collect::<Vec<_>>());
+}
+
+/// Acknowledgements are applied key by key: every prefix a crash can keep
+/// must reopen to a consistent state (module doc of `apply`).
+#[tokio::test]
+async fn crash_prefixes_of_key_by_key_writes_reopen_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (id("a"), id("c"));
+    {
+        let b = open(dir.path());
+        send(&b, 1, &[&a, &c]).await;
+        send(&b, 2, &[&a, &c]).await;
+        // c's ack of message 1 cut after its mark: the message is fully
+        // acknowledged but still stored.
+        b.ack(&a, 1).wait().await.unwrap();
+        let delivery = b.layout.trees.delivery.handle;
+        b.layout
+            .storage
+            .put_raw(delivery, &layout::ack_key(&c), &1u64.to_be_bytes())
+            .unwrap();
+        b.flush().unwrap();
+    }
+    // `check` on the crashed database finds nothing wrong, and startup
+    // deletes the leftover.
+    {
+        let l = layout::Layout::open(dir.path(), 16).unwrap();
+        let report = super::queue_startup::verify(&l);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+    let b = open(dir.path());
+    assert_eq!(stored(&b), 1, "only message 2 is still queued");
+    assert_eq!(seqs(&b, &a, 1).await, vec![2]);
+    assert_eq!(seqs(&b, &c, 1).await, vec![2]);
+    let delivery = b.layout.trees.delivery.handle;
+    let s = &b.layout.storage;
+    assert_eq!(s.get_raw(delivery, &layout::envelope_key(1)).unwrap(), None);
+    assert!(s
+        .get_raw(delivery, &layout::envelope_key(2))
+        .unwrap()
+        .is_some());
+    // Numbering goes on after the cleaned-up message.
+    send(&b, 3, &[&a]).await;
+    assert_eq!(seqs(&b, &a, 2).await, vec![3]);
+}
+
+/// A queue with a gap is refused at startup (and reported by `check`)
+/// instead of being served wrongly.
+#[tokio::test]
+async fn a_gap_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = id("a");
+    {
+        let b = open(dir.path());
+        for i in 0..3 {
+            send(&b, i, &[&a]).await;
+        }
+        // Lose the middle message: a's queue jumps from 1 to 3.
+        let delivery = b.layout.trees.delivery.handle;
+        b.layout
+            .storage
+            .remove_raw(delivery, &layout::envelope_key(2))
+            .unwrap();
+        b.flush().unwrap();
+    }
+    {
+        let l = layout::Layout::open(dir.path(), 16).unwrap();
+        let report = super::queue_startup::verify(&l);
+        assert!(
+            report.problems.iter().any(|p| p.contains("has a gap")),
+            "{:?}",
+            report.problems
+        );
+    }
+    let refused = SledBackend::open(dir.path(), 16).err().expect("refused");
+    assert!(refused.to_string().contains("has a gap"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_fetcher_is_woken_when_its_entry_becomes_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(dir.path()));
+    let a = id("a");
+    let wakeup = b.subscribe(&a).unwrap();
+    let notified = wakeup.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    assert!(seqs(&b, &a, 0).await.is_empty());
+    let sender = {
+        let b = b.clone();
+        let a = a.clone();
+        tokio::spawn(async move { send(&b, 1, &[&a]).await })
+    };
+    tokio::time::timeout(Duration::from_secs(5), notified)
+        .await
+        .expect("woken");
+    sender.await.unwrap();
+    assert_eq!(seqs(&b, &a, 0).await, vec![1]);
+}
+
+#[tokio::test]
+async fn a_failed_condition_writes_nothing_of_its_write_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let (a, c) = (id("a"), id("c"));
+    register(&b, &a).await;
+    let set = WriteSet {
+        conditions: vec![Condition::ClientAbsent(a.clone())],
+        changes: vec![Change::PutClient {
+            id: c.clone(),
+            record: client_record(),
+        }],
+        deliveries: vec![delivery(1, &[&c])],
+    };
+    match b.submit(set).wait().await {
+        Err(StoreError::ConditionFailed(Condition::ClientAbsent(who))) => assert_eq!(who, a),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.client(&c).await.unwrap(), None);
+    assert!(seqs(&b, &c, 0).await.is_empty());
+    // The next message to c still starts its queue at 1.
+    send(&b, 1, &[&c]).await;
+    assert_eq!(seqs(&b, &c, 0).await, vec![1]);
+}
+
+#[tokio::test]
+async fn concurrent_write_sets_on_one_revision_accept_exactly_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let g = GroupId::new(b"group").unwrap();
+    let record = |revision| GroupRecord {
+        epoch: revision,
+        revision,
+        open: false,
+        members: vec![b"a".to_vec()],
+        former_members: Vec::new(),
+        created_ms: 0,
+    };
+    let create = WriteSet {
+        conditions: vec![Condition::GroupAbsent(g.clone())],
+        changes: vec![Change::PutGroup {
+            id: g.clone(),
+            record: record(0),
+        }],
+        deliveries: Vec::new(),
+    };
+    b.submit(create).wait().await.unwrap();
+    // Ten handshakes validated against revision 0, submitted at once.
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            b.submit(WriteSet {
+                conditions: vec![Condition::GroupAt {
+                    group: g.clone(),
+                    revision: 0,
+                }],
+                changes: vec![Change::PutGroup {
+                    id: g.clone(),
+                    record: record(1),
+                }],
+                deliveries: vec![delivery(1, &[&id("a")])],
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for h in handles {
+        match h.wait().await {
+            Ok(_) => accepted += 1,
+            Err(StoreError::ConditionFailed(Condition::GroupAt { .. })) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(accepted, 1);
+    assert_eq!(b.group(&g).await.unwrap().map(|r| r.revision), Some(1));
+    assert_eq!(seqs(&b, &id("a"), 0).await, vec![1], "one fan-out, no gap");
+}
+
+#[tokio::test]
+async fn a_key_package_is_claimed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let owner = id("owner");
+    let kp = KeyPackageRecord {
+        message: vec![1],
+        kp_ref: vec![9; 16],
+        not_after: u64::MAX,
+    };
+    b.submit(WriteSet {
+        changes: vec![Change::PutKeyPackage {
+            owner: owner.clone(),
+            record: kp.clone(),
+        }],
+        ..WriteSet::default()
+    })
+    .wait()
+    .await
+    .unwrap();
+    let claim = || WriteSet {
+        conditions: vec![Condition::KeyPackageUnclaimed {
+            owner: owner.clone(),
+            kp_ref: kp.kp_ref.clone(),
+        }],
+        changes: vec![Change::RemoveKeyPackage {
+            owner: owner.clone(),
+            kp_ref: kp.kp_ref.clone(),
+        }],
+        deliveries: Vec::new(),
+    };
+    let (first, second) = (b.submit(claim()), b.submit(claim()));
+    assert!(first.wait().await.is_ok());
+    assert!(matches!(
+        second.wait().await,
+        Err(StoreError::ConditionFailed(
+            Condition::KeyPackageUnclaimed { .. }
+        ))
+    ));
+    assert!(b.key_packages(&owner).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_live_backup_is_a_consistent_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let a = id("a");
+    register(&b, &a).await;
+    send(&b, 1, &[&a]).await;
+    let target = dir.path().join("backup");
+    let report = b.backup(&target).await.unwrap();
+    assert!(!report.failed, "{}", report.text);
+    assert!(
+        b.backup(&target).await.is_err(),
+        "an existing target is refused"
+    );
+    drop(b);
+    let copy = open(&target);
+    assert!(copy.client(&a).await.unwrap().is_some());
+    assert_eq!(seqs(&copy, &a, 0).await, vec![1]);
+}

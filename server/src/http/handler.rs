@@ -1,0 +1,235 @@
+//! Serving one request: the route, admission (the DS is up and its storage
+//! healthy, the in-flight limit), the body, authentication and the rate
+//! limit, the call into the core, and the answer. Every failure becomes a
+//! response in `response`; this module only decides which.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Body;
+use hyper::header::{HeaderValue, CONTENT_LENGTH};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response};
+use mls_ds_protocol::auth::AuthToken;
+use mls_ds_protocol::{decode, AUTH_HEADER};
+
+use super::body::{self, BoxError};
+use super::response::{ApiError, Reply};
+use super::route::{ClientRoute, Route};
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::rate_limit::RateLimiter;
+use crate::service::auth::{Authenticator, Caller, RequestView};
+use crate::service::clients::Registration;
+use crate::service::{Ds, DsError};
+use crate::state_cell::{StateCell, REOPENING};
+
+/// Limits the HTTP adapter enforces.
+#[derive(Clone, Debug)]
+pub(crate) struct HttpLimits {
+    /// Largest request body.
+    pub(crate) max_body_bytes: usize,
+    /// How long a client may take to send its body.
+    pub(crate) read_timeout: Duration,
+    /// Most requests handled at once.
+    pub(crate) max_inflight: usize,
+}
+
+/// The HTTP front of a DS: what outlives a reopening of its storage.
+pub(crate) struct Front<B> {
+    cell: Arc<StateCell<Ds<B>>>,
+    limits: HttpLimits,
+    metrics: Metrics,
+    rate_limiter: RateLimiter,
+    inflight: AtomicUsize,
+}
+
+/// A request's answer and the label it is counted under in the metrics.
+struct Outcome {
+    label: &'static str,
+    result: Result<Reply, ApiError>,
+}
+
+impl Outcome {
+    fn new(label: &'static str, result: Result<Reply, ApiError>) -> Outcome {
+        Outcome { label, result }
+    }
+}
+
+/// Holds one in-flight slot.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<B: Backend> Front<B> {
+    /// A front serving the DS in `cell`.
+    pub(crate) fn new(
+        cell: Arc<StateCell<Ds<B>>>,
+        limits: HttpLimits,
+        rate_limiter: RateLimiter,
+    ) -> Front<B> {
+        Front {
+            cell,
+            limits,
+            metrics: Metrics::default(),
+            rate_limiter,
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Serve one request; never fails (errors become error responses).
+    pub(crate) async fn handle<Bd>(&self, req: Request<Bd>) -> Response<Full<Bytes>>
+    where
+        Bd: Body<Data = Bytes>,
+        Bd::Error: Into<BoxError>,
+    {
+        let start = Instant::now();
+        let inflight = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        let _slot = Slot(&self.inflight);
+        let head = req.method() == Method::HEAD;
+        let Outcome { label, result } = self.answer(req, inflight).await;
+        let mut resp = match result {
+            Ok(reply) => reply.into_response(),
+            Err(e) => e.answer(label),
+        };
+        self.metrics
+            .record(label, resp.status().as_u16(), start.elapsed());
+        if head {
+            without_body(&mut resp);
+        }
+        resp
+    }
+
+    /// A request's answer, and its metrics label.
+    async fn answer<Bd>(&self, req: Request<Bd>, inflight: usize) -> Outcome
+    where
+        Bd: Body<Data = Bytes>,
+        Bd::Error: Into<BoxError>,
+    {
+        if let Err(e) = body::check_framing(&req) {
+            return Outcome::new("bad_request", Err(e));
+        }
+        let route = match Route::parse(req.method(), req.uri().path(), req.uri().query()) {
+            Ok(route) => route,
+            Err(e @ ApiError::NoRoute { .. }) => return Outcome::new("unknown", Err(e)),
+            Err(e @ ApiError::MethodNotAllowed(_)) => return Outcome::new("method", Err(e)),
+            Err(e) => return Outcome::new("bad_request", Err(e)),
+        };
+        let Some(ds) = self.cell.get() else {
+            let reopening = DsError::Unavailable(REOPENING.into());
+            return Outcome::new(route.name(), Err(reopening.into()));
+        };
+        if route != Route::Metrics {
+            if let Err(e) = ds.backend().health() {
+                return Outcome::new("storage_failed", Err(DsError::from(e).into()));
+            }
+        }
+        if inflight > self.limits.max_inflight {
+            return Outcome::new("overload", Err(ApiError::Overloaded));
+        }
+        Outcome::new(route.name(), self.serve(&ds, route, req).await)
+    }
+
+    async fn serve<Bd>(&self, ds: &Ds<B>, route: Route, req: Request<Bd>) -> Result<Reply, ApiError>
+    where
+        Bd: Body<Data = Bytes>,
+        Bd::Error: Into<BoxError>,
+    {
+        match route {
+            Route::Healthz => Ok(Reply::text("ok\n".into(), "text/plain")),
+            Route::Metrics => Ok(Reply::text(
+                self.metrics
+                    .render(&ds.backend().stats(), ds.authenticator().session_count()),
+                "text/plain; version=0.0.4",
+            )),
+            Route::Register => {
+                let (parts, body) = self.read(req).await?;
+                let (token, view) = token_and_view(&parts, &body)?;
+                match ds.register(&token, &view, decode(&body)?).await? {
+                    Registration::Created(r) => Reply::created(&r),
+                    Registration::Existing(r) => Reply::ok(&r),
+                }
+            }
+            Route::Client(route) => {
+                let (parts, body) = self.read(req).await?;
+                let (token, view) = token_and_view(&parts, &body)?;
+                let caller = ds.authenticate(&token, &view).await?;
+                if !self.rate_limiter.allow(&caller.client) {
+                    return Err(ApiError::RateLimited);
+                }
+                client_call(ds, &caller, route, &body).await
+            }
+        }
+    }
+
+    async fn read<Bd>(&self, req: Request<Bd>) -> Result<(Parts, Bytes), ApiError>
+    where
+        Bd: Body<Data = Bytes>,
+        Bd::Error: Into<BoxError>,
+    {
+        body::read(req, self.limits.max_body_bytes, self.limits.read_timeout).await
+    }
+}
+
+/// Call the service a registered client's route names.
+async fn client_call<B: Backend>(
+    ds: &Ds<B>,
+    caller: &Caller,
+    route: ClientRoute,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    match route {
+        ClientRoute::OpenSession => Reply::ok(&ds.open_session(caller)?),
+        ClientRoute::DeleteClient(id) => {
+            ds.delete_client(caller, &id).await?;
+            Ok(Reply::no_content())
+        }
+        ClientRoute::ClaimKeyPackage(target) => Reply::ok(&ds.claim_key_package(&target).await?),
+        ClientRoute::PublishKeyPackages => {
+            Reply::ok(&ds.publish_key_packages(caller, decode(body)?).await?)
+        }
+        ClientRoute::CountKeyPackages => Reply::ok(&ds.key_package_count(caller).await?),
+        ClientRoute::CreateGroup => Reply::created(&ds.create_group(caller, decode(body)?).await?),
+        ClientRoute::GroupInfo(id) => Reply::ok(&ds.group_info(caller, &id).await?),
+        ClientRoute::Commit(id) => Reply::ok(&ds.commit(caller, &id, decode(body)?).await?),
+        ClientRoute::SendMessage(id) => {
+            Reply::ok(&ds.send_message(caller, &id, decode(body)?).await?)
+        }
+        ClientRoute::Fetch(query) => Reply::ok(&ds.fetch(caller, query).await?.wire()),
+        ClientRoute::Ack => Reply::ok(&ds.ack(caller, decode(body)?).await?),
+    }
+}
+
+/// The request's token and what it must bind (method, path, body).
+fn token_and_view<'a>(
+    parts: &'a Parts,
+    body: &'a [u8],
+) -> Result<(AuthToken, RequestView<'a>), ApiError> {
+    let header = parts.headers.get(AUTH_HEADER).and_then(|v| v.to_str().ok());
+    let token = Authenticator::parse(header)?;
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    Ok((
+        token,
+        RequestView {
+            method: parts.method.as_str(),
+            path_and_query,
+            body,
+        },
+    ))
+}
+
+/// The answer to a `HEAD`: the `GET`'s status and headers, with the length
+/// its body would have had, and no body (HTTP/2 forbids one).
+fn without_body(resp: &mut Response<Full<Bytes>>) {
+    let len = resp.body().size_hint().exact().unwrap_or(0);
+    *resp.body_mut() = Full::new(Bytes::new());
+    resp.headers_mut()
+        .insert(CONTENT_LENGTH, HeaderValue::from(len));
+}

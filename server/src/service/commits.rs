@@ -1,0 +1,367 @@
+//! Commit ordering: for each epoch of a group exactly one commit is
+//! accepted, the first valid one. It is validated against the DS's own
+//! `PublicGroup`, merged, and written together with its fan-out and Welcome
+//! as one write set, conditional on the group's revision it was validated
+//! against (so that no other process can have accepted a commit meanwhile).
+//! Later commits for that epoch get 409 naming the current epoch, except an
+//! exact retry of the accepted one, which gets the original success.
+
+use mls_ds_protocol::groups::{CommitAccepted, CommitBundle};
+use mls_ds_protocol::queue::EntryKind;
+use mls_ds_protocol::ClientId;
+use openmls::ciphersuite::signable::Verifiable;
+use openmls::ciphersuite::signature::OpenMlsSignaturePublicKey;
+use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::{
+    ContentType, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, Sender,
+    StagedCommit,
+};
+use sha2::{Digest, Sha256};
+
+use super::auth::Caller;
+use super::error::{DsError, Result};
+use super::groups::may_read_info;
+use super::mls::{self, LoadedGroup};
+use super::Ds;
+use crate::backend::records::{
+    now_ms, CommitRecord, GroupId, GroupRecord, GroupState, StoredMessage,
+};
+use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
+use crate::backend::{Backend, StoreError};
+
+/// A commit as submitted, parsed.
+struct Submitted {
+    message: ProtocolMessage,
+    /// The epoch the commit is for.
+    epoch: u64,
+    /// SHA-256 of the commit message (what a retry is recognised by).
+    hash: [u8; 32],
+    bundle: CommitBundle,
+}
+
+/// A commit that validated and was merged into the loaded `PublicGroup`.
+struct Merged {
+    /// A new member joining by external commit.
+    external: bool,
+    /// Owners of the key packages the commit adds, in the Welcome's order.
+    welcome_to: Vec<ClientId>,
+    /// The members after the commit.
+    members: Vec<ClientId>,
+    new_epoch: u64,
+}
+
+impl<B: Backend> Ds<B> {
+    /// `POST /v1/groups/{id}/commits`.
+    pub(crate) async fn commit(
+        &self,
+        caller: &Caller,
+        id: &GroupId,
+        bundle: CommitBundle,
+    ) -> Result<CommitAccepted> {
+        let submitted = parse_commit(id, bundle)?;
+        // 404 before a lock is created for an unknown group.
+        self.group_record(id).await?;
+        let guard = self.backend.lock_group(id).await;
+        let record = self.group_record(id).await?;
+        if let Some(accepted) = self.earlier_commit(caller, id, &record, &submitted).await? {
+            return Ok(accepted);
+        }
+        if submitted.epoch != record.epoch {
+            return Err(DsError::WrongEpoch {
+                current: record.epoch,
+                reason: format!("commit is for epoch {}", submitted.epoch),
+            });
+        }
+        let mut group = self.load_group(id).await?;
+        let merged = self
+            .validate_and_merge(caller, &record, &mut group, &submitted)
+            .await?;
+        let (set, recipients) = self
+            .commit_write_set(caller, id, &record, &submitted, &merged, group)
+            .await?;
+        match self.backend.submit(set).wait_holding(guard).await {
+            Ok(_) => {}
+            Err(StoreError::ConditionFailed(Condition::GroupAt { .. })) => {
+                // Another process accepted a handshake first.
+                let record = self.group_record(id).await?;
+                return match self.earlier_commit(caller, id, &record, &submitted).await? {
+                    Some(accepted) => Ok(accepted),
+                    None => Err(DsError::WrongEpoch {
+                        current: record.epoch,
+                        reason: "another handshake of the group was accepted meanwhile".into(),
+                    }),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(group = %id, epoch = merged.new_epoch, committer = %caller.client, external = merged.external, "accepted commit");
+        Ok(CommitAccepted {
+            epoch: merged.new_epoch,
+            recipients,
+        })
+    }
+
+    /// The answer for a commit whose epoch already has an accepted commit:
+    /// the original success for an exact retry (once the original write is
+    /// durable: its first answer may have been lost), 409 otherwise.
+    /// `None` if the epoch has no accepted commit.
+    async fn earlier_commit(
+        &self,
+        caller: &Caller,
+        id: &GroupId,
+        record: &GroupRecord,
+        submitted: &Submitted,
+    ) -> Result<Option<CommitAccepted>> {
+        let Some(accepted) = self.backend.commit(id, submitted.epoch).await? else {
+            return Ok(None);
+        };
+        if accepted.commit_hash == submitted.hash && accepted.committer == caller.client.as_bytes()
+        {
+            self.backend.settled().wait().await?;
+            return Ok(Some(CommitAccepted {
+                epoch: accepted.new_epoch,
+                recipients: accepted.recipients,
+            }));
+        }
+        Err(DsError::WrongEpoch {
+            current: record.epoch,
+            reason: format!(
+                "another commit was already accepted for epoch {}",
+                submitted.epoch
+            ),
+        })
+    }
+
+    /// Validate the commit against the group, check its Welcome and
+    /// GroupInfo, and merge it into `group` (in memory).
+    async fn validate_and_merge(
+        &self,
+        caller: &Caller,
+        record: &GroupRecord,
+        group: &mut LoadedGroup,
+        submitted: &Submitted,
+    ) -> Result<Merged> {
+        let processed = group
+            .public
+            .process_message(&self.crypto, submitted.message.clone())
+            .map_err(|e| DsError::Invalid(format!("invalid commit: {e}")))?;
+        let sender = mls::credential_client(processed.credential())?;
+        if sender != caller.client {
+            return Err(DsError::Forbidden(format!(
+                "commit is signed by {sender}, not by the authenticated client"
+            )));
+        }
+        let external = matches!(processed.sender(), Sender::NewMemberCommit);
+        if external && !may_read_info(record, &caller.client) {
+            return Err(DsError::Forbidden(
+                "external commits are only accepted from former members or into open groups".into(),
+            ));
+        }
+        let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
+            return Err(DsError::Invalid("not a commit".into()));
+        };
+        let welcome_to = self.welcome_routes(&staged, &submitted.bundle).await?;
+        // The GroupInfo is what joiners will trust: it must carry the
+        // committer's signature (checked here) and describe the new epoch
+        // (checked after the merge), or later external joins would fail on a
+        // corrupt copy.
+        let committer = self.require_client(&caller.client).await?;
+        let committer_key = OpenMlsSignaturePublicKey::new(
+            committer.signature_key.into(),
+            group.public.ciphersuite().signature_algorithm(),
+        )
+        .map_err(|e| DsError::Invalid(format!("committer key unusable: {e:?}")))?;
+        let group_info = mls::parse_group_info(submitted.bundle.group_info.as_slice())?
+            .verify(&self.crypto, &committer_key)
+            .map_err(|_| DsError::Invalid("the GroupInfo is not signed by the committer".into()))?;
+        group
+            .public
+            .merge_commit(&group.store, *staged)
+            .map_err(|e| DsError::Internal(format!("merge commit: {e}")))?;
+        if group_info.group_context() != group.public.group_context() {
+            return Err(DsError::Invalid(
+                "the GroupInfo does not describe the epoch this commit creates".into(),
+            ));
+        }
+        Ok(Merged {
+            external,
+            welcome_to,
+            members: self.roster(&group.public).await?,
+            new_epoch: group.public.group_context().epoch().as_u64(),
+        })
+    }
+
+    /// Every member the commit adds must be welcomed, and the Welcome is
+    /// routed by the key package references recorded at claim time.
+    async fn welcome_routes(
+        &self,
+        staged: &StagedCommit,
+        bundle: &CommitBundle,
+    ) -> Result<Vec<ClientId>> {
+        let mut added = Vec::new();
+        for add in staged.add_proposals() {
+            let kp_ref = add
+                .add_proposal()
+                .key_package()
+                .hash_ref(&self.crypto)
+                .map_err(|e| DsError::Internal(format!("hash reference: {e}")))?;
+            added.push(kp_ref.as_slice().to_vec());
+        }
+        let welcome = match (&bundle.welcome, added.is_empty()) {
+            (None, true) => return Ok(Vec::new()),
+            (None, false) => {
+                return Err(DsError::Invalid(
+                    "the commit adds members but the bundle has no Welcome".into(),
+                ))
+            }
+            (Some(_), true) => {
+                return Err(DsError::Invalid(
+                    "the bundle has a Welcome but the commit adds nobody".into(),
+                ))
+            }
+            (Some(w), false) => w,
+        };
+        let msg = MlsMessageIn::tls_deserialize_exact(welcome.as_slice())
+            .map_err(|e| DsError::Invalid(format!("malformed Welcome: {e}")))?;
+        let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
+            return Err(DsError::Invalid("Welcome field holds no Welcome".into()));
+        };
+        let in_welcome: Vec<Vec<u8>> = welcome
+            .secrets()
+            .iter()
+            .map(|s| s.new_member().as_slice().to_vec())
+            .collect();
+        let mut owners = Vec::with_capacity(added.len());
+        for r in &added {
+            if !in_welcome.contains(r) {
+                return Err(DsError::Invalid(format!(
+                    "the Welcome has no secrets for added key package {}",
+                    hex::encode(r)
+                )));
+            }
+            let owner = self.backend.key_package_owner(r).await?.ok_or_else(|| {
+                DsError::Invalid(format!(
+                    "added key package {} was not claimed from this DS",
+                    hex::encode(r)
+                ))
+            })?;
+            owners.push(owner);
+        }
+        Ok(owners)
+    }
+
+    /// The write set of an accepted commit: the new group record and state,
+    /// the commit record, the commit for every old member but the committer
+    /// and the Welcome for the new ones. Returns it with the number of
+    /// recipients.
+    async fn commit_write_set(
+        &self,
+        caller: &Caller,
+        id: &GroupId,
+        record: &GroupRecord,
+        submitted: &Submitted,
+        merged: &Merged,
+        group: LoadedGroup,
+    ) -> Result<(WriteSet, u32)> {
+        let mut former = record.former_members.clone();
+        let mut commit_to = Vec::with_capacity(record.members.len());
+        for m in &record.members {
+            let m = ClientId::new(m)?;
+            if !merged.members.contains(&m) && !former.iter().any(|f| f == m.as_bytes()) {
+                former.push(m.as_bytes().to_vec());
+            }
+            // Clients that deleted themselves get nothing (counted as such).
+            if m != caller.client
+                && self
+                    .backend
+                    .client(&m)
+                    .await?
+                    .is_some_and(|r| !r.is_deleted())
+            {
+                commit_to.push(m);
+            }
+        }
+        let recipients = u32::try_from(commit_to.len() + merged.welcome_to.len())
+            .map_err(|_| DsError::Internal("too many recipients".into()))?;
+        let now = now_ms();
+        let stored = |kind: EntryKind, epoch: u64, message: &[u8]| StoredMessage {
+            kind: kind as u8,
+            group_id: id.as_bytes().to_vec(),
+            epoch,
+            sender: caller.client.as_bytes().to_vec(),
+            message: message.to_vec(),
+            stored_ms: now,
+        };
+        let bundle = &submitted.bundle;
+        let mut deliveries = vec![Delivery {
+            message: stored(EntryKind::Commit, submitted.epoch, bundle.commit.as_slice()),
+            recipients: commit_to,
+        }];
+        if let Some(w) = &bundle.welcome {
+            deliveries.push(Delivery {
+                message: stored(EntryKind::Welcome, merged.new_epoch, w.as_slice()),
+                recipients: merged.welcome_to.clone(),
+            });
+        }
+        let new_record = GroupRecord {
+            epoch: merged.new_epoch,
+            revision: record.revision + 1,
+            open: record.open,
+            members: merged
+                .members
+                .iter()
+                .map(|m| m.as_bytes().to_vec())
+                .collect(),
+            former_members: former,
+            created_ms: record.created_ms,
+        };
+        let set = WriteSet {
+            conditions: vec![Condition::GroupAt {
+                group: id.clone(),
+                revision: record.revision,
+            }],
+            changes: vec![
+                Change::PutGroup {
+                    id: id.clone(),
+                    record: new_record,
+                },
+                Change::PutGroupState {
+                    id: id.clone(),
+                    state: GroupState {
+                        group_info: bundle.group_info.as_slice().to_vec(),
+                        public_group: group.store.into_entities(),
+                    },
+                },
+                Change::PutCommit {
+                    group: id.clone(),
+                    epoch: submitted.epoch,
+                    record: CommitRecord {
+                        commit_hash: submitted.hash,
+                        committer: caller.client.as_bytes().to_vec(),
+                        new_epoch: merged.new_epoch,
+                        recipients,
+                    },
+                },
+            ],
+            deliveries,
+        };
+        Ok((set, recipients))
+    }
+}
+
+/// Parse a commit bundle: the commit must be a `PublicMessage` commit of
+/// `id`.
+fn parse_commit(id: &GroupId, bundle: CommitBundle) -> Result<Submitted> {
+    let message = mls::parse_public(bundle.commit.as_slice(), id, "commit")?;
+    if message.content_type() != ContentType::Commit {
+        return Err(DsError::Invalid(
+            "not a commit; proposals and application messages go to /messages".into(),
+        ));
+    }
+    Ok(Submitted {
+        epoch: message.epoch().as_u64(),
+        hash: Sha256::digest(bundle.commit.as_slice()).into(),
+        message,
+        bundle,
+    })
+}

@@ -1,0 +1,88 @@
+//! Delivery to clients: fetching a page of one's queue (long-polling for
+//! the first entry), acknowledging, and the retention bound. Which entries
+//! exist and when they become visible is the backend's; this module decides
+//! the limits and how long a fetch waits.
+
+use std::time::Duration;
+
+use mls_ds_protocol::queue::{Ack, Acked};
+use tokio::time::Instant;
+
+use super::auth::Caller;
+use super::error::Result;
+use super::Ds;
+use crate::backend::records::now_ms;
+use crate::backend::{Backend, Page};
+
+/// What a fetch asks for (the query of `GET /v1/queue`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FetchRequest {
+    /// Entries after this sequence number.
+    pub(crate) after: u64,
+    /// At most this many (capped by the policy).
+    pub(crate) limit: Option<u64>,
+    /// About this many bytes (capped by the policy; at least one entry).
+    pub(crate) max_bytes: Option<u64>,
+    /// Wait up to this long for the first entry (capped by the policy).
+    pub(crate) wait_ms: u64,
+    /// Acknowledge up to here first, so that a draining client needs one
+    /// request per page.
+    pub(crate) ack: Option<u64>,
+}
+
+fn capped(asked: Option<u64>, cap: usize) -> usize {
+    asked.map_or(cap, |n| usize::try_from(n).unwrap_or(usize::MAX).min(cap))
+}
+
+impl<B: Backend> Ds<B> {
+    /// `GET /v1/queue`. With `ack`, the acknowledgement is durable before
+    /// the page is read, so the page also holds what became visible
+    /// meanwhile.
+    pub(crate) async fn fetch(&self, caller: &Caller, req: FetchRequest) -> Result<Page> {
+        let client = &caller.client;
+        let policy = &self.policy;
+        let limit = capped(req.limit, policy.max_page_entries);
+        let max_bytes = capped(req.max_bytes, policy.max_page_bytes);
+        let wait = Duration::from_millis(req.wait_ms.min(policy.max_wait_ms));
+        if let Some(up_to) = req.ack {
+            self.backend.ack(client, up_to).wait().await?;
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let wakeup = self.backend.subscribe(client)?;
+            // Registered before reading, so an entry published in between
+            // is not missed.
+            let notified = wakeup.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let page = self
+                .backend
+                .page(client, req.after, limit, max_bytes)
+                .await?;
+            if !page.entries.is_empty() || Instant::now() >= deadline {
+                return Ok(page);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// `POST /v1/queue/ack`.
+    pub(crate) async fn ack(&self, caller: &Caller, ack: Ack) -> Result<Acked> {
+        let outcome = self.backend.ack(&caller.client, ack.up_to).wait().await?;
+        Ok(Acked {
+            acked: outcome.acked,
+            remaining: outcome.remaining,
+        })
+    }
+
+    /// Drop unacknowledged entries older than the retention bound (run
+    /// periodically). Returns how many were dropped.
+    pub(crate) async fn apply_retention(&self) -> Result<usize> {
+        let retention_ms = self.policy.retention_secs.saturating_mul(1000);
+        if retention_ms == 0 {
+            return Ok(0);
+        }
+        let cutoff = now_ms().saturating_sub(retention_ms);
+        Ok(self.backend.expire(cutoff).wait().await?)
+    }
+}

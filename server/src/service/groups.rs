@@ -1,0 +1,181 @@
+//! Groups: creation from a GroupInfo and ratchet tree (the DS builds its own
+//! `PublicGroup`), the roster that decides recipients, and the GroupInfo
+//! given to joiners and resyncing members.
+
+use mls_ds_protocol::groups::{CreateGroup, GroupCreated, GroupInfoResponse};
+use mls_ds_protocol::ClientId;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::{
+    BasicCredential, GroupId as MlsGroupId, ProposalStore, PublicGroup, RatchetTreeIn,
+};
+
+use super::auth::Caller;
+use super::error::{DsError, Result};
+use super::{mls, Ds};
+use crate::backend::public_group::PublicGroupStore;
+use crate::backend::records::{now_ms, GroupId, GroupRecord, GroupState};
+use crate::backend::write_set::{Change, Condition, WriteSet};
+use crate::backend::{Backend, StoreError};
+
+/// May `client` see the group's GroupInfo (to join or resync)?
+pub(crate) fn may_read_info(record: &GroupRecord, client: &ClientId) -> bool {
+    let id = client.as_bytes();
+    record.open
+        || record.members.iter().any(|m| m == id)
+        || record.former_members.iter().any(|m| m == id)
+}
+
+impl<B: Backend> Ds<B> {
+    /// A group's record; 404 if there is none.
+    pub(crate) async fn group_record(&self, id: &GroupId) -> Result<GroupRecord> {
+        self.backend
+            .group(id)
+            .await?
+            .ok_or_else(|| DsError::NotFound(format!("unknown group {id}")))
+    }
+
+    /// A group's `PublicGroup` and GroupInfo, loaded for validation.
+    pub(crate) async fn load_group(&self, id: &GroupId) -> Result<mls::LoadedGroup> {
+        let state = self
+            .backend
+            .group_state(id)
+            .await?
+            .ok_or_else(|| DsError::Internal(format!("group {id} has no stored state")))?;
+        mls::load_group(id, state)
+    }
+
+    /// The client ids of a group's members, checking that every leaf is a
+    /// registered client whose registered key signs for it.
+    pub(crate) async fn roster(&self, group: &PublicGroup) -> Result<Vec<ClientId>> {
+        let mut out = Vec::new();
+        for m in group.members() {
+            let identity = BasicCredential::try_from(m.credential.clone()).map_err(|_| {
+                DsError::Invalid(format!("leaf {}: credential must be basic", m.index))
+            })?;
+            let id = ClientId::new(identity.identity()).map_err(|e| {
+                DsError::Invalid(format!(
+                    "leaf {}: identity is not a client id: {e}",
+                    m.index
+                ))
+            })?;
+            let record = self.backend.client(&id).await?.ok_or_else(|| {
+                DsError::Invalid(format!("leaf {}: {id} is not a registered client", m.index))
+            })?;
+            if record.signature_key != m.signature_key {
+                return Err(DsError::Forbidden(format!(
+                    "leaf {}: signature key is not the one {id} registered",
+                    m.index
+                )));
+            }
+            if out.contains(&id) {
+                return Err(DsError::Invalid(format!(
+                    "leaf {}: {id} holds two leaves",
+                    m.index
+                )));
+            }
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    /// `POST /v1/groups`: the caller must be a member of the group it creates.
+    pub(crate) async fn create_group(
+        &self,
+        caller: &Caller,
+        req: CreateGroup,
+    ) -> Result<GroupCreated> {
+        let group_info = mls::parse_group_info(req.group_info.as_slice())?;
+        let ratchet_tree = RatchetTreeIn::tls_deserialize_exact(req.ratchet_tree.as_slice())
+            .map_err(|e| DsError::Invalid(format!("malformed ratchet tree: {e}")))?;
+        let id = GroupId::new(group_info.group_id().as_slice())
+            .map_err(|e| DsError::Invalid(e.to_string()))?;
+        let guard = self.backend.lock_group(&id).await;
+        if self.backend.group(&id).await?.is_some() {
+            return Err(exists(&id));
+        }
+        let mls_id = MlsGroupId::from_slice(id.as_bytes());
+        let store = PublicGroupStore::new(&mls_id, Default::default())
+            .map_err(|e| DsError::Internal(e.to_string()))?;
+        let (public_group, _) = PublicGroup::from_external(
+            &self.crypto,
+            &store,
+            ratchet_tree,
+            group_info,
+            ProposalStore::new(),
+        )
+        .map_err(|e| DsError::Invalid(format!("invalid group: {e}")))?;
+        let members = self.roster(&public_group).await?;
+        if !members.contains(&caller.client) {
+            return Err(DsError::Forbidden(
+                "the creator must be a member of the group".into(),
+            ));
+        }
+        let epoch = public_group.group_context().epoch().as_u64();
+        let record = GroupRecord {
+            epoch,
+            revision: 0,
+            open: req.open.0,
+            members: members.iter().map(|m| m.as_bytes().to_vec()).collect(),
+            former_members: Vec::new(),
+            created_ms: now_ms(),
+        };
+        let set = WriteSet {
+            conditions: vec![Condition::GroupAbsent(id.clone())],
+            changes: vec![
+                Change::PutGroup {
+                    id: id.clone(),
+                    record,
+                },
+                Change::PutGroupState {
+                    id: id.clone(),
+                    state: GroupState {
+                        group_info: req.group_info.as_slice().to_vec(),
+                        public_group: store.into_entities(),
+                    },
+                },
+            ],
+            deliveries: Vec::new(),
+        };
+        match self.backend.submit(set).wait_holding(guard).await {
+            Ok(_) => {}
+            Err(StoreError::ConditionFailed(Condition::GroupAbsent(_))) => return Err(exists(&id)),
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(group = %id, epoch, members = members.len(), "created group");
+        Ok(GroupCreated {
+            group_id: id.as_bytes().to_vec().into(),
+            epoch,
+        })
+    }
+
+    /// `GET /v1/groups/{id}/info`. The epoch, GroupInfo and ratchet tree all
+    /// come from one stored state, so they belong to the same epoch.
+    pub(crate) async fn group_info(
+        &self,
+        caller: &Caller,
+        id: &GroupId,
+    ) -> Result<GroupInfoResponse> {
+        let record = self.group_record(id).await?;
+        if !may_read_info(&record, &caller.client) {
+            return Err(DsError::Forbidden(
+                "only members, former members, or anyone for an open group may read its GroupInfo"
+                    .into(),
+            ));
+        }
+        let group = self.load_group(id).await?;
+        let tree = group
+            .public
+            .export_ratchet_tree()
+            .tls_serialize_detached()
+            .map_err(|e| DsError::Internal(format!("encode ratchet tree: {e}")))?;
+        Ok(GroupInfoResponse {
+            epoch: group.public.group_context().epoch().as_u64(),
+            group_info: group.group_info.into(),
+            ratchet_tree: tree.into(),
+        })
+    }
+}
+
+fn exists(id: &GroupId) -> DsError {
+    DsError::Conflict(format!("group {id} exists"))
+}

@@ -1,0 +1,82 @@
+//! The DS's core, apart from HTTP and from any storage engine: [`Ds`] and
+//! its services, which take the protocol's request types and an
+//! authenticated [`auth::Caller`], and return the protocol's response types
+//! or a [`DsError`].
+//!
+//! One module per service: [`clients`] (registration, sessions, deletion),
+//! [`key_packages`], [`groups`] (creation, GroupInfo), [`commits`] (one
+//! commit per epoch), [`messages`] (application messages and proposals),
+//! [`delivery`] (fetch with long-poll, acknowledgements, retention), with
+//! [`mls`] holding the MLS parsing and roster rules they share. Every
+//! mutation is one [`WriteSet`](crate::backend::WriteSet) submitted to the
+//! backend, answered once durable.
+
+pub(crate) mod auth;
+pub(crate) mod clients;
+pub(crate) mod commits;
+pub(crate) mod delivery;
+pub(crate) mod error;
+pub(crate) mod groups;
+pub(crate) mod key_packages;
+pub(crate) mod messages;
+mod mls;
+
+use openmls_rust_crypto::RustCrypto;
+
+pub(crate) use self::error::DsError;
+use crate::backend::Backend;
+use crate::service::auth::Authenticator;
+
+/// The limits and policies the services apply.
+#[derive(Clone, Debug)]
+pub(crate) struct Policy {
+    /// Most key packages in one publish request.
+    pub(crate) max_key_package_batch: usize,
+    /// Application messages are accepted for the current epoch and this many before it.
+    pub(crate) past_epoch_window: u64,
+    /// Most entries in one queue page.
+    pub(crate) max_page_entries: usize,
+    /// Approximate byte bound of one queue page.
+    pub(crate) max_page_bytes: usize,
+    /// Longest long-poll, in milliseconds.
+    pub(crate) max_wait_ms: u64,
+    /// Unacknowledged messages older than this are dropped (0: never), in seconds.
+    pub(crate) retention_secs: u64,
+    /// Lifetime of a session, in seconds.
+    pub(crate) session_ttl_secs: u64,
+    /// Most sessions held at once.
+    pub(crate) max_sessions: usize,
+}
+
+/// The delivery service: its backend, authentication and policy.
+pub(crate) struct Ds<B> {
+    backend: B,
+    auth: Authenticator,
+    crypto: RustCrypto,
+    policy: Policy,
+}
+
+impl<B: Backend> Ds<B> {
+    /// A DS on `backend`.
+    pub(crate) fn new(backend: B, policy: Policy) -> Ds<B> {
+        Ds {
+            auth: Authenticator::new(
+                policy.session_ttl_secs.saturating_mul(1000),
+                policy.max_sessions,
+            ),
+            backend,
+            crypto: RustCrypto::default(),
+            policy,
+        }
+    }
+
+    /// The storage behind the services.
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Sessions and tokens.
+    pub(crate) fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+}
