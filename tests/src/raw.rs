@@ -8,6 +8,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use mls_ds_client::client::{create_config, join_config, CIPHERSUITE};
 use mls_ds_client::{DsApi, HttpPool, Transport};
+use mls_ds_protocol::groups::GroupInfoResponse;
 use mls_ds_protocol::queue::QueueEntry;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{SledProvider, Store, StoreConfig};
@@ -129,6 +130,48 @@ impl RawMember {
     /// Stage a self-update commit (not merged).
     pub fn stage_update(&mut self) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
         self.stage(|b| b.force_self_update(true))
+    }
+
+    /// Stage a commit removing the member `who` (not merged).
+    pub fn stage_remove(&mut self, who: &str) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
+        let leaf = self
+            .group()
+            .members()
+            .find(|m| m.credential.serialized_content() == who.as_bytes())
+            .expect("a member")
+            .index;
+        self.stage(|b| b.propose_removals([leaf]))
+    }
+
+    /// Join (or resync into) a group by external commit from the DS's
+    /// GroupInfo and ratchet tree, dropping any local state of the group
+    /// first. The new group replaces `self.group`; returns the commit and
+    /// the new epoch's GroupInfo to submit.
+    pub fn stage_external_join(&mut self, info: &GroupInfoResponse) -> (Vec<u8>, Vec<u8>) {
+        if let Some(mut old) = self.group.take() {
+            old.delete(self.provider.storage()).unwrap();
+        }
+        let msg = MlsMessageIn::tls_deserialize_exact(info.group_info.as_slice()).unwrap();
+        let MlsMessageBodyIn::GroupInfo(vgi) = msg.extract() else {
+            panic!("not a GroupInfo")
+        };
+        let tree = RatchetTreeIn::tls_deserialize_exact(info.ratchet_tree.as_slice()).unwrap();
+        let p = &self.provider;
+        let (group, bundle) = MlsGroup::external_commit_builder()
+            .with_ratchet_tree(tree)
+            .with_config(join_config())
+            .build_group(p, vgi, self.credential.clone())
+            .unwrap()
+            .load_psks(p.storage())
+            .unwrap()
+            .create_group_info(true)
+            .build(p.rand(), p.crypto(), &self.signer, |_| true)
+            .unwrap()
+            .finalize(p)
+            .unwrap();
+        self.group = Some(group);
+        let (commit, _, group_info) = bundle.into_messages();
+        (wire(&commit), wire(&group_info.expect("a GroupInfo")))
     }
 
     fn stage(

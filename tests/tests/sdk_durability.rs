@@ -114,6 +114,22 @@ async fn restart_everywhere_and_commit_race() {
         c.receive(0).await.unwrap();
     }
     {
+        // Removed, carol needs a new invitation to come back.
+        let [_, _, c] = r.all();
+        let refused = c.join_external(&gid).await.unwrap_err();
+        assert_eq!(refused.status(), Some(403), "{refused}");
+    }
+    {
+        let [a, _, _] = r.all();
+        a.invite(&gid, &["carol"]).await.unwrap();
+    }
+    {
+        let [_, b, c] = r.all();
+        b.receive(0).await.unwrap();
+        c.receive(0).await.unwrap();
+    }
+    {
+        // A member again: she resyncs by external commit.
         let [_, _, c] = r.all();
         c.join_external(&gid).await.unwrap();
     }

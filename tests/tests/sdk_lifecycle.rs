@@ -1,6 +1,7 @@
 //! The full lifecycle through the SDK against the real server: register,
-//! publish, claim, create, add, welcome, messages, update, remove, external
-//! join; three clients converge.
+//! publish, claim, create, add, welcome, messages, update, remove (a removed
+//! member cannot come back by itself), a new invitation, resync by external
+//! commit, leave; three clients converge.
 
 use mls_ds_client::{Client, ClientConfig, Event};
 use mls_ds_tests::Server;
@@ -84,7 +85,17 @@ async fn three_clients_full_lifecycle() {
     assert!(carol.groups().await.is_empty());
     converged(&[&alice, &bob], &gid).await;
 
-    // Carol comes back by external commit (she is a former member).
+    // Removed from a closed group, carol cannot come back by herself...
+    let refused = carol.join_external(&gid).await.unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+    assert!(carol.groups().await.is_empty());
+    // ... only with a new invitation.
+    alice.invite(&gid, &["carol"]).await.unwrap();
+    bob.receive(0).await.unwrap();
+    carol.receive(0).await.unwrap();
+    converged(&[&alice, &bob, &carol], &gid).await;
+    // As a member again, she may resync by external commit (replacing her
+    // own leaf, as after losing her group state).
     carol.join_external(&gid).await.unwrap();
     for c in [&alice, &bob] {
         c.receive(0).await.unwrap();

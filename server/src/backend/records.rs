@@ -93,8 +93,6 @@ pub(crate) struct GroupRecord {
     pub(crate) open: bool,
     /// Client ids of the current members (from the DS's own `PublicGroup`).
     pub(crate) members: Vec<Vec<u8>>,
-    /// Client ids that were members once (they may resync by external commit).
-    pub(crate) former_members: Vec<Vec<u8>>,
     /// Creation time (unix ms).
     pub(crate) created_ms: u64,
 }

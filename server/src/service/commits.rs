@@ -13,14 +13,14 @@ use openmls::ciphersuite::signable::Verifiable;
 use openmls::ciphersuite::signature::OpenMlsSignaturePublicKey;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    ContentType, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent, ProtocolMessage, Sender,
-    StagedCommit,
+    ContentType, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent,
+    ProtocolMessage, PublicGroup, Sender, StagedCommit,
 };
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
 use super::error::{DsError, Result};
-use super::groups::may_read_info;
+use super::groups::is_member;
 use super::mls::{self, LoadedGroup};
 use super::Ds;
 use crate::backend::records::{
@@ -152,14 +152,12 @@ impl<B: Backend> Ds<B> {
             )));
         }
         let external = matches!(processed.sender(), Sender::NewMemberCommit);
-        if external && !may_read_info(record, &caller.client) {
-            return Err(DsError::Forbidden(
-                "external commits are only accepted from former members or into open groups".into(),
-            ));
-        }
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(DsError::Invalid("not a commit".into()));
         };
+        if external && !record.open {
+            check_resync(caller, record, &group.public, &staged)?;
+        }
         let welcome_to = self.welcome_routes(&staged, &submitted.bundle).await?;
         // The GroupInfo is what joiners will trust: it must carry the
         // committer's signature (checked here) and describe the new epoch
@@ -263,13 +261,9 @@ impl<B: Backend> Ds<B> {
         merged: &Merged,
         group: LoadedGroup,
     ) -> Result<(WriteSet, u32)> {
-        let mut former = record.former_members.clone();
         let mut commit_to = Vec::with_capacity(record.members.len());
         for m in &record.members {
             let m = ClientId::new(m)?;
-            if !merged.members.contains(&m) && !former.iter().any(|f| f == m.as_bytes()) {
-                former.push(m.as_bytes().to_vec());
-            }
             // Clients that deleted themselves get nothing (counted as such).
             if m != caller.client
                 && self
@@ -312,7 +306,6 @@ impl<B: Backend> Ds<B> {
                 .iter()
                 .map(|m| m.as_bytes().to_vec())
                 .collect(),
-            former_members: former,
             created_ms: record.created_ms,
         };
         let set = WriteSet {
@@ -347,6 +340,41 @@ impl<B: Backend> Ds<B> {
         };
         Ok((set, recipients))
     }
+}
+
+/// The rule for external commits into a closed group: only a current
+/// member may send one, and only to resync, i.e. it removes the member's own
+/// old leaf (and no other). A removed member needs a new invitation.
+fn check_resync(
+    caller: &Caller,
+    record: &GroupRecord,
+    group: &PublicGroup,
+    staged: &StagedCommit,
+) -> Result<()> {
+    if !is_member(record, &caller.client) {
+        return Err(DsError::Forbidden(
+            "external commits into a closed group are only accepted from its current members, \
+             to resync; a removed member needs a new invitation"
+                .into(),
+        ));
+    }
+    let own_leaves: Vec<LeafNodeIndex> = group
+        .members()
+        .filter(|m| mls::credential_client(&m.credential).is_ok_and(|c| c == caller.client))
+        .map(|m| m.index)
+        .collect();
+    let removed: Vec<LeafNodeIndex> = staged
+        .remove_proposals()
+        .map(|r| r.remove_proposal().removed())
+        .collect();
+    if removed.is_empty() || removed.iter().any(|leaf| !own_leaves.contains(leaf)) {
+        return Err(DsError::Forbidden(
+            "an external commit into a closed group must resync: remove the sender's own old \
+             leaf and no other"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Parse a commit bundle: the commit must be a `PublicMessage` commit of

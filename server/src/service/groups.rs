@@ -17,12 +17,16 @@ use crate::backend::records::{now_ms, GroupId, GroupRecord, GroupState};
 use crate::backend::write_set::{Change, Condition, WriteSet};
 use crate::backend::{Backend, StoreError};
 
-/// May `client` see the group's GroupInfo (to join or resync)?
+/// Whether `client` is a current member of the group.
+pub(crate) fn is_member(record: &GroupRecord, client: &ClientId) -> bool {
+    record.members.iter().any(|m| m == client.as_bytes())
+}
+
+/// May `client` see the group's GroupInfo (to join an open group, or to
+/// resync as a current member)? A removed member may not: it needs a new
+/// invitation.
 pub(crate) fn may_read_info(record: &GroupRecord, client: &ClientId) -> bool {
-    let id = client.as_bytes();
-    record.open
-        || record.members.iter().any(|m| m == id)
-        || record.former_members.iter().any(|m| m == id)
+    record.open || is_member(record, client)
 }
 
 impl<B: Backend> Ds<B> {
@@ -116,7 +120,6 @@ impl<B: Backend> Ds<B> {
             revision: 0,
             open: req.open.0,
             members: members.iter().map(|m| m.as_bytes().to_vec()).collect(),
-            former_members: Vec::new(),
             created_ms: now_ms(),
         };
         let set = WriteSet {
@@ -158,8 +161,7 @@ impl<B: Backend> Ds<B> {
         let record = self.group_record(id).await?;
         if !may_read_info(&record, &caller.client) {
             return Err(DsError::Forbidden(
-                "only members, former members, or anyone for an open group may read its GroupInfo"
-                    .into(),
+                "only current members, or anyone for an open group, may read its GroupInfo".into(),
             ));
         }
         let group = self.load_group(id).await?;

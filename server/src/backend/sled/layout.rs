@@ -29,7 +29,7 @@ use crate::backend::records::{ClientRecord, GroupId, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 2;
+pub(crate) const LAYOUT_VERSION: u32 = 3;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";
@@ -333,7 +333,7 @@ mod tests {
             Some(b"x".to_vec()),
             "left untouched"
         );
-        for (version, says) in [(1u32, "earlier development build"), (3, "newer")] {
+        for (version, says) in [(2u32, "earlier development build"), (4, "newer")] {
             s.put_raw(layout.trees.meta.handle, LAYOUT_KEY, &version.to_be_bytes())
                 .unwrap();
             let e = Layout::on(store.clone()).err().expect("refused");

@@ -341,7 +341,6 @@ async fn concurrent_write_sets_on_one_revision_accept_exactly_one() {
         revision,
         open: false,
         members: vec![b"a".to_vec()],
-        former_members: Vec::new(),
         created_ms: 0,
     };
     let create = WriteSet {
