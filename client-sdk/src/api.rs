@@ -42,18 +42,26 @@ impl DsApi {
     /// The request body of [`DsApi::register`]: this client's id and the
     /// public half of its signature key (for callers with their own HTTP
     /// client, together with [`Transport::authorization`]).
-    pub fn registration_body(&self) -> Result<Vec<u8>> {
+    pub fn registration_body(&self, invite: Option<&str>) -> Result<Vec<u8>> {
         let signer = self.transport.signer();
         enc(&RegisterClient {
             client_id: self.client_id().clone(),
             signature_scheme: signer.signature_scheme() as u16,
             signature_key: signer.public().to_vec().into(),
+            invite: invite.map(|code| code.as_bytes().to_vec().into()),
         })
     }
 
     /// Register this client with its signature key (idempotent).
     pub async fn register(&self) -> Result<Registered> {
-        let body = self.registration_body()?;
+        self.register_with_invite(None).await
+    }
+
+    /// Register this client with its signature key (idempotent), with the
+    /// operator's invitation code if the DS's registration policy asks for
+    /// one.
+    pub async fn register_with_invite(&self, invite: Option<&str>) -> Result<Registered> {
+        let body = self.registration_body(invite)?;
         let bytes = self
             .transport
             .send(Method::POST, paths::CLIENTS, body, AuthMode::Signature)

@@ -88,6 +88,14 @@ pub enum Event {
         /// Group id.
         group_id: Vec<u8>,
     },
+    /// The group was deleted (by its last member or by the DS's operator);
+    /// its local state is gone.
+    GroupDeleted {
+        /// DS queue sequence number.
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+    },
     /// A queue entry could not be processed (e.g. a duplicate or a message
     /// for an epoch this client no longer has keys for); it was skipped.
     Skipped {
@@ -108,6 +116,7 @@ impl Event {
             | Event::Joined { seq, .. }
             | Event::Commit { seq, .. }
             | Event::Removed { seq, .. }
+            | Event::GroupDeleted { seq, .. }
             | Event::Skipped { seq, .. } => *seq,
         }
     }

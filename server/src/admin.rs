@@ -1,21 +1,28 @@
-//! Operator commands: `check`, `stats` and `backup`. sled allows one
-//! process per data directory, so a command runs on the directory directly
-//! when no server holds it, and otherwise inside the running server: it
-//! listens on the Unix socket `<data-dir>/admin.sock` (reachable only by
-//! users who may write the data directory) for one command per connection
-//! and answers with the report and a final `EXIT <code>` line.
+//! Operator commands: `check`, `stats`, `backup`, `restore`, invitation
+//! codes, clients, groups, commit pruning. sled allows one process per data
+//! directory, so a command runs on the directory directly when no server
+//! holds it, and otherwise inside the running server: it listens on the
+//! Unix socket `<data-dir>/admin.sock` (reachable only by users who may
+//! write the data directory) for one command line per connection and answers
+//! with the report and a final `EXIT <code>` line.
 
+use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mls_ds_storage::StorageError;
+use clap::Parser as _;
+use mls_ds_protocol::ClientId;
+use mls_ds_storage::{StorageError, Store, StoreConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use crate::backend::records::GroupId;
 use crate::backend::sled::{admin as sled_admin, layout::Layout};
 use crate::backend::{AdminReport, Backend, StoreError};
-use crate::embedded::SledDs;
+use crate::config::Cli;
+use crate::embedded::{self, SledDs};
+use crate::service::clients::Registration;
 use crate::state_cell::{StateCell, REOPENING};
 
 /// Name of the admin socket in the data directory.
@@ -30,16 +37,100 @@ pub enum AdminCommand {
     Stats,
     /// A consistent copy into a new directory.
     Backup(PathBuf),
+    /// A backup restored into the (new) data directory.
+    Restore(PathBuf),
+    /// A new invitation code.
+    InviteCreate {
+        /// Registrations it allows.
+        uses: u32,
+        /// Hours it stays valid.
+        valid_for_hours: Option<u64>,
+    },
+    /// The invitation codes.
+    InviteList,
+    /// Revoke an invitation code.
+    InviteRevoke(String),
+    /// Register a client with its public key.
+    ClientAdd {
+        /// Its id.
+        id: String,
+        /// MLS signature scheme.
+        scheme: u16,
+        /// Public key, hex.
+        key: String,
+    },
+    /// The clients.
+    ClientList,
+    /// Delete a client.
+    ClientDelete(String),
+    /// The groups.
+    GroupList,
+    /// Delete a group (id in hex).
+    GroupDelete(String),
+    /// Prune commit records older than this many days.
+    PruneCommits(u64),
 }
 
 impl AdminCommand {
-    /// The line sent over the admin socket.
+    /// The line sent over the admin socket (words; a path is the rest of
+    /// the line).
     fn line(&self) -> String {
         match self {
             AdminCommand::Check => "check".into(),
             AdminCommand::Stats => "stats".into(),
             AdminCommand::Backup(out) => format!("backup {}", out.display()),
+            AdminCommand::Restore(from) => format!("restore {}", from.display()),
+            AdminCommand::InviteCreate {
+                uses,
+                valid_for_hours,
+            } => match valid_for_hours {
+                Some(h) => format!("invite-create {uses} {h}"),
+                None => format!("invite-create {uses}"),
+            },
+            AdminCommand::InviteList => "invite-list".into(),
+            AdminCommand::InviteRevoke(code) => format!("invite-revoke {code}"),
+            AdminCommand::ClientAdd { id, scheme, key } => {
+                format!("client-add {id} {scheme} {key}")
+            }
+            AdminCommand::ClientList => "client-list".into(),
+            AdminCommand::ClientDelete(id) => format!("client-delete {id}"),
+            AdminCommand::GroupList => "group-list".into(),
+            AdminCommand::GroupDelete(id) => format!("group-delete {id}"),
+            AdminCommand::PruneCommits(days) => format!("prune-commits {days}"),
         }
+    }
+
+    /// Parse a line written by [`AdminCommand::line`].
+    fn parse(line: &str) -> Option<AdminCommand> {
+        let (cmd, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        fn number<T: std::str::FromStr>(words: &[&str], i: usize) -> Option<T> {
+            words.get(i).and_then(|w| w.parse().ok())
+        }
+        let word = |i: usize| words.get(i).map(|w| (*w).to_owned());
+        Some(match cmd {
+            "check" => AdminCommand::Check,
+            "stats" => AdminCommand::Stats,
+            "backup" => AdminCommand::Backup(PathBuf::from(rest)),
+            "restore" => AdminCommand::Restore(PathBuf::from(rest)),
+            "invite-create" => AdminCommand::InviteCreate {
+                uses: number(&words, 0)?,
+                valid_for_hours: number(&words, 1),
+            },
+            "invite-list" => AdminCommand::InviteList,
+            "invite-revoke" => AdminCommand::InviteRevoke(word(0)?),
+            "client-add" => AdminCommand::ClientAdd {
+                id: word(0)?,
+                scheme: number(&words, 1)?,
+                key: word(2)?,
+            },
+            "client-list" => AdminCommand::ClientList,
+            "client-delete" => AdminCommand::ClientDelete(word(0)?),
+            "group-list" => AdminCommand::GroupList,
+            "group-delete" => AdminCommand::GroupDelete(word(0)?),
+            "prune-commits" => AdminCommand::PruneCommits(number(&words, 0)?),
+            _ => return None,
+        })
     }
 }
 
@@ -58,9 +149,9 @@ pub enum AdminError {
     /// Nothing to run it on.
     #[error("no database in {0}")]
     NoDatabase(PathBuf),
-    /// `--out` could not be resolved.
-    #[error("bad --out path {path}: {source}")]
-    BadOut {
+    /// A path could not be resolved.
+    #[error("bad path {path}: {source}")]
+    BadPath {
         /// The path given.
         path: PathBuf,
         /// Why it did not resolve.
@@ -82,31 +173,84 @@ pub enum AdminError {
 /// Run `command` on `data_dir`: directly if no server holds it, otherwise
 /// through the running server's admin socket.
 pub fn run(data_dir: &Path, command: AdminCommand) -> Result<AdminOutput, AdminError> {
+    let absolute = |path: &Path| {
+        std::path::absolute(path).map_err(|source| AdminError::BadPath {
+            path: path.to_owned(),
+            source,
+        })
+    };
     let command = match command {
-        // The running server resolves the path in its own directory.
-        AdminCommand::Backup(out) => AdminCommand::Backup(
-            std::path::absolute(&out).map_err(|source| AdminError::BadOut { path: out, source })?,
-        ),
+        // The running server resolves paths in its own directory.
+        AdminCommand::Backup(out) => AdminCommand::Backup(absolute(&out)?),
+        AdminCommand::Restore(from) => return restore(data_dir, &absolute(&from)?),
         other => other,
     };
     if !data_dir.join("db").exists() {
         return Err(AdminError::NoDatabase(data_dir.to_owned()));
     }
-    match Layout::open(data_dir, 64) {
-        Ok(layout) => offline(&layout, &command)
-            .map(output)
-            .map_err(|e| AdminError::Failed(e.to_string())),
+    match run_offline(data_dir, &command) {
+        Ok(report) => Ok(output(report)),
         Err(StoreError::Storage(StorageError::InUse { .. })) => through_socket(data_dir, &command),
         Err(e) => Err(AdminError::Failed(e.to_string())),
     }
 }
 
-fn offline(layout: &Layout, command: &AdminCommand) -> Result<AdminReport, StoreError> {
+/// Run a command on a data directory no server holds: `check`, `stats` and
+/// `backup` on the layout alone (so that `check` reports what a start would
+/// refuse), the others on a DS opened on it.
+fn run_offline(data_dir: &Path, command: &AdminCommand) -> Result<AdminReport, StoreError> {
     match command {
-        AdminCommand::Check => sled_admin::check(layout),
-        AdminCommand::Stats => sled_admin::stats(layout),
-        AdminCommand::Backup(out) => sled_admin::backup(layout, out),
+        AdminCommand::Check => sled_admin::check(&Layout::open(data_dir, 64)?),
+        AdminCommand::Stats => sled_admin::stats(&Layout::open(data_dir, 64)?),
+        AdminCommand::Backup(out) => sled_admin::backup(&Layout::open(data_dir, 64)?, out),
+        other => {
+            let ds = embedded::open(data_dir, &Cli::parse_from(["mls-ds"]).serve.limits)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
+            let report = runtime.block_on(on_ds(&ds, other));
+            ds.backend().flush()?;
+            Ok(report)
+        }
     }
+}
+
+/// Copy the backup in `from` into the new data directory `data_dir` and
+/// check the copy.
+fn restore(data_dir: &Path, from: &Path) -> Result<AdminOutput, AdminError> {
+    let failed = |e: &dyn std::fmt::Display| AdminError::Failed(e.to_string());
+    let occupied = std::fs::read_dir(data_dir).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied {
+        return Err(AdminError::Failed(format!(
+            "{} exists and is not empty; restore only into a new data directory",
+            data_dir.display()
+        )));
+    }
+    if !from.join("db").exists() {
+        return Err(AdminError::NoDatabase(from.to_owned()));
+    }
+    // `export_to` creates the directory itself.
+    if data_dir.exists() {
+        std::fs::remove_dir(data_dir).map_err(|e| failed(&e))?;
+    }
+    let backup = Store::open(from, StoreConfig::default()).map_err(|e| failed(&e))?;
+    let copied = backup.export_to(data_dir).map_err(|e| failed(&e))?;
+    drop(backup);
+    let check = Layout::open(data_dir, 64)
+        .and_then(|layout| sled_admin::check(&layout))
+        .map_err(|e| failed(&e))?;
+    Ok(AdminOutput {
+        text: format!(
+            "restored {} trees ({} records) from {} into {}\n{}",
+            copied.trees,
+            copied.entries,
+            from.display(),
+            data_dir.display(),
+            check.text
+        ),
+        failed: check.failed,
+    })
 }
 
 fn output(report: AdminReport) -> AdminOutput {
@@ -142,7 +286,7 @@ pub(crate) async fn serve_socket(cell: Arc<StateCell<SledDs>>, data_dir: PathBuf
     let listener = match tokio::net::UnixListener::bind(&path) {
         Ok(l) => l,
         Err(e) => {
-            tracing::warn!(error = %e, path = %path.display(), "admin socket unavailable; live backup disabled");
+            tracing::warn!(error = %e, path = %path.display(), "admin socket unavailable; live admin commands disabled");
             return;
         }
     };
@@ -157,12 +301,10 @@ pub(crate) async fn serve_socket(cell: Arc<StateCell<SledDs>>, data_dir: PathBuf
             if BufReader::new(read).read_line(&mut line).await.is_err() {
                 return;
             }
-            let report = match cell.get() {
-                Some(ds) => answer(ds.backend(), line.trim()).await,
-                None => AdminReport {
-                    text: format!("{REOPENING}\n"),
-                    failed: true,
-                },
+            let report = match (cell.get(), AdminCommand::parse(line.trim())) {
+                (Some(ds), Some(command)) => on_ds(&ds, &command).await,
+                (None, _) => failure(REOPENING),
+                (_, None) => failure(&format!("unknown admin command {:?}", line.trim())),
             };
             let code = i32::from(report.failed);
             let _ = write
@@ -172,19 +314,194 @@ pub(crate) async fn serve_socket(cell: Arc<StateCell<SledDs>>, data_dir: PathBuf
     }
 }
 
-/// Run one command line on the live backend.
-async fn answer<B: Backend>(backend: &B, line: &str) -> AdminReport {
-    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
-    let result = match cmd {
-        "check" => backend.check().await,
-        "stats" => backend.report().await,
-        "backup" => backend.backup(Path::new(arg)).await,
-        other => Err(StoreError::Unavailable(format!(
-            "unknown admin command {other:?}"
-        ))),
-    };
-    result.unwrap_or_else(|e| AdminReport {
-        text: format!("{e}\n"),
+fn failure(why: &str) -> AdminReport {
+    AdminReport {
+        text: format!("{why}\n"),
         failed: true,
+    }
+}
+
+/// Run a command on a DS (the running server's, or one opened offline).
+async fn on_ds(ds: &SledDs, command: &AdminCommand) -> AdminReport {
+    let done = |text: String| AdminReport {
+        text,
+        failed: false,
+    };
+    let result: Result<AdminReport, String> = match command {
+        AdminCommand::Check => ds.backend().check().await.map_err(|e| e.to_string()),
+        AdminCommand::Stats => ds.backend().report().await.map_err(|e| e.to_string()),
+        AdminCommand::Backup(out) => ds.backend().backup(out).await.map_err(|e| e.to_string()),
+        AdminCommand::Restore(_) => {
+            Err("restore works on a stopped server, into a new data directory".into())
+        }
+        AdminCommand::InviteCreate {
+            uses,
+            valid_for_hours,
+        } => ds
+            .create_invite(*uses, valid_for_hours.map(|h| h.saturating_mul(3600)))
+            .await
+            .map(|i| {
+                done(format!(
+                    "{}\n{} uses, {}\n",
+                    i.code,
+                    i.record.uses_left,
+                    expiry(i.record.expires_ms)
+                ))
+            })
+            .map_err(|e| e.to_string()),
+        AdminCommand::InviteList => ds
+            .list_invites()
+            .await
+            .map(|invites| {
+                let mut text = String::new();
+                for i in invites {
+                    let _ = writeln!(
+                        text,
+                        "{} uses_left={} {} created_ms={}",
+                        i.code,
+                        i.record.uses_left,
+                        expiry(i.record.expires_ms),
+                        i.record.created_ms
+                    );
+                }
+                done(text)
+            })
+            .map_err(|e| e.to_string()),
+        AdminCommand::InviteRevoke(code) => ds
+            .revoke_invite(code)
+            .await
+            .map(|()| done(format!("revoked {code}\n")))
+            .map_err(|e| e.to_string()),
+        AdminCommand::ClientAdd { id, scheme, key } => add_client(ds, id, *scheme, key).await,
+        AdminCommand::ClientList => ds
+            .list_clients()
+            .await
+            .map(|clients| {
+                let mut text = String::new();
+                for c in clients {
+                    let _ = writeln!(
+                        text,
+                        "{} registered_ms={} deleted={} queue={}",
+                        c.id, c.registered_ms, c.deleted, c.queue_depth
+                    );
+                }
+                done(text)
+            })
+            .map_err(|e| e.to_string()),
+        AdminCommand::ClientDelete(id) => match ClientId::new(id) {
+            Ok(id) => ds
+                .operator_delete_client(&id)
+                .await
+                .map(|()| done(format!("deleted client {id}\n")))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        AdminCommand::GroupList => ds
+            .list_groups()
+            .await
+            .map(|groups| {
+                let mut text = String::new();
+                for g in groups {
+                    let _ = writeln!(
+                        text,
+                        "{} epoch={} members={} open={} creator={} created_ms={}",
+                        g.id, g.epoch, g.members, g.open, g.creator, g.created_ms
+                    );
+                }
+                done(text)
+            })
+            .map_err(|e| e.to_string()),
+        AdminCommand::GroupDelete(hex_id) => match group_id(hex_id) {
+            Ok(id) => ds
+                .operator_delete_group(&id)
+                .await
+                .map(|()| done(format!("deleted group {id}\n")))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        },
+        AdminCommand::PruneCommits(days) => ds
+            .prune_commits(days.saturating_mul(24 * 3600 * 1000))
+            .await
+            .map(|n| done(format!("pruned {n} commit records\n")))
+            .map_err(|e| e.to_string()),
+    };
+    result.unwrap_or_else(|e| failure(&e))
+}
+
+async fn add_client(ds: &SledDs, id: &str, scheme: u16, key: &str) -> Result<AdminReport, String> {
+    let id = ClientId::new(id).map_err(|e| e.to_string())?;
+    let key = hex::decode(key).map_err(|e| format!("--key is not hex: {e}"))?;
+    if key.is_empty() || key.len() > 1024 {
+        return Err("the key must be 1 to 1024 bytes".into());
+    }
+    let text = match ds
+        .operator_add_client(id, scheme, key)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Registration::Created(r) => format!("added client {}\n", r.client_id),
+        Registration::Existing(r) => {
+            format!("client {} was already added with this key\n", r.client_id)
+        }
+    };
+    Ok(AdminReport {
+        text,
+        failed: false,
     })
+}
+
+fn group_id(hex_id: &str) -> Result<GroupId, String> {
+    let bytes = hex::decode(hex_id).map_err(|e| format!("group id is not hex: {e}"))?;
+    GroupId::new(&bytes).map_err(|e| e.to_string())
+}
+
+fn expiry(expires_ms: Option<u64>) -> String {
+    match expires_ms {
+        Some(ms) => format!("expires_ms={ms}"),
+        None => "no expiry".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_goes_over_the_socket_unchanged() {
+        let commands = [
+            AdminCommand::Check,
+            AdminCommand::Stats,
+            AdminCommand::Backup(PathBuf::from("/backups/a b")),
+            AdminCommand::InviteCreate {
+                uses: 3,
+                valid_for_hours: Some(48),
+            },
+            AdminCommand::InviteCreate {
+                uses: 1,
+                valid_for_hours: None,
+            },
+            AdminCommand::InviteList,
+            AdminCommand::InviteRevoke("00ff".into()),
+            AdminCommand::ClientAdd {
+                id: "alice".into(),
+                scheme: 0x0807,
+                key: "ab".into(),
+            },
+            AdminCommand::ClientList,
+            AdminCommand::ClientDelete("alice".into()),
+            AdminCommand::GroupList,
+            AdminCommand::GroupDelete("0a0b".into()),
+            AdminCommand::PruneCommits(30),
+        ];
+        for c in commands {
+            assert_eq!(
+                AdminCommand::parse(&c.line()),
+                Some(c.clone()),
+                "{}",
+                c.line()
+            );
+        }
+        assert_eq!(AdminCommand::parse("nonsense"), None);
+        assert_eq!(AdminCommand::parse("invite-create x"), None);
+    }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// mls-ds: a self-hostable MLS Delivery Service that keeps all its state in sled.
 #[derive(Parser, Debug)]
@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the delivery service (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check integrity: every queue entry points to a stored message, every
     /// group loads, every record decodes. Exits non-zero on a problem.
     Check,
@@ -46,6 +46,87 @@ pub enum Command {
         /// Target directory; must not exist yet.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Restore a backup into `--data-dir`, which must not exist yet (or be
+    /// empty), and check the result; then start the server on it.
+    Restore {
+        /// A directory written by `mls-ds backup`.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Invitation codes, for `--registration invite`.
+    #[command(subcommand)]
+    Invite(InviteCommand),
+    /// Clients: add one (for `--registration closed`), list, delete.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Groups: list, delete.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Remove accepted-commit records older than the given age (each
+    /// group's newest stays). The server also does this by itself, see
+    /// `--commit-retention-secs`.
+    PruneCommits {
+        /// Age in days.
+        #[arg(long, default_value_t = 30)]
+        older_than_days: u64,
+    },
+}
+
+/// `mls-ds invite ...`
+#[derive(Subcommand, Debug)]
+pub enum InviteCommand {
+    /// Create a code; prints it.
+    Create {
+        /// Registrations it allows.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+        /// Hours it stays valid (default: until used up or revoked).
+        #[arg(long)]
+        valid_for_hours: Option<u64>,
+    },
+    /// List the codes with their uses left and expiry.
+    List,
+    /// Revoke a code.
+    Revoke {
+        /// The code.
+        code: String,
+    },
+}
+
+/// `mls-ds client ...`
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Register a client with the public key it gave the operator.
+    Add {
+        /// Its client id.
+        id: String,
+        /// Its public signature key, hex.
+        #[arg(long)]
+        key: String,
+        /// MLS signature scheme code point (default Ed25519, 0x0807).
+        #[arg(long, default_value_t = 0x0807)]
+        scheme: u16,
+    },
+    /// List clients with their queue depth.
+    List,
+    /// Delete a client (its key packages, queue and sessions go; the id
+    /// stays reserved).
+    Delete {
+        /// Its client id.
+        id: String,
+    },
+}
+
+/// `mls-ds group ...`
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// List groups with their epoch and size.
+    List,
+    /// Delete a group; its members get a `GroupDeleted` queue entry.
+    Delete {
+        /// Group id, hex.
+        id: String,
     },
 }
 
@@ -80,6 +161,30 @@ pub struct ServeArgs {
     pub limits: Limits,
 }
 
+/// The `--registration` policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Registration {
+    /// Open on a loopback listen address, invite otherwise.
+    Auto,
+    /// Anyone may register.
+    Open,
+    /// Registration needs an invitation code.
+    Invite,
+    /// Only the operator adds clients.
+    Closed,
+}
+
+impl Registration {
+    /// `auto` decided for a server listening on `listen`.
+    pub fn resolve(self, listen: std::net::SocketAddr) -> Registration {
+        match self {
+            Registration::Auto if listen.ip().is_loopback() => Registration::Open,
+            Registration::Auto => Registration::Invite,
+            other => other,
+        }
+    }
+}
+
 /// Limits and tunables.
 #[derive(Args, Debug, Clone)]
 pub struct Limits {
@@ -107,13 +212,78 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_PAST_EPOCHS", default_value_t = 3)]
     pub past_epoch_window: u64,
 
-    /// Requests per second allowed per client (0: unlimited).
-    #[arg(long, env = "MLS_DS_RATE_LIMIT", default_value_t = 0)]
+    /// Requests per second allowed per client (0: unlimited; over it: 429).
+    #[arg(long, env = "MLS_DS_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit_per_sec: u32,
 
     /// Burst size of the per-client rate limit.
     #[arg(long, env = "MLS_DS_RATE_BURST", default_value_t = 1000)]
     pub rate_limit_burst: u32,
+
+    /// Who may register: `open` (anyone), `invite` (with an operator's
+    /// invitation code, `mls-ds invite create`), `closed` (only clients the
+    /// operator adds, `mls-ds client add`), or `auto`: open when listening
+    /// on a loopback address (only this machine can reach it), invite
+    /// otherwise.
+    #[arg(long, env = "MLS_DS_REGISTRATION", value_enum, default_value_t = Registration::Auto)]
+    pub registration: Registration,
+
+    /// Registrations and session openings per second allowed per source
+    /// address (0: unlimited; over it: 429).
+    #[arg(long, env = "MLS_DS_IP_RATE_LIMIT", default_value_t = 20)]
+    pub ip_rate_limit_per_sec: u32,
+
+    /// Burst size of the per-address limit.
+    #[arg(long, env = "MLS_DS_IP_RATE_BURST", default_value_t = 200)]
+    pub ip_rate_limit_burst: u32,
+
+    /// Behind a reverse proxy on this machine: for connections from a
+    /// loopback address, take the client's address from the last entry of
+    /// `X-Forwarded-For` (the one the proxy added).
+    #[arg(long, env = "MLS_DS_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
+
+    /// Key package claims per second allowed per claiming client (0:
+    /// unlimited; over it: 429).
+    #[arg(long, env = "MLS_DS_CLAIM_RATE", default_value_t = 5)]
+    pub claim_rate_per_sec: u32,
+
+    /// Burst size of the per-claimer limit (enough to invite that many
+    /// members at once).
+    #[arg(long, env = "MLS_DS_CLAIM_BURST", default_value_t = 200)]
+    pub claim_burst: u32,
+
+    /// Claims per second of one client's key packages, by anyone (0:
+    /// unlimited; over it: 429), so that nobody drains another client's
+    /// packages.
+    #[arg(long, env = "MLS_DS_TARGET_CLAIM_RATE", default_value_t = 1)]
+    pub target_claim_rate_per_sec: u32,
+
+    /// Burst size of the per-target limit.
+    #[arg(long, env = "MLS_DS_TARGET_CLAIM_BURST", default_value_t = 50)]
+    pub target_claim_burst: u32,
+
+    /// Most ordinary key packages kept per client (more: 507).
+    #[arg(long, env = "MLS_DS_MAX_KEY_PACKAGES", default_value_t = 1000)]
+    pub max_key_packages: usize,
+
+    /// Most groups a client may have created that still exist (more: 507).
+    #[arg(long, env = "MLS_DS_MAX_GROUPS_PER_CLIENT", default_value_t = 1000)]
+    pub max_groups_per_client: u32,
+
+    /// Most members in a group (more: 507).
+    #[arg(long, env = "MLS_DS_MAX_GROUP_MEMBERS", default_value_t = 5000)]
+    pub max_group_members: usize,
+
+    /// Largest application message or proposal, in bytes (larger: 413).
+    #[arg(long, env = "MLS_DS_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most entries a client's queue holds; a full queue drops its oldest
+    /// entry for each new one (the client sees its acknowledgement mark
+    /// jump, as with the retention bound, and resyncs).
+    #[arg(long, env = "MLS_DS_MAX_QUEUE_DEPTH", default_value_t = 25_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queue_depth: u64,
 
     /// Lifetime of an authenticated session, in seconds.
     #[arg(long, env = "MLS_DS_SESSION_TTL", default_value_t = 3600)]
@@ -126,6 +296,11 @@ pub struct Limits {
     /// Most requests handled at once (further ones: 503).
     #[arg(long, env = "MLS_DS_MAX_INFLIGHT", default_value_t = 4096)]
     pub max_inflight: usize,
+
+    /// Accepted-commit records older than this are pruned (each group's
+    /// newest stays), in seconds; 0 keeps them forever.
+    #[arg(long, env = "MLS_DS_COMMIT_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
+    pub commit_retention_secs: u64,
 
     /// Unacknowledged messages older than this are dropped (retention bound for
     /// offline clients), in seconds; 0 keeps them forever.

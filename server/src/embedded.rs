@@ -4,29 +4,54 @@
 
 use std::path::Path;
 
-use crate::backend::sled::SledBackend;
-use crate::config::Limits;
-use crate::service::{Ds, Policy};
+use crate::backend::sled::{SledBackend, SledConfig};
+use crate::backend::StoreError;
+use crate::config::{Limits, Registration};
+use crate::service::{Ds, Policy, Rate, RegistrationPolicy};
 
 /// The DS on sled.
 pub(crate) type SledDs = Ds<SledBackend>;
 
-/// The services' limits from the command line's.
+/// The services' limits from the command line's. `auto` registration is
+/// open here: a server on a public address resolves it before (see
+/// `Registration::resolve`).
 fn policy(limits: &Limits) -> Policy {
     Policy {
+        registration: match limits.registration {
+            Registration::Auto | Registration::Open => RegistrationPolicy::Open,
+            Registration::Invite => RegistrationPolicy::Invite,
+            Registration::Closed => RegistrationPolicy::Closed,
+        },
+        max_key_packages: limits.max_key_packages,
+        max_groups_per_client: limits.max_groups_per_client,
+        max_group_members: limits.max_group_members,
+        max_message_bytes: limits.max_message_bytes,
+        claims_by_claimer: Rate {
+            per_sec: limits.claim_rate_per_sec,
+            burst: limits.claim_burst,
+        },
+        claims_by_target: Rate {
+            per_sec: limits.target_claim_rate_per_sec,
+            burst: limits.target_claim_burst,
+        },
         max_key_package_batch: limits.max_key_package_batch,
         past_epoch_window: limits.past_epoch_window,
         max_page_entries: limits.max_page_entries,
         max_page_bytes: limits.max_page_bytes,
         max_wait_ms: limits.max_wait_ms,
         retention_secs: limits.retention_secs,
+        commit_retention_secs: limits.commit_retention_secs,
         session_ttl_secs: limits.session_ttl_secs,
         max_sessions: limits.max_sessions,
     }
 }
 
 /// Open the data directory and build the DS on it.
-pub(crate) fn open(data_dir: &Path, limits: &Limits) -> Result<SledDs, String> {
-    let backend = SledBackend::open(data_dir, limits.cache_mb).map_err(|e| e.to_string())?;
+pub(crate) fn open(data_dir: &Path, limits: &Limits) -> Result<SledDs, StoreError> {
+    let config = SledConfig {
+        cache_mb: limits.cache_mb,
+        max_queue_depth: limits.max_queue_depth,
+    };
+    let backend = SledBackend::open(data_dir, config)?;
     Ok(Ds::new(backend, policy(limits)))
 }

@@ -38,7 +38,7 @@ use crate::backend::Backend;
 use crate::config::{Limits, ServeArgs};
 use crate::embedded::SledDs;
 use crate::http::{Front, HttpLimits};
-use crate::rate_limit::RateLimiter;
+use crate::service::Rate;
 use crate::state_cell::StateCell;
 
 /// How often expired key packages are pruned and the retention bound applied.
@@ -87,8 +87,16 @@ fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
             max_body_bytes: limits.max_body_bytes,
             read_timeout: Duration::from_millis(limits.read_timeout_ms),
             max_inflight: limits.max_inflight,
+            per_client: Rate {
+                per_sec: limits.rate_limit_per_sec,
+                burst: limits.rate_limit_burst,
+            },
+            per_address: Rate {
+                per_sec: limits.ip_rate_limit_per_sec,
+                burst: limits.ip_rate_limit_burst,
+            },
+            trust_forwarded_for: limits.trust_forwarded_for,
         },
-        RateLimiter::new(limits.rate_limit_per_sec, limits.rate_limit_burst),
     )
 }
 
@@ -99,10 +107,11 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(ServeError::Tls)?),
         _ => None,
     };
-    let limits = args.limits.clone();
-    let ds = embedded::open(data_dir, &limits).map_err(|reason| ServeError::Open {
+    let mut limits = args.limits.clone();
+    limits.registration = limits.registration.resolve(args.listen);
+    let ds = embedded::open(data_dir, &limits).map_err(|e| ServeError::Open {
         dir: data_dir.to_owned(),
-        reason,
+        reason: e.to_string(),
     })?;
     let listener = TcpListener::bind(args.listen)
         .await
@@ -124,6 +133,7 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
         listen = %local,
         data_dir = %data_dir.display(),
         tls = tls.is_some(),
+        registration = ?limits.registration,
         "mls-ds listening (HTTP/1.1 and h2, TLS if configured, else h2c)"
     );
 
@@ -132,7 +142,7 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     let admin_socket = tokio::spawn(admin::serve_socket(cell.clone(), data_dir.to_owned()));
     let reopen = {
         let (dir, limits) = (data_dir.to_owned(), limits.clone());
-        move || embedded::open(&dir, &limits)
+        move || embedded::open(&dir, &limits).map_err(|e| e.to_string())
     };
     let recovery = tokio::spawn(recovery::watch(cell.clone(), data_dir.to_owned(), reopen));
     let front = Arc::new(front(cell.clone(), &limits));
@@ -195,6 +205,11 @@ async fn maintenance(cell: Arc<StateCell<SledDs>>) {
                 "dropped queue entries older than the retention bound"
             ),
             Err(e) => tracing::warn!(error = %e, "queue retention failed"),
+        }
+        match ds.apply_commit_retention().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "pruned old commit records"),
+            Err(e) => tracing::warn!(error = %e, "commit record pruning failed"),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mls_ds_server::admin::{self, AdminCommand};
-use mls_ds_server::config::{Cli, Command};
+use mls_ds_server::config::{Cli, ClientCommand, Command, GroupCommand, InviteCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let admin_command = match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+    let admin_command = match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = args.workers {
@@ -37,12 +37,30 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
-            runtime.block_on(mls_ds_server::serve(&cli.data_dir, args))?;
+            runtime.block_on(mls_ds_server::serve(&cli.data_dir, *args))?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Check => AdminCommand::Check,
         Command::Stats => AdminCommand::Stats,
         Command::Backup { out } => AdminCommand::Backup(out),
+        Command::Restore { from } => AdminCommand::Restore(from),
+        Command::Invite(InviteCommand::Create {
+            uses,
+            valid_for_hours,
+        }) => AdminCommand::InviteCreate {
+            uses,
+            valid_for_hours,
+        },
+        Command::Invite(InviteCommand::List) => AdminCommand::InviteList,
+        Command::Invite(InviteCommand::Revoke { code }) => AdminCommand::InviteRevoke(code),
+        Command::Client(ClientCommand::Add { id, key, scheme }) => {
+            AdminCommand::ClientAdd { id, scheme, key }
+        }
+        Command::Client(ClientCommand::List) => AdminCommand::ClientList,
+        Command::Client(ClientCommand::Delete { id }) => AdminCommand::ClientDelete(id),
+        Command::Group(GroupCommand::List) => AdminCommand::GroupList,
+        Command::Group(GroupCommand::Delete { id }) => AdminCommand::GroupDelete(id),
+        Command::PruneCommits { older_than_days } => AdminCommand::PruneCommits(older_than_days),
     };
     let output = admin::run(&cli.data_dir, admin_command)?;
     print!("{}", output.text);

@@ -107,6 +107,12 @@ fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize) {
             stats.stored_messages.to_string(),
         ),
         (
+            "mls_ds_queue_overflow_drops_total",
+            "Queue entries dropped because their queue was full (oldest first).",
+            "counter",
+            stats.queue_overflow_drops.to_string(),
+        ),
+        (
             "mls_ds_fsync_batches_total",
             "Group-commit flushes (flush + fdatasync).",
             "counter",

@@ -1,49 +1,70 @@
-//! Per-client token-bucket rate limiting (429 when exceeded).
+//! Token-bucket rate limiting by key (a client, a source address): each key
+//! refills at a steady rate up to a burst. Buckets that are full again are
+//! forgotten from time to time, so the table holds only keys that were busy
+//! lately.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use mls_ds_protocol::ClientId;
+/// How often (in calls) full buckets are swept out of the table.
+const SWEEP_EVERY: u64 = 4096;
 
 struct Bucket {
     tokens: f64,
     last: Instant,
 }
 
-/// Token buckets keyed by client.
-pub(crate) struct RateLimiter {
-    per_sec: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<ClientId, Bucket>>,
+struct Buckets<K> {
+    by_key: HashMap<K, Bucket>,
+    calls: u64,
 }
 
-impl RateLimiter {
-    /// `per_sec == 0` disables limiting.
+/// Token buckets keyed by `K`.
+pub(crate) struct RateLimiter<K> {
+    per_sec: f64,
+    burst: f64,
+    buckets: Mutex<Buckets<K>>,
+}
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
+    /// `per_sec` tokens a second up to `burst`; `per_sec == 0` disables
+    /// limiting.
     pub(crate) fn new(per_sec: u32, burst: u32) -> Self {
         RateLimiter {
             per_sec: f64::from(per_sec),
             burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                by_key: HashMap::new(),
+                calls: 0,
+            }),
         }
     }
 
-    /// Take one token for `client`; false means "over the limit".
-    pub(crate) fn allow(&self, client: &ClientId) -> bool {
+    /// Take one token for `key`; false means "over the limit".
+    pub(crate) fn allow(&self, key: &K) -> bool {
         if self.per_sec == 0.0 {
             return true;
         }
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let b = buckets.entry(client.clone()).or_insert(Bucket {
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        b.calls += 1;
+        if b.calls.is_multiple_of(SWEEP_EVERY) {
+            let (per_sec, burst) = (self.per_sec, self.burst);
+            b.by_key.retain(|_, bucket| {
+                bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * per_sec < burst
+            });
+        }
+        let bucket = b.by_key.entry(key.clone()).or_insert(Bucket {
             tokens: self.burst,
             last: now,
         });
-        let refill = now.duration_since(b.last).as_secs_f64() * self.per_sec;
-        b.tokens = (b.tokens + refill).min(self.burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        let refill = now.duration_since(bucket.last).as_secs_f64() * self.per_sec;
+        bucket.tokens = (bucket.tokens + refill).min(self.burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
             true
         } else {
             false
@@ -58,9 +79,19 @@ mod tests {
     #[test]
     fn burst_then_refuse() {
         let r = RateLimiter::new(1, 3);
-        let c = ClientId::new("c").unwrap();
-        assert!(r.allow(&c) && r.allow(&c) && r.allow(&c));
-        assert!(!r.allow(&c));
-        assert!(RateLimiter::new(0, 0).allow(&c));
+        assert!(r.allow(&"c") && r.allow(&"c") && r.allow(&"c"));
+        assert!(!r.allow(&"c"));
+        assert!(r.allow(&"d"), "another key has its own bucket");
+        assert!(RateLimiter::new(0, 0).allow(&"c"));
+    }
+
+    #[test]
+    fn full_buckets_are_swept() {
+        let r = RateLimiter::new(1_000_000, 1);
+        for i in 0..SWEEP_EVERY {
+            r.allow(&i);
+        }
+        let held = r.buckets.lock().unwrap().by_key.len() as u64;
+        assert!(held < SWEEP_EVERY, "{held} buckets kept");
     }
 }

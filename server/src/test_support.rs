@@ -3,6 +3,7 @@
 //! directory served request by request through the real HTTP adapter, and
 //! the authenticator on its own.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -31,7 +32,7 @@ impl InProcess {
         let cli = Cli::try_parse_from(std::iter::once("mls-ds").chain(flags.iter().copied()))
             .map_err(|e| e.to_string())?;
         let limits = cli.serve.limits;
-        let ds = crate::embedded::open(data_dir, &limits)?;
+        let ds = crate::embedded::open(data_dir, &limits).map_err(|e| e.to_string())?;
         Ok(InProcess {
             front: crate::front(StateCell::new(Arc::new(ds)), &limits),
         })
@@ -52,7 +53,7 @@ impl InProcess {
             builder = builder.header(*name, *value);
         }
         let req = builder.body(Full::new(Bytes::from(body))).ok()?;
-        let resp = self.front.handle(req).await;
+        let resp = self.front.handle(req, IpAddr::from([127, 0, 0, 1])).await;
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.ok()?.to_bytes();
         Some((status, body.to_vec()))

@@ -217,7 +217,7 @@ async fn registrations(url: &str, pid: u32) {
         let m = m.clone();
         async move {
             let api = &m[i];
-            let body = api.registration_body().expect("encode");
+            let body = api.registration_body(None).expect("encode");
             let reply = wire
                 .post(api, paths::CLIENTS, body, AuthMode::Signature)
                 .await;
@@ -450,6 +450,26 @@ async fn sdk_phase(url: &str) {
     );
 }
 
+/// The server's flags for the bench: every limit and quota at its default,
+/// except what one synthetic sender exceeds by design (32 requests in flight
+/// from one client at tens of thousands a second, 20,000 registrations from
+/// one address, a 100,000-message backlog for one client). Those limits are
+/// raised, not switched off, so their checks still run on every request.
+const SERVER_FLAGS: &[&str] = &[
+    "--max-inflight",
+    "100000",
+    "--rate-limit-per-sec",
+    "100000000",
+    "--rate-limit-burst",
+    "100000000",
+    "--ip-rate-limit-per-sec",
+    "100000000",
+    "--ip-rate-limit-burst",
+    "100000000",
+    "--max-queue-depth",
+    "1000000",
+];
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     // MLS_DS_LOAD_URL + MLS_DS_LOAD_PID: drive an already running server
@@ -461,7 +481,7 @@ fn main() {
     );
     let server = match external {
         Some(_) => None,
-        None => Some(Server::start(dir.path(), &["--max-inflight", "100000"])),
+        None => Some(Server::start(dir.path(), SERVER_FLAGS)),
     };
     let (url, pid) = match (&external, &server) {
         (Some((url, pid)), _) => (url.clone(), *pid),

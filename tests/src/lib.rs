@@ -146,7 +146,20 @@ impl Server {
         // reports panics on stderr, and prints command output on stdout: both
         // go to the log, so tests can look for what it said.
         let stdout = log.try_clone().expect("log file handle");
-        let child = Command::new(server_binary())
+        let mut cmd = Command::new(server_binary());
+        // Tests of other things run many synthetic clients from one address
+        // at full speed: the rate limits' bursts are lifted for them through
+        // the environment, which a test's own flags override (the limits
+        // themselves are tested at their defaults in server_limits.rs).
+        for var in [
+            "MLS_DS_RATE_BURST",
+            "MLS_DS_IP_RATE_BURST",
+            "MLS_DS_CLAIM_BURST",
+            "MLS_DS_TARGET_CLAIM_BURST",
+        ] {
+            cmd.env(var, "100000000");
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen", "127.0.0.1:0", "--log", "info"])

@@ -27,6 +27,10 @@ enum Cmd {
         /// Client id: letters, digits and . _ ~ @ -
         #[arg(long)]
         name: String,
+        /// Invitation code from the DS's operator, if its registration
+        /// policy asks for one.
+        #[arg(long)]
+        invite: Option<String>,
     },
     /// List groups with their epoch and members.
     Groups,
@@ -102,6 +106,9 @@ fn print_event(e: &Event) {
         Event::Removed { group_id, .. } => {
             println!("[{}] removed from group", hex::encode(group_id))
         }
+        Event::GroupDeleted { group_id, .. } => {
+            println!("[{}] group deleted", hex::encode(group_id))
+        }
         Event::Skipped {
             group_id, reason, ..
         } => {
@@ -113,12 +120,12 @@ fn print_event(e: &Event) {
 async fn run(cli: Cli) -> Result<(), ClientError> {
     let config = ClientConfig::default();
     let client = match &cli.command {
-        Cmd::Register { name } => Client::open(&cli.data_dir, &cli.server, name, config)?,
+        Cmd::Register { name, .. } => Client::open(&cli.data_dir, &cli.server, name, config)?,
         _ => Client::open_existing(&cli.data_dir, &cli.server, config)?,
     };
     match cli.command {
-        Cmd::Register { .. } => {
-            client.register().await?;
+        Cmd::Register { invite, .. } => {
+            client.register_with_invite(invite.as_deref()).await?;
             println!("registered {}", client.id());
         }
         Cmd::Groups => {

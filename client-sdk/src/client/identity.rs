@@ -76,7 +76,13 @@ impl Client {
 
     /// Register with the DS and publish key packages.
     pub async fn register(&self) -> Result<()> {
-        self.api.register().await?;
+        self.register_with_invite(None).await
+    }
+
+    /// Register with the DS, presenting the operator's invitation code if
+    /// the DS asks for one, and publish key packages.
+    pub async fn register_with_invite(&self, invite: Option<&str>) -> Result<()> {
+        self.api.register_with_invite(invite).await?;
         self.ensure_key_packages().await
     }
 }

@@ -159,6 +159,14 @@ impl Client {
         tx: &SledProvider,
         entry: &QueueEntry,
     ) -> Result<Option<Event>> {
+        if entry.kind == EntryKind::GroupDeleted {
+            let gid = entry.group_id.as_slice();
+            self.forget_removed_group(inner, tx, gid)?;
+            return Ok(Some(Event::GroupDeleted {
+                seq: entry.seq,
+                group_id: gid.to_vec(),
+            }));
+        }
         let msg = MlsMessageIn::tls_deserialize_exact(entry.message.as_slice()).map_err(mls)?;
         if entry.kind == EntryKind::Welcome {
             return self.apply_welcome(inner, tx, entry.seq, msg).map(Some);
@@ -254,7 +262,8 @@ impl Client {
         }
     }
 
-    /// Delete a group this client was removed from, with its record.
+    /// Delete a group this client was removed from (or that was deleted),
+    /// with its record.
     fn forget_removed_group(&self, inner: &mut Inner, tx: &SledProvider, gid: &[u8]) -> Result<()> {
         if let Some(mut g) = inner.groups.remove(gid) {
             g.delete(tx.storage())?;

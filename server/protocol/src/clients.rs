@@ -79,6 +79,9 @@ pub struct RegisterClient {
     pub signature_scheme: u16,
     /// Public key of the client's MLS credential; it authenticates every later request.
     pub signature_key: VLBytes,
+    /// An invitation code from the DS's operator (UTF-8), for a DS whose
+    /// registration policy asks for one.
+    pub invite: Option<VLBytes>,
 }
 
 /// Response to a registration (201 when new, 200 when already registered with the same key).

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     Internal = 11,
     /// 405: method not allowed on this path.
     MethodNotAllowed = 12,
+    /// 507: a quota of the DS is reached (stored key packages, groups per
+    /// client, members per group); nothing was changed.
+    QuotaExceeded = 13,
 }
 
 impl ErrorCode {
@@ -47,6 +50,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => 429,
             ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,
+            ErrorCode::QuotaExceeded => 507,
         }
     }
 }

@@ -21,6 +21,10 @@ pub struct KeyPackageCount {
     pub remaining: u32,
     /// Whether a last-resort package is stored.
     pub has_last_resort: crate::codec::Bool,
+    /// How many times the last-resort package was handed out since it was
+    /// published: a client sees here that its ordinary packages ran out
+    /// (and that it should publish more, and rotate the last resort).
+    pub last_resort_claims: u64,
 }
 
 /// Response of `POST /v1/clients/{id}/key-package`.

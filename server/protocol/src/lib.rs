@@ -56,6 +56,11 @@ pub mod paths {
         format!("{CLIENTS}/{id}/key-package")
     }
 
+    /// `DELETE`: delete a group (its last member; see the API document).
+    pub fn group(group_id: &[u8]) -> String {
+        format!("{GROUPS}/{}", hex::encode(group_id))
+    }
+
     /// `GET`: the group's latest GroupInfo and ratchet tree.
     pub fn group_info(group_id: &[u8]) -> String {
         format!("{GROUPS}/{}/info", hex::encode(group_id))

@@ -12,6 +12,9 @@ pub enum EntryKind {
     Commit = 2,
     /// A Welcome addressed to this client.
     Welcome = 3,
+    /// The group was deleted (by its last member or by the DS's operator);
+    /// `message` is empty. Nothing of the group follows it.
+    GroupDeleted = 4,
 }
 
 /// One entry of a client's queue.

@@ -41,7 +41,10 @@ use tokio::sync::Notify;
 pub(crate) use committing::Committing;
 pub(crate) use error::{StorageFault, StoreError};
 pub(crate) use page::Page;
-use records::{ClientRecord, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord};
+use records::{
+    ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
+    KeyPackageRecord,
+};
 pub(crate) use write_set::{AckOutcome, Applied, WriteSet};
 
 /// Storage of the DS: reads, the one write path, queues and wake-ups.
@@ -99,6 +102,37 @@ pub(crate) trait Backend: Send + Sync + 'static {
         epoch: u64,
     ) -> impl Future<Output = Result<Option<CommitRecord>, StoreError>> + Send;
 
+    /// Every client, deleted ones included, in id order.
+    fn clients(&self) -> impl Future<Output = Result<Vec<StoredClient>, StoreError>> + Send;
+
+    /// Every group, in id order.
+    fn groups(&self) -> impl Future<Output = Result<Vec<StoredGroup>, StoreError>> + Send;
+
+    /// Accepted-commit records of before `cutoff_ms`, except each group's
+    /// newest (an exact retry of the latest commit still gets its answer).
+    fn stale_commits(
+        &self,
+        cutoff_ms: u64,
+    ) -> impl Future<Output = Result<Vec<StaleCommit>, StoreError>> + Send;
+
+    /// Visible unacknowledged entries in `client`'s queue.
+    fn queue_depth(&self, client: &ClientId) -> u64;
+
+    /// An invitation code's record.
+    fn invite(
+        &self,
+        code: &str,
+    ) -> impl Future<Output = Result<Option<InviteRecord>, StoreError>> + Send;
+
+    /// Every invitation code, in code order.
+    fn invites(&self) -> impl Future<Output = Result<Vec<StoredInvite>, StoreError>> + Send;
+
+    /// What a client holds of the per-client quotas.
+    fn usage(
+        &self,
+        client: &ClientId,
+    ) -> impl Future<Output = Result<ClientUsage, StoreError>> + Send;
+
     /// Wait for the group's handshake lock (see the module doc).
     fn lock_group(&self, id: &GroupId) -> impl Future<Output = Self::GroupGuard> + Send;
 
@@ -155,6 +189,42 @@ pub(crate) trait Backend: Send + Sync + 'static {
         -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
 }
 
+/// A client and its record.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredClient {
+    /// Its id.
+    pub(crate) id: ClientId,
+    /// Its record.
+    pub(crate) record: ClientRecord,
+}
+
+/// A group and its record.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredGroup {
+    /// Its id.
+    pub(crate) id: GroupId,
+    /// Its record.
+    pub(crate) record: GroupRecord,
+}
+
+/// An accepted-commit record old enough to prune.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StaleCommit {
+    /// The group.
+    pub(crate) group: GroupId,
+    /// The epoch the commit was for.
+    pub(crate) epoch: u64,
+}
+
+/// An invitation code and its record.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredInvite {
+    /// The code.
+    pub(crate) code: String,
+    /// Its record.
+    pub(crate) record: InviteRecord,
+}
+
 /// An expired ordinary key package.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ExpiredKeyPackage {
@@ -182,6 +252,8 @@ pub(crate) struct BackendStats {
     pub(crate) queue_depth_max: u64,
     /// Stored messages still referenced by a queue.
     pub(crate) stored_messages: u64,
+    /// Queue entries dropped because their queue was full.
+    pub(crate) queue_overflow_drops: u64,
     /// Durability rounds (flush + fdatasync, or database commits).
     pub(crate) flushes: u64,
     /// Write sets made durable.

@@ -77,6 +77,28 @@ pub(crate) struct KeyPackageRecord {
     pub(crate) kp_ref: Vec<u8>,
     /// End of its lifetime (unix seconds).
     pub(crate) not_after: u64,
+    /// How many times it was handed out (only a last-resort package is
+    /// handed out more than once).
+    pub(crate) claims: u64,
+}
+
+/// An invitation code the operator created: each registration with it uses
+/// one of its uses.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct InviteRecord {
+    /// Registrations it still allows.
+    pub(crate) uses_left: u32,
+    /// After this (unix ms) it is refused.
+    pub(crate) expires_ms: Option<u64>,
+    /// Creation time (unix ms).
+    pub(crate) created_ms: u64,
+}
+
+/// What a client holds of the DS's per-client quotas (absent: nothing).
+#[derive(bincode::Encode, bincode::Decode, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ClientUsage {
+    /// Groups it created that still exist.
+    pub(crate) groups_created: u32,
 }
 
 /// A group as the DS knows it: what every request on the group reads, kept
@@ -93,6 +115,9 @@ pub(crate) struct GroupRecord {
     pub(crate) open: bool,
     /// Client ids of the current members (from the DS's own `PublicGroup`).
     pub(crate) members: Vec<Vec<u8>>,
+    /// The client that created it (its groups count against that client's
+    /// quota until the group is deleted).
+    pub(crate) creator: Vec<u8>,
     /// Creation time (unix ms).
     pub(crate) created_ms: u64,
 }
@@ -144,6 +169,9 @@ pub(crate) struct CommitRecord {
     pub(crate) new_epoch: u64,
     /// Queue entries written.
     pub(crate) recipients: u32,
+    /// When it was accepted (unix ms): records older than the commit
+    /// retention are pruned.
+    pub(crate) accepted_ms: u64,
 }
 
 /// A message stored once and referenced from every recipient's queue.
@@ -175,6 +203,7 @@ impl StoredMessage {
             1 => Ok(EntryKind::Message),
             2 => Ok(EntryKind::Commit),
             3 => Ok(EntryKind::Welcome),
+            4 => Ok(EntryKind::GroupDeleted),
             other => Err(UnknownKind(other)),
         }
     }

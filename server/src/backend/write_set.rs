@@ -16,7 +16,8 @@ use std::fmt;
 use mls_ds_protocol::ClientId;
 
 use super::records::{
-    ClientRecord, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord, StoredMessage,
+    ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
+    KeyPackageRecord, StoredMessage,
 };
 
 /// Everything one request writes, applied all or nothing.
@@ -54,6 +55,30 @@ pub(crate) enum Condition {
         /// Its hash reference.
         kp_ref: Vec<u8>,
     },
+    /// `owner`'s last-resort key package is this one, handed out this many
+    /// times so far.
+    LastResortAt {
+        /// Who published it.
+        owner: ClientId,
+        /// Its hash reference.
+        kp_ref: Vec<u8>,
+        /// Its claim count when read.
+        claims: u64,
+    },
+    /// The invitation `code` exists with this many uses left.
+    InviteAt {
+        /// The code.
+        code: String,
+        /// Its uses left when read.
+        uses_left: u32,
+    },
+    /// The client's usage is still this (absent counts as the default).
+    UsageAt {
+        /// The client.
+        client: ClientId,
+        /// Its usage when read.
+        usage: ClientUsage,
+    },
 }
 
 impl fmt::Display for Condition {
@@ -70,6 +95,21 @@ impl fmt::Display for Condition {
                 "key package {} of {owner} is unclaimed",
                 hex::encode(kp_ref)
             ),
+            Condition::LastResortAt {
+                owner,
+                kp_ref,
+                claims,
+            } => write!(
+                f,
+                "the last-resort key package of {owner} is {} with {claims} claims",
+                hex::encode(kp_ref)
+            ),
+            Condition::InviteAt { uses_left, .. } => {
+                write!(f, "the invitation has {uses_left} uses left")
+            }
+            Condition::UsageAt { client, usage } => {
+                write!(f, "{client} has created {} groups", usage.groups_created)
+            }
         }
     }
 }
@@ -121,6 +161,18 @@ pub(crate) enum Change {
         /// Its publisher.
         owner: ClientId,
     },
+    /// Delete a group: its record, state and commit records.
+    DeleteGroup {
+        /// The group.
+        id: GroupId,
+    },
+    /// Remove one accepted-commit record (pruning).
+    RemoveCommit {
+        /// The group.
+        group: GroupId,
+        /// The epoch it was for.
+        epoch: u64,
+    },
     /// Write a group's record.
     PutGroup {
         /// The group.
@@ -143,6 +195,25 @@ pub(crate) enum Change {
         epoch: u64,
         /// The accepted commit.
         record: CommitRecord,
+    },
+    /// Store (replace) an invitation code.
+    PutInvite {
+        /// The code.
+        code: String,
+        /// Its record.
+        record: InviteRecord,
+    },
+    /// Remove an invitation code (used up or revoked).
+    RemoveInvite {
+        /// The code.
+        code: String,
+    },
+    /// Write a client's usage.
+    PutUsage {
+        /// The client.
+        client: ClientId,
+        /// Its usage.
+        usage: ClientUsage,
     },
 }
 

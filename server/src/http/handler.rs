@@ -3,6 +3,7 @@
 //! limit, the call into the core, and the answer. Every failure becomes a
 //! response in `response`; this module only decides which.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response};
 use mls_ds_protocol::auth::AuthToken;
-use mls_ds_protocol::{decode, AUTH_HEADER};
+use mls_ds_protocol::{decode, ClientId, AUTH_HEADER};
 
 use super::body::{self, BoxError};
 use super::response::{ApiError, Reply};
@@ -24,7 +25,8 @@ use crate::metrics::Metrics;
 use crate::rate_limit::RateLimiter;
 use crate::service::auth::{Authenticator, Caller, RequestView};
 use crate::service::clients::Registration;
-use crate::service::{Ds, DsError};
+use crate::service::groups::Deleter;
+use crate::service::{Ds, DsError, Rate};
 use crate::state_cell::{StateCell, REOPENING};
 
 /// Limits the HTTP adapter enforces.
@@ -36,6 +38,13 @@ pub(crate) struct HttpLimits {
     pub(crate) read_timeout: Duration,
     /// Most requests handled at once.
     pub(crate) max_inflight: usize,
+    /// Requests per client.
+    pub(crate) per_client: Rate,
+    /// Registrations and session openings per source address.
+    pub(crate) per_address: Rate,
+    /// Take the source address of connections from loopback (a reverse
+    /// proxy on this machine) from `X-Forwarded-For`.
+    pub(crate) trust_forwarded_for: bool,
 }
 
 /// The HTTP front of a DS: what outlives a reopening of its storage.
@@ -43,7 +52,8 @@ pub(crate) struct Front<B> {
     cell: Arc<StateCell<Ds<B>>>,
     limits: HttpLimits,
     metrics: Metrics,
-    rate_limiter: RateLimiter,
+    per_client: RateLimiter<ClientId>,
+    per_address: RateLimiter<IpAddr>,
     inflight: AtomicUsize,
 }
 
@@ -70,22 +80,20 @@ impl Drop for Slot<'_> {
 
 impl<B: Backend> Front<B> {
     /// A front serving the DS in `cell`.
-    pub(crate) fn new(
-        cell: Arc<StateCell<Ds<B>>>,
-        limits: HttpLimits,
-        rate_limiter: RateLimiter,
-    ) -> Front<B> {
+    pub(crate) fn new(cell: Arc<StateCell<Ds<B>>>, limits: HttpLimits) -> Front<B> {
         Front {
             cell,
+            per_client: RateLimiter::new(limits.per_client.per_sec, limits.per_client.burst),
+            per_address: RateLimiter::new(limits.per_address.per_sec, limits.per_address.burst),
             limits,
             metrics: Metrics::default(),
-            rate_limiter,
             inflight: AtomicUsize::new(0),
         }
     }
 
-    /// Serve one request; never fails (errors become error responses).
-    pub(crate) async fn handle<Bd>(&self, req: Request<Bd>) -> Response<Full<Bytes>>
+    /// Serve one request that came from `peer`; never fails (errors become
+    /// error responses).
+    pub(crate) async fn handle<Bd>(&self, req: Request<Bd>, peer: IpAddr) -> Response<Full<Bytes>>
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<BoxError>,
@@ -94,7 +102,7 @@ impl<B: Backend> Front<B> {
         let inflight = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
         let _slot = Slot(&self.inflight);
         let head = req.method() == Method::HEAD;
-        let Outcome { label, result } = self.answer(req, inflight).await;
+        let Outcome { label, result } = self.answer(req, inflight, peer).await;
         let mut resp = match result {
             Ok(reply) => reply.into_response(),
             Err(e) => e.answer(label),
@@ -108,7 +116,7 @@ impl<B: Backend> Front<B> {
     }
 
     /// A request's answer, and its metrics label.
-    async fn answer<Bd>(&self, req: Request<Bd>, inflight: usize) -> Outcome
+    async fn answer<Bd>(&self, req: Request<Bd>, inflight: usize, peer: IpAddr) -> Outcome
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<BoxError>,
@@ -133,6 +141,15 @@ impl<B: Backend> Front<B> {
         }
         if inflight > self.limits.max_inflight {
             return Outcome::new("overload", Err(ApiError::Overloaded));
+        }
+        // Registrations and session openings verify a signature before
+        // anything else stops them: they are limited per source address.
+        let unauthenticated = matches!(
+            route,
+            Route::Register | Route::Client(ClientRoute::OpenSession)
+        );
+        if unauthenticated && !self.per_address.allow(&self.source(&req, peer)) {
+            return Outcome::new(route.name(), Err(ApiError::RateLimited));
         }
         Outcome::new(route.name(), self.serve(&ds, route, req).await)
     }
@@ -161,12 +178,28 @@ impl<B: Backend> Front<B> {
                 let (parts, body) = self.read(req).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
                 let caller = ds.authenticate(&token, &view).await?;
-                if !self.rate_limiter.allow(&caller.client) {
+                if !self.per_client.allow(&caller.client) {
                     return Err(ApiError::RateLimited);
                 }
                 client_call(ds, &caller, route, &body).await
             }
         }
+    }
+
+    /// The address a request is counted against: the peer's, or behind a
+    /// trusted local proxy the last `X-Forwarded-For` entry.
+    fn source<Bd>(&self, req: &Request<Bd>, peer: IpAddr) -> IpAddr {
+        if !(self.limits.trust_forwarded_for && peer.is_loopback()) {
+            return peer;
+        }
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .next_back()
+            .and_then(|last| last.trim().parse().ok())
+            .unwrap_or(peer)
     }
 
     async fn read<Bd>(&self, req: Request<Bd>) -> Result<(Parts, Bytes), ApiError>
@@ -191,12 +224,18 @@ async fn client_call<B: Backend>(
             ds.delete_client(caller, &id).await?;
             Ok(Reply::no_content())
         }
-        ClientRoute::ClaimKeyPackage(target) => Reply::ok(&ds.claim_key_package(&target).await?),
+        ClientRoute::ClaimKeyPackage(target) => {
+            Reply::ok(&ds.claim_key_package(caller, &target).await?)
+        }
         ClientRoute::PublishKeyPackages => {
             Reply::ok(&ds.publish_key_packages(caller, decode(body)?).await?)
         }
         ClientRoute::CountKeyPackages => Reply::ok(&ds.key_package_count(caller).await?),
         ClientRoute::CreateGroup => Reply::created(&ds.create_group(caller, decode(body)?).await?),
+        ClientRoute::DeleteGroup(id) => {
+            ds.delete_group(&id, Deleter::Member(caller)).await?;
+            Ok(Reply::no_content())
+        }
         ClientRoute::GroupInfo(id) => Reply::ok(&ds.group_info(caller, &id).await?),
         ClientRoute::Commit(id) => Reply::ok(&ds.commit(caller, &id, decode(body)?).await?),
         ClientRoute::SendMessage(id) => {

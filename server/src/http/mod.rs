@@ -55,9 +55,9 @@ pub(crate) async fn serve<B: Backend>(
         .header_read_timeout(head_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -69,9 +69,10 @@ pub(crate) async fn serve<B: Backend>(
         };
         let _ = stream.set_nodelay(true);
         let front = front.clone();
+        let peer = peer.ip();
         let service = service_fn(move |req| {
             let front = front.clone();
-            async move { Ok::<_, std::convert::Infallible>(front.handle(req).await) }
+            async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
         });
         match &tls {
             None => {

@@ -67,6 +67,13 @@ impl ApiError {
                 DsError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
                 DsError::WrongEpoch { .. } => (StatusCode::CONFLICT, ErrorCode::WrongEpoch),
                 DsError::Conflict(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
+                DsError::RateLimited(_) => {
+                    (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+                }
+                DsError::QuotaExceeded(_) => {
+                    (StatusCode::INSUFFICIENT_STORAGE, ErrorCode::QuotaExceeded)
+                }
+                DsError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
                 DsError::Unavailable(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
                 }
@@ -267,6 +274,30 @@ mod tests {
         assert_eq!(
             status(DsError::Conflict("x".into())),
             (409, ErrorCode::Conflict)
+        );
+    }
+
+    #[test]
+    fn rate_limited_is_429() {
+        assert_eq!(
+            status(DsError::RateLimited("x".into())),
+            (429, ErrorCode::TooManyRequests)
+        );
+    }
+
+    #[test]
+    fn quota_exceeded_is_507() {
+        assert_eq!(
+            status(DsError::QuotaExceeded("x".into())),
+            (507, ErrorCode::QuotaExceeded)
+        );
+    }
+
+    #[test]
+    fn too_large_is_413() {
+        assert_eq!(
+            status(DsError::TooLarge("x".into())),
+            (413, ErrorCode::PayloadTooLarge)
         );
     }
 

@@ -36,6 +36,8 @@ pub(crate) enum ClientRoute {
     CountKeyPackages,
     /// `POST /v1/groups`
     CreateGroup,
+    /// `DELETE /v1/groups/{id}`
+    DeleteGroup(GroupId),
     /// `GET /v1/groups/{id}/info`
     GroupInfo(GroupId),
     /// `POST /v1/groups/{id}/commits`
@@ -58,6 +60,7 @@ enum Path<'a> {
     ClaimKeyPackage(&'a str),
     KeyPackages,
     Groups,
+    Group(&'a str),
     GroupInfo(&'a str),
     Commits(&'a str),
     Messages(&'a str),
@@ -77,6 +80,7 @@ impl Path<'_> {
             ["v1", "clients", id, "key-package"] => Path::ClaimKeyPackage(id),
             ["v1", "key-packages"] => Path::KeyPackages,
             ["v1", "groups"] => Path::Groups,
+            ["v1", "groups", id] => Path::Group(id),
             ["v1", "groups", id, "info"] => Path::GroupInfo(id),
             ["v1", "groups", id, "commits"] => Path::Commits(id),
             ["v1", "groups", id, "messages"] => Path::Messages(id),
@@ -91,7 +95,7 @@ impl Path<'_> {
     fn allowed(&self) -> &'static [&'static str] {
         match self {
             Path::Healthz | Path::Metrics | Path::GroupInfo(_) | Path::Queue => &["GET"],
-            Path::Client(_) => &["DELETE"],
+            Path::Client(_) | Path::Group(_) => &["DELETE"],
             Path::KeyPackages => &["GET", "POST"],
             Path::Clients
             | Path::Sessions
@@ -138,6 +142,7 @@ impl Route {
             Path::KeyPackages if get => ClientRoute::CountKeyPackages,
             Path::KeyPackages => ClientRoute::PublishKeyPackages,
             Path::Groups => ClientRoute::CreateGroup,
+            Path::Group(id) => ClientRoute::DeleteGroup(group_id(id)?),
             Path::GroupInfo(id) => ClientRoute::GroupInfo(group_id(id)?),
             Path::Commits(id) => ClientRoute::Commit(group_id(id)?),
             Path::Messages(id) => ClientRoute::SendMessage(group_id(id)?),
@@ -160,6 +165,7 @@ impl Route {
                 ClientRoute::PublishKeyPackages => "publish",
                 ClientRoute::CountKeyPackages => "count",
                 ClientRoute::CreateGroup => "create_group",
+                ClientRoute::DeleteGroup(_) => "delete_group",
                 ClientRoute::GroupInfo(_) => "group_info",
                 ClientRoute::Commit(_) => "commit",
                 ClientRoute::SendMessage(_) => "send",
@@ -257,6 +263,11 @@ mod tests {
                 "POST",
                 paths::GROUPS.to_string(),
                 Route::Client(ClientRoute::CreateGroup),
+            ),
+            (
+                "DELETE",
+                paths::group(g.as_bytes()),
+                Route::Client(ClientRoute::DeleteGroup(g.clone())),
             ),
             (
                 "GET",

@@ -8,7 +8,7 @@ use mls_ds_protocol::ClientId;
 
 use super::auth::{Caller, RegisteredKey, RequestView};
 use super::error::{DsError, Result};
-use super::Ds;
+use super::{Ds, RegistrationPolicy};
 use crate::backend::records::{now_ms, ClientRecord};
 use crate::backend::write_set::{Change, Condition, WriteSet};
 use crate::backend::{Backend, StoreError};
@@ -94,32 +94,93 @@ impl<B: Backend> Ds<B> {
             deleted_ms: None,
         };
         self.auth.verify_signature(sig, key_of(&record), view)?;
+        let invite = match &req.invite {
+            Some(code) => Some(
+                std::str::from_utf8(code.as_slice())
+                    .map_err(|_| DsError::Invalid("invitation code is not UTF-8".into()))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
         let id = req.client_id;
         if let Some(existing) = self.backend.client(&id).await? {
             return self.registered_before(id, &existing, &record).await;
         }
-        let set = WriteSet {
-            conditions: vec![Condition::ClientAbsent(id.clone())],
-            changes: vec![Change::PutClient {
-                id: id.clone(),
-                record: record.clone(),
-            }],
-            deliveries: Vec::new(),
+        let invite = match (self.policy.registration, invite) {
+            (RegistrationPolicy::Open, _) => None,
+            (RegistrationPolicy::Closed, _) => {
+                return Err(DsError::Forbidden(
+                    "registration is closed on this DS: its operator adds clients".into(),
+                ))
+            }
+            (RegistrationPolicy::Invite, None) => {
+                return Err(DsError::Forbidden(
+                    "registration on this DS needs an invitation code from its operator".into(),
+                ))
+            }
+            (RegistrationPolicy::Invite, Some(code)) => Some(code),
         };
-        match self.backend.submit(set).wait().await {
-            Ok(_) => {
-                tracing::debug!(client = %id, "registered client");
-                Ok(Registration::Created(Registered { client_id: id }))
+        self.add_client(id, record, invite.as_deref()).await
+    }
+
+    /// Store a new client, using up one use of `invite` if given. A
+    /// registration that raced with another of the same id gets the answer
+    /// for an id registered before; one that raced for the last use of the
+    /// invitation tries again.
+    async fn add_client(
+        &self,
+        id: ClientId,
+        record: ClientRecord,
+        invite: Option<&str>,
+    ) -> Result<Registration> {
+        loop {
+            let mut set = WriteSet {
+                conditions: vec![Condition::ClientAbsent(id.clone())],
+                changes: vec![Change::PutClient {
+                    id: id.clone(),
+                    record: record.clone(),
+                }],
+                deliveries: Vec::new(),
+            };
+            if let Some(code) = invite {
+                self.use_invite(code, &mut set).await?;
             }
-            // Registered concurrently (by this request's twin, or by another).
-            Err(StoreError::ConditionFailed(Condition::ClientAbsent(_))) => {
-                let existing = self.backend.client(&id).await?.ok_or_else(|| {
-                    DsError::Internal(format!("client {id} vanished after a registration"))
-                })?;
-                self.registered_before(id, &existing, &record).await
+            match self.backend.submit(set).wait().await {
+                Ok(_) => {
+                    tracing::debug!(client = %id, invited = invite.is_some(), "registered client");
+                    return Ok(Registration::Created(Registered { client_id: id }));
+                }
+                // Registered concurrently (by this request's twin, or by another).
+                Err(StoreError::ConditionFailed(Condition::ClientAbsent(_))) => {
+                    let existing = self.backend.client(&id).await?.ok_or_else(|| {
+                        DsError::Internal(format!("client {id} vanished after a registration"))
+                    })?;
+                    return self.registered_before(id, &existing, &record).await;
+                }
+                Err(StoreError::ConditionFailed(Condition::InviteAt { .. })) => continue,
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Operator: register `id` with a public key the client gave the
+    /// operator (how clients join a DS whose registration is closed).
+    pub(crate) async fn operator_add_client(
+        &self,
+        id: ClientId,
+        signature_scheme: u16,
+        signature_key: Vec<u8>,
+    ) -> Result<Registration> {
+        let record = ClientRecord {
+            signature_scheme,
+            signature_key,
+            registered_ms: now_ms(),
+            deleted_ms: None,
+        };
+        if let Some(existing) = self.backend.client(&id).await? {
+            return self.registered_before(id, &existing, &record).await;
+        }
+        self.add_client(id, record, None).await
     }
 
     /// The answer to a registration of an id that is already registered.
@@ -166,6 +227,11 @@ impl<B: Backend> Ds<B> {
         if &caller.client != id {
             return Err(DsError::Forbidden("a client can only delete itself".into()));
         }
+        self.delete_client_unchecked(id).await
+    }
+
+    /// Delete `id` (by itself or by the operator): see [`Ds::delete_client`].
+    pub(crate) async fn delete_client_unchecked(&self, id: &ClientId) -> Result<()> {
         let mut tombstone = self.require_client(id).await?;
         tombstone.deleted_ms = Some(now_ms());
         let set = WriteSet {

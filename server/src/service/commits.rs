@@ -181,10 +181,12 @@ impl<B: Backend> Ds<B> {
                 "the GroupInfo does not describe the epoch this commit creates".into(),
             ));
         }
+        let members = self.roster(&group.public).await?;
+        self.check_group_size(members.len())?;
         Ok(Merged {
             external,
             welcome_to,
-            members: self.roster(&group.public).await?,
+            members,
             new_epoch: group.public.group_context().epoch().as_u64(),
         })
     }
@@ -306,6 +308,7 @@ impl<B: Backend> Ds<B> {
                 .iter()
                 .map(|m| m.as_bytes().to_vec())
                 .collect(),
+            creator: record.creator.clone(),
             created_ms: record.created_ms,
         };
         let set = WriteSet {
@@ -333,6 +336,7 @@ impl<B: Backend> Ds<B> {
                         committer: caller.client.as_bytes().to_vec(),
                         new_epoch: merged.new_epoch,
                         recipients,
+                        accepted_ms: now,
                     },
                 },
             ],

@@ -30,6 +30,15 @@ pub enum DsError {
     /// The resource exists in a conflicting state.
     #[error("{0}")]
     Conflict(String),
+    /// A rate limit of the DS (e.g. key package claims); retry later.
+    #[error("{0}")]
+    RateLimited(String),
+    /// A quota of the DS is reached; nothing was changed.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// A message larger than the DS takes.
+    #[error("{0}")]
+    TooLarge(String),
     /// The DS cannot take the request now (storage broken or reopening,
     /// too many sessions); retry later.
     #[error("{0}")]

@@ -3,6 +3,7 @@
 //! given to joiners and resyncing members.
 
 use mls_ds_protocol::groups::{CreateGroup, GroupCreated, GroupInfoResponse};
+use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
@@ -13,8 +14,10 @@ use super::auth::Caller;
 use super::error::{DsError, Result};
 use super::{mls, Ds};
 use crate::backend::public_group::PublicGroupStore;
-use crate::backend::records::{now_ms, GroupId, GroupRecord, GroupState};
-use crate::backend::write_set::{Change, Condition, WriteSet};
+use crate::backend::records::{
+    now_ms, ClientUsage, GroupId, GroupRecord, GroupState, StoredMessage,
+};
+use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
 
 /// Whether `client` is a current member of the group.
@@ -30,6 +33,17 @@ pub(crate) fn may_read_info(record: &GroupRecord, client: &ClientId) -> bool {
 }
 
 impl<B: Backend> Ds<B> {
+    /// 507 if a group of `members` members is over the quota.
+    pub(crate) fn check_group_size(&self, members: usize) -> Result<()> {
+        let quota = self.policy.max_group_members;
+        if members > quota {
+            return Err(DsError::QuotaExceeded(format!(
+                "a group may have at most {quota} members; this one would have {members}"
+            )));
+        }
+        Ok(())
+    }
+
     /// A group's record; 404 if there is none.
     pub(crate) async fn group_record(&self, id: &GroupId) -> Result<GroupRecord> {
         self.backend
@@ -114,17 +128,40 @@ impl<B: Backend> Ds<B> {
                 "the creator must be a member of the group".into(),
             ));
         }
+        self.check_group_size(members.len())?;
+        let usage = self.backend.usage(&caller.client).await?;
+        let quota = self.policy.max_groups_per_client;
+        if usage.groups_created >= quota {
+            return Err(DsError::QuotaExceeded(format!(
+                "a client may have created at most {quota} groups that still exist"
+            )));
+        }
         let epoch = public_group.group_context().epoch().as_u64();
         let record = GroupRecord {
             epoch,
             revision: 0,
             open: req.open.0,
             members: members.iter().map(|m| m.as_bytes().to_vec()).collect(),
+            creator: caller.client.as_bytes().to_vec(),
             created_ms: now_ms(),
         };
         let set = WriteSet {
-            conditions: vec![Condition::GroupAbsent(id.clone())],
+            conditions: vec![
+                Condition::GroupAbsent(id.clone()),
+                // Counted exactly even when the client creates groups
+                // concurrently.
+                Condition::UsageAt {
+                    client: caller.client.clone(),
+                    usage,
+                },
+            ],
             changes: vec![
+                Change::PutUsage {
+                    client: caller.client.clone(),
+                    usage: ClientUsage {
+                        groups_created: usage.groups_created + 1,
+                    },
+                },
                 Change::PutGroup {
                     id: id.clone(),
                     record,
@@ -142,6 +179,11 @@ impl<B: Backend> Ds<B> {
         match self.backend.submit(set).wait_holding(guard).await {
             Ok(_) => {}
             Err(StoreError::ConditionFailed(Condition::GroupAbsent(_))) => return Err(exists(&id)),
+            Err(StoreError::ConditionFailed(Condition::UsageAt { .. })) => {
+                return Err(DsError::Conflict(
+                    "another group of this client was created at the same time; retry".into(),
+                ))
+            }
             Err(e) => return Err(e.into()),
         }
         tracing::info!(group = %id, epoch, members = members.len(), "created group");
@@ -175,6 +217,93 @@ impl<B: Backend> Ds<B> {
             group_info: group.group_info.into(),
             ratchet_tree: tree.into(),
         })
+    }
+}
+
+/// Who deletes a group.
+pub(crate) enum Deleter<'a> {
+    /// The DS's operator: any group.
+    Operator,
+    /// A member: only a group where it is the last member left.
+    Member(&'a Caller),
+}
+
+impl<B: Backend> Ds<B> {
+    /// `DELETE /v1/groups/{id}` (a member: only as the last member left),
+    /// and the operator's group deletion (any group). The group's record,
+    /// state and commit records go; every other member gets a
+    /// `GroupDeleted` entry after everything queued for it of the group; the
+    /// creator's group count goes down. Conditional on the revision read,
+    /// so a handshake accepted meanwhile makes it look again.
+    pub(crate) async fn delete_group(&self, id: &GroupId, by: Deleter<'_>) -> Result<()> {
+        loop {
+            self.group_record(id).await?;
+            let guard = self.backend.lock_group(id).await;
+            let record = self.group_record(id).await?;
+            let deleter = match by {
+                Deleter::Operator => None,
+                Deleter::Member(caller) => {
+                    if !is_member(&record, &caller.client) || record.members.len() > 1 {
+                        return Err(DsError::Forbidden(
+                            "a member may delete a group only as its last member; the DS's \
+                             operator may delete any group"
+                                .into(),
+                        ));
+                    }
+                    Some(caller.client.as_bytes())
+                }
+            };
+            let creator = ClientId::new(&record.creator)?;
+            let usage = self.backend.usage(&creator).await?;
+            let told: Vec<ClientId> = record
+                .members
+                .iter()
+                .filter(|m| Some(m.as_slice()) != deleter)
+                .map(ClientId::new)
+                .collect::<std::result::Result<_, _>>()?;
+            let set = WriteSet {
+                conditions: vec![
+                    Condition::GroupAt {
+                        group: id.clone(),
+                        revision: record.revision,
+                    },
+                    Condition::UsageAt {
+                        client: creator.clone(),
+                        usage,
+                    },
+                ],
+                changes: vec![
+                    Change::DeleteGroup { id: id.clone() },
+                    Change::PutUsage {
+                        client: creator,
+                        usage: ClientUsage {
+                            groups_created: usage.groups_created.saturating_sub(1),
+                        },
+                    },
+                ],
+                deliveries: vec![Delivery {
+                    message: StoredMessage {
+                        kind: EntryKind::GroupDeleted as u8,
+                        group_id: id.as_bytes().to_vec(),
+                        epoch: record.epoch,
+                        sender: deleter.unwrap_or_default().to_vec(),
+                        message: Vec::new(),
+                        stored_ms: now_ms(),
+                    },
+                    recipients: told,
+                }],
+            };
+            match self.backend.submit(set).wait_holding(guard).await {
+                Ok(_) => {
+                    tracing::info!(group = %id, by_operator = deleter.is_none(), "deleted group");
+                    return Ok(());
+                }
+                Err(StoreError::ConditionFailed(
+                    Condition::GroupAt { .. } | Condition::UsageAt { .. },
+                )) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 

@@ -72,6 +72,7 @@ impl<B: Backend> Ds<B> {
             message: bytes.to_vec(),
             kp_ref: kp_ref.as_slice().to_vec(),
             not_after: kp.life_time().not_after(),
+            claims: 0,
         })
     }
 
@@ -88,6 +89,13 @@ impl<B: Backend> Ds<B> {
             )));
         }
         let owner = self.require_client(&caller.client).await?;
+        let stored = self.backend.key_packages(&caller.client).await?.len();
+        let quota = self.policy.max_key_packages;
+        if stored + req.key_packages.len() > quota {
+            return Err(DsError::QuotaExceeded(format!(
+                "at most {quota} key packages are kept per client; {stored} are stored"
+            )));
+        }
         let mut changes = Vec::with_capacity(req.key_packages.len() + 1);
         for (i, bytes) in req.key_packages.iter().enumerate() {
             let record = self
@@ -136,20 +144,38 @@ impl<B: Backend> Ds<B> {
             .iter()
             .filter(|r| r.not_after >= now)
             .count();
-        let has_last_resort = self.backend.last_resort(&caller.client).await?.is_some();
+        let last_resort = self.backend.last_resort(&caller.client).await?;
         Ok(KeyPackageCount {
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-            has_last_resort: has_last_resort.into(),
+            has_last_resort: last_resort.is_some().into(),
+            last_resort_claims: last_resort.map_or(0, |r| r.claims),
         })
     }
 
     /// `POST /v1/clients/{id}/key-package`: hand out one key package of
     /// `target` exactly once (the last-resort one, never consumed, when none
-    /// is left). The claim is conditional on the package still being there,
-    /// so concurrent claimers (on any DS process) never get the same one; a
-    /// claimer that lost the race tries the next. The package's reference is
-    /// recorded so that the Welcome for it can be routed.
-    pub(crate) async fn claim_key_package(&self, target: &ClientId) -> Result<ClaimedKeyPackage> {
+    /// is left; its claim count tells the owner). The claim is conditional
+    /// on the package still being there (or, for the last resort, on its
+    /// count), so concurrent claimers (on any DS process) never get the same
+    /// one; a claimer that lost the race tries the next. The package's
+    /// reference is recorded so that the Welcome for it can be routed.
+    /// Claims are rate limited per claimer and per target, so that nobody
+    /// drains another client's packages.
+    pub(crate) async fn claim_key_package(
+        &self,
+        caller: &Caller,
+        target: &ClientId,
+    ) -> Result<ClaimedKeyPackage> {
+        if !self.claims_by_claimer.allow(&caller.client) {
+            return Err(DsError::RateLimited(
+                "too many key package claims by this client, retry later".into(),
+            ));
+        }
+        if !self.claims_by_target.allow(target) {
+            return Err(DsError::RateLimited(format!(
+                "too many claims of {target}'s key packages, retry later"
+            )));
+        }
         self.require_client(target).await?;
         loop {
             let now = now_secs();
@@ -183,7 +209,20 @@ impl<B: Backend> Ds<B> {
                 },
             };
             let mut conditions = Vec::new();
-            if !last_resort {
+            if last_resort {
+                conditions.push(Condition::LastResortAt {
+                    owner: target.clone(),
+                    kp_ref: chosen.kp_ref.clone(),
+                    claims: chosen.claims,
+                });
+                changes.push(Change::PutLastResort {
+                    owner: target.clone(),
+                    record: KeyPackageRecord {
+                        claims: chosen.claims + 1,
+                        ..chosen.clone()
+                    },
+                });
+            } else {
                 conditions.push(Condition::KeyPackageUnclaimed {
                     owner: target.clone(),
                     kp_ref: chosen.kp_ref.clone(),
@@ -211,9 +250,12 @@ impl<B: Backend> Ds<B> {
                         last_resort: last_resort.into(),
                     })
                 }
-                // Another claimer took it: every retry follows a package
-                // consumed, so the loop ends.
-                Err(StoreError::ConditionFailed(Condition::KeyPackageUnclaimed { .. })) => continue,
+                // Another claimer took it (or counted the last resort, or
+                // replaced it): every retry follows another claim or a
+                // publication, so the loop ends.
+                Err(StoreError::ConditionFailed(
+                    Condition::KeyPackageUnclaimed { .. } | Condition::LastResortAt { .. },
+                )) => continue,
                 Err(e) => return Err(e.into()),
             }
         }

@@ -42,6 +42,13 @@ impl<B: Backend> Ds<B> {
         req: SendMessage,
     ) -> Result<MessageAccepted> {
         let bytes = req.message.as_slice();
+        let max = self.policy.max_message_bytes;
+        if bytes.len() > max {
+            return Err(DsError::TooLarge(format!(
+                "a message may have at most {max} bytes; this one has {}",
+                bytes.len()
+            )));
+        }
         let msg = MlsMessageIn::tls_deserialize_exact(bytes)
             .map_err(|e| DsError::Invalid(format!("malformed message: {e}")))?;
         let pm = msg

@@ -17,19 +17,57 @@ pub(crate) mod commits;
 pub(crate) mod delivery;
 pub(crate) mod error;
 pub(crate) mod groups;
+pub(crate) mod invites;
 pub(crate) mod key_packages;
 pub(crate) mod messages;
 mod mls;
+pub(crate) mod operator;
 
+use mls_ds_protocol::ClientId;
 use openmls_rust_crypto::RustCrypto;
 
 pub(crate) use self::error::DsError;
 use crate::backend::Backend;
+use crate::rate_limit::RateLimiter;
 use crate::service::auth::Authenticator;
+
+/// Who may register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RegistrationPolicy {
+    /// Anyone.
+    Open,
+    /// Whoever presents a valid invitation code from the operator.
+    Invite,
+    /// Nobody through the API: the operator adds clients.
+    Closed,
+}
+
+/// A steady rate with a burst.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rate {
+    /// Tokens a second (0: unlimited).
+    pub(crate) per_sec: u32,
+    /// Most tokens at once.
+    pub(crate) burst: u32,
+}
 
 /// The limits and policies the services apply.
 #[derive(Clone, Debug)]
 pub(crate) struct Policy {
+    /// Who may register.
+    pub(crate) registration: RegistrationPolicy,
+    /// Most ordinary key packages a client keeps stored.
+    pub(crate) max_key_packages: usize,
+    /// Most groups a client may have created (and not deleted).
+    pub(crate) max_groups_per_client: u32,
+    /// Most members in a group.
+    pub(crate) max_group_members: usize,
+    /// Largest application message or proposal, in bytes.
+    pub(crate) max_message_bytes: usize,
+    /// Key package claims a client may make.
+    pub(crate) claims_by_claimer: Rate,
+    /// Claims of one client's key packages, by anyone.
+    pub(crate) claims_by_target: Rate,
     /// Most key packages in one publish request.
     pub(crate) max_key_package_batch: usize,
     /// Application messages are accepted for the current epoch and this many before it.
@@ -42,6 +80,8 @@ pub(crate) struct Policy {
     pub(crate) max_wait_ms: u64,
     /// Unacknowledged messages older than this are dropped (0: never), in seconds.
     pub(crate) retention_secs: u64,
+    /// Accepted-commit records older than this are pruned (0: never), in seconds.
+    pub(crate) commit_retention_secs: u64,
     /// Lifetime of a session, in seconds.
     pub(crate) session_ttl_secs: u64,
     /// Most sessions held at once.
@@ -54,6 +94,8 @@ pub(crate) struct Ds<B> {
     auth: Authenticator,
     crypto: RustCrypto,
     policy: Policy,
+    claims_by_claimer: RateLimiter<ClientId>,
+    claims_by_target: RateLimiter<ClientId>,
 }
 
 impl<B: Backend> Ds<B> {
@@ -66,6 +108,14 @@ impl<B: Backend> Ds<B> {
             ),
             backend,
             crypto: RustCrypto::default(),
+            claims_by_claimer: RateLimiter::new(
+                policy.claims_by_claimer.per_sec,
+                policy.claims_by_claimer.burst,
+            ),
+            claims_by_target: RateLimiter::new(
+                policy.claims_by_target.per_sec,
+                policy.claims_by_target.burst,
+            ),
             policy,
         }
     }

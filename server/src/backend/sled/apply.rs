@@ -18,7 +18,9 @@ use super::layout::{self, EnvelopeRef, Fanout, Layout};
 use super::queue_index::{Assignment, IndexState, QueueIndex, Released};
 use crate::backend::committing::CommitReply;
 use crate::backend::error::StoreError;
-use crate::backend::records::{GroupRecord, StoredMessage};
+use crate::backend::records::{
+    ClientUsage, GroupRecord, InviteRecord, KeyPackageRecord, StoredMessage,
+};
 use crate::backend::write_set::{
     AckOutcome, Applied, Change, Condition, Delivery, DeliveryOutcome, WriteSet,
 };
@@ -58,10 +60,9 @@ impl Job {
         match self {
             Job::Write { set, .. } => {
                 !set.conditions.is_empty()
-                    || set
-                        .changes
-                        .iter()
-                        .any(|c| matches!(c, Change::DeleteClient { .. }))
+                    || set.changes.iter().any(|c| {
+                        matches!(c, Change::DeleteClient { .. } | Change::DeleteGroup { .. })
+                    })
             }
             Job::Backup { .. } => true,
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => false,
@@ -110,6 +111,13 @@ impl Finish {
     }
 }
 
+/// What staging a write set's deliveries produced.
+struct Delivered {
+    applied: Applied,
+    /// Queue entries that become visible once durable.
+    publish: Vec<(ClientId, u64)>,
+}
+
 /// A write set turned into sled writes.
 struct StagedWrite {
     writes: Vec<PendingWrites>,
@@ -121,6 +129,8 @@ struct StagedWrite {
 pub(crate) struct Applier {
     pub(crate) layout: Layout,
     pub(crate) index: Arc<QueueIndex>,
+    /// Most entries a client's queue holds (see `IndexState::assign`).
+    pub(crate) max_queue_depth: u64,
 }
 
 impl Applier {
@@ -202,12 +212,12 @@ impl Applier {
             let released = state.delete_client(id);
             stage_release(&self.layout, &tx, &released)?;
         }
-        let (applied, publish) = self.deliver(&mut state, &tx, set.deliveries)?;
+        let delivered = self.deliver(&mut state, &tx, set.deliveries)?;
         drop(state);
         Ok(StagedWrite {
             writes: vec![tx.into_pending()?],
-            publish,
-            applied,
+            publish: delivered.publish,
+            applied: delivered.applied,
         })
     }
 
@@ -224,6 +234,21 @@ impl Applier {
                 .is_some_and(|r| r.revision == *revision),
             Condition::KeyPackageUnclaimed { owner, kp_ref } => {
                 l.contains(t.key_packages, &layout::kp_key(owner, kp_ref))?
+            }
+            Condition::LastResortAt {
+                owner,
+                kp_ref,
+                claims,
+            } => l
+                .get::<KeyPackageRecord>(t.key_packages, &layout::last_resort_key(owner))?
+                .is_some_and(|r| &r.kp_ref == kp_ref && r.claims == *claims),
+            Condition::InviteAt { code, uses_left } => l
+                .get::<InviteRecord>(t.invites, code.as_bytes())?
+                .is_some_and(|r| r.uses_left == *uses_left),
+            Condition::UsageAt { client, usage } => {
+                l.get::<ClientUsage>(t.usage, client.as_bytes())?
+                    .unwrap_or_default()
+                    == *usage
             }
         })
     }
@@ -243,6 +268,17 @@ impl Applier {
             Change::DeleteClient { .. } => Err(StoreError::Corrupt(
                 "client deletion is staged with the queue index".into(),
             )),
+            Change::DeleteGroup { id } => {
+                let storage = &self.layout.storage;
+                for (k, _) in storage.scan_raw(t.commits.handle, &layout::group_key(&id))? {
+                    tx.remove_raw(t.commits.handle, &k)?;
+                }
+                tx.remove_raw(t.groups.handle, id.as_bytes())?;
+                Ok(tx.remove_raw(t.group_states.handle, id.as_bytes())?)
+            }
+            Change::RemoveCommit { group, epoch } => {
+                Ok(tx.remove_raw(t.commits.handle, &layout::commit_key(&group, epoch))?)
+            }
             Change::PutKeyPackage { owner, record } => put(
                 t.key_packages,
                 &layout::kp_key(&owner, &record.kp_ref),
@@ -276,6 +312,15 @@ impl Applier {
                 &layout::commit_key(&group, epoch),
                 layout::encode(t.commits, &record)?,
             ),
+            Change::PutInvite { code, record } => put(
+                t.invites,
+                code.as_bytes(),
+                layout::encode(t.invites, &record)?,
+            ),
+            Change::RemoveInvite { code } => Ok(tx.remove_raw(t.invites.handle, code.as_bytes())?),
+            Change::PutUsage { client, usage } => {
+                put(t.usage, client.as_bytes(), layout::encode(t.usage, &usage)?)
+            }
         }
     }
 
@@ -303,7 +348,8 @@ impl Applier {
         Ok(())
     }
 
-    /// Assign sequence numbers to `deliveries` and stage their envelopes.
+    /// Assign sequence numbers to `deliveries` and stage their envelopes
+    /// (and the oldest entries of full queues dropped to make room).
     /// Undone in the index if an envelope cannot be staged, so that no
     /// queue keeps a gap.
     fn deliver(
@@ -311,13 +357,14 @@ impl Applier {
         state: &mut IndexState,
         tx: &Transaction,
         deliveries: Vec<Delivery>,
-    ) -> Result<(Applied, Vec<(ClientId, u64)>), StoreError> {
+    ) -> Result<Delivered, StoreError> {
         let mut applied = Applied::default();
         let mut publish = Vec::new();
         let mut assignments: Vec<Assignment> = Vec::with_capacity(deliveries.len());
         for d in deliveries {
-            let a = state.assign(&d.recipients, &d.message);
-            let staged = stage_envelope(&self.layout, tx, &a, &d.message);
+            let a = state.assign(&d.recipients, &d.message, self.max_queue_depth);
+            let staged = stage_release(&self.layout, tx, &a.dropped)
+                .and_then(|()| stage_envelope(&self.layout, tx, &a, &d.message));
             let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
             applied.deliveries.push(DeliveryOutcome {
                 message_id: a.message_id,
@@ -337,7 +384,7 @@ impl Applier {
         for a in assignments {
             publish.extend(a.entries);
         }
-        Ok((applied, publish))
+        Ok(Delivered { applied, publish })
     }
 
     fn ack(

@@ -12,6 +12,8 @@
 //! | `app.ds.groups` | group id | `GroupRecord` |
 //! | `app.ds.group_states` | group id | `GroupState` (GroupInfo and `PublicGroup` entities) |
 //! | `app.ds.commits` | `group_key ++ epoch u64 BE` | `CommitRecord` (one accepted commit per epoch) |
+//! | `app.ds.invites` | invitation code | `InviteRecord` |
+//! | `app.ds.usage` | client id | `ClientUsage` (per-client quota counters) |
 //! | `app.ds.delivery` | `'e' ++ id u64 BE` | [`Envelope`]: a message, stored once, with each recipient and its sequence number there |
 //! | | `'a' ++ client_key` | highest acknowledged sequence number, u64 BE |
 //!
@@ -29,7 +31,7 @@ use crate::backend::records::{ClientRecord, GroupId, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 3;
+pub(crate) const LAYOUT_VERSION: u32 = 4;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";
@@ -53,6 +55,8 @@ pub(crate) struct Trees {
     pub(crate) group_states: Tree,
     pub(crate) commits: Tree,
     pub(crate) delivery: Tree,
+    pub(crate) invites: Tree,
+    pub(crate) usage: Tree,
 }
 
 /// The opened store and its trees.
@@ -99,6 +103,8 @@ impl Layout {
             group_states: tree("app.ds.group_states")?,
             commits: tree("app.ds.commits")?,
             delivery: tree("app.ds.delivery")?,
+            invites: tree("app.ds.invites")?,
+            usage: tree("app.ds.usage")?,
         };
         let layout = Layout {
             storage: store.storage(NAMESPACE)?,
@@ -142,6 +148,8 @@ impl Layout {
                     t.group_states,
                     t.commits,
                     t.delivery,
+                    t.invites,
+                    t.usage,
                 ] {
                     if s.last_raw(tree.handle, b"")?.is_some() {
                         return Err(StoreError::Layout(older_layout("no layout version")));
@@ -224,13 +232,22 @@ pub(crate) fn last_resort_key(owner: &ClientId) -> Vec<u8> {
     [client_key(owner).as_slice(), b"l"].concat()
 }
 
+/// Prefix of every key of a group's accepted commits.
+pub(crate) fn group_key(group: &GroupId) -> Vec<u8> {
+    len_prefixed(group.as_bytes())
+}
+
 /// Key of the commit accepted for `epoch`.
 pub(crate) fn commit_key(group: &GroupId, epoch: u64) -> Vec<u8> {
-    [
-        len_prefixed(group.as_bytes()).as_slice(),
-        &epoch.to_be_bytes(),
-    ]
-    .concat()
+    [group_key(group).as_slice(), &epoch.to_be_bytes()].concat()
+}
+
+/// The group and epoch of a commit key.
+pub(crate) fn split_commit_key(key: &[u8]) -> Option<(GroupId, u64)> {
+    let (&len, rest) = key.split_first()?;
+    let (group, epoch) = rest.split_at_checked(usize::from(len))?;
+    let epoch: [u8; 8] = epoch.try_into().ok()?;
+    Some((GroupId::new(group).ok()?, u64::from_be_bytes(epoch)))
 }
 
 /// Prefix of every envelope key.
@@ -333,7 +350,7 @@ mod tests {
             Some(b"x".to_vec()),
             "left untouched"
         );
-        for (version, says) in [(2u32, "earlier development build"), (4, "newer")] {
+        for (version, says) in [(3u32, "earlier development build"), (5, "newer")] {
             s.put_raw(layout.trees.meta.handle, LAYOUT_KEY, &version.to_be_bytes())
                 .unwrap();
             let e = Layout::on(store.clone()).err().expect("refused");
@@ -348,5 +365,8 @@ mod tests {
         let c = ClientId::new("carol").unwrap();
         assert_eq!(ack_key(&c), b"a\x05carol".to_vec());
         assert_eq!(kp_key(&c, b"r"), b"\x05carolkr".to_vec());
+        let g = GroupId::new(b"group").unwrap();
+        assert_eq!(split_commit_key(&commit_key(&g, 9)), Some((g, 9)));
+        assert_eq!(split_commit_key(b"\x09ab"), None, "length past the end");
     }
 }

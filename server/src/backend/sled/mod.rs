@@ -36,10 +36,23 @@ use self::layout::Layout;
 use self::queue_index::QueueIndex;
 use super::committing::{committing, Committing};
 use super::records::{
-    ClientRecord, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord,
+    ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
+    KeyPackageRecord,
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
-use super::{AdminReport, Backend, BackendStats, ExpiredKeyPackage, Page, StoreError};
+use super::{
+    AdminReport, Backend, BackendStats, ExpiredKeyPackage, Page, StaleCommit, StoreError,
+    StoredClient, StoredGroup, StoredInvite,
+};
+
+/// How to open the sled backend.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SledConfig {
+    /// sled page cache in MiB.
+    pub(crate) cache_mb: u64,
+    /// Most entries a client's queue holds; a full queue drops its oldest.
+    pub(crate) max_queue_depth: u64,
+}
 
 /// The sled backend of one data directory.
 pub(crate) struct SledBackend {
@@ -53,8 +66,8 @@ impl SledBackend {
     /// Open the data directory: check the layout, rebuild the queue index
     /// (deleting messages every recipient acknowledged before a crash could
     /// remove them), start the write path.
-    pub(crate) fn open(data_dir: &Path, cache_mb: u64) -> Result<SledBackend, StoreError> {
-        let layout = Layout::open(data_dir, cache_mb)?;
+    pub(crate) fn open(data_dir: &Path, config: SledConfig) -> Result<SledBackend, StoreError> {
+        let layout = Layout::open(data_dir, config.cache_mb)?;
         let loaded = queue_startup::load(&layout)?;
         if !loaded.orphans.is_empty() {
             let tx = layout.storage.begin();
@@ -72,6 +85,7 @@ impl SledBackend {
         let commit = GroupCommit::start(Applier {
             layout: layout.clone(),
             index: index.clone(),
+            max_queue_depth: config.max_queue_depth,
         })?;
         Ok(SledBackend {
             layout,
@@ -187,6 +201,88 @@ impl Backend for SledBackend {
             .get(self.layout.trees.commits, &layout::commit_key(group, epoch))
     }
 
+    async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
+        self.run(|layout| {
+            let tree = layout.trees.clients;
+            let mut out = Vec::new();
+            for (k, v) in layout.storage.scan_raw(tree.handle, b"")? {
+                let id = ClientId::new(&k)
+                    .map_err(|e| StoreError::Corrupt(format!("client record key: {e}")))?;
+                let record = mls_ds_storage::codec::decode_record(tree.name, &k, &v)?;
+                out.push(StoredClient { id, record });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
+        self.run(|layout| {
+            let tree = layout.trees.groups;
+            let mut out = Vec::new();
+            for (k, v) in layout.storage.scan_raw(tree.handle, b"")? {
+                let id = GroupId::new(&k)
+                    .map_err(|e| StoreError::Corrupt(format!("group record key: {e}")))?;
+                let record = mls_ds_storage::codec::decode_record(tree.name, &k, &v)?;
+                out.push(StoredGroup { id, record });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn stale_commits(&self, cutoff_ms: u64) -> Result<Vec<StaleCommit>, StoreError> {
+        self.run(move |layout| {
+            let tree = layout.trees.commits;
+            let mut stale = Vec::new();
+            // Keys sort by group, then epoch: a record followed by one of
+            // the same group is not its group's newest.
+            let mut previous: Option<(StaleCommit, bool)> = None;
+            for (k, v) in layout.storage.scan_raw(tree.handle, b"")? {
+                let record: CommitRecord = mls_ds_storage::codec::decode_record(tree.name, &k, &v)?;
+                let (group, epoch) = layout::split_commit_key(&k).ok_or_else(|| {
+                    StoreError::Corrupt(format!("commit key {}", hex::encode(&k)))
+                })?;
+                if let Some((prev, old)) = previous.take() {
+                    if old && prev.group == group {
+                        stale.push(prev);
+                    }
+                }
+                previous = Some((StaleCommit { group, epoch }, record.accepted_ms < cutoff_ms));
+            }
+            Ok(stale)
+        })
+        .await
+    }
+
+    fn queue_depth(&self, client: &ClientId) -> u64 {
+        self.index.lock().position(client).remaining
+    }
+
+    async fn invite(&self, code: &str) -> Result<Option<InviteRecord>, StoreError> {
+        self.layout.get(self.layout.trees.invites, code.as_bytes())
+    }
+
+    async fn invites(&self) -> Result<Vec<StoredInvite>, StoreError> {
+        let tree = self.layout.trees.invites;
+        let rows = self.layout.storage.scan_raw(tree.handle, b"")?;
+        rows.iter()
+            .map(|(k, v)| {
+                Ok(StoredInvite {
+                    code: String::from_utf8_lossy(k).into_owned(),
+                    record: mls_ds_storage::codec::decode_record(tree.name, k, v)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn usage(&self, client: &ClientId) -> Result<ClientUsage, StoreError> {
+        Ok(self
+            .layout
+            .get(self.layout.trees.usage, client.as_bytes())?
+            .unwrap_or_default())
+    }
+
     async fn lock_group(&self, id: &GroupId) -> OwnedMutexGuard<()> {
         let lock = self
             .group_locks
@@ -262,6 +358,7 @@ impl Backend for SledBackend {
             queue_entries: depths.entries,
             queue_depth_max: depths.deepest,
             stored_messages: depths.stored_messages,
+            queue_overflow_drops: depths.overflow_drops,
             flushes: s.flushes.load(Relaxed),
             durable_writes: s.durable.load(Relaxed),
             flush_failures: s.failures.load(Relaxed),

@@ -82,6 +82,8 @@ pub(crate) struct IndexState {
     pub(crate) messages: BTreeMap<u64, MessageMeta>,
     cache: HashMap<u64, Arc<StoredMessage>>,
     cache_bytes: usize,
+    /// Entries dropped from full queues since start.
+    pub(crate) overflow_drops: u64,
 }
 
 /// Sequence numbers a delivery got.
@@ -91,6 +93,8 @@ pub(crate) struct Assignment {
     /// Each recipient (those that had not deleted themselves) and its
     /// sequence number.
     pub(crate) entries: Vec<(ClientId, u64)>,
+    /// The oldest entries of full queues, dropped to make room.
+    pub(crate) dropped: Released,
 }
 
 /// Entries that left queues, and the stored messages they freed.
@@ -139,23 +143,41 @@ impl IndexState {
     }
 
     /// Queue `message` for each of `recipients` that has not deleted itself.
+    /// A queue already holding `max_depth` entries first drops its oldest
+    /// one, as the retention bound does: its acknowledgement mark moves past
+    /// it, which is how the client learns that it missed entries (and, for
+    /// a missed commit, that it must resync).
     pub(crate) fn assign(
         &mut self,
         recipients: &[ClientId],
         message: &StoredMessage,
+        max_depth: u64,
     ) -> Assignment {
         let message_id = self.next_message_id;
         self.next_message_id += 1;
         let mut entries = Vec::with_capacity(recipients.len());
+        let mut popped = Vec::new();
+        let mut marks = Vec::new();
         for r in recipients {
             let cq = self.client(r);
             if cq.deleted {
                 continue;
             }
+            if cq.ids.len() as u64 >= max_depth.max(1) {
+                let mark = cq.acked + 1;
+                popped.extend(cq.advance(mark));
+                marks.push((r.clone(), mark));
+            }
             let seq = cq.next_seq();
             cq.ids.push_back(message_id);
             entries.push((r.clone(), seq));
         }
+        self.overflow_drops += popped.len() as u64;
+        let dropped = Released {
+            entries: popped.len(),
+            freed: self.release(popped),
+            marks,
+        };
         if !entries.is_empty() {
             self.messages.insert(
                 message_id,
@@ -168,6 +190,7 @@ impl IndexState {
         Assignment {
             message_id,
             entries,
+            dropped,
         }
     }
 
@@ -391,6 +414,7 @@ impl QueueIndex {
         let state = self.lock();
         let mut depths = QueueDepths {
             stored_messages: state.messages.len() as u64,
+            overflow_drops: state.overflow_drops,
             ..QueueDepths::default()
         };
         for q in state.clients.values() {
@@ -408,6 +432,7 @@ pub(crate) struct QueueDepths {
     pub(crate) entries: u64,
     pub(crate) deepest: u64,
     pub(crate) stored_messages: u64,
+    pub(crate) overflow_drops: u64,
 }
 
 #[cfg(test)]
@@ -436,14 +461,14 @@ mod tests {
             ..IndexState::default()
         };
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
-        let first = s.assign(&[a.clone(), b.clone()], &message(1));
+        let first = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
         assert_eq!(first.entries, vec![(a.clone(), 1), (b.clone(), 1)]);
-        let second = s.assign(std::slice::from_ref(&a), &message(1));
+        let second = s.assign(std::slice::from_ref(&a), &message(1), u64::MAX);
         s.unassign(&[second]);
         assert_eq!(s.client(&a).next_seq(), 2);
         assert_eq!(s.next_message_id, 2);
         s.delete_client(&b);
-        let third = s.assign(&[a.clone(), b.clone()], &message(1));
+        let third = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
         assert_eq!(third.entries, vec![(a.clone(), 2)], "b deleted itself");
     }
 
@@ -454,7 +479,7 @@ mod tests {
             ..IndexState::default()
         };
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
-        let m = s.assign(&[a.clone(), b.clone()], &message(1));
+        let m = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
         assert_eq!(s.ack(&a, 1).err(), Some(0), "not visible yet");
         visible(&mut s, &m);
         let r = s.ack(&a, 1).unwrap();
@@ -475,9 +500,9 @@ mod tests {
             ..IndexState::default()
         };
         let a = ClientId::new("a").unwrap();
-        let old = s.assign(std::slice::from_ref(&a), &message(100));
+        let old = s.assign(std::slice::from_ref(&a), &message(100), u64::MAX);
         visible(&mut s, &old);
-        let _pending_old = s.assign(std::slice::from_ref(&a), &message(200));
+        let _pending_old = s.assign(std::slice::from_ref(&a), &message(200), u64::MAX);
         let r = s.expire(1_000);
         assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
         assert_eq!(s.client(&a).ids.len(), 1, "the entry not yet durable stays");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use mls_ds_protocol::ClientId;
 
 use super::layout;
-use super::SledBackend;
+use super::{SledBackend, SledConfig};
 use crate::backend::records::{
     ClientRecord, GroupId, GroupRecord, KeyPackageRecord, StoredMessage,
 };
@@ -17,7 +17,18 @@ use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
 
 fn open(dir: &Path) -> SledBackend {
-    SledBackend::open(dir, 16).unwrap()
+    open_with_depth(dir, u64::MAX)
+}
+
+fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
+    SledBackend::open(
+        dir,
+        SledConfig {
+            cache_mb: 16,
+            max_queue_depth,
+        },
+    )
+    .unwrap()
 }
 
 fn id(s: &str) -> ClientId {
@@ -280,7 +291,15 @@ async fn a_gap_is_refused() {
             report.problems
         );
     }
-    let refused = SledBackend::open(dir.path(), 16).err().expect("refused");
+    let refused = SledBackend::open(
+        dir.path(),
+        SledConfig {
+            cache_mb: 16,
+            max_queue_depth: u64::MAX,
+        },
+    )
+    .err()
+    .expect("refused");
     assert!(refused.to_string().contains("has a gap"), "{refused}");
 }
 
@@ -341,6 +360,7 @@ async fn concurrent_write_sets_on_one_revision_accept_exactly_one() {
         revision,
         open: false,
         members: vec![b"a".to_vec()],
+        creator: b"a".to_vec(),
         created_ms: 0,
     };
     let create = WriteSet {
@@ -390,6 +410,7 @@ async fn a_key_package_is_claimed_once() {
         message: vec![1],
         kp_ref: vec![9; 16],
         not_after: u64::MAX,
+        claims: 0,
     };
     b.submit(WriteSet {
         changes: vec![Change::PutKeyPackage {
@@ -441,4 +462,76 @@ async fn a_live_backup_is_a_consistent_copy() {
     let copy = open(&target);
     assert!(copy.client(&a).await.unwrap().is_some());
     assert_eq!(seqs(&copy, &a, 0).await, vec![1]);
+}
+
+/// A full queue drops its oldest entry for each new one, durably: the
+/// acknowledgement mark moves past what was dropped, as with retention.
+#[tokio::test]
+async fn a_full_queue_drops_its_oldest_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (id("a"), id("c"));
+    {
+        let b = open_with_depth(dir.path(), 2);
+        for i in 0..4 {
+            send(&b, i, &[&a, &c]).await;
+        }
+        let page = b.page(&a, 0, 10, 1 << 20).await.unwrap();
+        assert_eq!(page.acked, 2, "two dropped");
+        assert_eq!(seqs(&b, &a, 0).await, vec![3, 4]);
+        assert_eq!(b.stats().queue_overflow_drops, 4, "two of a's, two of c's");
+        assert_eq!(stored(&b), 2, "the messages dropped everywhere were freed");
+        b.ack(&c, 4).wait().await.unwrap();
+        assert_eq!(stored(&b), 2, "a still holds 3 and 4");
+    }
+    let b = open_with_depth(dir.path(), 2);
+    assert_eq!(seqs(&b, &a, 0).await, vec![3, 4], "the drops are durable");
+    let report = super::queue_startup::verify(&b.layout);
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+#[tokio::test]
+async fn stale_commits_leave_each_groups_newest() {
+    use crate::backend::records::CommitRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let (g1, g2) = (GroupId::new(b"g1").unwrap(), GroupId::new(b"g2").unwrap());
+    let commit = |group: &GroupId, epoch: u64, accepted_ms: u64| Change::PutCommit {
+        group: group.clone(),
+        epoch,
+        record: CommitRecord {
+            commit_hash: [0; 32],
+            committer: b"a".to_vec(),
+            new_epoch: epoch + 1,
+            recipients: 0,
+            accepted_ms,
+        },
+    };
+    let changes = vec![
+        commit(&g1, 0, 10),
+        commit(&g1, 1, 20),
+        commit(&g1, 2, 30),
+        commit(&g2, 0, 10),
+        commit(&g2, 1, 500),
+    ];
+    b.submit(WriteSet {
+        changes,
+        ..WriteSet::default()
+    })
+    .wait()
+    .await
+    .unwrap();
+    let stale = b.stale_commits(100).await.unwrap();
+    let got: Vec<(Vec<u8>, u64)> = stale
+        .iter()
+        .map(|s| (s.group.as_bytes().to_vec(), s.epoch))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (b"g1".to_vec(), 0),
+            (b"g1".to_vec(), 1),
+            (b"g2".to_vec(), 0)
+        ],
+        "g1's newest (epoch 2) stays although old"
+    );
 }
