@@ -83,6 +83,19 @@ impl DsApi {
         dec(&bytes)
     }
 
+    /// Delete a group this client is the last member of.
+    pub async fn delete_group(&self, group_id: &[u8]) -> Result<()> {
+        self.transport
+            .send(
+                Method::DELETE,
+                &paths::group(group_id),
+                Vec::new(),
+                AuthMode::Session,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Delete this client from the DS.
     pub async fn delete_client(&self) -> Result<()> {
         self.transport

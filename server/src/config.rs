@@ -228,10 +228,10 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_REGISTRATION", value_enum, default_value_t = Registration::Auto)]
     pub registration: Registration,
 
-    /// Registrations and session openings per second allowed per source
+    /// Registrations and session openings per minute allowed per source
     /// address (0: unlimited; over it: 429).
-    #[arg(long, env = "MLS_DS_IP_RATE_LIMIT", default_value_t = 20)]
-    pub ip_rate_limit_per_sec: u32,
+    #[arg(long, env = "MLS_DS_IP_RATE_LIMIT", default_value_t = 1200)]
+    pub ip_rate_limit_per_min: u32,
 
     /// Burst size of the per-address limit.
     #[arg(long, env = "MLS_DS_IP_RATE_BURST", default_value_t = 200)]
@@ -243,21 +243,21 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_TRUST_FORWARDED_FOR")]
     pub trust_forwarded_for: bool,
 
-    /// Key package claims per second allowed per claiming client (0:
+    /// Key package claims per minute allowed per claiming client (0:
     /// unlimited; over it: 429).
-    #[arg(long, env = "MLS_DS_CLAIM_RATE", default_value_t = 5)]
-    pub claim_rate_per_sec: u32,
+    #[arg(long, env = "MLS_DS_CLAIM_RATE", default_value_t = 300)]
+    pub claim_rate_per_min: u32,
 
     /// Burst size of the per-claimer limit (enough to invite that many
     /// members at once).
     #[arg(long, env = "MLS_DS_CLAIM_BURST", default_value_t = 200)]
     pub claim_burst: u32,
 
-    /// Claims per second of one client's key packages, by anyone (0:
+    /// Claims per minute of one client's key packages, by anyone (0:
     /// unlimited; over it: 429), so that nobody drains another client's
     /// packages.
-    #[arg(long, env = "MLS_DS_TARGET_CLAIM_RATE", default_value_t = 1)]
-    pub target_claim_rate_per_sec: u32,
+    #[arg(long, env = "MLS_DS_TARGET_CLAIM_RATE", default_value_t = 60)]
+    pub target_claim_rate_per_min: u32,
 
     /// Burst size of the per-target limit.
     #[arg(long, env = "MLS_DS_TARGET_CLAIM_BURST", default_value_t = 50)]

@@ -27,11 +27,11 @@ fn policy(limits: &Limits) -> Policy {
         max_group_members: limits.max_group_members,
         max_message_bytes: limits.max_message_bytes,
         claims_by_claimer: Rate {
-            per_sec: limits.claim_rate_per_sec,
+            per_min: limits.claim_rate_per_min,
             burst: limits.claim_burst,
         },
         claims_by_target: Rate {
-            per_sec: limits.target_claim_rate_per_sec,
+            per_min: limits.target_claim_rate_per_min,
             burst: limits.target_claim_burst,
         },
         max_key_package_batch: limits.max_key_package_batch,

@@ -87,12 +87,9 @@ fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
             max_body_bytes: limits.max_body_bytes,
             read_timeout: Duration::from_millis(limits.read_timeout_ms),
             max_inflight: limits.max_inflight,
-            per_client: Rate {
-                per_sec: limits.rate_limit_per_sec,
-                burst: limits.rate_limit_burst,
-            },
+            per_client: Rate::per_sec(limits.rate_limit_per_sec, limits.rate_limit_burst),
             per_address: Rate {
-                per_sec: limits.ip_rate_limit_per_sec,
+                per_min: limits.ip_rate_limit_per_min,
                 burst: limits.ip_rate_limit_burst,
             },
             trust_forwarded_for: limits.trust_forwarded_for,

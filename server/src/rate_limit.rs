@@ -8,6 +8,8 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::service::Rate;
+
 /// How often (in calls) full buckets are swept out of the table.
 const SWEEP_EVERY: u64 = 4096;
 
@@ -29,12 +31,11 @@ pub(crate) struct RateLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
-    /// `per_sec` tokens a second up to `burst`; `per_sec == 0` disables
-    /// limiting.
-    pub(crate) fn new(per_sec: u32, burst: u32) -> Self {
+    /// Tokens at `rate` up to its burst; a rate of 0 disables limiting.
+    pub(crate) fn new(rate: Rate) -> Self {
         RateLimiter {
-            per_sec: f64::from(per_sec),
-            burst: f64::from(burst.max(1)),
+            per_sec: f64::from(rate.per_min) / 60.0,
+            burst: f64::from(rate.burst.max(1)),
             buckets: Mutex::new(Buckets {
                 by_key: HashMap::new(),
                 calls: 0,
@@ -78,16 +79,16 @@ mod tests {
 
     #[test]
     fn burst_then_refuse() {
-        let r = RateLimiter::new(1, 3);
+        let r = RateLimiter::new(Rate::per_sec(1, 3));
         assert!(r.allow(&"c") && r.allow(&"c") && r.allow(&"c"));
         assert!(!r.allow(&"c"));
         assert!(r.allow(&"d"), "another key has its own bucket");
-        assert!(RateLimiter::new(0, 0).allow(&"c"));
+        assert!(RateLimiter::new(Rate::per_sec(0, 0)).allow(&"c"));
     }
 
     #[test]
     fn full_buckets_are_swept() {
-        let r = RateLimiter::new(1_000_000, 1);
+        let r = RateLimiter::new(Rate::per_sec(1_000_000, 1));
         for i in 0..SWEEP_EVERY {
             r.allow(&i);
         }

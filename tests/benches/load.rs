@@ -462,7 +462,7 @@ const SERVER_FLAGS: &[&str] = &[
     "100000000",
     "--rate-limit-burst",
     "100000000",
-    "--ip-rate-limit-per-sec",
+    "--ip-rate-limit-per-min",
     "100000000",
     "--ip-rate-limit-burst",
     "100000000",

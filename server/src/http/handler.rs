@@ -83,8 +83,8 @@ impl<B: Backend> Front<B> {
     pub(crate) fn new(cell: Arc<StateCell<Ds<B>>>, limits: HttpLimits) -> Front<B> {
         Front {
             cell,
-            per_client: RateLimiter::new(limits.per_client.per_sec, limits.per_client.burst),
-            per_address: RateLimiter::new(limits.per_address.per_sec, limits.per_address.burst),
+            per_client: RateLimiter::new(limits.per_client),
+            per_address: RateLimiter::new(limits.per_address),
             limits,
             metrics: Metrics::default(),
             inflight: AtomicUsize::new(0),

@@ -45,10 +45,20 @@ pub(crate) enum RegistrationPolicy {
 /// A steady rate with a burst.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Rate {
-    /// Tokens a second (0: unlimited).
-    pub(crate) per_sec: u32,
+    /// Tokens a minute (0: unlimited).
+    pub(crate) per_min: u32,
     /// Most tokens at once.
     pub(crate) burst: u32,
+}
+
+impl Rate {
+    /// `per_sec` a second.
+    pub(crate) fn per_sec(per_sec: u32, burst: u32) -> Rate {
+        Rate {
+            per_min: per_sec.saturating_mul(60),
+            burst,
+        }
+    }
 }
 
 /// The limits and policies the services apply.
@@ -108,14 +118,8 @@ impl<B: Backend> Ds<B> {
             ),
             backend,
             crypto: RustCrypto::default(),
-            claims_by_claimer: RateLimiter::new(
-                policy.claims_by_claimer.per_sec,
-                policy.claims_by_claimer.burst,
-            ),
-            claims_by_target: RateLimiter::new(
-                policy.claims_by_target.per_sec,
-                policy.claims_by_target.burst,
-            ),
+            claims_by_claimer: RateLimiter::new(policy.claims_by_claimer),
+            claims_by_target: RateLimiter::new(policy.claims_by_target),
             policy,
         }
     }
