@@ -22,6 +22,13 @@ pub struct Cli {
     #[arg(long, env = "MLS_DS_LOG", default_value = "info", global = true)]
     pub log: String,
 
+    // Read by `config_file` before clap parses the rest.
+    /// TOML file setting any of these options by its long name, e.g.
+    /// `listen = "0.0.0.0:8443"` (docs/CONFIG.md); flags and environment
+    /// variables override it.
+    #[arg(long, env = "MLS_DS_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -142,14 +149,26 @@ pub struct ServeArgs {
     #[arg(long, env = "MLS_DS_PORT_FILE")]
     pub port_file: Option<PathBuf>,
 
+    // The TLS pair is checked by `serve`, not by clap's `requires`: a value
+    // from the config file is a clap default, which `requires` ignores.
     /// PEM certificate chain: serve HTTPS (h2 and HTTP/1.1 by ALPN) instead of
     /// plain HTTP. Needs `--tls-key`.
-    #[arg(long, env = "MLS_DS_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "MLS_DS_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key matching `--tls-cert`.
-    #[arg(long, env = "MLS_DS_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "MLS_DS_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+
+    /// Address of a second, plain-HTTP listener answering only `GET
+    /// /metrics` (Prometheus text); unset: no metrics endpoint.
+    #[arg(long, env = "MLS_DS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Write the metrics listener's bound address to this file (written
+    /// before `--port-file`). Needs `--metrics-listen`.
+    #[arg(long, env = "MLS_DS_METRICS_PORT_FILE")]
+    pub metrics_port_file: Option<PathBuf>,
 
     /// Threads handling requests (default: one per CPU core); the flusher's
     /// two threads and sled's I/O threads come on top. On a machine shared

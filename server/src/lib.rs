@@ -6,7 +6,8 @@
 //! - [`service`]: the DS's core, HTTP-free and storage-free;
 //! - [`backend`]: the seam to storage (`Backend`) and its embedded
 //!   implementation on sled;
-//! - around them: [`config`] (flags), [`admin`] (check, stats, backup),
+//! - around them: [`config`] (flags), [`config_file`] (`--config`, the
+//!   TOML file under them), [`admin`] (check, stats, backup),
 //!   [`recovery`] (reopening storage after a disk failure), [`metrics`],
 //!   [`rate_limit`], [`tls`].
 
@@ -15,6 +16,7 @@
 pub mod admin;
 mod backend;
 pub mod config;
+pub mod config_file;
 mod embedded;
 mod http;
 mod metrics;
@@ -55,9 +57,12 @@ pub enum ServeError {
         /// Why.
         reason: String,
     },
-    /// The TLS certificate or key is unusable.
+    /// The TLS certificate or key is unusable, or only one of them is given.
     #[error("{0}")]
     Tls(String),
+    /// Options that only work together were given apart.
+    #[error("{0}")]
+    Options(String),
     /// The listen address is unusable.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -97,34 +102,42 @@ fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
     )
 }
 
-/// Run the server until SIGINT or SIGTERM, then shut down gracefully: stop
-/// accepting, finish in-flight requests (up to 30 s), flush, return.
+/// Run the server (and its metrics listener, if `--metrics-listen` is set)
+/// until SIGINT or SIGTERM, then shut down gracefully: stop accepting,
+/// finish in-flight requests (up to 30 s), flush, return.
 pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(ServeError::Tls)?),
-        _ => None,
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => {
+            return Err(ServeError::Tls(
+                "--tls-cert and --tls-key must be given together".into(),
+            ))
+        }
     };
+    if args.metrics_port_file.is_some() && args.metrics_listen.is_none() {
+        return Err(ServeError::Options(
+            "--metrics-port-file needs --metrics-listen".into(),
+        ));
+    }
     let mut limits = args.limits.clone();
     limits.registration = limits.registration.resolve(args.listen);
     let ds = embedded::open(data_dir, &limits).map_err(|e| ServeError::Open {
         dir: data_dir.to_owned(),
         reason: e.to_string(),
     })?;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: args.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: args.listen,
-        source,
-    })?;
+    let (listener, local) = bind(args.listen).await?;
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    // The metrics port file first: whoever waits for `--port-file` finds
+    // both.
+    if let (Some((_, addr)), Some(path)) = (&metrics_listener, &args.metrics_port_file) {
+        write_port_file(path, *addr)?;
+    }
     if let Some(path) = &args.port_file {
-        std::fs::write(path, local.to_string()).map_err(|source| ServeError::PortFile {
-            path: path.clone(),
-            source,
-        })?;
+        write_port_file(path, local)?;
     }
     tracing::info!(
         listen = %local,
@@ -133,6 +146,9 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
         registration = ?limits.registration,
         "mls-ds listening (HTTP/1.1 and h2, TLS if configured, else h2c)"
     );
+    if let Some((_, addr)) = &metrics_listener {
+        tracing::info!(metrics_listen = %addr, "metrics listening (plain HTTP, GET /metrics)");
+    }
 
     let cell = StateCell::new(Arc::new(ds));
     let maintenance = tokio::spawn(maintenance(cell.clone()));
@@ -143,14 +159,28 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     };
     let recovery = tokio::spawn(recovery::watch(cell.clone(), data_dir.to_owned(), reopen));
     let front = Arc::new(front(cell.clone(), &limits));
-    http::serve(
-        listener,
-        tls,
-        front,
-        Duration::from_millis(limits.read_timeout_ms),
-        shutdown_signal(),
-    )
+    let head_timeout = Duration::from_millis(limits.read_timeout_ms);
+    // One signal stops both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let metrics = metrics_listener.map(|(listener, _)| {
+        let mut stopped = stopped.clone();
+        tokio::spawn(http::metrics_listener::serve(
+            listener,
+            front.clone(),
+            head_timeout,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        ))
+    });
+    http::serve(listener, tls, front, head_timeout, async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    })
     .await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     maintenance.abort();
     admin_socket.abort();
     recovery.abort();
@@ -162,6 +192,24 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     }
     tracing::info!("flushed; bye");
     Ok(())
+}
+
+/// A listener on `addr`, and the address it actually bound.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    Ok((listener, local))
+}
+
+fn write_port_file(path: &Path, addr: SocketAddr) -> Result<(), ServeError> {
+    std::fs::write(path, addr.to_string()).map_err(|source| ServeError::PortFile {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 async fn shutdown_signal() {

@@ -1,13 +1,24 @@
-//! The `mls-ds` binary: parse flags, set up logging, run a subcommand.
+//! The `mls-ds` binary: read flags, environment and config file, set up
+//! logging, run a subcommand.
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use mls_ds_server::admin::{self, AdminCommand};
 use mls_ds_server::config::{Cli, ClientCommand, Command, GroupCommand, InviteCommand};
+use mls_ds_server::config_file::{self, LoadError};
+
+/// Exit status of a usage error, as clap uses for the command line.
+const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config_file::load() {
+        Ok(cli) => cli,
+        Err(LoadError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("mls-ds: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr (stdout is for command output such as `stats`),

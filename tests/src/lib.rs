@@ -1,5 +1,6 @@
 //! Harness for system tests: builds and starts the real `mls-ds` binary on
-//! 127.0.0.1 with an ephemeral port and a temporary data directory, restarts
+//! 127.0.0.1 with an ephemeral port and a temporary data directory (and its
+//! metrics listener on another ephemeral port), restarts
 //! it on the same directory, stops it gracefully or kills it; low-level
 //! clients ([`raw`]) for tests that need to step outside the SDK; and what
 //! crash tests share ([`crashing`]: retries across restarts, exact records
@@ -109,6 +110,7 @@ pub struct Server {
     data_dir: PathBuf,
     log: PathBuf,
     addr: String,
+    metrics_addr: String,
     extra: Vec<String>,
 }
 
@@ -127,6 +129,7 @@ impl Server {
             data_dir: data_dir.to_owned(),
             log: log.to_owned(),
             addr: String::new(),
+            metrics_addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         s.spawn();
@@ -135,7 +138,9 @@ impl Server {
 
     fn spawn(&mut self) {
         let port_file = self.data_dir.join("test-port");
+        let metrics_port_file = self.data_dir.join("test-metrics-port");
         let _ = std::fs::remove_file(&port_file);
+        let _ = std::fs::remove_file(&metrics_port_file);
         std::fs::create_dir_all(&self.data_dir).expect("data dir");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -165,6 +170,8 @@ impl Server {
             .args(["--listen", "127.0.0.1:0", "--log", "info"])
             .arg("--port-file")
             .arg(&port_file)
+            .args(["--metrics-listen", "127.0.0.1:0", "--metrics-port-file"])
+            .arg(&metrics_port_file)
             .args(&self.extra)
             .stdout(stdout)
             .stderr(log)
@@ -173,9 +180,12 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // The server writes the metrics port file before the other.
             if let Ok(addr) = std::fs::read_to_string(&port_file) {
                 if !addr.is_empty() {
                     self.addr = addr;
+                    self.metrics_addr =
+                        std::fs::read_to_string(&metrics_port_file).expect("metrics port file");
                     return;
                 }
             }
@@ -193,6 +203,11 @@ impl Server {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT` of the metrics listener (`GET /metrics`).
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}", self.metrics_addr)
     }
 
     /// Process id of the running server.

@@ -1,10 +1,11 @@
 //! Read-only data directory: the file system under a running server turns
 //! read-only mid-run. Reads keep working until the first write; that write
 //! gets 500 naming the cause (EROFS), the log says so, and from then on the
-//! server refuses every request but `/metrics` with 503 and reports
-//! unhealthy (sled 0.34 stays broken after an I/O error, and its memory holds
-//! the failed request's writes, so even a read could show something never
-//! acknowledged). The server checks every 500 ms whether the directory takes
+//! server refuses every API request with 503 and reports unhealthy (sled
+//! 0.34 stays broken after an I/O error, and its memory holds the failed
+//! request's writes, so even a read could show something never
+//! acknowledged), while its metrics listener still serves `/metrics`. The
+//! server checks every 500 ms whether the directory takes
 //! writes again (it would then reopen its storage by itself, as the
 //! full-disk test shows), but ext4's emergency read-only state only ends with
 //! an unmount, so here the server is stopped. Nothing unwritten is
@@ -206,8 +207,8 @@ async fn read_only_file_system_is_refused_and_nothing_acknowledged_is_lost() {
     assert_eq!(status, 500, "{reason}");
     assert!(reason.contains(EROFS), "{reason}");
 
-    // From then on: unhealthy, saying why, and every request refused with 503
-    // (reads included), except /metrics.
+    // From then on: unhealthy, saying why, and every API request refused
+    // with 503 (reads included); /metrics (on its own listener) still served.
     let (status, body) = raw_request(&url, "GET", "/healthz", &[], vec![]).await;
     assert_eq!(status, 503, "reports unhealthy");
     let unhealthy = decode::<ErrorBody>(&body).unwrap().text();
@@ -251,7 +252,8 @@ async fn read_only_file_system_is_refused_and_nothing_acknowledged_is_lost() {
         refused[1..5].iter().all(|(_, s)| *s == 503),
         "sends after the failed flush: {refused:?}"
     );
-    let (status, metrics) = raw_request(&url, "GET", "/metrics", &[], vec![]).await;
+    let (status, metrics) =
+        raw_request(&server.metrics_url(), "GET", "/metrics", &[], vec![]).await;
     assert_eq!(status, 200, "metrics still served");
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(

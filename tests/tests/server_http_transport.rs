@@ -28,12 +28,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mls_ds_protocol::{paths, CONTENT_TYPE};
 use mls_ds_tests::Server;
 
-/// Routes that have `GET`, and whether their `GET` body is the same on every
-/// request (the metrics page changes between two requests).
-const GET_ROUTES: [(&str, bool); 3] = [
-    ("/healthz", true),
-    ("/metrics", false),
-    (paths::QUEUE, true),
+/// Which of the server's listeners serves a route.
+#[derive(Clone, Copy, Debug)]
+enum On {
+    Api,
+    Metrics,
+}
+
+/// Routes that have `GET`, where they are served, and whether their `GET`
+/// body is the same on every request (the metrics page changes between two
+/// requests).
+const GET_ROUTES: [(On, &str, bool); 3] = [
+    (On::Api, "/healthz", true),
+    (On::Metrics, "/metrics", false),
+    (On::Api, paths::QUEUE, true),
 ];
 
 fn start() -> (tempfile::TempDir, Server) {
@@ -43,7 +51,15 @@ fn start() -> (tempfile::TempDir, Server) {
 }
 
 fn addr(server: &Server) -> String {
-    server.url().trim_start_matches("http://").to_owned()
+    addr_of(server, On::Api)
+}
+
+fn addr_of(server: &Server, on: On) -> String {
+    let url = match on {
+        On::Api => server.url(),
+        On::Metrics => server.metrics_url(),
+    };
+    url.trim_start_matches("http://").to_owned()
 }
 
 // ---------------------------------------------------------------------------
@@ -179,9 +195,8 @@ fn head_then_get_http1(addr: &str, path: &str) -> (Http1Response, Http1Response)
 #[test]
 fn head_over_http1_answers_like_get_without_a_body() {
     let (_dir, server) = start();
-    let addr = addr(&server);
-    for (path, same_body) in GET_ROUTES {
-        let (head, get) = head_then_get_http1(&addr, path);
+    for (on, path, same_body) in GET_ROUTES {
+        let (head, get) = head_then_get_http1(&addr_of(&server, on), path);
         assert_eq!(
             head.status, get.status,
             "HEAD {path} has GET's status; HEAD: {head:?}, GET: {get:?}"
@@ -312,11 +327,16 @@ async fn h2_finish(
 #[tokio::test]
 async fn head_over_h2c_answers_like_get_without_a_body() {
     let (_dir, server) = start();
-    let (mut send, conn) = h2c(&addr(&server)).await;
-    for (path, same_body) in GET_ROUTES {
-        let get = h2_request(&mut send, "GET", path).await;
+    let (mut api, api_conn) = h2c(&addr_of(&server, On::Api)).await;
+    let (mut metrics, metrics_conn) = h2c(&addr_of(&server, On::Metrics)).await;
+    for (on, path, same_body) in GET_ROUTES {
+        let send = match on {
+            On::Api => &mut api,
+            On::Metrics => &mut metrics,
+        };
+        let get = h2_request(send, "GET", path).await;
         let get_body = get.body.clone().expect("GET body");
-        let head = h2_request(&mut send, "HEAD", path).await;
+        let head = h2_request(send, "HEAD", path).await;
         assert_eq!(
             head.body.as_deref().map(<[u8]>::len),
             Ok(0),
@@ -342,7 +362,17 @@ async fn head_over_h2c_answers_like_get_without_a_body() {
             }
         }
     }
-    h2_finish(send, conn).await;
+    h2_finish(api, api_conn).await;
+    let page = h2_request(&mut metrics, "GET", "/metrics").await;
+    assert_eq!(
+        page.status, 200,
+        "the metrics h2 connection still serves: {page:?}"
+    );
+    drop(metrics);
+    metrics_conn
+        .await
+        .unwrap()
+        .expect("the metrics h2 connection ends without a connection error");
 }
 
 #[tokio::test]

@@ -134,10 +134,8 @@ impl<B: Backend> Front<B> {
             let reopening = DsError::Unavailable(REOPENING.into());
             return Outcome::new(route.name(), Err(reopening.into()));
         };
-        if route != Route::Metrics {
-            if let Err(e) = ds.backend().health() {
-                return Outcome::new("storage_failed", Err(DsError::from(e).into()));
-            }
+        if let Err(e) = ds.backend().health() {
+            return Outcome::new("storage_failed", Err(DsError::from(e).into()));
         }
         if inflight > self.limits.max_inflight {
             return Outcome::new("overload", Err(ApiError::Overloaded));
@@ -161,11 +159,6 @@ impl<B: Backend> Front<B> {
     {
         match route {
             Route::Healthz => Ok(Reply::text("ok\n".into(), "text/plain")),
-            Route::Metrics => Ok(Reply::text(
-                self.metrics
-                    .render(&ds.backend().stats(), ds.authenticator().session_count()),
-                "text/plain; version=0.0.4",
-            )),
             Route::Register => {
                 let (parts, body) = self.read(req).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
@@ -200,6 +193,21 @@ impl<B: Backend> Front<B> {
             .next_back()
             .and_then(|last| last.trim().parse().ok())
             .unwrap_or(peer)
+    }
+
+    /// The metrics page (`metrics_listener`): this front's request counters
+    /// and the backend's stats. Served whatever the storage's health, so a
+    /// failure shows in the counters; only while storage is being reopened
+    /// there is no backend to ask.
+    pub(crate) fn metrics_page(&self) -> Result<Reply, ApiError> {
+        let Some(ds) = self.cell.get() else {
+            return Err(DsError::Unavailable(REOPENING.into()).into());
+        };
+        Ok(Reply::text(
+            self.metrics
+                .render(&ds.backend().stats(), ds.authenticator().session_count()),
+            "text/plain; version=0.0.4",
+        ))
     }
 
     async fn read<Bd>(&self, req: Request<Bd>) -> Result<(Parts, Bytes), ApiError>
@@ -266,7 +274,7 @@ fn token_and_view<'a>(
 
 /// The answer to a `HEAD`: the `GET`'s status and headers, with the length
 /// its body would have had, and no body (HTTP/2 forbids one).
-fn without_body(resp: &mut Response<Full<Bytes>>) {
+pub(crate) fn without_body(resp: &mut Response<Full<Bytes>>) {
     let len = resp.body().size_hint().exact().unwrap_or(0);
     *resp.body_mut() = Full::new(Bytes::new());
     resp.headers_mut()

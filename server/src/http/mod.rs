@@ -7,11 +7,13 @@
 //! - [`framing`]: the guard under hyper that marks ambiguous framing;
 //! - [`body`]: framing, size, timeout and content type of bodies;
 //! - [`handler`]: admission, authentication, the call into the core;
-//! - [`response`]: `ApiError`, statuses and error bodies.
+//! - [`response`]: `ApiError`, statuses and error bodies;
+//! - [`metrics_listener`]: the separate listener serving `GET /metrics`.
 
 pub(crate) mod body;
 pub(crate) mod framing;
 pub(crate) mod handler;
+pub(crate) mod metrics_listener;
 pub(crate) mod response;
 pub(crate) mod route;
 

@@ -13,8 +13,6 @@ use crate::service::delivery::FetchRequest;
 pub(crate) enum Route {
     /// `GET /healthz`
     Healthz,
-    /// `GET /metrics`
-    Metrics,
     /// `POST /v1/clients`: authenticated by the key it registers.
     Register,
     /// Every other endpoint: for registered clients only.
@@ -53,7 +51,6 @@ pub(crate) enum ClientRoute {
 /// The path a route is on, before its method is checked.
 enum Path<'a> {
     Healthz,
-    Metrics,
     Clients,
     Sessions,
     Client(&'a str),
@@ -73,7 +70,6 @@ impl Path<'_> {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         Some(match segments.as_slice() {
             ["healthz"] => Path::Healthz,
-            ["metrics"] => Path::Metrics,
             ["v1", "clients"] => Path::Clients,
             ["v1", "sessions"] => Path::Sessions,
             ["v1", "clients", id] => Path::Client(id),
@@ -94,7 +90,7 @@ impl Path<'_> {
     /// for every HTTP server, and is not listed).
     fn allowed(&self) -> &'static [&'static str] {
         match self {
-            Path::Healthz | Path::Metrics | Path::GroupInfo(_) | Path::Queue => &["GET"],
+            Path::Healthz | Path::GroupInfo(_) | Path::Queue => &["GET"],
             Path::Client(_) | Path::Group(_) => &["DELETE"],
             Path::KeyPackages => &["GET", "POST"],
             Path::Clients
@@ -134,7 +130,6 @@ impl Route {
         }
         let client = match p {
             Path::Healthz => return Ok(Route::Healthz),
-            Path::Metrics => return Ok(Route::Metrics),
             Path::Clients => return Ok(Route::Register),
             Path::Sessions => ClientRoute::OpenSession,
             Path::Client(id) => ClientRoute::DeleteClient(client_id(id)?),
@@ -156,7 +151,6 @@ impl Route {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Route::Healthz => "healthz",
-            Route::Metrics => "metrics",
             Route::Register => "register",
             Route::Client(c) => match c {
                 ClientRoute::OpenSession => "session",
@@ -227,7 +221,6 @@ mod tests {
         let g = GroupId::new(b"g1").unwrap();
         let cases = [
             ("GET", paths::HEALTHZ.to_string(), Route::Healthz),
-            ("GET", "/metrics".to_string(), Route::Metrics),
             ("POST", paths::CLIENTS.to_string(), Route::Register),
             (
                 "POST",
@@ -308,10 +301,13 @@ mod tests {
 
     #[test]
     fn unknown_paths_wrong_methods_and_bad_parameters_are_refused() {
-        assert!(matches!(
-            parse("GET", "/v2/nothing"),
-            Err(ApiError::NoRoute { .. })
-        ));
+        // The metrics page has its own listener (`metrics_listener`).
+        for target in ["/v2/nothing", "/metrics"] {
+            assert!(
+                matches!(parse("GET", target), Err(ApiError::NoRoute { .. })),
+                "{target}"
+            );
+        }
         match parse("POST", "/healthz") {
             Err(ApiError::MethodNotAllowed(allowed)) => assert_eq!(allowed, ["GET"]),
             other => panic!("{other:?}"),
