@@ -198,8 +198,20 @@ impl World {
         }
         .expect("temporary directory");
         // Long-polls would make an input wait: cap them at 0 ms.
-        let server =
-            InProcess::open(&dir.path().join("ds"), &["--max-wait-ms", "0"]).expect("server");
+        let server = InProcess::open(
+            &dir.path().join("ds"),
+            // The per-client request limit would answer most of a long
+            // run with 429 before the handlers see it: raise it.
+            &[
+                "--max-wait-ms",
+                "0",
+                "--rate-limit-per-sec",
+                "100000000",
+                "--rate-limit-burst",
+                "100000000",
+            ],
+        )
+        .expect("server");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -265,6 +277,7 @@ impl World {
             client_id: m.id.clone(),
             signature_scheme: m.signer.signature_scheme() as u16,
             signature_key: m.signer.public().to_vec().into(),
+            invite: None,
         })
         .expect("encode")
     }
