@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::service::Rate;
 
@@ -43,10 +43,11 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
-    /// Take one token for `key`; false means "over the limit".
-    pub(crate) fn allow(&self, key: &K) -> bool {
+    /// Take one token for `key`; `Err` is "over the limit" with the wait
+    /// until the next token.
+    pub(crate) fn check(&self, key: &K) -> Result<(), RetryAfter> {
         if self.per_sec == 0.0 {
-            return true;
+            return Ok(());
         }
         let now = Instant::now();
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
@@ -66,10 +67,23 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            let wait = (1.0 - bucket.tokens) / self.per_sec;
+            Err(RetryAfter(Duration::from_secs_f64(wait.min(86_400.0))))
         }
+    }
+}
+
+/// How long a refused caller should wait before its next try.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RetryAfter(pub(crate) Duration);
+
+impl RetryAfter {
+    /// Whole seconds, rounded up and at least 1, as `Retry-After` takes them.
+    pub(crate) fn secs(self) -> u64 {
+        let d = self.0;
+        (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
     }
 }
 
@@ -80,17 +94,34 @@ mod tests {
     #[test]
     fn burst_then_refuse() {
         let r = RateLimiter::new(Rate::per_sec(1, 3));
-        assert!(r.allow(&"c") && r.allow(&"c") && r.allow(&"c"));
-        assert!(!r.allow(&"c"));
-        assert!(r.allow(&"d"), "another key has its own bucket");
-        assert!(RateLimiter::new(Rate::per_sec(0, 0)).allow(&"c"));
+        for _ in 0..3 {
+            assert_eq!(r.check(&"c"), Ok(()));
+        }
+        let wait = r.check(&"c").unwrap_err();
+        assert!(
+            wait.0 <= Duration::from_secs(1) && wait.secs() == 1,
+            "{wait:?}"
+        );
+        assert_eq!(r.check(&"d"), Ok(()), "another key has its own bucket");
+        assert_eq!(RateLimiter::new(Rate::per_sec(0, 0)).check(&"c"), Ok(()));
+    }
+
+    #[test]
+    fn wait_follows_the_rate() {
+        let r = RateLimiter::new(Rate {
+            per_min: 2,
+            burst: 1,
+        });
+        assert_eq!(r.check(&"c"), Ok(()));
+        let wait = r.check(&"c").unwrap_err();
+        assert!((29..=30).contains(&wait.secs()), "{wait:?}");
     }
 
     #[test]
     fn full_buckets_are_swept() {
         let r = RateLimiter::new(Rate::per_sec(1_000_000, 1));
         for i in 0..SWEEP_EVERY {
-            r.allow(&i);
+            let _ = r.check(&i);
         }
         let held = r.buckets.lock().unwrap().by_key.len() as u64;
         assert!(held < SWEEP_EVERY, "{held} buckets kept");

@@ -17,6 +17,25 @@ fn status<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u16 {
     }
 }
 
+/// The status line and headers of an empty POST, over a plain socket.
+fn raw_post_head(url: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 fn admin(server: &Server, args: &[&str]) -> String {
     let out = server.admin(args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -121,6 +140,17 @@ async fn registrations_are_limited_per_source_address() {
     assert_eq!(status(members[4].api.register().await), 429);
     // Opening a session verifies a signature too: limited the same way.
     assert_eq!(status(members[0].api.open_session().await), 429);
+    // The refusal says when to come back: one token a minute.
+    let head = raw_post_head(&url, "/v1/clients");
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    let wait: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .unwrap_or_else(|| panic!("no retry-after: {head}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "retry-after {wait}");
     let listed = admin(&server, &["client", "list"]);
     assert!(
         listed.contains("ip-3 ") && !listed.contains("ip-4 "),

@@ -146,8 +146,10 @@ impl<B: Backend> Front<B> {
             route,
             Route::Register | Route::Client(ClientRoute::OpenSession)
         );
-        if unauthenticated && !self.per_address.allow(&self.source(&req, peer)) {
-            return Outcome::new(route.name(), Err(ApiError::RateLimited));
+        if unauthenticated {
+            if let Err(wait) = self.per_address.check(&self.source(&req, peer)) {
+                return Outcome::new(route.name(), Err(ApiError::RateLimited(wait)));
+            }
         }
         Outcome::new(route.name(), self.serve(&ds, route, req).await)
     }
@@ -171,9 +173,9 @@ impl<B: Backend> Front<B> {
                 let (parts, body) = self.read(req).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
                 let caller = ds.authenticate(&token, &view).await?;
-                if !self.per_client.allow(&caller.client) {
-                    return Err(ApiError::RateLimited);
-                }
+                self.per_client
+                    .check(&caller.client)
+                    .map_err(ApiError::RateLimited)?;
                 client_call(ds, &caller, route, &body).await
             }
         }

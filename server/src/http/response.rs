@@ -6,10 +6,11 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use mls_ds_protocol::{ErrorBody, ErrorCode, CONTENT_TYPE as API_TYPE};
 
+use crate::rate_limit::RetryAfter;
 use crate::service::DsError;
 
 /// Why a request failed, as the HTTP adapter sees it.
@@ -42,9 +43,9 @@ pub(crate) enum ApiError {
     /// Wrong content type.
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// The client's rate limit.
+    /// A rate limit of the HTTP front (per client, per source address).
     #[error("rate limit exceeded, retry later")]
-    RateLimited,
+    RateLimited(RetryAfter),
     /// Too many requests in flight.
     #[error("too many requests in flight, retry later")]
     Overloaded,
@@ -67,7 +68,7 @@ impl ApiError {
                 DsError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
                 DsError::WrongEpoch { .. } => (StatusCode::CONFLICT, ErrorCode::WrongEpoch),
                 DsError::Conflict(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
-                DsError::RateLimited(_) => {
+                DsError::RateLimited { .. } => {
                     (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
                 }
                 DsError::QuotaExceeded(_) => {
@@ -95,7 +96,7 @@ impl ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::UnsupportedMediaType,
             ),
-            ApiError::RateLimited => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
         }
     }
@@ -133,6 +134,16 @@ impl ApiError {
             if let Ok(v) = HeaderValue::from_str(&allowed.join(", ")) {
                 headers.insert(ALLOW, v);
             }
+        }
+        let retry_after = match self {
+            ApiError::RateLimited(wait) => Some(wait.secs()),
+            ApiError::Ds(DsError::RateLimited {
+                retry_after_secs, ..
+            }) => Some(*retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         if matches!(self, ApiError::AmbiguousFraming(_)) {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));
@@ -280,7 +291,10 @@ mod tests {
     #[test]
     fn rate_limited_is_429() {
         assert_eq!(
-            status(DsError::RateLimited("x".into())),
+            status(DsError::RateLimited {
+                message: "x".into(),
+                retry_after_secs: 1
+            }),
             (429, ErrorCode::TooManyRequests)
         );
     }
@@ -358,7 +372,10 @@ mod tests {
             (ApiError::AmbiguousFraming("x".into()), 400),
             (ApiError::PayloadTooLarge(10), 413),
             (ApiError::UnsupportedMediaType("x".into()), 415),
-            (ApiError::RateLimited, 429),
+            (
+                ApiError::RateLimited(RetryAfter(std::time::Duration::from_millis(1500))),
+                429,
+            ),
             (ApiError::Overloaded, 503),
         ];
         for (e, code) in cases {
@@ -367,6 +384,7 @@ mod tests {
             match e {
                 ApiError::MethodNotAllowed(_) => assert_eq!(resp.headers()[ALLOW], "GET, POST"),
                 ApiError::AmbiguousFraming(_) => assert_eq!(resp.headers()[CONNECTION], "close"),
+                ApiError::RateLimited(_) => assert_eq!(resp.headers()[RETRY_AFTER], "2"),
                 _ => {}
             }
         }

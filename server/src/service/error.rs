@@ -31,8 +31,13 @@ pub enum DsError {
     #[error("{0}")]
     Conflict(String),
     /// A rate limit of the DS (e.g. key package claims); retry later.
-    #[error("{0}")]
-    RateLimited(String),
+    #[error("{message}")]
+    RateLimited {
+        /// What was limited.
+        message: String,
+        /// Seconds until a retry can succeed.
+        retry_after_secs: u64,
+    },
     /// A quota of the DS is reached; nothing was changed.
     #[error("{0}")]
     QuotaExceeded(String),

@@ -166,15 +166,17 @@ impl<B: Backend> Ds<B> {
         caller: &Caller,
         target: &ClientId,
     ) -> Result<ClaimedKeyPackage> {
-        if !self.claims_by_claimer.allow(&caller.client) {
-            return Err(DsError::RateLimited(
-                "too many key package claims by this client, retry later".into(),
-            ));
+        if let Err(wait) = self.claims_by_claimer.check(&caller.client) {
+            return Err(DsError::RateLimited {
+                message: "too many key package claims by this client, retry later".into(),
+                retry_after_secs: wait.secs(),
+            });
         }
-        if !self.claims_by_target.allow(target) {
-            return Err(DsError::RateLimited(format!(
-                "too many claims of {target}'s key packages, retry later"
-            )));
+        if let Err(wait) = self.claims_by_target.check(target) {
+            return Err(DsError::RateLimited {
+                message: format!("too many claims of {target}'s key packages, retry later"),
+                retry_after_secs: wait.secs(),
+            });
         }
         self.require_client(target).await?;
         loop {
