@@ -58,10 +58,14 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
                 bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * per_sec < burst
             });
         }
-        let bucket = b.by_key.entry(key.clone()).or_insert(Bucket {
-            tokens: self.burst,
-            last: now,
-        });
+        // Looked up before inserting: a busy key is not cloned per call.
+        let bucket = match b.by_key.get_mut(key) {
+            Some(bucket) => bucket,
+            None => b.by_key.entry(key.clone()).or_insert(Bucket {
+                tokens: self.burst,
+                last: now,
+            }),
+        };
         let refill = now.duration_since(bucket.last).as_secs_f64() * self.per_sec;
         bucket.tokens = (bucket.tokens + refill).min(self.burst);
         bucket.last = now;
