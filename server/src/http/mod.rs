@@ -37,6 +37,18 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// The connection settings both listeners share: HTTP/1.1 and h2, and a
+/// client that stalls its request head gives up its connection after
+/// `head_timeout` (bodies are bounded by the same limit in `body`).
+fn connection_builder(head_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout);
+    builder
+}
+
 /// Accept connections on `listener` and serve them with `front` until
 /// `shutdown` resolves; then stop accepting and let in-flight requests
 /// finish (up to 30 s).
@@ -48,13 +60,7 @@ pub(crate) async fn serve<B: Backend>(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client that stalls its request head gives up its connection after
-    // this (bodies are bounded by the same limit in `body`).
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(head_timeout);
+    let builder = connection_builder(head_timeout);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
