@@ -7,7 +7,8 @@ use std::path::Path;
 use crate::backend::sled::{SledBackend, SledConfig};
 use crate::backend::StoreError;
 use crate::config::{Limits, Registration};
-use crate::service::{Ds, Policy, Rate, RegistrationPolicy};
+use crate::rate_limit::Rate;
+use crate::service::{Ds, Policy, RegistrationPolicy};
 
 /// The DS on sled.
 pub(crate) type SledDs = Ds<SledBackend>;

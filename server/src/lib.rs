@@ -40,7 +40,7 @@ use crate::backend::Backend;
 use crate::config::{Limits, ServeArgs};
 use crate::embedded::SledDs;
 use crate::http::{Front, HttpLimits};
-use crate::service::Rate;
+use crate::rate_limit::Rate;
 use crate::state_cell::StateCell;
 
 /// How often expired key packages are pruned and the retention bound applied.

@@ -8,7 +8,24 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::service::Rate;
+/// A steady rate with a burst.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Rate {
+    /// Tokens a minute (0: unlimited).
+    pub(crate) per_min: u32,
+    /// Most tokens at once.
+    pub(crate) burst: u32,
+}
+
+impl Rate {
+    /// `per_sec` a second.
+    pub(crate) fn per_sec(per_sec: u32, burst: u32) -> Rate {
+        Rate {
+            per_min: per_sec.saturating_mul(60),
+            burst,
+        }
+    }
+}
 
 /// How often (in calls) full buckets are swept out of the table.
 const SWEEP_EVERY: u64 = 4096;

@@ -22,11 +22,12 @@ use super::response::{ApiError, Reply};
 use super::route::{ClientRoute, Route};
 use crate::backend::Backend;
 use crate::metrics::Metrics;
+use crate::rate_limit::Rate;
 use crate::rate_limit::RateLimiter;
 use crate::service::auth::{Authenticator, Caller, RequestView};
 use crate::service::clients::Registration;
 use crate::service::groups::Deleter;
-use crate::service::{Ds, DsError, Rate};
+use crate::service::{Ds, DsError};
 use crate::state_cell::{StateCell, REOPENING};
 
 /// Limits the HTTP adapter enforces.

@@ -28,7 +28,7 @@ use openmls_rust_crypto::RustCrypto;
 
 pub(crate) use self::error::DsError;
 use crate::backend::Backend;
-use crate::rate_limit::RateLimiter;
+use crate::rate_limit::{Rate, RateLimiter};
 use crate::service::auth::Authenticator;
 
 /// Who may register.
@@ -40,25 +40,6 @@ pub(crate) enum RegistrationPolicy {
     Invite,
     /// Nobody through the API: the operator adds clients.
     Closed,
-}
-
-/// A steady rate with a burst.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Rate {
-    /// Tokens a minute (0: unlimited).
-    pub(crate) per_min: u32,
-    /// Most tokens at once.
-    pub(crate) burst: u32,
-}
-
-impl Rate {
-    /// `per_sec` a second.
-    pub(crate) fn per_sec(per_sec: u32, burst: u32) -> Rate {
-        Rate {
-            per_min: per_sec.saturating_mul(60),
-            burst,
-        }
-    }
 }
 
 /// The limits and policies the services apply.
