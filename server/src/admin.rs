@@ -2,8 +2,8 @@
 //! codes, clients, groups, commit pruning. sled allows one process per data
 //! directory, so a command runs on the directory directly when no server
 //! holds it, and otherwise inside the running server: it listens on the
-//! Unix socket `<data-dir>/admin.sock` (reachable only by users who may
-//! write the data directory) for one command line per connection and answers
+//! Unix socket `<data-dir>/admin.sock` (mode 0600: only the server's user,
+//! and root, may connect) for one command line per connection and answers
 //! with the report and a final `EXIT <code>` line.
 
 use std::fmt::Write as _;
@@ -12,7 +12,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::Parser as _;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{StorageError, Store, StoreConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -20,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::backend::records::GroupId;
 use crate::backend::sled::{admin as sled_admin, layout::Layout};
 use crate::backend::{AdminReport, Backend, StoreError};
-use crate::config::Cli;
+use crate::config::Limits;
 use crate::embedded::{self, SledDs};
 use crate::service::clients::Registration;
 use crate::state_cell::{StateCell, REOPENING};
@@ -170,9 +169,13 @@ pub enum AdminError {
     Failed(String),
 }
 
-/// Run `command` on `data_dir`: directly if no server holds it, otherwise
-/// through the running server's admin socket.
-pub fn run(data_dir: &Path, command: AdminCommand) -> Result<AdminOutput, AdminError> {
+/// Run `command` on `data_dir`: directly (with `limits`) if no server holds
+/// it, otherwise through the running server's admin socket.
+pub fn run(
+    data_dir: &Path,
+    limits: &Limits,
+    command: AdminCommand,
+) -> Result<AdminOutput, AdminError> {
     let absolute = |path: &Path| {
         std::path::absolute(path).map_err(|source| AdminError::BadPath {
             path: path.to_owned(),
@@ -188,7 +191,7 @@ pub fn run(data_dir: &Path, command: AdminCommand) -> Result<AdminOutput, AdminE
     if !data_dir.join("db").exists() {
         return Err(AdminError::NoDatabase(data_dir.to_owned()));
     }
-    match run_offline(data_dir, &command) {
+    match run_offline(data_dir, limits, &command) {
         Ok(report) => Ok(output(report)),
         Err(StoreError::Storage(StorageError::InUse { .. })) => through_socket(data_dir, &command),
         Err(e) => Err(AdminError::Failed(e.to_string())),
@@ -198,13 +201,17 @@ pub fn run(data_dir: &Path, command: AdminCommand) -> Result<AdminOutput, AdminE
 /// Run a command on a data directory no server holds: `check`, `stats` and
 /// `backup` on the layout alone (so that `check` reports what a start would
 /// refuse), the others on a DS opened on it.
-fn run_offline(data_dir: &Path, command: &AdminCommand) -> Result<AdminReport, StoreError> {
+fn run_offline(
+    data_dir: &Path,
+    limits: &Limits,
+    command: &AdminCommand,
+) -> Result<AdminReport, StoreError> {
     match command {
         AdminCommand::Check => sled_admin::check(&Layout::open(data_dir, 64)?),
         AdminCommand::Stats => sled_admin::stats(&Layout::open(data_dir, 64)?),
         AdminCommand::Backup(out) => sled_admin::backup(&Layout::open(data_dir, 64)?, out),
         other => {
-            let ds = embedded::open(data_dir, &Cli::parse_from(["mls-ds"]).serve.limits)?;
+            let ds = embedded::open(data_dir, limits)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -290,6 +297,15 @@ pub(crate) async fn serve_socket(cell: Arc<StateCell<SledDs>>, data_dir: PathBuf
             return;
         }
     };
+    // Connecting needs write permission on the socket: the server's user
+    // only, whatever the umask.
+    if let Err(e) =
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+    {
+        tracing::warn!(error = %e, path = %path.display(), "cannot restrict the admin socket; live admin commands disabled");
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

@@ -55,7 +55,7 @@ pub enum Command {
         out: PathBuf,
     },
     /// Restore a backup into `--data-dir`, which must not exist yet (or be
-    /// empty), and check the result; then start the server on it.
+    /// empty), and check the result. Start the server on it afterwards.
     Restore {
         /// A directory written by `mls-ds backup`.
         #[arg(long)]
@@ -183,7 +183,8 @@ pub struct ServeArgs {
 /// The `--registration` policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Registration {
-    /// Open on a loopback listen address, invite otherwise.
+    /// Open on a loopback listen address without a reverse proxy in front
+    /// (`--trust-forwarded-for` unset), invite otherwise.
     Auto,
     /// Anyone may register.
     Open,
@@ -194,10 +195,12 @@ pub enum Registration {
 }
 
 impl Registration {
-    /// `auto` decided for a server listening on `listen`.
-    pub fn resolve(self, listen: std::net::SocketAddr) -> Registration {
+    /// `auto` decided for a server listening on `listen`, behind a reverse
+    /// proxy on the same machine if `behind_proxy`: that one serves the
+    /// world on a loopback address.
+    pub fn resolve(self, listen: std::net::SocketAddr, behind_proxy: bool) -> Registration {
         match self {
-            Registration::Auto if listen.ip().is_loopback() => Registration::Open,
+            Registration::Auto if listen.ip().is_loopback() && !behind_proxy => Registration::Open,
             Registration::Auto => Registration::Invite,
             other => other,
         }
@@ -242,8 +245,10 @@ pub struct Limits {
     /// Who may register: `open` (anyone), `invite` (with an operator's
     /// invitation code, `mls-ds invite create`), `closed` (only clients the
     /// operator adds, `mls-ds client add`), or `auto`: open when listening
-    /// on a loopback address (only this machine can reach it), invite
-    /// otherwise.
+    /// on a loopback address (only this machine can reach it) and not
+    /// behind a proxy (`--trust-forwarded-for`), invite otherwise. A proxy
+    /// that forwards to a loopback address without that flag makes `auto`
+    /// open to the world: set the policy explicitly there.
     #[arg(long, env = "MLS_DS_REGISTRATION", value_enum, default_value_t = Registration::Auto)]
     pub registration: Registration,
 
@@ -299,7 +304,7 @@ pub struct Limits {
     pub max_message_bytes: usize,
 
     /// Most entries a client's queue holds; a full queue drops its oldest
-    /// entry for each new one (the client sees its acknowledgement mark
+    /// entries to make room for each new one (the client sees its acknowledgement mark
     /// jump, as with the retention bound, and resyncs).
     #[arg(long, env = "MLS_DS_MAX_QUEUE_DEPTH", default_value_t = 25_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queue_depth: u64,
@@ -346,7 +351,7 @@ pub struct Limits {
 mod tests {
     use clap::Parser;
 
-    use super::Cli;
+    use super::{Cli, Registration};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("mls-ds").chain(args.iter().copied()))
@@ -368,5 +373,28 @@ mod tests {
         };
         assert_eq!(cli.serve.workers, Some(1));
         assert_eq!(cli.serve.limits.read_timeout_ms, 1);
+    }
+
+    #[test]
+    fn auto_registration_is_open_only_on_loopback_without_a_proxy() {
+        let at = |a: &str| a.parse().unwrap();
+        let auto = Registration::Auto;
+        assert_eq!(
+            auto.resolve(at("127.0.0.1:8080"), false),
+            Registration::Open
+        );
+        assert_eq!(auto.resolve(at("[::1]:8080"), false), Registration::Open);
+        assert_eq!(
+            auto.resolve(at("127.0.0.1:8080"), true),
+            Registration::Invite
+        );
+        assert_eq!(
+            auto.resolve(at("0.0.0.0:8080"), false),
+            Registration::Invite
+        );
+        assert_eq!(
+            Registration::Closed.resolve(at("127.0.0.1:8080"), false),
+            Registration::Closed
+        );
     }
 }

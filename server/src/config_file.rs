@@ -104,7 +104,7 @@ pub fn load() -> Result<Cli, LoadError> {
 
 /// The options given by `args` (the first is the program name), the
 /// environment, and the config file if `args` or the environment name one.
-pub fn parse_from<I, T>(args: I) -> Result<Cli, LoadError>
+fn parse_from<I, T>(args: I) -> Result<Cli, LoadError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,

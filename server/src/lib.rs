@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 
 use crate::backend::sled::SledBackend;
 use crate::backend::Backend;
-use crate::config::{Limits, ServeArgs};
+use crate::config::{Limits, Registration, ServeArgs};
 use crate::embedded::SledDs;
 use crate::http::{Front, HttpLimits};
 use crate::rate_limit::Rate;
@@ -121,7 +121,16 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
         ));
     }
     let mut limits = args.limits.clone();
-    limits.registration = limits.registration.resolve(args.listen);
+    limits.registration = limits
+        .registration
+        .resolve(args.listen, limits.trust_forwarded_for);
+    if limits.registration == Registration::Open && args.limits.registration == Registration::Auto {
+        tracing::info!(
+            "registration is open to anyone who reaches {} (--registration auto on a loopback \
+             address); behind a reverse proxy, set --registration invite or closed",
+            args.listen
+        );
+    }
     let ds = embedded::open(data_dir, &limits).map_err(|e| ServeError::Open {
         dir: data_dir.to_owned(),
         reason: e.to_string(),

@@ -38,6 +38,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    // Operator commands on a stopped data directory apply the configured
+    // limits (e.g. the queue depth for a group deletion's notices).
+    let limits = cli.serve.limits.clone();
     let admin_command = match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -73,7 +76,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Group(GroupCommand::Delete { id }) => AdminCommand::GroupDelete(id),
         Command::PruneCommits { older_than_days } => AdminCommand::PruneCommits(older_than_days),
     };
-    let output = admin::run(&cli.data_dir, admin_command)?;
+    let output = admin::run(&cli.data_dir, &limits, admin_command)?;
     print!("{}", output.text);
     Ok(if output.failed {
         ExitCode::FAILURE

@@ -96,6 +96,17 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
+impl<K: Hash + Eq> RateLimiter<K> {
+    /// Give back the token a `check` of `key` took, when a later check of
+    /// the same request refused it: a refused request spends nothing.
+    pub(crate) fn refund(&self, key: &K) {
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bucket) = b.by_key.get_mut(key) {
+            bucket.tokens = (bucket.tokens + 1.0).min(self.burst);
+        }
+    }
+}
+
 /// How long a refused caller should wait before its next try.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RetryAfter(pub(crate) Duration);
@@ -125,6 +136,15 @@ mod tests {
         );
         assert_eq!(r.check(&"d"), Ok(()), "another key has its own bucket");
         assert_eq!(RateLimiter::new(Rate::per_sec(0, 0)).check(&"c"), Ok(()));
+    }
+
+    #[test]
+    fn a_refund_gives_the_token_back() {
+        let r = RateLimiter::new(Rate::per_sec(1, 1));
+        assert_eq!(r.check(&"c"), Ok(()));
+        assert!(r.check(&"c").is_err());
+        r.refund(&"c");
+        assert_eq!(r.check(&"c"), Ok(()));
     }
 
     #[test]

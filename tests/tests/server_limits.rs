@@ -5,7 +5,7 @@
 //! its last member, commit pruning, and restoring a backup. Every refusal
 //! has its documented status and changes nothing.
 
-use mls_ds_client::{Client, ClientConfig, ClientError, Event};
+use mls_ds_client::{Client, ClientConfig, ClientError, DsApi, Event, Transport};
 use mls_ds_protocol::ClientId;
 use mls_ds_tests::raw::RawMember;
 use mls_ds_tests::Server;
@@ -140,6 +140,14 @@ async fn registrations_are_limited_per_source_address() {
     assert_eq!(status(members[4].api.register().await), 429);
     // Opening a session verifies a signature too: limited the same way.
     assert_eq!(status(members[0].api.open_session().await), 429);
+    // So does any request authenticated by a signature instead of a session.
+    let mut signing = Transport::new(
+        &url,
+        ClientId::new("ip-1").unwrap(),
+        members[1].signer.clone(),
+    );
+    signing.always_sign = true;
+    assert_eq!(status(DsApi::new(signing).key_package_count().await), 429);
     // The refusal says when to come back: one token a minute.
     let head = raw_post_head(&url, "/v1/clients");
     assert!(head.starts_with("HTTP/1.1 429"), "{head}");
@@ -466,10 +474,17 @@ async fn operators_delete_clients_and_groups_and_the_last_member_deletes_its_gro
     assert_eq!(status(alice.api().group_info(&gid).await), 404);
     assert!(!admin(&server, &["group", "list"]).contains(&hex::encode(&gid)));
 
-    // The last member of a group deletes it through the API.
+    // The last member of a group deletes it, on the DS and in its store.
     let solo = alice.create_group(false).await.unwrap();
-    alice.api().delete_group(&solo).await.unwrap();
+    alice.delete_group(&solo).await.unwrap();
     assert_eq!(status(alice.api().group_info(&solo).await), 404);
+    assert!(!alice.groups().await.contains(&solo));
+    assert!(alice.delete_group(&solo).await.is_err(), "unknown here now");
+    // Deleted on the DS, still here (a crash in between): finished here.
+    let half = alice.create_group(false).await.unwrap();
+    alice.api().delete_group(&half).await.unwrap();
+    alice.delete_group(&half).await.unwrap();
+    assert!(!alice.groups().await.contains(&half));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,24 @@ impl Client {
         .await
     }
 
+    /// Delete a group of which this client is the last member: on the DS
+    /// (which refuses while others are in it, 403), then here. After a
+    /// crash in between, calling it again finds the group gone on the DS
+    /// and finishes here.
+    pub async fn delete_group(&self, group_id: &[u8]) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        group_mut(&mut inner, group_id)?;
+        match self.api.delete_group(group_id).await {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(e),
+        }
+        let tx = self.provider.begin();
+        self.forget_removed_group(&mut inner, &tx, group_id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Ask to leave: sends a self-remove proposal; the next commit by any
     /// member removes this client (the SDK of other members commits pending
     /// proposals in [`Client::sync`]).

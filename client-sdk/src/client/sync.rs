@@ -264,7 +264,12 @@ impl Client {
 
     /// Delete a group this client was removed from (or that was deleted),
     /// with its record.
-    fn forget_removed_group(&self, inner: &mut Inner, tx: &SledProvider, gid: &[u8]) -> Result<()> {
+    pub(super) fn forget_removed_group(
+        &self,
+        inner: &mut Inner,
+        tx: &SledProvider,
+        gid: &[u8],
+    ) -> Result<()> {
         if let Some(mut g) = inner.groups.remove(gid) {
             g.delete(tx.storage())?;
         }

@@ -40,6 +40,8 @@ pub(crate) enum Condition {
     ClientActive(ClientId),
     /// No group with this id exists.
     GroupAbsent(GroupId),
+    /// The group exists (it was not deleted since it was read).
+    GroupPresent(GroupId),
     /// The group's record is still at this revision: no handshake was
     /// accepted since it was read (a compare-and-set).
     GroupAt {
@@ -87,6 +89,7 @@ impl fmt::Display for Condition {
             Condition::ClientAbsent(c) => write!(f, "client {c} is not registered"),
             Condition::ClientActive(c) => write!(f, "client {c} is registered and active"),
             Condition::GroupAbsent(g) => write!(f, "group {g} does not exist"),
+            Condition::GroupPresent(g) => write!(f, "group {g} exists"),
             Condition::GroupAt { group, revision } => {
                 write!(f, "group {group} is at revision {revision}")
             }

@@ -3,7 +3,7 @@
 //! limit, the call into the core, and the answer. Every failure becomes a
 //! response in `response`; this module only decides which.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Body;
-use hyper::header::{HeaderValue, CONTENT_LENGTH};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response};
 use mls_ds_protocol::auth::AuthToken;
@@ -141,21 +141,33 @@ impl<B: Backend> Front<B> {
         if inflight > self.limits.max_inflight {
             return Outcome::new("overload", Err(ApiError::Overloaded));
         }
-        // Registrations and session openings verify a signature before
-        // anything else stops them: they are limited per source address.
-        let unauthenticated = matches!(
+        // Registrations and session openings are signature-verified by
+        // nature: limited per source address before their body is read.
+        let source = self.source(req.headers(), peer);
+        let signed_by_nature = matches!(
             route,
             Route::Register | Route::Client(ClientRoute::OpenSession)
         );
-        if unauthenticated {
-            if let Err(wait) = self.per_address.check(&self.source(&req, peer)) {
+        if signed_by_nature {
+            if let Err(wait) = self.per_address.check(&source) {
                 return Outcome::new(route.name(), Err(ApiError::RateLimited(wait)));
             }
         }
-        Outcome::new(route.name(), self.serve(&ds, route, req).await)
+        let label = route.name();
+        let served = self.serve(&ds, route, req, source, signed_by_nature);
+        Outcome::new(label, served.await)
     }
 
-    async fn serve<Bd>(&self, ds: &Ds<B>, route: Route, req: Request<Bd>) -> Result<Reply, ApiError>
+    /// `source` is the address the request counts against; `counted`, that
+    /// it was counted there already.
+    async fn serve<Bd>(
+        &self,
+        ds: &Ds<B>,
+        route: Route,
+        req: Request<Bd>,
+        source: IpAddr,
+        counted: bool,
+    ) -> Result<Reply, ApiError>
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<BoxError>,
@@ -173,6 +185,14 @@ impl<B: Backend> Front<B> {
             Route::Client(route) => {
                 let (parts, body) = self.read(req).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
+                // A signature costs far more to verify than a session's MAC,
+                // and verification comes before the per-client limit: any
+                // signature-authenticated request counts per address.
+                if !counted && matches!(token, AuthToken::Signature(_)) {
+                    self.per_address
+                        .check(&source)
+                        .map_err(ApiError::RateLimited)?;
+                }
                 let caller = ds.authenticate(&token, &view).await?;
                 self.per_client
                     .check(&caller.client)
@@ -183,19 +203,23 @@ impl<B: Backend> Front<B> {
     }
 
     /// The address a request is counted against: the peer's, or behind a
-    /// trusted local proxy the last `X-Forwarded-For` entry.
-    fn source<Bd>(&self, req: &Request<Bd>, peer: IpAddr) -> IpAddr {
-        if !(self.limits.trust_forwarded_for && peer.is_loopback()) {
-            return peer;
-        }
-        req.headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .next_back()
-            .and_then(|last| last.trim().parse().ok())
-            .unwrap_or(peer)
+    /// trusted local proxy the last `X-Forwarded-For` entry (with or
+    /// without a port); an IPv6 address by its /64, which one host usually
+    /// holds whole.
+    fn source(&self, headers: &HeaderMap, peer: IpAddr) -> IpAddr {
+        let ip = if self.limits.trust_forwarded_for && peer.is_loopback() {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .next_back()
+                .and_then(|last| forwarded_ip(last.trim()))
+                .unwrap_or(peer)
+        } else {
+            peer
+        };
+        limit_key(ip)
     }
 
     /// The metrics page (`metrics_listener`): this front's request counters
@@ -258,6 +282,29 @@ async fn client_call<B: Backend>(
 }
 
 /// The request's token and what it must bind (method, path, body).
+/// An `X-Forwarded-For` entry: an address, or an address with a port
+/// (`192.0.2.7:4711`, `[2001:db8::7]:4711`).
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// The key an address is limited under: IPv4 as it is (also when mapped
+/// into IPv6), IPv6 by its /64 prefix.
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & 0xffff_ffff_ffff_ffff_0000_0000_0000_0000,
+            )),
+        },
+    }
+}
+
 fn token_and_view<'a>(
     parts: &'a Parts,
     body: &'a [u8],
@@ -282,4 +329,32 @@ pub(crate) fn without_body(resp: &mut Response<Full<Bytes>>) {
     *resp.body_mut() = Full::new(Bytes::new());
     resp.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_entries_with_and_without_ports() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(forwarded_ip("192.0.2.7"), Some(ip("192.0.2.7")));
+        assert_eq!(forwarded_ip("192.0.2.7:4711"), Some(ip("192.0.2.7")));
+        assert_eq!(forwarded_ip("2001:db8::7"), Some(ip("2001:db8::7")));
+        assert_eq!(forwarded_ip("[2001:db8::7]:4711"), Some(ip("2001:db8::7")));
+        assert_eq!(forwarded_ip("unknown"), None);
+    }
+
+    #[test]
+    fn ipv6_is_limited_by_its_64_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(limit_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            limit_key(ip("2001:db8:1:2:bbbb::9")),
+            limit_key(ip("2001:db8:1:2:aaaa::1"))
+        );
+        assert_ne!(limit_key(ip("2001:db8:1:3::1")), ip("2001:db8:1:2::"));
+        assert_eq!(limit_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(limit_key(ip("192.0.2.7")), ip("192.0.2.7"));
+    }
 }

@@ -107,7 +107,7 @@ impl<B: Backend> Ds<B> {
             .map_err(|e| DsError::Invalid(format!("malformed ratchet tree: {e}")))?;
         let id = GroupId::new(group_info.group_id().as_slice())
             .map_err(|e| DsError::Invalid(e.to_string()))?;
-        let guard = self.backend.lock_group(&id).await;
+        let mut guard = self.backend.lock_group(&id).await;
         if self.backend.group(&id).await?.is_some() {
             return Err(exists(&id));
         }
@@ -129,13 +129,6 @@ impl<B: Backend> Ds<B> {
             ));
         }
         self.check_group_size(members.len())?;
-        let usage = self.backend.usage(&caller.client).await?;
-        let quota = self.policy.max_groups_per_client;
-        if usage.groups_created >= quota {
-            return Err(DsError::QuotaExceeded(format!(
-                "a client may have created at most {quota} groups that still exist"
-            )));
-        }
         let epoch = public_group.group_context().epoch().as_u64();
         let record = GroupRecord {
             epoch,
@@ -145,46 +138,58 @@ impl<B: Backend> Ds<B> {
             creator: caller.client.as_bytes().to_vec(),
             created_ms: now_ms(),
         };
-        let set = WriteSet {
-            conditions: vec![
-                Condition::GroupAbsent(id.clone()),
-                // Counted exactly even when the client creates groups
-                // concurrently.
-                Condition::UsageAt {
-                    client: caller.client.clone(),
-                    usage,
-                },
-            ],
-            changes: vec![
-                Change::PutUsage {
-                    client: caller.client.clone(),
-                    usage: ClientUsage {
-                        groups_created: usage.groups_created + 1,
-                    },
-                },
-                Change::PutGroup {
-                    id: id.clone(),
-                    record,
-                },
-                Change::PutGroupState {
-                    id: id.clone(),
-                    state: GroupState {
-                        group_info: req.group_info.as_slice().to_vec(),
-                        public_group: store.into_entities(),
-                    },
-                },
-            ],
-            deliveries: Vec::new(),
+        let state = GroupState {
+            group_info: req.group_info.as_slice().to_vec(),
+            public_group: store.into_entities(),
         };
-        match self.backend.submit(set).wait_holding(guard).await {
-            Ok(_) => {}
-            Err(StoreError::ConditionFailed(Condition::GroupAbsent(_))) => return Err(exists(&id)),
-            Err(StoreError::ConditionFailed(Condition::UsageAt { .. })) => {
-                return Err(DsError::Conflict(
-                    "another group of this client was created at the same time; retry".into(),
-                ))
+        let quota = self.policy.max_groups_per_client;
+        loop {
+            let usage = self.backend.usage(&caller.client).await?;
+            if usage.groups_created >= quota {
+                return Err(DsError::QuotaExceeded(format!(
+                    "a client may have created at most {quota} groups that still exist"
+                )));
             }
-            Err(e) => return Err(e.into()),
+            let set = WriteSet {
+                conditions: vec![
+                    Condition::GroupAbsent(id.clone()),
+                    // Counted exactly even when the client creates groups
+                    // concurrently, or one of its groups is deleted.
+                    Condition::UsageAt {
+                        client: caller.client.clone(),
+                        usage,
+                    },
+                ],
+                changes: vec![
+                    Change::PutUsage {
+                        client: caller.client.clone(),
+                        usage: ClientUsage {
+                            groups_created: usage.groups_created.saturating_add(1),
+                        },
+                    },
+                    Change::PutGroup {
+                        id: id.clone(),
+                        record: record.clone(),
+                    },
+                    Change::PutGroupState {
+                        id: id.clone(),
+                        state: state.clone(),
+                    },
+                ],
+                deliveries: Vec::new(),
+            };
+            match self.backend.submit(set).wait_holding(guard).await {
+                Ok(_) => break,
+                Err(StoreError::ConditionFailed(Condition::GroupAbsent(_))) => {
+                    return Err(exists(&id))
+                }
+                // The count moved under us: read it again, under the lock
+                // again (nothing was written).
+                Err(StoreError::ConditionFailed(Condition::UsageAt { .. })) => {
+                    guard = self.backend.lock_group(&id).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         tracing::info!(group = %id, epoch, members = members.len(), "created group");
         Ok(GroupCreated {
@@ -231,7 +236,7 @@ pub(crate) enum Deleter<'a> {
 impl<B: Backend> Ds<B> {
     /// `DELETE /v1/groups/{id}` (a member: only as the last member left),
     /// and the operator's group deletion (any group). The group's record,
-    /// state and commit records go; every other member gets a
+    /// state and commit records go; for the operator's, every member gets a
     /// `GroupDeleted` entry after everything queued for it of the group; the
     /// creator's group count goes down. Conditional on the revision read,
     /// so a handshake accepted meanwhile makes it look again.
@@ -240,8 +245,16 @@ impl<B: Backend> Ds<B> {
             self.group_record(id).await?;
             let guard = self.backend.lock_group(id).await;
             let record = self.group_record(id).await?;
-            let deleter = match by {
-                Deleter::Operator => None,
+            let corrupt = |e: mls_ds_protocol::DecodeError| {
+                DsError::Internal(format!("group {id}'s stored record: {e}"))
+            };
+            let told: Vec<ClientId> = match by {
+                Deleter::Operator => record
+                    .members
+                    .iter()
+                    .map(ClientId::new)
+                    .collect::<std::result::Result<_, _>>()
+                    .map_err(corrupt)?,
                 Deleter::Member(caller) => {
                     if !is_member(&record, &caller.client) || record.members.len() > 1 {
                         return Err(DsError::Forbidden(
@@ -250,17 +263,12 @@ impl<B: Backend> Ds<B> {
                                 .into(),
                         ));
                     }
-                    Some(caller.client.as_bytes())
+                    // The last member: nobody else to tell.
+                    Vec::new()
                 }
             };
-            let creator = ClientId::new(&record.creator)?;
+            let creator = ClientId::new(&record.creator).map_err(corrupt)?;
             let usage = self.backend.usage(&creator).await?;
-            let told: Vec<ClientId> = record
-                .members
-                .iter()
-                .filter(|m| Some(m.as_slice()) != deleter)
-                .map(ClientId::new)
-                .collect::<std::result::Result<_, _>>()?;
             let set = WriteSet {
                 conditions: vec![
                     Condition::GroupAt {
@@ -286,7 +294,7 @@ impl<B: Backend> Ds<B> {
                         kind: EntryKind::GroupDeleted as u8,
                         group_id: id.as_bytes().to_vec(),
                         epoch: record.epoch,
-                        sender: deleter.unwrap_or_default().to_vec(),
+                        sender: Vec::new(),
                         message: Vec::new(),
                         stored_ms: now_ms(),
                     },
@@ -295,7 +303,7 @@ impl<B: Backend> Ds<B> {
             };
             match self.backend.submit(set).wait_holding(guard).await {
                 Ok(_) => {
-                    tracing::info!(group = %id, by_operator = deleter.is_none(), "deleted group");
+                    tracing::info!(group = %id, by_operator = matches!(by, Deleter::Operator), "deleted group");
                     return Ok(());
                 }
                 Err(StoreError::ConditionFailed(

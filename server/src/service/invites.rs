@@ -82,7 +82,7 @@ impl<B: Backend> Ds<B> {
             )
         };
         let record = self.backend.invite(code).await?.ok_or_else(refused)?;
-        if record.uses_left == 0 || record.expires_ms.is_some_and(|t| t < now_ms()) {
+        if record.uses_left == 0 || record.expires_ms.is_some_and(|t| t <= now_ms()) {
             return Err(refused());
         }
         set.conditions.push(Condition::InviteAt {

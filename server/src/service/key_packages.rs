@@ -89,7 +89,17 @@ impl<B: Backend> Ds<B> {
             )));
         }
         let owner = self.require_client(&caller.client).await?;
-        let stored = self.backend.key_packages(&caller.client).await?.len();
+        // Expired packages wait for the pruning task: they do not count.
+        // Concurrent publishes of one client may each pass this check; the
+        // per-client request limit bounds by how much.
+        let now = now_secs();
+        let stored = self
+            .backend
+            .key_packages(&caller.client)
+            .await?
+            .iter()
+            .filter(|r| r.not_after >= now)
+            .count();
         let quota = self.policy.max_key_packages;
         if stored + req.key_packages.len() > quota {
             return Err(DsError::QuotaExceeded(format!(
@@ -166,6 +176,7 @@ impl<B: Backend> Ds<B> {
         caller: &Caller,
         target: &ClientId,
     ) -> Result<ClaimedKeyPackage> {
+        self.require_client(target).await?;
         if let Err(wait) = self.claims_by_claimer.check(&caller.client) {
             return Err(DsError::RateLimited {
                 message: "too many key package claims by this client, retry later".into(),
@@ -173,12 +184,12 @@ impl<B: Backend> Ds<B> {
             });
         }
         if let Err(wait) = self.claims_by_target.check(target) {
+            self.claims_by_claimer.refund(&caller.client);
             return Err(DsError::RateLimited {
                 message: format!("too many claims of {target}'s key packages, retry later"),
                 retry_after_secs: wait.secs(),
             });
         }
-        self.require_client(target).await?;
         loop {
             let now = now_secs();
             let stored = self.backend.key_packages(target).await?;
@@ -220,7 +231,7 @@ impl<B: Backend> Ds<B> {
                 changes.push(Change::PutLastResort {
                     owner: target.clone(),
                     record: KeyPackageRecord {
-                        claims: chosen.claims + 1,
+                        claims: chosen.claims.saturating_add(1),
                         ..chosen.clone()
                     },
                 });

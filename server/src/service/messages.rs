@@ -90,11 +90,20 @@ impl<B: Backend> Ds<B> {
                 ),
             });
         }
+        // Without the group's lock: the condition keeps a message from
+        // landing after a deletion's `GroupDeleted` entry.
         let set = WriteSet {
+            conditions: vec![Condition::GroupPresent(id.clone())],
             deliveries: vec![self.delivery(caller, id, epoch, bytes, to)],
             ..WriteSet::default()
         };
-        self.deliver(set).await
+        match self.backend.submit(set).wait().await {
+            Ok(applied) => accepted(&applied),
+            Err(StoreError::ConditionFailed(Condition::GroupPresent(_))) => {
+                Err(DsError::NotFound(format!("unknown group {id}")))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A proposal: validated against the group's `PublicGroup` under the
@@ -196,11 +205,6 @@ impl<B: Backend> Ds<B> {
             },
             recipients: to,
         }
-    }
-
-    async fn deliver(&self, set: WriteSet) -> Result<MessageAccepted> {
-        let applied = self.backend.submit(set).wait().await?;
-        accepted(&applied)
     }
 }
 

@@ -1,9 +1,10 @@
 //! Operator commands on a sled data directory: `check` (every record
 //! decodes, every group's `PublicGroup` loads at its recorded epoch, every
-//! queue is gap-free), `stats` (counts) and `backup` (a copy into a new
+//! creator's group count matches its groups, every queue is gap-free), `stats` (counts) and `backup` (a copy into a new
 //! directory). They run on an opened [`Layout`], either of a stopped server
 //! or inside the running one.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -15,7 +16,8 @@ use super::queue_startup;
 use crate::backend::error::StoreError;
 use crate::backend::public_group::PublicGroupStore;
 use crate::backend::records::{
-    ClientRecord, CommitRecord, GroupRecord, GroupState, KeyPackageRecord,
+    ClientRecord, ClientUsage, CommitRecord, GroupRecord, GroupState, InviteRecord,
+    KeyPackageRecord,
 };
 use crate::backend::AdminReport;
 
@@ -89,12 +91,39 @@ pub(crate) fn check(layout: &Layout) -> Result<AdminReport, StoreError> {
         &mut problems,
     )?;
     decode_all::<CommitRecord>(layout, t.commits, "commit record", &mut problems)?;
+    decode_all::<InviteRecord>(layout, t.invites, "invitation record", &mut problems)?;
     let groups = layout.storage.scan_raw(t.groups.handle, b"")?;
+    let mut created: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
     for (k, v) in &groups {
         match decode_record::<GroupRecord>(t.groups.name, k, v) {
             Err(e) => problems.push(format!("group {}: {e}", hex::encode(k))),
-            Ok(record) => problems.extend(check_group(layout, k, &record)?),
+            Ok(record) => {
+                *created.entry(record.creator.clone()).or_default() += 1;
+                problems.extend(check_group(layout, k, &record)?);
+            }
         }
+    }
+    // The group quota's counts: one per existing group, by its creator.
+    for (k, v) in layout.storage.scan_raw(t.usage.handle, b"")? {
+        match decode_record::<ClientUsage>(t.usage.name, &k, &v) {
+            Err(e) => problems.push(format!("usage record: {e}")),
+            Ok(usage) => {
+                let actual = created.remove(&k).unwrap_or(0);
+                if usage.groups_created != actual {
+                    problems.push(format!(
+                        "client {} is counted as the creator of {} groups, but {actual} exist",
+                        String::from_utf8_lossy(&k),
+                        usage.groups_created
+                    ));
+                }
+            }
+        }
+    }
+    for (creator, n) in created {
+        problems.push(format!(
+            "client {} created {n} existing groups, but has no usage record",
+            String::from_utf8_lossy(&creator)
+        ));
     }
     let queues = queue_startup::verify(layout);
     problems.extend(queues.problems);

@@ -229,6 +229,7 @@ impl Applier {
             Condition::ClientAbsent(id) => !l.contains(t.clients, id.as_bytes())?,
             Condition::ClientActive(id) => l.client(id)?.is_some_and(|r| !r.is_deleted()),
             Condition::GroupAbsent(id) => !l.contains(t.groups, id.as_bytes())?,
+            Condition::GroupPresent(id) => l.contains(t.groups, id.as_bytes())?,
             Condition::GroupAt { group, revision } => l
                 .get::<GroupRecord>(t.groups, group.as_bytes())?
                 .is_some_and(|r| r.revision == *revision),

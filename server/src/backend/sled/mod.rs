@@ -59,7 +59,31 @@ pub(crate) struct SledBackend {
     layout: Layout,
     index: Arc<QueueIndex>,
     commit: GroupCommit,
-    group_locks: Mutex<HashMap<GroupId, Arc<tokio::sync::Mutex<()>>>>,
+    group_locks: Mutex<GroupLocks>,
+}
+
+/// One lock per group that was locked lately. Locks nobody holds or waits
+/// for are swept out whenever the table has doubled since the last sweep,
+/// so groups that were deleted, or never created, do not stay in memory.
+#[derive(Default)]
+struct GroupLocks {
+    by_group: HashMap<GroupId, Arc<tokio::sync::Mutex<()>>>,
+    sweep_at: usize,
+}
+
+impl GroupLocks {
+    /// Below this many locks the table is never swept.
+    const MIN_SWEEP: usize = 1024;
+
+    fn get(&mut self, id: &GroupId) -> Arc<tokio::sync::Mutex<()>> {
+        if self.by_group.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
+            // Only the table refers to an idle lock: a later locker of its
+            // group makes a new one, and nobody holds the old one.
+            self.by_group.retain(|_, lock| Arc::strong_count(lock) > 1);
+            self.sweep_at = self.by_group.len() * 2;
+        }
+        self.by_group.entry(id.clone()).or_default().clone()
+    }
 }
 
 impl SledBackend {
@@ -91,7 +115,7 @@ impl SledBackend {
             layout,
             index,
             commit,
-            group_locks: Mutex::new(HashMap::new()),
+            group_locks: Mutex::new(GroupLocks::default()),
         })
     }
 
@@ -264,16 +288,19 @@ impl Backend for SledBackend {
     }
 
     async fn invites(&self) -> Result<Vec<StoredInvite>, StoreError> {
-        let tree = self.layout.trees.invites;
-        let rows = self.layout.storage.scan_raw(tree.handle, b"")?;
-        rows.iter()
-            .map(|(k, v)| {
-                Ok(StoredInvite {
-                    code: String::from_utf8_lossy(k).into_owned(),
-                    record: mls_ds_storage::codec::decode_record(tree.name, k, v)?,
+        self.run(|layout| {
+            let tree = layout.trees.invites;
+            let rows = layout.storage.scan_raw(tree.handle, b"")?;
+            rows.iter()
+                .map(|(k, v)| {
+                    Ok(StoredInvite {
+                        code: String::from_utf8_lossy(k).into_owned(),
+                        record: mls_ds_storage::codec::decode_record(tree.name, k, v)?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     async fn usage(&self, client: &ClientId) -> Result<ClientUsage, StoreError> {
@@ -288,9 +315,7 @@ impl Backend for SledBackend {
             .group_locks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(id.clone())
-            .or_default()
-            .clone();
+            .get(id);
         lock.lock_owned().await
     }
 

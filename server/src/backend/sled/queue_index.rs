@@ -95,6 +95,18 @@ pub(crate) struct Assignment {
     pub(crate) entries: Vec<(ClientId, u64)>,
     /// The oldest entries of full queues, dropped to make room.
     pub(crate) dropped: Released,
+    /// What the drops changed, to put back if the write is not made.
+    overflow: Vec<Overflow>,
+}
+
+/// One full queue's drop: its mark and entries before.
+struct Overflow {
+    client: ClientId,
+    acked: u64,
+    ids: Vec<u64>,
+    /// Acceptance time of each dropped message, to restore its record if
+    /// the drop freed it.
+    stored_ms: Vec<u64>,
 }
 
 /// Entries that left queues, and the stored messages they freed.
@@ -144,9 +156,10 @@ impl IndexState {
 
     /// Queue `message` for each of `recipients` that has not deleted itself.
     /// A queue already holding `max_depth` entries first drops its oldest
-    /// one, as the retention bound does: its acknowledgement mark moves past
-    /// it, which is how the client learns that it missed entries (and, for
-    /// a missed commit, that it must resync).
+    /// ones, down to room for this one, as the retention bound does: its
+    /// acknowledgement mark moves past them, which is how the client learns
+    /// that it missed entries (and, for a missed commit, that it must
+    /// resync).
     pub(crate) fn assign(
         &mut self,
         recipients: &[ClientId],
@@ -158,19 +171,37 @@ impl IndexState {
         let mut entries = Vec::with_capacity(recipients.len());
         let mut popped = Vec::new();
         let mut marks = Vec::new();
+        let mut overflow = Vec::new();
         for r in recipients {
             let cq = self.client(r);
             if cq.deleted {
                 continue;
             }
-            if cq.ids.len() as u64 >= max_depth.max(1) {
-                let mark = cq.acked + 1;
-                popped.extend(cq.advance(mark));
+            // Above the bound after it was lowered, too: back to it.
+            let excess = (cq.ids.len() as u64 + 1).saturating_sub(max_depth.max(1));
+            if excess > 0 {
+                let acked = cq.acked;
+                let mark = acked + excess;
+                let ids = cq.advance(mark);
+                popped.extend_from_slice(&ids);
                 marks.push((r.clone(), mark));
+                overflow.push(Overflow {
+                    client: r.clone(),
+                    acked,
+                    ids,
+                    stored_ms: Vec::new(),
+                });
             }
             let seq = cq.next_seq();
             cq.ids.push_back(message_id);
             entries.push((r.clone(), seq));
+        }
+        for o in &mut overflow {
+            o.stored_ms = o
+                .ids
+                .iter()
+                .map(|id| self.messages.get(id).map_or(0, |m| m.stored_ms))
+                .collect();
         }
         self.overflow_drops += popped.len() as u64;
         let dropped = Released {
@@ -191,6 +222,7 @@ impl IndexState {
             message_id,
             entries,
             dropped,
+            overflow,
         }
     }
 
@@ -204,6 +236,22 @@ impl IndexState {
                         cq.ids.pop_back();
                     }
                 }
+            }
+            for o in a.overflow.iter().rev() {
+                if let Some(cq) = self.clients.get_mut(&o.client) {
+                    for id in o.ids.iter().rev() {
+                        cq.ids.push_front(*id);
+                    }
+                    cq.acked = o.acked;
+                }
+                for (id, stored_ms) in o.ids.iter().zip(&o.stored_ms) {
+                    let meta = self.messages.entry(*id).or_insert(MessageMeta {
+                        refs: 0,
+                        stored_ms: *stored_ms,
+                    });
+                    meta.refs += 1;
+                }
+                self.overflow_drops -= o.ids.len() as u64;
             }
             self.messages.remove(&a.message_id);
             self.uncache(a.message_id);
@@ -470,6 +518,39 @@ mod tests {
         s.delete_client(&b);
         let third = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
         assert_eq!(third.entries, vec![(a.clone(), 2)], "b deleted itself");
+    }
+
+    #[test]
+    fn a_full_queue_drops_down_to_its_bound_and_undo_restores_it() {
+        let mut s = IndexState {
+            next_message_id: 1,
+            ..IndexState::default()
+        };
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        for _ in 0..3 {
+            let m = s.assign(std::slice::from_ref(&a), &message(5), u64::MAX);
+            visible(&mut s, &m);
+        }
+        let shared = s.assign(&[a.clone(), b.clone()], &message(7), u64::MAX);
+        visible(&mut s, &shared);
+        // The bound was lowered to 2: a holds 4, so 3 go for the new one.
+        let full = s.assign(std::slice::from_ref(&a), &message(9), 2);
+        assert_eq!(full.dropped.marks, vec![(a.clone(), 3)]);
+        assert_eq!(full.dropped.entries, 3);
+        assert_eq!(full.dropped.freed, vec![1, 2, 3], "message 4 is b's too");
+        assert_eq!(s.client(&a).ids.len(), 2);
+        assert_eq!(s.overflow_drops, 3);
+        s.unassign(&[full]);
+        let q = s.client(&a);
+        assert_eq!(
+            (q.acked, q.ids.iter().copied().collect::<Vec<_>>()),
+            (0, vec![1, 2, 3, 4])
+        );
+        assert_eq!(s.overflow_drops, 0);
+        assert_eq!(s.messages.len(), 4);
+        assert_eq!((s.messages[&1].refs, s.messages[&1].stored_ms), (1, 5));
+        assert_eq!(s.messages[&4].refs, 2);
+        assert_eq!(s.next_message_id, 5);
     }
 
     #[test]

@@ -464,7 +464,7 @@ async fn a_live_backup_is_a_consistent_copy() {
     assert_eq!(seqs(&copy, &a, 0).await, vec![1]);
 }
 
-/// A full queue drops its oldest entry for each new one, durably: the
+/// A full queue drops its oldest entries to make room, durably: the
 /// acknowledgement mark moves past what was dropped, as with retention.
 #[tokio::test]
 async fn a_full_queue_drops_its_oldest_entries() {
@@ -534,4 +534,25 @@ async fn stale_commits_leave_each_groups_newest() {
         ],
         "g1's newest (epoch 2) stays although old"
     );
+}
+
+#[tokio::test]
+async fn idle_group_locks_are_swept_and_held_ones_kept() {
+    let mut locks = super::GroupLocks::default();
+    let held_id = GroupId::new(b"held").unwrap();
+    let held = locks.get(&held_id).lock_owned().await;
+    for i in 0..3000u32 {
+        locks.get(&GroupId::new(format!("g{i}").as_bytes()).unwrap());
+    }
+    assert!(
+        locks.by_group.len() < 3000,
+        "{} locks kept",
+        locks.by_group.len()
+    );
+    assert!(locks.by_group.contains_key(&held_id), "a held lock stays");
+    // The lock still excludes: a second locker of the group waits.
+    let again = locks.get(&held_id);
+    assert!(again.try_lock().is_err());
+    drop(held);
+    assert!(again.try_lock().is_ok());
 }
