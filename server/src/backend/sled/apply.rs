@@ -8,8 +8,9 @@
 //! sequence numbers follow the order in which writes reach sled's log, and a
 //! crash keeps a gap-free prefix of every queue.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, Transaction};
@@ -19,7 +20,7 @@ use super::queue_index::{Assignment, IndexState, QueueIndex, Released};
 use crate::backend::committing::CommitReply;
 use crate::backend::error::StoreError;
 use crate::backend::records::{
-    ClientUsage, GroupRecord, InviteRecord, KeyPackageRecord, StoredMessage,
+    ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, StoredMessage,
 };
 use crate::backend::write_set::{
     AckOutcome, Applied, Change, Condition, Delivery, DeliveryOutcome, WriteSet,
@@ -55,11 +56,15 @@ pub(crate) enum Job {
 
 impl Job {
     /// Whether the job reads the database to decide what to write, so that
-    /// everything queued before it must be applied first.
+    /// everything queued before it must be applied first. `GroupPresent`
+    /// reads memory only ([`Applier::deleted_groups`]): an application
+    /// message, the most frequent write, stays in its batch.
     pub(crate) fn reads_first(&self) -> bool {
         match self {
             Job::Write { set, .. } => {
-                !set.conditions.is_empty()
+                set.conditions
+                    .iter()
+                    .any(|c| !matches!(c, Condition::GroupPresent(_)))
                     || set.changes.iter().any(|c| {
                         matches!(c, Change::DeleteClient { .. } | Change::DeleteGroup { .. })
                     })
@@ -111,6 +116,12 @@ impl Finish {
     }
 }
 
+/// A group a write set creates or deletes.
+enum GroupChange {
+    Created(GroupId),
+    Deleted(GroupId),
+}
+
 /// What staging a write set's deliveries produced.
 struct Delivered {
     applied: Applied,
@@ -131,6 +142,12 @@ pub(crate) struct Applier {
     pub(crate) index: Arc<QueueIndex>,
     /// Most entries a client's queue holds (see `IndexState::assign`).
     pub(crate) max_queue_depth: u64,
+    /// Groups deleted since the start and not created again, in write
+    /// order: what `GroupPresent` checks. A service reads a group's record
+    /// before it submits a write conditional on it, so a group deleted
+    /// before the start never meets the condition; and memory, unlike the
+    /// database, already holds the deletions of the writes not yet applied.
+    pub(crate) deleted_groups: Mutex<HashSet<GroupId>>,
 }
 
 impl Applier {
@@ -198,7 +215,13 @@ impl Applier {
         }
         let tx = self.layout.storage.begin();
         let mut deleted = Vec::new();
+        let mut staged_groups = Vec::new();
         for change in set.changes {
+            match &change {
+                Change::PutGroup { id, .. } => staged_groups.push(GroupChange::Created(id.clone())),
+                Change::DeleteGroup { id } => staged_groups.push(GroupChange::Deleted(id.clone())),
+                _ => {}
+            }
             if let Change::DeleteClient { id, tombstone } = change {
                 self.stage_client_deletion(&tx, &id, &tombstone)?;
                 deleted.push(id);
@@ -214,8 +237,21 @@ impl Applier {
         }
         let delivered = self.deliver(&mut state, &tx, set.deliveries)?;
         drop(state);
+        let writes = vec![tx.into_pending()?];
+        if !staged_groups.is_empty() {
+            let mut deleted_groups = self
+                .deleted_groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for change in staged_groups {
+                match change {
+                    GroupChange::Created(id) => deleted_groups.remove(&id),
+                    GroupChange::Deleted(id) => deleted_groups.insert(id),
+                };
+            }
+        }
         Ok(StagedWrite {
-            writes: vec![tx.into_pending()?],
+            writes,
             publish: delivered.publish,
             applied: delivered.applied,
         })
@@ -229,7 +265,11 @@ impl Applier {
             Condition::ClientAbsent(id) => !l.contains(t.clients, id.as_bytes())?,
             Condition::ClientActive(id) => l.client(id)?.is_some_and(|r| !r.is_deleted()),
             Condition::GroupAbsent(id) => !l.contains(t.groups, id.as_bytes())?,
-            Condition::GroupPresent(id) => l.contains(t.groups, id.as_bytes())?,
+            Condition::GroupPresent(id) => !self
+                .deleted_groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(id),
             Condition::GroupAt { group, revision } => l
                 .get::<GroupRecord>(t.groups, group.as_bytes())?
                 .is_some_and(|r| r.revision == *revision),

@@ -110,6 +110,7 @@ impl SledBackend {
             layout: layout.clone(),
             index: index.clone(),
             max_queue_depth: config.max_queue_depth,
+            deleted_groups: Default::default(),
         })?;
         Ok(SledBackend {
             layout,

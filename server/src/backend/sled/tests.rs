@@ -556,3 +556,46 @@ async fn idle_group_locks_are_swept_and_held_ones_kept() {
     drop(held);
     assert!(again.try_lock().is_ok());
 }
+
+#[tokio::test]
+async fn a_message_submitted_with_its_group_deletion_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path());
+    let g = GroupId::new(b"doomed").unwrap();
+    let create = || WriteSet {
+        changes: vec![Change::PutGroup {
+            id: g.clone(),
+            record: GroupRecord {
+                epoch: 0,
+                revision: 0,
+                open: false,
+                members: vec![b"a".to_vec()],
+                creator: b"a".to_vec(),
+                created_ms: 0,
+            },
+        }],
+        ..WriteSet::default()
+    };
+    let send = || WriteSet {
+        conditions: vec![Condition::GroupPresent(g.clone())],
+        deliveries: vec![delivery(1, &[&id("a")])],
+        ..WriteSet::default()
+    };
+    b.submit(create()).wait().await.unwrap();
+    b.submit(send()).wait().await.unwrap();
+    // Deletion and a message read before it, in one batch: the message is
+    // refused although the deletion is not yet in the database.
+    let deletion = b.submit(WriteSet {
+        changes: vec![Change::DeleteGroup { id: g.clone() }],
+        ..WriteSet::default()
+    });
+    let late = b.submit(send());
+    deletion.wait().await.unwrap();
+    assert!(matches!(
+        late.wait().await,
+        Err(StoreError::ConditionFailed(Condition::GroupPresent(_)))
+    ));
+    // Created again, the group takes messages again.
+    b.submit(create()).wait().await.unwrap();
+    b.submit(send()).wait().await.unwrap();
+}
