@@ -13,9 +13,24 @@ pub enum ClientError {
         /// The DS's error body.
         body: ErrorBody,
     },
-    /// The DS could not be reached or the connection broke.
-    #[error("transport error: {0}")]
-    Transport(String),
+    /// No connection to the DS could be made (refused, no route, name not
+    /// resolved, TLS handshake or certificate refused).
+    #[error("cannot reach the DS at {url}: {detail}")]
+    Unreachable {
+        /// The DS's base URL.
+        url: String,
+        /// What went wrong, most specific cause last.
+        detail: String,
+    },
+    /// A connection to the DS broke during a request: whether the DS
+    /// received it is unknown.
+    #[error("lost the connection to the DS at {url}: {detail}")]
+    ConnectionLost {
+        /// The DS's base URL.
+        url: String,
+        /// What went wrong, most specific cause last.
+        detail: String,
+    },
     /// The DS sent something the SDK cannot decode.
     #[error("bad response from server: {0}")]
     BadResponse(String),
@@ -37,6 +52,15 @@ impl ClientError {
     /// True if the DS said 409 wrong epoch.
     pub fn is_wrong_epoch(&self) -> bool {
         matches!(self, ClientError::Server { body, .. } if body.code == mls_ds_protocol::ErrorCode::WrongEpoch)
+    }
+
+    /// True if the DS could not be reached or the connection broke: the
+    /// operation may be retried later.
+    pub fn is_network(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable { .. } | ClientError::ConnectionLost { .. }
+        )
     }
 
     /// HTTP status of a server error.

@@ -13,10 +13,12 @@ mod api;
 pub mod client;
 mod error;
 mod records;
+mod tls;
 mod transport;
 
 pub use api::DsApi;
 pub use client::{Client, ClientConfig};
 pub use error::{ClientError, Result};
 pub use records::Event;
+pub use tls::TlsConfig;
 pub use transport::{AuthMode, HttpPool, Transport};

@@ -1,5 +1,6 @@
-//! HTTP transport to the DS: request signing, sessions, and decoding of
-//! error bodies. One connection pool per [`Transport`].
+//! HTTP(S) transport to the DS: request signing, sessions, and decoding of
+//! error bodies. Connections come from an [`HttpPool`], which speaks plain
+//! HTTP to `http://` URLs and TLS (h2 or http/1.1 by ALPN) to `https://` ones.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -8,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use mls_ds_protocol::auth::{
@@ -19,43 +21,99 @@ use openmls_traits::signatures::Signer;
 use rand::RngCore;
 
 use crate::error::{ClientError, Result};
+use crate::tls::TlsConfig;
 
 struct Session {
     created: SessionCreated,
     counter: AtomicU64,
 }
 
-/// Keep-alive HTTP connections (TCP_NODELAY), cheap to clone: transports of
-/// many identities in one process can share one pool instead of each opening
-/// its own connections.
+type Connector = HttpsConnector<HttpConnector>;
+
+/// Keep-alive HTTP and HTTPS connections (TCP_NODELAY), cheap to clone:
+/// transports of many identities in one process can share one pool instead
+/// of each opening its own connections.
 #[derive(Clone)]
-pub struct HttpPool(HyperClient<HttpConnector, Full<Bytes>>);
+pub struct HttpPool(HyperClient<Connector, Full<Bytes>>);
 
 impl HttpPool {
-    /// An empty pool.
-    pub fn new() -> HttpPool {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        HttpPool(HyperClient::builder(TokioExecutor::new()).build(connector))
+    /// An empty pool trusting the default roots for `https://` URLs.
+    pub fn new() -> Result<HttpPool> {
+        Self::with_tls(&TlsConfig::default())
     }
-}
 
-impl Default for HttpPool {
-    fn default() -> Self {
-        HttpPool::new()
+    /// An empty pool trusting the roots of `tls` for `https://` URLs.
+    pub fn with_tls(tls: &TlsConfig) -> Result<HttpPool> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.rustls()?)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        Ok(HttpPool(
+            HyperClient::builder(TokioExecutor::new()).build(connector),
+        ))
     }
 }
 
 /// Authenticated HTTP access to one DS for one client.
 pub struct Transport {
     base: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<Connector, Full<Bytes>>,
     client_id: ClientId,
     signer: SignatureKeyPair,
     session: Mutex<Option<std::sync::Arc<Session>>>,
     /// Sign every request instead of using a session (slower; for tests and
     /// clients that keep no session state).
     pub always_sign: bool,
+}
+
+/// `url` without a trailing slash, if it is an `http://` or `https://` URL
+/// with a host and no path, query or fragment.
+fn checked_base_url(url: &str) -> Result<String> {
+    let base = url.trim_end_matches('/');
+    let bad = |why: &str| {
+        ClientError::Usage(format!(
+            "bad DS URL {url:?}: {why} (expected e.g. https://ds.example.org or http://127.0.0.1:8080)"
+        ))
+    };
+    let uri: hyper::Uri = base.parse().map_err(|e| bad(&format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(bad("the scheme must be http or https")),
+    }
+    if uri.authority().is_none() {
+        return Err(bad("no host"));
+    }
+    if uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
+        return Err(bad("a DS URL has no path"));
+    }
+    Ok(base.to_owned())
+}
+
+/// An error's causes, outermost first, without the wrappers that only say
+/// "client error" (so that the reader sees "Connection refused" or the
+/// certificate problem).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    // The last causes are the specific ones; the first is hyper's summary.
+    if parts.len() > 1 {
+        parts.remove(0);
+    }
+    parts.join(": ")
 }
 
 fn now_ms() -> u64 {
@@ -77,9 +135,10 @@ pub enum AuthMode {
 }
 
 impl Transport {
-    /// Transport to `base_url` (e.g. `http://127.0.0.1:8080`) as `client_id`.
-    pub fn new(base_url: &str, client_id: ClientId, signer: SignatureKeyPair) -> Transport {
-        Self::with_pool(base_url, client_id, signer, HttpPool::new())
+    /// Transport to `base_url` (e.g. `https://ds.example.org` or
+    /// `http://127.0.0.1:8080`) as `client_id`, trusting the default roots.
+    pub fn new(base_url: &str, client_id: ClientId, signer: SignatureKeyPair) -> Result<Transport> {
+        Self::with_pool(base_url, client_id, signer, HttpPool::new()?)
     }
 
     /// Like [`Transport::new`], with connections from a shared `pool`.
@@ -88,15 +147,15 @@ impl Transport {
         client_id: ClientId,
         signer: SignatureKeyPair,
         pool: HttpPool,
-    ) -> Transport {
-        Transport {
-            base: base_url.trim_end_matches('/').to_owned(),
+    ) -> Result<Transport> {
+        Ok(Transport {
+            base: checked_base_url(base_url)?,
             http: pool.0,
             client_id,
             signer,
             session: Mutex::new(None),
             always_sign: false,
-        }
+        })
     }
 
     /// The client this transport speaks for.
@@ -286,18 +345,30 @@ impl Transport {
         }
         let req = builder
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+            .map_err(|e| ClientError::Usage(format!("bad request to {}: {e}", self.base)))?;
+        let resp = self.http.request(req).await.map_err(|e| {
+            let detail = causes(&e);
+            if e.is_connect() {
+                ClientError::Unreachable {
+                    url: self.base.clone(),
+                    detail,
+                }
+            } else {
+                ClientError::ConnectionLost {
+                    url: self.base.clone(),
+                    detail,
+                }
+            }
+        })?;
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .map_err(|e| ClientError::ConnectionLost {
+                url: self.base.clone(),
+                detail: causes(&e),
+            })?
             .to_bytes();
         if (200..300).contains(&status) {
             return Ok(bytes);

@@ -200,14 +200,14 @@ async fn registrations(url: &str, pid: u32) {
     let n = if quick() { 2000 } else { 20000 };
     // One pool of keep-alive connections for all of them, as an application
     // server registering its users would have; key generation is untimed.
-    let pool = HttpPool::new();
+    let pool = HttpPool::new().unwrap();
     let scheme = mls_ds_client::client::CIPHERSUITE.signature_algorithm();
     let members: Arc<Vec<DsApi>> = Arc::new(
         (0..n)
             .map(|i| {
                 let id = ClientId::new(format!("reg-{i}")).unwrap();
                 let signer = SignatureKeyPair::new(scheme).unwrap();
-                DsApi::new(Transport::with_pool(url, id, signer, pool.clone()))
+                DsApi::new(Transport::with_pool(url, id, signer, pool.clone()).unwrap())
             })
             .collect(),
     );

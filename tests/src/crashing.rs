@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 /// Whether an error means the DS was unreachable or failing (a restart is
 /// under way), as opposed to a verdict on the request.
 pub fn is_transport(e: &ClientError) -> bool {
-    matches!(e, ClientError::Transport(_)) || e.status().is_some_and(|s| s >= 500)
+    e.is_network() || e.status().is_some_and(|s| s >= 500)
 }
 
 /// Retry an operation across server restarts (transport errors only; any

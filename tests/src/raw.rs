@@ -42,7 +42,7 @@ pub fn wire<T: tls_codec::Serialize>(v: &T) -> Vec<u8> {
 impl RawMember {
     /// A new identity (not yet registered), with connections of its own.
     pub fn new(url: &str, name: &str) -> RawMember {
-        Self::with_pool(url, name, HttpPool::new())
+        Self::with_pool(url, name, HttpPool::new().unwrap())
     }
 
     /// A new identity whose requests share the connections of `pool`.
@@ -55,12 +55,9 @@ impl RawMember {
             credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
             signature_key: signer.public().into(),
         };
-        let api = DsApi::new(Transport::with_pool(
-            url,
-            ClientId::new(name).unwrap(),
-            signer.clone(),
-            pool,
-        ));
+        let api = DsApi::new(
+            Transport::with_pool(url, ClientId::new(name).unwrap(), signer.clone(), pool).unwrap(),
+        );
         RawMember {
             api,
             provider,

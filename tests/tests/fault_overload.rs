@@ -34,7 +34,7 @@ const RSS_BOUND_MIB: u64 = 300;
 /// so each call is exactly one request).
 async fn signing_client(url: &str, name: &str) -> DsApi {
     let signer = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
-    let mut transport = Transport::new(url, ClientId::new(name).unwrap(), signer);
+    let mut transport = Transport::new(url, ClientId::new(name).unwrap(), signer).unwrap();
     transport.always_sign = true;
     let api = DsApi::new(transport);
     api.register().await.unwrap();

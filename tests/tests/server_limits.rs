@@ -145,7 +145,8 @@ async fn registrations_are_limited_per_source_address() {
         &url,
         ClientId::new("ip-1").unwrap(),
         members[1].signer.clone(),
-    );
+    )
+    .unwrap();
     signing.always_sign = true;
     assert_eq!(status(DsApi::new(signing).key_package_count().await), 429);
     // The refusal says when to come back: one token a minute.

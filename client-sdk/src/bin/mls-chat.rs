@@ -13,9 +13,13 @@ struct Cli {
     /// Directory holding this client's identity and MLS state.
     #[arg(long, env = "MLS_CHAT_DATA_DIR")]
     data_dir: std::path::PathBuf,
-    /// Base URL of the delivery service.
+    /// Base URL of the delivery service (`https://` or `http://`).
     #[arg(long, env = "MLS_CHAT_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
+    /// PEM file of a CA (or the DS's self-signed certificate) to trust for
+    /// an `https://` server, besides the platform's roots.
+    #[arg(long, env = "MLS_CHAT_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -118,7 +122,10 @@ fn print_event(e: &Event) {
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
-    let config = ClientConfig::default();
+    let mut config = ClientConfig::default();
+    if let Some(ca) = &cli.ca_cert {
+        config.tls.add_ca_pem_file(ca)?;
+    }
     let client = match &cli.command {
         Cmd::Register { name, .. } => Client::open(&cli.data_dir, &cli.server, name, config)?,
         _ => Client::open_existing(&cli.data_dir, &cli.server, config)?,

@@ -3,6 +3,8 @@
 //! groups they create and join agree.
 
 use mls_ds_storage::Durability;
+
+use crate::tls::TlsConfig;
 use openmls::prelude::*;
 
 /// The ciphersuite of groups created by the SDK.
@@ -17,6 +19,8 @@ pub struct ClientConfig {
     pub max_commit_retries: u32,
     /// Durability of local state (default: flush + fdatasync per operation).
     pub durability: Durability,
+    /// Which CAs to trust for an `https://` DS (default: the platform's).
+    pub tls: TlsConfig,
     /// Test hook (feature `test-hooks`, which no release build enables): abort
     /// the process after the DS accepted a commit and before it is merged
     /// locally (to test recovery of exactly that window).
@@ -30,6 +34,7 @@ impl Default for ClientConfig {
             min_key_packages: 10,
             max_commit_retries: 8,
             durability: Durability::Sync,
+            tls: TlsConfig::default(),
             #[cfg(feature = "test-hooks")]
             abort_after_commit_accepted: false,
         }

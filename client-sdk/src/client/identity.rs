@@ -15,7 +15,7 @@ use super::{Client, ClientConfig, Inner, CIPHERSUITE};
 use crate::api::DsApi;
 use crate::error::{mls, ClientError, Result};
 use crate::records::{self, Identity};
-use crate::transport::Transport;
+use crate::transport::{HttpPool, Transport};
 
 impl Client {
     /// Open (or create) the client in `data_dir`, talking to `ds_url`. On
@@ -60,7 +60,13 @@ impl Client {
             signature_key: signer.public().into(),
         };
         let groups = load_groups(&storage, records)?;
-        let api = DsApi::new(Transport::new(ds_url, id.clone(), signer.clone()));
+        let pool = HttpPool::with_tls(&config.tls)?;
+        let api = DsApi::new(Transport::with_pool(
+            ds_url,
+            id.clone(),
+            signer.clone(),
+            pool,
+        )?);
         Ok(Client {
             id,
             store,
