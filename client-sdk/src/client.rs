@@ -53,6 +53,8 @@ pub struct Client {
     api: DsApi,
     config: ClientConfig,
     inner: Mutex<Inner>,
+    /// When the key packages on the DS were last checked (`None`: due).
+    key_packages_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 fn wire<T: openmls::prelude::tls_codec::Serialize>(v: &T) -> Result<Vec<u8>> {

@@ -8,6 +8,8 @@
 //! | `group/<gid>` | [`GroupMeta`] (the list of groups) |
 //! | `outbox/<gid>` | [`Outbox`]: a commit sent (or about to be sent) but not yet resolved |
 //! | `inbox/<seq u64 BE>` | [`Event`] not yet taken by the application |
+//! | `last-resort` | [`LastResort`]: the last-resort key package on the DS |
+//! | `retired/<KeyPackageRef>` | [`Retired`]: a replaced last resort whose private key is still kept |
 
 /// Who this client is.
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
@@ -25,6 +27,21 @@ pub(crate) struct Identity {
 pub(crate) struct GroupMeta {
     /// Whether the group was created open (external joins allowed).
     pub(crate) open: bool,
+}
+
+/// The last-resort key package this client published last.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct LastResort {
+    /// Its `KeyPackageRef`, TLS-encoded (where OpenMLS keeps its private
+    /// keys).
+    pub(crate) hash_ref: Vec<u8>,
+}
+
+/// A replaced last-resort key package, whose private key is deleted some
+/// time after `retired_at` (Unix seconds).
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct Retired {
+    pub(crate) retired_at: u64,
 }
 
 /// What an unresolved commit was for.
@@ -124,6 +141,12 @@ impl Event {
 
 pub(crate) const IDENTITY: &[u8] = b"identity";
 pub(crate) const CURSOR: &[u8] = b"cursor";
+pub(crate) const LAST_RESORT: &[u8] = b"last-resort";
+pub(crate) const RETIRED_PREFIX: &[u8] = b"retired/";
+
+pub(crate) fn retired_key(hash_ref: &[u8]) -> Vec<u8> {
+    [RETIRED_PREFIX, hash_ref].concat()
+}
 
 pub(crate) fn group_key(gid: &[u8]) -> Vec<u8> {
     [b"group/".as_slice(), gid].concat()

@@ -2,6 +2,8 @@
 //! and the MLS group configuration that every SDK client uses, so that the
 //! groups they create and join agree.
 
+use std::time::Duration;
+
 use mls_ds_storage::Durability;
 
 use crate::tls::TlsConfig;
@@ -15,6 +17,14 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 pub struct ClientConfig {
     /// Keep at least this many key packages on the DS (plus a last-resort one).
     pub min_key_packages: usize,
+    /// How often [`Client::sync`](crate::Client::sync) checks the key
+    /// packages on the DS (it also checks after every Welcome).
+    pub key_package_check_interval: Duration,
+    /// Replace the last-resort key package this long before it expires.
+    pub last_resort_refresh_before: Duration,
+    /// How long the private key of a replaced last-resort package is kept,
+    /// for Welcomes made with it before it was replaced.
+    pub retired_last_resort_keep: Duration,
     /// Attempts of a commit that keeps losing its epoch to other members.
     pub max_commit_retries: u32,
     /// Durability of local state (default: flush + fdatasync per operation).
@@ -32,6 +42,9 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             min_key_packages: 10,
+            key_package_check_interval: Duration::from_secs(3600),
+            last_resort_refresh_before: Duration::from_secs(14 * 24 * 3600),
+            retired_last_resort_keep: Duration::from_secs(30 * 24 * 3600),
             max_commit_retries: 8,
             durability: Durability::Sync,
             tls: TlsConfig::default(),

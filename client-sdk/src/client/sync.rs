@@ -28,6 +28,13 @@ impl Client {
     pub async fn sync_wait(&self, wait_ms: u64) -> Result<usize> {
         let processed = self.sync_queue(wait_ms).await?;
         self.commit_pending_removals().await?;
+        if self.key_packages_due() {
+            // Receiving goes on if the upkeep fails (e.g. the DS's quota);
+            // it is tried again at the next check.
+            if let Err(e) = self.ensure_key_packages().await {
+                tracing::warn!(client = %self.id, error = %e, "key package upkeep failed");
+            }
+        }
         Ok(processed)
     }
 
@@ -169,6 +176,7 @@ impl Client {
         }
         let msg = MlsMessageIn::tls_deserialize_exact(entry.message.as_slice()).map_err(mls)?;
         if entry.kind == EntryKind::Welcome {
+            self.key_package_used();
             return self.apply_welcome(inner, tx, entry.seq, msg).map(Some);
         }
         self.apply_group_message(inner, tx, entry, msg)

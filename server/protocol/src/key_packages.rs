@@ -25,6 +25,9 @@ pub struct KeyPackageCount {
     /// published: a client sees here that its ordinary packages ran out
     /// (and that it should publish more, and rotate the last resort).
     pub last_resort_claims: u64,
+    /// End of the last-resort package's lifetime (Unix seconds; 0 without
+    /// one): its owner replaces it before then.
+    pub last_resort_not_after: u64,
 }
 
 /// Response of `POST /v1/clients/{id}/key-package`.
@@ -35,4 +38,26 @@ pub struct ClaimedKeyPackage {
     pub key_package: VLBytes,
     /// True if this is the client's last-resort package (not consumed).
     pub last_resort: crate::codec::Bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The framing shown in docs/API.md.
+    #[test]
+    fn key_package_count_encodes_as_documented() {
+        let count = KeyPackageCount {
+            remaining: 10,
+            has_last_resort: true.into(),
+            last_resort_claims: 0,
+            last_resort_not_after: 1_767_225_600,
+        };
+        let bytes = crate::encode(&count).unwrap();
+        assert_eq!(
+            hex::encode(&bytes),
+            "0000000a010000000000000000000000006955b900"
+        );
+        assert_eq!(crate::decode::<KeyPackageCount>(&bytes).unwrap(), count);
+    }
 }

@@ -158,7 +158,8 @@ impl<B: Backend> Ds<B> {
         Ok(KeyPackageCount {
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
             has_last_resort: last_resort.is_some().into(),
-            last_resort_claims: last_resort.map_or(0, |r| r.claims),
+            last_resort_claims: last_resort.as_ref().map_or(0, |r| r.claims),
+            last_resort_not_after: last_resort.as_ref().map_or(0, |r| r.not_after),
         })
     }
 
