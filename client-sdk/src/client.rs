@@ -71,14 +71,18 @@ fn group<'a>(inner: &'a Inner, gid: &[u8]) -> Result<&'a MlsGroup> {
     inner
         .groups
         .get(gid)
-        .ok_or_else(|| ClientError::Usage(format!("not in group {}", hex::encode(gid))))
+        .ok_or_else(|| ClientError::NotInGroup {
+            group_id: gid.to_vec(),
+        })
 }
 
 fn group_mut<'a>(inner: &'a mut Inner, gid: &[u8]) -> Result<&'a mut MlsGroup> {
     inner
         .groups
         .get_mut(gid)
-        .ok_or_else(|| ClientError::Usage(format!("not in group {}", hex::encode(gid))))
+        .ok_or_else(|| ClientError::NotInGroup {
+            group_id: gid.to_vec(),
+        })
 }
 
 impl Client {

@@ -18,7 +18,7 @@ mod transport;
 
 pub use api::DsApi;
 pub use client::{Client, ClientConfig};
-pub use error::{ClientError, Result};
+pub use error::{ClientError, MlsErrorKind, Result};
 pub use records::Event;
 pub use tls::TlsConfig;
 pub use transport::{AuthMode, HttpPool, Transport};

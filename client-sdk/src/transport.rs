@@ -20,7 +20,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_traits::signatures::Signer;
 use rand::RngCore;
 
-use crate::error::{ClientError, Result};
+use crate::error::{mls, ClientError, Result};
 use crate::tls::TlsConfig;
 
 struct Session {
@@ -189,7 +189,7 @@ impl Transport {
         let signature = self
             .signer
             .sign(&payload)
-            .map_err(|e| ClientError::Mls(format!("signing failed: {e:?}")))?;
+            .map_err(|e| mls(format!("signing failed: {e:?}")))?;
         Ok(AuthToken::Signature(SignatureAuth {
             client_id: self.client_id.clone(),
             timestamp_ms: ts,

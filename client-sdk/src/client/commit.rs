@@ -66,7 +66,7 @@ impl Client {
             }
         };
         let (commit, welcome, gi) = bundle.into_messages();
-        let gi = gi.ok_or_else(|| ClientError::Mls("commit without GroupInfo".into()))?;
+        let gi = gi.ok_or_else(|| mls("commit without GroupInfo"))?;
         let outbox = Outbox {
             kind: OutboxKind::Commit,
             commit: wire(&commit)?,
@@ -103,7 +103,7 @@ impl Client {
             &self.credential,
         )?;
         let (commit, _, gi) = bundle.into_messages();
-        let gi = gi.ok_or_else(|| ClientError::Mls("external commit without GroupInfo".into()))?;
+        let gi = gi.ok_or_else(|| mls("external commit without GroupInfo"))?;
         let outbox = Outbox {
             kind: OutboxKind::ExternalJoin,
             commit: wire(&commit)?,

@@ -11,7 +11,7 @@ use openmls_traits::OpenMlsProvider;
 
 use super::commit::stage_commit;
 use super::{create_config, group, group_mut, member_id, wire, Client};
-use crate::error::{mls, ClientError, Result};
+use crate::error::{malformed, mls, ClientError, Result};
 use crate::records::{self, GroupMeta};
 
 /// A group created locally, stored but not yet registered with the DS.
@@ -140,8 +140,8 @@ impl Client {
         for c in clients {
             let id = ClientId::new(c).map_err(|e| ClientError::Usage(e.to_string()))?;
             let claimed = self.api.claim_key_package(&id).await?;
-            let msg =
-                MlsMessageIn::tls_deserialize_exact(claimed.key_package.as_slice()).map_err(mls)?;
+            let msg = MlsMessageIn::tls_deserialize_exact(claimed.key_package.as_slice())
+                .map_err(malformed)?;
             let MlsMessageBodyIn::KeyPackage(kp_in) = msg.extract() else {
                 return Err(ClientError::BadResponse(
                     "claimed object is not a key package".into(),
@@ -162,7 +162,10 @@ impl Client {
             let leaf = g
                 .members()
                 .find(|m| member_id(m) == client)
-                .ok_or_else(|| ClientError::Usage(format!("{client} is not a member")))?
+                .ok_or_else(|| ClientError::NoSuchMember {
+                    group_id: group_id.to_vec(),
+                    client: client.to_owned(),
+                })?
                 .index;
             stage_commit(g.commit_builder().propose_removals([leaf]), p, signer)
         })
@@ -271,14 +274,14 @@ impl Client {
     async fn published_group(&self, group_id: &[u8]) -> Result<PublishedGroup> {
         let info = self.api.group_info(group_id).await?;
         let group_info = match MlsMessageIn::tls_deserialize_exact(info.group_info.as_slice())
-            .map_err(mls)?
+            .map_err(malformed)?
             .extract()
         {
             MlsMessageBodyIn::GroupInfo(gi) => gi,
             _ => return Err(ClientError::BadResponse("not a GroupInfo".into())),
         };
-        let ratchet_tree =
-            RatchetTreeIn::tls_deserialize_exact(info.ratchet_tree.as_slice()).map_err(mls)?;
+        let ratchet_tree = RatchetTreeIn::tls_deserialize_exact(info.ratchet_tree.as_slice())
+            .map_err(malformed)?;
         Ok(PublishedGroup {
             group_info,
             ratchet_tree,

@@ -9,7 +9,10 @@ use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::*;
 
 use super::{group_mut, join_config, Client, Inner};
-use crate::error::{mls, ClientError, Result};
+use crate::error::{
+    malformed, mls, mls_error, processing, welcome as welcome_error, ClientError, MlsErrorKind,
+    Result,
+};
 use crate::records::{self, Event, GroupMeta};
 
 impl Client {
@@ -93,7 +96,7 @@ impl Client {
             match Box::pin(self.commit_pending_proposals(&gid)).await {
                 Ok(_) => {}
                 // Somebody else committed them first, or we were removed.
-                Err(ClientError::Usage(_)) | Err(ClientError::Mls(_)) => {}
+                Err(ClientError::NotInGroup { .. } | ClientError::Mls { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -174,7 +177,8 @@ impl Client {
                 group_id: gid.to_vec(),
             }));
         }
-        let msg = MlsMessageIn::tls_deserialize_exact(entry.message.as_slice()).map_err(mls)?;
+        let msg =
+            MlsMessageIn::tls_deserialize_exact(entry.message.as_slice()).map_err(malformed)?;
         if entry.kind == EntryKind::Welcome {
             self.key_package_used();
             return self.apply_welcome(inner, tx, entry.seq, msg).map(Some);
@@ -196,7 +200,7 @@ impl Client {
             ));
         };
         let group = StagedWelcome::new_from_welcome(tx, &join_config(), welcome, None)
-            .map_err(mls)?
+            .map_err(welcome_error)?
             .into_group(tx)
             .map_err(mls)?;
         let gid = group.group_id().as_slice().to_vec();
@@ -220,19 +224,22 @@ impl Client {
         let seq = entry.seq;
         let gid = entry.group_id.as_slice().to_vec();
         let g = group_mut(inner, &gid)?;
-        let protocol = msg.try_into_protocol_message().map_err(mls)?;
+        let protocol = msg.try_into_protocol_message().map_err(malformed)?;
         if protocol.epoch() < g.epoch() && entry.kind == EntryKind::Commit {
-            return Err(ClientError::Mls(format!(
-                "commit for past epoch {} (group is at {})",
-                protocol.epoch().as_u64(),
-                g.epoch().as_u64()
-            )));
+            return Err(mls_error(
+                MlsErrorKind::WrongEpoch,
+                format!(
+                    "commit for past epoch {} (group is at {})",
+                    protocol.epoch().as_u64(),
+                    g.epoch().as_u64()
+                ),
+            ));
         }
         if g.pending_commit().is_some() {
             // Our own commit for this epoch lost (the DS accepted this one).
             g.clear_pending_commit(tx.storage())?;
         }
-        let processed = g.process_message(tx, protocol).map_err(mls)?;
+        let processed = g.process_message(tx, protocol).map_err(processing)?;
         let sender = BasicCredential::try_from(processed.credential().clone())
             .map(|c| c.identity().to_vec())
             .unwrap_or_default();
@@ -264,7 +271,7 @@ impl Client {
                 g.store_pending_proposal(tx.storage(), *p)?;
                 Ok(None)
             }
-            _ => Err(ClientError::Mls(
+            _ => Err(ClientError::BadResponse(
                 "the DS delivered this client's own message back".into(),
             )),
         }

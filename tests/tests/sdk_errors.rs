@@ -1,0 +1,50 @@
+//! The SDK's errors as an application meets them, each a variant it can
+//! match on: a group this client is not in, a member that is not there, the
+//! DS's refusal with its code, an unreachable DS.
+
+use mls_ds_client::{Client, ClientConfig, ClientError};
+use mls_ds_protocol::ErrorCode;
+use mls_ds_tests::Server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("ds"), &[]);
+    let url = server.url();
+    let alice = Client::open(
+        dir.path().join("alice"),
+        &url,
+        "alice",
+        ClientConfig::default(),
+    )
+    .unwrap();
+    alice.register().await.unwrap();
+    let gid = alice.create_group(false).await.unwrap();
+
+    let unknown = vec![7u8; 16];
+    match alice.send(&unknown, b"x").await {
+        Err(ClientError::NotInGroup { group_id }) => assert_eq!(group_id, unknown),
+        other => panic!("send to a group alice is not in: {other:?}"),
+    }
+    match alice.remove(&gid, "bob").await {
+        Err(ClientError::NoSuchMember { group_id, client }) => {
+            assert_eq!((group_id, client.as_str()), (gid.clone(), "bob"));
+        }
+        other => panic!("removing a non-member: {other:?}"),
+    }
+    // Inviting a client the DS does not know: the DS's 404, with its code.
+    let err = alice.invite(&gid, &["nobody"]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
+    assert_eq!(err.status(), Some(404));
+    assert!(!err.is_network() && err.mls_kind().is_none());
+
+    // The DS gone: a network error naming the DS.
+    let mut server = server;
+    server.stop();
+    let err = alice.sync().await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Unreachable { url: u, .. } if *u == url),
+        "{err:?}"
+    );
+    assert!(err.is_network());
+}
