@@ -5,7 +5,7 @@ use mls_ds_protocol::auth::SessionCreated;
 use mls_ds_protocol::clients::{RegisterClient, Registered};
 use mls_ds_protocol::groups::{
     CommitAccepted, CommitBundle, CreateGroup, GroupCreated, GroupInfoResponse, MessageAccepted,
-    SendMessage,
+    SendId, SendMessage,
 };
 use mls_ds_protocol::key_packages::{ClaimedKeyPackage, KeyPackageCount, PublishKeyPackages};
 use mls_ds_protocol::queue::{Ack, Acked, QueuePage};
@@ -200,8 +200,29 @@ impl DsApi {
 
     /// Send an application message or a proposal.
     pub async fn send_message(&self, group_id: &[u8], message: Vec<u8>) -> Result<MessageAccepted> {
+        self.post_message(group_id, message, None).await
+    }
+
+    /// Send an application message under a send id: a retry with the same
+    /// id gets the first answer instead of a second delivery.
+    pub async fn send_message_once(
+        &self,
+        group_id: &[u8],
+        message: Vec<u8>,
+        send_id: SendId,
+    ) -> Result<MessageAccepted> {
+        self.post_message(group_id, message, Some(send_id)).await
+    }
+
+    async fn post_message(
+        &self,
+        group_id: &[u8],
+        message: Vec<u8>,
+        send_id: Option<SendId>,
+    ) -> Result<MessageAccepted> {
         let body = enc(&SendMessage {
             message: message.into(),
+            send_id,
         })?;
         let bytes = self
             .transport

@@ -9,6 +9,7 @@
 //! * `key_packages`: keeping key packages on the DS;
 //! * `groups`: what the application does with a group;
 //! * `commit`: the commit discipline and its outbox;
+//! * `sends`: the send outbox, exactly-once application messages;
 //! * `sync`: receiving the DS queue;
 //! * `inbox`: handing received events to the application.
 
@@ -18,9 +19,11 @@ mod groups;
 mod identity;
 mod inbox;
 mod key_packages;
+mod sends;
 mod sync;
 
 pub use config::{create_config, join_config, ClientConfig, CIPHERSUITE};
+pub use sends::QueuedSend;
 
 use std::collections::HashMap;
 
@@ -53,6 +56,8 @@ pub struct Client {
     api: DsApi,
     config: ClientConfig,
     inner: Mutex<Inner>,
+    /// Held while the send outbox is delivered, so that its order holds.
+    sending: Mutex<()>,
     /// When the key packages on the DS were last checked (`None`: due).
     key_packages_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }

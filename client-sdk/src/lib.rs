@@ -17,8 +17,9 @@ mod tls;
 mod transport;
 
 pub use api::DsApi;
-pub use client::{Client, ClientConfig};
+pub use client::{Client, ClientConfig, QueuedSend};
 pub use error::{ClientError, MlsErrorKind, Result};
+pub use mls_ds_protocol::groups::SendId;
 pub use records::Event;
 pub use tls::TlsConfig;
 pub use transport::{AuthMode, HttpPool, Transport};

@@ -10,6 +10,7 @@
 //! | `inbox/<seq u64 BE>` | [`Event`] not yet taken by the application |
 //! | `last-resort` | [`LastResort`]: the last-resort key package on the DS |
 //! | `retired/<KeyPackageRef>` | [`Retired`]: a replaced last resort whose private key is still kept |
+//! | `send/<n u64 BE>` | [`PendingSend`]: an application message in the send outbox, in queue order |
 
 /// Who this client is.
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
@@ -42,6 +43,32 @@ pub(crate) struct LastResort {
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
 pub(crate) struct Retired {
     pub(crate) retired_at: u64,
+}
+
+/// An application message in the send outbox: encrypted (in the write that
+/// used up its ratchet state), with its send id, until the DS accepts it.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct PendingSend {
+    pub(crate) group_id: Vec<u8>,
+    /// Send id: creation time (Unix ms).
+    pub(crate) created_ms: u64,
+    /// Send id: random part.
+    pub(crate) nonce: u64,
+    /// The plaintext, to encrypt again if the DS no longer takes the epoch.
+    pub(crate) data: Vec<u8>,
+    /// `MLSMessage` bytes as sent.
+    pub(crate) message: Vec<u8>,
+    /// Why the DS refused it for good, if it did.
+    pub(crate) failed: Option<String>,
+}
+
+impl PendingSend {
+    pub(crate) fn send_id(&self) -> mls_ds_protocol::groups::SendId {
+        mls_ds_protocol::groups::SendId {
+            created_ms: self.created_ms,
+            nonce: self.nonce,
+        }
+    }
 }
 
 /// What an unresolved commit was for.
@@ -146,6 +173,18 @@ pub(crate) const RETIRED_PREFIX: &[u8] = b"retired/";
 
 pub(crate) fn retired_key(hash_ref: &[u8]) -> Vec<u8> {
     [RETIRED_PREFIX, hash_ref].concat()
+}
+
+pub(crate) const SEND_PREFIX: &[u8] = b"send/";
+
+pub(crate) fn send_key(number: u64) -> Vec<u8> {
+    [SEND_PREFIX, &number.to_be_bytes()].concat()
+}
+
+/// The number of a [`send_key`].
+pub(crate) fn send_number(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.strip_prefix(SEND_PREFIX)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
 }
 
 pub(crate) fn group_key(gid: &[u8]) -> Vec<u8> {

@@ -326,6 +326,13 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_COMMIT_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
     pub commit_retention_secs: u64,
 
+    /// A send with a send id is remembered this long (counted from the id's
+    /// time), so that a retry is answered instead of delivered again; in
+    /// hours, at least 1.
+    #[arg(long, env = "MLS_DS_SEND_DEDUP_WINDOW_HOURS", default_value_t = 7 * 24,
+          value_parser = clap::value_parser!(u64).range(1..=24 * 365))]
+    pub send_dedup_window_hours: u64,
+
     /// Unacknowledged messages older than this are dropped (retention bound for
     /// offline clients), in seconds; 0 keeps them forever.
     #[arg(long, env = "MLS_DS_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]

@@ -42,6 +42,7 @@ fn policy(limits: &Limits) -> Policy {
         max_wait_ms: limits.max_wait_ms,
         retention_secs: limits.retention_secs,
         commit_retention_secs: limits.commit_retention_secs,
+        send_dedup_window_ms: limits.send_dedup_window_hours.saturating_mul(3_600_000),
         session_ttl_secs: limits.session_ttl_secs,
         max_sessions: limits.max_sessions,
     }

@@ -260,6 +260,11 @@ async fn maintenance(cell: Arc<StateCell<SledDs>>) {
             ),
             Err(e) => tracing::warn!(error = %e, "queue retention failed"),
         }
+        match ds.prune_sends().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "forgot sends past the deduplication window"),
+            Err(e) => tracing::warn!(error = %e, "send record pruning failed"),
+        }
         match ds.apply_commit_retention().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "pruned old commit records"),

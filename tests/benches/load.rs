@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use mls_ds_client::{AuthMode, DsApi, HttpPool, Transport};
 use mls_ds_protocol::clients::Registered;
-use mls_ds_protocol::groups::{MessageAccepted, SendMessage};
+use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
 use mls_ds_protocol::queue::QueuePage;
 use mls_ds_protocol::{decode, encode, paths, ClientId, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
@@ -111,8 +111,16 @@ impl Wire {
 
     /// Send an application message to the group.
     async fn send(&mut self, api: &DsApi, group_id: &[u8], message: &[u8]) {
+        // With a send id, as the SDK sends: the DS remembers each send.
+        let send_id = SendId {
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            nonce: rand::random(),
+        };
         let body = encode(&SendMessage {
             message: message.to_vec().into(),
+            send_id: Some(send_id),
         })
         .expect("encode");
         let reply = self

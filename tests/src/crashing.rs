@@ -83,6 +83,7 @@ fn lock_holders(file: &Path) -> Vec<String> {
 pub struct Log {
     storage: SledStorage,
     attempted: RecordTree,
+    queued: RecordTree,
     acked: RecordTree,
     received: RecordTree,
     skipped: RecordTree,
@@ -91,8 +92,11 @@ pub struct Log {
 /// The records of one client, read back.
 #[derive(Debug, Default)]
 pub struct Records {
-    /// Texts handed to `send`, in send order.
+    /// Texts handed to the SDK, in send order.
     pub attempted: Vec<String>,
+    /// Texts the SDK took into its durable send outbox (from then on
+    /// delivered exactly once), in send order.
+    pub queued: Vec<String>,
     /// Texts the DS acknowledged (2xx), in send order, with the epoch they
     /// were encrypted for.
     pub acked: Vec<(String, u64)>,
@@ -110,6 +114,7 @@ impl Log {
         Log {
             storage: store.storage(b"client").expect("client namespace"),
             attempted: store.record_tree("attempted").expect("record tree"),
+            queued: store.record_tree("queued").expect("record tree"),
             acked: store.record_tree("acked").expect("record tree"),
             received: store.record_tree("received").expect("record tree"),
             skipped: store.record_tree("skipped").expect("record tree"),
@@ -117,9 +122,10 @@ impl Log {
     }
 
     /// Send `text` as send number `n` (numbers increase in send order). It
-    /// is recorded as attempted, durably, before it leaves, and as
-    /// acknowledged with its epoch after the DS's 2xx; a crash in between
-    /// loses only the knowledge that it was acknowledged.
+    /// is recorded as attempted, durably, before the SDK takes it; as queued
+    /// once it is in the SDK's send outbox; and as acknowledged with its
+    /// epoch once the DS accepted it. A crash between two records loses only
+    /// the knowledge of the later one.
     pub async fn send(
         &self,
         client: &Client,
@@ -130,7 +136,21 @@ impl Log {
         let key = n.to_be_bytes();
         self.storage
             .put_raw(self.attempted, &key, text.as_bytes())?;
-        client.send(group_id, text.as_bytes()).await?;
+        let id = client.queue_message(group_id, text.as_bytes()).await?;
+        self.storage.put_raw(self.queued, &key, text.as_bytes())?;
+        client.flush_sends().await?;
+        if let Some(q) = client
+            .pending_sends()?
+            .into_iter()
+            .find(|q| q.send_id == id)
+        {
+            // Refused for good (its sender was removed meanwhile), or left
+            // for a later flush.
+            return Err(ClientError::Usage(format!(
+                "not delivered yet: {}",
+                q.failed.unwrap_or_default()
+            )));
+        }
         // The client is used by one task, so its epoch has not moved since
         // the send encrypted (after any resync the send did on a 409).
         let epoch = client.epoch(group_id).await?;
@@ -169,6 +189,7 @@ impl Log {
         let text = |v: &[u8]| String::from_utf8(v.to_vec()).expect("UTF-8 text");
         Records {
             attempted: scan(self.attempted).iter().map(|(_, v)| text(v)).collect(),
+            queued: scan(self.queued).iter().map(|(_, v)| text(v)).collect(),
             acked: scan(self.acked)
                 .iter()
                 .map(|(_, v)| {

@@ -8,7 +8,9 @@
 //! once (`crashing::Log`).
 //!
 //! At the end: every message the DS acknowledged reached every member of its
-//! epoch exactly once, in its sender's order (alice, bob and carol are
+//! epoch exactly once, and every message alice, bob or carol queued in the
+//! SDK's send outbox reached the two others exactly once (killed or not,
+//! answered or not), in its sender's order (alice, bob and carol are
 //! always members; dave must have it when he was a member at every epoch
 //! in which the DS could have accepted it); nobody received a message that
 //! was never sent, or decrypted one from an epoch he was not a member of;
@@ -383,6 +385,21 @@ async fn server_and_clients_crash_together() {
             }
         }
     }
+    // What alice, bob and carol (never removed) queued reached the two
+    // others exactly once, acknowledged or not: the outbox of a killed
+    // client delivered it after the restart, under its send id.
+    let mut queued_checked = 0;
+    for s in ["alice", "bob", "carol"] {
+        for t in &records[s].queued {
+            for r in ["alice", "bob", "carol"].iter().filter(|r| **r != s) {
+                assert!(
+                    records[r].received.iter().any(|(_, got)| got == t),
+                    "{r} never received {t:?}, which {s} queued"
+                );
+                queued_checked += 1;
+            }
+        }
+    }
     drop(others);
     server.stop_and_check();
     // Reopens that had to wait for a lock (see `open_client`), here and in
@@ -400,7 +417,7 @@ async fn server_and_clients_crash_together() {
         .map(|(n, r)| (*n, (r.attempted.len(), r.acked.len())))
         .collect();
     println!(
-        "combined crash test: {cycles} server kills, {child_kills} client kills, {child_aborts} aborts after an accepted commit, {} client processes; {alice_commits} self-updates by alice, {toggles} membership changes of dave; sends (attempted, acknowledged) {sent:?}; {checked} deliveries checked; dave skipped {dave_skips} entries from before his joins; final epoch {epoch}; {lock_waits} reopens waited for a lock",
+        "combined crash test: {cycles} server kills, {child_kills} client kills, {child_aborts} aborts after an accepted commit, {} client processes; {alice_commits} self-updates by alice, {toggles} membership changes of dave; sends (attempted, acknowledged) {sent:?}; {checked} deliveries checked ({queued_checked} of queued messages); dave skipped {dave_skips} entries from before his joins; final epoch {epoch}; {lock_waits} reopens waited for a lock",
         incarnations
     );
     assert!(acknowledged > 0, "messages were acknowledged");

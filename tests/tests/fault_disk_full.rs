@@ -66,10 +66,12 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
 
     // Keep sending: some may still fit in sled's buffers, then failures.
     let mut failures = 0;
+    let mut queued = acknowledged.clone();
     for i in 0..200 {
         let t = format!("during {i}");
+        queued.push(t.clone());
         match alice.send(&gid, t.as_bytes()).await {
-            Ok(()) => acknowledged.push(t),
+            Ok(_) => acknowledged.push(t),
             Err(e) => {
                 let status = e
                     .status()
@@ -124,13 +126,25 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     }
     let unique: std::collections::HashSet<&String> = got.iter().collect();
     assert_eq!(unique.len(), got.len(), "no duplicates");
+    // The next send delivers first what the full disk refused: every
+    // message alice queued arrives, each once, in order.
     alice.send(&gid, b"after").await.unwrap();
-    let after: Vec<Event> = bob.receive(0).await.unwrap();
-    assert!(
-        after
-            .iter()
-            .any(|e| matches!(e, Event::Message { data, .. } if data == b"after")),
-        "normal service after the reopen"
+    queued.push("after".into());
+    let after: Vec<String> = bob
+        .receive(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message { data, .. } => Some(String::from_utf8(data).unwrap()),
+            _ => None,
+        })
+        .collect();
+    let all: Vec<&String> = got.iter().chain(&after).collect();
+    assert_eq!(
+        all,
+        queued.iter().collect::<Vec<_>>(),
+        "every queued message once, in order"
     );
     // A SIGKILL and restart on top still finds everything.
     server.kill();

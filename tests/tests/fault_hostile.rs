@@ -84,6 +84,13 @@ async fn mutated_requests_never_break_the_server() {
     .unwrap();
     let send_body = mls_ds_protocol::encode(&mls_ds_protocol::groups::SendMessage {
         message: alice.encrypt(b"seed").into(),
+        send_id: Some(mls_ds_protocol::groups::SendId {
+            created_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+            nonce: 7,
+        }),
     })
     .unwrap();
     let publish_body =

@@ -1,7 +1,8 @@
 //! Crash under load: three SDK clients chat and commit while the server is
 //! SIGKILLed and restarted at seeded random moments. At the end: every
-//! message that got a 2xx reached every other member exactly once and in the
-//! sender's order, nobody saw a message that was never sent, all members
+//! message handed to `send` (2xx or not: the SDK's outbox delivers the rest
+//! later) reached every other member exactly once and in the sender's
+//! order, nobody saw a message that was never sent, all members
 //! converge (so no epoch had two commits), and the data directory passes
 //! `mls-ds check`. Cycles: 20 by default, `MLS_DS_FAULT_CYCLES` for soak runs.
 
@@ -52,6 +53,7 @@ async fn server_sigkilled_under_load() {
 
     let mut acknowledged: Vec<(usize, String)> = Vec::new();
     let mut attempted: HashSet<String> = HashSet::new();
+    let mut queued: Vec<(usize, String)> = Vec::new();
     let mut received: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
     let mut commits = 0;
     for cycle in 0..cycles {
@@ -79,8 +81,9 @@ async fn server_sigkilled_under_load() {
             } else {
                 let text = format!("{} {cycle}.{op}", NAMES[who]);
                 attempted.insert(text.clone());
+                queued.push((who, text.clone()));
                 match c.send(&gid, text.as_bytes()).await {
-                    Ok(()) => acknowledged.push((who, text)),
+                    Ok(_) => acknowledged.push((who, text)),
                     Err(e) if is_transport(&e) => {}
                     Err(e) => panic!("cycle {cycle}: send failed: {e}"),
                 }
@@ -153,6 +156,25 @@ async fn server_sigkilled_under_load() {
                 );
                 checked += 1;
             }
+        }
+        // `send` puts each message in the client's durable outbox before
+        // it leaves: the ones whose answer the kill cut off went out later,
+        // under the same send id, and arrived once, in order.
+        for (j, sender) in NAMES.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            let want: Vec<&String> = queued
+                .iter()
+                .filter(|(f, _)| *f == j)
+                .map(|(_, t)| t)
+                .collect();
+            let have: Vec<&String> = got
+                .iter()
+                .filter(|(s, _)| s == sender)
+                .map(|(_, t)| t)
+                .collect();
+            assert_eq!(have, want, "{name}: what {sender} queued, in order");
         }
         // Per sender, DS order equals send order.
         for (j, sender) in NAMES.iter().enumerate() {

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mls_ds_client::{Client, ClientConfig, Event};
+use mls_ds_storage::RecordTree;
 use mls_ds_tests::Server;
 use rand::{Rng, SeedableRng};
 
@@ -164,6 +165,8 @@ async fn child_loop(data: PathBuf, url: String, seed: u64, abort_after_commit: b
     };
     let bob = Client::open(&data, &url, "bob", config).unwrap();
     let app = bob.store().record_tree("received").unwrap();
+    let (attempted, queued) = send_records(&bob);
+    let storage = bob.store().storage(b"client").unwrap();
     let gid = bob
         .groups()
         .await
@@ -182,7 +185,15 @@ async fn child_loop(data: PathBuf, url: String, seed: u64, abort_after_commit: b
         .unwrap();
         match rng.gen_range(0..3) {
             0 => {
-                let _ = bob.send(&gid, format!("bob {seed} {n}").as_bytes()).await;
+                // Recorded as attempted before, and as queued after, the
+                // outbox write; a kill in between loses only the record.
+                let text = format!("bob {seed} {n}");
+                let key = now_key();
+                storage.put_raw(attempted, &key, text.as_bytes()).unwrap();
+                if bob.queue_message(&gid, text.as_bytes()).await.is_ok() {
+                    storage.put_raw(queued, &key, text.as_bytes()).unwrap();
+                }
+                let _ = bob.flush_sends().await;
             }
             1 => {
                 let _ = bob.self_update(&gid).await;
@@ -190,6 +201,35 @@ async fn child_loop(data: PathBuf, url: String, seed: u64, abort_after_commit: b
             _ => tokio::time::sleep(Duration::from_millis(2)).await,
         }
     }
+}
+
+/// The record trees of bob's sends: attempted, queued.
+fn send_records(bob: &Client) -> (RecordTree, RecordTree) {
+    let store = bob.store();
+    (
+        store.record_tree("attempted").unwrap(),
+        store.record_tree("queued").unwrap(),
+    )
+}
+
+/// A key that sorts in time order across bob's incarnations.
+fn now_key() -> [u8; 16] {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_be_bytes()
+}
+
+/// Bob's texts that alice's application got, in DS order.
+fn from_bob(events: Vec<Event>) -> impl Iterator<Item = String> {
+    events.into_iter().filter_map(|e| match e {
+        Event::Skipped { .. } => panic!("alice skipped {e:?}"),
+        Event::Message { sender, data, .. } if sender == b"bob" => {
+            Some(String::from_utf8(data).unwrap())
+        }
+        _ => None,
+    })
 }
 
 /// The child process's entry point: `sigkilled_client_converges` runs this
@@ -236,6 +276,7 @@ async fn sigkilled_client_converges() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let exe = std::env::current_exe().unwrap();
     let mut sent = Vec::new();
+    let mut bob_to_alice: Vec<String> = Vec::new();
     let mut aborted = 0;
     for cycle in 0..kills {
         let abort = cycle % 4 == 3;
@@ -301,9 +342,7 @@ async fn sigkilled_client_converges() {
         })
         .unwrap();
         drop(bob);
-        for e in alice.receive(0).await.unwrap() {
-            assert!(!matches!(e, Event::Skipped { .. }), "alice skipped {e:?}");
-        }
+        bob_to_alice.extend(from_bob(alice.receive(0).await.unwrap()));
         println!(
             "cycle {cycle}: converged at epoch {}",
             alice.epoch(&gid).await.unwrap()
@@ -311,6 +350,8 @@ async fn sigkilled_client_converges() {
     }
     // Every message alice sent reached bob's application exactly once.
     let bob = open(dir.path(), &url, "bob");
+    bob.sync().await.unwrap();
+    bob_to_alice.extend(from_bob(alice.receive(0).await.unwrap()));
     let app = bob.store().record_tree("received").unwrap();
     let storage = bob.store().storage(b"client").unwrap();
     let mut got: Vec<String> = storage
@@ -331,6 +372,40 @@ async fn sigkilled_client_converges() {
     let mut want = sent.clone();
     want.sort();
     assert_eq!(got, want, "every message handed to the application");
+
+    // Every message bob's outbox took reached alice exactly once, in the
+    // order bob queued them; nothing reached her that bob did not attempt.
+    let (attempted, queued) = send_records(&bob);
+    let read = |tree| -> Vec<String> {
+        storage
+            .scan_raw(tree, b"")
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| String::from_utf8(v).unwrap())
+            .collect()
+    };
+    let (attempted, queued) = (read(attempted), read(queued));
+    let unique: std::collections::HashSet<&String> = bob_to_alice.iter().collect();
+    assert_eq!(
+        unique.len(),
+        bob_to_alice.len(),
+        "alice got a message of bob twice"
+    );
+    for t in &queued {
+        assert!(unique.contains(t), "bob queued {t:?}; alice never got it");
+    }
+    let in_attempt_order: Vec<&String> = attempted.iter().filter(|t| unique.contains(t)).collect();
+    assert_eq!(
+        bob_to_alice.iter().collect::<Vec<_>>(),
+        in_attempt_order,
+        "bob's messages, each attempted, in his order"
+    );
+    assert!(!queued.is_empty(), "bob queued messages");
+    println!(
+        "sdk crash test: bob queued {} messages ({} attempted), each delivered once",
+        queued.len(),
+        attempted.len()
+    );
     println!("sdk crash test: {kills} kills ({aborted} aborted after an accepted commit), {} messages exactly once", sent.len());
     assert!(aborted > 0, "the commit-accepted window was exercised");
 }

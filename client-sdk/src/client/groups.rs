@@ -219,37 +219,6 @@ impl Client {
         Ok(())
     }
 
-    /// Encrypt and send an application message. A stale epoch (409) makes
-    /// the client sync and re-encrypt.
-    pub async fn send(&self, group_id: &[u8], data: &[u8]) -> Result<()> {
-        for _ in 0..=self.config.max_commit_retries {
-            let bytes = self.encrypt(group_id, data).await?;
-            let result = self.api.send_message(group_id, bytes).await;
-            tracing::debug!(client = %self.id, ok = result.is_ok(), "sent application message");
-            match result {
-                Ok(_) => return Ok(()),
-                Err(e) if e.is_wrong_epoch() => {
-                    self.sync().await?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ClientError::CommitRetriesExhausted(
-            self.config.max_commit_retries,
-        ))
-    }
-
-    /// An application message (`MLSMessage` bytes) for the group's current
-    /// epoch; the ratchet state it used up is stored before it is sent.
-    async fn encrypt(&self, group_id: &[u8], data: &[u8]) -> Result<Vec<u8>> {
-        let mut inner = self.inner.lock().await;
-        let g = group_mut(&mut inner, group_id)?;
-        let tx = self.provider.begin();
-        let msg = g.create_message(&*tx, &self.signer, data).map_err(mls)?;
-        tx.commit()?;
-        wire(&msg)
-    }
-
     /// Join a group by external commit from the DS's GroupInfo. Also the way
     /// back in after losing local state: the old leaf of this client is
     /// replaced.

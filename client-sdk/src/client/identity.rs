@@ -77,6 +77,7 @@ impl Client {
             api,
             config,
             inner: Mutex::new(Inner { groups }),
+            sending: Mutex::new(()),
             key_packages_checked: std::sync::Mutex::new(None),
         })
     }

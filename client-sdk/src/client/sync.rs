@@ -26,11 +26,14 @@ impl Client {
     }
 
     /// Fetch and process everything queued on the DS (waiting up to
-    /// `wait_ms` for the first entry), then acknowledge it. Returns the number
-    /// of entries processed; their events are in the inbox ([`Client::events`]).
+    /// `wait_ms` for the first entry), then acknowledge it, and deliver the
+    /// send outbox ([`Client::flush_sends`]). Returns the number of entries
+    /// processed; their events are in the inbox ([`Client::events`]).
     pub async fn sync_wait(&self, wait_ms: u64) -> Result<usize> {
         let processed = self.sync_queue(wait_ms).await?;
         self.commit_pending_removals().await?;
+        // Queued messages go out for the epoch just caught up with.
+        self.flush_sends().await?;
         if self.key_packages_due() {
             // Receiving goes on if the upkeep fails (e.g. the DS's quota);
             // it is tried again at the next check.
@@ -290,6 +293,8 @@ impl Client {
         }
         tx.storage()
             .remove_raw(self.records, &records::group_key(gid))?;
-        Ok(())
+        // Messages still queued for it never go out, not even to a later
+        // membership of the same group.
+        self.fail_queued_sends(tx.storage(), gid, "this client left the group")
     }
 }

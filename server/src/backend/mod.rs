@@ -43,7 +43,7 @@ pub(crate) use error::{StorageFault, StoreError};
 pub(crate) use page::Page;
 use records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord,
+    KeyPackageRecord, SendKey, SendReceipt,
 };
 pub(crate) use write_set::{AckOutcome, Applied, WriteSet};
 
@@ -114,6 +114,21 @@ pub(crate) trait Backend: Send + Sync + 'static {
         &self,
         cutoff_ms: u64,
     ) -> impl Future<Output = Result<Vec<StaleCommit>, StoreError>> + Send;
+
+    /// The answer a send got, while it is remembered (written with its
+    /// delivery, see [`write_set::Delivery::receipt`]).
+    fn send_receipt(
+        &self,
+        key: &SendKey,
+    ) -> impl Future<Output = Result<Option<SendReceipt>, StoreError>> + Send;
+
+    /// Remembered sends created before `cutoff_ms`, oldest first, at most
+    /// `limit`.
+    fn sends_before(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<SendKey>, StoreError>> + Send;
 
     /// Visible unacknowledged entries in `client`'s queue.
     fn queue_depth(&self, client: &ClientId) -> u64;

@@ -6,7 +6,9 @@
 
 use std::fmt;
 
+use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::queue::EntryKind;
+use mls_ds_protocol::ClientId;
 
 /// Longest group id the DS accepts, in bytes.
 pub(crate) const MAX_GROUP_ID_LEN: usize = 255;
@@ -215,4 +217,22 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// One send of one sender, as the DS remembers it to deduplicate retries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct SendKey {
+    /// Who sent.
+    pub(crate) sender: ClientId,
+    /// The sender's id for the send.
+    pub(crate) id: SendId,
+}
+
+/// The answer a remembered send got.
+#[derive(bincode::Encode, bincode::Decode, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SendReceipt {
+    /// Id of the stored message.
+    pub(crate) message_id: u64,
+    /// Queue entries written.
+    pub(crate) recipients: u32,
 }

@@ -17,7 +17,7 @@ use mls_ds_protocol::ClientId;
 
 use super::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord, StoredMessage,
+    KeyPackageRecord, SendKey, StoredMessage,
 };
 
 /// Everything one request writes, applied all or nothing.
@@ -74,6 +74,9 @@ pub(crate) enum Condition {
         /// Its uses left when read.
         uses_left: u32,
     },
+    /// No send of this sender with this id was delivered (within the
+    /// deduplication window: older sends are forgotten).
+    SendNew(SendKey),
     /// The client's usage is still this (absent counts as the default).
     UsageAt {
         /// The client.
@@ -113,6 +116,11 @@ impl fmt::Display for Condition {
             Condition::UsageAt { client, usage } => {
                 write!(f, "{client} has created {} groups", usage.groups_created)
             }
+            Condition::SendNew(key) => write!(
+                f,
+                "{} made no send with id {}.{}",
+                key.sender, key.id.created_ms, key.id.nonce
+            ),
         }
     }
 }
@@ -218,6 +226,8 @@ pub(crate) enum Change {
         /// Its usage.
         usage: ClientUsage,
     },
+    /// Forget a remembered send (its deduplication window is over).
+    RemoveSendReceipt(SendKey),
 }
 
 /// A message to store once and queue for each of `recipients` (clients that
@@ -228,6 +238,9 @@ pub(crate) struct Delivery {
     pub(crate) message: StoredMessage,
     /// Who gets a queue entry.
     pub(crate) recipients: Vec<ClientId>,
+    /// Remember the outcome under this send (in the same atomic write), so
+    /// that a retry of the send gets it instead of a second delivery.
+    pub(crate) receipt: Option<SendKey>,
 }
 
 /// What applying a [`WriteSet`] produced.

@@ -292,11 +292,13 @@ impl<B: Backend> Ds<B> {
         let mut deliveries = vec![Delivery {
             message: stored(EntryKind::Commit, submitted.epoch, bundle.commit.as_slice()),
             recipients: commit_to,
+            receipt: None,
         }];
         if let Some(w) = &bundle.welcome {
             deliveries.push(Delivery {
                 message: stored(EntryKind::Welcome, merged.new_epoch, w.as_slice()),
                 recipients: merged.welcome_to.clone(),
+                receipt: None,
             });
         }
         let new_record = GroupRecord {

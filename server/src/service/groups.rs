@@ -299,6 +299,7 @@ impl<B: Backend> Ds<B> {
                         stored_ms: now_ms(),
                     },
                     recipients: told,
+                    receipt: None,
                 }],
             };
             match self.backend.submit(set).wait_holding(guard).await {

@@ -3,8 +3,12 @@
 //! current member (recipients come from the DS's roster, never from the
 //! client). A proposal is also validated and kept in the DS's `PublicGroup`,
 //! so that a commit referencing it validates.
+//!
+//! A send with a send id is delivered at most once: its answer is stored
+//! with its delivery, and a retry within the deduplication window gets that
+//! answer (once durable) before any other check, even if the group moved on.
 
-use mls_ds_protocol::groups::{MessageAccepted, SendMessage};
+use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
 use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
 use openmls::prelude::tls_codec::Deserialize as _;
@@ -15,9 +19,17 @@ use openmls::prelude::{
 use super::auth::Caller;
 use super::error::{DsError, Result};
 use super::{mls, Ds};
-use crate::backend::records::{now_ms, GroupId, GroupRecord, GroupState, StoredMessage};
+use crate::backend::records::{
+    now_ms, GroupId, GroupRecord, GroupState, SendKey, SendReceipt, StoredMessage,
+};
 use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
+
+/// How far ahead of the DS's clock a send id may be dated (a client's clock
+/// may be off; one far in the future would be remembered too long).
+const MAX_SEND_ID_AHEAD_MS: u64 = 24 * 3600 * 1000;
+/// Sends forgotten per write when pruning.
+const PRUNE_CHUNK: usize = 1024;
 
 /// Every current member but the sender; 403 if the sender is not a member.
 fn recipients(record: &GroupRecord, caller: &Caller) -> Result<Vec<ClientId>> {
@@ -49,6 +61,17 @@ impl<B: Backend> Ds<B> {
                 bytes.len()
             )));
         }
+        let send = match req.send_id {
+            Some(send_id) => Some(self.send_key(caller, send_id)?),
+            None => None,
+        };
+        if let Some(key) = &send {
+            if let Some(receipt) = self.backend.send_receipt(key).await? {
+                // Its write may still be on its way to the disk.
+                self.backend.settled().wait().await?;
+                return Ok(answer(receipt));
+            }
+        }
         let msg = MlsMessageIn::tls_deserialize_exact(bytes)
             .map_err(|e| DsError::Invalid(format!("malformed message: {e}")))?;
         let pm = msg
@@ -56,9 +79,65 @@ impl<B: Backend> Ds<B> {
             .map_err(|_| DsError::Invalid("not a protocol message".into()))?;
         match pm {
             ProtocolMessage::PrivateMessage(private) => {
-                self.send_application(caller, id, &private, bytes).await
+                self.send_application(caller, id, &private, bytes, send)
+                    .await
             }
-            ProtocolMessage::PublicMessage(_) => self.send_proposal(caller, id, bytes).await,
+            ProtocolMessage::PublicMessage(_) => self.send_proposal(caller, id, bytes, send).await,
+        }
+    }
+
+    /// The answer of a concurrent attempt of the same send, which won the
+    /// race, once durable.
+    async fn duplicate_send(&self, key: &SendKey) -> Result<MessageAccepted> {
+        self.backend.settled().wait().await?;
+        match self.backend.send_receipt(key).await? {
+            Some(receipt) => Ok(answer(receipt)),
+            None => Err(DsError::Conflict(
+                "this send id was used, but its answer is no longer known".into(),
+            )),
+        }
+    }
+
+    /// The send a send id names, if the id's time is within the window.
+    fn send_key(&self, caller: &Caller, id: SendId) -> Result<SendKey> {
+        let now = now_ms();
+        let window = self.policy.send_dedup_window_ms;
+        if id.created_ms.saturating_add(window) < now {
+            return Err(DsError::Invalid(format!(
+                "send id made {} s ago, before the deduplication window of {} hours",
+                (now - id.created_ms) / 1000,
+                window / 3_600_000
+            )));
+        }
+        if id.created_ms > now.saturating_add(MAX_SEND_ID_AHEAD_MS) {
+            return Err(DsError::Invalid(format!(
+                "send id dated {} s ahead of the DS's clock",
+                (id.created_ms - now) / 1000
+            )));
+        }
+        Ok(SendKey {
+            sender: caller.client.clone(),
+            id,
+        })
+    }
+
+    /// Forget sends made before the deduplication window; returns how many.
+    pub(crate) async fn prune_sends(&self) -> Result<usize> {
+        // An hour more than the window: the checks above use the DS's clock
+        // at request time, the pruning its clock now.
+        let cutoff = now_ms().saturating_sub(self.policy.send_dedup_window_ms + 3_600_000);
+        let mut pruned = 0;
+        loop {
+            let old = self.backend.sends_before(cutoff, PRUNE_CHUNK).await?;
+            if old.is_empty() {
+                return Ok(pruned);
+            }
+            pruned += old.len();
+            let set = WriteSet {
+                changes: old.into_iter().map(Change::RemoveSendReceipt).collect(),
+                ..WriteSet::default()
+            };
+            self.backend.submit(set).wait().await?;
         }
     }
 
@@ -69,6 +148,7 @@ impl<B: Backend> Ds<B> {
         id: &GroupId,
         private: &PrivateMessageIn,
         bytes: &[u8],
+        send: Option<SendKey>,
     ) -> Result<MessageAccepted> {
         if private.group_id().as_slice() != id.as_bytes() {
             return Err(DsError::Invalid("message belongs to another group".into()));
@@ -92,13 +172,20 @@ impl<B: Backend> Ds<B> {
         }
         // Without the group's lock: the condition keeps a message from
         // landing after a deletion's `GroupDeleted` entry.
+        // A duplicate is answered as such whatever else changed.
+        let mut conditions: Vec<Condition> =
+            send.clone().map(Condition::SendNew).into_iter().collect();
+        conditions.push(Condition::GroupPresent(id.clone()));
         let set = WriteSet {
-            conditions: vec![Condition::GroupPresent(id.clone())],
-            deliveries: vec![self.delivery(caller, id, epoch, bytes, to)],
+            conditions,
+            deliveries: vec![self.delivery(caller, id, epoch, bytes, to, send)],
             ..WriteSet::default()
         };
         match self.backend.submit(set).wait().await {
             Ok(applied) => accepted(&applied),
+            Err(StoreError::ConditionFailed(Condition::SendNew(key))) => {
+                self.duplicate_send(&key).await
+            }
             Err(StoreError::ConditionFailed(Condition::GroupPresent(_))) => {
                 Err(DsError::NotFound(format!("unknown group {id}")))
             }
@@ -113,6 +200,7 @@ impl<B: Backend> Ds<B> {
         caller: &Caller,
         id: &GroupId,
         bytes: &[u8],
+        send: Option<SendKey>,
     ) -> Result<MessageAccepted> {
         let public = mls::parse_public(bytes, id, "message")?;
         if public.content_type() != ContentType::Proposal {
@@ -150,11 +238,14 @@ impl<B: Backend> Ds<B> {
             .public
             .add_proposal(&group.store, *proposal)
             .map_err(|e| DsError::Internal(format!("store proposal: {e}")))?;
+        let mut conditions: Vec<Condition> =
+            send.clone().map(Condition::SendNew).into_iter().collect();
+        conditions.push(Condition::GroupAt {
+            group: id.clone(),
+            revision: record.revision,
+        });
         let set = WriteSet {
-            conditions: vec![Condition::GroupAt {
-                group: id.clone(),
-                revision: record.revision,
-            }],
+            conditions,
             changes: vec![
                 Change::PutGroup {
                     id: id.clone(),
@@ -171,10 +262,13 @@ impl<B: Backend> Ds<B> {
                     },
                 },
             ],
-            deliveries: vec![self.delivery(caller, id, epoch, bytes, to)],
+            deliveries: vec![self.delivery(caller, id, epoch, bytes, to, send)],
         };
         match self.backend.submit(set).wait_holding(guard).await {
             Ok(applied) => accepted(&applied),
+            Err(StoreError::ConditionFailed(Condition::SendNew(key))) => {
+                self.duplicate_send(&key).await
+            }
             Err(StoreError::ConditionFailed(Condition::GroupAt { .. })) => {
                 let now = self.group_record(id).await?;
                 Err(DsError::WrongEpoch {
@@ -193,6 +287,7 @@ impl<B: Backend> Ds<B> {
         epoch: u64,
         bytes: &[u8],
         to: Vec<ClientId>,
+        receipt: Option<SendKey>,
     ) -> Delivery {
         Delivery {
             message: StoredMessage {
@@ -204,7 +299,15 @@ impl<B: Backend> Ds<B> {
                 stored_ms: now_ms(),
             },
             recipients: to,
+            receipt,
         }
+    }
+}
+
+fn answer(receipt: SendReceipt) -> MessageAccepted {
+    MessageAccepted {
+        message_id: receipt.message_id,
+        recipients: receipt.recipients,
     }
 }
 
@@ -213,8 +316,8 @@ fn accepted(applied: &crate::backend::Applied) -> Result<MessageAccepted> {
         .deliveries
         .first()
         .ok_or_else(|| DsError::Internal("a sent message was not delivered".into()))?;
-    Ok(MessageAccepted {
+    Ok(answer(SendReceipt {
         message_id: outcome.message_id,
         recipients: outcome.recipients,
-    })
+    }))
 }

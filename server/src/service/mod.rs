@@ -73,6 +73,9 @@ pub(crate) struct Policy {
     pub(crate) retention_secs: u64,
     /// Accepted-commit records older than this are pruned (0: never), in seconds.
     pub(crate) commit_retention_secs: u64,
+    /// How long a send with a send id is remembered, from the id's time, in
+    /// milliseconds.
+    pub(crate) send_dedup_window_ms: u64,
     /// Lifetime of a session, in seconds.
     pub(crate) session_ttl_secs: u64,
     /// Most sessions held at once.

@@ -388,6 +388,7 @@ impl World {
                 path: messages.clone(),
                 body: encode(&SendMessage {
                     message: wire(&m).into(),
+                    send_id: None,
                 })
                 .expect("encode"),
                 who: ALICE,

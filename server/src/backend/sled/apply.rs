@@ -9,112 +9,22 @@
 //! crash keeps a gap-free prefix of every queue.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, Transaction};
 
+use super::job::{Finish, Job, Prepared};
 use super::layout::{self, EnvelopeRef, Fanout, Layout};
 use super::queue_index::{Assignment, IndexState, QueueIndex, Released};
-use crate::backend::committing::CommitReply;
 use crate::backend::error::StoreError;
 use crate::backend::records::{
-    ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, StoredMessage,
+    ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, SendKey, SendReceipt,
+    StoredMessage,
 };
 use crate::backend::write_set::{
     AckOutcome, Applied, Change, Condition, Delivery, DeliveryOutcome, WriteSet,
 };
-use crate::backend::AdminReport;
-
-/// A unit of work for the writer thread.
-pub(crate) enum Job {
-    /// A write set.
-    Write {
-        set: WriteSet,
-        reply: CommitReply<Applied>,
-    },
-    /// Acknowledge a client's queue up to `up_to`.
-    Ack {
-        client: ClientId,
-        up_to: u64,
-        reply: CommitReply<AckOutcome>,
-    },
-    /// Drop queue entries older than `cutoff_ms`.
-    Expire {
-        cutoff_ms: u64,
-        reply: CommitReply<usize>,
-    },
-    /// Nothing to write: answered once everything before it is durable.
-    Settle { reply: CommitReply<()> },
-    /// Copy the database while nothing else is written.
-    Backup {
-        target: PathBuf,
-        reply: CommitReply<AdminReport>,
-    },
-}
-
-impl Job {
-    /// Whether the job reads the database to decide what to write, so that
-    /// everything queued before it must be applied first. `GroupPresent`
-    /// reads memory only ([`Applier::deleted_groups`]): an application
-    /// message, the most frequent write, stays in its batch.
-    pub(crate) fn reads_first(&self) -> bool {
-        match self {
-            Job::Write { set, .. } => {
-                set.conditions
-                    .iter()
-                    .any(|c| !matches!(c, Condition::GroupPresent(_)))
-                    || set.changes.iter().any(|c| {
-                        matches!(c, Change::DeleteClient { .. } | Change::DeleteGroup { .. })
-                    })
-            }
-            Job::Backup { .. } => true,
-            Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => false,
-        }
-    }
-
-    /// Answer without doing anything.
-    pub(crate) fn refuse(self, e: StoreError) {
-        match self {
-            Job::Write { reply, .. } => reply.send(Err(e)),
-            Job::Ack { reply, .. } => reply.send(Err(e)),
-            Job::Expire { reply, .. } => reply.send(Err(e)),
-            Job::Settle { reply } => reply.send(Err(e)),
-            Job::Backup { reply, .. } => reply.send(Err(e)),
-        }
-    }
-}
-
-/// A job turned into writes, waiting for them to be durable.
-pub(crate) struct Prepared {
-    /// In order; a set of one key is applied as a plain insert or remove.
-    pub(crate) writes: Vec<PendingWrites>,
-    /// Queue entries that become visible once the writes are durable.
-    pub(crate) publish: Vec<(ClientId, u64)>,
-    /// Whom to answer, with what.
-    pub(crate) finish: Finish,
-}
-
-/// The answer a prepared job gets once its writes are durable.
-pub(crate) enum Finish {
-    Write(CommitReply<Applied>, Applied),
-    Ack(CommitReply<AckOutcome>, AckOutcome),
-    Expire(CommitReply<usize>, usize),
-    Settle(CommitReply<()>),
-}
-
-impl Finish {
-    /// Answer with the outcome if `result` is `Ok`, else with the error.
-    pub(crate) fn answer(self, result: Result<(), StoreError>) {
-        match self {
-            Finish::Write(reply, applied) => reply.send(result.map(|()| applied)),
-            Finish::Ack(reply, outcome) => reply.send(result.map(|()| outcome)),
-            Finish::Expire(reply, n) => reply.send(result.map(|()| n)),
-            Finish::Settle(reply) => reply.send(result),
-        }
-    }
-}
 
 /// A group a write set creates or deletes.
 enum GroupChange {
@@ -148,9 +58,22 @@ pub(crate) struct Applier {
     /// before the start never meets the condition; and memory, unlike the
     /// database, already holds the deletions of the writes not yet applied.
     pub(crate) deleted_groups: Mutex<HashSet<GroupId>>,
+    /// Send receipts staged in the batch being prepared: with the database
+    /// (which holds every applied batch), what `SendNew` checks, so that it
+    /// needs no batch to be applied first.
+    pub(crate) staged_receipts: Mutex<HashSet<SendKey>>,
 }
 
 impl Applier {
+    /// The batch prepared so far was applied (or failed, which breaks
+    /// storage): its receipts are in the database now.
+    pub(crate) fn batch_applied(&self) {
+        self.staged_receipts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Turn `job` into writes, or answer it at once (a failed condition,
     /// an ack past the head, a backup, a write that cannot be encoded).
     pub(crate) fn prepare(&self, job: Job) -> Option<Prepared> {
@@ -270,6 +193,14 @@ impl Applier {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(id),
+            Condition::SendNew(key) => {
+                !self
+                    .staged_receipts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(key)
+                    && !l.contains(t.sends, &layout::send_key(key))?
+            }
             Condition::GroupAt { group, revision } => l
                 .get::<GroupRecord>(t.groups, group.as_bytes())?
                 .is_some_and(|r| r.revision == *revision),
@@ -319,6 +250,9 @@ impl Applier {
             }
             Change::RemoveCommit { group, epoch } => {
                 Ok(tx.remove_raw(t.commits.handle, &layout::commit_key(&group, epoch))?)
+            }
+            Change::RemoveSendReceipt(key) => {
+                Ok(tx.remove_raw(t.sends.handle, &layout::send_key(&key))?)
             }
             Change::PutKeyPackage { owner, record } => put(
                 t.key_packages,
@@ -402,11 +336,16 @@ impl Applier {
         let mut applied = Applied::default();
         let mut publish = Vec::new();
         let mut assignments: Vec<Assignment> = Vec::with_capacity(deliveries.len());
+        let mut receipts = Vec::new();
         for d in deliveries {
             let a = state.assign(&d.recipients, &d.message, self.max_queue_depth);
-            let staged = stage_release(&self.layout, tx, &a.dropped)
-                .and_then(|()| stage_envelope(&self.layout, tx, &a, &d.message));
             let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
+            let staged = stage_release(&self.layout, tx, &a.dropped)
+                .and_then(|()| stage_envelope(&self.layout, tx, &a, &d.message))
+                .and_then(|()| match &d.receipt {
+                    Some(key) => stage_receipt(&self.layout, tx, key, a.message_id, recipients),
+                    None => Ok(()),
+                });
             applied.deliveries.push(DeliveryOutcome {
                 message_id: a.message_id,
                 recipients,
@@ -421,9 +360,16 @@ impl Applier {
             if had_entries {
                 state.cache(message_id, Arc::new(d.message));
             }
+            receipts.extend(d.receipt);
         }
         for a in assignments {
             publish.extend(a.entries);
+        }
+        if !receipts.is_empty() {
+            self.staged_receipts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(receipts);
         }
         Ok(Delivered { applied, publish })
     }
@@ -461,6 +407,25 @@ fn stage_release(layout: &Layout, tx: &Transaction, released: &Released) -> Resu
     for id in &released.freed {
         tx.remove_raw(delivery, &layout::envelope_key(*id))?;
     }
+    Ok(())
+}
+
+fn stage_receipt(
+    layout: &Layout,
+    tx: &Transaction,
+    key: &SendKey,
+    message_id: u64,
+    recipients: u32,
+) -> Result<(), StoreError> {
+    let tree = layout.trees.sends;
+    let bytes = layout::encode(
+        tree,
+        &SendReceipt {
+            message_id,
+            recipients,
+        },
+    )?;
+    tx.put_raw(tree.handle, &layout::send_key(key), &bytes)?;
     Ok(())
 }
 

@@ -26,7 +26,8 @@ use std::time::Instant;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, StorageError, Store};
 
-use super::apply::{Applier, Finish, Job};
+use super::apply::Applier;
+use super::job::{Finish, Job};
 use crate::backend::error::{StorageFault, StoreError};
 
 /// Most jobs taken into one batch.
@@ -201,6 +202,7 @@ impl Writer {
         }
         let t0 = Instant::now();
         let result = self.store.apply_all(writes);
+        self.applier.batch_applied();
         self.stats
             .apply_us
             .fetch_add(elapsed_us(t0), Ordering::Relaxed);

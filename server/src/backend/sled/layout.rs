@@ -14,6 +14,7 @@
 //! | `app.ds.commits` | `group_key ++ epoch u64 BE` | `CommitRecord` (one accepted commit per epoch) |
 //! | `app.ds.invites` | invitation code | `InviteRecord` |
 //! | `app.ds.usage` | client id | `ClientUsage` (per-client quota counters) |
+//! | `app.ds.sends` | `created_ms u64 BE ++ client_key ++ nonce u64 BE` | `SendReceipt`: the answer a send with a send id got (deduplication; in time order, so pruning reads only what it deletes) |
 //! | `app.ds.delivery` | `'e' ++ id u64 BE` | [`Envelope`]: a message, stored once, with each recipient and its sequence number there |
 //! | | `'a' ++ client_key` | highest acknowledged sequence number, u64 BE |
 //!
@@ -27,11 +28,11 @@ use mls_ds_storage::codec::{decode_record, encode_record};
 use mls_ds_storage::{Durability, RecordTree, SledStorage, Store, StoreConfig};
 
 use crate::backend::error::StoreError;
-use crate::backend::records::{ClientRecord, GroupId, StoredMessage};
+use crate::backend::records::{ClientRecord, GroupId, SendKey, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 4;
+pub(crate) const LAYOUT_VERSION: u32 = 5;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";
@@ -57,6 +58,7 @@ pub(crate) struct Trees {
     pub(crate) delivery: Tree,
     pub(crate) invites: Tree,
     pub(crate) usage: Tree,
+    pub(crate) sends: Tree,
 }
 
 /// The opened store and its trees.
@@ -105,6 +107,7 @@ impl Layout {
             delivery: tree("app.ds.delivery")?,
             invites: tree("app.ds.invites")?,
             usage: tree("app.ds.usage")?,
+            sends: tree("app.ds.sends")?,
         };
         let layout = Layout {
             storage: store.storage(NAMESPACE)?,
@@ -250,6 +253,32 @@ pub(crate) fn split_commit_key(key: &[u8]) -> Option<(GroupId, u64)> {
     Some((GroupId::new(group).ok()?, u64::from_be_bytes(epoch)))
 }
 
+/// Key of a remembered send: its creation time first, so that keys sort by
+/// age.
+pub(crate) fn send_key(key: &SendKey) -> Vec<u8> {
+    [
+        &key.id.created_ms.to_be_bytes()[..],
+        &client_key(&key.sender),
+        &key.id.nonce.to_be_bytes(),
+    ]
+    .concat()
+}
+
+/// The send a [`send_key`] names.
+pub(crate) fn split_send_key(key: &[u8]) -> Option<SendKey> {
+    let (created, rest) = key.split_first_chunk::<8>()?;
+    let (&len, rest) = rest.split_first()?;
+    let (sender, nonce) = rest.split_at_checked(usize::from(len))?;
+    let nonce: [u8; 8] = nonce.try_into().ok()?;
+    Some(SendKey {
+        sender: ClientId::new(sender).ok()?,
+        id: mls_ds_protocol::groups::SendId {
+            created_ms: u64::from_be_bytes(*created),
+            nonce: u64::from_be_bytes(nonce),
+        },
+    })
+}
+
 /// Prefix of every envelope key.
 pub(crate) const ENVELOPE_PREFIX: u8 = b'e';
 /// Prefix of every ack mark key.
@@ -350,7 +379,7 @@ mod tests {
             Some(b"x".to_vec()),
             "left untouched"
         );
-        for (version, says) in [(3u32, "earlier development build"), (5, "newer")] {
+        for (version, says) in [(4u32, "earlier development build"), (6, "newer")] {
             s.put_raw(layout.trees.meta.handle, LAYOUT_KEY, &version.to_be_bytes())
                 .unwrap();
             let e = Layout::on(store.clone()).err().expect("refused");
@@ -368,5 +397,14 @@ mod tests {
         let g = GroupId::new(b"group").unwrap();
         assert_eq!(split_commit_key(&commit_key(&g, 9)), Some((g, 9)));
         assert_eq!(split_commit_key(b"\x09ab"), None, "length past the end");
+        let send = SendKey {
+            sender: c,
+            id: mls_ds_protocol::groups::SendId {
+                created_ms: 5,
+                nonce: 6,
+            },
+        };
+        assert_eq!(split_send_key(&send_key(&send)), Some(send));
+        assert_eq!(split_send_key(b"\0\0\0\0\0\0\0\x05\x09ab"), None);
     }
 }

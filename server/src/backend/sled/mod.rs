@@ -16,6 +16,7 @@
 pub(crate) mod admin;
 mod apply;
 mod group_commit;
+mod job;
 pub(crate) mod layout;
 mod queue_index;
 mod queue_startup;
@@ -30,14 +31,15 @@ use std::sync::{Arc, Mutex};
 use mls_ds_protocol::ClientId;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
-use self::apply::{Applier, Job};
+use self::apply::Applier;
 use self::group_commit::GroupCommit;
+use self::job::Job;
 use self::layout::Layout;
 use self::queue_index::QueueIndex;
 use super::committing::{committing, Committing};
 use super::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord,
+    KeyPackageRecord, SendKey, SendReceipt,
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
@@ -111,6 +113,7 @@ impl SledBackend {
             index: index.clone(),
             max_queue_depth: config.max_queue_depth,
             deleted_groups: Default::default(),
+            staged_receipts: Default::default(),
         })?;
         Ok(SledBackend {
             layout,
@@ -276,6 +279,34 @@ impl Backend for SledBackend {
                 previous = Some((StaleCommit { group, epoch }, record.accepted_ms < cutoff_ms));
             }
             Ok(stale)
+        })
+        .await
+    }
+
+    async fn send_receipt(&self, key: &SendKey) -> Result<Option<SendReceipt>, StoreError> {
+        self.layout
+            .get(self.layout.trees.sends, &layout::send_key(key))
+    }
+
+    async fn sends_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<SendKey>, StoreError> {
+        self.run(move |layout| {
+            let tree = layout.trees.sends;
+            // Keys start with their creation time: the range ends just
+            // before the first key of `cutoff_ms`.
+            let Some(last) = cutoff_ms.checked_sub(1) else {
+                return Ok(Vec::new());
+            };
+            let mut end = last.to_be_bytes().to_vec();
+            end.extend_from_slice(&[0xff; 8 + 1 + 255]);
+            layout
+                .storage
+                .range_raw(tree.handle, b"", &end, limit)?
+                .into_iter()
+                .map(|(k, _)| {
+                    layout::split_send_key(&k)
+                        .ok_or_else(|| StoreError::Corrupt(format!("send key {}", hex::encode(&k))))
+                })
+                .collect()
         })
         .await
     }

@@ -50,6 +50,7 @@ fn delivery(stored_ms: u64, to: &[&ClientId]) -> Delivery {
     Delivery {
         message: message(stored_ms),
         recipients: to.iter().map(|c| (*c).clone()).collect(),
+        receipt: None,
     }
 }
 
