@@ -11,6 +11,16 @@ use mls_ds_tests::raw::{raw_request, RawMember};
 use mls_ds_tests::Server;
 use rand::{Rng, SeedableRng};
 
+/// Whether `mutated` differs from `original` only at positions in `range`.
+fn only_in(mutated: &[u8], original: &[u8], range: &std::ops::Range<usize>) -> bool {
+    mutated.len() == original.len()
+        && mutated
+            .iter()
+            .zip(original)
+            .enumerate()
+            .all(|(i, (a, b))| a == b || range.contains(&i))
+}
+
 fn mutate(rng: &mut impl Rng, input: &[u8]) -> Vec<u8> {
     let mut v = input.to_vec();
     match rng.gen_range(0..6) {
@@ -76,8 +86,13 @@ async fn mutated_requests_never_break_the_server() {
     // Valid bodies of every kind, as seeds for mutation.
     let (c2, w2, gi2) = alice.stage_update();
     alice.clear();
+    // The commit's confirmation and membership tags (each a 1-byte length
+    // and 32 bytes, at its end) are MACs under secrets the DS does not
+    // have: a commit altered only there is accepted, and its members must
+    // recover from it. Mutations confined to them are not sent.
+    let tags_len = 2 * 33;
     let commit_body = mls_ds_protocol::encode(&mls_ds_protocol::groups::CommitBundle {
-        commit: c2.into(),
+        commit: c2.clone().into(),
         welcome: w2.map(Into::into),
         group_info: gi2.into(),
     })
@@ -100,8 +115,15 @@ async fn mutated_requests_never_break_the_server() {
         })
         .unwrap();
     let ack_body = mls_ds_protocol::encode(&mls_ds_protocol::queue::Ack { up_to: 1 }).unwrap();
+    let commit_end = commit_body
+        .windows(c2.len())
+        .position(|w| w == c2.as_slice())
+        .expect("the commit is in its bundle")
+        + c2.len();
+    let unverifiable = commit_end - tags_len..commit_end;
+    let commit_path = paths::commits(&gid);
     let targets: Vec<(&str, String, Vec<u8>)> = vec![
-        ("POST", paths::commits(&gid), commit_body),
+        ("POST", commit_path.clone(), commit_body),
         ("POST", paths::messages(&gid), send_body),
         ("POST", paths::KEY_PACKAGES.to_string(), publish_body),
         ("POST", paths::QUEUE_ACK.to_string(), ack_body),
@@ -123,6 +145,9 @@ async fn mutated_requests_never_break_the_server() {
         let t = std::time::Instant::now();
         let (method, path, body) = &targets[rng.gen_range(0..targets.len())];
         let mutated = mutate(&mut rng, body);
+        if *path == commit_path && only_in(&mutated, body, &unverifiable) {
+            continue;
+        }
         let token = alice
             .api
             .transport
@@ -144,6 +169,7 @@ async fn mutated_requests_never_break_the_server() {
             "server error {status} for a mutated request to {path} (seed {seed})"
         );
         *by_status.entry(status).or_insert(0) += 1;
+
         if t.elapsed() > slowest.0 {
             slowest = (t.elapsed(), path.clone());
         }
