@@ -10,9 +10,10 @@
 //! full-disk test shows), but ext4's emergency read-only state only ends with
 //! an unmount, so here the server is stopped. Nothing unwritten is
 //! acknowledged: after the file system is writable again and the server
-//! restarted, exactly the acknowledged
-//! messages are delivered, once; a commit refused while read-only is resent
-//! by the SDK and accepted once; everyone converges; `check` passes.
+//! restarted, exactly the acknowledged messages are delivered, once, and
+//! then the sends refused while read-only, which the SDK kept in its send
+//! outbox, once each; a commit refused while read-only is resent by the SDK
+//! and accepted once; everyone converges; `check` passes.
 //!
 //! Why ext4 on a loop device and not a tmpfs with `mount -o remount,ro`:
 //! Linux refuses a read-only remount (EBUSY, "mount point is busy") while any
@@ -294,14 +295,25 @@ async fn read_only_file_system_is_refused_and_nothing_acknowledged_is_lost() {
     // Alice's refused commit is still in her outbox: the DS accepts it now.
     alice.sync().await.unwrap();
     assert_eq!(alice.epoch(&gid).await.unwrap(), epoch + 1);
+    // Bob's, then carol's, refused sends leave their outboxes now.
+    bob.sync().await.unwrap();
+    carol.sync().await.unwrap();
     let bob_got = messages(bob.receive(0).await.unwrap());
     let carol_got = messages(carol.receive(0).await.unwrap());
     let alice_got = messages(alice.receive(0).await.unwrap());
+    let resent = [
+        "bob during 0",
+        "bob during 1",
+        "carol during 0",
+        "carol during 1",
+    ];
     let others = |who: &str| -> Vec<String> {
         acknowledged
             .iter()
+            .map(String::as_str)
+            .chain(resent)
             .filter(|t| !t.starts_with(who))
-            .cloned()
+            .map(str::to_owned)
             .collect()
     };
     assert_eq!(bob_got, others("bob"), "bob: exactly the acknowledged");
