@@ -12,6 +12,7 @@ use mls_ds_protocol::queue::{Ack, Acked, QueuePage};
 use mls_ds_protocol::{decode, encode, paths, ClientId};
 
 use crate::error::{ClientError, Result};
+use crate::sse::QueueStream;
 use crate::transport::{AuthMode, Transport};
 
 fn enc<T: tls_codec::Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -282,6 +283,16 @@ impl DsApi {
             .send(Method::GET, &path, Vec::new(), AuthMode::Session)
             .await?;
         dec(&bytes)
+    }
+
+    /// The queue after `after` as a stream of pages, each sent by the DS as
+    /// soon as its entries are durable (`GET /v1/queue/stream`).
+    pub async fn queue_stream(&self, after: u64) -> Result<QueueStream> {
+        let body = self
+            .transport
+            .open_stream(&paths::queue_stream(after))
+            .await?;
+        Ok(QueueStream::new(body, self.transport.base_url().to_owned()))
     }
 
     /// Acknowledge every entry up to `up_to`.

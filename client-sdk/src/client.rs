@@ -11,6 +11,7 @@
 //! * `commit`: the commit discipline and its outbox;
 //! * `sends`: the send outbox, exactly-once application messages;
 //! * `sync`: receiving the DS queue;
+//! * `stream`: receiving as a stream the DS pushes;
 //! * `inbox`: handing received events to the application.
 
 mod commit;
@@ -20,10 +21,12 @@ mod identity;
 mod inbox;
 mod key_packages;
 mod sends;
+mod stream;
 mod sync;
 
 pub use config::{create_config, join_config, ClientConfig, CIPHERSUITE};
 pub use sends::QueuedSend;
+pub use stream::EventStream;
 
 use std::collections::HashMap;
 

@@ -13,13 +13,15 @@ mod api;
 pub mod client;
 mod error;
 mod records;
+mod sse;
 mod tls;
 mod transport;
 
 pub use api::DsApi;
-pub use client::{Client, ClientConfig, QueuedSend};
+pub use client::{Client, ClientConfig, EventStream, QueuedSend};
 pub use error::{ClientError, MlsErrorKind, Result};
 pub use mls_ds_protocol::groups::SendId;
 pub use records::Event;
+pub use sse::QueueStream;
 pub use tls::TlsConfig;
 pub use transport::{AuthMode, HttpPool, Transport};

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::{Method, Request};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
@@ -156,6 +157,11 @@ impl Transport {
             session: Mutex::new(None),
             always_sign: false,
         })
+    }
+
+    /// The DS's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
     }
 
     /// The client this transport speaks for.
@@ -327,6 +333,34 @@ impl Transport {
         self.send_once(method, path_and_query, body, token).await
     }
 
+    /// Open a response that streams (`GET /v1/queue/stream`): its body,
+    /// once the status is 200; other statuses become
+    /// [`ClientError::Server`]. A 401 opens a new session and retries once,
+    /// as [`Transport::send`] does.
+    pub async fn open_stream(&self, path_and_query: &str) -> Result<Incoming> {
+        let mode = self.effective(AuthMode::Session);
+        match self.stream_once(path_and_query, mode).await {
+            Err(ClientError::Server { status: 401, .. }) if mode == AuthMode::Session => {
+                *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.stream_once(path_and_query, mode).await
+            }
+            other => other,
+        }
+    }
+
+    async fn stream_once(&self, path_and_query: &str, mode: AuthMode) -> Result<Incoming> {
+        let token = self.token("GET", path_and_query, &[], mode).await?;
+        let resp = self
+            .request(Method::GET, path_and_query, Vec::new(), token)
+            .await?;
+        if resp.status() == hyper::StatusCode::OK {
+            return Ok(resp.into_body());
+        }
+        let status = resp.status().as_u16();
+        let bytes = self.collect(resp.into_body()).await?;
+        Err(server_error(status, &bytes))
+    }
+
     async fn send_once(
         &self,
         method: Method,
@@ -334,6 +368,34 @@ impl Transport {
         body: Vec<u8>,
         token: Option<AuthToken>,
     ) -> Result<Bytes> {
+        let resp = self.request(method, path_and_query, body, token).await?;
+        let status = resp.status().as_u16();
+        let bytes = self.collect(resp.into_body()).await?;
+        if (200..300).contains(&status) {
+            return Ok(bytes);
+        }
+        Err(server_error(status, &bytes))
+    }
+
+    async fn collect(&self, body: Incoming) -> Result<Bytes> {
+        Ok(body
+            .collect()
+            .await
+            .map_err(|e| ClientError::ConnectionLost {
+                url: self.base.clone(),
+                detail: causes(&e),
+            })?
+            .to_bytes())
+    }
+
+    /// Send one request; its response, whatever the status.
+    async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        token: Option<AuthToken>,
+    ) -> Result<hyper::Response<Incoming>> {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{}", self.base, path_and_query));
@@ -346,7 +408,7 @@ impl Transport {
         let req = builder
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Usage(format!("bad request to {}: {e}", self.base)))?;
-        let resp = self.http.request(req).await.map_err(|e| {
+        self.http.request(req).await.map_err(|e| {
             let detail = causes(&e);
             if e.is_connect() {
                 ClientError::Unreachable {
@@ -359,29 +421,17 @@ impl Transport {
                     detail,
                 }
             }
-        })?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::ConnectionLost {
-                url: self.base.clone(),
-                detail: causes(&e),
-            })?
-            .to_bytes();
-        if (200..300).contains(&status) {
-            return Ok(bytes);
-        }
-        let body = decode::<ErrorBody>(&bytes).unwrap_or_else(|_| {
-            ErrorBody::new(
-                ErrorCode::Internal,
-                format!(
-                    "undecodable error body: {}",
-                    String::from_utf8_lossy(&bytes)
-                ),
-            )
-        });
-        Err(ClientError::Server { status, body })
+        })
     }
+}
+
+/// The error a non-2xx answer stands for.
+fn server_error(status: u16, bytes: &[u8]) -> ClientError {
+    let body = decode::<ErrorBody>(bytes).unwrap_or_else(|_| {
+        ErrorBody::new(
+            ErrorCode::Internal,
+            format!("undecodable error body: {}", String::from_utf8_lossy(bytes)),
+        )
+    });
+    ClientError::Server { status, body }
 }

@@ -321,6 +321,23 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_MAX_INFLIGHT", default_value_t = 4096)]
     pub max_inflight: usize,
 
+    /// Queue streams (`GET /v1/queue/stream`) open at once; they hold no
+    /// in-flight slot.
+    #[arg(long, env = "MLS_DS_MAX_STREAMS", default_value_t = 10_000)]
+    pub max_streams: usize,
+
+    /// Queue streams one client may have open at once (its devices share
+    /// one id only if the application does so).
+    #[arg(long, env = "MLS_DS_MAX_STREAMS_PER_CLIENT", default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_streams_per_client: usize,
+
+    /// Longest life of one queue stream, in seconds (the client reconnects,
+    /// which re-checks its authentication).
+    #[arg(long, env = "MLS_DS_STREAM_MAX_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_max_secs: u64,
+
     /// Accepted-commit records older than this are pruned (each group's
     /// newest stays), in seconds; 0 keeps them forever.
     #[arg(long, env = "MLS_DS_COMMIT_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]

@@ -39,6 +39,7 @@ use crate::backend::sled::SledBackend;
 use crate::backend::Backend;
 use crate::config::{Limits, Registration, ServeArgs};
 use crate::embedded::SledDs;
+use crate::http::stream::StreamLimits;
 use crate::http::{Front, HttpLimits};
 use crate::rate_limit::Rate;
 use crate::state_cell::StateCell;
@@ -98,6 +99,11 @@ fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
                 burst: limits.ip_rate_limit_burst,
             },
             trust_forwarded_for: limits.trust_forwarded_for,
+            streams: StreamLimits {
+                max_total: limits.max_streams,
+                max_per_client: limits.max_streams_per_client,
+                max_lifetime: Duration::from_secs(limits.stream_max_secs),
+            },
         },
     )
 }

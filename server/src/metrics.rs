@@ -45,10 +45,10 @@ impl Metrics {
 
     /// Render everything in Prometheus text format: the request counters,
     /// then the backend's gauges and counters and the session count.
-    pub(crate) fn render(&self, stats: &BackendStats, sessions: usize) -> String {
+    pub(crate) fn render(&self, stats: &BackendStats, sessions: usize, streams: usize) -> String {
         let mut out = String::new();
         self.render_requests(&mut out);
-        render_backend(&mut out, stats, sessions);
+        render_backend(&mut out, stats, sessions, streams);
         out
     }
 
@@ -85,8 +85,8 @@ impl Metrics {
     }
 }
 
-/// The backend's gauges and counters, and the session count.
-fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize) {
+/// The backend's gauges and counters, and the session and stream counts.
+fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize, streams: usize) {
     let gauges = [
         (
             "mls_ds_queue_entries",
@@ -147,6 +147,12 @@ fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize) {
             "Open authenticated sessions.",
             "gauge",
             sessions.to_string(),
+        ),
+        (
+            "mls_ds_streams",
+            "Open queue streams (GET /v1/queue/stream).",
+            "gauge",
+            streams.to_string(),
         ),
     ];
     for (name, help, kind, value) in gauges {

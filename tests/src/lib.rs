@@ -112,6 +112,8 @@ pub struct Server {
     addr: String,
     metrics_addr: String,
     extra: Vec<String>,
+    /// What `--listen` gets: an ephemeral port, or the last one again.
+    listen: String,
 }
 
 impl Server {
@@ -131,6 +133,7 @@ impl Server {
             addr: String::new(),
             metrics_addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            listen: "127.0.0.1:0".into(),
         };
         s.spawn();
         s
@@ -167,7 +170,7 @@ impl Server {
         let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--listen", "127.0.0.1:0", "--log", "info"])
+            .args(["--listen", &self.listen, "--log", "info"])
             .arg("--port-file")
             .arg(&port_file)
             .args(["--metrics-listen", "127.0.0.1:0", "--metrics-port-file"])
@@ -269,6 +272,15 @@ impl Server {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// SIGKILL, then start again on the same directory and the same port,
+    /// so that clients reconnect to the URL they have.
+    pub fn kill_and_restart_on_same_port(&mut self) {
+        self.kill();
+        self.listen = self.addr.clone();
+        self.spawn();
+        self.listen = "127.0.0.1:0".into();
     }
 
     /// Stop gracefully (asserting exit 0) and assert that `mls-ds check`

@@ -31,8 +31,19 @@ impl Client {
     /// processed; their events are in the inbox ([`Client::events`]).
     pub async fn sync_wait(&self, wait_ms: u64) -> Result<usize> {
         let processed = self.sync_queue(wait_ms).await?;
+        self.after_receiving().await?;
+        Ok(processed)
+    }
+
+    /// [`Client::sync_wait`] without waiting.
+    pub async fn sync(&self) -> Result<usize> {
+        Box::pin(self.sync_wait(0)).await
+    }
+
+    /// What follows receiving: pending proposals committed, queued messages
+    /// sent for the epoch just caught up with, key packages kept up.
+    pub(super) async fn after_receiving(&self) -> Result<()> {
         self.commit_pending_removals().await?;
-        // Queued messages go out for the epoch just caught up with.
         self.flush_sends().await?;
         if self.key_packages_due() {
             // Receiving goes on if the upkeep fails (e.g. the DS's quota);
@@ -41,12 +52,23 @@ impl Client {
                 tracing::warn!(client = %self.id, error = %e, "key package upkeep failed");
             }
         }
-        Ok(processed)
+        Ok(())
     }
 
-    /// [`Client::sync_wait`] without waiting.
-    pub async fn sync(&self) -> Result<usize> {
-        Box::pin(self.sync_wait(0)).await
+    /// Process the entries after the cursor, in order, each in its own
+    /// write with the cursor; the last one processed, if any.
+    pub(super) async fn process_entries(&self, entries: &[QueueEntry]) -> Result<Option<u64>> {
+        let mut last = self.cursor()?;
+        let mut processed = None;
+        for entry in entries {
+            if entry.seq <= last {
+                continue;
+            }
+            self.process_entry(entry).await?;
+            last = entry.seq;
+            processed = Some(last);
+        }
+        Ok(processed)
     }
 
     /// Resolve outboxes, then fetch, process and acknowledge the queue.
@@ -69,16 +91,8 @@ impl Client {
                 }
                 break;
             }
-            let mut last = cursor;
-            for entry in &page.entries {
-                if entry.seq <= last {
-                    continue;
-                }
-                self.process_entry(entry).await?;
-                last = entry.seq;
-                processed += 1;
-            }
-            processed_up_to = Some(last);
+            processed += page.entries.iter().filter(|e| e.seq > cursor).count();
+            processed_up_to = Some(self.process_entries(&page.entries).await?.unwrap_or(cursor));
         }
         Ok(processed)
     }

@@ -43,6 +43,8 @@ pub mod paths {
     pub const QUEUE: &str = "/v1/queue";
     /// `POST`: acknowledge queue entries.
     pub const QUEUE_ACK: &str = "/v1/queue/ack";
+    /// `GET`: the queue as server-sent events.
+    pub const QUEUE_STREAM: &str = "/v1/queue/stream";
     /// `GET`: liveness.
     pub const HEALTHZ: &str = "/healthz";
 
@@ -74,6 +76,11 @@ pub mod paths {
     /// `POST`: send an application message or a proposal.
     pub fn messages(group_id: &[u8]) -> String {
         format!("{GROUPS}/{}/messages", hex::encode(group_id))
+    }
+
+    /// `GET`: the caller's queue after `after`, as server-sent events.
+    pub fn queue_stream(after: u64) -> String {
+        format!("{QUEUE_STREAM}?after={after}")
     }
 
     /// `GET`: a page of the caller's queue after `after`, at most `limit`

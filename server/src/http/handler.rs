@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Body;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
 use hyper::http::request::Parts;
@@ -18,8 +18,9 @@ use mls_ds_protocol::auth::AuthToken;
 use mls_ds_protocol::{decode, ClientId, AUTH_HEADER};
 
 use super::body::{self, BoxError};
-use super::response::{ApiError, Reply};
+use super::response::{ApiBody, ApiError, Reply};
 use super::route::{ClientRoute, Route};
+use super::stream::{self, StreamLimits, Streams};
 use crate::backend::Backend;
 use crate::metrics::Metrics;
 use crate::rate_limit::Rate;
@@ -46,6 +47,8 @@ pub(crate) struct HttpLimits {
     /// Take the source address of connections from loopback (a reverse
     /// proxy on this machine) from `X-Forwarded-For`.
     pub(crate) trust_forwarded_for: bool,
+    /// Queue streams.
+    pub(crate) streams: StreamLimits,
 }
 
 /// The HTTP front of a DS: what outlives a reopening of its storage.
@@ -56,6 +59,7 @@ pub(crate) struct Front<B> {
     per_client: RateLimiter<ClientId>,
     per_address: RateLimiter<IpAddr>,
     inflight: AtomicUsize,
+    streams: Arc<Streams>,
 }
 
 /// A request's answer and the label it is counted under in the metrics.
@@ -86,6 +90,7 @@ impl<B: Backend> Front<B> {
             cell,
             per_client: RateLimiter::new(limits.per_client),
             per_address: RateLimiter::new(limits.per_address),
+            streams: Streams::new(limits.streams),
             limits,
             metrics: Metrics::default(),
             inflight: AtomicUsize::new(0),
@@ -94,7 +99,7 @@ impl<B: Backend> Front<B> {
 
     /// Serve one request that came from `peer`; never fails (errors become
     /// error responses).
-    pub(crate) async fn handle<Bd>(&self, req: Request<Bd>, peer: IpAddr) -> Response<Full<Bytes>>
+    pub(crate) async fn handle<Bd>(&self, req: Request<Bd>, peer: IpAddr) -> Response<ApiBody>
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<BoxError>,
@@ -197,6 +202,16 @@ impl<B: Backend> Front<B> {
                 self.per_client
                     .check(&caller.client)
                     .map_err(ApiError::RateLimited)?;
+                if let ClientRoute::Stream { after } = route {
+                    let after = last_event_id(&parts).map_or(after, |id| id.max(after));
+                    let ticket = self.streams.admit(&caller.client)?;
+                    return Ok(Reply::stream(stream::start(
+                        self.cell.clone(),
+                        caller,
+                        after,
+                        ticket,
+                    )));
+                }
                 client_call(ds, &caller, route, &body).await
             }
         }
@@ -222,6 +237,12 @@ impl<B: Backend> Front<B> {
         limit_key(ip)
     }
 
+    /// End every queue stream and open no more (shutdown): their
+    /// connections can then close.
+    pub(crate) fn end_streams(&self) {
+        self.streams.close_all();
+    }
+
     /// The metrics page (`metrics_listener`): this front's request counters
     /// and the backend's stats. Served whatever the storage's health, so a
     /// failure shows in the counters; only while storage is being reopened
@@ -231,8 +252,11 @@ impl<B: Backend> Front<B> {
             return Err(DsError::Unavailable(REOPENING.into()).into());
         };
         Ok(Reply::text(
-            self.metrics
-                .render(&ds.backend().stats(), ds.authenticator().session_count()),
+            self.metrics.render(
+                &ds.backend().stats(),
+                ds.authenticator().session_count(),
+                self.streams.open_count(),
+            ),
             "text/plain; version=0.0.4",
         ))
     }
@@ -278,7 +302,21 @@ async fn client_call<B: Backend>(
         }
         ClientRoute::Fetch(query) => Reply::ok(&ds.fetch(caller, query).await?.wire()),
         ClientRoute::Ack => Reply::ok(&ds.ack(caller, decode(body)?).await?),
+        // Served by the front, which owns the streams.
+        ClientRoute::Stream { .. } => Err(ApiError::BadRequest("not a stream route".into())),
     }
+}
+
+/// The `Last-Event-ID` of a reconnecting event stream.
+fn last_event_id(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get("last-event-id")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The request's token and what it must bind (method, path, body).
@@ -324,9 +362,9 @@ fn token_and_view<'a>(
 
 /// The answer to a `HEAD`: the `GET`'s status and headers, with the length
 /// its body would have had, and no body (HTTP/2 forbids one).
-pub(crate) fn without_body(resp: &mut Response<Full<Bytes>>) {
+pub(crate) fn without_body(resp: &mut Response<ApiBody>) {
     let len = resp.body().size_hint().exact().unwrap_or(0);
-    *resp.body_mut() = Full::new(Bytes::new());
+    *resp.body_mut() = Either::Left(Full::new(Bytes::new()));
     resp.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
 }

@@ -9,8 +9,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
@@ -19,7 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::handler::{without_body, Front};
-use super::response::ApiError;
+use super::response::{ApiBody, ApiError};
 use crate::backend::Backend;
 
 /// The one path served.
@@ -77,7 +75,7 @@ pub(crate) async fn serve<B: Backend>(
 }
 
 /// The answer to one request; its body, if any, is never read.
-fn answer<B: Backend>(front: &Front<B>, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn answer<B: Backend>(front: &Front<B>, req: &Request<Incoming>) -> Response<ApiBody> {
     let result = if req.uri().path().trim_end_matches('/') != PATH {
         Err(ApiError::NoRoute {
             method: req.method().to_string(),

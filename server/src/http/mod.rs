@@ -8,6 +8,7 @@
 //! - [`body`]: framing, size, timeout and content type of bodies;
 //! - [`handler`]: admission, authentication, the call into the core;
 //! - [`response`]: `ApiError`, statuses and error bodies;
+//! - [`stream`]: `GET /v1/queue/stream`, the queue as server-sent events;
 //! - [`metrics_listener`]: the separate listener serving `GET /metrics`.
 
 pub(crate) mod body;
@@ -16,6 +17,7 @@ pub(crate) mod handler;
 pub(crate) mod metrics_listener;
 pub(crate) mod response;
 pub(crate) mod route;
+pub(crate) mod stream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -124,6 +126,7 @@ pub(crate) async fn serve<B: Backend>(
         }
     }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    front.end_streams();
     drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await

@@ -5,11 +5,12 @@
 //! client gets a generic message naming only that id.
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http_body_util::{Either, Full};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use mls_ds_protocol::{ErrorBody, ErrorCode, CONTENT_TYPE as API_TYPE};
 
+use super::stream::SseBody;
 use crate::rate_limit::RetryAfter;
 use crate::service::DsError;
 
@@ -49,6 +50,9 @@ pub(crate) enum ApiError {
     /// Too many requests in flight.
     #[error("too many requests in flight, retry later")]
     Overloaded,
+    /// The client has as many streams open as it may.
+    #[error("at most {0} streams of one client are open at once")]
+    TooManyStreams(usize),
 }
 
 impl From<mls_ds_protocol::DecodeError> for ApiError {
@@ -98,12 +102,15 @@ impl ApiError {
             ),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::TooManyStreams(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+            }
         }
     }
 
     /// The error body, and the error's log line. `route` names the request
     /// in the log.
-    pub(crate) fn answer(&self, route: &str) -> Response<Full<Bytes>> {
+    pub(crate) fn answer(&self, route: &str) -> Response<ApiBody> {
         let (status, code) = self.classify();
         let message = match self {
             ApiError::Ds(DsError::Internal(detail)) => {
@@ -126,7 +133,7 @@ impl ApiError {
         }
         // An error body always encodes (a code, a short text, an option).
         let bytes = mls_ds_protocol::encode(&body).unwrap_or_default();
-        let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+        let mut resp = Response::new(Either::Left(Full::new(Bytes::from(bytes))));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(API_TYPE));
@@ -152,11 +159,19 @@ impl ApiError {
     }
 }
 
+/// The body of every response: bytes, or a stream of events.
+pub(crate) type ApiBody = Either<Full<Bytes>, SseBody>;
+
 /// A successful answer.
 pub(crate) struct Reply {
     status: StatusCode,
-    body: Vec<u8>,
+    body: ReplyBody,
     content_type: &'static str,
+}
+
+enum ReplyBody {
+    Bytes(Vec<u8>),
+    Stream(SseBody),
 }
 
 impl Reply {
@@ -165,7 +180,7 @@ impl Reply {
             .map_err(|e| DsError::Internal(format!("encode response: {e:?}")))?;
         Ok(Reply {
             status,
-            body,
+            body: ReplyBody::Bytes(body),
             content_type: API_TYPE,
         })
     }
@@ -184,7 +199,7 @@ impl Reply {
     pub(crate) fn no_content() -> Reply {
         Reply {
             status: StatusCode::NO_CONTENT,
-            body: Vec::new(),
+            body: ReplyBody::Bytes(Vec::new()),
             content_type: API_TYPE,
         }
     }
@@ -193,17 +208,36 @@ impl Reply {
     pub(crate) fn text(body: String, content_type: &'static str) -> Reply {
         Reply {
             status: StatusCode::OK,
-            body: body.into_bytes(),
+            body: ReplyBody::Bytes(body.into_bytes()),
             content_type,
         }
     }
 
+    /// 200 with a stream of server-sent events.
+    pub(crate) fn stream(body: SseBody) -> Reply {
+        Reply {
+            status: StatusCode::OK,
+            body: ReplyBody::Stream(body),
+            content_type: "text/event-stream",
+        }
+    }
+
     /// The response.
-    pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
-        let mut resp = Response::new(Full::new(Bytes::from(self.body)));
+    pub(crate) fn into_response(self) -> Response<ApiBody> {
+        let streaming = matches!(self.body, ReplyBody::Stream(_));
+        let mut resp = Response::new(match self.body {
+            ReplyBody::Bytes(b) => Either::Left(Full::new(Bytes::from(b))),
+            ReplyBody::Stream(s) => Either::Right(s),
+        });
         *resp.status_mut() = self.status;
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        if streaming {
+            // Events must reach the client as they are sent: no caching, and
+            // no buffering in a reverse proxy (nginx honours this header).
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        }
         resp
     }
 }
@@ -221,7 +255,7 @@ mod tests {
         (s.as_u16(), c)
     }
 
-    async fn body_of(resp: Response<Full<Bytes>>) -> ErrorBody {
+    async fn body_of(resp: Response<ApiBody>) -> ErrorBody {
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         decode::<ErrorBody>(&bytes).unwrap()
     }

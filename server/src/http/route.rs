@@ -44,6 +44,11 @@ pub(crate) enum ClientRoute {
     SendMessage(GroupId),
     /// `GET /v1/queue?after=&limit=&max_bytes=&wait_ms=&ack=`
     Fetch(FetchRequest),
+    /// `GET /v1/queue/stream?after=`
+    Stream {
+        /// Entries after this sequence number.
+        after: u64,
+    },
     /// `POST /v1/queue/ack`
     Ack,
 }
@@ -63,6 +68,7 @@ enum Path<'a> {
     Messages(&'a str),
     Queue,
     QueueAck,
+    QueueStream,
 }
 
 impl Path<'_> {
@@ -82,6 +88,7 @@ impl Path<'_> {
             ["v1", "groups", id, "messages"] => Path::Messages(id),
             ["v1", "queue"] => Path::Queue,
             ["v1", "queue", "ack"] => Path::QueueAck,
+            ["v1", "queue", "stream"] => Path::QueueStream,
             _ => return None,
         })
     }
@@ -90,7 +97,7 @@ impl Path<'_> {
     /// for every HTTP server, and is not listed).
     fn allowed(&self) -> &'static [&'static str] {
         match self {
-            Path::Healthz | Path::GroupInfo(_) | Path::Queue => &["GET"],
+            Path::Healthz | Path::GroupInfo(_) | Path::Queue | Path::QueueStream => &["GET"],
             Path::Client(_) | Path::Group(_) => &["DELETE"],
             Path::KeyPackages => &["GET", "POST"],
             Path::Clients
@@ -143,6 +150,9 @@ impl Route {
             Path::Messages(id) => ClientRoute::SendMessage(group_id(id)?),
             Path::Queue => ClientRoute::Fetch(fetch_query(query.unwrap_or(""))?),
             Path::QueueAck => ClientRoute::Ack,
+            Path::QueueStream => ClientRoute::Stream {
+                after: fetch_query(query.unwrap_or(""))?.after,
+            },
         };
         Ok(Route::Client(client))
     }
@@ -165,6 +175,7 @@ impl Route {
                 ClientRoute::SendMessage(_) => "send",
                 ClientRoute::Fetch(_) => "fetch",
                 ClientRoute::Ack => "ack",
+                ClientRoute::Stream { .. } => "stream",
             },
         }
     }

@@ -1,0 +1,120 @@
+//! Reading the DS's queue stream (`GET /v1/queue/stream`): server-sent
+//! events, each `page` event a base64 `QueuePage`; comments (keep-alives)
+//! and other fields are skipped.
+
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use mls_ds_protocol::queue::QueuePage;
+
+use crate::error::{ClientError, Result};
+
+/// Longest event the reader buffers: far above a page's size limit, so
+/// that only a broken stream reaches it.
+const MAX_EVENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// An open queue stream.
+pub struct QueueStream {
+    body: Incoming,
+    buf: Vec<u8>,
+    url: String,
+}
+
+impl QueueStream {
+    pub(crate) fn new(body: Incoming, url: String) -> QueueStream {
+        QueueStream {
+            body,
+            buf: Vec::new(),
+            url,
+        }
+    }
+
+    /// The next page; `None` when the DS ended the stream (reconnect from
+    /// the cursor to go on).
+    pub async fn next_page(&mut self) -> Result<Option<QueuePage>> {
+        loop {
+            while let Some(end) = event_end(&self.buf) {
+                let event: Vec<u8> = self.buf.drain(..end).collect();
+                if let Some(page) = parse_event(&event)? {
+                    return Ok(Some(page));
+                }
+            }
+            if self.buf.len() > MAX_EVENT_BYTES {
+                return Err(ClientError::BadResponse(
+                    "queue stream event too large".into(),
+                ));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(ClientError::ConnectionLost {
+                        url: self.url.clone(),
+                        detail: e.to_string(),
+                    })
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where the first complete event in `buf` ends (after its blank line).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+/// The page an event carries, if it is a `page` event.
+fn parse_event(event: &[u8]) -> Result<Option<QueuePage>> {
+    let text = std::str::from_utf8(event)
+        .map_err(|_| ClientError::BadResponse("queue stream event is not UTF-8".into()))?;
+    let mut kind = "message";
+    let mut data = String::new();
+    for line in text.lines() {
+        if line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => kind = value,
+            "data" => data.push_str(value),
+            _ => {}
+        }
+    }
+    if kind != "page" || data.is_empty() {
+        return Ok(None);
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.as_bytes())
+        .map_err(|e| ClientError::BadResponse(format!("queue stream page: {e}")))?;
+    mls_ds_protocol::decode(&bytes)
+        .map(Some)
+        .map_err(|e| ClientError::BadResponse(format!("queue stream page: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_read_and_everything_else_skipped() {
+        let page = QueuePage {
+            entries: Vec::new(),
+            head: 7,
+            acked: 3,
+        };
+        let data = base64::engine::general_purpose::STANDARD
+            .encode(mls_ds_protocol::encode(&page).unwrap());
+        let event = format!("id: 7\nevent: page\ndata: {data}\n\n");
+        assert_eq!(parse_event(event.as_bytes()).unwrap(), Some(page));
+        assert_eq!(parse_event(b": keep-alive\n\n").unwrap(), None);
+        assert_eq!(parse_event(b"retry: 1000\n\n").unwrap(), None);
+        assert!(parse_event(b"event: page\ndata: !!\n\n").is_err());
+        assert_eq!(event_end(b"a\n\nb"), Some(3));
+        assert_eq!(event_end(b"a\nb"), None);
+    }
+}

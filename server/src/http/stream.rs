@@ -1,0 +1,221 @@
+//! `GET /v1/queue/stream`: a client's queue pushed as server-sent events.
+//!
+//! Server-sent events rather than WebSocket: the stream only goes one way
+//! (acknowledgements stay `POST /v1/queue/ack`), it is a plain HTTP
+//! response, so it runs over HTTP/1.1 and h2 alike, through the TLS and
+//! proxies the rest of the API uses, with no upgrade and no second
+//! protocol stack; and resuming is built in (`Last-Event-ID`).
+//!
+//! Each event is one queue page (`event: page`, `id:` its last sequence
+//! number, `data:` the TLS-encoded `QueuePage` in base64), sent as soon as
+//! its entries are durable; the stream resumes after `after` (or a larger
+//! `Last-Event-ID`), so a client reconnecting from its cursor misses and
+//! repeats nothing. A comment every 20 s keeps idle connections open. A
+//! stream ends after `--stream-max-secs` (the client reconnects, which also
+//! re-checks its authentication), on an error (the reconnect shows it as a
+//! status), and at shutdown. Streams hold no in-flight slot; they have
+//! limits of their own, in total and per client.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use hyper::body::{Body, Frame};
+use mls_ds_protocol::ClientId;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::response::ApiError;
+use crate::backend::{Backend, Page};
+use crate::service::auth::Caller;
+use crate::service::delivery::FetchRequest;
+use crate::service::Ds;
+use crate::state_cell::StateCell;
+
+/// Idle time after which a comment is sent, below common proxy timeouts.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+/// The first event: how long a client waits before reconnecting.
+const RETRY_HINT: &[u8] = b"retry: 1000\n\n";
+const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
+
+/// Stream limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamLimits {
+    /// Streams open at once, in total.
+    pub(crate) max_total: usize,
+    /// Streams open at once per client.
+    pub(crate) max_per_client: usize,
+    /// Longest life of one stream.
+    pub(crate) max_lifetime: Duration,
+}
+
+/// The open streams.
+pub(crate) struct Streams {
+    limits: StreamLimits,
+    open: Mutex<HashMap<ClientId, usize>>,
+    closing: watch::Sender<bool>,
+}
+
+/// One open stream's place in [`Streams`], given back when it ends.
+pub(crate) struct Ticket {
+    streams: Arc<Streams>,
+    client: ClientId,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut open = self.streams.lock();
+        if let Some(n) = open.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
+impl Streams {
+    /// No stream open yet.
+    pub(crate) fn new(limits: StreamLimits) -> Arc<Streams> {
+        Arc::new(Streams {
+            limits,
+            open: Mutex::new(HashMap::new()),
+            closing: watch::Sender::new(false),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, usize>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a stream of `client`, within the limits.
+    pub(crate) fn admit(self: &Arc<Self>, client: &ClientId) -> Result<Ticket, ApiError> {
+        if *self.closing.borrow() {
+            return Err(ApiError::Overloaded);
+        }
+        let mut open = self.lock();
+        let total: usize = open.values().sum();
+        if total >= self.limits.max_total {
+            return Err(ApiError::Overloaded);
+        }
+        let mine = open.entry(client.clone()).or_insert(0);
+        if *mine >= self.limits.max_per_client {
+            return Err(ApiError::TooManyStreams(self.limits.max_per_client));
+        }
+        *mine += 1;
+        Ok(Ticket {
+            streams: self.clone(),
+            client: client.clone(),
+        })
+    }
+
+    /// Streams open now.
+    pub(crate) fn open_count(&self) -> usize {
+        self.lock().values().sum()
+    }
+
+    /// End every stream (shutdown), and admit no more.
+    pub(crate) fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+}
+
+/// The response body of a stream: what its producer task sends.
+pub(crate) struct SseBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Start `caller`'s stream after sequence number `after`.
+pub(crate) fn start<B: Backend>(
+    cell: Arc<StateCell<Ds<B>>>,
+    caller: Caller,
+    after: u64,
+    ticket: Ticket,
+) -> SseBody {
+    // A few events ahead of a slow reader, no more: the queue is the buffer.
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(produce(cell, caller, after, ticket, tx));
+    SseBody { rx }
+}
+
+async fn produce<B: Backend>(
+    cell: Arc<StateCell<Ds<B>>>,
+    caller: Caller,
+    mut after: u64,
+    ticket: Ticket,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut closing = ticket.streams.closing.subscribe();
+    let deadline = Instant::now() + ticket.streams.limits.max_lifetime;
+    if tx.send(Bytes::from_static(RETRY_HINT)).await.is_err() {
+        return;
+    }
+    loop {
+        let now = Instant::now();
+        if now >= deadline || *closing.borrow() {
+            break;
+        }
+        let Some(ds) = cell.get() else { break };
+        let wait = KEEPALIVE.min(deadline - now);
+        let request = FetchRequest {
+            after,
+            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            ..FetchRequest::default()
+        };
+        let fetched = tokio::select! {
+            fetched = ds.fetch(&caller, request) => fetched,
+            _ = closing.changed() => break,
+            _ = tx.closed() => break,
+        };
+        drop(ds);
+        let frame = match fetched {
+            Ok(page) => match page.entries.last() {
+                None => Bytes::from_static(KEEPALIVE_COMMENT),
+                Some(last) => {
+                    after = last.seq;
+                    match page_event(&page, last.seq) {
+                        Ok(frame) => frame,
+                        Err(e) => {
+                            tracing::error!(client = %caller.client, error = %e, "stream: cannot encode a page");
+                            break;
+                        }
+                    }
+                }
+            },
+            Err(e) => {
+                // The reconnect gets the error as a status.
+                tracing::debug!(client = %caller.client, error = %e, "stream ended by an error");
+                break;
+            }
+        };
+        if tx.send(frame).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// One page as an event.
+fn page_event(page: &Page, last: u64) -> Result<Bytes, tls_codec::Error> {
+    let encoded = mls_ds_protocol::encode(&page.wire())?;
+    let data = base64::engine::general_purpose::STANDARD.encode(encoded);
+    Ok(Bytes::from(format!(
+        "id: {last}\nevent: page\ndata: {data}\n\n"
+    )))
+}
