@@ -170,6 +170,21 @@ pub struct ServeArgs {
     #[arg(long, env = "MLS_DS_METRICS_PORT_FILE")]
     pub metrics_port_file: Option<PathBuf>,
 
+    /// URL (`http://` or `https://`) the DS POSTs content-free wake-ups to
+    /// when the queue of a client that is not listening grows (for the
+    /// application's push service); unset: no wake-ups.
+    #[arg(long, env = "MLS_DS_PUSH_URL", value_parser = push_url)]
+    pub push_url: Option<hyper::Uri>,
+
+    /// Sent with every wake-up request as `Authorization: Bearer <token>`.
+    #[arg(long, env = "MLS_DS_PUSH_TOKEN", hide_env_values = true)]
+    pub push_token: Option<String>,
+
+    /// How long wake-ups are gathered into one request, in milliseconds.
+    #[arg(long, env = "MLS_DS_PUSH_BATCH_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub push_batch_ms: u64,
+
     /// Threads handling requests (default: one per CPU core); the flusher's
     /// two threads and sled's I/O threads come on top. On a machine shared
     /// with other busy processes, fewer can be faster (BENCHMARKS.md).
@@ -178,6 +193,15 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub limits: Limits,
+}
+
+/// A push gateway URL: absolute, `http` or `https`.
+fn push_url(s: &str) -> Result<hyper::Uri, String> {
+    let uri: hyper::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.authority().is_some() => Ok(uri),
+        _ => Err("expected an http:// or https:// URL with a host".into()),
+    }
 }
 
 /// The `--registration` policy.

@@ -9,6 +9,7 @@
 //! - around them: [`config`] (flags), [`config_file`] (`--config`, the
 //!   TOML file under them), [`admin`] (check, stats, backup),
 //!   [`recovery`] (reopening storage after a disk failure), [`metrics`],
+//!   [`push`] (wake-ups for an application's push service),
 //!   [`rate_limit`], [`tls`].
 
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod config_file;
 mod embedded;
 mod http;
 mod metrics;
+mod push;
 mod rate_limit;
 mod recovery;
 mod service;
@@ -167,6 +169,17 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
 
     let cell = StateCell::new(Arc::new(ds));
     let maintenance = tokio::spawn(maintenance(cell.clone()));
+    let push = args.push_url.clone().map(|url| {
+        tracing::info!(push_url = %url, "push wake-ups on");
+        tokio::spawn(push::run(
+            cell.clone(),
+            push::PushConfig {
+                url,
+                token: args.push_token.clone(),
+                batch: Duration::from_millis(args.push_batch_ms),
+            },
+        ))
+    });
     let admin_socket = tokio::spawn(admin::serve_socket(cell.clone(), data_dir.to_owned()));
     let reopen = {
         let (dir, limits) = (data_dir.to_owned(), limits.clone());
@@ -198,6 +211,9 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     }
     maintenance.abort();
     admin_socket.abort();
+    if let Some(push) = push {
+        push.abort();
+    }
     recovery.abort();
     let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
     if let Some(ds) = cell.get() {

@@ -25,6 +25,7 @@
 
 pub(crate) mod committing;
 pub(crate) mod error;
+pub(crate) mod new_heads;
 pub(crate) mod page;
 pub(crate) mod public_group;
 pub(crate) mod records;
@@ -40,6 +41,7 @@ use tokio::sync::Notify;
 
 pub(crate) use committing::Committing;
 pub(crate) use error::{StorageFault, StoreError};
+pub(crate) use new_heads::NewHeads;
 pub(crate) use page::Page;
 use records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
@@ -182,6 +184,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// The handle that is notified (`notify_waiters`) whenever entries of
     /// `client`'s queue become visible, and when the backend closes.
     fn subscribe(&self, client: &ClientId) -> Result<Arc<Notify>, StoreError>;
+
+    /// Queues that got new visible entries (recorded once enabled), for
+    /// wake-ups of clients that are not listening.
+    fn new_heads(&self) -> &NewHeads;
 
     /// `Err` while the backend cannot serve (broken storage, closed).
     fn health(&self) -> Result<(), StoreError>;

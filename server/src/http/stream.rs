@@ -163,6 +163,11 @@ async fn produce<B: Backend>(
     tx: mpsc::Sender<Bytes>,
 ) {
     let mut closing = ticket.streams.closing.subscribe();
+    // Listening between its long-polls too, for the push wake-ups.
+    let _listening = match cell.get() {
+        Some(ds) => ds.listen(&caller.client),
+        None => return,
+    };
     let deadline = Instant::now() + ticket.streams.limits.max_lifetime;
     if tx.send(Bytes::from_static(RETRY_HINT)).await.is_err() {
         return;

@@ -1,11 +1,15 @@
 //! Delivery to clients: fetching a page of one's queue (long-polling for
-//! the first entry), acknowledging, and the retention bound. Which entries
-//! exist and when they become visible is the backend's; this module decides
-//! the limits and how long a fetch waits.
+//! the first entry), acknowledging, the retention bound, and who is
+//! listening (a long-poll or a stream open), so that push wake-ups go only
+//! to the others. Which entries exist and when they become visible is the
+//! backend's; this module decides the limits and how long a fetch waits.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mls_ds_protocol::queue::{Ack, Acked};
+use mls_ds_protocol::ClientId;
 use tokio::time::Instant;
 
 use super::auth::Caller;
@@ -30,6 +34,35 @@ pub(crate) struct FetchRequest {
     pub(crate) ack: Option<u64>,
 }
 
+/// Clients listening now, with how many of their requests listen.
+#[derive(Default)]
+pub(crate) struct Listeners(Mutex<HashMap<ClientId, usize>>);
+
+/// One listening request; the client stops counting as listening when its
+/// last guard goes.
+pub(crate) struct Listening {
+    listeners: Arc<Listeners>,
+    client: ClientId,
+}
+
+impl Listeners {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let mut map = self.listeners.lock();
+        if let Some(n) = map.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.client);
+            }
+        }
+    }
+}
+
 fn capped(asked: Option<u64>, cap: usize) -> usize {
     asked.map_or(cap, |n| usize::try_from(n).unwrap_or(usize::MAX).min(cap))
 }
@@ -47,6 +80,7 @@ impl<B: Backend> Ds<B> {
         if let Some(up_to) = req.ack {
             self.backend.ack(client, up_to).wait().await?;
         }
+        let _listening = (!wait.is_zero()).then(|| self.listen(client));
         let deadline = Instant::now() + wait;
         loop {
             let wakeup = self.backend.subscribe(client)?;
@@ -64,6 +98,21 @@ impl<B: Backend> Ds<B> {
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
+    }
+
+    /// Count `client` as listening while the guard lives (a stream holds
+    /// one for its whole life, between its long-polls too).
+    pub(crate) fn listen(&self, client: &ClientId) -> Listening {
+        *self.listeners.lock().entry(client.clone()).or_insert(0) += 1;
+        Listening {
+            listeners: self.listeners.clone(),
+            client: client.clone(),
+        }
+    }
+
+    /// Whether `client` has a long-poll or a stream open.
+    pub(crate) fn is_listening(&self, client: &ClientId) -> bool {
+        self.listeners.lock().contains_key(client)
     }
 
     /// `POST /v1/queue/ack`.

@@ -90,6 +90,7 @@ pub(crate) struct Ds<B> {
     policy: Policy,
     claims_by_claimer: RateLimiter<ClientId>,
     claims_by_target: RateLimiter<ClientId>,
+    listeners: std::sync::Arc<delivery::Listeners>,
 }
 
 impl<B: Backend> Ds<B> {
@@ -104,6 +105,7 @@ impl<B: Backend> Ds<B> {
             crypto: RustCrypto::default(),
             claims_by_claimer: RateLimiter::new(policy.claims_by_claimer),
             claims_by_target: RateLimiter::new(policy.claims_by_target),
+            listeners: Default::default(),
             policy,
         }
     }

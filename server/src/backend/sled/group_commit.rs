@@ -29,6 +29,7 @@ use mls_ds_storage::{PendingWrites, StorageError, Store};
 use super::apply::Applier;
 use super::job::{Finish, Job};
 use crate::backend::error::{StorageFault, StoreError};
+use crate::backend::NewHeads;
 
 /// Most jobs taken into one batch.
 const MAX_BATCH: usize = 4096;
@@ -88,7 +89,10 @@ pub(crate) struct GroupCommit {
 
 impl GroupCommit {
     /// Start the writer and syncer threads.
-    pub(crate) fn start(applier: Applier) -> Result<GroupCommit, StoreError> {
+    pub(crate) fn start(
+        applier: Applier,
+        new_heads: Arc<NewHeads>,
+    ) -> Result<GroupCommit, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(CommitStats::default());
         let (to_syncer, from_writer) = mpsc::sync_channel::<Cycle>(1);
@@ -96,6 +100,7 @@ impl GroupCommit {
             store: applier.layout.store.clone(),
             index: applier.index.clone(),
             stats: stats.clone(),
+            new_heads,
         };
         let writer = Writer {
             store: applier.layout.store.clone(),
@@ -218,6 +223,7 @@ struct Syncer {
     store: Store,
     index: Arc<super::queue_index::QueueIndex>,
     stats: Arc<CommitStats>,
+    new_heads: Arc<NewHeads>,
 }
 
 impl Syncer {
@@ -254,6 +260,9 @@ impl Syncer {
                     for d in &cycle.done {
                         index.publish(&d.publish);
                     }
+                    drop(index);
+                    self.new_heads
+                        .record(cycle.done.iter().flat_map(|d| &d.publish));
                 }
                 self.stats
                     .durable

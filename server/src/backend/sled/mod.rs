@@ -43,7 +43,7 @@ use super::records::{
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
-    AdminReport, Backend, BackendStats, ExpiredKeyPackage, Page, StaleCommit, StoreError,
+    AdminReport, Backend, BackendStats, ExpiredKeyPackage, NewHeads, Page, StaleCommit, StoreError,
     StoredClient, StoredGroup, StoredInvite,
 };
 
@@ -62,6 +62,7 @@ pub(crate) struct SledBackend {
     index: Arc<QueueIndex>,
     commit: GroupCommit,
     group_locks: Mutex<GroupLocks>,
+    new_heads: Arc<NewHeads>,
 }
 
 /// One lock per group that was locked lately. Locks nobody holds or waits
@@ -108,18 +109,23 @@ impl SledBackend {
             );
         }
         let index = Arc::new(QueueIndex::new(loaded.state));
-        let commit = GroupCommit::start(Applier {
-            layout: layout.clone(),
-            index: index.clone(),
-            max_queue_depth: config.max_queue_depth,
-            deleted_groups: Default::default(),
-            staged_receipts: Default::default(),
-        })?;
+        let new_heads = Arc::new(NewHeads::default());
+        let commit = GroupCommit::start(
+            Applier {
+                layout: layout.clone(),
+                index: index.clone(),
+                max_queue_depth: config.max_queue_depth,
+                deleted_groups: Default::default(),
+                staged_receipts: Default::default(),
+            },
+            new_heads.clone(),
+        )?;
         Ok(SledBackend {
             layout,
             index,
             commit,
             group_locks: Mutex::new(GroupLocks::default()),
+            new_heads,
         })
     }
 
@@ -391,6 +397,10 @@ impl Backend for SledBackend {
 
     fn subscribe(&self, client: &ClientId) -> Result<Arc<Notify>, StoreError> {
         Ok(self.index.subscribe(client))
+    }
+
+    fn new_heads(&self) -> &NewHeads {
+        &self.new_heads
     }
 
     fn health(&self) -> Result<(), StoreError> {
