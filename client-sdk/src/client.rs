@@ -11,12 +11,14 @@
 //! * `commit`: the commit discipline and its outbox;
 //! * `sends`: the send outbox, exactly-once application messages;
 //! * `sync`: receiving the DS queue;
+//! * `heal`: noticing that this client fell out of a group, and rejoining;
 //! * `stream`: receiving as a stream the DS pushes;
 //! * `inbox`: handing received events to the application.
 
 mod commit;
 mod config;
 mod groups;
+mod heal;
 mod identity;
 mod inbox;
 mod key_packages;

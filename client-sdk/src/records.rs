@@ -7,7 +7,9 @@
 //! | `cursor` | highest DS queue sequence number processed (u64 BE) |
 //! | `group/<gid>` | [`GroupMeta`] (the list of groups) |
 //! | `outbox/<gid>` | [`Outbox`]: a commit sent (or about to be sent) but not yet resolved |
-//! | `inbox/<seq u64 BE>` | [`Event`] not yet taken by the application |
+//! | `inbox/<seq u64 BE>` | [`Event`] of a DS entry, not yet taken by the application |
+//! | `inbox/<seq u64 BE> 01` | [`Event`] of the SDK's own (a gap, a resync) noticed after entry `seq` |
+//! | `suspect/<gid>` | [`Suspect`]: a group this client may have fallen out of, to check and repair |
 //! | `last-resort` | [`LastResort`]: the last-resort key package on the DS |
 //! | `retired/<KeyPackageRef>` | [`Retired`]: a replaced last resort whose private key is still kept |
 //! | `send/<n u64 BE>` | [`PendingSend`]: an application message in the send outbox, in queue order |
@@ -140,6 +142,32 @@ pub enum Event {
         /// Group id.
         group_id: Vec<u8>,
     },
+    /// Entries of this client's queue were gone before it read them (the
+    /// DS's retention bound or queue limit, or another device of the same
+    /// client acknowledging them): their messages are lost to it. Groups it
+    /// fell behind in are repaired ([`Event::Resynced`]).
+    QueueGap {
+        /// DS queue sequence number of the last entry lost.
+        seq: u64,
+        /// The first entry lost.
+        from: u64,
+    },
+    /// This client had fallen out of the group (a lost commit, a commit it
+    /// could not process, a state it could not load) and rejoined it by
+    /// external commit, replacing its own leaf. Messages of the epochs in
+    /// between are lost to it.
+    Resynced {
+        /// DS queue sequence number after which it was noticed.
+        seq: u64,
+        /// Group id.
+        group_id: Vec<u8>,
+        /// The epoch this client was at (0: unknown).
+        from_epoch: u64,
+        /// The epoch it rejoined at.
+        to_epoch: u64,
+        /// What made it rejoin.
+        reason: String,
+    },
     /// A queue entry could not be processed (e.g. a duplicate or a message
     /// for an epoch this client no longer has keys for); it was skipped.
     Skipped {
@@ -161,6 +189,8 @@ impl Event {
             | Event::Commit { seq, .. }
             | Event::Removed { seq, .. }
             | Event::GroupDeleted { seq, .. }
+            | Event::QueueGap { seq, .. }
+            | Event::Resynced { seq, .. }
             | Event::Skipped { seq, .. } => *seq,
         }
     }
@@ -195,6 +225,35 @@ pub(crate) fn outbox_key(gid: &[u8]) -> Vec<u8> {
     [b"outbox/".as_slice(), gid].concat()
 }
 
+pub(crate) const INBOX_PREFIX: &[u8] = b"inbox/";
+
+/// Key of the event of DS entry `seq`.
 pub(crate) fn inbox_key(seq: u64) -> Vec<u8> {
-    [b"inbox/".as_slice(), &seq.to_be_bytes()].concat()
+    [INBOX_PREFIX, &seq.to_be_bytes()].concat()
+}
+
+/// Key of an event of the SDK's own noticed after DS entry `seq`, and the
+/// `n`-th such (after the entry's own event, in order).
+pub(crate) fn local_inbox_key(seq: u64, n: u8) -> Vec<u8> {
+    [INBOX_PREFIX, &seq.to_be_bytes(), &[1, n]].concat()
+}
+
+/// The DS sequence number an inbox key is filed under.
+pub(crate) fn inbox_seq(key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(INBOX_PREFIX)?;
+    Some(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?))
+}
+
+/// A group to check against the DS, and to rejoin if this client is
+/// behind it.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct Suspect {
+    /// Why.
+    pub(crate) reason: String,
+}
+
+pub(crate) const SUSPECT_PREFIX: &[u8] = b"suspect/";
+
+pub(crate) fn suspect_key(gid: &[u8]) -> Vec<u8> {
+    [SUSPECT_PREFIX, gid].concat()
 }

@@ -113,6 +113,20 @@ fn print_event(e: &Event) {
         Event::GroupDeleted { group_id, .. } => {
             println!("[{}] group deleted", hex::encode(group_id))
         }
+        Event::QueueGap { seq, from } => {
+            eprintln!(
+                "messages {from}..={seq} of this client's queue were lost before it read them"
+            )
+        }
+        Event::Resynced {
+            group_id,
+            to_epoch,
+            reason,
+            ..
+        } => println!(
+            "[{}] rejoined at epoch {to_epoch} ({reason}); messages in between are lost",
+            hex::encode(group_id)
+        ),
         Event::Skipped {
             group_id, reason, ..
         } => {

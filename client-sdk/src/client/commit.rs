@@ -36,6 +36,8 @@ impl Client {
             // the DS accepted before it (they would then be processed an epoch
             // later than their sender intended), and it avoids a certain 409.
             self.sync_queue(0).await?;
+            // Behind for good (a commit lost or unprocessable): rejoin first.
+            self.heal().await?;
             let outbox = self.stage_in_outbox(group_id, &mut build).await?;
             // `None`: lost the race; the next round syncs (learning the
             // winning commit) and tries again.

@@ -166,13 +166,28 @@ fn create_identity(
     Ok(signer)
 }
 
-/// The groups listed in the SDK's records, with their MLS state.
+/// The groups listed in the SDK's records, with their MLS state. A group
+/// whose state does not load is left out and noted as suspect: the next
+/// sync rejoins it.
 fn load_groups(storage: &SledStorage, records: RecordTree) -> Result<HashMap<Vec<u8>, MlsGroup>> {
     let mut groups = HashMap::new();
     for (k, _) in storage.scan_raw(records, b"group/")? {
         let gid = k[b"group/".len()..].to_vec();
-        if let Some(g) = MlsGroup::load(storage, &GroupId::from_slice(&gid))? {
-            groups.insert(gid, g);
+        match MlsGroup::load(storage, &GroupId::from_slice(&gid)) {
+            Ok(Some(g)) => {
+                groups.insert(gid, g);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(group = %hex::encode(&gid), error = %e, "group state does not load; it will be rejoined");
+                storage.put_record(
+                    records,
+                    &records::suspect_key(&gid),
+                    &records::Suspect {
+                        reason: format!("the group's state did not load: {e}"),
+                    },
+                )?;
+            }
         }
     }
     Ok(groups)

@@ -13,20 +13,28 @@ use crate::records::{self, Event};
 impl Client {
     /// Events waiting in the inbox, in DS order.
     pub fn events(&self) -> Result<Vec<Event>> {
+        Ok(self.inbox()?.into_values().collect())
+    }
+
+    /// The inbox by key (keys sort in DS order).
+    pub(super) fn inbox(&self) -> Result<BTreeMap<Vec<u8>, Event>> {
         let mut out = BTreeMap::new();
-        for (k, v) in self.storage().scan_raw(self.records, b"inbox/")? {
+        for (k, v) in self
+            .storage()
+            .scan_raw(self.records, records::INBOX_PREFIX)?
+        {
             let ev: Event = decode_record(RECORDS, &k, &v)?;
-            out.insert(ev.seq(), ev);
+            out.insert(k, ev);
         }
-        Ok(out.into_values().collect())
+        Ok(out)
     }
 
     /// Remove events up to `seq` from the inbox (the application has them).
     pub fn ack_events(&self, up_to: u64) -> Result<()> {
         let tx = self.storage().begin();
-        for ev in self.events()? {
-            if ev.seq() <= up_to {
-                tx.remove_raw(self.records, &records::inbox_key(ev.seq()))?;
+        for key in self.inbox()?.into_keys() {
+            if records::inbox_seq(&key).is_some_and(|seq| seq <= up_to) {
+                tx.remove_raw(self.records, &key)?;
             }
         }
         tx.commit()?;
@@ -41,11 +49,11 @@ impl Client {
     where
         F: FnMut(&SledStorage, &Event) -> Result<()>,
     {
-        let events = self.events()?;
-        for ev in &events {
+        let events = self.inbox()?;
+        for (key, ev) in &events {
             let tx = self.storage().begin();
             f(&tx, ev)?;
-            tx.remove_raw(self.records, &records::inbox_key(ev.seq()))?;
+            tx.remove_raw(self.records, key)?;
             tx.commit()?;
         }
         Ok(events.len())

@@ -67,8 +67,8 @@ impl Client {
     }
 
     async fn run_stream(&self, tx: mpsc::Sender<Result<Event>>) {
-        // The highest sequence number yielded.
-        let mut yielded = 0u64;
+        // The inbox key of the last event yielded (keys sort in DS order).
+        let mut yielded = Vec::new();
         let mut backoff = MIN_BACKOFF;
         while !tx.is_closed() {
             match self.stream_once(&tx, &mut yielded).await {
@@ -88,11 +88,16 @@ impl Client {
     }
 
     /// Catch up, then follow one stream until the DS ends it.
-    async fn stream_once(&self, tx: &mpsc::Sender<Result<Event>>, yielded: &mut u64) -> Result<()> {
+    async fn stream_once(
+        &self,
+        tx: &mpsc::Sender<Result<Event>>,
+        yielded: &mut Vec<u8>,
+    ) -> Result<()> {
         self.sync().await?;
         self.hand_out(tx, yielded).await?;
         let mut stream = self.api.queue_stream(self.cursor()?).await?;
         while let Some(page) = stream.next_page().await? {
+            self.note_lost_entries(page.acked).await?;
             if let Some(last) = self.process_entries(&page.entries).await? {
                 self.api.ack(last).await?;
             }
@@ -107,16 +112,19 @@ impl Client {
 
     /// Yield the inbox's events not yielded yet. A slow reader holds the
     /// stream back (the channel holds a few events), not memory.
-    async fn hand_out(&self, tx: &mpsc::Sender<Result<Event>>, yielded: &mut u64) -> Result<()> {
-        for ev in self.events()? {
-            let seq = ev.seq();
-            if seq <= *yielded {
+    async fn hand_out(
+        &self,
+        tx: &mpsc::Sender<Result<Event>>,
+        yielded: &mut Vec<u8>,
+    ) -> Result<()> {
+        for (key, ev) in self.inbox()? {
+            if key <= *yielded {
                 continue;
             }
             if tx.send(Ok(ev)).await.is_err() {
                 break;
             }
-            *yielded = seq;
+            *yielded = key;
         }
         Ok(())
     }

@@ -43,6 +43,7 @@ impl Client {
     /// What follows receiving: pending proposals committed, queued messages
     /// sent for the epoch just caught up with, key packages kept up.
     pub(super) async fn after_receiving(&self) -> Result<()> {
+        self.heal().await?;
         self.commit_pending_removals().await?;
         self.flush_sends().await?;
         if self.key_packages_due() {
@@ -85,6 +86,8 @@ impl Client {
                 None => self.api.fetch(cursor, 256, wait).await?,
             };
             wait = 0;
+            self.note_lost_entries(page.acked).await?;
+            let cursor = self.cursor()?;
             if page.entries.is_empty() {
                 if page.acked < cursor && cursor <= page.head {
                     self.api.ack(cursor).await?;
@@ -139,7 +142,8 @@ impl Client {
                 // Nothing of the failed attempt may survive in memory.
                 drop(tx);
                 self.reload(&mut inner, &gid)?;
-                return self.skip_entry(entry, &e);
+                let local_epoch = inner.groups.get(&gid).map(|g| g.epoch().as_u64());
+                return self.skip_entry(entry, &e, local_epoch);
             }
         };
         self.finish_entry(&tx, seq, event.as_ref())?;
@@ -151,10 +155,18 @@ impl Client {
     }
 
     /// Move the cursor past an entry that could not be applied, telling the
-    /// application why in a [`Event::Skipped`], in one write.
-    fn skip_entry(&self, entry: &QueueEntry, error: &ClientError) -> Result<()> {
+    /// application why in a [`Event::Skipped`], and noting its group as
+    /// suspect if the failure can mean this client fell behind, in one
+    /// write.
+    fn skip_entry(
+        &self,
+        entry: &QueueEntry,
+        error: &ClientError,
+        local_epoch: Option<u64>,
+    ) -> Result<()> {
         let seq = entry.seq;
         let tx = self.provider.begin();
+        self.suspect_after_failure(tx.storage(), entry, error, local_epoch)?;
         let ev = Event::Skipped {
             seq,
             group_id: entry.group_id.as_slice().to_vec(),
