@@ -117,6 +117,8 @@ pub enum Event {
         seq: u64,
         /// Group id.
         group_id: Vec<u8>,
+        /// Who added it (client id).
+        by: Vec<u8>,
     },
     /// A commit by another member was merged.
     Commit {
@@ -126,6 +128,14 @@ pub enum Event {
         group_id: Vec<u8>,
         /// New epoch.
         epoch: u64,
+        /// Who committed (client id); for a join by external commit, the
+        /// client that joined.
+        committer: Vec<u8>,
+        /// Clients it added (or that joined by it).
+        added: Vec<Vec<u8>>,
+        /// Clients it removed (a client rejoining replaces its own leaf:
+        /// then it is in both lists).
+        removed: Vec<Vec<u8>>,
     },
     /// This client was removed from a group.
     Removed {

@@ -210,7 +210,7 @@ impl Client {
             MlsMessageIn::tls_deserialize_exact(entry.message.as_slice()).map_err(malformed)?;
         if entry.kind == EntryKind::Welcome {
             self.key_package_used();
-            return self.apply_welcome(inner, tx, entry.seq, msg).map(Some);
+            return self.apply_welcome(inner, tx, entry, msg).map(Some);
         }
         self.apply_group_message(inner, tx, entry, msg)
     }
@@ -220,9 +220,10 @@ impl Client {
         &self,
         inner: &mut Inner,
         tx: &SledProvider,
-        seq: u64,
+        entry: &QueueEntry,
         msg: MlsMessageIn,
     ) -> Result<Event> {
+        let seq = entry.seq;
         let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
             return Err(ClientError::BadResponse(
                 "welcome entry holds no Welcome".into(),
@@ -239,7 +240,11 @@ impl Client {
             &GroupMeta { open: false },
         )?;
         inner.groups.insert(gid.clone(), group);
-        Ok(Event::Joined { seq, group_id: gid })
+        Ok(Event::Joined {
+            seq,
+            group_id: gid,
+            by: entry.sender.as_slice().to_vec(),
+        })
     }
 
     /// Process a message, proposal or commit of a group this client is in.
@@ -269,9 +274,8 @@ impl Client {
             g.clear_pending_commit(tx.storage())?;
         }
         let processed = g.process_message(tx, protocol).map_err(processing)?;
-        let sender = BasicCredential::try_from(processed.credential().clone())
-            .map(|c| c.identity().to_vec())
-            .unwrap_or_default();
+        let sender = identity(processed.credential());
+        let by_external_commit = matches!(processed.sender(), Sender::NewMemberCommit);
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(app) => Ok(Some(Event::Message {
                 seq,
@@ -284,12 +288,27 @@ impl Client {
                 Ok(None)
             }
             ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let mut added: Vec<Vec<u8>> = staged
+                    .add_proposals()
+                    .map(|p| identity(p.add_proposal().key_package().leaf_node().credential()))
+                    .collect();
+                if by_external_commit {
+                    added.push(sender.clone());
+                }
+                // Read before the merge, while the removed leaves are there.
+                let removed: Vec<Vec<u8>> = staged
+                    .remove_proposals()
+                    .filter_map(|p| g.member(p.remove_proposal().removed()).map(identity))
+                    .collect();
                 g.merge_staged_commit(tx, *staged).map_err(mls)?;
                 if g.is_active() {
                     Ok(Some(Event::Commit {
                         seq,
                         group_id: gid,
                         epoch: g.epoch().as_u64(),
+                        committer: sender,
+                        added,
+                        removed,
                     }))
                 } else {
                     self.forget_removed_group(inner, tx, &gid)?;
@@ -323,4 +342,11 @@ impl Client {
         // membership of the same group.
         self.fail_queued_sends(tx.storage(), gid, "this client left the group")
     }
+}
+
+/// The client id in a (basic) credential; empty for another kind.
+fn identity(credential: &Credential) -> Vec<u8> {
+    BasicCredential::try_from(credential.clone())
+        .map(|c| c.identity().to_vec())
+        .unwrap_or_default()
 }

@@ -1,10 +1,17 @@
 //! `mls-chat`: a small command-line chat on the SDK. Each data directory is
-//! one client; its MLS state survives restarts.
+//! one client; its MLS state survives restarts. `chat` is a conversation in
+//! one terminal ([`chat`]); the other commands do one thing and exit.
+
+mod chat;
+mod display;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use mls_ds_client::{Client, ClientConfig, ClientError, Event};
+use mls_ds_client::{Client, ClientConfig, ClientError};
+
+use display::{event_line, explain};
 
 /// Chat through an mls-ds delivery service.
 #[derive(Parser)]
@@ -76,6 +83,12 @@ enum Cmd {
         /// Text to send.
         text: String,
     },
+    /// Chat in a group in this terminal: type messages, see what arrives
+    /// as it comes, `/help` for commands.
+    Chat {
+        /// Group id (hex).
+        group: String,
+    },
     /// Receive and print messages (and joins, commits, removals).
     Recv {
         /// Keep waiting for new messages (long-poll) until interrupted.
@@ -86,53 +99,6 @@ enum Cmd {
 
 fn group_id(hex_id: &str) -> Result<Vec<u8>, ClientError> {
     hex::decode(hex_id).map_err(|e| ClientError::Usage(format!("group id must be hex: {e}")))
-}
-
-fn print_event(e: &Event) {
-    match e {
-        Event::Message {
-            group_id,
-            sender,
-            data,
-            ..
-        } => println!(
-            "[{}] {}: {}",
-            hex::encode(group_id),
-            String::from_utf8_lossy(sender),
-            String::from_utf8_lossy(data)
-        ),
-        Event::Joined { group_id, .. } => println!("[{}] joined", hex::encode(group_id)),
-        Event::Commit {
-            group_id, epoch, ..
-        } => {
-            println!("[{}] group changed, epoch {epoch}", hex::encode(group_id))
-        }
-        Event::Removed { group_id, .. } => {
-            println!("[{}] removed from group", hex::encode(group_id))
-        }
-        Event::GroupDeleted { group_id, .. } => {
-            println!("[{}] group deleted", hex::encode(group_id))
-        }
-        Event::QueueGap { seq, from } => {
-            eprintln!(
-                "messages {from}..={seq} of this client's queue were lost before it read them"
-            )
-        }
-        Event::Resynced {
-            group_id,
-            to_epoch,
-            reason,
-            ..
-        } => println!(
-            "[{}] rejoined at epoch {to_epoch} ({reason}); messages in between are lost",
-            hex::encode(group_id)
-        ),
-        Event::Skipped {
-            group_id, reason, ..
-        } => {
-            eprintln!("[{}] skipped a message: {reason}", hex::encode(group_id))
-        }
-    }
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
@@ -186,13 +152,17 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             client.sync().await?;
             client.send(&gid, text.as_bytes()).await?;
         }
+        Cmd::Chat { group } => {
+            let gid = group_id(&group)?;
+            chat::run(Arc::new(client), gid).await?;
+        }
         Cmd::Recv { follow } => loop {
             client.sync_wait(if follow { 25_000 } else { 0 }).await?;
             // Print first, then drop from the inbox: a crash in between shows
             // an event twice rather than never.
             let events = client.events()?;
             for e in &events {
-                print_event(e);
+                println!("{}", event_line(e, None));
             }
             if let Some(last) = events.last() {
                 client.ack_events(last.seq())?;
@@ -221,10 +191,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let data_dir = cli.data_dir.clone();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mls-chat: {e}");
+            eprintln!("mls-chat: {}", explain(&e, &data_dir));
             ExitCode::FAILURE
         }
     }
