@@ -37,6 +37,10 @@ fn quick() -> bool {
     std::env::var("MLS_DS_LOAD_QUICK").is_ok()
 }
 
+fn send_ids() -> bool {
+    std::env::var("MLS_DS_LOAD_SEND_IDS").map_or(true, |v| v != "0")
+}
+
 /// (user + system) CPU seconds of a process, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -111,16 +115,17 @@ impl Wire {
 
     /// Send an application message to the group.
     async fn send(&mut self, api: &DsApi, group_id: &[u8], message: &[u8]) {
-        // With a send id, as the SDK sends: the DS remembers each send.
-        let send_id = SendId {
+        // With a send id, as the SDK sends: the DS remembers each send
+        // (MLS_DS_LOAD_SEND_IDS=0: without, to measure what that costs).
+        let send_id = send_ids().then(|| SendId {
             created_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             nonce: rand::random(),
-        };
+        });
         let body = encode(&SendMessage {
             message: message.to_vec().into(),
-            send_id: Some(send_id),
+            send_id,
         })
         .expect("encode");
         let reply = self
@@ -404,9 +409,11 @@ async fn sdk_phase(url: &str) {
     let dir = tempfile::tempdir().unwrap();
     let run = std::process::id();
     let names: Vec<String> = (0..10).map(|i| format!("sdk-{run}-{i}")).collect();
-    let clients: Vec<Client> = names
+    let clients: Vec<Arc<Client>> = names
         .iter()
-        .map(|n| Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap())
+        .map(|n| {
+            Arc::new(Client::open(dir.path().join(n), url, n, ClientConfig::default()).unwrap())
+        })
         .collect();
     for c in &clients {
         c.register().await.unwrap();
@@ -443,18 +450,56 @@ async fn sdk_phase(url: &str) {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
+    // The same with bob following the DS's queue stream.
+    let mut events = bob.event_stream();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let text = format!("streamed {i}");
+        let send = alice.send(&gid, text.as_bytes());
+        let recv = async {
+            loop {
+                let ev = std::future::poll_fn(|cx| {
+                    futures_core::Stream::poll_next(std::pin::Pin::new(&mut events), cx)
+                })
+                .await
+                .expect("stream open")
+                .expect("event");
+                bob.ack_events(ev.seq()).unwrap();
+                if matches!(ev, Event::Message { .. }) {
+                    return;
+                }
+            }
+        };
+        let (sent, ()) = tokio::join!(send, recv);
+        sent.unwrap();
+        lat.push(t.elapsed());
+    }
+    drop(events);
+    lat.sort();
+    println!(
+        "SDK end-to-end (send -> stream delivery, 10-member group): p50 {:.2} ms, p99 {:.2} ms over {n} messages",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
     let m = if quick() { 100 } else { 1000 };
+    let mut lat = Vec::with_capacity(m);
     let t = Instant::now();
     for i in 0..m {
+        let s = Instant::now();
         alice
             .send(&gid, format!("burst {i}").as_bytes())
             .await
             .unwrap();
+        lat.push(s.elapsed());
     }
     let wall = t.elapsed();
+    lat.sort();
     println!(
-        "SDK send throughput, one client to a 10-member group: {:.0} messages/s ({m} sequential sends)",
-        m as f64 / wall.as_secs_f64()
+        "SDK send, one client to a 10-member group (outbox write, DS answer, outbox removal): {:.0} messages/s ({m} sequential sends), latency p50 {:.2} ms, p99 {:.2} ms",
+        m as f64 / wall.as_secs_f64(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
     );
 }
 

@@ -158,9 +158,20 @@ impl Applier {
             let released = state.delete_client(id);
             stage_release(&self.layout, &tx, &released)?;
         }
-        let delivered = self.deliver(&mut state, &tx, set.deliveries)?;
+        // Send receipts go in a write of their own, after the delivery: a
+        // plain send stays a single-key write (no sled batch, no multi-tree
+        // transaction, which would double its cost). A crash between the
+        // two, before the flush that would have answered, lets a retry
+        // deliver the same ciphertext again, which recipients' MLS refuses
+        // as a replay.
+        let receipts = self.layout.storage.begin();
+        let delivered = self.deliver(&mut state, &tx, &receipts, set.deliveries)?;
         drop(state);
-        let writes = vec![tx.into_pending()?];
+        let mut writes = vec![tx.into_pending()?];
+        let receipts = receipts.into_pending()?;
+        if !receipts.is_empty() {
+            writes.push(receipts);
+        }
         if !staged_groups.is_empty() {
             let mut deleted_groups = self
                 .deleted_groups
@@ -324,13 +335,15 @@ impl Applier {
     }
 
     /// Assign sequence numbers to `deliveries` and stage their envelopes
-    /// (and the oldest entries of full queues dropped to make room).
+    /// (and the oldest entries of full queues dropped to make room), and
+    /// their send receipts through `receipts_tx`.
     /// Undone in the index if an envelope cannot be staged, so that no
     /// queue keeps a gap.
     fn deliver(
         &self,
         state: &mut IndexState,
         tx: &Transaction,
+        receipts_tx: &Transaction,
         deliveries: Vec<Delivery>,
     ) -> Result<Delivered, StoreError> {
         let mut applied = Applied::default();
@@ -343,7 +356,9 @@ impl Applier {
             let staged = stage_release(&self.layout, tx, &a.dropped)
                 .and_then(|()| stage_envelope(&self.layout, tx, &a, &d.message))
                 .and_then(|()| match &d.receipt {
-                    Some(key) => stage_receipt(&self.layout, tx, key, a.message_id, recipients),
+                    Some(key) => {
+                        stage_receipt(&self.layout, receipts_tx, key, a.message_id, recipients)
+                    }
                     None => Ok(()),
                 });
             applied.deliveries.push(DeliveryOutcome {
