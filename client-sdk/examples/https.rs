@@ -25,11 +25,9 @@ async fn main() -> Result<(), ClientError> {
     let dir = std::env::temp_dir().join(format!("mls-ds-https-{}", std::process::id()));
     let name = format!("tls-{}", std::process::id());
     let client = Client::open(&dir, &url, &name, config)?;
-    match client.register().await {
-        Ok(()) => println!("registered {name} over {url}"),
-        Err(e) if e.is_network() => eprintln!("{e}"),
-        Err(e) => return Err(e),
-    }
+    let registered = client.register().await;
     let _ = std::fs::remove_dir_all(&dir);
+    registered?;
+    println!("registered {name} over {url}");
     Ok(())
 }
