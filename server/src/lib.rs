@@ -16,6 +16,7 @@
 
 pub mod admin;
 mod backend;
+mod client_counts;
 pub mod config;
 pub mod config_file;
 mod embedded;

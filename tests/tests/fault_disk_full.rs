@@ -1,7 +1,8 @@
 //! Disk trouble: the data directory sits on a small tmpfs that fills up
 //! mid-run. The server answers 5xx saying why, acknowledges nothing it could
 //! not write, reports unhealthy, and once space returns it reopens its
-//! storage by itself: every acknowledged message is delivered, service
+//! storage by itself: every acknowledged message is delivered, then the
+//! sends it refused (kept in the SDK's outbox) once each, in order; service
 //! resumes, and the data directory passes `check`.
 //! Needs root (to mount the tmpfs), as CI runs.
 
@@ -33,6 +34,17 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// The texts of the application messages among `events`.
+fn texts(events: Vec<Event>) -> Vec<String> {
+    events
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Message { data, .. } => Some(String::from_utf8(data).unwrap()),
+            _ => None,
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,16 +123,7 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
         "{} bytes of log: {log}",
         log.len()
     );
-    let got: Vec<String> = bob
-        .receive(0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(String::from_utf8(data).unwrap()),
-            _ => None,
-        })
-        .collect();
+    let got = texts(bob.receive(0).await.unwrap());
     for t in &acknowledged {
         assert!(got.contains(t), "acknowledged {t:?} lost");
     }
@@ -130,16 +133,7 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     // message alice queued arrives, each once, in order.
     alice.send(&gid, b"after").await.unwrap();
     queued.push("after".into());
-    let after: Vec<String> = bob
-        .receive(0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(String::from_utf8(data).unwrap()),
-            _ => None,
-        })
-        .collect();
+    let after = texts(bob.receive(0).await.unwrap());
     let all: Vec<&String> = got.iter().chain(&after).collect();
     assert_eq!(
         all,

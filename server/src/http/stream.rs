@@ -16,10 +16,9 @@
 //! status), and at shutdown. Streams hold no in-flight slot; they have
 //! limits of their own, in total and per client.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +31,7 @@ use tokio::time::Instant;
 
 use super::response::ApiError;
 use crate::backend::{Backend, Page};
+use crate::client_counts::{ClientCounts, Counted, Full};
 use crate::service::auth::Caller;
 use crate::service::delivery::FetchRequest;
 use crate::service::Ds;
@@ -57,26 +57,15 @@ pub(crate) struct StreamLimits {
 /// The open streams.
 pub(crate) struct Streams {
     limits: StreamLimits,
-    open: Mutex<HashMap<ClientId, usize>>,
+    open: Arc<ClientCounts>,
     closing: watch::Sender<bool>,
 }
 
 /// One open stream's place in [`Streams`], given back when it ends.
 pub(crate) struct Ticket {
-    streams: Arc<Streams>,
-    client: ClientId,
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let mut open = self.streams.lock();
-        if let Some(n) = open.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.client);
-            }
-        }
-    }
+    _place: Counted,
+    limits: StreamLimits,
+    closing: watch::Receiver<bool>,
 }
 
 impl Streams {
@@ -84,39 +73,33 @@ impl Streams {
     pub(crate) fn new(limits: StreamLimits) -> Arc<Streams> {
         Arc::new(Streams {
             limits,
-            open: Mutex::new(HashMap::new()),
+            open: Arc::default(),
             closing: watch::Sender::new(false),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, usize>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A place for a stream of `client`, within the limits.
-    pub(crate) fn admit(self: &Arc<Self>, client: &ClientId) -> Result<Ticket, ApiError> {
+    pub(crate) fn admit(&self, client: &ClientId) -> Result<Ticket, ApiError> {
         if *self.closing.borrow() {
             return Err(ApiError::Overloaded);
         }
-        let mut open = self.lock();
-        let total: usize = open.values().sum();
-        if total >= self.limits.max_total {
-            return Err(ApiError::Overloaded);
-        }
-        let mine = open.entry(client.clone()).or_insert(0);
-        if *mine >= self.limits.max_per_client {
-            return Err(ApiError::TooManyStreams(self.limits.max_per_client));
-        }
-        *mine += 1;
+        let place = self
+            .open
+            .try_acquire(client, self.limits.max_per_client, self.limits.max_total)
+            .map_err(|full| match full {
+                Full::Client => ApiError::TooManyStreams(self.limits.max_per_client),
+                Full::Total => ApiError::Overloaded,
+            })?;
         Ok(Ticket {
-            streams: self.clone(),
-            client: client.clone(),
+            _place: place,
+            limits: self.limits,
+            closing: self.closing.subscribe(),
         })
     }
 
     /// Streams open now.
     pub(crate) fn open_count(&self) -> usize {
-        self.lock().values().sum()
+        self.open.total()
     }
 
     /// End every stream (shutdown), and admit no more.
@@ -162,13 +145,13 @@ async fn produce<B: Backend>(
     ticket: Ticket,
     tx: mpsc::Sender<Bytes>,
 ) {
-    let mut closing = ticket.streams.closing.subscribe();
+    let mut closing = ticket.closing.clone();
     // Listening between its long-polls too, for the push wake-ups.
     let _listening = match cell.get() {
         Some(ds) => ds.listen(&caller.client),
         None => return,
     };
-    let deadline = Instant::now() + ticket.streams.limits.max_lifetime;
+    let deadline = Instant::now() + ticket.limits.max_lifetime;
     if tx.send(Bytes::from_static(RETRY_HINT)).await.is_err() {
         return;
     }

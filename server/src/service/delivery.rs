@@ -4,8 +4,6 @@
 //! to the others. Which entries exist and when they become visible is the
 //! backend's; this module decides the limits and how long a fetch waits.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mls_ds_protocol::queue::{Ack, Acked};
@@ -17,6 +15,7 @@ use super::error::Result;
 use super::Ds;
 use crate::backend::records::now_ms;
 use crate::backend::{Backend, Page};
+use crate::client_counts::Counted;
 
 /// What a fetch asks for (the query of `GET /v1/queue`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -32,35 +31,6 @@ pub(crate) struct FetchRequest {
     /// Acknowledge up to here first, so that a draining client needs one
     /// request per page.
     pub(crate) ack: Option<u64>,
-}
-
-/// Clients listening now, with how many of their requests listen.
-#[derive(Default)]
-pub(crate) struct Listeners(Mutex<HashMap<ClientId, usize>>);
-
-/// One listening request; the client stops counting as listening when its
-/// last guard goes.
-pub(crate) struct Listening {
-    listeners: Arc<Listeners>,
-    client: ClientId,
-}
-
-impl Listeners {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, usize>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        let mut map = self.listeners.lock();
-        if let Some(n) = map.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.client);
-            }
-        }
-    }
 }
 
 fn capped(asked: Option<u64>, cap: usize) -> usize {
@@ -102,17 +72,13 @@ impl<B: Backend> Ds<B> {
 
     /// Count `client` as listening while the guard lives (a stream holds
     /// one for its whole life, between its long-polls too).
-    pub(crate) fn listen(&self, client: &ClientId) -> Listening {
-        *self.listeners.lock().entry(client.clone()).or_insert(0) += 1;
-        Listening {
-            listeners: self.listeners.clone(),
-            client: client.clone(),
-        }
+    pub(crate) fn listen(&self, client: &ClientId) -> Counted {
+        self.listeners.acquire(client)
     }
 
     /// Whether `client` has a long-poll or a stream open.
     pub(crate) fn is_listening(&self, client: &ClientId) -> bool {
-        self.listeners.lock().contains_key(client)
+        self.listeners.holds(client)
     }
 
     /// `POST /v1/queue/ack`.

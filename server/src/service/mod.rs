@@ -90,7 +90,8 @@ pub(crate) struct Ds<B> {
     policy: Policy,
     claims_by_claimer: RateLimiter<ClientId>,
     claims_by_target: RateLimiter<ClientId>,
-    listeners: std::sync::Arc<delivery::Listeners>,
+    /// Clients with a long-poll or a stream open (push wake-ups skip them).
+    listeners: std::sync::Arc<crate::client_counts::ClientCounts>,
 }
 
 impl<B: Backend> Ds<B> {
