@@ -63,6 +63,8 @@ pub struct Client {
     inner: Mutex<Inner>,
     /// Held while the send outbox is delivered, so that its order holds.
     sending: Mutex<()>,
+    /// Held while suspect groups are checked and rejoined.
+    healing: Mutex<()>,
     /// When the key packages on the DS were last checked (`None`: due).
     key_packages_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }

@@ -8,7 +8,8 @@
 //! | `group/<gid>` | [`GroupMeta`] (the list of groups) |
 //! | `outbox/<gid>` | [`Outbox`]: a commit sent (or about to be sent) but not yet resolved |
 //! | `inbox/<seq u64 BE>` | [`Event`] of a DS entry, not yet taken by the application |
-//! | `inbox/<seq u64 BE> 01` | [`Event`] of the SDK's own (a gap, a resync) noticed after entry `seq` |
+//! | `inbox/<seq u64 BE> 01 <n u64 BE>` | [`Event`] of the SDK's own (a gap, a resync) noticed after entry `seq`, the `n`-th ever filed |
+//! | `local-events` | how many events of the SDK's own were filed (u64 BE) |
 //! | `suspect/<gid>` | [`Suspect`]: a group this client may have fallen out of, to check and repair |
 //! | `last-resort` | [`LastResort`]: the last-resort key package on the DS |
 //! | `retired/<KeyPackageRef>` | [`Retired`]: a replaced last resort whose private key is still kept |
@@ -242,11 +243,15 @@ pub(crate) fn inbox_key(seq: u64) -> Vec<u8> {
     [INBOX_PREFIX, &seq.to_be_bytes()].concat()
 }
 
-/// Key of an event of the SDK's own noticed after DS entry `seq`, and the
-/// `n`-th such (after the entry's own event, in order).
-pub(crate) fn local_inbox_key(seq: u64, n: u8) -> Vec<u8> {
-    [INBOX_PREFIX, &seq.to_be_bytes(), &[1, n]].concat()
+/// Key of an event of the SDK's own noticed after DS entry `seq`; `n`
+/// counts every such event ever filed, so keys never repeat and sort in
+/// the order the events were noticed.
+pub(crate) fn local_inbox_key(seq: u64, n: u64) -> Vec<u8> {
+    [INBOX_PREFIX, &seq.to_be_bytes(), &[1], &n.to_be_bytes()].concat()
 }
+
+/// How many events of the SDK's own were filed (u64 BE).
+pub(crate) const LOCAL_EVENTS: &[u8] = b"local-events";
 
 /// The DS sequence number an inbox key is filed under.
 pub(crate) fn inbox_seq(key: &[u8]) -> Option<u64> {

@@ -12,6 +12,9 @@ use crate::error::{ClientError, Result};
 /// Longest event the reader buffers: far above a page's size limit, so
 /// that only a broken stream reaches it.
 const MAX_EVENT_BYTES: usize = 64 * 1024 * 1024;
+/// The DS sends something at least every 20 s; silence this long means a
+/// dead connection (a dropped NAT mapping, a network switch).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An open queue stream.
 pub struct QueueStream {
@@ -44,7 +47,13 @@ impl QueueStream {
                     "queue stream event too large".into(),
                 ));
             }
-            match self.body.frame().await {
+            let frame = tokio::time::timeout(IDLE_TIMEOUT, self.body.frame())
+                .await
+                .map_err(|_| ClientError::ConnectionLost {
+                    url: self.url.clone(),
+                    detail: "the queue stream was silent for 60 s".into(),
+                })?;
+            match frame {
                 None => return Ok(None),
                 Some(Err(e)) => {
                     return Err(ClientError::ConnectionLost {

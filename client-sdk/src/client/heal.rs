@@ -28,12 +28,17 @@ impl Client {
     /// them, tells the application, and makes every group suspect, in one
     /// write.
     pub(super) async fn note_lost_entries(&self, acked: u64) -> Result<()> {
+        if acked <= self.cursor()? {
+            return Ok(());
+        }
+        // The cursor moves under this lock (entries are processed under it).
+        let inner = self.inner.lock().await;
         let cursor = self.cursor()?;
         if acked <= cursor {
             return Ok(());
         }
         tracing::warn!(client = %self.id, from = cursor + 1, to = acked, "queue entries lost before they were read");
-        let groups: Vec<Vec<u8>> = self.inner.lock().await.groups.keys().cloned().collect();
+        let groups: Vec<Vec<u8>> = inner.groups.keys().cloned().collect();
         let tx = self.storage().begin();
         tx.put_raw(self.records, records::CURSOR, &acked.to_be_bytes())?;
         self.put_local_event(
@@ -94,16 +99,30 @@ impl Client {
     }
 
     /// Check every suspect group against the DS and rejoin the ones this
-    /// client is behind in. Network failures leave the rest for the next
-    /// sync.
+    /// client is behind in. A group that cannot be repaired now stays
+    /// suspect for the next sync and holds up nothing else; one task heals
+    /// at a time (another that comes meanwhile leaves it to the first).
     pub(super) async fn heal(&self) -> Result<()> {
+        let Ok(_one_at_a_time) = self.healing.try_lock() else {
+            return Ok(());
+        };
         for (key, value) in self
             .storage()
             .scan_raw(self.records, records::SUSPECT_PREFIX)?
         {
             let gid = key[records::SUSPECT_PREFIX.len()..].to_vec();
             let suspect: Suspect = decode_record(RECORDS, &key, &value)?;
-            self.heal_group(&gid, &suspect).await?;
+            if let Err(e) = Box::pin(self.heal_group(&gid, &suspect)).await {
+                tracing::warn!(
+                    client = %self.id,
+                    group = %hex::encode(&gid),
+                    error = %e,
+                    "could not rejoin the group yet; trying again at the next sync"
+                );
+                if e.is_network() {
+                    break;
+                }
+            }
         }
         Ok(())
     }
@@ -185,13 +204,11 @@ impl Client {
 
     /// File an event of the SDK's own after DS entry `seq`, through `tx`.
     fn put_local_event(&self, tx: &SledStorage, seq: u64, event: &Event) -> Result<()> {
-        let prefix = records::inbox_key(seq);
-        let taken = tx
-            .scan_raw(self.records, &prefix)?
-            .into_iter()
-            .filter(|(k, _)| k.len() > prefix.len())
-            .count();
-        let n = u8::try_from(taken).unwrap_or(u8::MAX);
+        let n = tx
+            .get_raw(self.records, records::LOCAL_EVENTS)?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        tx.put_raw(self.records, records::LOCAL_EVENTS, &(n + 1).to_be_bytes())?;
         tx.put_record(self.records, &records::local_inbox_key(seq, n), event)?;
         Ok(())
     }

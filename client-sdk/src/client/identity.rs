@@ -78,6 +78,7 @@ impl Client {
             config,
             inner: Mutex::new(Inner { groups }),
             sending: Mutex::new(()),
+            healing: Mutex::new(()),
             key_packages_checked: std::sync::Mutex::new(None),
         })
     }

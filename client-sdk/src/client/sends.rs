@@ -12,10 +12,9 @@
 //! the outbox marked failed, for the application to see in
 //! [`Client::pending_sends`] and drop with [`Client::discard_send`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use mls_ds_protocol::groups::SendId;
-use mls_ds_protocol::ErrorCode;
 use mls_ds_storage::codec::decode_record;
 use mls_ds_storage::SledStorage;
 use rand::RngCore;
@@ -38,10 +37,6 @@ pub struct QueuedSend {
     pub failed: Option<String>,
 }
 
-/// Pause before asking again about a send whose first attempt is still
-/// being written by the DS (409 `conflict`).
-const IN_PROGRESS_PAUSE: Duration = Duration::from_millis(50);
-
 fn new_send_id() -> SendId {
     let created_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -57,8 +52,14 @@ fn new_send_id() -> SendId {
 #[derive(Default)]
 struct Flushed {
     delivered: usize,
-    /// Messages refused for good (now marked failed), with the DS's answer.
-    refused: Vec<(SendId, ClientError)>,
+    /// Messages refused for good (now marked failed).
+    refused: Vec<Refused>,
+}
+
+/// A message the DS refused for good, with its answer.
+struct Refused {
+    send_id: SendId,
+    error: ClientError,
 }
 
 /// What the DS said to one attempt.
@@ -66,8 +67,6 @@ enum Outcome {
     Accepted,
     /// Encrypt again for the group's current epoch and retry.
     Stale,
-    /// The DS is still writing an earlier attempt: ask again.
-    InProgress,
     /// Refused for good.
     Refused(ClientError),
 }
@@ -83,8 +82,8 @@ impl Client {
     pub async fn send(&self, group_id: &[u8], data: &[u8]) -> Result<SendId> {
         let id = self.queue_message(group_id, data).await?;
         let flushed = self.flush().await?;
-        if let Some((_, e)) = flushed.refused.into_iter().find(|(r, _)| *r == id) {
-            return Err(e);
+        if let Some(r) = flushed.refused.into_iter().find(|r| r.send_id == id) {
+            return Err(r.error);
         }
         Ok(id)
     }
@@ -144,7 +143,6 @@ impl Client {
                         flushed.delivered += 1;
                         break;
                     }
-                    Outcome::InProgress => tokio::time::sleep(IN_PROGRESS_PAUSE).await,
                     Outcome::Stale if attempts < self.config.max_commit_retries => {
                         attempts += 1;
                         self.sync_queue(0).await?;
@@ -157,7 +155,10 @@ impl Client {
                         tracing::warn!(client = %self.id, error = %e, "message refused by the DS");
                         let id = pending.send_id();
                         self.mark_failed(number, pending, e.to_string())?;
-                        flushed.refused.push((id, e));
+                        flushed.refused.push(Refused {
+                            send_id: id,
+                            error: e,
+                        });
                         break;
                     }
                 }
@@ -202,7 +203,6 @@ impl Client {
         Ok(match result {
             Ok(_) => Outcome::Accepted,
             Err(e) if e.is_wrong_epoch() => Outcome::Stale,
-            Err(e) if e.code() == Some(ErrorCode::Conflict) => Outcome::InProgress,
             Err(e) if e.is_network() || e.status().is_some_and(|s| s >= 500 || s == 429) => {
                 return Err(e)
             }

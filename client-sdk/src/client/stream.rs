@@ -71,9 +71,15 @@ impl Client {
         let mut yielded = Vec::new();
         let mut backoff = MIN_BACKOFF;
         while !tx.is_closed() {
+            let started = std::time::Instant::now();
             match self.stream_once(&tx, &mut yielded).await {
-                // The DS ended the stream (its lifetime, a restart): again.
-                Ok(()) => backoff = MIN_BACKOFF,
+                // The DS ended the stream (its lifetime, a restart): again,
+                // at once unless streams keep ending as soon as they start.
+                Ok(()) if started.elapsed() >= Duration::from_secs(1) => backoff = MIN_BACKOFF,
+                Ok(()) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
                 Err(e) => {
                     if transient(&e) {
                         tracing::debug!(client = %self.id, error = %e, "event stream: reconnecting");

@@ -133,6 +133,11 @@ impl Client {
             "processing entry"
         );
         let mut inner = self.inner.lock().await;
+        // Another task (a stream, a send's resync) may have processed it
+        // since this one read the cursor: the cursor moves under this lock.
+        if entry.seq <= self.cursor()? {
+            return Ok(());
+        }
         let gid = entry.group_id.as_slice().to_vec();
         let seq = entry.seq;
         let tx = self.provider.begin();

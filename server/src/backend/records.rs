@@ -191,6 +191,18 @@ pub(crate) struct StoredMessage {
     pub(crate) message: Vec<u8>,
     /// Acceptance time (unix ms), for retention.
     pub(crate) stored_ms: u64,
+    /// The sender's send id, if it sent one: the envelope restores the
+    /// send's receipt at startup if a crash came between the two writes.
+    pub(crate) send: Option<StoredSendId>,
+}
+
+/// A send id as stored with its message.
+#[derive(bincode::Encode, bincode::Decode, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StoredSendId {
+    /// [`SendId::created_ms`].
+    pub(crate) created_ms: u64,
+    /// [`SendId::nonce`].
+    pub(crate) nonce: u64,
 }
 
 /// A stored message of an unknown kind.

@@ -238,7 +238,7 @@ pub(crate) struct Delivery {
     pub(crate) message: StoredMessage,
     /// Who gets a queue entry.
     pub(crate) recipients: Vec<ClientId>,
-    /// Remember the outcome under this send (in the same atomic write), so
+    /// Remember the outcome under this send (durable with the delivery), so
     /// that a retry of the send gets it instead of a second delivery.
     pub(crate) receipt: Option<SendKey>,
 }

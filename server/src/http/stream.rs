@@ -33,7 +33,6 @@ use super::response::ApiError;
 use crate::backend::{Backend, Page};
 use crate::client_counts::{ClientCounts, Counted, Full};
 use crate::service::auth::Caller;
-use crate::service::delivery::FetchRequest;
 use crate::service::Ds;
 use crate::state_cell::StateCell;
 
@@ -132,8 +131,8 @@ pub(crate) fn start<B: Backend>(
     after: u64,
     ticket: Ticket,
 ) -> SseBody {
-    // A few events ahead of a slow reader, no more: the queue is the buffer.
-    let (tx, rx) = mpsc::channel(4);
+    // One event ahead of a slow reader, no more: the queue is the buffer.
+    let (tx, rx) = mpsc::channel(1);
     tokio::spawn(produce(cell, caller, after, ticket, tx));
     SseBody { rx }
 }
@@ -162,13 +161,8 @@ async fn produce<B: Backend>(
         }
         let Some(ds) = cell.get() else { break };
         let wait = KEEPALIVE.min(deadline - now);
-        let request = FetchRequest {
-            after,
-            wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-            ..FetchRequest::default()
-        };
         let fetched = tokio::select! {
-            fetched = ds.fetch(&caller, request) => fetched,
+            fetched = ds.next_page(&caller.client, after, None, None, wait) => fetched,
             _ = closing.changed() => break,
             _ = tx.closed() => break,
         };

@@ -287,6 +287,7 @@ impl<B: Backend> Ds<B> {
             sender: caller.client.as_bytes().to_vec(),
             message: message.to_vec(),
             stored_ms: now,
+            send: None,
         };
         let bundle = &submitted.bundle;
         let mut deliveries = vec![Delivery {

@@ -44,12 +44,28 @@ impl<B: Backend> Ds<B> {
     pub(crate) async fn fetch(&self, caller: &Caller, req: FetchRequest) -> Result<Page> {
         let client = &caller.client;
         let policy = &self.policy;
-        let limit = capped(req.limit, policy.max_page_entries);
-        let max_bytes = capped(req.max_bytes, policy.max_page_bytes);
         let wait = Duration::from_millis(req.wait_ms.min(policy.max_wait_ms));
         if let Some(up_to) = req.ack {
             self.backend.ack(client, up_to).wait().await?;
         }
+        self.next_page(client, req.after, req.limit, req.max_bytes, wait)
+            .await
+    }
+
+    /// The next page of `client`'s queue after `after`, waiting up to
+    /// `wait` (not capped by `--max-wait-ms`: a stream's producer waits its
+    /// own keep-alive interval) for the first entry.
+    pub(crate) async fn next_page(
+        &self,
+        client: &ClientId,
+        after: u64,
+        limit: Option<u64>,
+        max_bytes: Option<u64>,
+        wait: Duration,
+    ) -> Result<Page> {
+        let policy = &self.policy;
+        let limit = capped(limit, policy.max_page_entries);
+        let max_bytes = capped(max_bytes, policy.max_page_bytes);
         let _listening = (!wait.is_zero()).then(|| self.listen(client));
         let deadline = Instant::now() + wait;
         loop {
@@ -59,10 +75,7 @@ impl<B: Backend> Ds<B> {
             let notified = wakeup.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let page = self
-                .backend
-                .page(client, req.after, limit, max_bytes)
-                .await?;
+            let page = self.backend.page(client, after, limit, max_bytes).await?;
             if !page.entries.is_empty() || Instant::now() >= deadline {
                 return Ok(page);
             }

@@ -297,6 +297,7 @@ impl<B: Backend> Ds<B> {
                         sender: Vec::new(),
                         message: Vec::new(),
                         stored_ms: now_ms(),
+                        send: None,
                     },
                     recipients: told,
                     receipt: None,

@@ -20,7 +20,7 @@ use super::auth::Caller;
 use super::error::{DsError, Result};
 use super::{mls, Ds};
 use crate::backend::records::{
-    now_ms, GroupId, GroupRecord, GroupState, SendKey, SendReceipt, StoredMessage,
+    now_ms, GroupId, GroupRecord, GroupState, SendKey, SendReceipt, StoredMessage, StoredSendId,
 };
 use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
@@ -297,6 +297,10 @@ impl<B: Backend> Ds<B> {
                 sender: caller.client.as_bytes().to_vec(),
                 message: bytes.to_vec(),
                 stored_ms: now_ms(),
+                send: receipt.as_ref().map(|k| StoredSendId {
+                    created_ms: k.id.created_ms,
+                    nonce: k.id.nonce,
+                }),
             },
             recipients: to,
             receipt,

@@ -4,8 +4,17 @@
 use mls_ds_client::{ClientError, Event};
 use mls_ds_storage::StorageError;
 
+/// Text from other members, without control characters: a message must
+/// not be able to move the cursor, clear the screen or retitle the terminal.
+fn clean(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 fn name(id: &[u8]) -> String {
-    String::from_utf8_lossy(id).into_owned()
+    clean(id)
 }
 
 fn names(ids: &[Vec<u8>]) -> String {
@@ -32,7 +41,7 @@ pub(crate) fn event_line(e: &Event, in_group: Option<&[u8]>) -> String {
             "{}{}: {}",
             group(group_id),
             name(sender),
-            String::from_utf8_lossy(data)
+            clean(data)
         ),
         Event::Joined { group_id, by, .. } => {
             format!("{}joined (added by {})", group(group_id), name(by))
@@ -62,12 +71,17 @@ pub(crate) fn event_line(e: &Event, in_group: Option<&[u8]>) -> String {
             reason,
             ..
         } => format!(
-            "{}rejoined the group at epoch {to_epoch} ({reason}); messages in between are lost",
-            group(group_id)
+            "{}rejoined the group at epoch {to_epoch} ({}); messages in between are lost",
+            group(group_id),
+            clean(reason.as_bytes())
         ),
         Event::Skipped {
             group_id, reason, ..
-        } => format!("{}skipped a message: {reason}", group(group_id)),
+        } => format!(
+            "{}skipped a message: {}",
+            group(group_id),
+            clean(reason.as_bytes())
+        ),
     }
 }
 
@@ -147,5 +161,6 @@ mod tests {
             "bob rejoined"
         );
         assert_eq!(commit_sentence(b"bob", &[], &[]), "bob updated their keys");
+        assert_eq!(clean(b"hi\x1b[2Jthere\n"), "hi\u{fffd}[2Jthere\u{fffd}");
     }
 }

@@ -160,10 +160,9 @@ impl Applier {
         }
         // Send receipts go in a write of their own, after the delivery: a
         // plain send stays a single-key write (no sled batch, no multi-tree
-        // transaction, which would double its cost). A crash between the
-        // two, before the flush that would have answered, lets a retry
-        // deliver the same ciphertext again, which recipients' MLS refuses
-        // as a replay.
+        // transaction, which would double its cost). The envelope carries
+        // the send id, so startup restores a receipt a crash lost between
+        // the two.
         let receipts = self.layout.storage.begin();
         let delivered = self.deliver(&mut state, &tx, &receipts, set.deliveries)?;
         drop(state);

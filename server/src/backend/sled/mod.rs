@@ -96,6 +96,23 @@ impl SledBackend {
     pub(crate) fn open(data_dir: &Path, config: SledConfig) -> Result<SledBackend, StoreError> {
         let layout = Layout::open(data_dir, config.cache_mb)?;
         let loaded = queue_startup::load(&layout)?;
+        if !loaded.lost_receipts.is_empty() {
+            let tx = layout.storage.begin();
+            let tree = layout.trees.sends;
+            for r in &loaded.lost_receipts {
+                tx.put_raw(
+                    tree.handle,
+                    &layout::send_key(&r.key),
+                    &layout::encode(tree, &r.receipt)?,
+                )?;
+            }
+            tx.commit()?;
+            layout.store.flush()?;
+            tracing::info!(
+                count = loaded.lost_receipts.len(),
+                "restored send receipts a crash lost"
+            );
+        }
         if !loaded.orphans.is_empty() {
             let tx = layout.storage.begin();
             for id in &loaded.orphans {

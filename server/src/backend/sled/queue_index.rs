@@ -495,6 +495,7 @@ mod tests {
             sender: b"s".to_vec(),
             message: vec![1, 2, 3],
             stored_ms,
+            send: None,
         }
     }
 

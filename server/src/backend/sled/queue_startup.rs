@@ -6,7 +6,9 @@
 //! the client records say who deleted itself. A queue must be gap-free after
 //! its mark; a stored message that no queue references any more (a crash
 //! between an acknowledgement's mark and the removal it allowed) is an
-//! orphan, deleted at startup.
+//! orphan, deleted at startup. A message sent with a send id whose receipt
+//! a crash lost (the receipt is written right after the envelope) gets it
+//! back from the envelope.
 
 use std::collections::HashMap;
 
@@ -16,7 +18,8 @@ use mls_ds_storage::codec::decode_record;
 use super::layout::{self, Envelope, Layout, ACK_PREFIX};
 use super::queue_index::{ClientQueue, IndexState, MessageMeta};
 use crate::backend::error::StoreError;
-use crate::backend::records::ClientRecord;
+use crate::backend::records::{ClientRecord, SendKey, SendReceipt};
+use mls_ds_protocol::groups::SendId;
 
 /// Envelopes read per range query, so that the scan holds a bounded number
 /// of message bodies in memory.
@@ -29,6 +32,9 @@ pub(crate) struct Loaded {
     pub(crate) orphans: Vec<u64>,
     /// Envelopes read.
     pub(crate) envelopes: usize,
+    /// Receipts of stored messages sent with a send id that a crash lost
+    /// (a receipt is written right after its envelope), to restore.
+    pub(crate) lost_receipts: Vec<StartupReceipt>,
 }
 
 /// Call `f` with every stored envelope, in id order.
@@ -87,14 +93,43 @@ fn queues_at_start(layout: &Layout) -> Result<HashMap<ClientId, ClientQueue>, St
     Ok(clients)
 }
 
+/// A send's receipt as its envelope tells it.
+pub(crate) struct StartupReceipt {
+    pub(crate) key: SendKey,
+    pub(crate) receipt: SendReceipt,
+}
+
 /// Rebuild the index from the stored fan-outs, ack marks and client
 /// records. Fails on a queue with a gap.
 pub(crate) fn load(layout: &Layout) -> Result<Loaded, StoreError> {
     let mut state = IndexState::new(queues_at_start(layout)?, 1);
     let mut orphans = Vec::new();
     let mut envelopes = 0;
+    let mut lost_receipts = Vec::new();
     for_each_envelope(layout, |id, envelope| {
         envelopes += 1;
+        if let Some(send) = envelope.message.send {
+            let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
+                StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
+            })?;
+            let key = SendKey {
+                sender,
+                id: SendId {
+                    created_ms: send.created_ms,
+                    nonce: send.nonce,
+                },
+            };
+            if !layout.contains(layout.trees.sends, &layout::send_key(&key))? {
+                lost_receipts.push(StartupReceipt {
+                    key,
+                    receipt: SendReceipt {
+                        message_id: id,
+                        recipients: u32::try_from(envelope.fanout.entries.len())
+                            .unwrap_or(u32::MAX),
+                    },
+                });
+            }
+        }
         state.next_message_id = state.next_message_id.max(id.saturating_add(1));
         let mut refs = 0u32;
         for (client, seq) in envelope.fanout.entries {
@@ -134,6 +169,7 @@ pub(crate) fn load(layout: &Layout) -> Result<Loaded, StoreError> {
         state,
         orphans,
         envelopes,
+        lost_receipts,
     })
 }
 

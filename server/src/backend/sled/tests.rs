@@ -43,6 +43,7 @@ fn message(stored_ms: u64) -> StoredMessage {
         sender: b"s".to_vec(),
         message: vec![1, 2, 3],
         stored_ms,
+        send: None,
     }
 }
 
