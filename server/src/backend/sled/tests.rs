@@ -601,3 +601,61 @@ async fn a_message_submitted_with_its_group_deletion_is_refused() {
     b.submit(create()).wait().await.unwrap();
     b.submit(send()).wait().await.unwrap();
 }
+
+/// A crash between a send's envelope and its receipt (two writes) leaves
+/// the envelope alone: startup restores the receipt from it, so a retry
+/// still gets the first answer.
+#[tokio::test]
+async fn a_receipt_lost_in_a_crash_is_restored_from_its_envelope() {
+    use crate::backend::records::{SendKey, StoredSendId};
+    use mls_ds_protocol::groups::SendId;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (id("a"), id("c"));
+    let key = SendKey {
+        sender: a.clone(),
+        id: SendId {
+            created_ms: 7,
+            nonce: 9,
+        },
+    };
+    let message_id = {
+        let b = open(dir.path());
+        let mut d = delivery(1, &[&c]);
+        d.message.sender = a.as_bytes().to_vec();
+        d.message.send = Some(StoredSendId {
+            created_ms: 7,
+            nonce: 9,
+        });
+        d.receipt = Some(key.clone());
+        let set = WriteSet {
+            conditions: vec![Condition::SendNew(key.clone())],
+            deliveries: vec![d],
+            ..WriteSet::default()
+        };
+        let applied = b.submit(set).wait().await.unwrap();
+        let receipt = b.send_receipt(&key).await.unwrap().expect("stored");
+        assert_eq!(receipt.message_id, applied.deliveries[0].message_id);
+        // The crash: the receipt's write did not make it.
+        b.layout
+            .storage
+            .remove_raw(b.layout.trees.sends.handle, &layout::send_key(&key))
+            .unwrap();
+        b.flush().unwrap();
+        assert!(b.send_receipt(&key).await.unwrap().is_none());
+        applied.deliveries[0].message_id
+    };
+    let b = open(dir.path());
+    let receipt = b.send_receipt(&key).await.unwrap().expect("restored");
+    assert_eq!(receipt.message_id, message_id);
+    assert_eq!(receipt.recipients, 1);
+    // And the send stays a duplicate.
+    let set = WriteSet {
+        conditions: vec![Condition::SendNew(key.clone())],
+        deliveries: vec![delivery(2, &[&c])],
+        ..WriteSet::default()
+    };
+    assert!(matches!(
+        b.submit(set).wait().await,
+        Err(StoreError::ConditionFailed(Condition::SendNew(_)))
+    ));
+}
