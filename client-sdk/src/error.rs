@@ -17,6 +17,8 @@ pub enum ClientError {
         status: u16,
         /// The DS's error body.
         body: ErrorBody,
+        /// The DS's `Retry-After`, in seconds (rate limits).
+        retry_after: Option<u64>,
     },
     /// No connection to the DS could be made (refused, no route, name not
     /// resolved, TLS handshake or certificate refused).
@@ -128,6 +130,15 @@ impl ClientError {
             self,
             ClientError::Unreachable { .. } | ClientError::ConnectionLost { .. }
         )
+    }
+
+    /// How long the DS asked to wait before a retry (a 429's
+    /// `Retry-After`, in seconds).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ClientError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 
     /// HTTP status of a server error.

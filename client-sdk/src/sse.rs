@@ -20,6 +20,9 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct QueueStream {
     body: Incoming,
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no event end, so that a large
+    /// event arriving in many frames is not searched from its start again.
+    scanned: usize,
     url: String,
 }
 
@@ -28,6 +31,7 @@ impl QueueStream {
         QueueStream {
             body,
             buf: Vec::new(),
+            scanned: 0,
             url,
         }
     }
@@ -36,12 +40,15 @@ impl QueueStream {
     /// the cursor to go on).
     pub async fn next_page(&mut self) -> Result<Option<QueuePage>> {
         loop {
-            while let Some(end) = event_end(&self.buf) {
+            while let Some(end) = event_end(&self.buf, self.scanned) {
                 let event: Vec<u8> = self.buf.drain(..end).collect();
+                self.scanned = 0;
                 if let Some(page) = parse_event(&event)? {
                     return Ok(Some(page));
                 }
             }
+            // The last byte may start the blank line that ends the event.
+            self.scanned = self.buf.len().saturating_sub(1);
             if self.buf.len() > MAX_EVENT_BYTES {
                 return Err(ClientError::BadResponse(
                     "queue stream event too large".into(),
@@ -71,9 +78,13 @@ impl QueueStream {
     }
 }
 
-/// Where the first complete event in `buf` ends (after its blank line).
-fn event_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+/// Where the first complete event in `buf` ends (after its blank line),
+/// searching from `from`.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    buf.get(from..)?
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| from + i + 2)
 }
 
 /// The page an event carries, if it is a `page` event.
@@ -123,7 +134,9 @@ mod tests {
         assert_eq!(parse_event(b": keep-alive\n\n").unwrap(), None);
         assert_eq!(parse_event(b"retry: 1000\n\n").unwrap(), None);
         assert!(parse_event(b"event: page\ndata: !!\n\n").is_err());
-        assert_eq!(event_end(b"a\n\nb"), Some(3));
-        assert_eq!(event_end(b"a\nb"), None);
+        assert_eq!(event_end(b"a\n\nb", 0), Some(3));
+        assert_eq!(event_end(b"a\n\nb", 1), Some(3));
+        assert_eq!(event_end(b"a\nb", 0), None);
+        assert_eq!(event_end(b"a", 5), None);
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -69,6 +69,10 @@ pub struct Transport {
     /// Sign every request instead of using a session (slower; for tests and
     /// clients that keep no session state).
     pub always_sign: bool,
+    /// Longest a request waits in total, following the DS's `Retry-After`,
+    /// before a 429 is returned (default: none; a [`crate::Client`] uses
+    /// [`crate::ClientConfig::rate_limit_wait`]).
+    pub rate_limit_wait: Duration,
 }
 
 /// `url` without a trailing slash, if it is an `http://` or `https://` URL
@@ -156,6 +160,7 @@ impl Transport {
             signer,
             session: Mutex::new(None),
             always_sign: false,
+            rate_limit_wait: Duration::ZERO,
         })
     }
 
@@ -300,7 +305,41 @@ impl Transport {
     /// Send a request and return the body of a 2xx response; other statuses
     /// become [`ClientError::Server`]. With [`AuthMode::Session`] a 401 (for
     /// example after a server restart) opens a new session and retries once.
+    /// A 429 is retried after the DS's `Retry-After`, as long as the waits
+    /// add up to at most [`Transport::rate_limit_wait`]; then the 429 is
+    /// returned (its [`ClientError::retry_after`] says how long to wait).
     pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        mode: AuthMode,
+    ) -> Result<Bytes> {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self
+                .send_authenticated(method.clone(), path_and_query, body.clone(), mode)
+                .await
+            {
+                Err(e @ ClientError::Server { status: 429, .. }) => {
+                    let wait = Duration::from_secs(e.retry_after().unwrap_or(1).max(1));
+                    if waited + wait > self.rate_limit_wait {
+                        return Err(e);
+                    }
+                    tracing::debug!(
+                        path = path_and_query,
+                        wait_s = wait.as_secs(),
+                        "rate limited; waiting"
+                    );
+                    tokio::time::sleep(wait).await;
+                    waited += wait;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send_authenticated(
         &self,
         method: Method,
         path_and_query: &str,
@@ -357,8 +396,9 @@ impl Transport {
             return Ok(resp.into_body());
         }
         let status = resp.status().as_u16();
+        let retry_after = retry_after(resp.headers());
         let bytes = self.collect(resp.into_body()).await?;
-        Err(server_error(status, &bytes))
+        Err(server_error(status, &bytes, retry_after))
     }
 
     async fn send_once(
@@ -370,11 +410,12 @@ impl Transport {
     ) -> Result<Bytes> {
         let resp = self.request(method, path_and_query, body, token).await?;
         let status = resp.status().as_u16();
+        let retry_after = retry_after(resp.headers());
         let bytes = self.collect(resp.into_body()).await?;
         if (200..300).contains(&status) {
             return Ok(bytes);
         }
-        Err(server_error(status, &bytes))
+        Err(server_error(status, &bytes, retry_after))
     }
 
     async fn collect(&self, body: Incoming) -> Result<Bytes> {
@@ -425,13 +466,28 @@ impl Transport {
     }
 }
 
+/// The `Retry-After` of an answer, in seconds.
+fn retry_after(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The error a non-2xx answer stands for.
-fn server_error(status: u16, bytes: &[u8]) -> ClientError {
+fn server_error(status: u16, bytes: &[u8], retry_after: Option<u64>) -> ClientError {
     let body = decode::<ErrorBody>(bytes).unwrap_or_else(|_| {
         ErrorBody::new(
             ErrorCode::Internal,
             format!("undecodable error body: {}", String::from_utf8_lossy(bytes)),
         )
     });
-    ClientError::Server { status, body }
+    ClientError::Server {
+        status,
+        body,
+        retry_after,
+    }
 }

@@ -131,7 +131,7 @@ const EROFS: &str = "Read-only file system";
 /// Status and reason of a request the server refused.
 fn refusal<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (u16, String) {
     match r {
-        Err(ClientError::Server { status, body }) => (status, body.text()),
+        Err(ClientError::Server { status, body, .. }) => (status, body.text()),
         other => panic!("expected a refusal from the server, got {other:?}"),
     }
 }

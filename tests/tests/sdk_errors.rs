@@ -48,3 +48,49 @@ async fn errors_are_typed() {
     );
     assert!(err.is_network());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_requests_wait_for_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("ds"),
+        &["--rate-limit-per-sec", "1", "--rate-limit-burst", "2"],
+    );
+    let url = server.url();
+    let alice = Client::open(
+        dir.path().join("alice"),
+        &url,
+        "alice",
+        ClientConfig::default(),
+    )
+    .unwrap();
+    alice.register().await.unwrap();
+    // Well over the burst: each 429 is waited out (Retry-After), none
+    // reaches the application.
+    for _ in 0..4 {
+        alice.api().key_package_count().await.unwrap();
+    }
+    // Without waiting, the 429 comes back with how long to wait.
+    let impatient = Client::open(
+        dir.path().join("alice2"),
+        &url,
+        "alice2",
+        ClientConfig {
+            rate_limit_wait: std::time::Duration::ZERO,
+            ..ClientConfig::default()
+        },
+    )
+    .unwrap();
+    let mut refused = None;
+    for _ in 0..10 {
+        match impatient.register().await {
+            Err(e) if e.status() == Some(429) => {
+                refused = Some(e);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let e = refused.expect("a 429 once the burst is spent");
+    assert!(e.retry_after().is_some_and(|s| s >= 1), "{e:?}");
+}

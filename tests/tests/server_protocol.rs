@@ -86,7 +86,9 @@ struct ClientError409 {
 
 fn wrong_epoch(e: &mls_ds_client::ClientError) -> ClientError409 {
     match e {
-        mls_ds_client::ClientError::Server { status: 409, body } => {
+        mls_ds_client::ClientError::Server {
+            status: 409, body, ..
+        } => {
             assert_eq!(body.code, ErrorCode::WrongEpoch);
             ClientError409 {
                 current: body.current_epoch.expect("current epoch named"),

@@ -31,6 +31,9 @@ pub struct ClientConfig {
     pub durability: Durability,
     /// Which CAs to trust for an `https://` DS (default: the platform's).
     pub tls: TlsConfig,
+    /// Longest a request waits in total for the DS's rate limit (429 with
+    /// `Retry-After`) before the 429 is returned.
+    pub rate_limit_wait: Duration,
     /// Test hook (feature `test-hooks`, which no release build enables): abort
     /// the process after the DS accepted a commit and before it is merged
     /// locally (to test recovery of exactly that window).
@@ -48,6 +51,7 @@ impl Default for ClientConfig {
             max_commit_retries: 8,
             durability: Durability::Sync,
             tls: TlsConfig::default(),
+            rate_limit_wait: Duration::from_secs(10),
             #[cfg(feature = "test-hooks")]
             abort_after_commit_accepted: false,
         }

@@ -61,12 +61,9 @@ impl Client {
         };
         let groups = load_groups(&storage, records)?;
         let pool = HttpPool::with_tls(&config.tls)?;
-        let api = DsApi::new(Transport::with_pool(
-            ds_url,
-            id.clone(),
-            signer.clone(),
-            pool,
-        )?);
+        let mut transport = Transport::with_pool(ds_url, id.clone(), signer.clone(), pool)?;
+        transport.rate_limit_wait = config.rate_limit_wait;
+        let api = DsApi::new(transport);
         Ok(Client {
             id,
             store,
