@@ -7,6 +7,11 @@
 //! transaction, then waits for durability. The sled transaction closure only
 //! replays the overlay, so sled's retries are harmless and no scan is needed
 //! inside it. Dropping a transaction without committing discards the overlay.
+//!
+//! Over 500 lines on purpose: the store, its handles and the overlay share
+//! private state (the overlay merges into every read and scan of a handle,
+//! and `apply_all` applies overlays); apart, that state would have to be
+//! made visible to other modules.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

@@ -15,9 +15,6 @@ use crate::backend::records::{now_ms, KeyPackageRecord};
 use crate::backend::write_set::{Change, Condition, WriteSet};
 use crate::backend::{Backend, StoreError};
 
-/// Expired key packages removed per write set when pruning.
-const PRUNE_CHUNK: usize = 1024;
-
 fn now_secs() -> u64 {
     now_ms() / 1000
 }
@@ -92,14 +89,7 @@ impl<B: Backend> Ds<B> {
         // Expired packages wait for the pruning task: they do not count.
         // Concurrent publishes of one client may each pass this check; the
         // per-client request limit bounds by how much.
-        let now = now_secs();
-        let stored = self
-            .backend
-            .key_packages(&caller.client)
-            .await?
-            .iter()
-            .filter(|r| r.not_after >= now)
-            .count();
+        let stored = self.unexpired_key_packages(&caller.client).await?;
         let quota = self.policy.max_key_packages;
         if stored + req.key_packages.len() > quota {
             return Err(DsError::QuotaExceeded(format!(
@@ -144,16 +134,21 @@ impl<B: Backend> Ds<B> {
         self.key_package_count(caller).await
     }
 
-    /// `GET /v1/key-packages`: how many of the caller's packages are left.
-    pub(crate) async fn key_package_count(&self, caller: &Caller) -> Result<KeyPackageCount> {
+    /// How many of `client`'s ordinary key packages have not expired.
+    async fn unexpired_key_packages(&self, client: &ClientId) -> Result<usize> {
         let now = now_secs();
-        let remaining = self
+        Ok(self
             .backend
-            .key_packages(&caller.client)
+            .key_packages(client)
             .await?
             .iter()
             .filter(|r| r.not_after >= now)
-            .count();
+            .count())
+    }
+
+    /// `GET /v1/key-packages`: how many of the caller's packages are left.
+    pub(crate) async fn key_package_count(&self, caller: &Caller) -> Result<KeyPackageCount> {
+        let remaining = self.unexpired_key_packages(&caller.client).await?;
         let last_resort = self.backend.last_resort(&caller.client).await?;
         Ok(KeyPackageCount {
             remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
@@ -279,22 +274,15 @@ impl<B: Backend> Ds<B> {
     /// periodically). Returns how many were removed.
     pub(crate) async fn prune_key_packages(&self) -> Result<usize> {
         let expired = self.backend.expired_key_packages(now_secs()).await?;
-        for chunk in expired.chunks(PRUNE_CHUNK) {
-            let changes = chunk
-                .iter()
-                .map(|e| Change::RemoveKeyPackage {
-                    owner: e.owner.clone(),
-                    kp_ref: e.kp_ref.clone(),
-                })
-                .collect();
-            self.backend
-                .submit(WriteSet {
-                    changes,
-                    ..WriteSet::default()
-                })
-                .wait()
-                .await?;
-        }
-        Ok(expired.len())
+        let count = expired.len();
+        let changes = expired
+            .into_iter()
+            .map(|e| Change::RemoveKeyPackage {
+                owner: e.owner,
+                kp_ref: e.kp_ref,
+            })
+            .collect();
+        self.write_in_chunks(changes).await?;
+        Ok(count)
     }
 }

@@ -28,8 +28,6 @@ use crate::backend::{Backend, StoreError};
 /// How far ahead of the DS's clock a send id may be dated (a client's clock
 /// may be off; one far in the future would be remembered too long).
 const MAX_SEND_ID_AHEAD_MS: u64 = 24 * 3600 * 1000;
-/// Sends forgotten per write when pruning.
-const PRUNE_CHUNK: usize = 1024;
 
 /// Every current member but the sender; 403 if the sender is not a member.
 fn recipients(record: &GroupRecord, caller: &Caller) -> Result<Vec<ClientId>> {
@@ -128,16 +126,16 @@ impl<B: Backend> Ds<B> {
         let cutoff = now_ms().saturating_sub(self.policy.send_dedup_window_ms + 3_600_000);
         let mut pruned = 0;
         loop {
-            let old = self.backend.sends_before(cutoff, PRUNE_CHUNK).await?;
+            let old = self
+                .backend
+                .sends_before(cutoff, super::PRUNE_CHUNK)
+                .await?;
             if old.is_empty() {
                 return Ok(pruned);
             }
             pruned += old.len();
-            let set = WriteSet {
-                changes: old.into_iter().map(Change::RemoveSendReceipt).collect(),
-                ..WriteSet::default()
-            };
-            self.backend.submit(set).wait().await?;
+            self.write_in_chunks(old.into_iter().map(Change::RemoveSendReceipt).collect())
+                .await?;
         }
     }
 

@@ -27,6 +27,8 @@ use mls_ds_protocol::ClientId;
 use openmls_rust_crypto::RustCrypto;
 
 pub(crate) use self::error::DsError;
+use self::error::Result;
+use crate::backend::write_set::{Change, WriteSet};
 use crate::backend::Backend;
 use crate::rate_limit::{Rate, RateLimiter};
 use crate::service::auth::Authenticator;
@@ -120,4 +122,24 @@ impl<B: Backend> Ds<B> {
     pub(crate) fn authenticator(&self) -> &Authenticator {
         &self.auth
     }
+
+    /// Write `changes` (housekeeping: removals nobody races for) in write
+    /// sets of at most [`PRUNE_CHUNK`], each durable before the next.
+    pub(crate) async fn write_in_chunks(&self, mut changes: Vec<Change>) -> Result<()> {
+        while !changes.is_empty() {
+            let rest = changes.split_off(changes.len().min(PRUNE_CHUNK));
+            self.backend
+                .submit(WriteSet {
+                    changes,
+                    ..WriteSet::default()
+                })
+                .wait()
+                .await?;
+            changes = rest;
+        }
+        Ok(())
+    }
 }
+
+/// Changes per write set when pruning, so that one write stays small.
+pub(crate) const PRUNE_CHUNK: usize = 1024;

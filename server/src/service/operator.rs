@@ -8,11 +8,8 @@ use super::error::Result;
 use super::groups::Deleter;
 use super::Ds;
 use crate::backend::records::{now_ms, GroupId};
-use crate::backend::write_set::{Change, WriteSet};
+use crate::backend::write_set::Change;
 use crate::backend::Backend;
-
-/// Commit records removed per write set when pruning.
-const PRUNE_CHUNK: usize = 1024;
 
 /// One line of `mls-ds client list`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,22 +93,15 @@ impl<B: Backend> Ds<B> {
     pub(crate) async fn prune_commits(&self, older_than_ms: u64) -> Result<usize> {
         let cutoff = now_ms().saturating_sub(older_than_ms);
         let stale = self.backend.stale_commits(cutoff).await?;
-        for chunk in stale.chunks(PRUNE_CHUNK) {
-            let changes = chunk
-                .iter()
-                .map(|c| Change::RemoveCommit {
-                    group: c.group.clone(),
-                    epoch: c.epoch,
-                })
-                .collect();
-            self.backend
-                .submit(WriteSet {
-                    changes,
-                    ..WriteSet::default()
-                })
-                .wait()
-                .await?;
-        }
-        Ok(stale.len())
+        let count = stale.len();
+        let changes = stale
+            .into_iter()
+            .map(|c| Change::RemoveCommit {
+                group: c.group,
+                epoch: c.epoch,
+            })
+            .collect();
+        self.write_in_chunks(changes).await?;
+        Ok(count)
     }
 }
