@@ -213,3 +213,59 @@ async fn the_outbox_keeps_what_the_ds_refuses_until_dropped() {
     assert_eq!(pending.len(), 1);
     assert!(pending[0].failed.is_some(), "{pending:?}");
 }
+
+/// Messages queued before and after the group moved past the window of the
+/// first ones: the stale ones are encrypted again for the current epoch,
+/// and so are the ones queued after them, so that bob gets alice's
+/// generations in order. (Encrypting only the stale ones put them at
+/// generations after the newer messages; bob, receiving in outbox order,
+/// then refused the newer ones as further in the past than OpenMLS's
+/// out-of-order tolerance of 5.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_messages_are_encrypted_again_in_outbox_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("ds"), &[]);
+    let url = server.url();
+    let open = |name: &str| {
+        Client::open(dir.path().join(name), &url, name, ClientConfig::default()).unwrap()
+    };
+    let (alice, bob) = (open("alice"), open("bob"));
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    let gid = alice.create_group(false).await.unwrap();
+    alice.invite(&gid, &["bob"]).await.unwrap();
+    bob.sync().await.unwrap();
+
+    let mut texts = Vec::new();
+    for i in 0..4 {
+        let t = format!("old {i}").into_bytes();
+        alice.queue_message(&gid, &t).await.unwrap();
+        texts.push(t);
+    }
+    // Four epochs on: one more than the DS's window of past epochs.
+    for _ in 0..4 {
+        alice.self_update(&gid).await.unwrap();
+    }
+    for i in 0..6 {
+        let t = format!("new {i}").into_bytes();
+        alice.queue_message(&gid, &t).await.unwrap();
+        texts.push(t);
+    }
+    assert_eq!(alice.flush_sends().await.unwrap(), 10);
+    assert!(alice.pending_sends().unwrap().is_empty());
+
+    let events = bob.receive(0).await.unwrap();
+    let skipped: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, mls_ds_client::Event::Skipped { .. }))
+        .collect();
+    assert!(skipped.is_empty(), "bob skipped {skipped:?}");
+    let got: Vec<Vec<u8>> = events
+        .into_iter()
+        .filter_map(|e| match e {
+            mls_ds_client::Event::Message { data, .. } => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, texts);
+}

@@ -211,7 +211,16 @@ impl Client {
     }
 
     /// Encrypt the message of outbox entry `number` for the group's current
-    /// epoch, under the same send id, in one write with the ratchet state.
+    /// epoch, under the same send id, and with it every later entry for the
+    /// group, in one write with the ratchet state.
+    ///
+    /// The later ones too: a message queued after this one may already be
+    /// encrypted for the current epoch, at an earlier generation than this
+    /// one would get now. Delivered in outbox order, the members would then
+    /// receive that sender's generations out of order, and OpenMLS refuses a
+    /// generation more than its out-of-order tolerance (5) behind the newest
+    /// one it has seen. None of the later entries was sent yet: the outbox
+    /// goes out in order, and this one was never accepted.
     async fn encrypt_again(&self, number: u64, pending: &PendingSend) -> Result<()> {
         let mut inner = self.inner.lock().await;
         let g = match group_mut(&mut inner, &pending.group_id) {
@@ -222,18 +231,17 @@ impl Client {
             }
         };
         let tx = self.provider.begin();
-        let message = wire(
-            &g.create_message(&*tx, &self.signer, &pending.data)
-                .map_err(mls)?,
-        )?;
-        tx.storage().put_record(
-            self.records,
-            &records::send_key(number),
-            &PendingSend {
-                message,
-                ..pending.clone()
-            },
-        )?;
+        for (n, p) in self.queued()? {
+            if n < number || p.group_id != pending.group_id || p.failed.is_some() {
+                continue;
+            }
+            let message = wire(&g.create_message(&*tx, &self.signer, &p.data).map_err(mls)?)?;
+            tx.storage().put_record(
+                self.records,
+                &records::send_key(n),
+                &PendingSend { message, ..p },
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
