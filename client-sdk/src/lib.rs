@@ -21,6 +21,7 @@ pub use api::DsApi;
 pub use client::{Client, ClientConfig, EventStream, QueuedSend};
 pub use error::{ClientError, MlsErrorKind, Result};
 pub use mls_ds_protocol::groups::SendId;
+pub use mls_ds_storage::{StorageError, StoreKey};
 pub use records::Event;
 pub use sse::QueueStream;
 pub use tls::TlsConfig;

@@ -80,6 +80,31 @@ pub enum StorageError {
     #[error("format-version record is unreadable: {0}")]
     BadFormatRecord(String),
 
+    /// The store is encrypted and was opened without a key
+    /// ([`crate::StoreConfig::encryption`]). Nothing was changed.
+    #[error("the store at {path} is encrypted; open it with its key")]
+    KeyRequired {
+        /// Path that was being opened.
+        path: PathBuf,
+    },
+
+    /// A key was given for a store that holds unencrypted data; it is
+    /// opened only as it was created. Nothing was changed.
+    #[error("the store at {path} is not encrypted; open it without a key")]
+    NotEncrypted {
+        /// Path that was being opened.
+        path: PathBuf,
+    },
+
+    /// The key given does not open this encrypted store. Nothing was
+    /// changed.
+    #[error("wrong store key: {0}")]
+    WrongKey(String),
+
+    /// Sealing a value or deriving the store key failed.
+    #[error("store encryption: {0}")]
+    Encryption(String),
+
     /// A namespace longer than 255 bytes was requested.
     #[error("namespace is {0} bytes long; at most 255 are allowed")]
     NamespaceTooLong(usize),

@@ -38,6 +38,7 @@
 mod bundle;
 pub mod codec;
 mod durability;
+mod encryption;
 mod entities;
 mod error;
 mod provider;
@@ -46,6 +47,7 @@ pub mod trees;
 
 pub use bundle::{ProviderTransaction, SledProvider};
 pub use durability::Durability;
+pub use encryption::StoreKey;
 pub use error::StorageError;
 pub use store::{
     ExportReport, Pair, Pairs, PendingWrites, RecordTree, SledStorage, Store, StoreConfig,

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::durability::{Durability, GroupCommit};
+use crate::encryption::{Cipher, EncryptionRecord, StoreKey};
 use crate::error::StorageError;
 use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 
@@ -28,6 +29,8 @@ use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 pub(crate) const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"format_version";
 const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
+/// The [`EncryptionRecord`] of an encrypted store.
+const ENCRYPTION_KEY: &[u8] = b"encryption";
 
 /// How long [`Store::open`] waits for a database lock held by this process's
 /// own closing handle.
@@ -46,6 +49,11 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// Period of sled's background flusher (`None` disables it).
     pub flush_every_ms: Option<u64>,
+    /// Encrypt everything the store keeps under this key (`crate::encryption`
+    /// says what that hides). A store is encrypted or not from its creation
+    /// on: opening an encrypted one without its key, or an unencrypted one
+    /// with a key, is an error that changes nothing.
+    pub encryption: Option<StoreKey>,
 }
 
 impl Default for StoreConfig {
@@ -54,6 +62,7 @@ impl Default for StoreConfig {
             durability: Durability::Sync,
             cache_capacity: 64 * 1024 * 1024,
             flush_every_ms: Some(500),
+            encryption: None,
         }
     }
 }
@@ -64,6 +73,8 @@ struct Shared {
     /// Family trees first (indexed by `Family::index`), record trees after.
     trees: RwLock<Vec<(String, sled::Tree)>>,
     durability: GroupCommit,
+    /// Set for an encrypted store: keys and values are stored sealed.
+    cipher: Option<Cipher>,
 }
 
 /// An opened sled database holding OpenMLS state for any number of namespaces.
@@ -143,6 +154,7 @@ impl Store {
         config: StoreConfig,
     ) -> Result<Store, StorageError> {
         check_format(&db)?;
+        let cipher = open_encryption(&db, path.as_deref(), config.encryption.as_ref())?;
         let mut trees = Vec::with_capacity(Family::ALL.len() + 8);
         for f in Family::ALL {
             trees.push((f.tree_name().to_owned(), db.open_tree(f.tree_name())?));
@@ -154,6 +166,7 @@ impl Store {
                 path,
                 trees: RwLock::new(trees),
                 durability,
+                cipher,
             }),
         })
     }
@@ -288,6 +301,7 @@ impl Store {
             if p.writes.len() == 1 {
                 apply_overlay(&self.shared, std::mem::take(&mut merged))?;
                 for ((tree, key), value) in p.writes {
+                    let (key, value) = self.shared.stored(tree, key, value)?;
                     let tree = read_lock(&self.shared.trees)[tree].1.clone();
                     match value {
                         Some(v) => tree.insert(key, v)?,
@@ -312,7 +326,8 @@ fn apply_overlay(shared: &Shared, writes: Overlay) -> Result<(), StorageError> {
     }
     let mut per_tree: BTreeMap<usize, Vec<KeyWrite>> = BTreeMap::new();
     for ((tree, key), value) in writes {
-        per_tree.entry(tree).or_default().push((key, value));
+        let write = shared.stored(tree, key, value)?;
+        per_tree.entry(tree).or_default().push(write);
     }
     let trees: Vec<sled::Tree> = {
         let all = read_lock(&shared.trees);
@@ -353,6 +368,91 @@ fn apply_overlay(shared: &Shared, writes: Overlay) -> Result<(), StorageError> {
         })
 }
 
+impl Shared {
+    fn tree_name(&self, index: usize) -> String {
+        read_lock(&self.trees)
+            .get(index)
+            .map_or_else(|| format!("#{index}"), |(n, _)| n.clone())
+    }
+
+    /// A write of logical `key` as sled gets it: sealed in an encrypted store.
+    fn stored(
+        &self,
+        index: usize,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<KeyWrite, StorageError> {
+        let Some(c) = &self.cipher else {
+            return Ok((key, value));
+        };
+        let name = self.tree_name(index);
+        let stored_key = c.stored_key(&name, &key);
+        let value = match value {
+            Some(v) => Some(c.seal(&name, &stored_key, &key, &v)?),
+            None => None,
+        };
+        Ok((stored_key, value))
+    }
+
+    /// The database rows of tree `index` whose logical key starts with
+    /// `prefix`, opened and in key order (encrypted stores only).
+    fn opened_rows(&self, c: &Cipher, index: usize, prefix: &[u8]) -> Result<Pairs, StorageError> {
+        let (name, tree) = read_lock(&self.trees)[index].clone();
+        let rows = match c.stored_prefix(&name, prefix) {
+            Some(p) => tree.scan_prefix(p),
+            None => tree.iter(),
+        };
+        let mut out = Vec::new();
+        for item in rows {
+            let (k, v) = item?;
+            let opened = c.open_row(&name, &k, &v)?;
+            if opened.key.starts_with(prefix) {
+                out.push((opened.key, opened.value));
+            }
+        }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// Whether any tree but the metadata holds data.
+fn holds_data(db: &sled::Db) -> bool {
+    db.tree_names()
+        .iter()
+        .filter(|n| n.as_ref() != META_TREE.as_bytes())
+        .any(|n| db.open_tree(n).map(|t| !t.is_empty()).unwrap_or(true))
+}
+
+/// The cipher of an encrypted store; `None` for an unencrypted one. A new
+/// (empty) store opened with a key becomes encrypted.
+fn open_encryption(
+    db: &sled::Db,
+    path: Option<&Path>,
+    key: Option<&StoreKey>,
+) -> Result<Option<Cipher>, StorageError> {
+    let path = || path.map_or_else(|| PathBuf::from("<temporary>"), Path::to_path_buf);
+    let meta = db.open_tree(META_TREE)?;
+    let record: Option<EncryptionRecord> = match meta.get(ENCRYPTION_KEY)? {
+        Some(v) => Some(crate::codec::decode_record(META_TREE, ENCRYPTION_KEY, &v)?),
+        None => None,
+    };
+    match (record, key) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(StorageError::KeyRequired { path: path() }),
+        (Some(record), Some(key)) => Cipher::open(key, &record).map(Some),
+        (None, Some(_)) if holds_data(db) => Err(StorageError::NotEncrypted { path: path() }),
+        (None, Some(key)) => {
+            let (record, cipher) = Cipher::create(key)?;
+            meta.insert(
+                ENCRYPTION_KEY,
+                crate::codec::encode_record(META_TREE, &record)?,
+            )?;
+            db.flush()?;
+            Ok(Some(cipher))
+        }
+    }
+}
+
 fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -381,12 +481,7 @@ fn check_format(db: &sled::Db) -> Result<(), StorageError> {
         None => {
             // Only an empty database may be claimed; anything else is someone
             // else's data and must not be touched.
-            let foreign = db
-                .tree_names()
-                .iter()
-                .filter(|n| n.as_ref() != META_TREE.as_bytes())
-                .any(|n| db.open_tree(n).map(|t| !t.is_empty()).unwrap_or(true));
-            if foreign {
+            if holds_data(db) {
                 return Err(StorageError::BadFormatRecord(
                     "database holds data but no format-version record".into(),
                 ));
@@ -540,6 +635,11 @@ impl Drop for Transaction {
     }
 }
 
+fn plain_row(item: sled::Result<(sled::IVec, sled::IVec)>) -> Result<Pair, StorageError> {
+    let (k, v) = item?;
+    Ok((k.to_vec(), v.to_vec()))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -629,9 +729,7 @@ impl SledStorage {
     }
 
     pub(crate) fn tree_name(&self, index: usize) -> String {
-        read_lock(&self.shared.trees)
-            .get(index)
-            .map_or_else(|| format!("#{index}"), |(n, _)| n.clone())
+        self.shared.tree_name(index)
     }
 
     /// Full sled key: namespace prefix followed by `suffix`.
@@ -662,7 +760,23 @@ impl SledStorage {
                 return Ok(v.clone());
             }
         }
-        Ok(self.tree(index).get(key)?.map(|v| v.to_vec()))
+        let Some(c) = &self.shared.cipher else {
+            return Ok(self.tree(index).get(key)?.map(|v| v.to_vec()));
+        };
+        let name = self.tree_name(index);
+        let stored_key = c.stored_key(&name, key);
+        let Some(stored) = self.tree(index).get(&stored_key)? else {
+            return Ok(None);
+        };
+        let opened = c.open_row(&name, &stored_key, &stored)?;
+        if opened.key != key {
+            return Err(StorageError::corrupt(
+                &name,
+                key,
+                "sealed under another key",
+            ));
+        }
+        Ok(Some(opened.value))
     }
 
     /// Write (`Some`) or delete (`None`) a raw value by full key.
@@ -692,6 +806,7 @@ impl SledStorage {
                 Ok(())
             }
             None => {
+                let (key, value) = self.shared.stored(index, key, value)?;
                 let tree = self.tree(index);
                 match value {
                     Some(v) => tree.insert(key, v)?,
@@ -705,9 +820,19 @@ impl SledStorage {
     /// All `(full key, value)` pairs whose full key starts with `prefix`, in
     /// key order, merging this transaction's writes over the database.
     pub(crate) fn raw_scan(&self, index: usize, prefix: &[u8]) -> Result<Pairs, StorageError> {
-        self.merge_overlay(index, self.tree(index).scan_prefix(prefix), prefix, |k| {
-            k.starts_with(prefix)
-        })
+        let within = |k: &[u8]| k.starts_with(prefix);
+        match &self.shared.cipher {
+            None => self.merge_overlay(
+                index,
+                self.tree(index).scan_prefix(prefix).map(plain_row),
+                prefix,
+                within,
+            ),
+            Some(c) => {
+                let rows = self.shared.opened_rows(c, index, prefix)?;
+                self.merge_overlay(index, rows.into_iter().map(Ok), prefix, within)
+            }
+        }
     }
 
     /// Database `rows` of tree `index`, with this transaction's writes to keys
@@ -716,14 +841,14 @@ impl SledStorage {
     fn merge_overlay(
         &self,
         index: usize,
-        rows: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        rows: impl Iterator<Item = Result<Pair, StorageError>>,
         start: &[u8],
         within: impl Fn(&[u8]) -> bool,
     ) -> Result<Pairs, StorageError> {
         let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
         for item in rows {
             let (k, v) = item?;
-            merged.insert(k.to_vec(), Some(v.to_vec()));
+            merged.insert(k, Some(v));
         }
         if let Some(tx) = &self.tx {
             let inner = lock(&tx.inner);
@@ -787,10 +912,24 @@ impl SledStorage {
         // Outside a transaction nothing can hide an entry, so the limit applies
         // to the database read directly.
         let db_limit = if self.tx.is_some() { usize::MAX } else { limit };
-        let rows = self
-            .tree(tree.index)
-            .range(lo.clone()..=hi.clone())
-            .take(db_limit);
+        let rows: Box<dyn Iterator<Item = Result<Pair, StorageError>>> = match &self.shared.cipher {
+            None => Box::new(
+                self.tree(tree.index)
+                    .range(lo.clone()..=hi.clone())
+                    .map(plain_row)
+                    .take(db_limit),
+            ),
+            Some(c) => {
+                let common = lo.iter().zip(&hi).take_while(|(a, b)| a == b).count();
+                let rows = self.shared.opened_rows(c, tree.index, &lo[..common])?;
+                Box::new(
+                    rows.into_iter()
+                        .filter(|(k, _)| *k >= lo && *k <= hi)
+                        .take(db_limit)
+                        .map(Ok),
+                )
+            }
+        };
         Ok(self
             .merge_overlay(tree.index, rows, &lo, |k| k <= hi.as_slice())?
             .into_iter()
@@ -803,6 +942,13 @@ impl SledStorage {
     /// namespace), as stored in the database (ignores uncommitted writes).
     pub fn last_raw(&self, tree: RecordTree, prefix: &[u8]) -> Result<Option<Pair>, StorageError> {
         let ns_len = self.ns.len();
+        if let Some(c) = &self.shared.cipher {
+            let last = self
+                .shared
+                .opened_rows(c, tree.index, &self.full_key(prefix))?
+                .pop();
+            return Ok(last.map(|(k, v)| (k[ns_len..].to_vec(), v)));
+        }
         match self
             .tree(tree.index)
             .scan_prefix(self.full_key(prefix))

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mls_ds_storage::Durability;
+use mls_ds_storage::{Durability, StoreKey};
 
 use crate::tls::TlsConfig;
 use openmls::prelude::*;
@@ -29,6 +29,14 @@ pub struct ClientConfig {
     pub max_commit_retries: u32,
     /// Durability of local state (default: flush + fdatasync per operation).
     pub durability: Durability,
+    /// Encrypt the local store (group secrets, keys, messages, ids) under
+    /// this key: 32 bytes from the platform's keychain
+    /// ([`StoreKey::from_bytes`]) or a passphrase
+    /// ([`StoreKey::from_passphrase`], Argon2id). A store created with a key
+    /// opens only with it ([`crate::ClientError::Storage`] with
+    /// `StorageError::WrongKey` or `KeyRequired` otherwise, changing
+    /// nothing); one created without stays unencrypted. Default: none.
+    pub store_key: Option<StoreKey>,
     /// Which CAs to trust for an `https://` DS (default: the platform's).
     pub tls: TlsConfig,
     /// Longest a request waits in total for the DS's rate limit (429 with
@@ -50,6 +58,7 @@ impl Default for ClientConfig {
             retired_last_resort_keep: Duration::from_secs(30 * 24 * 3600),
             max_commit_retries: 8,
             durability: Durability::Sync,
+            store_key: None,
             tls: TlsConfig::default(),
             rate_limit_wait: Duration::from_secs(10),
             #[cfg(feature = "test-hooks")]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use mls_ds_protocol::ClientId;
-use mls_ds_storage::{Durability, RecordTree, SledProvider, SledStorage, Store, StoreConfig};
+use mls_ds_storage::{RecordTree, SledProvider, SledStorage, Store, StoreConfig};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use tokio::sync::Mutex;
@@ -45,7 +45,7 @@ impl Client {
         client_id: Option<&str>,
         config: ClientConfig,
     ) -> Result<Client> {
-        let store = open_store(data_dir, config.durability)?;
+        let store = open_store(data_dir, &config)?;
         let storage = store.storage(b"client")?;
         let records = store.record_tree("sdk")?;
         let provider = SledProvider::new(storage.clone());
@@ -93,11 +93,12 @@ impl Client {
     }
 }
 
-fn open_store(data_dir: &Path, durability: Durability) -> Result<Store> {
+fn open_store(data_dir: &Path, config: &ClientConfig) -> Result<Store> {
     Ok(Store::open(
         data_dir,
         StoreConfig {
-            durability,
+            durability: config.durability,
+            encryption: config.store_key.clone(),
             ..StoreConfig::default()
         },
     )?)

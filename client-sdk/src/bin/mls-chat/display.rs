@@ -121,6 +121,16 @@ pub(crate) fn explain(e: &ClientError, data_dir: &std::path::Path) -> String {
             "another mls-chat is using {}: one process per data directory. `mls-chat chat GROUP` sends and receives in one terminal",
             data_dir.display()
         )),
+        ClientError::Storage(StorageError::KeyRequired { .. }) => Some(
+            "this store is encrypted: give its passphrase with --passphrase-file (MLS_CHAT_PASSPHRASE_FILE)"
+                .into(),
+        ),
+        ClientError::Storage(StorageError::WrongKey(_)) => {
+            Some("check the passphrase file; nothing was changed".into())
+        }
+        ClientError::Storage(StorageError::NotEncrypted { .. }) => {
+            Some("this store was made without a passphrase: leave out --passphrase-file".into())
+        }
         ClientError::NotInGroup { .. } => Some("`mls-chat groups` lists your groups".into()),
         ClientError::Usage(m) if m.starts_with("no client in") => Some(format!(
             "register first: mls-chat --data-dir {} register --name NAME",

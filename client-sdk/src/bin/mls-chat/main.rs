@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use mls_ds_client::{Client, ClientConfig, ClientError};
+use mls_ds_client::{Client, ClientConfig, ClientError, StoreKey};
 
 use display::{event_line, explain};
 
@@ -27,6 +27,11 @@ struct Cli {
     /// an `https://` server, besides the platform's roots.
     #[arg(long, env = "MLS_CHAT_CA_CERT")]
     ca_cert: Option<std::path::PathBuf>,
+    /// File whose first line is the passphrase the local store is encrypted
+    /// with (Argon2id). Give it from the first command on (`register`) and
+    /// with every later one; a store made without it stays unencrypted.
+    #[arg(long, env = "MLS_CHAT_PASSPHRASE_FILE")]
+    passphrase_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -97,6 +102,24 @@ enum Cmd {
     },
 }
 
+/// The store key from the first line of a passphrase file.
+fn passphrase(file: &std::path::Path) -> Result<StoreKey, ClientError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ClientError::Usage(format!(
+            "cannot read passphrase file {}: {e}",
+            file.display()
+        ))
+    })?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "passphrase file {} is empty",
+            file.display()
+        )));
+    }
+    Ok(StoreKey::from_passphrase(line))
+}
+
 fn group_id(hex_id: &str) -> Result<Vec<u8>, ClientError> {
     hex::decode(hex_id).map_err(|e| ClientError::Usage(format!("group id must be hex: {e}")))
 }
@@ -105,6 +128,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     let mut config = ClientConfig::default();
     if let Some(ca) = &cli.ca_cert {
         config.tls.add_ca_pem_file(ca)?;
+    }
+    if let Some(file) = &cli.passphrase_file {
+        config.store_key = Some(passphrase(file)?);
     }
     let client = match &cli.command {
         Cmd::Register { name, .. } => Client::open(&cli.data_dir, &cli.server, name, config)?,

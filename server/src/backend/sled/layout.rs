@@ -82,6 +82,7 @@ impl Layout {
                 durability: Durability::Batched,
                 cache_capacity: cache_mb.saturating_mul(1024 * 1024),
                 flush_every_ms: Some(500),
+                ..StoreConfig::default()
             },
         )?;
         Layout::on(store)
