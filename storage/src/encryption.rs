@@ -49,6 +49,15 @@ const SALT_LEN: usize = 16;
 
 /// The key a store is encrypted with: 32 bytes the app keeps (a platform
 /// keychain), or a passphrase stretched with Argon2id.
+///
+/// With it, values are sealed with XChaCha20-Poly1305 and keys replaced by
+/// keyed hashes: group ids, client ids, keys and message contents are not
+/// readable in the store's files, old copies that sled keeps until it
+/// reuses the space included. Tree names, the number and sizes of rows and
+/// when they were written stay visible. A store is encrypted or not from its
+/// creation on; opening it with another key is [`StorageError::WrongKey`],
+/// without one [`StorageError::KeyRequired`], and a key for an unencrypted
+/// store [`StorageError::NotEncrypted`], none of which writes anything.
 #[derive(Clone)]
 pub struct StoreKey(KeySource);
 

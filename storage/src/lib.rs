@@ -11,6 +11,11 @@
 //! disk all or nothing, and lets the caller's own records join the same write.
 //! What "on disk" means is set by [`Durability`]; see `docs/ARCHITECTURE.md`.
 //!
+//! With [`StoreConfig::encryption`] set (a [`StoreKey`]), every value is
+//! sealed and every key replaced by a keyed hash before it reaches sled; the
+//! API and what it returns stay the same ([`StoreKey`] says what it hides
+//! and what not).
+//!
 //! The raw sled database stays inside the crate: callers keep records of their
 //! own in record trees ([`Store::record_tree`]), and reach the whole database
 //! only through [`Store::size_on_disk`] and [`Store::export_to`] (a backup).

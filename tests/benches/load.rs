@@ -482,25 +482,74 @@ async fn sdk_phase(url: &str) {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99)
     );
-    let m = if quick() { 100 } else { 1000 };
-    let mut lat = Vec::with_capacity(m);
-    let t = Instant::now();
-    for i in 0..m {
-        let s = Instant::now();
-        alice
-            .send(&gid, format!("burst {i}").as_bytes())
-            .await
-            .unwrap();
-        lat.push(s.elapsed());
+    // One client's sequential sends, from alice's plain store and from a
+    // member whose store is encrypted, in alternating blocks (the machine's
+    // speed drifts within minutes).
+    let sealed_name = format!("sdk-{run}-sealed");
+    let sealed_config = ClientConfig {
+        store_key: Some(mls_ds_client::StoreKey::from_bytes([7; 32])),
+        ..ClientConfig::default()
+    };
+    let sealed = Client::open(
+        dir.path().join(&sealed_name),
+        url,
+        &sealed_name,
+        sealed_config,
+    )
+    .unwrap();
+    sealed.register().await.unwrap();
+    alice.invite(&gid, &[sealed_name.as_str()]).await.unwrap();
+    sealed.receive(0).await.unwrap();
+    let block = if quick() { 50 } else { 250 };
+    let mut plain = SendTimes::default();
+    let mut encrypted = SendTimes::default();
+    for round in 0..4 {
+        plain
+            .measure(alice, &gid, block, &format!("plain {round}"))
+            .await;
+        encrypted
+            .measure(&sealed, &gid, block, &format!("sealed {round}"))
+            .await;
     }
-    let wall = t.elapsed();
-    lat.sort();
-    println!(
-        "SDK send, one client to a 10-member group (outbox write, DS answer, outbox removal): {:.0} messages/s ({m} sequential sends), latency p50 {:.2} ms, p99 {:.2} ms",
-        m as f64 / wall.as_secs_f64(),
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99)
-    );
+    for (label, times) in [("plain store", plain), ("encrypted store", encrypted)] {
+        let (rate, p50, p99) = times.summary();
+        println!(
+            "SDK send, one client to an 11-member group (outbox write, DS answer, outbox removal), {label}: {rate:.0} messages/s ({} sequential sends in 4 blocks), latency p50 {p50:.2} ms, p99 {p99:.2} ms",
+            4 * block
+        );
+    }
+}
+
+/// Latencies and wall time of one client's sequential SDK sends.
+#[derive(Default)]
+struct SendTimes {
+    lat: Vec<Duration>,
+    wall: Duration,
+}
+
+impl SendTimes {
+    async fn measure(&mut self, client: &mls_ds_client::Client, gid: &[u8], n: usize, tag: &str) {
+        let t = Instant::now();
+        for i in 0..n {
+            let s = Instant::now();
+            client
+                .send(gid, format!("burst {tag} {i}").as_bytes())
+                .await
+                .unwrap();
+            self.lat.push(s.elapsed());
+        }
+        self.wall += t.elapsed();
+    }
+
+    /// Messages/s, p50 and p99 in ms.
+    fn summary(mut self) -> (f64, f64, f64) {
+        self.lat.sort();
+        (
+            self.lat.len() as f64 / self.wall.as_secs_f64(),
+            percentile(&self.lat, 0.5),
+            percentile(&self.lat, 0.99),
+        )
+    }
 }
 
 /// The server's flags for the bench: every limit and quota at its default,
