@@ -46,6 +46,12 @@ const ARGON2_M_KIB: u32 = 64 * 1024;
 const ARGON2_T: u32 = 3;
 const ARGON2_P: u32 = 1;
 const SALT_LEN: usize = 16;
+/// Bounds on the Argon2id costs a store's record may ask for: the record is
+/// read before anything can be authenticated, and a damaged one must not
+/// make opening allocate terabytes or run for days.
+const ARGON2_MAX_M_KIB: u32 = 1024 * 1024;
+const ARGON2_MAX_T: u32 = 16;
+const ARGON2_MAX_P: u32 = 8;
 
 /// The key a store is encrypted with: 32 bytes the app keeps (a platform
 /// keychain), or a passphrase stretched with Argon2id.
@@ -75,7 +81,9 @@ impl StoreKey {
 
     /// A key derived from a passphrase (Argon2id, 64 MiB, 3 passes, with a
     /// random salt kept in the database). Opening derives it, which takes
-    /// a noticeable fraction of a second on purpose.
+    /// a noticeable fraction of a second on purpose. The passphrase's UTF-8
+    /// bytes are used as given (no Unicode normalization); an empty one is
+    /// refused when the store is opened.
     pub fn from_passphrase(passphrase: &str) -> StoreKey {
         StoreKey(KeySource::Passphrase(Zeroizing::new(
             passphrase.as_bytes().to_vec(),
@@ -145,6 +153,16 @@ fn master(key: &StoreKey, origin: &KeyOrigin) -> Result<Master, StorageError> {
                 salt,
             },
         ) => {
+            if p.is_empty() {
+                return Err(StorageError::Encryption(
+                    "an empty passphrase protects nothing".into(),
+                ));
+            }
+            if *m_kib > ARGON2_MAX_M_KIB || *t > ARGON2_MAX_T || *lanes > ARGON2_MAX_P {
+                return Err(StorageError::BadFormatRecord(format!(
+                    "encryption record asks for Argon2id costs beyond the bounds (m {m_kib} KiB, t {t}, p {lanes})"
+                )));
+            }
             let params = Params::new(*m_kib, *t, *lanes, Some(32))
                 .map_err(|e| StorageError::Encryption(format!("argon2 parameters: {e}")))?;
             let mut out = Zeroizing::new([0u8; 32]);
@@ -382,6 +400,27 @@ mod tests {
         let mut flipped = sealed.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(c.open_row("t", &sk, &flipped).is_err());
+    }
+
+    #[test]
+    fn argon2_costs_beyond_the_bounds_are_refused_before_any_work() {
+        let record = EncryptionRecord {
+            origin: KeyOrigin::Argon2id {
+                m_kib: u32::MAX,
+                t: 3,
+                p: 1,
+                salt: [0; SALT_LEN],
+            },
+            check: [0; 32],
+        };
+        assert!(matches!(
+            Cipher::open(&StoreKey::from_passphrase("x"), &record),
+            Err(StorageError::BadFormatRecord(_))
+        ));
+        assert!(matches!(
+            Cipher::create(&StoreKey::from_passphrase("")),
+            Err(StorageError::Encryption(_))
+        ));
     }
 
     #[test]

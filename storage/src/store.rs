@@ -27,6 +27,11 @@ use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 
 /// Format of the whole database (layout of trees, keys and value encodings).
 pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The same format with every row sealed (`crate::encryption`): a build that
+/// does not know encryption refuses it as newer instead of adding plain
+/// rows beside sealed ones, and a store that lost its encryption record is
+/// told apart from an unencrypted one.
+pub(crate) const FORMAT_SEALED: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format_version";
 const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
 /// The [`EncryptionRecord`] of an encrypted store.
@@ -153,8 +158,8 @@ impl Store {
         log_file: Option<File>,
         config: StoreConfig,
     ) -> Result<Store, StorageError> {
-        check_format(&db)?;
-        let cipher = open_encryption(&db, path.as_deref(), config.encryption.as_ref())?;
+        let format = check_format(&db)?;
+        let cipher = open_encryption(&db, path.as_deref(), format, config.encryption.as_ref())?;
         let mut trees = Vec::with_capacity(Family::ALL.len() + 8);
         for f in Family::ALL {
             trees.push((f.tree_name().to_owned(), db.open_tree(f.tree_name())?));
@@ -423,11 +428,17 @@ fn holds_data(db: &sled::Db) -> bool {
         .any(|n| db.open_tree(n).map(|t| !t.is_empty()).unwrap_or(true))
 }
 
-/// The cipher of an encrypted store; `None` for an unencrypted one. A new
-/// (empty) store opened with a key becomes encrypted.
+/// The cipher of an encrypted store; `None` for an unencrypted one.
+///
+/// A store is encrypted or not from its first row on: opening one with data
+/// without its key, with another key, or an unencrypted one with a key is
+/// an error that writes nothing. A store without data takes whatever it is
+/// opened with (a new key, or none), so that a first command that failed
+/// after opening does not lock an empty store to its key.
 fn open_encryption(
     db: &sled::Db,
     path: Option<&Path>,
+    format: u32,
     key: Option<&StoreKey>,
 ) -> Result<Option<Cipher>, StorageError> {
     let path = || path.map_or_else(|| PathBuf::from("<temporary>"), Path::to_path_buf);
@@ -436,28 +447,73 @@ fn open_encryption(
         Some(v) => Some(crate::codec::decode_record(META_TREE, ENCRYPTION_KEY, &v)?),
         None => None,
     };
-    match (record, key) {
-        (None, None) => Ok(None),
-        (Some(_), None) => Err(StorageError::KeyRequired { path: path() }),
-        (Some(record), Some(key)) => Cipher::open(key, &record).map(Some),
-        (None, Some(_)) if holds_data(db) => Err(StorageError::NotEncrypted { path: path() }),
-        (None, Some(key)) => {
-            let (record, cipher) = Cipher::create(key)?;
-            meta.insert(
-                ENCRYPTION_KEY,
-                crate::codec::encode_record(META_TREE, &record)?,
-            )?;
-            db.flush()?;
-            Ok(Some(cipher))
-        }
+    if !holds_data(db) {
+        return set_up_encryption(db, &meta, format, record, key);
     }
+    match (format, record, key) {
+        (FORMAT_VERSION, None, None) => Ok(None),
+        (FORMAT_VERSION, None, Some(_)) => Err(StorageError::NotEncrypted { path: path() }),
+        (FORMAT_SEALED, Some(_), None) => Err(StorageError::KeyRequired { path: path() }),
+        (FORMAT_SEALED, Some(record), Some(key)) => Cipher::open(key, &record).map(Some),
+        (FORMAT_SEALED, None, _) => Err(StorageError::BadFormatRecord(
+            "the store is encrypted, but its encryption record is missing".into(),
+        )),
+        _ => Err(StorageError::BadFormatRecord(
+            "an encryption record in a store of the unencrypted format".into(),
+        )),
+    }
+}
+
+/// Make an empty store encrypted under `key` (keeping its record if `key`
+/// already opens it), or unencrypted without one.
+fn set_up_encryption(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    format: u32,
+    record: Option<EncryptionRecord>,
+    key: Option<&StoreKey>,
+) -> Result<Option<Cipher>, StorageError> {
+    let mut batch = sled::Batch::default();
+    let cipher = match (key, record) {
+        (Some(key), Some(record)) if format == FORMAT_SEALED => match Cipher::open(key, &record) {
+            Ok(cipher) => return Ok(Some(cipher)),
+            Err(StorageError::WrongKey(_)) => Some(seal_anew(&mut batch, key)?),
+            Err(e) => return Err(e),
+        },
+        (Some(key), _) => Some(seal_anew(&mut batch, key)?),
+        (None, record) => {
+            if record.is_none() && format == FORMAT_VERSION {
+                return Ok(None);
+            }
+            batch.remove(ENCRYPTION_KEY);
+            batch.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes());
+            None
+        }
+    };
+    // Format and record change in one write: a crash leaves either.
+    meta.apply_batch(batch)?;
+    db.flush()?;
+    Ok(cipher)
+}
+
+/// A new encryption record for `key`, added to `batch` with the sealed format.
+fn seal_anew(batch: &mut sled::Batch, key: &StoreKey) -> Result<Cipher, StorageError> {
+    let (record, cipher) = Cipher::create(key)?;
+    batch.insert(
+        ENCRYPTION_KEY,
+        crate::codec::encode_record(META_TREE, &record)?,
+    );
+    batch.insert(FORMAT_KEY, &FORMAT_SEALED.to_be_bytes());
+    Ok(cipher)
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn check_format(db: &sled::Db) -> Result<(), StorageError> {
+/// The database's format version (a new, empty database is claimed as
+/// [`FORMAT_VERSION`]).
+fn check_format(db: &sled::Db) -> Result<u32, StorageError> {
     let meta = db.open_tree(META_TREE)?;
     match meta.get(FORMAT_KEY)? {
         Some(v) => {
@@ -465,10 +521,10 @@ fn check_format(db: &sled::Db) -> Result<(), StorageError> {
                 StorageError::BadFormatRecord(format!("expected 4 bytes, found {}", v.len()))
             })?;
             let found = u32::from_be_bytes(bytes);
-            if found > FORMAT_VERSION {
+            if found > FORMAT_SEALED {
                 return Err(StorageError::NewerFormat {
                     found,
-                    supported: FORMAT_VERSION,
+                    supported: FORMAT_SEALED,
                 });
             }
             if found < FORMAT_VERSION {
@@ -476,7 +532,7 @@ fn check_format(db: &sled::Db) -> Result<(), StorageError> {
                     "format version {found} is not one this build can read"
                 )));
             }
-            Ok(())
+            Ok(found)
         }
         None => {
             // Only an empty database may be claimed; anything else is someone
@@ -492,7 +548,7 @@ fn check_format(db: &sled::Db) -> Result<(), StorageError> {
                 &openmls_traits::storage::CURRENT_VERSION.to_be_bytes(),
             )?;
             db.flush()?;
-            Ok(())
+            Ok(FORMAT_VERSION)
         }
     }
 }
@@ -770,9 +826,11 @@ impl SledStorage {
         };
         let opened = c.open_row(&name, &stored_key, &stored)?;
         if opened.key != key {
+            // The stored key, not the logical one: errors are logged, and
+            // the logical key may name a group or a client.
             return Err(StorageError::corrupt(
                 &name,
-                key,
+                &stored_key,
                 "sealed under another key",
             ));
         }

@@ -326,3 +326,50 @@ fn reads_answer_the_same_with_and_without_encryption() {
         assert!(answers[0] == answers[1], "round {round}: answers differ");
     }
 }
+
+/// A store without data takes whatever it is opened with, so a first
+/// command that failed after opening does not lock it to its key; once it
+/// holds data, only its key opens it.
+#[test]
+fn an_empty_store_takes_the_key_it_is_opened_with() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), Some(StoreKey::from_bytes([1; 32])), b"ns").unwrap());
+    drop(open(dir.path(), Some(StoreKey::from_bytes([2; 32])), b"ns").unwrap());
+    drop(open(dir.path(), None, b"ns").unwrap());
+    let p = open(dir.path(), Some(StoreKey::from_bytes([3; 32])), b"ns").unwrap();
+    let records = p.storage().store().record_tree("r").unwrap();
+    p.storage().put_raw(records, b"k", b"v").unwrap();
+    drop(p);
+    assert!(matches!(
+        open(dir.path(), Some(StoreKey::from_bytes([2; 32])), b"ns").err(),
+        Some(StorageError::WrongKey(_))
+    ));
+    assert!(matches!(
+        open(dir.path(), None, b"ns").err(),
+        Some(StorageError::KeyRequired { .. })
+    ));
+    assert!(open(dir.path(), Some(StoreKey::from_bytes([3; 32])), b"ns").is_ok());
+}
+
+/// An encrypted store whose encryption record is gone is not taken for an
+/// unencrypted one (which would add plain rows beside the sealed ones).
+#[test]
+fn a_lost_encryption_record_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), config(Some(StoreKey::from_bytes(KEY)))).unwrap();
+        let s = store.storage(b"ns").unwrap();
+        let records = store.record_tree("r").unwrap();
+        s.put_raw(records, b"k", b"v").unwrap();
+        let meta = store.raw_db().open_tree("meta").unwrap();
+        meta.remove("encryption").unwrap();
+        store.flush().unwrap();
+    }
+    for key in [None, Some(StoreKey::from_bytes(KEY))] {
+        let err = open(dir.path(), key, b"ns").err();
+        assert!(
+            matches!(err, Some(StorageError::BadFormatRecord(_))),
+            "{err:?}"
+        );
+    }
+}

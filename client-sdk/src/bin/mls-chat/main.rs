@@ -104,12 +104,15 @@ enum Cmd {
 
 /// The store key from the first line of a passphrase file.
 fn passphrase(file: &std::path::Path) -> Result<StoreKey, ClientError> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        ClientError::Usage(format!(
-            "cannot read passphrase file {}: {e}",
-            file.display()
-        ))
-    })?;
+    // Wiped from memory when dropped, like the key made from it.
+    let text = std::fs::read_to_string(file)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| {
+            ClientError::Usage(format!(
+                "cannot read passphrase file {}: {e}",
+                file.display()
+            ))
+        })?;
     let line = text.lines().next().unwrap_or_default();
     if line.is_empty() {
         return Err(ClientError::Usage(format!(
