@@ -2,7 +2,7 @@
 
 use hyper::Method;
 use mls_ds_protocol::auth::SessionCreated;
-use mls_ds_protocol::clients::{RegisterClient, Registered};
+use mls_ds_protocol::clients::{GroupList, RecoverClient, RegisterClient, Registered};
 use mls_ds_protocol::groups::{
     CommitAccepted, CommitBundle, CreateGroup, GroupCreated, GroupInfoResponse, MessageAccepted,
     SendId, SendMessage,
@@ -44,13 +44,70 @@ impl DsApi {
     /// public half of its signature key (for callers with their own HTTP
     /// client, together with [`Transport::authorization`]).
     pub fn registration_body(&self, invite: Option<&str>) -> Result<Vec<u8>> {
+        self.registration_with(invite, None)
+    }
+
+    fn registration_with(
+        &self,
+        invite: Option<&str>,
+        recovery_hash: Option<[u8; 32]>,
+    ) -> Result<Vec<u8>> {
         let signer = self.transport.signer();
         enc(&RegisterClient {
             client_id: self.client_id().clone(),
             signature_scheme: signer.signature_scheme() as u16,
             signature_key: signer.public().to_vec().into(),
             invite: invite.map(|code| code.as_bytes().to_vec().into()),
+            recovery_hash: recovery_hash.map(|h| h.to_vec().into()),
         })
+    }
+
+    /// Register (idempotent) with the hash of a recovery secret, with which
+    /// the client can take its id back after losing its store
+    /// ([`DsApi::recover`]).
+    pub async fn register_with_recovery(
+        &self,
+        invite: Option<&str>,
+        recovery_hash: [u8; 32],
+    ) -> Result<Registered> {
+        let body = self.registration_with(invite, Some(recovery_hash))?;
+        let bytes = self
+            .transport
+            .send(Method::POST, paths::CLIENTS, body, AuthMode::Signature)
+            .await?;
+        dec(&bytes)
+    }
+
+    /// Take this client's id back with the key of this transport (a new
+    /// one), proving it with the recovery secret; `next_hash` is the hash of
+    /// the next recovery secret.
+    pub async fn recover(&self, secret: &[u8], next_hash: [u8; 32]) -> Result<Registered> {
+        let signer = self.transport.signer();
+        let body = enc(&RecoverClient {
+            signature_scheme: signer.signature_scheme() as u16,
+            signature_key: signer.public().to_vec().into(),
+            recovery_secret: secret.to_vec().into(),
+            new_recovery_hash: next_hash.to_vec().into(),
+        })?;
+        let bytes = self
+            .transport
+            .send(
+                Method::POST,
+                &paths::recover(self.client_id()),
+                body,
+                AuthMode::Signature,
+            )
+            .await?;
+        dec(&bytes)
+    }
+
+    /// The groups whose roster on the DS lists this client.
+    pub async fn groups(&self) -> Result<GroupList> {
+        let bytes = self
+            .transport
+            .send(Method::GET, paths::GROUPS, Vec::new(), AuthMode::Session)
+            .await?;
+        dec(&bytes)
     }
 
     /// Register this client with its signature key (idempotent).

@@ -7,6 +7,7 @@
 //! * `config`: [`ClientConfig`] and the MLS group configuration;
 //! * `identity`: opening the store, the identity, registering;
 //! * `key_packages`: keeping key packages on the DS;
+//! * `recovery`: the recovery code, and taking the id back after a lost store;
 //! * `groups`: what the application does with a group;
 //! * `commit`: the commit discipline and its outbox;
 //! * `sends`: the send outbox, exactly-once application messages;
@@ -22,11 +23,13 @@ mod heal;
 mod identity;
 mod inbox;
 mod key_packages;
+mod recovery;
 mod sends;
 mod stream;
 mod sync;
 
 pub use config::{create_config, join_config, ClientConfig, CIPHERSUITE};
+pub use recovery::RecoveryCode;
 pub use sends::QueuedSend;
 pub use stream::EventStream;
 

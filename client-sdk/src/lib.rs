@@ -18,7 +18,7 @@ mod tls;
 mod transport;
 
 pub use api::DsApi;
-pub use client::{Client, ClientConfig, EventStream, QueuedSend};
+pub use client::{Client, ClientConfig, EventStream, QueuedSend, RecoveryCode};
 pub use error::{ClientError, MlsErrorKind, Result};
 pub use mls_ds_protocol::groups::SendId;
 pub use mls_ds_storage::{StorageError, StoreKey};

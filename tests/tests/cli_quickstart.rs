@@ -1,5 +1,7 @@
 //! The README quickstart, run for real: a server, two `mls-chat` data
-//! directories, and a message that crosses.
+//! directories, and a message that crosses; then bob loses his data
+//! directory and takes his name back with the recovery code `register`
+//! printed.
 
 use std::process::Command;
 
@@ -28,7 +30,10 @@ fn alice_and_bob_chat_through_the_cli() {
     let url = server.url();
     let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     chat(&alice, &url, &["register", "--name", "alice"]);
-    chat(&bob, &url, &["register", "--name", "bob"]);
+    let registered = chat(&bob, &url, &["register", "--name", "bob"]);
+    // The last line is the recovery code.
+    assert!(registered.contains("recovery code"), "{registered}");
+    let bob_code = registered.lines().last().unwrap_or_default().to_owned();
     let group = chat(&alice, &url, &["create-group"]).trim().to_owned();
     chat(&alice, &url, &["invite", &group, "bob"]);
     chat(&alice, &url, &["send", &group, "hello bob"]);
@@ -46,4 +51,18 @@ fn alice_and_bob_chat_through_the_cli() {
     // Nothing is shown twice.
     let again = chat(&bob, &url, &["recv"]);
     assert!(!again.contains("hello bob"), "{again}");
+
+    // Bob's data directory is lost; the code from `register` takes his name
+    // back, with his group.
+    let code = bob_code.trim().to_owned();
+    std::fs::remove_dir_all(&bob).unwrap();
+    let recovered = chat(&bob, &url, &["recover", "--name", "bob", "--code", &code]);
+    assert!(recovered.contains("recovered bob"), "{recovered}");
+    assert!(
+        recovered.contains(&format!("rejoined {group}")),
+        "{recovered}"
+    );
+    chat(&alice, &url, &["send", &group, "welcome back"]);
+    let got = chat(&bob, &url, &["recv"]);
+    assert!(got.contains("alice: welcome back"), "{got}");
 }

@@ -140,7 +140,9 @@ impl Client {
             Err(e) => return self.left_group(gid, e).await,
         };
         if local.is_some_and(|l| l >= ds_epoch) {
-            // Not behind: what was lost were messages, told by the gap.
+            // Not behind: what was lost were messages, told by the gap (or a
+            // crash came between a recovery's rejoin and its clean-up).
+            self.remove_stale_leaves(gid).await?;
             let tx = self.storage().begin();
             tx.remove_raw(self.records, &records::suspect_key(gid))?;
             tx.commit()?;
@@ -154,10 +156,13 @@ impl Client {
             reason = %suspect.reason,
             "behind the group: rejoining by external commit"
         );
-        let to_epoch = match self.join_external(gid).await {
+        let mut to_epoch = match self.join_external(gid).await {
             Ok(epoch) => epoch,
             Err(e) => return self.left_group(gid, e).await,
         };
+        if let Some(epoch) = self.remove_stale_leaves(gid).await? {
+            to_epoch = epoch;
+        }
         let seq = self.cursor()?;
         let tx = self.storage().begin();
         tx.remove_raw(self.records, &records::suspect_key(gid))?;
@@ -174,6 +179,37 @@ impl Client {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Remove this client's *stale* leaves from the group: leaves with its
+    /// id and another key, left behind when it took its id back with a new
+    /// key after losing its store ([`Client::recover`]). Its external
+    /// commit could not remove them (OpenMLS removes only a leaf with the
+    /// joiner's own key), so its first commit as a member does. Returns the
+    /// new epoch if it committed.
+    async fn remove_stale_leaves(&self, gid: &[u8]) -> Result<Option<u64>> {
+        let me = self.id.to_string();
+        let own_key = self.signer.public().to_vec();
+        let stale = |g: &openmls::prelude::MlsGroup| -> Vec<openmls::prelude::LeafNodeIndex> {
+            g.members()
+                .filter(|m| super::member_id(m) == me && m.signature_key != own_key)
+                .map(|m| m.index)
+                .collect()
+        };
+        let any = match self.inner.lock().await.groups.get(gid) {
+            Some(g) => !stale(g).is_empty(),
+            None => false,
+        };
+        if !any {
+            return Ok(None);
+        }
+        let epoch = self
+            .commit_with_retry(gid, |g, p, signer| {
+                let leaves = stale(g);
+                super::commit::stage_commit(g.commit_builder().propose_removals(leaves), p, signer)
+            })
+            .await?;
+        Ok(Some(epoch))
     }
 
     /// The DS refused to show or rejoin the group: 404, it is gone; 403,

@@ -11,11 +11,13 @@ use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
 use tokio::sync::Mutex;
 
+use super::recovery::RecoveryCode;
 use super::{Client, ClientConfig, Inner, CIPHERSUITE};
 use crate::api::DsApi;
 use crate::error::{mls, ClientError, Result};
 use crate::records::{self, Identity};
 use crate::transport::{HttpPool, Transport};
+use mls_ds_protocol::clients::recovery_hash;
 
 impl Client {
     /// Open (or create) the client in `data_dir`, talking to `ds_url`. On
@@ -80,16 +82,23 @@ impl Client {
         })
     }
 
-    /// Register with the DS and publish key packages.
-    pub async fn register(&self) -> Result<()> {
+    /// Register with the DS and publish key packages. Returns the recovery
+    /// code: the application should have the user keep it apart from the
+    /// device (it takes the client id back after a lost store,
+    /// [`Client::recover`]). Registering again returns the same code.
+    pub async fn register(&self) -> Result<RecoveryCode> {
         self.register_with_invite(None).await
     }
 
-    /// Register with the DS, presenting the operator's invitation code if
-    /// the DS asks for one, and publish key packages.
-    pub async fn register_with_invite(&self, invite: Option<&str>) -> Result<()> {
-        self.api.register_with_invite(invite).await?;
-        self.ensure_key_packages().await
+    /// [`Client::register`], presenting the operator's invitation code if
+    /// the DS asks for one.
+    pub async fn register_with_invite(&self, invite: Option<&str>) -> Result<RecoveryCode> {
+        let code = self.recovery_code()?;
+        self.api
+            .register_with_recovery(invite, recovery_hash(code.secret()))
+            .await?;
+        self.ensure_key_packages().await?;
+        Ok(code)
     }
 }
 
@@ -159,6 +168,7 @@ fn create_identity(
             client_id: id.as_bytes().to_vec(),
             signature_scheme: signer.signature_scheme() as u16,
             public_key: signer.public().to_vec(),
+            recovery_secret: RecoveryCode::random().secret().to_vec(),
         },
     )?;
     tx.commit()?;

@@ -82,6 +82,44 @@ pub struct RegisterClient {
     /// An invitation code from the DS's operator (UTF-8), for a DS whose
     /// registration policy asks for one.
     pub invite: Option<VLBytes>,
+    /// [`recovery_hash`] of a secret the client keeps apart from its
+    /// device (e.g. as a backup code): with it, the client can take its id
+    /// back with a new key after losing its store ([`RecoverClient`]).
+    pub recovery_hash: Option<VLBytes>,
+}
+
+/// Length of a recovery secret, and of its hash.
+pub const RECOVERY_SECRET_LEN: usize = 32;
+
+/// What the DS keeps of a recovery secret: its SHA-256.
+pub fn recovery_hash(secret: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(secret).into()
+}
+
+/// `POST /v1/clients/{id}/recover`: a client that lost its store takes its
+/// id back. The request is signed with the new key (like a registration);
+/// the DS binds the id to it if the secret matches the stored hash, ends
+/// the old key's sessions and drops its key packages (their private keys
+/// are gone with the store). The client then rejoins its groups (`GET
+/// /v1/groups` lists them) by external commit, replacing its old leaves.
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct RecoverClient {
+    /// MLS `SignatureScheme` code point of `signature_key`.
+    pub signature_scheme: u16,
+    /// The new public key; the request's signature token is made with it.
+    pub signature_key: VLBytes,
+    /// The secret whose [`recovery_hash`] the DS holds.
+    pub recovery_secret: VLBytes,
+    /// The hash of the next recovery secret (the one just used is spent).
+    pub new_recovery_hash: VLBytes,
+}
+
+/// Response of `GET /v1/groups`: the groups whose roster lists the caller.
+#[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]
+pub struct GroupList {
+    /// Group ids.
+    pub groups: Vec<VLBytes>,
 }
 
 /// Response to a registration (201 when new, 200 when already registered with the same key).

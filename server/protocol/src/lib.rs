@@ -53,6 +53,11 @@ pub mod paths {
         format!("{CLIENTS}/{id}")
     }
 
+    /// `POST`: take client id `id` back with a new key (recovery secret).
+    pub fn recover(id: &super::ClientId) -> String {
+        format!("{CLIENTS}/{id}/recover")
+    }
+
     /// `POST`: claim one key package of `id`.
     pub fn claim_key_package(id: &super::ClientId) -> String {
         format!("{CLIENTS}/{id}/key-package")

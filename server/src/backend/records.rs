@@ -61,6 +61,8 @@ pub(crate) struct ClientRecord {
     /// Set when the client deleted itself (unix ms). The id stays reserved so
     /// that nobody else can register it and inherit its groups or queue.
     pub(crate) deleted_ms: Option<u64>,
+    /// SHA-256 of the client's recovery secret, if it registered one.
+    pub(crate) recovery_hash: Option<Vec<u8>>,
 }
 
 impl ClientRecord {

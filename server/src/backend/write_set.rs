@@ -38,6 +38,14 @@ pub(crate) enum Condition {
     ClientAbsent(ClientId),
     /// The client is registered and has not deleted itself.
     ClientActive(ClientId),
+    /// The client is active with this signature key (it was not recovered
+    /// meanwhile).
+    ClientKeyIs {
+        /// The client.
+        client: ClientId,
+        /// Its signature key when read.
+        key: Vec<u8>,
+    },
     /// No group with this id exists.
     GroupAbsent(GroupId),
     /// The group exists (it was not deleted since it was read).
@@ -91,6 +99,7 @@ impl fmt::Display for Condition {
         match self {
             Condition::ClientAbsent(c) => write!(f, "client {c} is not registered"),
             Condition::ClientActive(c) => write!(f, "client {c} is registered and active"),
+            Condition::ClientKeyIs { client, .. } => write!(f, "client {client} has its key"),
             Condition::GroupAbsent(g) => write!(f, "group {g} does not exist"),
             Condition::GroupPresent(g) => write!(f, "group {g} exists"),
             Condition::GroupAt { group, revision } => {
@@ -228,6 +237,11 @@ pub(crate) enum Change {
     },
     /// Forget a remembered send (its deduplication window is over).
     RemoveSendReceipt(SendKey),
+    /// Remove a client's last-resort key package.
+    RemoveLastResort {
+        /// Who published it.
+        owner: ClientId,
+    },
 }
 
 /// A message to store once and queue for each of `recipients` (clients that

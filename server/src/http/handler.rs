@@ -151,7 +151,7 @@ impl<B: Backend> Front<B> {
         let source = self.source(req.headers(), peer);
         let signed_by_nature = matches!(
             route,
-            Route::Register | Route::Client(ClientRoute::OpenSession)
+            Route::Register | Route::Recover(_) | Route::Client(ClientRoute::OpenSession)
         );
         if signed_by_nature {
             if let Err(wait) = self.per_address.check(&source) {
@@ -186,6 +186,11 @@ impl<B: Backend> Front<B> {
                     Registration::Created(r) => Reply::created(&r),
                     Registration::Existing(r) => Reply::ok(&r),
                 }
+            }
+            Route::Recover(id) => {
+                let (parts, body) = self.read(req).await?;
+                let (token, view) = token_and_view(&parts, &body)?;
+                Reply::ok(&ds.recover(&token, &view, id, decode(&body)?).await?)
             }
             Route::Client(route) => {
                 let (parts, body) = self.read(req).await?;
@@ -291,6 +296,7 @@ async fn client_call<B: Backend>(
         }
         ClientRoute::CountKeyPackages => Reply::ok(&ds.key_package_count(caller).await?),
         ClientRoute::CreateGroup => Reply::created(&ds.create_group(caller, decode(body)?).await?),
+        ClientRoute::ListGroups => Reply::ok(&ds.groups_of(caller).await?),
         ClientRoute::DeleteGroup(id) => {
             ds.delete_group(&id, Deleter::Member(caller)).await?;
             Ok(Reply::no_content())

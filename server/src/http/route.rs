@@ -15,6 +15,8 @@ pub(crate) enum Route {
     Healthz,
     /// `POST /v1/clients`: authenticated by the key it registers.
     Register,
+    /// `POST /v1/clients/{id}/recover`: authenticated by the new key.
+    Recover(ClientId),
     /// Every other endpoint: for registered clients only.
     Client(ClientRoute),
 }
@@ -34,6 +36,8 @@ pub(crate) enum ClientRoute {
     CountKeyPackages,
     /// `POST /v1/groups`
     CreateGroup,
+    /// `GET /v1/groups`
+    ListGroups,
     /// `DELETE /v1/groups/{id}`
     DeleteGroup(GroupId),
     /// `GET /v1/groups/{id}/info`
@@ -60,6 +64,7 @@ enum Path<'a> {
     Sessions,
     Client(&'a str),
     ClaimKeyPackage(&'a str),
+    Recover(&'a str),
     KeyPackages,
     Groups,
     Group(&'a str),
@@ -80,6 +85,7 @@ impl Path<'_> {
             ["v1", "sessions"] => Path::Sessions,
             ["v1", "clients", id] => Path::Client(id),
             ["v1", "clients", id, "key-package"] => Path::ClaimKeyPackage(id),
+            ["v1", "clients", id, "recover"] => Path::Recover(id),
             ["v1", "key-packages"] => Path::KeyPackages,
             ["v1", "groups"] => Path::Groups,
             ["v1", "groups", id] => Path::Group(id),
@@ -99,11 +105,11 @@ impl Path<'_> {
         match self {
             Path::Healthz | Path::GroupInfo(_) | Path::Queue | Path::QueueStream => &["GET"],
             Path::Client(_) | Path::Group(_) => &["DELETE"],
-            Path::KeyPackages => &["GET", "POST"],
+            Path::KeyPackages | Path::Groups => &["GET", "POST"],
             Path::Clients
             | Path::Sessions
             | Path::ClaimKeyPackage(_)
-            | Path::Groups
+            | Path::Recover(_)
             | Path::Commits(_)
             | Path::Messages(_)
             | Path::QueueAck => &["POST"],
@@ -138,11 +144,13 @@ impl Route {
         let client = match p {
             Path::Healthz => return Ok(Route::Healthz),
             Path::Clients => return Ok(Route::Register),
+            Path::Recover(id) => return Ok(Route::Recover(client_id(id)?)),
             Path::Sessions => ClientRoute::OpenSession,
             Path::Client(id) => ClientRoute::DeleteClient(client_id(id)?),
             Path::ClaimKeyPackage(id) => ClientRoute::ClaimKeyPackage(client_id(id)?),
             Path::KeyPackages if get => ClientRoute::CountKeyPackages,
             Path::KeyPackages => ClientRoute::PublishKeyPackages,
+            Path::Groups if get => ClientRoute::ListGroups,
             Path::Groups => ClientRoute::CreateGroup,
             Path::Group(id) => ClientRoute::DeleteGroup(group_id(id)?),
             Path::GroupInfo(id) => ClientRoute::GroupInfo(group_id(id)?),
@@ -162,6 +170,7 @@ impl Route {
         match self {
             Route::Healthz => "healthz",
             Route::Register => "register",
+            Route::Recover(_) => "recover",
             Route::Client(c) => match c {
                 ClientRoute::OpenSession => "session",
                 ClientRoute::DeleteClient(_) => "delete_client",
@@ -169,6 +178,7 @@ impl Route {
                 ClientRoute::PublishKeyPackages => "publish",
                 ClientRoute::CountKeyPackages => "count",
                 ClientRoute::CreateGroup => "create_group",
+                ClientRoute::ListGroups => "list_groups",
                 ClientRoute::DeleteGroup(_) => "delete_group",
                 ClientRoute::GroupInfo(_) => "group_info",
                 ClientRoute::Commit(_) => "commit",

@@ -3,7 +3,7 @@
 //! (a tombstone keeps the id reserved).
 
 use mls_ds_protocol::auth::{AuthToken, SessionCreated};
-use mls_ds_protocol::clients::{RegisterClient, Registered};
+use mls_ds_protocol::clients::{RegisterClient, Registered, RECOVERY_SECRET_LEN};
 use mls_ds_protocol::ClientId;
 
 use super::auth::{Caller, RegisteredKey, RequestView};
@@ -21,7 +21,7 @@ pub(crate) enum Registration {
     Existing(Registered),
 }
 
-fn key_of(record: &ClientRecord) -> RegisteredKey<'_> {
+pub(super) fn key_of(record: &ClientRecord) -> RegisteredKey<'_> {
     RegisteredKey {
         scheme: record.signature_scheme,
         public_key: &record.signature_key,
@@ -92,6 +92,15 @@ impl<B: Backend> Ds<B> {
             signature_key: key.to_vec(),
             registered_ms: now_ms(),
             deleted_ms: None,
+            recovery_hash: match &req.recovery_hash {
+                Some(h) if h.as_slice().len() != RECOVERY_SECRET_LEN => {
+                    return Err(DsError::Invalid(format!(
+                        "a recovery hash has {RECOVERY_SECRET_LEN} bytes"
+                    )))
+                }
+                Some(h) => Some(h.as_slice().to_vec()),
+                None => None,
+            },
         };
         self.auth.verify_signature(sig, key_of(&record), view)?;
         let invite = match &req.invite {
@@ -176,6 +185,7 @@ impl<B: Backend> Ds<B> {
             signature_key,
             registered_ms: now_ms(),
             deleted_ms: None,
+            recovery_hash: None,
         };
         if let Some(existing) = self.backend.client(&id).await? {
             return self.registered_before(id, &existing, &record).await;

@@ -13,14 +13,14 @@ use openmls::ciphersuite::signable::Verifiable;
 use openmls::ciphersuite::signature::OpenMlsSignaturePublicKey;
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    ContentType, LeafNodeIndex, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent,
+    ContentType, LeafNodeIndex, Member, MlsMessageBodyIn, MlsMessageIn, ProcessedMessageContent,
     ProtocolMessage, PublicGroup, Sender, StagedCommit,
 };
 use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
 use super::error::{DsError, Result};
-use super::groups::is_member;
+use super::groups::{is_member, KeptLeaf};
 use super::mls::{self, LoadedGroup};
 use super::Ds;
 use crate::backend::records::{
@@ -155,15 +155,23 @@ impl<B: Backend> Ds<B> {
         let ProcessedMessageContent::StagedCommitMessage(staged) = processed.into_content() else {
             return Err(DsError::Invalid("not a commit".into()));
         };
+        // The committer's key, as registered (after a recovery, a key its
+        // old leaves do not have).
+        let committer = self.require_client(&caller.client).await?;
         if external && !record.open {
-            check_resync(caller, record, &group.public, &staged)?;
+            check_resync(
+                caller,
+                &committer.signature_key,
+                record,
+                &group.public,
+                &staged,
+            )?;
         }
         let welcome_to = self.welcome_routes(&staged, &submitted.bundle).await?;
         // The GroupInfo is what joiners will trust: it must carry the
         // committer's signature (checked here) and describe the new epoch
         // (checked after the merge), or later external joins would fail on a
         // corrupt copy.
-        let committer = self.require_client(&caller.client).await?;
         let committer_key = OpenMlsSignaturePublicKey::new(
             committer.signature_key.into(),
             group.public.ciphersuite().signature_algorithm(),
@@ -172,6 +180,7 @@ impl<B: Backend> Ds<B> {
         let group_info = mls::parse_group_info(submitted.bundle.group_info.as_slice())?
             .verify(&self.crypto, &committer_key)
             .map_err(|_| DsError::Invalid("the GroupInfo is not signed by the committer".into()))?;
+        let before = KeptLeaf::all(&group.public);
         group
             .public
             .merge_commit(&group.store, *staged)
@@ -181,7 +190,7 @@ impl<B: Backend> Ds<B> {
                 "the GroupInfo does not describe the epoch this commit creates".into(),
             ));
         }
-        let members = self.roster(&group.public).await?;
+        let members = self.roster(&group.public, &before).await?;
         self.check_group_size(members.len())?;
         Ok(Merged {
             external,
@@ -352,8 +361,15 @@ impl<B: Backend> Ds<B> {
 /// The rule for external commits into a closed group: only a current
 /// member may send one, and only to resync, i.e. it removes the member's own
 /// old leaf (and no other). A removed member needs a new invitation.
+///
+/// One exception: a member that took its id back with a new key after
+/// losing its store (`client_recovery`) joins beside its stale leaves
+/// without removing them (OpenMLS's external commit removes only a leaf with
+/// the joiner's own key, which they do not have); its first commit as a
+/// member then removes them.
 fn check_resync(
     caller: &Caller,
+    registered_key: &[u8],
     record: &GroupRecord,
     group: &PublicGroup,
     staged: &StagedCommit,
@@ -365,15 +381,19 @@ fn check_resync(
                 .into(),
         ));
     }
-    let own_leaves: Vec<LeafNodeIndex> = group
+    let own: Vec<Member> = group
         .members()
         .filter(|m| mls::credential_client(&m.credential).is_ok_and(|c| c == caller.client))
-        .map(|m| m.index)
         .collect();
+    let own_leaves: Vec<LeafNodeIndex> = own.iter().map(|m| m.index).collect();
     let removed: Vec<LeafNodeIndex> = staged
         .remove_proposals()
         .map(|r| r.remove_proposal().removed())
         .collect();
+    let recovered = !own.is_empty() && own.iter().all(|m| m.signature_key != registered_key);
+    if recovered && removed.is_empty() {
+        return Ok(());
+    }
     if removed.is_empty() || removed.iter().any(|leaf| !own_leaves.contains(leaf)) {
         return Err(DsError::Forbidden(
             "an external commit into a closed group must resync: remove the sender's own old \

@@ -7,7 +7,8 @@ use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
-    BasicCredential, GroupId as MlsGroupId, ProposalStore, PublicGroup, RatchetTreeIn,
+    BasicCredential, GroupId as MlsGroupId, LeafNodeIndex, ProposalStore, PublicGroup,
+    RatchetTreeIn,
 };
 
 use super::auth::Caller;
@@ -19,6 +20,25 @@ use crate::backend::records::{
 };
 use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
+
+/// A leaf as it was before a commit (see [`Ds::roster`]).
+pub(crate) struct KeptLeaf {
+    pub(crate) index: LeafNodeIndex,
+    pub(crate) signature_key: Vec<u8>,
+}
+
+impl KeptLeaf {
+    /// Every leaf of `group`, as it is now.
+    pub(crate) fn all(group: &PublicGroup) -> Vec<KeptLeaf> {
+        group
+            .members()
+            .map(|m| KeptLeaf {
+                index: m.index,
+                signature_key: m.signature_key,
+            })
+            .collect()
+    }
+}
 
 /// Whether `client` is a current member of the group.
 pub(crate) fn is_member(record: &GroupRecord, client: &ClientId) -> bool {
@@ -62,10 +82,21 @@ impl<B: Backend> Ds<B> {
         mls::load_group(id, state)
     }
 
-    /// The client ids of a group's members, checking that every leaf is a
-    /// registered client whose registered key signs for it.
-    pub(crate) async fn roster(&self, group: &PublicGroup) -> Result<Vec<ClientId>> {
+    /// The group's members as client ids, checking every leaf: a basic
+    /// credential naming a registered client, with the key that client
+    /// registered, one leaf per client. The one exception is a *stale* leaf,
+    /// left by a client that took its id back with a new key after losing
+    /// its store (`client_recovery`): its old key no longer matches, and it
+    /// stays allowed only as it was, i.e. if `kept` (the leaves before the
+    /// commit being checked) has it at the same index with the same key,
+    /// until the client's new leaf removes it. It counts as the same member.
+    pub(crate) async fn roster(
+        &self,
+        group: &PublicGroup,
+        kept: &[KeptLeaf],
+    ) -> Result<Vec<ClientId>> {
         let mut out = Vec::new();
+        let mut fresh: Vec<ClientId> = Vec::new();
         for m in group.members() {
             let identity = BasicCredential::try_from(m.credential.clone()).map_err(|_| {
                 DsError::Invalid(format!("leaf {}: credential must be basic", m.index))
@@ -79,19 +110,26 @@ impl<B: Backend> Ds<B> {
             let record = self.backend.client(&id).await?.ok_or_else(|| {
                 DsError::Invalid(format!("leaf {}: {id} is not a registered client", m.index))
             })?;
-            if record.signature_key != m.signature_key {
+            if record.signature_key == m.signature_key {
+                if fresh.contains(&id) {
+                    return Err(DsError::Invalid(format!(
+                        "leaf {}: {id} holds two leaves",
+                        m.index
+                    )));
+                }
+                fresh.push(id.clone());
+            } else if !kept
+                .iter()
+                .any(|k| k.index == m.index && k.signature_key == m.signature_key)
+            {
                 return Err(DsError::Forbidden(format!(
                     "leaf {}: signature key is not the one {id} registered",
                     m.index
                 )));
             }
-            if out.contains(&id) {
-                return Err(DsError::Invalid(format!(
-                    "leaf {}: {id} holds two leaves",
-                    m.index
-                )));
+            if !out.contains(&id) {
+                out.push(id);
             }
-            out.push(id);
         }
         Ok(out)
     }
@@ -122,7 +160,7 @@ impl<B: Backend> Ds<B> {
             ProposalStore::new(),
         )
         .map_err(|e| DsError::Invalid(format!("invalid group: {e}")))?;
-        let members = self.roster(&public_group).await?;
+        let members = self.roster(&public_group, &[]).await?;
         if !members.contains(&caller.client) {
             return Err(DsError::Forbidden(
                 "the creator must be a member of the group".into(),

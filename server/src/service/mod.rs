@@ -12,6 +12,7 @@
 //! backend, answered once durable.
 
 pub(crate) mod auth;
+pub(crate) mod client_recovery;
 pub(crate) mod clients;
 pub(crate) mod commits;
 pub(crate) mod delivery;

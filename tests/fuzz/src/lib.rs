@@ -278,6 +278,7 @@ impl World {
             signature_scheme: m.signer.signature_scheme() as u16,
             signature_key: m.signer.public().to_vec().into(),
             invite: None,
+            recovery_hash: None,
         })
         .expect("encode")
     }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use mls_ds_client::{Client, ClientConfig, ClientError, StoreKey};
+use mls_ds_client::{Client, ClientConfig, ClientError, RecoveryCode, StoreKey};
 
 use display::{event_line, explain};
 
@@ -47,6 +47,17 @@ enum Cmd {
         /// policy asks for one.
         #[arg(long)]
         invite: Option<String>,
+    },
+    /// Take a name back after this client's data directory was lost:
+    /// a new identity in an empty `--data-dir`, the recovery code shown at
+    /// registration, and every group rejoined.
+    Recover {
+        /// The client id to take back.
+        #[arg(long)]
+        name: String,
+        /// The recovery code printed by `register`.
+        #[arg(long, env = "MLS_CHAT_RECOVERY_CODE", hide_env_values = true)]
+        code: String,
     },
     /// List groups with their epoch and members.
     Groups,
@@ -135,15 +146,30 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     if let Some(file) = &cli.passphrase_file {
         config.store_key = Some(passphrase(file)?);
     }
+    if let Cmd::Recover { name, code } = &cli.command {
+        let code: RecoveryCode = code.parse()?;
+        let client = Client::recover(&cli.data_dir, &cli.server, name, &code, config).await?;
+        println!("recovered {}", client.id());
+        for gid in client.groups().await {
+            println!("rejoined {}", hex::encode(gid));
+        }
+        println!("new recovery code (the old one is spent):");
+        println!("{}", client.recovery_code()?);
+        return Ok(());
+    }
     let client = match &cli.command {
         Cmd::Register { name, .. } => Client::open(&cli.data_dir, &cli.server, name, config)?,
         _ => Client::open_existing(&cli.data_dir, &cli.server, config)?,
     };
     match cli.command {
         Cmd::Register { invite, .. } => {
-            client.register_with_invite(invite.as_deref()).await?;
+            let code = client.register_with_invite(invite.as_deref()).await?;
             println!("registered {}", client.id());
+            println!("recovery code (keep it apart from this machine; it takes the name back if this data directory is lost):");
+            println!("{code}");
         }
+        // Handled before a client is opened.
+        Cmd::Recover { .. } => {}
         Cmd::Groups => {
             client.sync().await?;
             for gid in client.groups().await {

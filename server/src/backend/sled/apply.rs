@@ -197,6 +197,9 @@ impl Applier {
         Ok(match c {
             Condition::ClientAbsent(id) => !l.contains(t.clients, id.as_bytes())?,
             Condition::ClientActive(id) => l.client(id)?.is_some_and(|r| !r.is_deleted()),
+            Condition::ClientKeyIs { client, key } => l
+                .client(client)?
+                .is_some_and(|r| !r.is_deleted() && &r.signature_key == key),
             Condition::GroupAbsent(id) => !l.contains(t.groups, id.as_bytes())?,
             Condition::GroupPresent(id) => !self
                 .deleted_groups
@@ -260,6 +263,9 @@ impl Applier {
             }
             Change::RemoveCommit { group, epoch } => {
                 Ok(tx.remove_raw(t.commits.handle, &layout::commit_key(&group, epoch))?)
+            }
+            Change::RemoveLastResort { owner } => {
+                Ok(tx.remove_raw(t.key_packages.handle, &layout::last_resort_key(&owner))?)
             }
             Change::RemoveSendReceipt(key) => {
                 Ok(tx.remove_raw(t.sends.handle, &layout::send_key(&key))?)

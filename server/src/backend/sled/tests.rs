@@ -134,6 +134,7 @@ fn client_record() -> ClientRecord {
         signature_key: vec![7; 32],
         registered_ms: 1,
         deleted_ms: None,
+        recovery_hash: None,
     }
 }
 
