@@ -8,7 +8,7 @@
 //! cargo run --release -p mls-ds-client --example recover   # terminal 2
 //! ```
 
-use mls_ds_client::{Client, ClientConfig, ClientError, Event};
+use mls_ds_client::{Client, ClientConfig, ClientError, Event, RecoveryCode};
 
 #[tokio::main]
 async fn main() -> Result<(), ClientError> {
@@ -21,7 +21,11 @@ async fn main() -> Result<(), ClientError> {
     let alice = Client::open(dir.join("alice"), &url, &a, ClientConfig::default())?;
     let bob = Client::open(dir.join("bob"), &url, &b, ClientConfig::default())?;
     alice.register().await?;
-    let code = bob.register().await?;
+    // The first registration of an id answers with its recovery code.
+    let code = bob
+        .register()
+        .await?
+        .ok_or_else(|| ClientError::Usage("bob was registered before".into()))?;
     println!("bob's recovery code (shown once, kept by the user): {code}");
     let group = alice.create_group(false).await?;
     alice.invite(&group, &[b.as_str()]).await?;
@@ -32,11 +36,16 @@ async fn main() -> Result<(), ClientError> {
     std::fs::remove_dir_all(dir.join("bob"))
         .map_err(|e| ClientError::Usage(format!("cannot remove bob's store: {e}")))?;
 
+    // The code that replaces it: shown before the recovery, so that a
+    // crash midway cannot lose it (a retry passes the same two codes).
+    let next = RecoveryCode::generate();
+    println!("bob's next recovery code: {next}");
     let bob = Client::recover(
         dir.join("bob-new"),
         &url,
         &b,
         &code,
+        &next,
         ClientConfig::default(),
     )
     .await?;
@@ -52,7 +61,6 @@ async fn main() -> Result<(), ClientError> {
             println!("bob got: {}", String::from_utf8_lossy(&data));
         }
     }
-    println!("bob's new recovery code: {}", bob.recovery_code()?);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

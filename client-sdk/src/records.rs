@@ -24,9 +24,6 @@ pub(crate) struct Identity {
     pub(crate) signature_scheme: u16,
     /// Public signature key (the private key is in OpenMLS storage).
     pub(crate) public_key: Vec<u8>,
-    /// The recovery secret whose hash the DS gets at registration (the
-    /// application keeps it apart from the device, as a backup code).
-    pub(crate) recovery_secret: Vec<u8>,
 }
 
 /// A group this client is in.

@@ -16,6 +16,20 @@ fn open(dir: &std::path::Path, url: &str, name: &str) -> Client {
     Client::open(dir.join(name), url, name, ClientConfig::default()).unwrap()
 }
 
+/// Every file under `dir`, concatenated.
+fn all_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(all_bytes(&path));
+        } else {
+            out.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    out
+}
+
 fn texts(events: &[Event]) -> Vec<String> {
     events
         .iter()
@@ -36,8 +50,25 @@ async fn a_lost_store_is_recovered_with_the_code() {
         open(dir.path(), &url, "bob"),
     );
     alice.register().await.unwrap();
-    let code = bob.register().await.unwrap();
-    assert_eq!(bob.register().await.unwrap(), code, "the same code again");
+    let code = bob
+        .register()
+        .await
+        .unwrap()
+        .expect("a first registration has a code");
+    assert!(
+        bob.register().await.unwrap().is_none(),
+        "registering again keeps the first code (a key holder cannot replace it)"
+    );
+    // The store does not keep the code: a thief of the store could lock
+    // bob out with it.
+    let secret = hex::decode(code.to_string()).unwrap();
+    bob.store().flush().unwrap();
+    assert!(
+        !all_bytes(&dir.path().join("bob"))
+            .windows(secret.len())
+            .any(|w| w == secret.as_slice()),
+        "the recovery secret is in bob's store"
+    );
     let (g1, g2) = (
         alice.create_group(false).await.unwrap(),
         alice.create_group(false).await.unwrap(),
@@ -56,6 +87,7 @@ async fn a_lost_store_is_recovered_with_the_code() {
         &url,
         "bob",
         &wrong,
+        &RecoveryCode::generate(),
         ClientConfig::default(),
     )
     .await
@@ -64,11 +96,13 @@ async fn a_lost_store_is_recovered_with_the_code() {
     assert_eq!(err.status(), Some(403), "{err}");
     old_api.key_package_count().await.unwrap();
 
+    let next = RecoveryCode::generate();
     let new_bob = Client::recover(
         dir.path().join("bob-new"),
         &url,
         "bob",
         &code,
+        &next,
         ClientConfig::default(),
     )
     .await
@@ -86,7 +120,6 @@ async fn a_lost_store_is_recovered_with_the_code() {
     let mut both = vec![g1.clone(), g2.clone()];
     both.sort();
     assert_eq!(rejoined, both);
-    assert_ne!(new_bob.recovery_code().unwrap(), code, "a new code");
 
     // The old key is out: its session ends, and it cannot open another.
     let err = old_api.key_package_count().await.unwrap_err();
@@ -123,18 +156,36 @@ async fn a_lost_store_is_recovered_with_the_code() {
         .iter()
         .any(|e| matches!(e, Event::Joined { .. })));
 
-    // The spent code takes nothing back.
+    // The spent code takes nothing back...
     let err = Client::recover(
         dir.path().join("bob-again"),
         &url,
         "bob",
         &code,
+        &RecoveryCode::generate(),
         ClientConfig::default(),
     )
     .await
     .err()
     .expect("refused");
     assert_eq!(err.status(), Some(403), "{err}");
+    // ...but the same call again, in the same directory, is a retry (of a
+    // recovery that failed midway) and goes through.
+    drop(new_bob);
+    let again = Client::recover(
+        dir.path().join("bob-new"),
+        &url,
+        "bob",
+        &code,
+        &next,
+        ClientConfig::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        again.epoch(&g1).await.unwrap(),
+        alice.epoch(&g1).await.unwrap()
+    );
     drop(bob);
 }
 
@@ -150,7 +201,7 @@ async fn members_commit_while_a_stale_leaf_waits_for_its_rejoin() {
     );
     alice.register().await.unwrap();
     carol.register().await.unwrap();
-    let code = bob.register().await.unwrap();
+    let code = bob.register().await.unwrap().expect("a first registration");
     let g = alice.create_group(false).await.unwrap();
     alice.invite(&g, &["bob", "carol"]).await.unwrap();
     bob.receive(0).await.unwrap();
@@ -188,6 +239,7 @@ async fn members_commit_while_a_stale_leaf_waits_for_its_rejoin() {
         &url,
         "bob",
         &code,
+        &RecoveryCode::generate(),
         ClientConfig::default(),
     )
     .await

@@ -156,18 +156,23 @@ impl Client {
         Ok(kps)
     }
 
-    /// Remove a member (by client id) from a group.
+    /// Remove a member (by client id) from a group: every leaf with its id
+    /// (a client that took its id back after losing its store may still
+    /// have a stale one beside its own).
     pub async fn remove(&self, group_id: &[u8], client: &str) -> Result<u64> {
         self.commit_with_retry(group_id, |g, p, signer| {
-            let leaf = g
+            let leaves: Vec<LeafNodeIndex> = g
                 .members()
-                .find(|m| member_id(m) == client)
-                .ok_or_else(|| ClientError::NoSuchMember {
+                .filter(|m| member_id(m) == client)
+                .map(|m| m.index)
+                .collect();
+            if leaves.is_empty() {
+                return Err(ClientError::NoSuchMember {
                     group_id: group_id.to_vec(),
                     client: client.to_owned(),
-                })?
-                .index;
-            stage_commit(g.commit_builder().propose_removals([leaf]), p, signer)
+                });
+            }
+            stage_commit(g.commit_builder().propose_removals(leaves), p, signer)
         })
         .await
     }

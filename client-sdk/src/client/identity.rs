@@ -82,23 +82,44 @@ impl Client {
         })
     }
 
-    /// Register with the DS and publish key packages. Returns the recovery
-    /// code: the application should have the user keep it apart from the
-    /// device (it takes the client id back after a lost store,
-    /// [`Client::recover`]). Registering again returns the same code.
-    pub async fn register(&self) -> Result<RecoveryCode> {
+    /// Register with the DS and publish key packages. The first time, the
+    /// answer is a recovery code, for the application to show once and the
+    /// user to keep apart from the device: it takes the client id back
+    /// after a lost store ([`Client::recover`]). The store never holds it
+    /// (a thief of the store could lock the user out with it). `None`: the
+    /// id already has a code, from an earlier registration. An application
+    /// that must not lose the code to a crash between the DS's answer and
+    /// the user seeing it makes it first ([`RecoveryCode::generate`]) and
+    /// registers with [`Client::register_with_code`].
+    pub async fn register(&self) -> Result<Option<RecoveryCode>> {
         self.register_with_invite(None).await
     }
 
     /// [`Client::register`], presenting the operator's invitation code if
     /// the DS asks for one.
-    pub async fn register_with_invite(&self, invite: Option<&str>) -> Result<RecoveryCode> {
-        let code = self.recovery_code()?;
-        self.api
+    pub async fn register_with_invite(&self, invite: Option<&str>) -> Result<Option<RecoveryCode>> {
+        let code = RecoveryCode::generate();
+        Ok(self
+            .register_with_code(invite, &code)
+            .await?
+            .then_some(code))
+    }
+
+    /// Register (idempotent) with a recovery code the application made and
+    /// showed first. Returns whether the DS holds that code: true the first
+    /// time and on every retry with the same code; false if the id already
+    /// had another one.
+    pub async fn register_with_code(
+        &self,
+        invite: Option<&str>,
+        code: &RecoveryCode,
+    ) -> Result<bool> {
+        let registered = self
+            .api
             .register_with_recovery(invite, recovery_hash(code.secret()))
             .await?;
         self.ensure_key_packages().await?;
-        Ok(code)
+        Ok(registered.recovery_set.0)
     }
 }
 
@@ -168,7 +189,6 @@ fn create_identity(
             client_id: id.as_bytes().to_vec(),
             signature_scheme: signer.signature_scheme() as u16,
             public_key: signer.public().to_vec(),
-            recovery_secret: RecoveryCode::random().secret().to_vec(),
         },
     )?;
     tx.commit()?;

@@ -14,7 +14,6 @@ use rand::RngCore;
 
 use super::{Client, ClientConfig};
 use crate::error::{ClientError, Result};
-use crate::records::{self, Identity};
 
 /// A client's recovery code: a random secret shown as 64 hex digits, for
 /// the user to keep apart from the device (a backup code). Whoever holds it
@@ -23,7 +22,8 @@ use crate::records::{self, Identity};
 pub struct RecoveryCode([u8; RECOVERY_SECRET_LEN]);
 
 impl RecoveryCode {
-    pub(super) fn random() -> RecoveryCode {
+    /// A new random code.
+    pub fn generate() -> RecoveryCode {
         let mut secret = [0u8; RECOVERY_SECRET_LEN];
         rand::rngs::OsRng.fill_bytes(&mut secret);
         RecoveryCode(secret)
@@ -31,13 +31,6 @@ impl RecoveryCode {
 
     pub(super) fn secret(&self) -> &[u8] {
         &self.0
-    }
-
-    fn from_secret(secret: &[u8]) -> Result<RecoveryCode> {
-        secret
-            .try_into()
-            .map(RecoveryCode)
-            .map_err(|_| ClientError::Usage("the stored recovery secret is damaged".into()))
     }
 }
 
@@ -68,36 +61,24 @@ impl FromStr for RecoveryCode {
 }
 
 impl Client {
-    /// This client's recovery code (the same every time).
-    pub fn recovery_code(&self) -> Result<RecoveryCode> {
-        let identity: Identity = self
-            .storage()
-            .get_record(self.records, records::IDENTITY)?
-            .ok_or_else(|| ClientError::Usage("no identity in this store".into()))?;
-        RecoveryCode::from_secret(&identity.recovery_secret)
-    }
-
     /// Take `client_id` back after its store was lost: a new identity in
     /// the empty `data_dir`, bound to the id on the DS with `code`; new key
     /// packages; every group the DS lists for the id rejoined. The DS ends
-    /// the old key's sessions and drops its key packages. The new identity
-    /// has a new recovery code ([`Client::recovery_code`]); the old one is
-    /// spent.
+    /// the old key's sessions and drops its key packages. `code` is spent;
+    /// `next` (made by the application with [`RecoveryCode::generate`] and
+    /// shown to the user *before* this call) takes its place.
+    ///
+    /// If this fails midway (a network error, a crash), call it again with
+    /// the same `data_dir`, `code` and `next`: it goes on where it stopped.
     pub async fn recover(
         data_dir: impl AsRef<Path>,
         ds_url: &str,
         client_id: &str,
         code: &RecoveryCode,
+        next: &RecoveryCode,
         config: ClientConfig,
     ) -> Result<Client> {
         let client = Client::open(data_dir.as_ref(), ds_url, client_id, config)?;
-        if !client.inner.lock().await.groups.is_empty() {
-            return Err(ClientError::Usage(format!(
-                "{} already holds this client's groups; recover into an empty directory",
-                data_dir.as_ref().display()
-            )));
-        }
-        let next = client.recovery_code()?;
         client
             .api
             .recover(code.secret(), recovery_hash(next.secret()))
@@ -120,7 +101,7 @@ mod tests {
 
     #[test]
     fn codes_read_back_and_bad_ones_are_refused() {
-        let code = RecoveryCode::random();
+        let code = RecoveryCode::generate();
         let text = code.to_string();
         assert_eq!(text.len(), 64);
         assert_eq!(text.parse::<RecoveryCode>().unwrap(), code);

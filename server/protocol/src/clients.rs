@@ -127,6 +127,11 @@ pub struct GroupList {
 pub struct Registered {
     /// The registered id.
     pub client_id: ClientId,
+    /// Whether the DS holds the recovery hash this request sent. False when
+    /// none was sent, or when the id already had another one: that one is
+    /// replaced only by a recovery, which needs its secret, so that whoever
+    /// holds the key (a thief of the device) cannot lock the owner out.
+    pub recovery_set: crate::codec::Bool,
 }
 
 #[cfg(test)]

@@ -283,7 +283,7 @@ async fn client_call<B: Backend>(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     match route {
-        ClientRoute::OpenSession => Reply::ok(&ds.open_session(caller)?),
+        ClientRoute::OpenSession => Reply::ok(&ds.open_session(caller).await?),
         ClientRoute::DeleteClient(id) => {
             ds.delete_client(caller, &id).await?;
             Ok(Reply::no_content())

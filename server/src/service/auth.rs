@@ -80,6 +80,10 @@ pub struct Caller {
     pub client: ClientId,
     /// Whether it authenticated with its signature key (not a session).
     pub by_signature: bool,
+    /// The public key a signature token was verified with (empty for a
+    /// session), so that a session opened with it can be dropped if a
+    /// recovery replaced the key meanwhile.
+    pub signed_with: Vec<u8>,
 }
 
 /// The key a signature token must verify with: the registered one, or the
@@ -163,6 +167,7 @@ impl Authenticator {
         Ok(Caller {
             client: token.client_id.clone(),
             by_signature: true,
+            signed_with: key.public_key.to_vec(),
         })
     }
 
@@ -212,6 +217,7 @@ impl Authenticator {
         Ok(Caller {
             client: s.client.clone(),
             by_signature: false,
+            signed_with: Vec::new(),
         })
     }
 

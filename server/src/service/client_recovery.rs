@@ -68,7 +68,10 @@ impl<B: Backend> Ds<B> {
             // A retry of a recovery that was done: the same answer, once
             // durable.
             self.backend.settled().wait().await?;
-            return Ok(Registered { client_id: id });
+            return Ok(Registered {
+                client_id: id,
+                recovery_set: true.into(),
+            });
         }
         let Some(stored) = &old.recovery_hash else {
             return Err(DsError::Forbidden(format!(
@@ -114,7 +117,10 @@ impl<B: Backend> Ds<B> {
         }
         self.auth.end_sessions(&id);
         tracing::info!(client = %id, "client recovered with a new key");
-        Ok(Registered { client_id: id })
+        Ok(Registered {
+            client_id: id,
+            recovery_set: true.into(),
+        })
     }
 
     /// `GET /v1/groups`: the groups whose roster lists the caller. Reads

@@ -157,7 +157,10 @@ impl<B: Backend> Ds<B> {
             match self.backend.submit(set).wait().await {
                 Ok(_) => {
                     tracing::debug!(client = %id, invited = invite.is_some(), "registered client");
-                    return Ok(Registration::Created(Registered { client_id: id }));
+                    return Ok(Registration::Created(Registered {
+                        client_id: id,
+                        recovery_set: record.recovery_hash.is_some().into(),
+                    }));
                 }
                 // Registered concurrently (by this request's twin, or by another).
                 Err(StoreError::ConditionFailed(Condition::ClientAbsent(_))) => {
@@ -212,20 +215,67 @@ impl<B: Backend> Ds<B> {
                 "client id {id} is registered with another key"
             )));
         }
+        // Same key, proven by the token. A recovery hash is taken if the id
+        // has none yet (e.g. the operator added the client), on the
+        // condition that no recovery changed the key meanwhile; one it has
+        // is replaced only by a recovery.
+        if requested.recovery_hash.is_some() && existing.recovery_hash.is_none() {
+            let set = WriteSet {
+                conditions: vec![Condition::ClientKeyIs {
+                    client: id.clone(),
+                    key: existing.signature_key.clone(),
+                }],
+                changes: vec![Change::PutClient {
+                    id: id.clone(),
+                    record: ClientRecord {
+                        recovery_hash: requested.recovery_hash.clone(),
+                        ..existing.clone()
+                    },
+                }],
+                deliveries: Vec::new(),
+            };
+            return match self.backend.submit(set).wait().await {
+                Ok(_) => Ok(Registration::Existing(Registered {
+                    client_id: id,
+                    recovery_set: true.into(),
+                })),
+                Err(StoreError::ConditionFailed(_)) => Err(DsError::Conflict(format!(
+                    "client {id} was recovered or deleted meanwhile"
+                ))),
+                Err(e) => Err(e.into()),
+            };
+        }
         // Same key: the same answer, once the original registration is durable.
         self.backend.settled().wait().await?;
-        Ok(Registration::Existing(Registered { client_id: id }))
+        Ok(Registration::Existing(Registered {
+            client_id: id,
+            recovery_set: (requested.recovery_hash.is_some()
+                && requested.recovery_hash == existing.recovery_hash)
+                .into(),
+        }))
     }
 
     /// `POST /v1/sessions`: only a signature token may open a session, so a
     /// session cannot extend itself without the client's key.
-    pub(crate) fn open_session(&self, caller: &Caller) -> Result<SessionCreated> {
+    pub(crate) async fn open_session(&self, caller: &Caller) -> Result<SessionCreated> {
         if !caller.by_signature {
             return Err(DsError::Unauthenticated(
                 "a session must be opened with a signature token".into(),
             ));
         }
-        self.auth.open_session(&caller.client)
+        let created = self.auth.open_session(&caller.client)?;
+        // A recovery may have bound the id to a new key after the token was
+        // checked, and ended the id's sessions before this one existed:
+        // look again, now that it does.
+        let current = self.backend.client(&caller.client).await?;
+        if current.is_none_or(|r| r.is_deleted() || r.signature_key != caller.signed_with) {
+            self.auth.end_sessions(&caller.client);
+            return Err(DsError::Unauthenticated(format!(
+                "client {} was deleted or recovered with a new key meanwhile",
+                caller.client
+            )));
+        }
+        Ok(created)
     }
 
     /// `DELETE /v1/clients/{id}`: the client itself removes its key

@@ -7,8 +7,7 @@ use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
-    BasicCredential, GroupId as MlsGroupId, LeafNodeIndex, ProposalStore, PublicGroup,
-    RatchetTreeIn,
+    BasicCredential, GroupId as MlsGroupId, Member, ProposalStore, PublicGroup, RatchetTreeIn,
 };
 
 use super::auth::Caller;
@@ -21,22 +20,23 @@ use crate::backend::records::{
 use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
 
-/// A leaf as it was before a commit (see [`Ds::roster`]).
-pub(crate) struct KeptLeaf {
-    pub(crate) index: LeafNodeIndex,
-    pub(crate) signature_key: Vec<u8>,
-}
+/// A leaf as it was before a commit (see [`Ds::roster`]): all of it, so
+/// that a leaf put in its place (a removal and an add that reuses the index
+/// and an old key, with another credential) is not taken for it.
+pub(crate) struct KeptLeaf(Member);
 
 impl KeptLeaf {
     /// Every leaf of `group`, as it is now.
     pub(crate) fn all(group: &PublicGroup) -> Vec<KeptLeaf> {
-        group
-            .members()
-            .map(|m| KeptLeaf {
-                index: m.index,
-                signature_key: m.signature_key,
-            })
-            .collect()
+        group.members().map(KeptLeaf).collect()
+    }
+
+    fn is(&self, m: &Member) -> bool {
+        let k = &self.0;
+        k.index == m.index
+            && k.signature_key == m.signature_key
+            && k.encryption_key == m.encryption_key
+            && k.credential == m.credential
     }
 }
 
@@ -88,7 +88,7 @@ impl<B: Backend> Ds<B> {
     /// left by a client that took its id back with a new key after losing
     /// its store (`client_recovery`): its old key no longer matches, and it
     /// stays allowed only as it was, i.e. if `kept` (the leaves before the
-    /// commit being checked) has it at the same index with the same key,
+    /// commit being checked) has it unchanged (index, keys and credential),
     /// until the client's new leaf removes it. It counts as the same member.
     pub(crate) async fn roster(
         &self,
@@ -118,10 +118,7 @@ impl<B: Backend> Ds<B> {
                     )));
                 }
                 fresh.push(id.clone());
-            } else if !kept
-                .iter()
-                .any(|k| k.index == m.index && k.signature_key == m.signature_key)
-            {
+            } else if !kept.iter().any(|k| k.is(&m)) {
                 return Err(DsError::Forbidden(format!(
                     "leaf {}: signature key is not the one {id} registered",
                     m.index

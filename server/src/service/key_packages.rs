@@ -116,16 +116,21 @@ impl<B: Backend> Ds<B> {
             });
         }
         let set = WriteSet {
-            // A client deleting itself meanwhile takes its packages with it.
-            conditions: vec![Condition::ClientActive(caller.client.clone())],
+            // A client deleting itself meanwhile takes its packages with it,
+            // and one recovered meanwhile (a new key) takes none signed by
+            // the old one.
+            conditions: vec![Condition::ClientKeyIs {
+                client: caller.client.clone(),
+                key: owner.signature_key.clone(),
+            }],
             changes,
             deliveries: Vec::new(),
         };
         match self.backend.submit(set).wait().await {
             Ok(_) => {}
-            Err(StoreError::ConditionFailed(Condition::ClientActive(_))) => {
-                return Err(DsError::NotFound(format!(
-                    "client {} was deleted",
+            Err(StoreError::ConditionFailed(Condition::ClientKeyIs { .. })) => {
+                return Err(DsError::Conflict(format!(
+                    "client {} was deleted or recovered with a new key meanwhile",
                     caller.client
                 )))
             }

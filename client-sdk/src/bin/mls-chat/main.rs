@@ -50,14 +50,19 @@ enum Cmd {
     },
     /// Take a name back after this client's data directory was lost:
     /// a new identity in an empty `--data-dir`, the recovery code shown at
-    /// registration, and every group rejoined.
+    /// registration, and every group rejoined. If it fails midway, run it
+    /// again with the same `--data-dir` and code.
     Recover {
         /// The client id to take back.
         #[arg(long)]
         name: String,
-        /// The recovery code printed by `register`.
+        /// The recovery code printed by `register` (or by the last `recover`).
         #[arg(long, env = "MLS_CHAT_RECOVERY_CODE", hide_env_values = true)]
         code: String,
+        /// The new code a failed `recover` printed, to run it again;
+        /// otherwise a new one is made and printed first.
+        #[arg(long, hide_env_values = true)]
+        new_code: Option<String>,
     },
     /// List groups with their epoch and members.
     Groups,
@@ -146,15 +151,26 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     if let Some(file) = &cli.passphrase_file {
         config.store_key = Some(passphrase(file)?);
     }
-    if let Cmd::Recover { name, code } = &cli.command {
+    if let Cmd::Recover {
+        name,
+        code,
+        new_code,
+    } = &cli.command
+    {
         let code: RecoveryCode = code.parse()?;
-        let client = Client::recover(&cli.data_dir, &cli.server, name, &code, config).await?;
+        let next = match new_code {
+            Some(c) => c.parse()?,
+            None => RecoveryCode::generate(),
+        };
+        // Shown before it is bound: a crash midway must not lose it.
+        println!("new recovery code (it replaces the old one once this succeeds; if this fails, run it again with --new-code and the same --data-dir):");
+        println!("{next}");
+        let client =
+            Client::recover(&cli.data_dir, &cli.server, name, &code, &next, config).await?;
         println!("recovered {}", client.id());
         for gid in client.groups().await {
             println!("rejoined {}", hex::encode(gid));
         }
-        println!("new recovery code (the old one is spent):");
-        println!("{}", client.recovery_code()?);
         return Ok(());
     }
     let client = match &cli.command {
@@ -165,8 +181,15 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Cmd::Register { invite, .. } => {
             let code = client.register_with_invite(invite.as_deref()).await?;
             println!("registered {}", client.id());
-            println!("recovery code (keep it apart from this machine; it takes the name back if this data directory is lost):");
-            println!("{code}");
+            match code {
+                Some(code) => {
+                    println!("recovery code (keep it apart from this machine; it takes the name back if this data directory is lost):");
+                    println!("{code}");
+                }
+                None => {
+                    println!("(its recovery code is the one shown when it was first registered)")
+                }
+            }
         }
         // Handled before a client is opened.
         Cmd::Recover { .. } => {}

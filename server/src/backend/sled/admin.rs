@@ -69,7 +69,16 @@ fn check_group(
                     record.epoch
                 ));
             }
-            if pg.members().count() != record.members.len() {
+            // Distinct ids: a recovered client's stale leaf shares its id.
+            let ids: std::collections::HashSet<Vec<u8>> = pg
+                .members()
+                .filter_map(|m| {
+                    openmls::prelude::BasicCredential::try_from(m.credential)
+                        .ok()
+                        .map(|c| c.identity().to_vec())
+                })
+                .collect();
+            if ids.len() != record.members.len() {
                 problems.push(format!("group {gid}: roster size differs from PublicGroup"));
             }
             problems

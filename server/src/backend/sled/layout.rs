@@ -380,7 +380,10 @@ mod tests {
             Some(b"x".to_vec()),
             "left untouched"
         );
-        for (version, says) in [(4u32, "earlier development build"), (6, "newer")] {
+        for (version, says) in [
+            (LAYOUT_VERSION - 1, "earlier development build"),
+            (LAYOUT_VERSION + 1, "newer"),
+        ] {
             s.put_raw(layout.trees.meta.handle, LAYOUT_KEY, &version.to_be_bytes())
                 .unwrap();
             let e = Layout::on(store.clone()).err().expect("refused");
