@@ -237,9 +237,12 @@ pub(crate) enum Change {
     },
     /// Forget a remembered send (its deduplication window is over).
     RemoveSendReceipt(SendKey),
-    /// Remove a client's last-resort key package.
-    RemoveLastResort {
-        /// Who published it.
+    /// Remove every key package of a client, ordinary and last resort, as
+    /// stored when the write is applied (so that none published meanwhile
+    /// escapes; the write set must carry a condition, which makes it read
+    /// the database as applied so far).
+    RemoveKeyPackagesOf {
+        /// Who published them.
         owner: ClientId,
     },
 }

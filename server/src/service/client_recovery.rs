@@ -82,22 +82,16 @@ impl<B: Backend> Ds<B> {
             return Err(DsError::Forbidden("wrong recovery secret".into()));
         }
         // The old key packages' private keys went with the lost store: a
-        // Welcome to one could never be opened.
-        let mut changes: Vec<Change> = self
-            .backend
-            .key_packages(&id)
-            .await?
-            .into_iter()
-            .map(|kp| Change::RemoveKeyPackage {
-                owner: id.clone(),
-                kp_ref: kp.kp_ref,
-            })
-            .collect();
-        changes.push(Change::RemoveLastResort { owner: id.clone() });
-        changes.push(Change::PutClient {
-            id: id.clone(),
-            record,
-        });
+        // Welcome to one could never be opened. All of them as stored when
+        // the write is applied, so that a publish racing this one (with the
+        // old key) leaves none behind.
+        let changes = vec![
+            Change::RemoveKeyPackagesOf { owner: id.clone() },
+            Change::PutClient {
+                id: id.clone(),
+                record,
+            },
+        ];
         let set = WriteSet {
             conditions: vec![Condition::ClientKeyIs {
                 client: id.clone(),

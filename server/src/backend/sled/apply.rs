@@ -264,8 +264,15 @@ impl Applier {
             Change::RemoveCommit { group, epoch } => {
                 Ok(tx.remove_raw(t.commits.handle, &layout::commit_key(&group, epoch))?)
             }
-            Change::RemoveLastResort { owner } => {
-                Ok(tx.remove_raw(t.key_packages.handle, &layout::last_resort_key(&owner))?)
+            Change::RemoveKeyPackagesOf { owner } => {
+                for (k, _) in self
+                    .layout
+                    .storage
+                    .scan_raw(t.key_packages.handle, &layout::client_key(&owner))?
+                {
+                    tx.remove_raw(t.key_packages.handle, &k)?;
+                }
+                Ok(())
             }
             Change::RemoveSendReceipt(key) => {
                 Ok(tx.remove_raw(t.sends.handle, &layout::send_key(&key))?)
