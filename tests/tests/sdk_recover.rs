@@ -78,6 +78,8 @@ async fn a_lost_store_is_recovered_with_the_code() {
     bob.receive(0).await.unwrap();
     let old_api = bob.api();
     old_api.key_package_count().await.unwrap();
+    // The old device follows its queue on the stream.
+    let mut old_stream = old_api.queue_stream(bob.cursor().unwrap()).await.unwrap();
 
     // The store is gone (bob keeps only his code). A wrong code changes
     // nothing.
@@ -121,9 +123,15 @@ async fn a_lost_store_is_recovered_with_the_code() {
     both.sort();
     assert_eq!(rejoined, both);
 
-    // The old key is out: its session ends, and it cannot open another.
+    // The old key is out: its session ends, and it cannot open another;
+    // its open stream ends too.
     let err = old_api.key_package_count().await.unwrap_err();
     assert_eq!(err.status(), Some(401), "{err}");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Ok(Some(_)) = old_stream.next_page().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the old device's stream still runs");
 
     // Alice processes bob's rejoins (and the commits that removed his old
     // leaves); they agree and talk.

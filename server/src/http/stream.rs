@@ -13,7 +13,8 @@
 //! repeats nothing. A comment every 20 s keeps idle connections open. A
 //! stream ends after `--stream-max-secs` (the client reconnects, which also
 //! re-checks its authentication), on an error (the reconnect shows it as a
-//! status), and at shutdown. Streams hold no in-flight slot; they have
+//! status), when the client is deleted or recovered with a new key (its
+//! sessions end then), and at shutdown. Streams hold no in-flight slot; they have
 //! limits of their own, in total and per client.
 
 use std::convert::Infallible;
@@ -145,9 +146,14 @@ async fn produce<B: Backend>(
     tx: mpsc::Sender<Bytes>,
 ) {
     let mut closing = ticket.closing.clone();
-    // Listening between its long-polls too, for the push wake-ups.
-    let _listening = match cell.get() {
-        Some(ds) => ds.listen(&caller.client),
+    // Listening between its long-polls too, for the push wake-ups; and
+    // authenticated once, so ended when the client is deleted or recovered
+    // with a new key (its sessions end then, and so does this).
+    let (_listening, authenticated, mut sessions_ended) = match cell.get() {
+        Some(ds) => {
+            let (authenticated, ended) = ds.stream_authentication(&caller.client);
+            (ds.listen(&caller.client), authenticated, ended)
+        }
         None => return,
     };
     let deadline = Instant::now() + ticket.limits.max_lifetime;
@@ -165,6 +171,13 @@ async fn produce<B: Backend>(
             fetched = ds.next_page(&caller.client, after, None, None, wait) => fetched,
             _ = closing.changed() => break,
             _ = tx.closed() => break,
+            _ = sessions_ended.changed() => {
+                if ds.still_authenticated(&caller.client, authenticated) {
+                    continue;
+                }
+                tracing::debug!(client = %caller.client, "stream ended: the client was deleted or recovered");
+                break;
+            }
         };
         drop(ds);
         let frame = match fetched {

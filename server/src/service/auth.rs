@@ -71,6 +71,12 @@ pub struct Authenticator {
     nonces: Mutex<Nonces>,
     session_ttl_ms: u64,
     max_sessions: usize,
+    /// Per client, how often its sessions were ended (a deletion, a
+    /// recovery): what a queue stream, authenticated once when it opened,
+    /// compares to see that it must end too. Only such clients are here.
+    ended: Mutex<HashMap<ClientId, u64>>,
+    /// Bumped whenever any client's sessions end, to wake the streams.
+    ended_tx: tokio::sync::watch::Sender<u64>,
 }
 
 /// A request's verified identity.
@@ -119,6 +125,8 @@ impl Authenticator {
             nonces: Mutex::new(Nonces::default()),
             session_ttl_ms,
             max_sessions,
+            ended: Mutex::new(HashMap::new()),
+            ended_tx: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -253,9 +261,22 @@ impl Authenticator {
         })
     }
 
-    /// Drop every session of a deleted client.
+    /// Drop every session of a client that was deleted or recovered with a
+    /// new key, and end its queue streams.
     pub fn end_sessions(&self, client: &ClientId) {
         lock(&self.sessions).retain(|_, s| &s.client != client);
+        *lock(&self.ended).entry(client.clone()).or_default() += 1;
+        self.ended_tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// How often `client`'s sessions were ended so far ([`Self::end_sessions`]).
+    pub fn sessions_ended(&self, client: &ClientId) -> u64 {
+        lock(&self.ended).get(client).copied().unwrap_or(0)
+    }
+
+    /// Changes whenever some client's sessions end.
+    pub fn watch_ended_sessions(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ended_tx.subscribe()
     }
 
     /// Number of open sessions.

@@ -89,6 +89,29 @@ impl<B: Backend> Ds<B> {
         self.listeners.acquire(client)
     }
 
+    /// A stream's authentication, taken when it opens: [`Self::still_authenticated`]
+    /// tells whether it still holds, and the receiver changes whenever it
+    /// may not (some client's sessions ended).
+    pub(crate) fn stream_authentication(
+        &self,
+        client: &ClientId,
+    ) -> (StreamAuthentication, tokio::sync::watch::Receiver<u64>) {
+        (
+            StreamAuthentication(self.auth.sessions_ended(client)),
+            self.auth.watch_ended_sessions(),
+        )
+    }
+
+    /// Whether a stream's authentication still holds: false once the
+    /// client was deleted or recovered with a new key since it opened.
+    pub(crate) fn still_authenticated(
+        &self,
+        client: &ClientId,
+        at_open: StreamAuthentication,
+    ) -> bool {
+        self.auth.sessions_ended(client) == at_open.0
+    }
+
     /// Whether `client` has a long-poll or a stream open.
     pub(crate) fn is_listening(&self, client: &ClientId) -> bool {
         self.listeners.holds(client)
@@ -114,3 +137,7 @@ impl<B: Backend> Ds<B> {
         Ok(self.backend.expire(cutoff).wait().await?)
     }
 }
+
+/// What [`Ds::stream_authentication`] took when a stream opened.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamAuthentication(u64);
