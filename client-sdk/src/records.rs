@@ -222,6 +222,27 @@ pub(crate) fn send_key(number: u64) -> Vec<u8> {
     [SEND_PREFIX, &number.to_be_bytes()].concat()
 }
 
+/// The next outbox number (u64 BE): numbers only grow, so that a
+/// [`GroupLeft`] mark covers exactly the messages queued before it.
+pub(crate) const SEND_COUNTER: &[u8] = b"send-counter";
+
+pub(crate) const LEFT_PREFIX: &[u8] = b"left/";
+
+pub(crate) fn left_key(gid: &[u8]) -> Vec<u8> {
+    [LEFT_PREFIX, gid].concat()
+}
+
+/// This client left a group (removed, or the group was deleted): its
+/// outbox messages for the group numbered below `below` never go out, not
+/// even to a later membership. A mark of its own instead of a rewrite of
+/// those messages, which could race with a send that just delivered one
+/// and bring it back.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct GroupLeft {
+    pub(crate) below: u64,
+    pub(crate) why: String,
+}
+
 /// The number of a [`send_key`].
 pub(crate) fn send_number(key: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = key.strip_prefix(SEND_PREFIX)?.try_into().ok()?;

@@ -212,6 +212,32 @@ async fn the_outbox_keeps_what_the_ds_refuses_until_dropped() {
     let pending = bob.pending_sends().unwrap();
     assert_eq!(pending.len(), 1);
     assert!(pending[0].failed.is_some(), "{pending:?}");
+
+    // Invited again: what bob sends now goes out, the old message stays
+    // failed; dropped, it leaves an empty outbox, and what comes after it
+    // still goes out (outbox numbers keep growing past the mark).
+    alice.invite(&gid, &["bob"]).await.unwrap();
+    bob.sync().await.unwrap();
+    bob.send(&gid, b"back again").await.unwrap();
+    assert_eq!(bob.pending_sends().unwrap(), pending);
+    assert!(bob.discard_send(pending[0].send_id).await.unwrap());
+    assert!(bob.pending_sends().unwrap().is_empty());
+    bob.send(&gid, b"and once more").await.unwrap();
+    assert!(bob.pending_sends().unwrap().is_empty());
+    let texts: Vec<Vec<u8>> = alice
+        .receive(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            mls_ds_client::Event::Message { data, .. } => Some(data),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        vec![b"back again".to_vec(), b"and once more".to_vec()]
+    );
 }
 
 /// Messages queued before and after the group moved past the window of the

@@ -21,7 +21,7 @@ use rand::RngCore;
 
 use super::{group_mut, wire, Client, RECORDS};
 use crate::error::{mls, ClientError, Result};
-use crate::records::{self, PendingSend};
+use crate::records::{self, GroupLeft, PendingSend};
 
 /// A message in the send outbox, as the application sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +99,11 @@ impl Client {
         let message = wire(&g.create_message(&*tx, &self.signer, data).map_err(mls)?)?;
         let send_id = new_send_id();
         let number = self.next_send_number()?;
+        tx.storage().put_raw(
+            self.records,
+            records::SEND_COUNTER,
+            &(number + 1).to_be_bytes(),
+        )?;
         tx.storage().put_record(
             self.records,
             &records::send_key(number),
@@ -246,25 +251,23 @@ impl Client {
         Ok(())
     }
 
-    /// Mark every message queued for `group_id` failed, through `tx`.
+    /// Mark every message queued so far for `group_id` failed, through
+    /// `tx` (a [`GroupLeft`] mark; the messages themselves are not
+    /// rewritten).
     pub(super) fn fail_queued_sends(
         &self,
         tx: &SledStorage,
         group_id: &[u8],
         why: &str,
     ) -> Result<()> {
-        for (number, pending) in self.queued()? {
-            if pending.group_id == group_id && pending.failed.is_none() {
-                tx.put_record(
-                    self.records,
-                    &records::send_key(number),
-                    &PendingSend {
-                        failed: Some(why.to_owned()),
-                        ..pending
-                    },
-                )?;
-            }
-        }
+        tx.put_record(
+            self.records,
+            &records::left_key(group_id),
+            &GroupLeft {
+                below: self.next_send_number()?,
+                why: why.to_owned(),
+            },
+        )?;
         Ok(())
     }
 
@@ -280,14 +283,32 @@ impl Client {
         Ok(())
     }
 
+    /// Outbox entry `number`, failed if its group was left since.
     fn pending_send(&self, number: u64) -> Result<Option<PendingSend>> {
-        Ok(self
+        let Some(mut pending) = self
             .storage()
-            .get_record(self.records, &records::send_key(number))?)
+            .get_record::<PendingSend>(self.records, &records::send_key(number))?
+        else {
+            return Ok(None);
+        };
+        let left: Option<GroupLeft> = self
+            .storage()
+            .get_record(self.records, &records::left_key(&pending.group_id))?;
+        fail_if_left(&mut pending, number, left.as_ref());
+        Ok(Some(pending))
     }
 
-    /// The outbox in queue order, with each entry's number.
+    /// The outbox in queue order, with each entry's number; a message for
+    /// a group this client left since it was queued shows as failed.
     fn queued(&self) -> Result<Vec<(u64, PendingSend)>> {
+        let mut left: Vec<(Vec<u8>, GroupLeft)> = Vec::new();
+        for (k, v) in self
+            .storage()
+            .scan_raw(self.records, records::LEFT_PREFIX)?
+        {
+            let gid = k[records::LEFT_PREFIX.len()..].to_vec();
+            left.push((gid, decode_record(RECORDS, &k, &v)?));
+        }
         let mut out = Vec::new();
         for (k, v) in self
             .storage()
@@ -295,18 +316,38 @@ impl Client {
         {
             let number = records::send_number(&k)
                 .ok_or_else(|| ClientError::BadResponse(format!("bad outbox key {k:?}")))?;
-            out.push((number, decode_record(RECORDS, &k, &v)?));
+            let mut pending: PendingSend = decode_record(RECORDS, &k, &v)?;
+            let mark = left
+                .iter()
+                .find(|(gid, _)| *gid == pending.group_id)
+                .map(|(_, mark)| mark);
+            fail_if_left(&mut pending, number, mark);
+            out.push((number, pending));
         }
         Ok(out)
     }
 
-    /// One more than the highest outbox number in use.
+    /// The next outbox number: numbers only grow (see [`GroupLeft`]).
     fn next_send_number(&self) -> Result<u64> {
-        Ok(self
+        let counted = self
+            .storage()
+            .get_raw(self.records, records::SEND_COUNTER)?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        // Never below an entry in the outbox, whatever the counter says.
+        let in_use = self
             .storage()
             .last_raw(self.records, records::SEND_PREFIX)?
             .and_then(|(k, _)| records::send_number(&k))
-            .map_or(0, |n| n + 1))
+            .map_or(0, |n| n + 1);
+        Ok(counted.max(in_use))
+    }
+}
+
+/// Outbox entry `number` is failed if the group was left after it was queued.
+fn fail_if_left(pending: &mut PendingSend, number: u64, left: Option<&GroupLeft>) {
+    if let Some(mark) = left.filter(|m| pending.failed.is_none() && number < m.below) {
+        pending.failed = Some(mark.why.clone());
     }
 }
 
