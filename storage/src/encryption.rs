@@ -33,7 +33,11 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use std::path::{Path, PathBuf};
+
 use crate::error::StorageError;
+use crate::store::{holds_data, ENCRYPTION_KEY, FORMAT_KEY, FORMAT_SEALED, FORMAT_VERSION};
+use crate::trees::META_TREE;
 
 /// Layout version of a sealed value (its first byte).
 const SEALED_V1: u8 = 1;
@@ -354,6 +358,87 @@ fn bucket_len(key: &[u8]) -> Option<usize> {
     let ns_end = 1 + usize::from(*key.first()?);
     let rest = key.get(ns_end..)?;
     rest.iter().position(|&b| b == b'/').map(|i| ns_end + i + 1)
+}
+
+// ----- opening a store -----
+
+/// The cipher of an encrypted store; `None` for an unencrypted one.
+///
+/// A store is encrypted or not from its first row on: opening one with data
+/// without its key, with another key, or an unencrypted one with a key is
+/// an error that writes nothing. A store without data takes whatever it is
+/// opened with (a new key, or none), so that a first command that failed
+/// after opening does not lock an empty store to its key.
+pub(crate) fn open_store_cipher(
+    db: &sled::Db,
+    path: Option<&Path>,
+    format: u32,
+    key: Option<&StoreKey>,
+) -> Result<Option<Cipher>, StorageError> {
+    let path = || path.map_or_else(|| PathBuf::from("<temporary>"), Path::to_path_buf);
+    let meta = db.open_tree(META_TREE)?;
+    let record: Option<EncryptionRecord> = match meta.get(ENCRYPTION_KEY)? {
+        Some(v) => Some(crate::codec::decode_record(META_TREE, ENCRYPTION_KEY, &v)?),
+        None => None,
+    };
+    if !holds_data(db) {
+        return set_up_encryption(db, &meta, format, record, key);
+    }
+    match (format, record, key) {
+        (FORMAT_VERSION, None, None) => Ok(None),
+        (FORMAT_VERSION, None, Some(_)) => Err(StorageError::NotEncrypted { path: path() }),
+        (FORMAT_SEALED, Some(_), None) => Err(StorageError::KeyRequired { path: path() }),
+        (FORMAT_SEALED, Some(record), Some(key)) => Cipher::open(key, &record).map(Some),
+        (FORMAT_SEALED, None, _) => Err(StorageError::BadFormatRecord(
+            "the store is encrypted, but its encryption record is missing".into(),
+        )),
+        _ => Err(StorageError::BadFormatRecord(
+            "an encryption record in a store of the unencrypted format".into(),
+        )),
+    }
+}
+
+/// Make an empty store encrypted under `key` (keeping its record if `key`
+/// already opens it), or unencrypted without one.
+fn set_up_encryption(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    format: u32,
+    record: Option<EncryptionRecord>,
+    key: Option<&StoreKey>,
+) -> Result<Option<Cipher>, StorageError> {
+    let mut batch = sled::Batch::default();
+    let cipher = match (key, record) {
+        (Some(key), Some(record)) if format == FORMAT_SEALED => match Cipher::open(key, &record) {
+            Ok(cipher) => return Ok(Some(cipher)),
+            Err(StorageError::WrongKey(_)) => Some(seal_anew(&mut batch, key)?),
+            Err(e) => return Err(e),
+        },
+        (Some(key), _) => Some(seal_anew(&mut batch, key)?),
+        (None, record) => {
+            if record.is_none() && format == FORMAT_VERSION {
+                return Ok(None);
+            }
+            batch.remove(ENCRYPTION_KEY);
+            batch.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes());
+            None
+        }
+    };
+    // Format and record change in one write: a crash leaves either.
+    meta.apply_batch(batch)?;
+    db.flush()?;
+    Ok(cipher)
+}
+
+/// A new encryption record for `key`, added to `batch` with the sealed format.
+fn seal_anew(batch: &mut sled::Batch, key: &StoreKey) -> Result<Cipher, StorageError> {
+    let (record, cipher) = Cipher::create(key)?;
+    batch.insert(
+        ENCRYPTION_KEY,
+        crate::codec::encode_record(META_TREE, &record)?,
+    );
+    batch.insert(FORMAT_KEY, &FORMAT_SEALED.to_be_bytes());
+    Ok(cipher)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::durability::{Durability, GroupCommit};
-use crate::encryption::{Cipher, EncryptionRecord, StoreKey};
+use crate::encryption::{Cipher, StoreKey};
 use crate::error::StorageError;
 use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 
@@ -32,10 +32,10 @@ pub(crate) const FORMAT_VERSION: u32 = 1;
 /// rows beside sealed ones, and a store that lost its encryption record is
 /// told apart from an unencrypted one.
 pub(crate) const FORMAT_SEALED: u32 = 2;
-const FORMAT_KEY: &[u8] = b"format_version";
+pub(crate) const FORMAT_KEY: &[u8] = b"format_version";
 const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
 /// The [`EncryptionRecord`] of an encrypted store.
-const ENCRYPTION_KEY: &[u8] = b"encryption";
+pub(crate) const ENCRYPTION_KEY: &[u8] = b"encryption";
 
 /// How long [`Store::open`] waits for a database lock held by this process's
 /// own closing handle.
@@ -159,7 +159,12 @@ impl Store {
         config: StoreConfig,
     ) -> Result<Store, StorageError> {
         let format = check_format(&db)?;
-        let cipher = open_encryption(&db, path.as_deref(), format, config.encryption.as_ref())?;
+        let cipher = crate::encryption::open_store_cipher(
+            &db,
+            path.as_deref(),
+            format,
+            config.encryption.as_ref(),
+        )?;
         let mut trees = Vec::with_capacity(Family::ALL.len() + 8);
         for f in Family::ALL {
             trees.push((f.tree_name().to_owned(), db.open_tree(f.tree_name())?));
@@ -421,90 +426,11 @@ impl Shared {
 }
 
 /// Whether any tree but the metadata holds data.
-fn holds_data(db: &sled::Db) -> bool {
+pub(crate) fn holds_data(db: &sled::Db) -> bool {
     db.tree_names()
         .iter()
         .filter(|n| n.as_ref() != META_TREE.as_bytes())
         .any(|n| db.open_tree(n).map(|t| !t.is_empty()).unwrap_or(true))
-}
-
-/// The cipher of an encrypted store; `None` for an unencrypted one.
-///
-/// A store is encrypted or not from its first row on: opening one with data
-/// without its key, with another key, or an unencrypted one with a key is
-/// an error that writes nothing. A store without data takes whatever it is
-/// opened with (a new key, or none), so that a first command that failed
-/// after opening does not lock an empty store to its key.
-fn open_encryption(
-    db: &sled::Db,
-    path: Option<&Path>,
-    format: u32,
-    key: Option<&StoreKey>,
-) -> Result<Option<Cipher>, StorageError> {
-    let path = || path.map_or_else(|| PathBuf::from("<temporary>"), Path::to_path_buf);
-    let meta = db.open_tree(META_TREE)?;
-    let record: Option<EncryptionRecord> = match meta.get(ENCRYPTION_KEY)? {
-        Some(v) => Some(crate::codec::decode_record(META_TREE, ENCRYPTION_KEY, &v)?),
-        None => None,
-    };
-    if !holds_data(db) {
-        return set_up_encryption(db, &meta, format, record, key);
-    }
-    match (format, record, key) {
-        (FORMAT_VERSION, None, None) => Ok(None),
-        (FORMAT_VERSION, None, Some(_)) => Err(StorageError::NotEncrypted { path: path() }),
-        (FORMAT_SEALED, Some(_), None) => Err(StorageError::KeyRequired { path: path() }),
-        (FORMAT_SEALED, Some(record), Some(key)) => Cipher::open(key, &record).map(Some),
-        (FORMAT_SEALED, None, _) => Err(StorageError::BadFormatRecord(
-            "the store is encrypted, but its encryption record is missing".into(),
-        )),
-        _ => Err(StorageError::BadFormatRecord(
-            "an encryption record in a store of the unencrypted format".into(),
-        )),
-    }
-}
-
-/// Make an empty store encrypted under `key` (keeping its record if `key`
-/// already opens it), or unencrypted without one.
-fn set_up_encryption(
-    db: &sled::Db,
-    meta: &sled::Tree,
-    format: u32,
-    record: Option<EncryptionRecord>,
-    key: Option<&StoreKey>,
-) -> Result<Option<Cipher>, StorageError> {
-    let mut batch = sled::Batch::default();
-    let cipher = match (key, record) {
-        (Some(key), Some(record)) if format == FORMAT_SEALED => match Cipher::open(key, &record) {
-            Ok(cipher) => return Ok(Some(cipher)),
-            Err(StorageError::WrongKey(_)) => Some(seal_anew(&mut batch, key)?),
-            Err(e) => return Err(e),
-        },
-        (Some(key), _) => Some(seal_anew(&mut batch, key)?),
-        (None, record) => {
-            if record.is_none() && format == FORMAT_VERSION {
-                return Ok(None);
-            }
-            batch.remove(ENCRYPTION_KEY);
-            batch.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes());
-            None
-        }
-    };
-    // Format and record change in one write: a crash leaves either.
-    meta.apply_batch(batch)?;
-    db.flush()?;
-    Ok(cipher)
-}
-
-/// A new encryption record for `key`, added to `batch` with the sealed format.
-fn seal_anew(batch: &mut sled::Batch, key: &StoreKey) -> Result<Cipher, StorageError> {
-    let (record, cipher) = Cipher::create(key)?;
-    batch.insert(
-        ENCRYPTION_KEY,
-        crate::codec::encode_record(META_TREE, &record)?,
-    );
-    batch.insert(FORMAT_KEY, &FORMAT_SEALED.to_be_bytes());
-    Ok(cipher)
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
