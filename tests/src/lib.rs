@@ -15,6 +15,34 @@ use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The texts of the application messages among `events`, in order.
+pub fn message_texts(events: &[mls_ds_client::Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            mls_ds_client::Event::Message { data, .. } => {
+                Some(String::from_utf8_lossy(data).into_owned())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every file under `dir`, concatenated (to search a store's files for
+/// what must or must not be in them).
+pub fn dir_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            out.extend(dir_bytes(&path));
+        } else {
+            out.extend(std::fs::read(&path).expect("read file"));
+        }
+    }
+    out
+}
+
 /// Path of a workspace binary, built (once per test process) if it is missing
 /// or older than the sources it is made of. `cargo test --workspace` has built
 /// it already; rebuilding unconditionally would cost a relink per test file.

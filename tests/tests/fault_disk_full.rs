@@ -10,10 +10,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use mls_ds_client::{ClientConfig, Event};
+use mls_ds_client::ClientConfig;
 use mls_ds_tests::crashing::open_client;
 use mls_ds_tests::raw::raw_request;
-use mls_ds_tests::Server;
+use mls_ds_tests::{message_texts, Server};
 
 struct Tmpfs(PathBuf);
 
@@ -34,17 +34,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
-}
-
-/// The texts of the application messages among `events`.
-fn texts(events: Vec<Event>) -> Vec<String> {
-    events
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(String::from_utf8(data).unwrap()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +112,7 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
         "{} bytes of log: {log}",
         log.len()
     );
-    let got = texts(bob.receive(0).await.unwrap());
+    let got = message_texts(&bob.receive(0).await.unwrap());
     for t in &acknowledged {
         assert!(got.contains(t), "acknowledged {t:?} lost");
     }
@@ -133,7 +122,7 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     // message alice queued arrives, each once, in order.
     alice.send(&gid, b"after").await.unwrap();
     queued.push("after".into());
-    let after = texts(bob.receive(0).await.unwrap());
+    let after = message_texts(&bob.receive(0).await.unwrap());
     let all: Vec<&String> = got.iter().chain(&after).collect();
     assert_eq!(
         all,

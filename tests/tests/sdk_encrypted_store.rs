@@ -10,8 +10,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use mls_ds_client::{Client, ClientConfig, ClientError, Event, StorageError, StoreKey};
-use mls_ds_tests::{binary, Server};
+use mls_ds_client::{Client, ClientConfig, ClientError, StorageError, StoreKey};
+use mls_ds_tests::{binary, dir_bytes, message_texts, Server};
 
 const ALICE: &str = "alice-sealed-7c1e";
 const BOB: &str = "bob-sealed-93ad";
@@ -34,20 +34,6 @@ fn key_of(name: &str) -> Option<StoreKey> {
     }
 }
 
-/// Every file under `dir`, concatenated.
-fn all_bytes(dir: &Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(all_bytes(&path));
-        } else {
-            out.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    out
-}
-
 /// A byte string raw, as a JSON array of numbers (OpenMLS values) and hex.
 fn forms(bytes: &[u8]) -> Vec<Vec<u8>> {
     let numbers: Vec<String> = bytes.iter().map(u8::to_string).collect();
@@ -62,16 +48,6 @@ fn holds(haystack: &[u8], needle: &[u8]) -> bool {
     forms(needle)
         .iter()
         .any(|f| haystack.windows(f.len()).any(|w| w == f.as_slice()))
-}
-
-fn texts(events: Vec<Event>) -> Vec<Vec<u8>> {
-    events
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(data),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +73,7 @@ async fn an_encrypted_client_store_holds_no_known_plaintext() {
             .unwrap();
     }
     for c in &clients {
-        let got = texts(c.receive(0).await.unwrap());
+        let got = message_texts(&c.receive(0).await.unwrap());
         assert_eq!(got.len(), 2, "{} got {got:?}", c.id());
     }
     drop(clients);
@@ -107,7 +83,7 @@ async fn an_encrypted_client_store_holds_no_known_plaintext() {
         needles.push((format!("id {n}"), n.as_bytes().to_vec()));
         needles.push((format!("message of {n}"), message(n).into_bytes()));
     }
-    let carol = all_bytes(&dir.path().join(CAROL));
+    let carol = dir_bytes(&dir.path().join(CAROL));
     for (what, needle) in &needles {
         assert!(
             holds(&carol, needle),
@@ -115,7 +91,7 @@ async fn an_encrypted_client_store_holds_no_known_plaintext() {
         );
     }
     for n in [ALICE, BOB] {
-        let sealed = all_bytes(&dir.path().join(n));
+        let sealed = dir_bytes(&dir.path().join(n));
         for (what, needle) in &needles {
             assert!(
                 !holds(&sealed, needle),
@@ -174,8 +150,8 @@ async fn an_encrypted_client_store_holds_no_known_plaintext() {
     clients[1].send(&gid, b"still here").await.unwrap();
     for i in [0, 2] {
         assert_eq!(
-            texts(clients[i].receive(0).await.unwrap()),
-            vec![b"still here".to_vec()]
+            message_texts(&clients[i].receive(0).await.unwrap()),
+            ["still here"]
         );
     }
 }
@@ -206,7 +182,7 @@ fn mls_chat_encrypts_with_a_passphrase_file() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!holds(&all_bytes(&alice), ALICE.as_bytes()));
+    assert!(!holds(&dir_bytes(&alice), ALICE.as_bytes()));
 
     let out = chat(&alice, &url, None, &["groups"]);
     let err = String::from_utf8_lossy(&out.stderr);

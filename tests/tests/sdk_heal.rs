@@ -6,20 +6,10 @@
 
 use mls_ds_client::{Client, ClientConfig, Event};
 use mls_ds_tests::raw::RawMember;
-use mls_ds_tests::Server;
+use mls_ds_tests::{message_texts, Server};
 
 fn open(dir: &std::path::Path, url: &str, name: &str) -> Client {
     Client::open(dir.join(name), url, name, ClientConfig::default()).unwrap()
-}
-
-fn texts(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(String::from_utf8(data.clone()).unwrap()),
-            _ => None,
-        })
-        .collect()
 }
 
 async fn assert_converged(a: &Client, b: &Client, gid: &[u8]) {
@@ -81,9 +71,9 @@ async fn entries_lost_to_the_queue_limit_are_repaired() {
     alice.receive(0).await.unwrap();
     assert_converged(&alice, &bob, &gid).await;
     alice.send(&gid, b"after").await.unwrap();
-    assert_eq!(texts(&bob.receive(0).await.unwrap()), ["after"]);
+    assert_eq!(message_texts(&bob.receive(0).await.unwrap()), ["after"]);
     bob.send(&gid, b"back").await.unwrap();
-    assert_eq!(texts(&alice.receive(0).await.unwrap()), ["back"]);
+    assert_eq!(message_texts(&alice.receive(0).await.unwrap()), ["back"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,6 +127,6 @@ async fn a_commit_members_cannot_process_is_repaired() {
         alice.secret()
     );
     bob.send(&gid, b"healed").await.unwrap();
-    assert_eq!(texts(&carol.receive(0).await.unwrap()), ["healed"]);
+    assert_eq!(message_texts(&carol.receive(0).await.unwrap()), ["healed"]);
     assert_eq!(alice.sync().await, vec![b"healed".to_vec()]);
 }

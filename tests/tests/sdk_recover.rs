@@ -10,34 +10,10 @@
 use mls_ds_client::{Client, ClientConfig, Event, RecoveryCode};
 use mls_ds_protocol::clients::recovery_hash;
 use mls_ds_tests::raw::RawMember;
-use mls_ds_tests::Server;
+use mls_ds_tests::{dir_bytes, message_texts, Server};
 
 fn open(dir: &std::path::Path, url: &str, name: &str) -> Client {
     Client::open(dir.join(name), url, name, ClientConfig::default()).unwrap()
-}
-
-/// Every file under `dir`, concatenated.
-fn all_bytes(dir: &std::path::Path) -> Vec<u8> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(all_bytes(&path));
-        } else {
-            out.extend(std::fs::read(&path).unwrap());
-        }
-    }
-    out
-}
-
-fn texts(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(String::from_utf8(data.clone()).unwrap()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +40,7 @@ async fn a_lost_store_is_recovered_with_the_code() {
     let secret = hex::decode(code.to_string()).unwrap();
     bob.store().flush().unwrap();
     assert!(
-        !all_bytes(&dir.path().join("bob"))
+        !dir_bytes(&dir.path().join("bob"))
             .windows(secret.len())
             .any(|w| w == secret.as_slice()),
         "the recovery secret is in bob's store"
@@ -150,9 +126,12 @@ async fn a_lost_store_is_recovered_with_the_code() {
         );
     }
     alice.send(&g1, b"welcome back").await.unwrap();
-    assert_eq!(texts(&new_bob.receive(0).await.unwrap()), ["welcome back"]);
+    assert_eq!(
+        message_texts(&new_bob.receive(0).await.unwrap()),
+        ["welcome back"]
+    );
     new_bob.send(&g2, b"thanks").await.unwrap();
-    assert_eq!(texts(&alice.receive(0).await.unwrap()), ["thanks"]);
+    assert_eq!(message_texts(&alice.receive(0).await.unwrap()), ["thanks"]);
 
     // Bob's new key packages work: alice adds him to a new group.
     let g3 = alice.create_group(false).await.unwrap();
@@ -261,5 +240,5 @@ async fn members_commit_while_a_stale_leaf_waits_for_its_rejoin() {
         assert_eq!(c.export_secret(&g, "t", 32).await.unwrap(), secret);
     }
     bob.send(&g, b"back").await.unwrap();
-    assert_eq!(texts(&alice.receive(0).await.unwrap()), ["back"]);
+    assert_eq!(message_texts(&alice.receive(0).await.unwrap()), ["back"]);
 }

@@ -3,17 +3,7 @@
 //! got a 2xx is delivered. The data directory then passes `mls-ds check`.
 
 use mls_ds_client::{Client, ClientConfig, Event};
-use mls_ds_tests::Server;
-
-fn texts(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Message { data, .. } => Some(String::from_utf8_lossy(data).into_owned()),
-            _ => None,
-        })
-        .collect()
-}
+use mls_ds_tests::{message_texts, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_graceful_restart_and_sigkill() {
@@ -71,10 +61,10 @@ async fn state_survives_graceful_restart_and_sigkill() {
     );
     let events = bob.receive(0).await.unwrap();
     assert!(matches!(events[0], Event::Joined { .. }));
-    assert_eq!(texts(&events), vec!["before restart".to_string()]);
+    assert_eq!(message_texts(&events), vec!["before restart".to_string()]);
     bob.send(&gid, b"after restart").await.unwrap();
     assert_eq!(
-        texts(&alice.receive(0).await.unwrap()),
+        message_texts(&alice.receive(0).await.unwrap()),
         vec!["after restart".to_string()]
     );
     // Registration survived (sessions did not: the SDK re-authenticated).
@@ -92,7 +82,7 @@ async fn state_survives_graceful_restart_and_sigkill() {
     let url = server.url();
     drop((alice, bob));
     let (alice, bob) = (open("alice", &url), open("bob", &url));
-    assert_eq!(texts(&bob.receive(0).await.unwrap()), sent);
+    assert_eq!(message_texts(&bob.receive(0).await.unwrap()), sent);
     assert_eq!(
         alice.epoch(&gid).await.unwrap(),
         bob.epoch(&gid).await.unwrap()

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mls_ds_client::{Client, ClientConfig, ClientError, DsApi, SendId, Transport};
 use mls_ds_protocol::ClientId;
 use mls_ds_tests::raw::RawMember;
-use mls_ds_tests::Server;
+use mls_ds_tests::{message_texts, Server};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -192,17 +192,8 @@ async fn the_outbox_keeps_what_the_ds_refuses_until_dropped() {
     assert_eq!(alice.pending_sends().unwrap()[0].send_id, queued);
     alice.sync().await.unwrap();
     assert!(alice.pending_sends().unwrap().is_empty());
-    let texts: Vec<Vec<u8>> = bob
-        .receive(0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            mls_ds_client::Event::Message { data, .. } => Some(data),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(texts, vec![b"small".to_vec(), b"later".to_vec()]);
+    let texts = message_texts(&bob.receive(0).await.unwrap());
+    assert_eq!(texts, ["small", "later"]);
 
     // Removed from the group: what bob still had queued is marked failed,
     // never sent to a later membership.
@@ -224,20 +215,8 @@ async fn the_outbox_keeps_what_the_ds_refuses_until_dropped() {
     assert!(bob.pending_sends().unwrap().is_empty());
     bob.send(&gid, b"and once more").await.unwrap();
     assert!(bob.pending_sends().unwrap().is_empty());
-    let texts: Vec<Vec<u8>> = alice
-        .receive(0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| match e {
-            mls_ds_client::Event::Message { data, .. } => Some(data),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        texts,
-        vec![b"back again".to_vec(), b"and once more".to_vec()]
-    );
+    let texts = message_texts(&alice.receive(0).await.unwrap());
+    assert_eq!(texts, ["back again", "and once more"]);
 }
 
 /// Messages queued before and after the group moved past the window of the
@@ -286,12 +265,9 @@ async fn stale_messages_are_encrypted_again_in_outbox_order() {
         .filter(|e| matches!(e, mls_ds_client::Event::Skipped { .. }))
         .collect();
     assert!(skipped.is_empty(), "bob skipped {skipped:?}");
-    let got: Vec<Vec<u8>> = events
-        .into_iter()
-        .filter_map(|e| match e {
-            mls_ds_client::Event::Message { data, .. } => Some(data),
-            _ => None,
-        })
+    let texts: Vec<String> = texts
+        .iter()
+        .map(|t| String::from_utf8_lossy(t).into_owned())
         .collect();
-    assert_eq!(got, texts);
+    assert_eq!(message_texts(&events), texts);
 }
