@@ -329,18 +329,21 @@ impl Client {
 
     /// The next outbox number: numbers only grow (see [`GroupLeft`]).
     fn next_send_number(&self) -> Result<u64> {
-        let counted = self
+        let Some(v) = self
             .storage()
             .get_raw(self.records, records::SEND_COUNTER)?
-            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
-            .unwrap_or(0);
-        // Never below an entry in the outbox, whatever the counter says.
-        let in_use = self
-            .storage()
-            .last_raw(self.records, records::SEND_PREFIX)?
-            .and_then(|(k, _)| records::send_number(&k))
-            .map_or(0, |n| n + 1);
-        Ok(counted.max(in_use))
+        else {
+            return Ok(0);
+        };
+        // A damaged counter must not restart the numbers over queued messages.
+        let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+            ClientError::Storage(mls_ds_storage::StorageError::Corrupt {
+                tree: RECORDS.into(),
+                key_hex: hex::encode(records::SEND_COUNTER),
+                reason: format!("an outbox counter of {} bytes", v.len()),
+            })
+        })?;
+        Ok(u64::from_be_bytes(bytes))
     }
 }
 
