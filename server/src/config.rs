@@ -251,7 +251,7 @@ pub struct Limits {
     pub max_page_entries: usize,
 
     /// Approximate byte bound of one queue page (at least one entry is always returned).
-    #[arg(long, env = "MLS_DS_MAX_PAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "MLS_DS_MAX_PAGE_BYTES", default_value_t = 1024 * 1024)]
     pub max_page_bytes: usize,
 
     /// Application messages are accepted for the current epoch and this many before it.
@@ -344,6 +344,73 @@ pub struct Limits {
     /// Most requests handled at once (further ones: 503).
     #[arg(long, env = "MLS_DS_MAX_INFLIGHT", default_value_t = 4096)]
     pub max_inflight: usize,
+
+    /// Most requests handled at once from one source address (further
+    /// ones: 429); behind a proxy, see `--trust-forwarded-for`.
+    #[arg(long, env = "MLS_DS_MAX_INFLIGHT_PER_SOURCE", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_inflight_per_source: usize,
+
+    /// Most fetches (`GET /v1/queue`, long-polls included) one client runs
+    /// at once (further ones: 429).
+    #[arg(long, env = "MLS_DS_MAX_FETCHES_PER_CLIENT", default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_fetches_per_client: usize,
+
+    /// Most client connections open at once; further ones are closed at
+    /// once. Lowered at startup to fit the process's open-file limit.
+    #[arg(long, env = "MLS_DS_MAX_CONNECTIONS", default_value_t = 8192,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: usize,
+
+    /// Most connections open at once from one source address (not counted
+    /// for a local proxy with `--trust-forwarded-for`).
+    #[arg(long, env = "MLS_DS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 64,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections_per_source: usize,
+
+    /// How soon a new connection must start its first request (TLS
+    /// handshake included), in milliseconds; otherwise it is closed.
+    #[arg(long, env = "MLS_DS_FIRST_REQUEST_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub first_request_timeout_ms: u64,
+
+    /// How long a connection may stay idle (no request running, no response
+    /// being sent), in seconds; then it is closed gracefully.
+    #[arg(long, env = "MLS_DS_IDLE_TIMEOUT_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+
+    /// How long a response may go without a byte reaching the connection
+    /// (the peer does not read), in milliseconds; then the connection is
+    /// closed. Queue streams send a keep-alive at least twice this often.
+    #[arg(long, env = "MLS_DS_WRITE_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout_ms: u64,
+
+    /// Bytes of request bodies being read at once, in MiB (further
+    /// requests: 503).
+    #[arg(long, env = "MLS_DS_MAX_REQUEST_BUFFER_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_buffer_mb: u64,
+
+    /// Bytes of request bodies being read at once from one source address,
+    /// in MiB (further requests: 429).
+    #[arg(long, env = "MLS_DS_MAX_REQUEST_BUFFER_PER_SOURCE_MB", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_buffer_per_source_mb: u64,
+
+    /// Bytes of large responses (over 16 KiB) not yet sent, in MiB
+    /// (further ones: 503).
+    #[arg(long, env = "MLS_DS_MAX_RESPONSE_BUFFER_MB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_response_buffer_mb: u64,
+
+    /// Bytes of large responses not yet sent to one client, in MiB
+    /// (further ones: 429); at least two pages of `--max-page-bytes`.
+    #[arg(long, env = "MLS_DS_MAX_RESPONSE_BUFFER_PER_CLIENT_MB", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_response_buffer_per_client_mb: u64,
 
     /// Queue streams (`GET /v1/queue/stream`) open at once; they hold no
     /// in-flight slot.

@@ -16,10 +16,11 @@
 
 pub mod admin;
 mod backend;
-mod client_counts;
 pub mod config;
 pub mod config_file;
+mod counts;
 mod embedded;
+mod fd_limit;
 mod http;
 mod metrics;
 mod push;
@@ -42,7 +43,9 @@ use crate::backend::sled::SledBackend;
 use crate::backend::Backend;
 use crate::config::{Limits, Registration, ServeArgs};
 use crate::embedded::SledDs;
-use crate::http::stream::StreamLimits;
+use crate::http::budget::MemoryLimits;
+use crate::http::conn::ConnLimits;
+use crate::http::stream::{StreamLimits, KEEPALIVE};
 use crate::http::{Front, HttpLimits};
 use crate::rate_limit::Rate;
 use crate::state_cell::StateCell;
@@ -90,12 +93,21 @@ pub enum ServeError {
 
 /// The HTTP front of the DS in `cell`.
 fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
+    let write_timeout = Duration::from_millis(limits.write_timeout_ms);
     Front::new(
         cell,
         HttpLimits {
             max_body_bytes: limits.max_body_bytes,
             read_timeout: Duration::from_millis(limits.read_timeout_ms),
             max_inflight: limits.max_inflight,
+            max_inflight_per_source: limits.max_inflight_per_source,
+            max_fetches_per_client: limits.max_fetches_per_client,
+            memory: MemoryLimits {
+                requests_total: mib(limits.max_request_buffer_mb),
+                requests_per_source: mib(limits.max_request_buffer_per_source_mb),
+                responses_total: mib(limits.max_response_buffer_mb),
+                responses_per_client: mib(limits.max_response_buffer_per_client_mb),
+            },
             per_client: Rate::per_sec(limits.rate_limit_per_sec, limits.rate_limit_burst),
             per_address: Rate {
                 per_min: limits.ip_rate_limit_per_min,
@@ -106,9 +118,21 @@ fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
                 max_total: limits.max_streams,
                 max_per_client: limits.max_streams_per_client,
                 max_lifetime: Duration::from_secs(limits.stream_max_secs),
+                keepalive: KEEPALIVE.min(write_timeout / 2),
+            },
+            connections: ConnLimits {
+                max_total: limits.max_connections,
+                max_per_source: limits.max_connections_per_source,
+                first_request: Duration::from_millis(limits.first_request_timeout_ms),
+                idle: Duration::from_secs(limits.idle_timeout_secs),
+                write_stall: write_timeout,
             },
         },
     )
+}
+
+fn mib(n: u64) -> usize {
+    usize::try_from(n.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
 }
 
 /// Run the server (and its metrics listener, if `--metrics-listen` is set)
@@ -130,6 +154,7 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
         ));
     }
     let mut limits = args.limits.clone();
+    limits.max_connections = fd_limit::fit_connections(limits.max_connections);
     limits.registration = limits
         .registration
         .resolve(args.listen, limits.trust_forwarded_for);

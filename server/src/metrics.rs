@@ -1,9 +1,10 @@
 //! Prometheus text metrics: requests by route and status and a latency
-//! histogram (counted by the HTTP adapter), and the backend's queue depths
-//! and group-commit (fsync) counters.
+//! histogram, connections and memory held (counted by the HTTP adapter),
+//! and the backend's queue depths and group-commit (fsync) counters.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,6 +27,24 @@ struct Inner {
 #[derive(Default)]
 pub(crate) struct Metrics {
     inner: Mutex<Inner>,
+    /// Connections closed at accept: their source held its most, or the
+    /// server did.
+    refused_per_source: AtomicU64,
+    refused_in_total: AtomicU64,
+}
+
+/// What the HTTP front holds now.
+pub(crate) struct FrontGauges {
+    /// Authenticated sessions.
+    pub(crate) sessions: usize,
+    /// Queue streams.
+    pub(crate) streams: usize,
+    /// Connections.
+    pub(crate) connections: usize,
+    /// Bytes of request bodies being read.
+    pub(crate) request_bytes: usize,
+    /// Bytes of response bodies not yet sent.
+    pub(crate) response_bytes: usize,
 }
 
 impl Metrics {
@@ -43,12 +62,35 @@ impl Metrics {
         m.latency_sum += secs;
     }
 
+    /// Count a connection closed at accept (`per_source`: its source
+    /// address held its most; otherwise the server did).
+    pub(crate) fn connection_refused(&self, per_source: bool) {
+        let counter = if per_source {
+            &self.refused_per_source
+        } else {
+            &self.refused_in_total
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Render everything in Prometheus text format: the request counters,
-    /// then the backend's gauges and counters and the session count.
-    pub(crate) fn render(&self, stats: &BackendStats, sessions: usize, streams: usize) -> String {
+    /// then the backend's gauges and counters and the front's.
+    pub(crate) fn render(&self, stats: &BackendStats, front: &FrontGauges) -> String {
         let mut out = String::new();
         self.render_requests(&mut out);
-        render_backend(&mut out, stats, sessions, streams);
+        out.push_str("# HELP mls_ds_connections_refused_total Connections closed at accept, by the limit they hit.\n");
+        out.push_str("# TYPE mls_ds_connections_refused_total counter\n");
+        for (limit, n) in [
+            ("source", &self.refused_per_source),
+            ("total", &self.refused_in_total),
+        ] {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "mls_ds_connections_refused_total{{limit=\"{limit}\"}} {n}"
+            );
+        }
+        render_backend(&mut out, stats, front);
         out
     }
 
@@ -85,8 +127,8 @@ impl Metrics {
     }
 }
 
-/// The backend's gauges and counters, and the session and stream counts.
-fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize, streams: usize) {
+/// The backend's gauges and counters, and what the front holds.
+fn render_backend(out: &mut String, stats: &BackendStats, front: &FrontGauges) {
     let gauges = [
         (
             "mls_ds_queue_entries",
@@ -146,13 +188,31 @@ fn render_backend(out: &mut String, stats: &BackendStats, sessions: usize, strea
             "mls_ds_sessions",
             "Open authenticated sessions.",
             "gauge",
-            sessions.to_string(),
+            front.sessions.to_string(),
         ),
         (
             "mls_ds_streams",
             "Open queue streams (GET /v1/queue/stream).",
             "gauge",
-            streams.to_string(),
+            front.streams.to_string(),
+        ),
+        (
+            "mls_ds_connections",
+            "Open client connections.",
+            "gauge",
+            front.connections.to_string(),
+        ),
+        (
+            "mls_ds_request_body_bytes",
+            "Bytes of request bodies being read (--max-request-buffer-mb).",
+            "gauge",
+            front.request_bytes.to_string(),
+        ),
+        (
+            "mls_ds_response_body_bytes",
+            "Bytes of large response bodies not yet sent (--max-response-buffer-mb).",
+            "gauge",
+            front.response_bytes.to_string(),
         ),
     ];
     for (name, help, kind, value) in gauges {

@@ -140,6 +140,11 @@ pub struct Server {
     addr: String,
     metrics_addr: String,
     extra: Vec<String>,
+    /// Whether the rate limits' bursts and the per-source limits are
+    /// lifted (see `spawn`).
+    lift_limits: bool,
+    /// The open-file limit (soft and hard) the server runs under, if set.
+    open_files: Option<u64>,
     /// What `--listen` gets: an ephemeral port, or the last one again.
     listen: String,
 }
@@ -161,6 +166,36 @@ impl Server {
             addr: String::new(),
             metrics_addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            lift_limits: true,
+            open_files: None,
+            listen: "127.0.0.1:0".into(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Like [`Server::start`], with every limit at its default (nothing
+    /// lifted for the test's many clients on one address).
+    pub fn start_at_defaults(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_at_defaults_with_open_files(data_dir, extra, None)
+    }
+
+    /// Like [`Server::start_at_defaults`], under an open-file limit of
+    /// `open_files` (soft and hard, set by `prlimit`).
+    pub fn start_at_defaults_with_open_files(
+        data_dir: &Path,
+        extra: &[&str],
+        open_files: Option<u64>,
+    ) -> Server {
+        let mut s = Server {
+            child: None,
+            data_dir: data_dir.to_owned(),
+            log: data_dir.join("server.log"),
+            addr: String::new(),
+            metrics_addr: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            lift_limits: false,
+            open_files,
             listen: "127.0.0.1:0".into(),
         };
         s.spawn();
@@ -182,18 +217,35 @@ impl Server {
         // reports panics on stderr, and prints command output on stdout: both
         // go to the log, so tests can look for what it said.
         let stdout = log.try_clone().expect("log file handle");
-        let mut cmd = Command::new(server_binary());
+        let mut cmd = match self.open_files {
+            None => Command::new(server_binary()),
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(server_binary());
+                cmd
+            }
+        };
         // Tests of other things run many synthetic clients from one address
-        // at full speed: the rate limits' bursts are lifted for them through
-        // the environment, which a test's own flags override (the limits
-        // themselves are tested at their defaults in server_limits.rs).
+        // at full speed: the rate limits' bursts and the per-source limits
+        // are lifted for them through the environment, which a test's own
+        // flags override (the limits themselves are tested at their
+        // defaults in server_limits.rs and fault_hostile_load.rs).
         for var in [
             "MLS_DS_RATE_BURST",
             "MLS_DS_IP_RATE_BURST",
             "MLS_DS_CLAIM_BURST",
             "MLS_DS_TARGET_CLAIM_BURST",
+            "MLS_DS_MAX_INFLIGHT_PER_SOURCE",
+            "MLS_DS_MAX_CONNECTIONS_PER_SOURCE",
+            "MLS_DS_MAX_REQUEST_BUFFER_PER_SOURCE_MB",
         ] {
-            cmd.env(var, "100000000");
+            if self.lift_limits {
+                cmd.env(var, "100000000");
+            } else {
+                cmd.env_remove(var);
+            }
         }
         let child = cmd
             .arg("--data-dir")
@@ -259,10 +311,19 @@ impl Server {
     /// Peak resident set size of the running server in KiB (`VmHWM` in
     /// `/proc/<pid>/status`), the high-water mark since it started.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// The server's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 

@@ -4,12 +4,11 @@
 //! response in `response`; this module only decides which.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Body;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
 use hyper::http::request::Parts;
@@ -17,12 +16,15 @@ use hyper::{Method, Request, Response};
 use mls_ds_protocol::auth::AuthToken;
 use mls_ds_protocol::{decode, ClientId, AUTH_HEADER};
 
-use super::body::{self, BoxError};
+use super::body::{self, BoxError, ReadLimits, Received};
+use super::budget::{Budgets, BytesBody, MemoryLimits};
+use super::conn::{ConnLimits, Connections};
 use super::response::{ApiBody, ApiError, Reply};
 use super::route::{ClientRoute, Route};
 use super::stream::{self, StreamLimits, Streams};
 use crate::backend::Backend;
-use crate::metrics::Metrics;
+use crate::counts::{ClientCounts, Counted, Full, SourceCounts};
+use crate::metrics::{FrontGauges, Metrics};
 use crate::rate_limit::Rate;
 use crate::rate_limit::RateLimiter;
 use crate::service::auth::{Authenticator, Caller, RequestView};
@@ -40,6 +42,13 @@ pub(crate) struct HttpLimits {
     pub(crate) read_timeout: Duration,
     /// Most requests handled at once.
     pub(crate) max_inflight: usize,
+    /// Most requests handled at once from one source address.
+    pub(crate) max_inflight_per_source: usize,
+    /// Most fetches (`GET /v1/queue`, long-polls included) of one client
+    /// at once.
+    pub(crate) max_fetches_per_client: usize,
+    /// Bytes of request and response bodies held at once.
+    pub(crate) memory: MemoryLimits,
     /// Requests per client.
     pub(crate) per_client: Rate,
     /// Registrations and session openings per source address.
@@ -49,6 +58,8 @@ pub(crate) struct HttpLimits {
     pub(crate) trust_forwarded_for: bool,
     /// Queue streams.
     pub(crate) streams: StreamLimits,
+    /// Connections.
+    pub(crate) connections: ConnLimits,
 }
 
 /// The HTTP front of a DS: what outlives a reopening of its storage.
@@ -58,8 +69,11 @@ pub(crate) struct Front<B> {
     metrics: Metrics,
     per_client: RateLimiter<ClientId>,
     per_address: RateLimiter<IpAddr>,
-    inflight: AtomicUsize,
+    inflight: Arc<SourceCounts>,
+    fetches: Arc<ClientCounts>,
+    budgets: Budgets,
     streams: Arc<Streams>,
+    connections: Arc<Connections>,
 }
 
 /// A request's answer and the label it is counted under in the metrics.
@@ -74,15 +88,6 @@ impl Outcome {
     }
 }
 
-/// Holds one in-flight slot.
-struct Slot<'a>(&'a AtomicUsize);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl<B: Backend> Front<B> {
     /// A front serving the DS in `cell`.
     pub(crate) fn new(cell: Arc<StateCell<Ds<B>>>, limits: HttpLimits) -> Front<B> {
@@ -91,9 +96,12 @@ impl<B: Backend> Front<B> {
             per_client: RateLimiter::new(limits.per_client),
             per_address: RateLimiter::new(limits.per_address),
             streams: Streams::new(limits.streams),
+            budgets: Budgets::new(limits.memory),
+            connections: Connections::new(limits.connections, limits.trust_forwarded_for),
             limits,
             metrics: Metrics::default(),
-            inflight: AtomicUsize::new(0),
+            inflight: Arc::default(),
+            fetches: Arc::default(),
         }
     }
 
@@ -105,10 +113,14 @@ impl<B: Backend> Front<B> {
         Bd::Error: Into<BoxError>,
     {
         let start = Instant::now();
-        let inflight = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
-        let _slot = Slot(&self.inflight);
+        let source = self.source(req.headers(), peer);
+        let slot = self.inflight.try_acquire(
+            &source,
+            self.limits.max_inflight_per_source,
+            self.limits.max_inflight,
+        );
         let head = req.method() == Method::HEAD;
-        let Outcome { label, result } = self.answer(req, inflight, peer).await;
+        let Outcome { label, result } = self.answer(req, slot, source).await;
         let mut resp = match result {
             Ok(reply) => reply.into_response(),
             Err(e) => e.answer(label),
@@ -121,8 +133,14 @@ impl<B: Backend> Front<B> {
         resp
     }
 
-    /// A request's answer, and its metrics label.
-    async fn answer<Bd>(&self, req: Request<Bd>, inflight: usize, peer: IpAddr) -> Outcome
+    /// A request's answer, and its metrics label; `slot` is its place
+    /// among the requests in flight, if it got one.
+    async fn answer<Bd>(
+        &self,
+        req: Request<Bd>,
+        slot: Result<Counted<IpAddr>, Full>,
+        source: IpAddr,
+    ) -> Outcome
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<BoxError>,
@@ -143,12 +161,19 @@ impl<B: Backend> Front<B> {
         if let Err(e) = ds.backend().health() {
             return Outcome::new("storage_failed", Err(DsError::from(e).into()));
         }
-        if inflight > self.limits.max_inflight {
-            return Outcome::new("overload", Err(ApiError::Overloaded));
-        }
+        let _slot = match slot {
+            Ok(slot) => slot,
+            Err(Full::Total) => return Outcome::new("overload", Err(ApiError::Overloaded)),
+            Err(Full::Key) => {
+                let busy = ApiError::TooMuchAtOnce(format!(
+                    "at most {} requests from one address are handled at once",
+                    self.limits.max_inflight_per_source
+                ));
+                return Outcome::new("overload_source", Err(busy));
+            }
+        };
         // Registrations and session openings are signature-verified by
         // nature: limited per source address before their body is read.
-        let source = self.source(req.headers(), peer);
         let signed_by_nature = matches!(
             route,
             Route::Register | Route::Recover(_) | Route::Client(ClientRoute::OpenSession)
@@ -180,7 +205,11 @@ impl<B: Backend> Front<B> {
         match route {
             Route::Healthz => Ok(Reply::text("ok\n".into(), "text/plain")),
             Route::Register => {
-                let (parts, body) = self.read(req).await?;
+                let Received {
+                    parts,
+                    body,
+                    share: _share,
+                } = self.read(req, source).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
                 match ds.register(&token, &view, decode(&body)?).await? {
                     Registration::Created(r) => Reply::created(&r),
@@ -188,12 +217,16 @@ impl<B: Backend> Front<B> {
                 }
             }
             Route::Recover(id) => {
-                let (parts, body) = self.read(req).await?;
+                let Received {
+                    parts,
+                    body,
+                    share: _share,
+                } = self.read(req, source).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
                 Reply::ok(&ds.recover(&token, &view, id, decode(&body)?).await?)
             }
             Route::Client(route) => {
-                let (parts, body) = self.read(req).await?;
+                let Received { parts, body, share } = self.read(req, source).await?;
                 let (token, view) = token_and_view(&parts, &body)?;
                 // A signature costs far more to verify than a session's MAC,
                 // and verification comes before the per-client limit: any
@@ -217,7 +250,16 @@ impl<B: Backend> Front<B> {
                         ticket,
                     )));
                 }
-                client_call(ds, &caller, route, &body).await
+                let _fetching = match route {
+                    ClientRoute::Fetch(_) => Some(self.fetch_slot(&caller.client)?),
+                    _ => None,
+                };
+                let mut reply = client_call(ds, &caller, route, &body).await?;
+                drop(share);
+                if let Some(bytes) = reply.bytes_mut() {
+                    self.budgets.response(&caller.client, bytes)?;
+                }
+                Ok(reply)
             }
         }
     }
@@ -256,22 +298,52 @@ impl<B: Backend> Front<B> {
         let Some(ds) = self.cell.get() else {
             return Err(DsError::Unavailable(REOPENING.into()).into());
         };
+        let (request_bytes, response_bytes) = self.budgets.held();
+        let front = FrontGauges {
+            sessions: ds.authenticator().session_count(),
+            streams: self.streams.open_count(),
+            connections: self.connections.open_count(),
+            request_bytes,
+            response_bytes,
+        };
         Ok(Reply::text(
-            self.metrics.render(
-                &ds.backend().stats(),
-                ds.authenticator().session_count(),
-                self.streams.open_count(),
-            ),
+            self.metrics.render(&ds.backend().stats(), &front),
             "text/plain; version=0.0.4",
         ))
     }
 
-    async fn read<Bd>(&self, req: Request<Bd>) -> Result<(Parts, Bytes), ApiError>
+    /// The connections this front serves.
+    pub(crate) fn connections(&self) -> Arc<Connections> {
+        self.connections.clone()
+    }
+
+    /// A connection was closed at accept because `full`.
+    pub(crate) fn connection_refused(&self, full: Full) {
+        self.metrics.connection_refused(full == Full::Key);
+    }
+
+    async fn read<Bd>(&self, req: Request<Bd>, source: IpAddr) -> Result<Received, ApiError>
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<BoxError>,
     {
-        body::read(req, self.limits.max_body_bytes, self.limits.read_timeout).await
+        let limits = ReadLimits {
+            max: self.limits.max_body_bytes,
+            timeout: self.limits.read_timeout,
+            budgets: &self.budgets,
+            source,
+        };
+        body::read(req, limits).await
+    }
+
+    /// One of the few fetches a client may run at once.
+    fn fetch_slot(&self, client: &ClientId) -> Result<Counted<ClientId>, ApiError> {
+        let most = self.limits.max_fetches_per_client;
+        self.fetches
+            .try_acquire(client, most, usize::MAX)
+            .map_err(|_| {
+                ApiError::TooMuchAtOnce(format!("at most {most} fetches of one client run at once"))
+            })
     }
 }
 
@@ -337,7 +409,7 @@ fn forwarded_ip(entry: &str) -> Option<IpAddr> {
 
 /// The key an address is limited under: IPv4 as it is (also when mapped
 /// into IPv6), IPv6 by its /64 prefix.
-fn limit_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn limit_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -370,7 +442,7 @@ fn token_and_view<'a>(
 /// its body would have had, and no body (HTTP/2 forbids one).
 pub(crate) fn without_body(resp: &mut Response<ApiBody>) {
     let len = resp.body().size_hint().exact().unwrap_or(0);
-    *resp.body_mut() = Either::Left(Full::new(Bytes::new()));
+    *resp.body_mut() = Either::Left(BytesBody::new(Vec::new()));
     resp.headers_mut()
         .insert(CONTENT_LENGTH, HeaderValue::from(len));
 }

@@ -4,12 +4,12 @@
 //! internal failure is logged with its detail under an error id, and the
 //! client gets a generic message naming only that id.
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use mls_ds_protocol::{ErrorBody, ErrorCode, CONTENT_TYPE as API_TYPE};
 
+use super::budget::BytesBody;
 use super::stream::SseBody;
 use crate::rate_limit::RetryAfter;
 use crate::service::DsError;
@@ -53,6 +53,11 @@ pub(crate) enum ApiError {
     /// The client has as many streams open as it may.
     #[error("at most {0} streams of one client are open at once")]
     TooManyStreams(usize),
+    /// The client or source address holds as much at once as it may
+    /// (requests in flight, fetches, bytes of bodies); it may retry once it
+    /// has finished what it holds.
+    #[error("{0}")]
+    TooMuchAtOnce(String),
 }
 
 impl From<mls_ds_protocol::DecodeError> for ApiError {
@@ -102,7 +107,7 @@ impl ApiError {
             ),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
-            ApiError::TooManyStreams(_) => {
+            ApiError::TooManyStreams(_) | ApiError::TooMuchAtOnce(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
             }
         }
@@ -133,7 +138,7 @@ impl ApiError {
         }
         // An error body always encodes (a code, a short text, an option).
         let bytes = mls_ds_protocol::encode(&body).unwrap_or_default();
-        let mut resp = Response::new(Either::Left(Full::new(Bytes::from(bytes))));
+        let mut resp = Response::new(Either::Left(BytesBody::new(bytes)));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(API_TYPE));
@@ -144,6 +149,7 @@ impl ApiError {
         }
         let retry_after = match self {
             ApiError::RateLimited(wait) => Some(wait.secs()),
+            ApiError::Overloaded | ApiError::TooMuchAtOnce(_) => Some(1),
             ApiError::Ds(DsError::RateLimited {
                 retry_after_secs, ..
             }) => Some(*retry_after_secs),
@@ -160,7 +166,7 @@ impl ApiError {
 }
 
 /// The body of every response: bytes, or a stream of events.
-pub(crate) type ApiBody = Either<Full<Bytes>, SseBody>;
+pub(crate) type ApiBody = Either<BytesBody, SseBody>;
 
 /// A successful answer.
 pub(crate) struct Reply {
@@ -170,7 +176,7 @@ pub(crate) struct Reply {
 }
 
 enum ReplyBody {
-    Bytes(Vec<u8>),
+    Bytes(BytesBody),
     Stream(SseBody),
 }
 
@@ -180,7 +186,7 @@ impl Reply {
             .map_err(|e| DsError::Internal(format!("encode response: {e:?}")))?;
         Ok(Reply {
             status,
-            body: ReplyBody::Bytes(body),
+            body: ReplyBody::Bytes(BytesBody::new(body)),
             content_type: API_TYPE,
         })
     }
@@ -199,7 +205,7 @@ impl Reply {
     pub(crate) fn no_content() -> Reply {
         Reply {
             status: StatusCode::NO_CONTENT,
-            body: ReplyBody::Bytes(Vec::new()),
+            body: ReplyBody::Bytes(BytesBody::new(Vec::new())),
             content_type: API_TYPE,
         }
     }
@@ -208,7 +214,7 @@ impl Reply {
     pub(crate) fn text(body: String, content_type: &'static str) -> Reply {
         Reply {
             status: StatusCode::OK,
-            body: ReplyBody::Bytes(body.into_bytes()),
+            body: ReplyBody::Bytes(BytesBody::new(body.into_bytes())),
             content_type,
         }
     }
@@ -222,11 +228,20 @@ impl Reply {
         }
     }
 
+    /// The body of an answer in bytes, to take its share of a memory
+    /// budget (`None` for a stream).
+    pub(crate) fn bytes_mut(&mut self) -> Option<&mut BytesBody> {
+        match &mut self.body {
+            ReplyBody::Bytes(b) => Some(b),
+            ReplyBody::Stream(_) => None,
+        }
+    }
+
     /// The response.
     pub(crate) fn into_response(self) -> Response<ApiBody> {
         let streaming = matches!(self.body, ReplyBody::Stream(_));
         let mut resp = Response::new(match self.body {
-            ReplyBody::Bytes(b) => Either::Left(Full::new(Bytes::from(b))),
+            ReplyBody::Bytes(b) => Either::Left(b),
             ReplyBody::Stream(s) => Either::Right(s),
         });
         *resp.status_mut() = self.status;

@@ -32,13 +32,14 @@ use tokio::time::Instant;
 
 use super::response::ApiError;
 use crate::backend::{Backend, Page};
-use crate::client_counts::{ClientCounts, Counted, Full};
+use crate::counts::{ClientCounts, Counted, Full};
 use crate::service::auth::Caller;
 use crate::service::Ds;
 use crate::state_cell::StateCell;
 
-/// Idle time after which a comment is sent, below common proxy timeouts.
-const KEEPALIVE: Duration = Duration::from_secs(20);
+/// Idle time after which a comment is sent, below common proxy timeouts
+/// (and below half the write timeout, see [`StreamLimits::keepalive`]).
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(20);
 /// The first event: how long a client waits before reconnecting.
 const RETRY_HINT: &[u8] = b"retry: 1000\n\n";
 const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
@@ -52,6 +53,10 @@ pub(crate) struct StreamLimits {
     pub(crate) max_per_client: usize,
     /// Longest life of one stream.
     pub(crate) max_lifetime: Duration,
+    /// Idle time after which a comment is sent: a stream that writes
+    /// nothing for the write timeout is taken for a peer that stopped
+    /// reading (`conn`).
+    pub(crate) keepalive: Duration,
 }
 
 /// The open streams.
@@ -87,7 +92,7 @@ impl Streams {
             .open
             .try_acquire(client, self.limits.max_per_client, self.limits.max_total)
             .map_err(|full| match full {
-                Full::Client => ApiError::TooManyStreams(self.limits.max_per_client),
+                Full::Key => ApiError::TooManyStreams(self.limits.max_per_client),
                 Full::Total => ApiError::Overloaded,
             })?;
         Ok(Ticket {
@@ -166,7 +171,7 @@ async fn produce<B: Backend>(
             break;
         }
         let Some(ds) = cell.get() else { break };
-        let wait = KEEPALIVE.min(deadline - now);
+        let wait = ticket.limits.keepalive.min(deadline - now);
         let fetched = tokio::select! {
             fetched = ds.next_page(&caller.client, after, None, None, wait) => fetched,
             _ = closing.changed() => break,

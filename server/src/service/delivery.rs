@@ -15,7 +15,7 @@ use super::error::Result;
 use super::Ds;
 use crate::backend::records::now_ms;
 use crate::backend::{Backend, Page};
-use crate::client_counts::Counted;
+use crate::counts::Counted;
 
 /// What a fetch asks for (the query of `GET /v1/queue`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -94,7 +94,7 @@ pub(crate) struct Ds<B> {
     claims_by_claimer: RateLimiter<ClientId>,
     claims_by_target: RateLimiter<ClientId>,
     /// Clients with a long-poll or a stream open (push wake-ups skip them).
-    listeners: std::sync::Arc<crate::client_counts::ClientCounts>,
+    listeners: std::sync::Arc<crate::counts::ClientCounts>,
 }
 
 impl<B: Backend> Ds<B> {

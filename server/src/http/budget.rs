@@ -1,0 +1,275 @@
+//! Memory the DS holds on behalf of peers, bounded whatever they do:
+//! request bodies while they are read (per source address and in total),
+//! and response bodies until they are sent (per client and in total).
+//!
+//! A response body holds its share until its last byte went to the
+//! connection, not merely until hyper took it: a large body is handed over
+//! in [`PIECE`]-sized copies, so the page behind it is freed as soon as the
+//! body ends, and what hyper or h2 buffer beyond that is bounded per
+//! connection by their own buffer limits (set in [`super`]). A peer that
+//! does not read keeps its share only until the connection's write stall
+//! timeout closes the connection (`conn`).
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use mls_ds_protocol::ClientId;
+
+use super::response::ApiError;
+use crate::counts::{ClientCounts, Counted, Full, SourceCounts};
+
+/// Bodies up to this size are sent as they are; larger ones in copies of
+/// this size.
+pub(crate) const PIECE: usize = 16 * 1024;
+
+/// Memory limits, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MemoryLimits {
+    /// Request bodies being read, in total.
+    pub(crate) requests_total: usize,
+    /// Request bodies being read from one source address.
+    pub(crate) requests_per_source: usize,
+    /// Response bodies not yet sent, in total.
+    pub(crate) responses_total: usize,
+    /// Response bodies not yet sent to one client.
+    pub(crate) responses_per_client: usize,
+}
+
+/// The memory budgets of one server.
+pub(crate) struct Budgets {
+    limits: MemoryLimits,
+    requests: Arc<SourceCounts>,
+    responses: Arc<ClientCounts>,
+}
+
+/// A request body's share of the request budget.
+pub(crate) type RequestShare = Counted<IpAddr>;
+
+impl Budgets {
+    /// Nothing held yet.
+    pub(crate) fn new(limits: MemoryLimits) -> Budgets {
+        Budgets {
+            limits,
+            requests: Arc::default(),
+            responses: Arc::default(),
+        }
+    }
+
+    /// A share of `bytes` for a request body from `source`.
+    pub(crate) fn request(&self, source: IpAddr, bytes: usize) -> Result<RequestShare, ApiError> {
+        let limits = &self.limits;
+        self.requests
+            .try_acquire_n(
+                &source,
+                bytes,
+                limits.requests_per_source,
+                limits.requests_total,
+            )
+            .map_err(request_refusal)
+    }
+
+    /// `more` bytes on top of `share`.
+    pub(crate) fn grow_request(
+        &self,
+        share: &mut RequestShare,
+        more: usize,
+    ) -> Result<(), ApiError> {
+        let limits = &self.limits;
+        share
+            .try_grow(more, limits.requests_per_source, limits.requests_total)
+            .map_err(request_refusal)
+    }
+
+    /// Give `body`, an answer to `client`, its share of the response
+    /// budget. Bodies of one piece are not counted: what they can hold is
+    /// bounded by the requests a connection may have in flight.
+    pub(crate) fn response(&self, client: &ClientId, body: &mut BytesBody) -> Result<(), ApiError> {
+        let len = body.data.len();
+        if len <= PIECE {
+            return Ok(());
+        }
+        let limits = &self.limits;
+        let share = self
+            .responses
+            .try_acquire_n(
+                client,
+                len,
+                limits.responses_per_client,
+                limits.responses_total,
+            )
+            .map_err(|full| match full {
+                Full::Key => ApiError::TooMuchAtOnce(format!(
+                    "this client has {} bytes of responses that it has not read yet; \
+                     read them before asking for more",
+                    limits.responses_per_client
+                )),
+                Full::Total => ApiError::Overloaded,
+            })?;
+        body.share = Some(share);
+        Ok(())
+    }
+
+    /// Bytes held now: request bodies, response bodies.
+    pub(crate) fn held(&self) -> (usize, usize) {
+        (self.requests.total(), self.responses.total())
+    }
+}
+
+fn request_refusal(full: Full) -> ApiError {
+    match full {
+        Full::Key => {
+            ApiError::TooMuchAtOnce("this address is sending too many request bytes at once".into())
+        }
+        Full::Total => ApiError::Overloaded,
+    }
+}
+
+/// A response body of bytes: one frame if small, copies of [`PIECE`]
+/// bytes if large; it gives back its budget share when it ends.
+pub(crate) struct BytesBody {
+    data: Bytes,
+    sent: usize,
+    share: Option<Counted<ClientId>>,
+}
+
+impl BytesBody {
+    /// A body of `data`.
+    pub(crate) fn new(data: impl Into<Bytes>) -> BytesBody {
+        BytesBody {
+            data: data.into(),
+            sent: 0,
+            share: None,
+        }
+    }
+
+    fn left(&self) -> usize {
+        self.data.len() - self.sent
+    }
+}
+
+impl Body for BytesBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.left() == 0 {
+            this.share = None;
+            return Poll::Ready(None);
+        }
+        let piece = if this.data.len() <= PIECE {
+            std::mem::take(&mut this.data)
+        } else {
+            let end = this.sent + this.left().min(PIECE);
+            let piece = Bytes::copy_from_slice(&this.data[this.sent..end]);
+            this.sent = end;
+            if this.left() == 0 {
+                // The page itself is not needed any more.
+                this.data = Bytes::new();
+                this.sent = 0;
+                this.share = None;
+            }
+            piece
+        };
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left() == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    const LIMITS: MemoryLimits = MemoryLimits {
+        requests_total: 1000,
+        requests_per_source: 600,
+        responses_total: 5 * PIECE / 2 + 10,
+        responses_per_client: 2 * PIECE + 10,
+    };
+
+    #[tokio::test]
+    async fn large_bodies_go_in_pieces_and_give_back_their_share() {
+        let budgets = Budgets::new(LIMITS);
+        let a = ClientId::new("a").unwrap();
+        let data: Vec<u8> = (0..PIECE + PIECE / 2).map(|i| i as u8).collect();
+        let mut body = BytesBody::new(data.clone());
+        budgets.response(&a, &mut body).unwrap();
+        assert_eq!(budgets.held().1, data.len());
+        let mut again = BytesBody::new(data.clone());
+        assert!(matches!(
+            budgets.response(&a, &mut again),
+            Err(ApiError::TooMuchAtOnce(_))
+        ));
+        assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first.len(), PIECE);
+        assert_eq!(budgets.held().1, data.len(), "held until the last piece");
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!([first, second].concat(), data);
+        assert!(body.is_end_stream());
+        assert_eq!(budgets.held().1, 0);
+        assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_one_frame_and_free() {
+        let budgets = Budgets::new(LIMITS);
+        let mut body = BytesBody::new(vec![7u8; 100]);
+        budgets
+            .response(&ClientId::new("a").unwrap(), &mut body)
+            .unwrap();
+        assert_eq!(budgets.held().1, 0);
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(collected.as_ref(), &[7u8; 100][..]);
+    }
+
+    #[test]
+    fn the_total_response_budget_is_shared_and_a_full_one_is_overload() {
+        let budgets = Budgets::new(LIMITS);
+        let mut held = Vec::new();
+        for name in ["a", "b"] {
+            let mut body = BytesBody::new(vec![0u8; PIECE + 1]);
+            budgets
+                .response(&ClientId::new(name).unwrap(), &mut body)
+                .unwrap();
+            held.push(body);
+        }
+        let mut third = BytesBody::new(vec![0u8; PIECE + 1]);
+        assert!(matches!(
+            budgets.response(&ClientId::new("c").unwrap(), &mut third),
+            Err(ApiError::Overloaded)
+        ));
+    }
+
+    #[test]
+    fn request_shares_grow_within_their_limits() {
+        let budgets = Budgets::new(LIMITS);
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let mut share = budgets.request(a, 500).unwrap();
+        assert!(matches!(
+            budgets.grow_request(&mut share, 101),
+            Err(ApiError::TooMuchAtOnce(_))
+        ));
+        budgets.grow_request(&mut share, 100).unwrap();
+        assert!(matches!(budgets.request(b, 401), Err(ApiError::Overloaded)));
+        drop(share);
+        assert!(budgets.request(b, 600).is_ok());
+    }
+}
