@@ -1,6 +1,7 @@
 //! Memory the DS holds on behalf of peers, bounded whatever they do:
 //! request bodies while they are read (per source address and in total),
-//! and response bodies until they are sent (per client and in total).
+//! and response bodies and queue stream events until they are sent (per
+//! client and in total).
 //!
 //! A response body holds its share until its last byte went to the
 //! connection, not merely until hyper took it: a large body is handed over
@@ -86,31 +87,36 @@ impl Budgets {
     }
 
     /// Give `body`, an answer to `client`, its share of the response
-    /// budget. Bodies of one piece are not counted: what they can hold is
-    /// bounded by the requests a connection may have in flight.
+    /// budget.
     pub(crate) fn response(&self, client: &ClientId, body: &mut BytesBody) -> Result<(), ApiError> {
-        let len = body.data.len();
+        self.hold(client, &mut body.0).map_err(|full| match full {
+            Full::Key => ApiError::TooMuchAtOnce(format!(
+                "this client has {} bytes of responses that it has not read yet; \
+                 read them before asking for more",
+                self.limits.responses_per_client
+            )),
+            Full::Total => ApiError::Overloaded,
+        })
+    }
+
+    /// Give `pieces`, bytes to be sent to `client`, their share of the
+    /// response budget. Bytes of one piece are not counted: what they can
+    /// hold is bounded by the requests and streams a connection may have.
+    pub(crate) fn hold(&self, client: &ClientId, pieces: &mut Pieces) -> Result<(), Full> {
+        let len = pieces.left();
         if len <= PIECE {
             return Ok(());
         }
         let limits = &self.limits;
-        let share = self
-            .responses
-            .try_acquire_n(
-                client,
-                len,
-                limits.responses_per_client,
-                limits.responses_total,
-            )
-            .map_err(|full| match full {
-                Full::Key => ApiError::TooMuchAtOnce(format!(
-                    "this client has {} bytes of responses that it has not read yet; \
-                     read them before asking for more",
-                    limits.responses_per_client
-                )),
-                Full::Total => ApiError::Overloaded,
-            })?;
-        body.share = Some(share);
+        // One response larger than a limit still goes when nothing else is
+        // held under that limit: a page can always be sent, one at a time.
+        let share = self.responses.try_acquire_n(
+            client,
+            len,
+            limits.responses_per_client.max(len),
+            limits.responses_total.max(len),
+        )?;
+        pieces.share = Some(share);
         Ok(())
     }
 
@@ -129,26 +135,58 @@ fn request_refusal(full: Full) -> ApiError {
     }
 }
 
-/// A response body of bytes: one frame if small, copies of [`PIECE`]
-/// bytes if large; it gives back its budget share when it ends.
-pub(crate) struct BytesBody {
+/// Bytes handed over in pieces: whole if small, in copies of [`PIECE`]
+/// bytes if large; their budget share is given back with the last piece.
+pub(crate) struct Pieces {
     data: Bytes,
     sent: usize,
     share: Option<Counted<ClientId>>,
 }
 
-impl BytesBody {
-    /// A body of `data`.
-    pub(crate) fn new(data: impl Into<Bytes>) -> BytesBody {
-        BytesBody {
+impl Pieces {
+    /// `data`, not yet handed over.
+    pub(crate) fn new(data: impl Into<Bytes>) -> Pieces {
+        Pieces {
             data: data.into(),
             sent: 0,
             share: None,
         }
     }
 
-    fn left(&self) -> usize {
+    /// Bytes not yet handed over.
+    pub(crate) fn left(&self) -> usize {
         self.data.len() - self.sent
+    }
+
+    /// The next piece, if any is left.
+    pub(crate) fn next_piece(&mut self) -> Option<Bytes> {
+        if self.left() == 0 {
+            self.share = None;
+            return None;
+        }
+        if self.data.len() <= PIECE {
+            return Some(std::mem::take(&mut self.data));
+        }
+        let end = self.sent + self.left().min(PIECE);
+        let piece = Bytes::copy_from_slice(&self.data[self.sent..end]);
+        self.sent = end;
+        if self.left() == 0 {
+            // The bytes themselves are not needed any more.
+            self.data = Bytes::new();
+            self.sent = 0;
+            self.share = None;
+        }
+        Some(piece)
+    }
+}
+
+/// A response body of bytes, handed to hyper in [`Pieces`].
+pub(crate) struct BytesBody(Pieces);
+
+impl BytesBody {
+    /// A body of `data`.
+    pub(crate) fn new(data: impl Into<Bytes>) -> BytesBody {
+        BytesBody(Pieces::new(data))
     }
 }
 
@@ -160,34 +198,15 @@ impl Body for BytesBody {
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        if this.left() == 0 {
-            this.share = None;
-            return Poll::Ready(None);
-        }
-        let piece = if this.data.len() <= PIECE {
-            std::mem::take(&mut this.data)
-        } else {
-            let end = this.sent + this.left().min(PIECE);
-            let piece = Bytes::copy_from_slice(&this.data[this.sent..end]);
-            this.sent = end;
-            if this.left() == 0 {
-                // The page itself is not needed any more.
-                this.data = Bytes::new();
-                this.sent = 0;
-                this.share = None;
-            }
-            piece
-        };
-        Poll::Ready(Some(Ok(Frame::data(piece))))
+        Poll::Ready(self.get_mut().0.next_piece().map(|b| Ok(Frame::data(b))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left() == 0
+        self.0.left() == 0
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left() as u64)
+        SizeHint::with_exact(self.0.left() as u64)
     }
 }
 
@@ -256,6 +275,18 @@ mod tests {
             budgets.response(&ClientId::new("c").unwrap(), &mut third),
             Err(ApiError::Overloaded)
         ));
+    }
+
+    #[test]
+    fn a_response_over_the_limits_goes_alone() {
+        let budgets = Budgets::new(LIMITS);
+        let a = ClientId::new("a").unwrap();
+        let mut huge = BytesBody::new(vec![0u8; 4 * PIECE]);
+        budgets.response(&a, &mut huge).unwrap();
+        let mut small_but_counted = BytesBody::new(vec![0u8; PIECE + 1]);
+        assert!(budgets.response(&a, &mut small_but_counted).is_err());
+        drop(huge);
+        budgets.response(&a, &mut small_but_counted).unwrap();
     }
 
     #[test]

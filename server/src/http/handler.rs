@@ -71,7 +71,7 @@ pub(crate) struct Front<B> {
     per_address: RateLimiter<IpAddr>,
     inflight: Arc<SourceCounts>,
     fetches: Arc<ClientCounts>,
-    budgets: Budgets,
+    budgets: Arc<Budgets>,
     streams: Arc<Streams>,
     connections: Arc<Connections>,
 }
@@ -96,7 +96,7 @@ impl<B: Backend> Front<B> {
             per_client: RateLimiter::new(limits.per_client),
             per_address: RateLimiter::new(limits.per_address),
             streams: Streams::new(limits.streams),
-            budgets: Budgets::new(limits.memory),
+            budgets: Arc::new(Budgets::new(limits.memory)),
             connections: Connections::new(limits.connections, limits.trust_forwarded_for),
             limits,
             metrics: Metrics::default(),
@@ -245,6 +245,7 @@ impl<B: Backend> Front<B> {
                     let ticket = self.streams.admit(&caller.client)?;
                     return Ok(Reply::stream(stream::start(
                         self.cell.clone(),
+                        self.budgets.clone(),
                         caller,
                         after,
                         ticket,

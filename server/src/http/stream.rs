@@ -30,6 +30,7 @@ use mls_ds_protocol::ClientId;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::budget::{Budgets, Pieces};
 use super::response::ApiError;
 use crate::backend::{Backend, Page};
 use crate::counts::{ClientCounts, Counted, Full};
@@ -43,6 +44,8 @@ pub(crate) const KEEPALIVE: Duration = Duration::from_secs(20);
 /// The first event: how long a client waits before reconnecting.
 const RETRY_HINT: &[u8] = b"retry: 1000\n\n";
 const KEEPALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
+/// How long an event waits before asking the budget again.
+const BUDGET_RETRY: Duration = Duration::from_millis(200);
 
 /// Stream limits.
 #[derive(Clone, Copy, Debug)]
@@ -113,9 +116,11 @@ impl Streams {
     }
 }
 
-/// The response body of a stream: what its producer task sends.
+/// The response body of a stream: what its producer task sends, each
+/// event in [`Pieces`] holding its budget share until its last piece.
 pub(crate) struct SseBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Pieces>,
+    current: Option<Pieces>,
 }
 
 impl Body for SseBody {
@@ -123,24 +128,59 @@ impl Body for SseBody {
     type Error = Infallible;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        let this = self.get_mut();
+        loop {
+            if let Some(piece) = this.current.as_mut().and_then(Pieces::next_piece) {
+                return Poll::Ready(Some(Ok(Frame::data(piece))));
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(event)) => this.current = Some(event),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
-/// Start `caller`'s stream after sequence number `after`.
+/// Start `caller`'s stream after sequence number `after`; its events are
+/// held in `budgets`.
 pub(crate) fn start<B: Backend>(
     cell: Arc<StateCell<Ds<B>>>,
+    budgets: Arc<Budgets>,
     caller: Caller,
     after: u64,
     ticket: Ticket,
 ) -> SseBody {
     // One event ahead of a slow reader, no more: the queue is the buffer.
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(produce(cell, caller, after, ticket, tx));
-    SseBody { rx }
+    let out = Events { tx, budgets };
+    tokio::spawn(produce(cell, caller, after, ticket, out));
+    SseBody { rx, current: None }
+}
+
+/// Where a stream's producer sends its events.
+struct Events {
+    tx: mpsc::Sender<Pieces>,
+    budgets: Arc<Budgets>,
+}
+
+impl Events {
+    /// Send `event` once the client's budget has room for it (a client
+    /// that does not read its stream waits here, holding nothing more);
+    /// `false` once the stream has ended.
+    async fn send(&self, client: &ClientId, event: Bytes) -> bool {
+        let mut event = Pieces::new(event);
+        while self.budgets.hold(client, &mut event).is_err() {
+            tokio::select! {
+                _ = tokio::time::sleep(BUDGET_RETRY) => {}
+                _ = self.tx.closed() => return false,
+            }
+        }
+        self.tx.send(event).await.is_ok()
+    }
 }
 
 async fn produce<B: Backend>(
@@ -148,8 +188,9 @@ async fn produce<B: Backend>(
     caller: Caller,
     mut after: u64,
     ticket: Ticket,
-    tx: mpsc::Sender<Bytes>,
+    out: Events,
 ) {
+    let tx = &out.tx;
     let mut closing = ticket.closing.clone();
     // Listening between its long-polls too, for the push wake-ups; and
     // authenticated once, so ended when the client is deleted or recovered
@@ -162,7 +203,10 @@ async fn produce<B: Backend>(
         None => return,
     };
     let deadline = Instant::now() + ticket.limits.max_lifetime;
-    if tx.send(Bytes::from_static(RETRY_HINT)).await.is_err() {
+    if !out
+        .send(&caller.client, Bytes::from_static(RETRY_HINT))
+        .await
+    {
         return;
     }
     loop {
@@ -205,7 +249,7 @@ async fn produce<B: Backend>(
                 break;
             }
         };
-        if tx.send(frame).await.is_err() {
+        if !out.send(&caller.client, frame).await {
             break;
         }
     }
