@@ -3,13 +3,13 @@
 //! and response bodies and queue stream events until they are sent (per
 //! client and in total).
 //!
-//! A response body holds its share until its last byte went to the
-//! connection, not merely until hyper took it: a large body is handed over
-//! in [`PIECE`]-sized copies, so the page behind it is freed as soon as the
-//! body ends, and what hyper or h2 buffer beyond that is bounded per
-//! connection by their own buffer limits (set in [`super`]). A peer that
-//! does not read keeps its share only until the connection's write stall
-//! timeout closes the connection (`conn`).
+//! A response body holds its share until its last piece is handed to
+//! hyper: a large body is handed over in [`PIECE`]-sized copies, so that the
+//! page behind it is freed at that moment, not when hyper has written the
+//! last slice of it. What hyper and h2 buffer beyond that is bounded per
+//! connection by their buffer limits (set in [`super`]), and a peer that
+//! does not read loses its connection, and all it holds, after the write
+//! timeout (`conn`).
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -24,8 +24,8 @@ use mls_ds_protocol::ClientId;
 use super::response::ApiError;
 use crate::counts::{ClientCounts, Counted, Full, SourceCounts};
 
-/// Bodies up to this size are sent as they are; larger ones in copies of
-/// this size.
+/// Bodies up to this size are handed over as they are; larger ones in
+/// copies of this size.
 pub(crate) const PIECE: usize = 16 * 1024;
 
 /// Memory limits, in bytes.
@@ -100,11 +100,10 @@ impl Budgets {
     }
 
     /// Give `pieces`, bytes to be sent to `client`, their share of the
-    /// response budget. Bytes of one piece are not counted: what they can
-    /// hold is bounded by the requests and streams a connection may have.
+    /// response budget.
     pub(crate) fn hold(&self, client: &ClientId, pieces: &mut Pieces) -> Result<(), Full> {
         let len = pieces.left();
-        if len <= PIECE {
+        if len == 0 {
             return Ok(());
         }
         let limits = &self.limits;
@@ -165,6 +164,7 @@ impl Pieces {
             return None;
         }
         if self.data.len() <= PIECE {
+            self.share = None;
             return Some(std::mem::take(&mut self.data));
         }
         let end = self.sent + self.left().min(PIECE);
@@ -248,15 +248,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_bodies_are_one_frame_and_free() {
+    async fn small_bodies_are_one_frame_and_counted_until_taken() {
         let budgets = Budgets::new(LIMITS);
         let mut body = BytesBody::new(vec![7u8; 100]);
         budgets
             .response(&ClientId::new("a").unwrap(), &mut body)
             .unwrap();
-        assert_eq!(budgets.held().1, 0);
+        assert_eq!(budgets.held().1, 100);
         let collected = body.collect().await.unwrap().to_bytes();
         assert_eq!(collected.as_ref(), &[7u8; 100][..]);
+        assert_eq!(budgets.held().1, 0);
     }
 
     #[test]

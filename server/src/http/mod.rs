@@ -46,14 +46,16 @@ pub(crate) use handler::{Front, HttpLimits};
 /// How long in-flight requests may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Concurrent h2 streams per connection: a client's requests in flight
-/// (the SDK has a few; the load generator 32), with room to spare.
-const H2_MAX_STREAMS: u32 = 64;
+/// (the SDK has a few), with room to spare.
+const H2_MAX_STREAMS: u32 = 32;
 /// Streams an h2 peer may reset before the server has accepted them
 /// (rapid reset, CVE-2023-44487).
 const H2_MAX_PENDING_RESETS: usize = 16;
-/// What hyper buffers per connection (HTTP/1 read and write buffers, h2
-/// send buffer per stream): bounds memory per connection.
-const CONN_BUFFER: usize = 128 * 1024;
+/// What hyper buffers of an HTTP/1 connection, to read and to write.
+const H1_BUFFER: usize = 64 * 1024;
+/// What h2 buffers per stream to send: with [`H2_MAX_STREAMS`], what a
+/// connection whose peer stops reading can hold beyond the response budget.
+const H2_SEND_BUFFER: usize = 16 * 1024;
 /// Largest header block an h2 peer may send (heads are small here).
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
@@ -66,13 +68,13 @@ fn connection_builder(head_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(head_timeout)
-        .max_buf_size(CONN_BUFFER);
+        .max_buf_size(H1_BUFFER);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(H2_MAX_STREAMS)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
-        .max_send_buf_size(CONN_BUFFER)
+        .max_send_buf_size(H2_SEND_BUFFER)
         .max_header_list_size(H2_MAX_HEADER_LIST);
     builder
 }
