@@ -18,7 +18,7 @@ pub(crate) fn fit_connections(max_connections: usize) -> usize {
             current: limit.maximum,
             maximum: limit.maximum,
         };
-        match setrlimit(Resource::Nofile, raised.clone()) {
+        match setrlimit(Resource::Nofile, raised) {
             Ok(()) => limit = raised,
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
