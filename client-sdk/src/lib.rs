@@ -23,6 +23,8 @@ pub use error::{ClientError, MlsErrorKind, Result};
 pub use mls_ds_protocol::groups::SendId;
 pub use mls_ds_storage::{StorageError, StoreKey};
 pub use records::Event;
+#[cfg(feature = "test-hooks")]
+pub use sse::pages_of;
 pub use sse::QueueStream;
 pub use tls::TlsConfig;
 pub use transport::{AuthMode, HttpPool, Transport};

@@ -19,19 +19,65 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// An open queue stream.
 pub struct QueueStream {
     body: Incoming,
+    events: Events,
+    url: String,
+}
+
+/// The events of a stream, from its bytes as they arrive.
+#[derive(Default)]
+struct Events {
     buf: Vec<u8>,
     /// How much of `buf` is known to hold no event end, so that a large
     /// event arriving in many frames is not searched from its start again.
     scanned: usize,
-    url: String,
+}
+
+impl Events {
+    fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next page among the complete events buffered; `None` when more
+    /// bytes are needed.
+    fn next_page(&mut self) -> Result<Option<QueuePage>> {
+        while let Some(end) = event_end(&self.buf, self.scanned) {
+            let event: Vec<u8> = self.buf.drain(..end).collect();
+            self.scanned = 0;
+            if let Some(page) = parse_event(&event)? {
+                return Ok(Some(page));
+            }
+        }
+        // The last byte may start the blank line that ends the event.
+        self.scanned = self.buf.len().saturating_sub(1);
+        if self.buf.len() > MAX_EVENT_BYTES {
+            return Err(ClientError::BadResponse(
+                "queue stream event too large".into(),
+            ));
+        }
+        Ok(None)
+    }
+}
+
+/// The pages of a queue stream whose bytes arrive in `chunks` (for the fuzz
+/// target of the stream reader).
+#[cfg(feature = "test-hooks")]
+pub fn pages_of(chunks: &[&[u8]]) -> Result<Vec<QueuePage>> {
+    let mut events = Events::default();
+    let mut pages = Vec::new();
+    for chunk in chunks {
+        events.feed(chunk);
+        while let Some(page) = events.next_page()? {
+            pages.push(page);
+        }
+    }
+    Ok(pages)
 }
 
 impl QueueStream {
     pub(crate) fn new(body: Incoming, url: String) -> QueueStream {
         QueueStream {
             body,
-            buf: Vec::new(),
-            scanned: 0,
+            events: Events::default(),
             url,
         }
     }
@@ -40,19 +86,8 @@ impl QueueStream {
     /// the cursor to go on).
     pub async fn next_page(&mut self) -> Result<Option<QueuePage>> {
         loop {
-            while let Some(end) = event_end(&self.buf, self.scanned) {
-                let event: Vec<u8> = self.buf.drain(..end).collect();
-                self.scanned = 0;
-                if let Some(page) = parse_event(&event)? {
-                    return Ok(Some(page));
-                }
-            }
-            // The last byte may start the blank line that ends the event.
-            self.scanned = self.buf.len().saturating_sub(1);
-            if self.buf.len() > MAX_EVENT_BYTES {
-                return Err(ClientError::BadResponse(
-                    "queue stream event too large".into(),
-                ));
+            if let Some(page) = self.events.next_page()? {
+                return Ok(Some(page));
             }
             let frame = tokio::time::timeout(IDLE_TIMEOUT, self.body.frame())
                 .await
@@ -70,7 +105,7 @@ impl QueueStream {
                 }
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        self.events.feed(&data);
                     }
                 }
             }

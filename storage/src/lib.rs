@@ -47,6 +47,7 @@ mod encryption;
 mod entities;
 mod error;
 mod provider;
+mod sled_conf;
 mod store;
 pub mod trees;
 

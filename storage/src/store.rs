@@ -23,6 +23,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use crate::durability::{Durability, GroupCommit};
 use crate::encryption::{Cipher, StoreKey};
 use crate::error::StorageError;
+use crate::sled_conf;
 use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 
 /// Format of the whole database (layout of trees, keys and value encodings).
@@ -107,6 +108,7 @@ impl Store {
     /// handle holds open (sled locks it) is [`StorageError::InUse`].
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StorageError> {
         let path = path.as_ref();
+        sled_conf::remove_if_torn(path)?;
         let open = || {
             sled::Config::new()
                 .path(path)
@@ -136,6 +138,7 @@ impl Store {
                 }
             }
         })?;
+        sled_conf::sync(path)?;
         // sled keeps its log in `<dir>/db`; fsync needs a handle on it, and
         // silently skipping the fsync would weaken the durability promise.
         let log_file = OpenOptions::new().read(true).open(path.join("db"))?;

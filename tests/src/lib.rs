@@ -8,6 +8,7 @@
 
 pub mod crashing;
 pub mod lean_http;
+pub mod powercut;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
@@ -273,8 +274,13 @@ impl Server {
                 }
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // The log's end in the message: a temporary directory holding
+                // the log is gone by the time anyone reads the panic.
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n");
                 panic!(
-                    "mls-ds exited early with {status}; see {}",
+                    "mls-ds exited early with {status}; the end of {}:\n{tail}",
                     self.log_path().display()
                 );
             }
