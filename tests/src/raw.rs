@@ -305,6 +305,23 @@ impl RawMember {
     }
 }
 
+/// Two registered members of one group that `a` created and invited `b`
+/// into (`b` has processed the Welcome).
+pub async fn group_of_two(url: &str, a: &str, b: &str) -> (RawMember, RawMember) {
+    let mut alice = RawMember::new(url, a);
+    let mut bob = RawMember::new(url, b);
+    alice.register(1).await;
+    bob.register(2).await;
+    alice.create_group(false).await;
+    let kp = alice.claim(b).await;
+    let (c, w, gi) = alice.stage_add(vec![kp]);
+    alice.api.commit(&alice.gid(), c, w, gi).await.unwrap();
+    alice.merge();
+    bob.sync().await;
+    assert_eq!(alice.epoch(), bob.epoch());
+    (alice, bob)
+}
+
 /// A plain HTTP client with TCP_NODELAY (without it, a request written in two
 /// segments waits for the peer's delayed ACK).
 fn http_client() -> HyperClient<HttpConnector, Full<Bytes>> {

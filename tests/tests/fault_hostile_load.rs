@@ -28,7 +28,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::rt::TokioExecutor;
 use mls_ds_client::AuthMode;
 use mls_ds_protocol::{paths, CONTENT_TYPE};
-use mls_ds_tests::raw::{try_raw_request, RawMember};
+use mls_ds_tests::raw::{group_of_two, try_raw_request, RawMember};
 use mls_ds_tests::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -88,21 +88,6 @@ async fn open_ones(conns: Vec<TcpStream>) -> Vec<TcpStream> {
         }
     }
     open
-}
-
-/// Two registered members of one group, created by `alice`.
-async fn group_of_two(url: &str, a: &str, b: &str) -> (RawMember, RawMember) {
-    let mut alice = RawMember::new(url, a);
-    let mut bob = RawMember::new(url, b);
-    alice.register(1).await;
-    bob.register(2).await;
-    alice.create_group(false).await;
-    let kp = alice.claim(b).await;
-    let (c, w, gi) = alice.stage_add(vec![kp]);
-    alice.api.commit(&alice.gid(), c, w, gi).await.unwrap();
-    alice.merge();
-    bob.sync().await;
-    (alice, bob)
 }
 
 /// The honest pair on 127.0.0.1.
@@ -169,15 +154,18 @@ async fn fill_queue(alice: &mut RawMember, n: usize, size: usize) {
     }
 }
 
-/// A request head for `bob`'s first queue page, signed.
-async fn page_request(bob: &RawMember) -> Vec<u8> {
-    let auth = bob
+/// An `Authorization` value signed by `who` for `GET path`.
+async fn signed_get(who: &RawMember, path: &str) -> String {
+    let auth = who
         .api
         .transport
-        .authorization("GET", PAGE_PATH, b"", AuthMode::Signature)
-        .await
-        .unwrap()
-        .unwrap();
+        .authorization("GET", path, b"", AuthMode::Signature);
+    auth.await.unwrap().expect("a signature token")
+}
+
+/// A request head for `bob`'s first queue page, signed.
+async fn page_request(bob: &RawMember) -> Vec<u8> {
+    let auth = signed_get(bob, PAGE_PATH).await;
     format!("GET {PAGE_PATH} HTTP/1.1\r\nhost: ds\r\nauthorization: {auth}\r\n\r\n").into_bytes()
 }
 
@@ -222,13 +210,7 @@ async fn slow_readers_hold_bounded_memory_and_starve_nobody() {
     // never read: their events wait for the client's budget.
     for _ in 0..4 {
         let path = format!("{}?after=0", paths::QUEUE_STREAM);
-        let auth = bob
-            .api
-            .transport
-            .authorization("GET", &path, b"", AuthMode::Signature)
-            .await
-            .unwrap()
-            .unwrap();
+        let auth = signed_get(&bob, &path).await;
         let mut conn = connect_from("127.0.0.4", to).await.unwrap();
         let head = format!("GET {path} HTTP/1.1\r\nhost: ds\r\nauthorization: {auth}\r\n\r\n");
         conn.write_all(head.as_bytes()).await.unwrap();
@@ -240,13 +222,7 @@ async fn slow_readers_hold_bounded_memory_and_starve_nobody() {
     let mut streams = Vec::new();
     let mut h2_statuses = std::collections::BTreeMap::<u16, usize>::new();
     for _ in 0..64 {
-        let auth = bob
-            .api
-            .transport
-            .authorization("GET", PAGE_PATH, b"", AuthMode::Signature)
-            .await
-            .unwrap()
-            .unwrap();
+        let auth = signed_get(&bob, PAGE_PATH).await;
         let req = hyper::Request::get(format!("{url}{PAGE_PATH}"))
             .header("authorization", auth)
             .body(Full::new(Bytes::new()))

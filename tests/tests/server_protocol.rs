@@ -5,23 +5,8 @@
 
 use mls_ds_protocol::auth::{self, AuthToken, SessionAuth};
 use mls_ds_protocol::{decode, paths, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
-use mls_ds_tests::raw::{raw_request, wire, RawMember};
+use mls_ds_tests::raw::{group_of_two, raw_request, wire, RawMember};
 use mls_ds_tests::{join_all, Server};
-
-async fn group_of_two(url: &str, a: &str, b: &str) -> (RawMember, RawMember) {
-    let mut alice = RawMember::new(url, a);
-    let mut bob = RawMember::new(url, b);
-    alice.register(1).await;
-    bob.register(2).await;
-    alice.create_group(false).await;
-    let kp = alice.claim(b).await;
-    let (c, w, gi) = alice.stage_add(vec![kp]);
-    alice.api.commit(&alice.gid(), c, w, gi).await.unwrap();
-    alice.merge();
-    bob.sync().await;
-    assert_eq!(alice.epoch(), bob.epoch());
-    (alice, bob)
-}
 
 fn error_of(body: &[u8]) -> ErrorBody {
     decode::<ErrorBody>(body).expect("error body decodes")

@@ -13,6 +13,9 @@
 //! - Every open is `FOPEN_DIRECT_IO` and attributes are not cached, so the
 //!   kernel keeps no copy of its own that a cut would not reach.
 //!
+//! One file of about 600 lines: a FUSE file system is one implementation of
+//! fuser's `Filesystem` trait, whose methods make most of its length.
+//!
 //! Commands, one per line on stdin, each answered by one line on stdout:
 //! `cut all` (every unsynced page and size change is lost), `cut random
 //! SEED` (each is kept or lost at random, as a drive that wrote some of its
@@ -269,6 +272,26 @@ impl PowerCutFs {
     fn state(&self) -> MutexGuard<'_, State> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Remove `parent/name` from BACKING with `how`, and forget it.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        how: impl FnOnce(&Path) -> io::Result<()>,
+        reply: ReplyEmpty,
+    ) {
+        let mut s = self.state();
+        let result = s.child(parent.0, name).and_then(|rel| {
+            how(&s.real(&rel)).map_err(errno)?;
+            s.forget_path(&rel);
+            Ok(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
 }
 
 impl Filesystem for PowerCutFs {
@@ -378,29 +401,11 @@ impl Filesystem for PowerCutFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut s = self.state();
-        let result = s.child(parent.0, name).and_then(|rel| {
-            fs::remove_file(s.real(&rel)).map_err(errno)?;
-            s.forget_path(&rel);
-            Ok(())
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, |p| fs::remove_file(p), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut s = self.state();
-        let result = s.child(parent.0, name).and_then(|rel| {
-            fs::remove_dir(s.real(&rel)).map_err(errno)?;
-            s.forget_path(&rel);
-            Ok(())
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, |p| fs::remove_dir(p), reply);
     }
 
     fn rename(
