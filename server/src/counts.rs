@@ -84,11 +84,17 @@ impl<K: Hash + Eq + Clone> KeyedCounts<K> {
 
     /// Count one more for `client`.
     pub(crate) fn acquire(self: &Arc<Self>, client: &K) -> Counted<K> {
+        self.acquire_n(client, 1)
+    }
+
+    /// Count `n` more for `key`, whatever the limits (what is counted
+    /// must be held anyway, e.g. the answer to a write already made).
+    pub(crate) fn acquire_n(self: &Arc<Self>, key: &K, n: usize) -> Counted<K> {
         let mut c = self.lock();
-        *c.by_key.entry(client.clone()).or_insert(0) += 1;
-        c.total += 1;
+        *c.by_key.entry(key.clone()).or_insert(0) += n;
+        c.total += n;
         drop(c);
-        self.counted(client, 1)
+        self.counted(key, n)
     }
 
     /// Count one more for `client` if it holds fewer than `per_client` and

@@ -87,8 +87,21 @@ impl Budgets {
     }
 
     /// Give `body`, an answer to `client`, its share of the response
-    /// budget.
-    pub(crate) fn response(&self, client: &ClientId, body: &mut BytesBody) -> Result<(), ApiError> {
+    /// budget; past a limit, a `refusable` answer is refused, any other is
+    /// counted all the same (it reports a change already made).
+    pub(crate) fn response(
+        &self,
+        client: &ClientId,
+        body: &mut BytesBody,
+        refusable: bool,
+    ) -> Result<(), ApiError> {
+        if !refusable {
+            let len = body.0.left();
+            if len > 0 {
+                body.0.share = Some(self.responses.acquire_n(client, len));
+            }
+            return Ok(());
+        }
         self.hold(client, &mut body.0).map_err(|full| match full {
             Full::Key => ApiError::TooMuchAtOnce(format!(
                 "this client has {} bytes of responses that it has not read yet; \
@@ -229,11 +242,11 @@ mod tests {
         let a = ClientId::new("a").unwrap();
         let data: Vec<u8> = (0..PIECE + PIECE / 2).map(|i| i as u8).collect();
         let mut body = BytesBody::new(data.clone());
-        budgets.response(&a, &mut body).unwrap();
+        budgets.response(&a, &mut body, true).unwrap();
         assert_eq!(budgets.held().1, data.len());
         let mut again = BytesBody::new(data.clone());
         assert!(matches!(
-            budgets.response(&a, &mut again),
+            budgets.response(&a, &mut again, true),
             Err(ApiError::TooMuchAtOnce(_))
         ));
         assert_eq!(body.size_hint().exact(), Some(data.len() as u64));
@@ -252,7 +265,7 @@ mod tests {
         let budgets = Budgets::new(LIMITS);
         let mut body = BytesBody::new(vec![7u8; 100]);
         budgets
-            .response(&ClientId::new("a").unwrap(), &mut body)
+            .response(&ClientId::new("a").unwrap(), &mut body, true)
             .unwrap();
         assert_eq!(budgets.held().1, 100);
         let collected = body.collect().await.unwrap().to_bytes();
@@ -267,13 +280,13 @@ mod tests {
         for name in ["a", "b"] {
             let mut body = BytesBody::new(vec![0u8; PIECE + 1]);
             budgets
-                .response(&ClientId::new(name).unwrap(), &mut body)
+                .response(&ClientId::new(name).unwrap(), &mut body, true)
                 .unwrap();
             held.push(body);
         }
         let mut third = BytesBody::new(vec![0u8; PIECE + 1]);
         assert!(matches!(
-            budgets.response(&ClientId::new("c").unwrap(), &mut third),
+            budgets.response(&ClientId::new("c").unwrap(), &mut third, true),
             Err(ApiError::Overloaded)
         ));
     }
@@ -283,11 +296,24 @@ mod tests {
         let budgets = Budgets::new(LIMITS);
         let a = ClientId::new("a").unwrap();
         let mut huge = BytesBody::new(vec![0u8; 4 * PIECE]);
-        budgets.response(&a, &mut huge).unwrap();
+        budgets.response(&a, &mut huge, true).unwrap();
         let mut small_but_counted = BytesBody::new(vec![0u8; PIECE + 1]);
-        assert!(budgets.response(&a, &mut small_but_counted).is_err());
+        assert!(budgets.response(&a, &mut small_but_counted, true).is_err());
         drop(huge);
-        budgets.response(&a, &mut small_but_counted).unwrap();
+        budgets.response(&a, &mut small_but_counted, true).unwrap();
+    }
+
+    #[test]
+    fn the_answer_to_a_write_is_never_refused_but_counted() {
+        let budgets = Budgets::new(LIMITS);
+        let a = ClientId::new("a").unwrap();
+        let mut held = BytesBody::new(vec![0u8; 2 * PIECE]);
+        budgets.response(&a, &mut held, true).unwrap();
+        let mut read = BytesBody::new(vec![0u8; PIECE]);
+        assert!(budgets.response(&a, &mut read, true).is_err());
+        let mut write = BytesBody::new(vec![0u8; PIECE]);
+        budgets.response(&a, &mut write, false).unwrap();
+        assert_eq!(budgets.held().1, 3 * PIECE);
     }
 
     #[test]

@@ -255,10 +255,11 @@ impl<B: Backend> Front<B> {
                     ClientRoute::Fetch(_) => Some(self.fetch_slot(&caller.client)?),
                     _ => None,
                 };
+                let repeatable = route.repeatable();
                 let mut reply = client_call(ds, &caller, route, &body).await?;
                 drop(share);
                 if let Some(bytes) = reply.bytes_mut() {
-                    self.budgets.response(&caller.client, bytes)?;
+                    self.budgets.response(&caller.client, bytes, repeatable)?;
                 }
                 Ok(reply)
             }

@@ -57,6 +57,23 @@ pub(crate) enum ClientRoute {
     Ack,
 }
 
+impl ClientRoute {
+    /// Whether asking again changes nothing that the first request did not
+    /// (reads, and a fetch's acknowledgement, which is idempotent): such an
+    /// answer may be refused for want of memory, and the client repeats the
+    /// request. The answer to any other route is the only report of a
+    /// change already made, and is always sent.
+    pub(crate) fn repeatable(&self) -> bool {
+        matches!(
+            self,
+            ClientRoute::CountKeyPackages
+                | ClientRoute::ListGroups
+                | ClientRoute::GroupInfo(_)
+                | ClientRoute::Fetch(_)
+        )
+    }
+}
+
 /// The path a route is on, before its method is checked.
 enum Path<'a> {
     Healthz,
