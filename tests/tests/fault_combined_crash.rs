@@ -18,6 +18,13 @@
 //! epoch, members and exported secret, so no epoch had two commits); the
 //! data directory passes `mls-ds check`. Cycles: 40 by default,
 //! `MLS_DS_COMBINED_CYCLES` for more; seed `MLS_DS_COMBINED_SEED`.
+//!
+//! The same with power cuts: the server's data directory and all four
+//! stores live on a `powercut-fs` disk; at the end of each cycle every
+//! process on it is killed and everything written without a sync is lost
+//! (all of it, or a random part in odd cycles) before all restart. Cycles:
+//! 10 by default, `MLS_DS_COMBINED_CUTS`; it needs root (to mount) and says
+//! so when it cannot run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
@@ -30,6 +37,7 @@ use mls_ds_client::{Client, ClientConfig};
 use mls_ds_tests::crashing::{
     is_transport, open_client, retry, ChildSpec, Log, Records, LOCK_WAITS,
 };
+use mls_ds_tests::powercut::{Cut, PowerCutDisk};
 use mls_ds_tests::Server;
 use rand::{Rng, SeedableRng};
 
@@ -80,23 +88,56 @@ fn dave_member(roster: &[(u64, bool)], epoch: u64) -> bool {
         .is_some_and(|(_, m)| *m)
 }
 
+fn env_or(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_clients_crash_together() {
-    let cycles: u64 = std::env::var("MLS_DS_COMBINED_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
-    let seed: u64 = std::env::var("MLS_DS_COMBINED_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let cycles = env_or("MLS_DS_COMBINED_CYCLES", 40);
+    let seed = env_or("MLS_DS_COMBINED_SEED", 5);
     println!("combined crash test: seed {seed}, {cycles} cycles");
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Server::start(&dir.path().join("ds"), &[]);
-    let url_file = dir.path().join("url");
+    let summary = crash_together(dir.path(), None, cycles, seed).await;
+    println!("combined crash test: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_clients_lose_power_together() {
+    let cycles = env_or("MLS_DS_COMBINED_CUTS", 10);
+    let seed = env_or("MLS_DS_COMBINED_SEED", 5);
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match PowerCutDisk::mount(&dir.path().join("disk")) {
+        Ok(disk) => disk,
+        Err(why) => {
+            println!("combined power cut test NOT RUN: {why}");
+            return;
+        }
+    };
+    println!("combined power cut test: seed {seed}, {cycles} cuts");
+    let summary = crash_together(dir.path(), Some(disk), cycles, seed).await;
+    println!("combined power cut test: {summary}");
+}
+
+/// The scenario in `dir` (stores and the server's data on `disk` if there
+/// is one, cut at the end of every cycle); returns the figures.
+async fn crash_together(
+    dir: &Path,
+    mut disk: Option<PowerCutDisk>,
+    cycles: u64,
+    seed: u64,
+) -> String {
+    let root = disk
+        .as_ref()
+        .map_or_else(|| dir.to_owned(), |d| d.path().to_owned());
+    // Logs and the URL file stay off the disk: they must survive a cut.
+    let mut server = Server::start_logging_to(&root.join("ds"), &dir.join("server.log"), &[]);
+    let url_file = dir.join("url");
     publish_url(&url_file, &server.url());
-    let open =
-        |url: &str, n: &str| open_client(&dir.path().join(n), url, n, ClientConfig::default());
+    let open = |url: &str, n: &str| open_client(&root.join(n), url, n, ClientConfig::default());
 
     // alice's group of four; the children take over bob, carol and dave.
     let url = server.url();
@@ -123,14 +164,14 @@ async fn server_and_clients_crash_together() {
         incarnations += 1;
         ChildSpec {
             name: name.to_owned(),
-            data_dir: dir.path().join(name),
+            data_dir: root.join(name),
             url_file: url_file.clone(),
             seed: rng.gen(),
             incarnation: incarnations,
             abort_after_commit: incarnations % 4 == 3,
         }
     };
-    let child_log = |name: &str| -> PathBuf { dir.path().join(format!("{name}.log")) };
+    let child_log = |name: &str| -> PathBuf { dir.join(format!("{name}.log")) };
     let mut children: Vec<(&str, Running)> = CHILDREN
         .iter()
         .map(|n| {
@@ -149,6 +190,8 @@ async fn server_and_clients_crash_together() {
         .collect();
 
     let (mut child_kills, mut child_aborts, mut toggles, mut alice_commits) = (0, 0, 0, 0);
+    // Unsynced pages lost and kept by the power cuts.
+    let mut cut_pages = (0usize, 0usize);
     let mut alice_sends = 0u64;
     for cycle in 0..cycles {
         // The server dies at a random moment; each child may die before it.
@@ -238,12 +281,44 @@ async fn server_and_clients_crash_together() {
         }
         killer.join().unwrap();
         server.kill();
-        server.restart();
-        let url = server.url();
-        publish_url(&url_file, &url);
         // Release her store (the log holds it too) before reopening it.
         drop(alice_log);
         drop(alice);
+        if let Some(disk) = disk.as_mut() {
+            // Every process on the disk is down when the power goes.
+            for (name, c) in &mut children {
+                let _ = c.process.kill();
+                let status = c.process.wait().unwrap();
+                match status.signal() {
+                    Some(SIGKILL) => child_kills += 1,
+                    Some(SIGABRT) if c.abort_after_commit => child_aborts += 1,
+                    _ => panic!(
+                        "cycle {cycle}: {name} exited with {status}:\n{}",
+                        std::fs::read_to_string(child_log(name)).unwrap_or_default()
+                    ),
+                }
+            }
+            let cut = if cycle % 2 == 0 {
+                Cut::All
+            } else {
+                Cut::Random(seed ^ cycle)
+            };
+            let report = disk.cut(cut);
+            cut_pages.0 += report.lost_pages;
+            cut_pages.1 += report.kept_pages;
+        }
+        server.restart();
+        let url = server.url();
+        publish_url(&url_file, &url);
+        if disk.is_some() {
+            for (name, c) in &mut children {
+                let spec = next_spec(name, &mut rng);
+                c.process = spawn(&spec, &child_log(name));
+                c.abort_after_commit = spec.abort_after_commit;
+                c.kill_at = None;
+                c.killed = false;
+            }
+        }
         alice = open(&url, "alice");
         alice_log = Log::open(&alice);
         if !alice_ok {
@@ -416,11 +491,18 @@ async fn server_and_clients_crash_together() {
         .iter()
         .map(|(n, r)| (*n, (r.attempted.len(), r.acked.len())))
         .collect();
-    println!(
-        "combined crash test: {cycles} server kills, {child_kills} client kills, {child_aborts} aborts after an accepted commit, {} client processes; {alice_commits} self-updates by alice, {toggles} membership changes of dave; sends (attempted, acknowledged) {sent:?}; {checked} deliveries checked ({queued_checked} of queued messages); dave skipped {dave_skips} entries from before his joins; final epoch {epoch}; {lock_waits} reopens waited for a lock",
-        incarnations
-    );
     assert!(acknowledged > 0, "messages were acknowledged");
     assert!(child_kills > 0, "clients were killed");
     assert!(toggles > 0, "dave's membership changed");
+    let mut summary = format!(
+        "{cycles} server kills, {child_kills} client kills, {child_aborts} aborts after an accepted commit, {} client processes; {alice_commits} self-updates by alice, {toggles} membership changes of dave; sends (attempted, acknowledged) {sent:?}; {checked} deliveries checked ({queued_checked} of queued messages); dave skipped {dave_skips} entries from before his joins; final epoch {epoch}; {lock_waits} reopens waited for a lock",
+        incarnations
+    );
+    if disk.is_some() {
+        summary += &format!(
+            "; unsynced pages lost {}, kept {}",
+            cut_pages.0, cut_pages.1
+        );
+    }
+    summary
 }
