@@ -44,6 +44,14 @@ pub fn dir_bytes(dir: &Path) -> Vec<u8> {
     out
 }
 
+/// The number in the environment variable `var`, or `default`.
+pub fn env_or(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Path of a workspace binary, built (once per test process) if it is missing
 /// or older than the sources it is made of. `cargo test --workspace` has built
 /// it already; rebuilding unconditionally would cost a relink per test file.

@@ -72,6 +72,18 @@ impl PowerCutDisk {
         }
     }
 
+    /// A disk for `test`, or `None` after printing that the test did not
+    /// run, and why.
+    pub fn mount_for(dir: &Path, test: &str) -> Option<PowerCutDisk> {
+        match PowerCutDisk::mount(dir) {
+            Ok(disk) => Some(disk),
+            Err(why) => {
+                println!("{test} NOT RUN: {why}");
+                None
+            }
+        }
+    }
+
     fn read_line(&mut self) -> String {
         let mut line = String::new();
         let _ = self.stdout.read_line(&mut line);

@@ -21,17 +21,10 @@ use std::time::Duration;
 use mls_ds_client::{Client, ClientConfig, Event};
 use mls_ds_tests::crashing::{is_transport, open_client, retry};
 use mls_ds_tests::powercut::{Cut, CutReport, PowerCutDisk};
-use mls_ds_tests::Server;
+use mls_ds_tests::{env_or, Server};
 use rand::{Rng, SeedableRng};
 
 const NAMES: [&str; 3] = ["alice", "bob", "carol"];
-
-fn env_or(var: &str, default: u64) -> u64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sigkilled_under_load() {
@@ -48,12 +41,8 @@ async fn power_cut_under_load() {
     let cuts = env_or("MLS_DS_POWER_CUTS", 20);
     let seed = env_or("MLS_DS_POWER_SEED", 7);
     let dir = tempfile::tempdir().unwrap();
-    let disk = match PowerCutDisk::mount(&dir.path().join("disk")) {
-        Ok(disk) => disk,
-        Err(why) => {
-            println!("power cut test NOT RUN: {why}");
-            return;
-        }
+    let Some(disk) = PowerCutDisk::mount_for(&dir.path().join("disk"), "power cut test") else {
+        return;
     };
     println!("power cut test: seed {seed}, {cuts} cuts");
     let summary = chat_through_crashes(dir.path(), Some(disk), cuts, seed).await;
