@@ -104,8 +104,8 @@ impl Budgets {
         }
         self.hold(client, &mut body.0).map_err(|full| match full {
             Full::Key => ApiError::TooMuchAtOnce(format!(
-                "this client has {} bytes of responses that it has not read yet; \
-                 read them before asking for more",
+                "this answer would take this client's responses not yet read past {} bytes; \
+                 read those before asking for more",
                 self.limits.responses_per_client
             )),
             Full::Total => ApiError::Overloaded,
