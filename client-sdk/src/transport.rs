@@ -3,7 +3,7 @@
 //! HTTP to `http://` URLs and TLS (h2 or http/1.1 by ALPN) to `https://` ones.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -14,12 +14,13 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use mls_ds_protocol::auth::{
-    self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, NONCE_LEN,
+    self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, NONCE_LEN, SESSION_MAX_OVERTAKEN,
 };
 use mls_ds_protocol::{decode, paths, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_traits::signatures::Signer;
 use rand::RngCore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{mls, ClientError, Result};
 use crate::tls::TlsConfig;
@@ -27,6 +28,20 @@ use crate::tls::TlsConfig;
 struct Session {
     created: SessionCreated,
     counter: AtomicU64,
+    /// One permit per request in flight on this session.
+    in_flight: Arc<Semaphore>,
+}
+
+/// Most requests in flight on one session: half of what the DS lets be
+/// overtaken, so that however they are reordered on the way (a slow
+/// connection, a paused server), the DS never refuses one as a replay.
+const MAX_IN_FLIGHT_PER_SESSION: usize = SESSION_MAX_OVERTAKEN / 2;
+
+/// A request's token, and its place among its session's requests in
+/// flight (if any), held until the DS has answered.
+struct Authorized {
+    token: Option<AuthToken>,
+    lease: Option<OwnedSemaphorePermit>,
 }
 
 type Connector = HttpsConnector<HttpConnector>;
@@ -65,7 +80,7 @@ pub struct Transport {
     http: HyperClient<Connector, Full<Bytes>>,
     client_id: ClientId,
     signer: SignatureKeyPair,
-    session: Mutex<Option<std::sync::Arc<Session>>>,
+    session: Mutex<Option<Arc<Session>>>,
     /// Sign every request instead of using a session (slower; for tests and
     /// clients that keep no session state).
     pub always_sign: bool,
@@ -209,13 +224,16 @@ impl Transport {
         }))
     }
 
-    fn session_token(
+    async fn session_token(
         &self,
         s: &Session,
         method: &str,
         path_and_query: &str,
         body: &[u8],
-    ) -> AuthToken {
+    ) -> (AuthToken, Option<OwnedSemaphorePermit>) {
+        // Never closed; without a permit the request goes all the same.
+        let lease = s.in_flight.clone().acquire_owned().await.ok();
+        // Taken after the wait, so that counters follow the requests out.
         let counter = s.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let ts = now_ms();
         let payload = auth::session_payload(
@@ -226,15 +244,16 @@ impl Transport {
             &s.created.session_id,
             counter,
         );
-        AuthToken::Session(SessionAuth {
+        let token = AuthToken::Session(SessionAuth {
             session_id: s.created.session_id,
             counter,
             timestamp_ms: ts,
             mac: auth::mac(&s.created.session_key, &payload),
-        })
+        });
+        (token, lease)
     }
 
-    async fn session(&self) -> Result<std::sync::Arc<Session>> {
+    async fn session(&self) -> Result<Arc<Session>> {
         if let Some(s) = self
             .session
             .lock()
@@ -251,9 +270,10 @@ impl Transport {
             .await?;
         let created: SessionCreated =
             decode(&bytes).map_err(|e| ClientError::BadResponse(e.to_string()))?;
-        let s = std::sync::Arc::new(Session {
+        let s = Arc::new(Session {
             created,
             counter: AtomicU64::new(0),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SESSION)),
         });
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
         Ok(s)
@@ -262,7 +282,10 @@ impl Transport {
     /// The `Authorization` header value for a request, for callers that
     /// send it with their own HTTP client (`None` for [`AuthMode::None`]).
     /// With [`AuthMode::Session`] this opens a session first if there is no
-    /// fresh one; each value is good for one request.
+    /// fresh one; each value is good for one request. This transport does
+    /// not see such a request end, so it cannot count it in flight: a
+    /// caller sending many at once keeps at most half of
+    /// [`SESSION_MAX_OVERTAKEN`] in flight per session.
     pub async fn authorization(
         &self,
         method: &str,
@@ -270,10 +293,10 @@ impl Transport {
         body: &[u8],
         mode: AuthMode,
     ) -> Result<Option<String>> {
-        let token = self
+        let authorized = self
             .token(method, path_and_query, body, self.effective(mode))
             .await?;
-        Ok(token.as_ref().map(auth::header_value))
+        Ok(authorized.token.as_ref().map(auth::header_value))
     }
 
     /// `mode`, with sessions replaced by signatures if [`Self::always_sign`].
@@ -291,13 +314,23 @@ impl Transport {
         path_and_query: &str,
         body: &[u8],
         mode: AuthMode,
-    ) -> Result<Option<AuthToken>> {
+    ) -> Result<Authorized> {
         Ok(match mode {
-            AuthMode::None => None,
-            AuthMode::Signature => Some(self.signature_token(method, path_and_query, body)?),
+            AuthMode::None => Authorized {
+                token: None,
+                lease: None,
+            },
+            AuthMode::Signature => Authorized {
+                token: Some(self.signature_token(method, path_and_query, body)?),
+                lease: None,
+            },
             AuthMode::Session => {
                 let s = self.session().await?;
-                Some(self.session_token(&s, method, path_and_query, body))
+                let (token, lease) = self.session_token(&s, method, path_and_query, body).await;
+                Authorized {
+                    token: Some(token),
+                    lease,
+                }
             }
         })
     }
@@ -366,10 +399,15 @@ impl Transport {
         body: Vec<u8>,
         mode: AuthMode,
     ) -> Result<Bytes> {
-        let token = self
+        let authorized = self
             .token(method.as_str(), path_and_query, &body, mode)
             .await?;
-        self.send_once(method, path_and_query, body, token).await
+        let answer = self
+            .send_once(method, path_and_query, body, authorized.token)
+            .await;
+        // Held until the answer: by then the DS has checked the counter.
+        drop(authorized.lease);
+        answer
     }
 
     /// Open a response that streams (`GET /v1/queue/stream`): its body,
@@ -388,10 +426,11 @@ impl Transport {
     }
 
     async fn stream_once(&self, path_and_query: &str, mode: AuthMode) -> Result<Incoming> {
-        let token = self.token("GET", path_and_query, &[], mode).await?;
+        let authorized = self.token("GET", path_and_query, &[], mode).await?;
         let resp = self
-            .request(Method::GET, path_and_query, Vec::new(), token)
+            .request(Method::GET, path_and_query, Vec::new(), authorized.token)
             .await?;
+        drop(authorized.lease);
         if resp.status() == hyper::StatusCode::OK {
             return Ok(resp.into_body());
         }

@@ -29,6 +29,13 @@ pub const SESSION_ID_LEN: usize = 16;
 pub const SESSION_KEY_LEN: usize = 32;
 /// Size of signature-token nonces.
 pub const NONCE_LEN: usize = 16;
+/// A session accepts each counter once, in any order, as long as at most
+/// this many of its counters are overtaken at once: below the highest one
+/// used and not arrived yet (requests still on their way). The SDK keeps at
+/// most half as many requests in flight per session, so that however they
+/// are reordered on the way (a slow connection, a paused server), none is
+/// refused as a replay.
+pub const SESSION_MAX_OVERTAKEN: usize = 1024;
 
 /// Signature-based token.
 #[derive(Clone, Debug, PartialEq, TlsSerialize, TlsDeserialize, TlsSize)]

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use mls_ds_protocol::auth::{
     self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, MAX_CLOCK_SKEW_MS, SESSION_ID_LEN,
-    SESSION_KEY_LEN,
+    SESSION_KEY_LEN, SESSION_MAX_OVERTAKEN,
 };
 use mls_ds_protocol::ClientId;
 use openmls_rust_crypto::RustCrypto;
@@ -23,37 +23,43 @@ use rand::RngCore;
 use crate::backend::records::now_ms;
 use crate::service::error::{DsError, Result};
 
-/// Width of the per-session replay window, in counters.
-const WINDOW: u64 = 128;
-
 struct Session {
     client: ClientId,
     key: [u8; SESSION_KEY_LEN],
     expires_ms: u64,
-    highest: u64,
-    /// Bit i set: counter `highest - i` was used.
-    seen: u128,
+    replay: ReplayGuard,
 }
 
-impl Session {
+/// Which counters a session may still use: any above the highest used,
+/// and those below it that have not arrived yet (overtaken by later ones),
+/// at most [`SESSION_MAX_OVERTAKEN`] of them, the oldest forgotten first.
+/// A request in flight stays acceptable however many later ones are
+/// answered before it arrives; its memory is one entry while it is late.
+#[derive(Default)]
+struct ReplayGuard {
+    highest: u64,
+    /// Ascending.
+    missing: Vec<u64>,
+}
+
+impl ReplayGuard {
+    /// Whether `counter` may be used; if so it is used now.
     fn accept(&mut self, counter: u64) -> bool {
         if counter > self.highest {
-            let shift = counter - self.highest;
-            self.seen = if shift >= WINDOW {
-                0
-            } else {
-                self.seen << shift
-            };
-            self.seen |= 1;
+            let skipped = counter - self.highest - 1;
+            let kept = skipped.min(SESSION_MAX_OVERTAKEN as u64);
+            self.missing.extend(counter - kept..counter);
+            let excess = self.missing.len().saturating_sub(SESSION_MAX_OVERTAKEN);
+            self.missing.drain(..excess);
             self.highest = counter;
-            true
-        } else {
-            let age = self.highest - counter;
-            if age >= WINDOW || self.seen & (1 << age) != 0 {
-                return false;
+            return true;
+        }
+        match self.missing.binary_search(&counter) {
+            Ok(i) => {
+                self.missing.remove(i);
+                true
             }
-            self.seen |= 1 << age;
-            true
+            Err(_) => false,
         }
     }
 }
@@ -219,7 +225,7 @@ impl Authenticator {
         if !auth::verify_mac(&s.key, &payload, &token.mac) {
             return Err(DsError::Unauthenticated("bad session MAC".into()));
         }
-        if !s.accept(token.counter) {
+        if !s.replay.accept(token.counter) {
             return Err(DsError::Unauthenticated("replayed token".into()));
         }
         Ok(Caller {
@@ -250,8 +256,7 @@ impl Authenticator {
                 client: client.clone(),
                 key,
                 expires_ms,
-                highest: 0,
-                seen: 0,
+                replay: ReplayGuard::default(),
             },
         );
         Ok(SessionCreated {
@@ -290,21 +295,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn replay_window_accepts_each_counter_once_in_any_order() {
-        let mut s = Session {
-            client: ClientId::new("a").unwrap(),
-            key: [0; 32],
-            expires_ms: u64::MAX,
-            highest: 0,
-            seen: 0,
-        };
+    fn each_counter_is_accepted_once_in_any_order() {
+        let mut g = ReplayGuard::default();
         for c in [5, 3, 4, 1, 2, 200] {
-            assert!(s.accept(c), "{c}");
+            assert!(g.accept(c), "{c}");
         }
-        for c in [5, 3, 200, 72] {
-            assert!(!s.accept(c), "{c} replayed or too old");
+        for c in [5, 3, 200, 0] {
+            assert!(!g.accept(c), "{c} replayed or zero");
         }
-        assert!(s.accept(199));
-        assert!(s.accept(73));
+        assert!(g.accept(199));
+        assert!(g.accept(6), "late, but never used");
+        assert_eq!(g.missing.len(), 200 - 7 - 1);
+    }
+
+    #[test]
+    fn a_late_request_is_accepted_however_many_later_ones_came_first() {
+        let mut g = ReplayGuard::default();
+        // Counter 1 is on its way while 100,000 later ones are answered.
+        for c in 2..=100_001 {
+            assert!(g.accept(c));
+        }
+        assert_eq!(g.missing, vec![1]);
+        assert!(g.accept(1));
+        assert!(!g.accept(1));
+        assert!(g.missing.is_empty());
+    }
+
+    #[test]
+    fn at_most_the_bound_of_overtaken_counters_is_remembered() {
+        let mut g = ReplayGuard::default();
+        assert!(g.accept(1_000_000));
+        assert_eq!(g.missing.len(), SESSION_MAX_OVERTAKEN);
+        assert!(!g.accept(1_000_000 - SESSION_MAX_OVERTAKEN as u64 - 1));
+        assert!(g.accept(1_000_000 - SESSION_MAX_OVERTAKEN as u64));
+        // Each gap adds to the missing ones; the oldest go first.
+        for c in (1_000_002..1_000_100).step_by(2) {
+            assert!(g.accept(c));
+        }
+        assert_eq!(g.missing.len(), SESSION_MAX_OVERTAKEN);
+        assert!(g.accept(1_000_001), "a gap of the loop");
+        let oldest_kept = g.missing[0];
+        assert!(!g.accept(oldest_kept - 1), "forgotten for later gaps");
+        assert!(g.accept(oldest_kept));
+        assert!(g.accept(999_990));
     }
 }
