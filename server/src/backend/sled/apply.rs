@@ -1,12 +1,20 @@
 //! Turning jobs into sled writes, on the group commit's writer thread: the
 //! conditions of a write set are checked against the database as every
 //! earlier job left it, its changes become keys of the layout, its
-//! deliveries get their sequence numbers from the queue index, and queue
-//! operations (acknowledgements, expiry) become ack marks and removals.
+//! deliveries get their sequence numbers from the queue index and join a
+//! delivery batch (`batch.rs`), and queue operations (acknowledgements,
+//! expiry) become ack marks and batch removals.
 //!
-//! Because this runs on the one writer thread, in submission order,
-//! sequence numbers follow the order in which writes reach sled's log, and a
-//! crash keeps a gap-free prefix of every queue.
+//! A plain send (a write set that changes nothing but queues) joins the
+//! open batch, which [`Applier::seal`] turns into one key, followed by the
+//! send receipts and the drops of full queues it caused; a write set that
+//! changes more stores its messages as a batch of its own inside its atomic
+//! write, after the open batch was sealed. Because this runs on the one
+//! writer thread, in submission order, and writes are applied in the order
+//! they are prepared, sequence numbers follow the order in which writes
+//! reach sled's log, and a crash keeps a gap-free prefix of every queue.
+
+mod deliveries;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -14,29 +22,20 @@ use std::sync::{Arc, Mutex};
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, Transaction};
 
+use self::deliveries::OpenBatch;
 use super::job::{Finish, Job, Prepared};
-use super::layout::{self, EnvelopeRef, Fanout, Layout};
-use super::queue_index::{Assignment, IndexState, QueueIndex, Released};
+use super::layout::{self, Layout};
+use super::queue_index::{QueueIndex, Released};
 use crate::backend::error::StoreError;
 use crate::backend::records::{
-    ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, SendKey, SendReceipt,
-    StoredMessage,
+    ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, SendKey,
 };
-use crate::backend::write_set::{
-    AckOutcome, Applied, Change, Condition, Delivery, DeliveryOutcome, WriteSet,
-};
+use crate::backend::write_set::{AckOutcome, Applied, Change, Condition, WriteSet};
 
 /// A group a write set creates or deletes.
 enum GroupChange {
     Created(GroupId),
     Deleted(GroupId),
-}
-
-/// What staging a write set's deliveries produced.
-struct Delivered {
-    applied: Applied,
-    /// Queue entries that become visible once durable.
-    publish: Vec<(ClientId, u64)>,
 }
 
 /// A write set turned into sled writes.
@@ -62,9 +61,23 @@ pub(crate) struct Applier {
     /// (which holds every applied batch), what `SendNew` checks, so that it
     /// needs no batch to be applied first.
     pub(crate) staged_receipts: Mutex<HashSet<SendKey>>,
+    /// The open batch, if a plain send came since the last seal.
+    open: Option<OpenBatch>,
 }
 
 impl Applier {
+    /// An applier with no batch open.
+    pub(crate) fn new(layout: Layout, index: Arc<QueueIndex>, max_queue_depth: u64) -> Applier {
+        Applier {
+            layout,
+            index,
+            max_queue_depth,
+            deleted_groups: Mutex::default(),
+            staged_receipts: Mutex::default(),
+            open: None,
+        }
+    }
+
     /// The batch prepared so far was applied (or failed, which breaks
     /// storage): its receipts are in the database now.
     pub(crate) fn batch_applied(&self) {
@@ -76,7 +89,7 @@ impl Applier {
 
     /// Turn `job` into writes, or answer it at once (a failed condition,
     /// an ack past the head, a backup, a write that cannot be encoded).
-    pub(crate) fn prepare(&self, job: Job) -> Option<Prepared> {
+    pub(crate) fn prepare(&mut self, job: Job) -> Option<Prepared> {
         match job {
             Job::Write { set, reply } => match self.write(set) {
                 Ok(staged) => Some(Prepared {
@@ -130,11 +143,14 @@ impl Applier {
         }
     }
 
-    fn write(&self, set: WriteSet) -> Result<StagedWrite, StoreError> {
+    fn write(&mut self, set: WriteSet) -> Result<StagedWrite, StoreError> {
         for c in &set.conditions {
             if !self.holds(c)? {
                 return Err(StoreError::ConditionFailed(c.clone()));
             }
+        }
+        if set.changes.is_empty() {
+            return self.write_plain(set.deliveries);
         }
         let tx = self.layout.storage.begin();
         let mut deleted = Vec::new();
@@ -164,7 +180,7 @@ impl Applier {
         // the send id, so startup restores a receipt a crash lost between
         // the two.
         let receipts = self.layout.storage.begin();
-        let delivered = self.deliver(&mut state, &tx, &receipts, set.deliveries)?;
+        let queued = self.deliver(&mut state, &tx, &receipts, set.deliveries)?;
         drop(state);
         let mut writes = vec![tx.into_pending()?];
         let receipts = receipts.into_pending()?;
@@ -183,11 +199,7 @@ impl Applier {
                 };
             }
         }
-        Ok(StagedWrite {
-            writes,
-            publish: delivered.publish,
-            applied: delivered.applied,
-        })
+        Ok(self.delivered(writes, queued))
     }
 
     /// Whether a condition holds in the database as applied so far.
@@ -346,61 +358,6 @@ impl Applier {
         Ok(())
     }
 
-    /// Assign sequence numbers to `deliveries` and stage their envelopes
-    /// (and the oldest entries of full queues dropped to make room), and
-    /// their send receipts through `receipts_tx`.
-    /// Undone in the index if an envelope cannot be staged, so that no
-    /// queue keeps a gap.
-    fn deliver(
-        &self,
-        state: &mut IndexState,
-        tx: &Transaction,
-        receipts_tx: &Transaction,
-        deliveries: Vec<Delivery>,
-    ) -> Result<Delivered, StoreError> {
-        let mut applied = Applied::default();
-        let mut publish = Vec::new();
-        let mut assignments: Vec<Assignment> = Vec::with_capacity(deliveries.len());
-        let mut receipts = Vec::new();
-        for d in deliveries {
-            let a = state.assign(&d.recipients, &d.message, self.max_queue_depth);
-            let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
-            let staged = stage_release(&self.layout, tx, &a.dropped)
-                .and_then(|()| stage_envelope(&self.layout, tx, &a, &d.message))
-                .and_then(|()| match &d.receipt {
-                    Some(key) => {
-                        stage_receipt(&self.layout, receipts_tx, key, a.message_id, recipients)
-                    }
-                    None => Ok(()),
-                });
-            applied.deliveries.push(DeliveryOutcome {
-                message_id: a.message_id,
-                recipients,
-            });
-            let message_id = a.message_id;
-            let had_entries = !a.entries.is_empty();
-            assignments.push(a);
-            if let Err(e) = staged {
-                state.unassign(&assignments);
-                return Err(e);
-            }
-            if had_entries {
-                state.cache(message_id, Arc::new(d.message));
-            }
-            receipts.extend(d.receipt);
-        }
-        for a in assignments {
-            publish.extend(a.entries);
-        }
-        if !receipts.is_empty() {
-            self.staged_receipts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(receipts);
-        }
-        Ok(Delivered { applied, publish })
-    }
-
     fn ack(
         &self,
         client: &ClientId,
@@ -415,10 +372,10 @@ impl Applier {
         Ok((self.release_writes(&released)?, outcome))
     }
 
-    /// Ack marks and removals of freed messages, applied key by key: every
+    /// Ack marks and removals of freed batches, applied key by key: every
     /// key-order prefix is a state startup accepts (marks sort before the
-    /// envelopes whose removal they allow; a crash in between leaves fully
-    /// acknowledged messages, which startup deletes).
+    /// batches whose removal they allow; a crash in between leaves fully
+    /// acknowledged batches, which startup deletes).
     fn release_writes(&self, released: &Released) -> Result<Vec<PendingWrites>, StoreError> {
         let tx = self.layout.storage.begin();
         stage_release(&self.layout, &tx, released)?;
@@ -431,56 +388,8 @@ fn stage_release(layout: &Layout, tx: &Transaction, released: &Released) -> Resu
     for (client, mark) in &released.marks {
         tx.put_raw(delivery, &layout::ack_key(client), &mark.to_be_bytes())?;
     }
-    for id in &released.freed {
-        tx.remove_raw(delivery, &layout::envelope_key(*id))?;
+    for batch in &released.freed {
+        tx.remove_raw(delivery, &layout::batch_key(*batch))?;
     }
-    Ok(())
-}
-
-fn stage_receipt(
-    layout: &Layout,
-    tx: &Transaction,
-    key: &SendKey,
-    message_id: u64,
-    recipients: u32,
-) -> Result<(), StoreError> {
-    let tree = layout.trees.sends;
-    let bytes = layout::encode(
-        tree,
-        &SendReceipt {
-            message_id,
-            recipients,
-        },
-    )?;
-    tx.put_raw(tree.handle, &layout::send_key(key), &bytes)?;
-    Ok(())
-}
-
-fn stage_envelope(
-    layout: &Layout,
-    tx: &Transaction,
-    a: &Assignment,
-    message: &StoredMessage,
-) -> Result<(), StoreError> {
-    if a.entries.is_empty() {
-        return Ok(());
-    }
-    let fanout = Fanout {
-        stored_ms: message.stored_ms,
-        entries: a
-            .entries
-            .iter()
-            .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
-            .collect(),
-    };
-    let tree = layout.trees.delivery;
-    let bytes = layout::encode(
-        tree,
-        &EnvelopeRef {
-            fanout: &fanout,
-            message,
-        },
-    )?;
-    tx.put_raw(tree.handle, &layout::envelope_key(a.message_id), &bytes)?;
     Ok(())
 }

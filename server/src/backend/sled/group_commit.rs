@@ -7,7 +7,9 @@
 //! in that order: multi-key sets merged into one atomic sled write, single
 //! keys as plain inserts (`Store::apply_all`); before a job that reads the
 //! database to decide (a condition, a deletion, a backup), what is queued is
-//! applied first. The syncer thread then flushes once for everything applied
+//! applied first. The plain sends of a cycle share one delivery batch, one
+//! key, written at the end of the cycle or before the first job that must
+//! come after it. The syncer thread then flushes once for everything applied
 //! meanwhile (sled flush + `fdatasync` of its log file), makes the new queue
 //! entries visible and answers. The two overlap: the next batch is applied
 //! while the last one is flushed.
@@ -147,7 +149,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, rx: mpsc::Receiver<Job>, to_syncer: mpsc::SyncSender<Cycle>) {
+    fn run(mut self, rx: mpsc::Receiver<Job>, to_syncer: mpsc::SyncSender<Cycle>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter().take(MAX_BATCH));
@@ -159,7 +161,7 @@ impl Writer {
     }
 
     /// Prepare and apply one batch, in order.
-    fn cycle(&self, batch: Vec<Job>) -> Cycle {
+    fn cycle(&mut self, batch: Vec<Job>) -> Cycle {
         let mut pending: Vec<PendingWrites> = Vec::new();
         let mut done = Vec::with_capacity(batch.len());
         let mut applied = Ok(());
@@ -167,6 +169,16 @@ impl Writer {
             if let Some(e) = self.refusal(&applied) {
                 job.refuse(e);
                 continue;
+            }
+            // A job that reads the database goes after the open batch too:
+            // the receipts `SendNew` checks in memory stay there only until
+            // what is pending is applied.
+            if !job.may_pass_open_batch() || job.reads_first() {
+                applied = self.seal(&mut pending);
+                if let Some(e) = self.refusal(&applied) {
+                    job.refuse(e);
+                    continue;
+                }
             }
             if job.reads_first() && !pending.is_empty() {
                 applied = self.apply(std::mem::take(&mut pending));
@@ -183,10 +195,28 @@ impl Writer {
                 });
             }
         }
+        // After a failure the open batch is dropped with the rest: its
+        // jobs get the failure, and storage is reopened.
+        let sealed = self.seal(&mut pending);
         if applied.is_ok() {
-            applied = self.apply(pending);
+            applied = sealed.and_then(|()| self.apply(pending));
         }
         Cycle { done, applied }
+    }
+
+    /// Add the open delivery batch's writes to `pending`.
+    fn seal(&mut self, pending: &mut Vec<PendingWrites>) -> Result<(), StoreError> {
+        match self.applier.seal() {
+            Ok(writes) => {
+                pending.extend(writes);
+                Ok(())
+            }
+            Err(e) => {
+                let fault = self.stats.mark_broken(&e);
+                tracing::error!(error = %e, "sealing a delivery batch failed; storage marked broken");
+                Err(StoreError::Failed(fault))
+            }
+        }
     }
 
     /// Why nothing more may be applied, if so.

@@ -41,6 +41,20 @@ pub(crate) enum Job {
 }
 
 impl Job {
+    /// Whether the job may be prepared while a delivery batch is open,
+    /// its writes going before the batch's: a plain send (a write set that
+    /// changes nothing but queues) joins the batch; acknowledgements and
+    /// expiry take only visible entries, whose batches were written in an
+    /// earlier cycle; settling writes nothing. Any other job needs the open
+    /// batch written before it.
+    pub(crate) fn may_pass_open_batch(&self) -> bool {
+        match self {
+            Job::Write { set, .. } => set.changes.is_empty(),
+            Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => true,
+            Job::Backup { .. } => false,
+        }
+    }
+
     /// Whether the job reads the database to decide what to write, so that
     /// everything queued before it must be applied first. `GroupPresent`
     /// reads memory only ([`Applier::deleted_groups`]): an application

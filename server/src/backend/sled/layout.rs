@@ -15,7 +15,7 @@
 //! | `app.ds.invites` | invitation code | `InviteRecord` |
 //! | `app.ds.usage` | client id | `ClientUsage` (per-client quota counters) |
 //! | `app.ds.sends` | `created_ms u64 BE ++ client_key ++ nonce u64 BE` | `SendReceipt`: the answer a send with a send id got (deduplication; in time order, so pruning reads only what it deletes) |
-//! | `app.ds.delivery` | `'e' ++ id u64 BE` | [`Envelope`]: a message, stored once, with each recipient and its sequence number there |
+//! | `app.ds.delivery` | `'b' ++ batch u64 BE` | a delivery batch (`batch.rs`): the [`Envelope`]s of the messages one write-path cycle accepted (each message stored once, with each recipient and its sequence number there), or of one write set that changes more than queues |
 //! | | `'a' ++ client_key` | highest acknowledged sequence number, u64 BE |
 //!
 //! `client_key` and `group_key` are `[len u8] ++ bytes`. Records are bincode
@@ -32,7 +32,7 @@ use crate::backend::records::{ClientRecord, GroupId, SendKey, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 6;
+pub(crate) const LAYOUT_VERSION: u32 = 7;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";
@@ -280,17 +280,38 @@ pub(crate) fn split_send_key(key: &[u8]) -> Option<SendKey> {
     })
 }
 
-/// Prefix of every envelope key.
-pub(crate) const ENVELOPE_PREFIX: u8 = b'e';
+/// Prefix of every delivery batch key.
+pub(crate) const BATCH_PREFIX: u8 = b'b';
 /// Prefix of every ack mark key.
 pub(crate) const ACK_PREFIX: u8 = b'a';
+/// Bits of a message id that number the message within its batch.
+const SLOT_BITS: u32 = 16;
+/// Most messages in one batch.
+pub(crate) const MAX_SLOTS: u32 = 1 << SLOT_BITS;
 
-/// Key of a stored message and its fan-out ([`Envelope`]).
-pub(crate) fn envelope_key(id: u64) -> Vec<u8> {
+/// Key of a delivery batch.
+pub(crate) fn batch_key(batch: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
-    k.push(ENVELOPE_PREFIX);
-    k.extend_from_slice(&id.to_be_bytes());
+    k.push(BATCH_PREFIX);
+    k.extend_from_slice(&batch.to_be_bytes());
     k
+}
+
+/// The id of message `slot` of `batch`: ids grow with batches, which are
+/// numbered in the order they are written.
+pub(crate) fn message_id(batch: u64, slot: u32) -> u64 {
+    (batch << SLOT_BITS) | u64::from(slot)
+}
+
+/// The batch a message id is stored in.
+pub(crate) fn batch_of(id: u64) -> u64 {
+    id >> SLOT_BITS
+}
+
+/// The slot of a message id within its batch.
+pub(crate) fn slot_of(id: u64) -> u32 {
+    // Masked to SLOT_BITS: fits.
+    (id & (u64::from(MAX_SLOTS) - 1)) as u32
 }
 
 /// Key of a client's acknowledgement mark.
@@ -321,8 +342,7 @@ pub(crate) struct Fanout {
     pub(crate) entries: Vec<(Vec<u8>, u64)>,
 }
 
-/// A stored message with its fan-out, as one value: a plain send writes one
-/// key and the last acknowledgement removes one key.
+/// A stored message with its fan-out, as one record of a delivery batch.
 #[derive(bincode::Decode, Clone, Debug, PartialEq)]
 pub(crate) struct Envelope {
     /// Where the message went.
@@ -393,7 +413,10 @@ mod tests {
 
     #[test]
     fn keys_end_in_their_id() {
-        assert_eq!(key_id(&envelope_key(7)), Some(7));
+        assert_eq!(key_id(&batch_key(7)), Some(7));
+        let id = message_id(7, 3);
+        assert_eq!((batch_of(id), slot_of(id)), (7, 3));
+        assert!(message_id(8, 0) > message_id(7, MAX_SLOTS - 1));
         assert_eq!(key_id(b"short"), None);
         let c = ClientId::new("carol").unwrap();
         assert_eq!(ack_key(&c), b"a\x05carol".to_vec());

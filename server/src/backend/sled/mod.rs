@@ -15,6 +15,7 @@
 
 pub(crate) mod admin;
 mod apply;
+mod batch;
 mod group_commit;
 mod job;
 pub(crate) mod layout;
@@ -115,8 +116,8 @@ impl SledBackend {
         }
         if !loaded.orphans.is_empty() {
             let tx = layout.storage.begin();
-            for id in &loaded.orphans {
-                tx.remove_raw(layout.trees.delivery.handle, &layout::envelope_key(*id))?;
+            for batch in &loaded.orphans {
+                tx.remove_raw(layout.trees.delivery.handle, &layout::batch_key(*batch))?;
             }
             tx.commit()?;
             layout.store.flush()?;
@@ -128,13 +129,7 @@ impl SledBackend {
         let index = Arc::new(QueueIndex::new(loaded.state));
         let new_heads = Arc::new(NewHeads::default());
         let commit = GroupCommit::start(
-            Applier {
-                layout: layout.clone(),
-                index: index.clone(),
-                max_queue_depth: config.max_queue_depth,
-                deleted_groups: Default::default(),
-                staged_receipts: Default::default(),
-            },
+            Applier::new(layout.clone(), index.clone(), config.max_queue_depth),
             new_heads.clone(),
         )?;
         Ok(SledBackend {

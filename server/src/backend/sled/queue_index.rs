@@ -1,9 +1,10 @@
 //! The sled backend's in-memory queue index: which stored message sits at
 //! which sequence number of each client's queue, how far each queue is
 //! acknowledged and visible, how many queue entries still reference each
-//! stored message, and a bounded cache of message bodies.
+//! delivery batch (the message id says its batch: nothing is kept per
+//! message but its queue entries), and a bounded cache of message bodies.
 //!
-//! It is rebuilt from the stored envelopes at startup
+//! It is rebuilt from the stored batches at startup
 //! (`queue_startup::load`). Only the group commit's writer thread changes
 //! which entries exist (assigning sequence numbers as write sets are
 //! applied, acknowledging, expiring, deleting queues); its syncer thread
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use mls_ds_protocol::ClientId;
 use tokio::sync::Notify;
 
+use super::layout;
 use crate::backend::page::entry_size;
 use crate::backend::records::StoredMessage;
 use crate::backend::write_set::AckOutcome;
@@ -65,22 +67,33 @@ impl ClientQueue {
     }
 }
 
-/// What the index keeps per stored message.
-pub(crate) struct MessageMeta {
-    /// Unacknowledged queue entries referencing it.
-    pub(crate) refs: u32,
-    /// Acceptance time (unix ms), for retention.
+/// What the index keeps per stored delivery batch.
+pub(crate) struct BatchMeta {
+    /// Unacknowledged queue entries referencing its messages.
+    pub(crate) refs: u64,
+    /// Messages stored in it.
+    pub(crate) messages: u32,
+    /// Acceptance time of its first message (unix ms), for retention.
     pub(crate) stored_ms: u64,
+}
+
+/// A cached body and the queue entries still referencing it (dropped from
+/// the cache with the last).
+struct CachedBody {
+    message: Arc<StoredMessage>,
+    refs: u32,
 }
 
 /// The index's contents (see the module doc).
 #[derive(Default)]
 pub(crate) struct IndexState {
     pub(crate) clients: HashMap<ClientId, ClientQueue>,
-    pub(crate) next_message_id: u64,
-    /// Every stored message still referenced, by id (ids grow with time).
-    pub(crate) messages: BTreeMap<u64, MessageMeta>,
-    cache: HashMap<u64, Arc<StoredMessage>>,
+    /// The number the next delivery batch gets.
+    pub(crate) next_batch: u64,
+    /// Every stored batch still referenced, by number (numbers grow with
+    /// time).
+    pub(crate) batches: BTreeMap<u64, BatchMeta>,
+    cache: HashMap<u64, CachedBody>,
     cache_bytes: usize,
     /// Entries dropped from full queues since start.
     pub(crate) overflow_drops: u64,
@@ -104,17 +117,17 @@ struct Overflow {
     client: ClientId,
     acked: u64,
     ids: Vec<u64>,
-    /// Acceptance time of each dropped message, to restore its record if
-    /// the drop freed it.
+    /// Acceptance time of each dropped message's batch, to restore its
+    /// record if the drop freed it.
     stored_ms: Vec<u64>,
 }
 
-/// Entries that left queues, and the stored messages they freed.
+/// Entries that left queues, and the delivery batches they freed.
 #[derive(Default)]
 pub(crate) struct Released {
     /// New acknowledgement marks to store.
     pub(crate) marks: Vec<(ClientId, u64)>,
-    /// Stored messages no queue references any more (to delete).
+    /// Batches no queue entry references any more (to delete).
     pub(crate) freed: Vec<u64>,
     /// Queue entries that left.
     pub(crate) entries: usize,
@@ -138,13 +151,20 @@ pub(crate) struct Row {
 }
 
 impl IndexState {
-    /// An index of `clients`' queues, the next message getting id `next_message_id`.
-    pub(crate) fn new(clients: HashMap<ClientId, ClientQueue>, next_message_id: u64) -> IndexState {
+    /// An index of `clients`' queues, the next batch numbered `next_batch`.
+    pub(crate) fn new(clients: HashMap<ClientId, ClientQueue>, next_batch: u64) -> IndexState {
         IndexState {
             clients,
-            next_message_id,
+            next_batch,
             ..IndexState::default()
         }
+    }
+
+    /// Number a new delivery batch.
+    pub(crate) fn new_batch(&mut self) -> u64 {
+        let n = self.next_batch;
+        self.next_batch += 1;
+        n
     }
 
     /// The queue of `id`, created empty if unknown.
@@ -160,14 +180,15 @@ impl IndexState {
     /// acknowledgement mark moves past them, which is how the client learns
     /// that it missed entries (and, for a missed commit, that it must
     /// resync).
+    /// The message is stored as `message_id` (of a batch numbered by
+    /// [`IndexState::new_batch`]).
     pub(crate) fn assign(
         &mut self,
+        message_id: u64,
         recipients: &[ClientId],
-        message: &StoredMessage,
+        stored_ms: u64,
         max_depth: u64,
     ) -> Assignment {
-        let message_id = self.next_message_id;
-        self.next_message_id += 1;
         let mut entries = Vec::with_capacity(recipients.len());
         let mut popped = Vec::new();
         let mut marks = Vec::new();
@@ -200,7 +221,11 @@ impl IndexState {
             o.stored_ms = o
                 .ids
                 .iter()
-                .map(|id| self.messages.get(id).map_or(0, |m| m.stored_ms))
+                .map(|id| {
+                    self.batches
+                        .get(&layout::batch_of(*id))
+                        .map_or(0, |b| b.stored_ms)
+                })
                 .collect();
         }
         self.overflow_drops += popped.len() as u64;
@@ -210,13 +235,16 @@ impl IndexState {
             marks,
         };
         if !entries.is_empty() {
-            self.messages.insert(
-                message_id,
-                MessageMeta {
-                    refs: u32::try_from(entries.len()).unwrap_or(u32::MAX),
-                    stored_ms: message.stored_ms,
-                },
-            );
+            let batch = self
+                .batches
+                .entry(layout::batch_of(message_id))
+                .or_insert(BatchMeta {
+                    refs: 0,
+                    messages: 0,
+                    stored_ms,
+                });
+            batch.refs += entries.len() as u64;
+            batch.messages += 1;
         }
         Assignment {
             message_id,
@@ -245,47 +273,64 @@ impl IndexState {
                     cq.acked = o.acked;
                 }
                 for (id, stored_ms) in o.ids.iter().zip(&o.stored_ms) {
-                    let meta = self.messages.entry(*id).or_insert(MessageMeta {
-                        refs: 0,
-                        stored_ms: *stored_ms,
-                    });
+                    let meta = self
+                        .batches
+                        .entry(layout::batch_of(*id))
+                        .or_insert(BatchMeta {
+                            refs: 0,
+                            messages: 0,
+                            stored_ms: *stored_ms,
+                        });
                     meta.refs += 1;
                 }
                 self.overflow_drops -= o.ids.len() as u64;
             }
-            self.messages.remove(&a.message_id);
-            self.uncache(a.message_id);
-            if self.next_message_id == a.message_id + 1 {
-                self.next_message_id = a.message_id;
+            let batch = layout::batch_of(a.message_id);
+            if let Some(meta) = self.batches.get_mut(&batch) {
+                if !a.entries.is_empty() {
+                    meta.refs = meta.refs.saturating_sub(a.entries.len() as u64);
+                    meta.messages = meta.messages.saturating_sub(1);
+                }
+                if meta.messages == 0 && meta.refs == 0 {
+                    self.batches.remove(&batch);
+                }
+            }
+            if let Some(c) = self.cache.remove(&a.message_id) {
+                self.cache_bytes -= entry_size(&c.message);
             }
         }
     }
 
-    /// Keep a body in memory for fetches, within the cache bound.
-    pub(crate) fn cache(&mut self, id: u64, message: Arc<StoredMessage>) {
+    /// Keep a body in memory for fetches, within the cache bound, as long
+    /// as `refs` queue entries reference it.
+    pub(crate) fn cache(&mut self, id: u64, message: Arc<StoredMessage>, refs: usize) {
         let size = entry_size(&message);
         if self.cache_bytes + size <= BODY_CACHE_BYTES {
             self.cache_bytes += size;
-            self.cache.insert(id, message);
+            let refs = u32::try_from(refs).unwrap_or(u32::MAX);
+            self.cache.insert(id, CachedBody { message, refs });
         }
     }
 
-    fn uncache(&mut self, id: u64) {
-        if let Some(m) = self.cache.remove(&id) {
-            self.cache_bytes -= entry_size(&m);
-        }
-    }
-
-    /// Drop one reference from each of `ids`; returns those left unreferenced.
+    /// Drop one reference from each of `ids` (their batches' and cached
+    /// bodies'); returns the batches left unreferenced.
     fn release(&mut self, ids: impl IntoIterator<Item = u64>) -> Vec<u64> {
         let mut freed = Vec::new();
         for id in ids {
-            if let Some(meta) = self.messages.get_mut(&id) {
+            if let Some(cached) = self.cache.get_mut(&id) {
+                cached.refs = cached.refs.saturating_sub(1);
+                if cached.refs == 0 {
+                    let size = entry_size(&cached.message);
+                    self.cache.remove(&id);
+                    self.cache_bytes -= size;
+                }
+            }
+            let batch = layout::batch_of(id);
+            if let Some(meta) = self.batches.get_mut(&batch) {
                 meta.refs = meta.refs.saturating_sub(1);
                 if meta.refs == 0 {
-                    self.messages.remove(&id);
-                    self.uncache(id);
-                    freed.push(id);
+                    self.batches.remove(&batch);
+                    freed.push(batch);
                 }
             }
         }
@@ -324,16 +369,17 @@ impl IndexState {
 
     /// Drop visible entries of messages stored before `cutoff_ms`.
     pub(crate) fn expire(&mut self, cutoff_ms: u64) -> Released {
-        // Message ids grow with time: everything before the first young one
-        // expires.
-        let boundary = self
-            .messages
+        // Batch numbers, and so message ids, grow with time: everything
+        // before the first young batch expires.
+        let first_young = self
+            .batches
             .iter()
-            .find(|(_, m)| m.stored_ms >= cutoff_ms)
-            .map_or(self.next_message_id, |(id, _)| *id);
-        if self.messages.keys().next().is_none_or(|id| *id >= boundary) {
+            .find(|(_, b)| b.stored_ms >= cutoff_ms)
+            .map_or(self.next_batch, |(n, _)| *n);
+        if self.batches.keys().next().is_none_or(|n| *n >= first_young) {
             return Released::default();
         }
+        let boundary = layout::message_id(first_young, 0);
         let mut marks = Vec::new();
         let mut popped = Vec::new();
         for (client, cq) in self.clients.iter_mut() {
@@ -406,7 +452,7 @@ impl IndexState {
             rows.push(Row {
                 seq,
                 message_id: *id,
-                cached: cache.get(id).cloned(),
+                cached: cache.get(id).map(|c| c.message.clone()),
             });
         }
         Rows {
@@ -457,11 +503,11 @@ impl QueueIndex {
     }
 
     /// Visible unacknowledged entries (all queues, and the deepest one) and
-    /// referenced messages.
+    /// the messages of referenced batches.
     pub(crate) fn depths(&self) -> QueueDepths {
         let state = self.lock();
         let mut depths = QueueDepths {
-            stored_messages: state.messages.len() as u64,
+            stored_messages: state.batches.values().map(|b| u64::from(b.messages)).sum(),
             overflow_drops: state.overflow_drops,
             ..QueueDepths::default()
         };
@@ -487,6 +533,68 @@ pub(crate) struct QueueDepths {
 mod tests {
     use super::*;
 
+    /// Queue a message alone in a new batch.
+    fn put(s: &mut IndexState, to: &[ClientId], stored_ms: u64, max: u64) -> Assignment {
+        let batch = s.new_batch();
+        s.assign(layout::message_id(batch, 0), to, stored_ms, max)
+    }
+
+    fn id(batch: u64) -> u64 {
+        layout::message_id(batch, 0)
+    }
+
+    fn visible(state: &mut IndexState, a: &Assignment) {
+        state.publish(&a.entries);
+    }
+
+    fn fresh() -> IndexState {
+        IndexState::new(HashMap::new(), 1)
+    }
+
+    #[test]
+    fn assignment_skips_deleted_clients_and_undo_leaves_no_gap() {
+        let mut s = fresh();
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        let first = put(&mut s, &[a.clone(), b.clone()], 1, u64::MAX);
+        assert_eq!(first.entries, vec![(a.clone(), 1), (b.clone(), 1)]);
+        let second = put(&mut s, std::slice::from_ref(&a), 1, u64::MAX);
+        s.unassign(&[second]);
+        assert_eq!(s.client(&a).next_seq(), 2);
+        assert_eq!(s.batches.len(), 1, "the undone message's batch went");
+        s.delete_client(&b);
+        let third = put(&mut s, &[a.clone(), b.clone()], 1, u64::MAX);
+        assert_eq!(third.entries, vec![(a.clone(), 2)], "b deleted itself");
+    }
+
+    #[test]
+    fn messages_of_one_batch_free_it_together() {
+        let mut s = fresh();
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        let batch = s.new_batch();
+        let one = s.assign(
+            layout::message_id(batch, 0),
+            std::slice::from_ref(&a),
+            1,
+            u64::MAX,
+        );
+        let two = s.assign(
+            layout::message_id(batch, 1),
+            std::slice::from_ref(&b),
+            1,
+            u64::MAX,
+        );
+        s.cache(one.message_id, Arc::new(message(1)), 1);
+        visible(&mut s, &one);
+        visible(&mut s, &two);
+        assert_eq!((s.batches[&batch].refs, s.batches[&batch].messages), (2, 2));
+        let r = s.ack(&a, 1).unwrap();
+        assert!(r.freed.is_empty(), "b's message keeps the batch");
+        assert!(s.cache.is_empty(), "a's body left the cache with its entry");
+        assert_eq!(s.cache_bytes, 0);
+        assert_eq!(s.ack(&b, 1).unwrap().freed, vec![batch]);
+        assert!(s.batches.is_empty());
+    }
+
     fn message(stored_ms: u64) -> StoredMessage {
         StoredMessage {
             kind: 1,
@@ -499,69 +607,40 @@ mod tests {
         }
     }
 
-    fn visible(state: &mut IndexState, a: &Assignment) {
-        state.publish(&a.entries);
-    }
-
-    #[test]
-    fn assignment_skips_deleted_clients_and_undo_leaves_no_gap() {
-        let mut s = IndexState {
-            next_message_id: 1,
-            ..IndexState::default()
-        };
-        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
-        let first = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
-        assert_eq!(first.entries, vec![(a.clone(), 1), (b.clone(), 1)]);
-        let second = s.assign(std::slice::from_ref(&a), &message(1), u64::MAX);
-        s.unassign(&[second]);
-        assert_eq!(s.client(&a).next_seq(), 2);
-        assert_eq!(s.next_message_id, 2);
-        s.delete_client(&b);
-        let third = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
-        assert_eq!(third.entries, vec![(a.clone(), 2)], "b deleted itself");
-    }
-
     #[test]
     fn a_full_queue_drops_down_to_its_bound_and_undo_restores_it() {
-        let mut s = IndexState {
-            next_message_id: 1,
-            ..IndexState::default()
-        };
+        let mut s = fresh();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
         for _ in 0..3 {
-            let m = s.assign(std::slice::from_ref(&a), &message(5), u64::MAX);
+            let m = put(&mut s, std::slice::from_ref(&a), 5, u64::MAX);
             visible(&mut s, &m);
         }
-        let shared = s.assign(&[a.clone(), b.clone()], &message(7), u64::MAX);
+        let shared = put(&mut s, &[a.clone(), b.clone()], 7, u64::MAX);
         visible(&mut s, &shared);
         // The bound was lowered to 2: a holds 4, so 3 go for the new one.
-        let full = s.assign(std::slice::from_ref(&a), &message(9), 2);
+        let full = put(&mut s, std::slice::from_ref(&a), 9, 2);
         assert_eq!(full.dropped.marks, vec![(a.clone(), 3)]);
         assert_eq!(full.dropped.entries, 3);
-        assert_eq!(full.dropped.freed, vec![1, 2, 3], "message 4 is b's too");
+        assert_eq!(full.dropped.freed, vec![1, 2, 3], "batch 4 is b's too");
         assert_eq!(s.client(&a).ids.len(), 2);
         assert_eq!(s.overflow_drops, 3);
         s.unassign(&[full]);
         let q = s.client(&a);
         assert_eq!(
             (q.acked, q.ids.iter().copied().collect::<Vec<_>>()),
-            (0, vec![1, 2, 3, 4])
+            (0, vec![id(1), id(2), id(3), id(4)])
         );
         assert_eq!(s.overflow_drops, 0);
-        assert_eq!(s.messages.len(), 4);
-        assert_eq!((s.messages[&1].refs, s.messages[&1].stored_ms), (1, 5));
-        assert_eq!(s.messages[&4].refs, 2);
-        assert_eq!(s.next_message_id, 5);
+        assert_eq!(s.batches.len(), 4);
+        assert_eq!((s.batches[&1].refs, s.batches[&1].stored_ms), (1, 5));
+        assert_eq!(s.batches[&4].refs, 2);
     }
 
     #[test]
-    fn acks_release_messages_and_refuse_past_the_head() {
-        let mut s = IndexState {
-            next_message_id: 1,
-            ..IndexState::default()
-        };
+    fn acks_release_batches_and_refuse_past_the_head() {
+        let mut s = fresh();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
-        let m = s.assign(&[a.clone(), b.clone()], &message(1), u64::MAX);
+        let m = put(&mut s, &[a.clone(), b.clone()], 1, u64::MAX);
         assert_eq!(s.ack(&a, 1).err(), Some(0), "not visible yet");
         visible(&mut s, &m);
         let r = s.ack(&a, 1).unwrap();
@@ -571,20 +650,17 @@ mod tests {
             "already acknowledged"
         );
         let r = s.ack(&b, 1).unwrap();
-        assert_eq!(r.freed, vec![m.message_id]);
-        assert!(s.messages.is_empty());
+        assert_eq!(r.freed, vec![layout::batch_of(m.message_id)]);
+        assert!(s.batches.is_empty());
     }
 
     #[test]
     fn expiry_takes_only_visible_old_entries() {
-        let mut s = IndexState {
-            next_message_id: 1,
-            ..IndexState::default()
-        };
+        let mut s = fresh();
         let a = ClientId::new("a").unwrap();
-        let old = s.assign(std::slice::from_ref(&a), &message(100), u64::MAX);
+        let old = put(&mut s, std::slice::from_ref(&a), 100, u64::MAX);
         visible(&mut s, &old);
-        let _pending_old = s.assign(std::slice::from_ref(&a), &message(200), u64::MAX);
+        let _pending_old = put(&mut s, std::slice::from_ref(&a), 200, u64::MAX);
         let r = s.expire(1_000);
         assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
         assert_eq!(s.client(&a).ids.len(), 1, "the entry not yet durable stays");

@@ -1,34 +1,35 @@
 //! Rebuilding the queue index from disk at startup, and the same pass as an
 //! integrity check for `mls-ds check`.
 //!
-//! Every envelope's fan-out says which queues hold the message at which
-//! sequence number; the ack marks say how far each queue is acknowledged;
-//! the client records say who deleted itself. A queue must be gap-free after
-//! its mark; a stored message that no queue references any more (a crash
-//! between an acknowledgement's mark and the removal it allowed) is an
-//! orphan, deleted at startup. A message sent with a send id whose receipt
-//! a crash lost (the receipt is written right after the envelope) gets it
-//! back from the envelope.
+//! Every envelope's fan-out (in the delivery batches) says which queues
+//! hold the message at which sequence number; the ack marks say how far
+//! each queue is acknowledged; the client records say who deleted itself.
+//! A queue must be gap-free after its mark; a batch that no queue entry
+//! references any more (a crash between an acknowledgement's mark and the
+//! removal it allowed) is an orphan, deleted at startup. A message sent
+//! with a send id whose receipt a crash lost (receipts are written right
+//! after their batch) gets it back from its envelope.
 
 use std::collections::HashMap;
 
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::codec::decode_record;
 
-use super::layout::{self, Envelope, Layout, ACK_PREFIX};
-use super::queue_index::{ClientQueue, IndexState, MessageMeta};
+use super::batch;
+use super::layout::{self, Layout, ACK_PREFIX};
+use super::queue_index::{BatchMeta, ClientQueue, IndexState};
 use crate::backend::error::StoreError;
 use crate::backend::records::{ClientRecord, SendKey, SendReceipt};
 use mls_ds_protocol::groups::SendId;
 
-/// Envelopes read per range query, so that the scan holds a bounded number
-/// of message bodies in memory.
-const ENVELOPE_PAGE: usize = 256;
+/// Batches read per range query, so that the scan holds a bounded number
+/// of message bodies in memory (a batch holds about 1 MiB at most).
+const BATCH_PAGE: usize = 16;
 
 /// The index as rebuilt from disk.
 pub(crate) struct Loaded {
     pub(crate) state: IndexState,
-    /// Stored messages whose every queue entry is acknowledged: safe to delete.
+    /// Batches whose every queue entry is acknowledged: safe to delete.
     pub(crate) orphans: Vec<u64>,
     /// Envelopes read.
     pub(crate) envelopes: usize,
@@ -37,29 +38,29 @@ pub(crate) struct Loaded {
     pub(crate) lost_receipts: Vec<StartupReceipt>,
 }
 
-/// Call `f` with every stored envelope, in id order.
-fn for_each_envelope(
+/// Call `f` with every stored batch, in number order.
+fn for_each_batch(
     layout: &Layout,
-    mut f: impl FnMut(u64, Envelope) -> Result<(), StoreError>,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let tree = layout.trees.delivery;
-    let mut from = layout::envelope_key(0);
-    let to = layout::envelope_key(u64::MAX);
+    let mut from = layout::batch_key(0);
+    let to = layout::batch_key(u64::MAX);
     loop {
         let page = layout
             .storage
-            .range_raw(tree.handle, &from, &to, ENVELOPE_PAGE)?;
-        let full = page.len() == ENVELOPE_PAGE;
+            .range_raw(tree.handle, &from, &to, BATCH_PAGE)?;
+        let full = page.len() == BATCH_PAGE;
         let mut last = None;
         for (k, v) in page {
-            let id = layout::key_id(&k).ok_or_else(|| {
-                StoreError::Corrupt(format!("envelope key {} is too short", hex::encode(&k)))
+            let number = layout::key_id(&k).ok_or_else(|| {
+                StoreError::Corrupt(format!("batch key {} is too short", hex::encode(&k)))
             })?;
-            f(id, decode_record(tree.name, &k, &v)?)?;
-            last = Some(id);
+            f(number, &v)?;
+            last = Some(number);
         }
-        match last.and_then(|id| id.checked_add(1)) {
-            Some(next) if full => from = layout::envelope_key(next),
+        match last.and_then(|n| n.checked_add(1)) {
+            Some(next) if full => from = layout::batch_key(next),
             _ => return Ok(()),
         }
     }
@@ -106,59 +107,67 @@ pub(crate) fn load(layout: &Layout) -> Result<Loaded, StoreError> {
     let mut orphans = Vec::new();
     let mut envelopes = 0;
     let mut lost_receipts = Vec::new();
-    for_each_envelope(layout, |id, envelope| {
-        envelopes += 1;
-        if let Some(send) = envelope.message.send {
-            let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
-                StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
-            })?;
-            let key = SendKey {
-                sender,
-                id: SendId {
-                    created_ms: send.created_ms,
-                    nonce: send.nonce,
-                },
-            };
-            if !layout.contains(layout.trees.sends, &layout::send_key(&key))? {
-                lost_receipts.push(StartupReceipt {
-                    key,
-                    receipt: SendReceipt {
-                        message_id: id,
-                        recipients: u32::try_from(envelope.fanout.entries.len())
-                            .unwrap_or(u32::MAX),
+    let tree = layout.trees.delivery;
+    for_each_batch(layout, |number, value| {
+        state.next_batch = state.next_batch.max(number.saturating_add(1));
+        let mut meta = BatchMeta {
+            refs: 0,
+            messages: 0,
+            stored_ms: 0,
+        };
+        for record in batch::records(value) {
+            let (slot, bytes) = record.map_err(|e| batch::corrupt(number, &e))?;
+            let envelope = batch::decode_envelope(tree, number, bytes)?;
+            let id = layout::message_id(number, slot);
+            envelopes += 1;
+            if meta.messages == 0 {
+                meta.stored_ms = envelope.fanout.stored_ms;
+            }
+            meta.messages += 1;
+            if let Some(send) = envelope.message.send {
+                let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
+                    StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
+                })?;
+                let key = SendKey {
+                    sender,
+                    id: SendId {
+                        created_ms: send.created_ms,
+                        nonce: send.nonce,
                     },
-                });
+                };
+                if !layout.contains(layout.trees.sends, &layout::send_key(&key))? {
+                    lost_receipts.push(StartupReceipt {
+                        key,
+                        receipt: SendReceipt {
+                            message_id: id,
+                            recipients: u32::try_from(envelope.fanout.entries.len())
+                                .unwrap_or(u32::MAX),
+                        },
+                    });
+                }
+            }
+            for (client, seq) in envelope.fanout.entries {
+                let client = ClientId::new(&client).map_err(|e| {
+                    StoreError::Corrupt(format!("message {id} names a bad client: {e}"))
+                })?;
+                let cq = state.client(&client);
+                if seq <= cq.acked {
+                    continue;
+                }
+                if seq != cq.next_seq() {
+                    return Err(StoreError::Corrupt(format!(
+                        "queue of {client} has a gap: message {id} is at sequence number {seq}, expected {}",
+                        cq.next_seq()
+                    )));
+                }
+                cq.ids.push_back(id);
+                meta.refs += 1;
             }
         }
-        state.next_message_id = state.next_message_id.max(id.saturating_add(1));
-        let mut refs = 0u32;
-        for (client, seq) in envelope.fanout.entries {
-            let client = ClientId::new(&client).map_err(|e| {
-                StoreError::Corrupt(format!("message {id} names a bad client: {e}"))
-            })?;
-            let cq = state.client(&client);
-            if seq <= cq.acked {
-                continue;
-            }
-            if seq != cq.next_seq() {
-                return Err(StoreError::Corrupt(format!(
-                    "queue of {client} has a gap: message {id} is at sequence number {seq}, expected {}",
-                    cq.next_seq()
-                )));
-            }
-            cq.ids.push_back(id);
-            refs += 1;
-        }
-        if refs == 0 {
-            orphans.push(id);
+        if meta.refs == 0 {
+            orphans.push(number);
         } else {
-            state.messages.insert(
-                id,
-                MessageMeta {
-                    refs,
-                    stored_ms: envelope.fanout.stored_ms,
-                },
-            );
+            state.batches.insert(number, meta);
         }
         Ok(())
     })?;

@@ -1,12 +1,13 @@
 //! Reading queue pages: the entries come from the queue index, their
-//! bodies from the index's cache or, beyond it, from the stored envelopes.
+//! bodies from the index's cache or, beyond it, from the delivery batches
+//! (each read once per page).
 
 use std::sync::Arc;
 
 use mls_ds_protocol::ClientId;
-use mls_ds_storage::codec::decode_record;
 
-use super::layout::{self, Envelope, Layout};
+use super::batch;
+use super::layout::{self, Layout};
 use super::queue_index::{QueueIndex, Rows};
 use crate::backend::error::StoreError;
 use crate::backend::page::{entry_size, Page, PageEntry};
@@ -29,10 +30,12 @@ pub(crate) fn page(
     let Rows { rows, head, acked } = index.lock().rows(client, after, limit);
     let mut entries = Vec::with_capacity(rows.len());
     let mut bytes = 0usize;
+    // Rows of one batch follow each other: it is read once for them.
+    let mut last_batch: Option<(u64, Option<Vec<u8>>)> = None;
     for row in rows {
         let stored = match row.cached {
             Some(m) => m,
-            None => match read_body(layout, row.message_id)? {
+            None => match read_body(layout, &mut last_batch, row.message_id)? {
                 Some(m) => Arc::new(m),
                 // Acknowledged (or dropped by retention) while this page was
                 // read: the page ends here.
@@ -68,15 +71,19 @@ pub(crate) fn page(
 
 fn read_body(
     layout: &Layout,
+    last_batch: &mut Option<(u64, Option<Vec<u8>>)>,
     id: u64,
 ) -> Result<Option<crate::backend::records::StoredMessage>, StoreError> {
     let tree = layout.trees.delivery;
-    let key = layout::envelope_key(id);
-    match layout.storage.get_raw(tree.handle, &key)? {
-        Some(raw) => {
-            let envelope: Envelope = decode_record(tree.name, &key, &raw)?;
-            Ok(Some(envelope.message))
-        }
-        None => Ok(None),
+    let number = layout::batch_of(id);
+    if last_batch.as_ref().is_none_or(|(n, _)| *n != number) {
+        let value = layout
+            .storage
+            .get_raw(tree.handle, &layout::batch_key(number))?;
+        *last_batch = Some((number, value));
+    }
+    match last_batch {
+        Some((_, Some(value))) => batch::find(tree, number, value, layout::slot_of(id)),
+        _ => Ok(None),
     }
 }

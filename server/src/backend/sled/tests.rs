@@ -205,19 +205,32 @@ async fn the_index_is_rebuilt_from_disk() {
     assert!(seqs(&b, &d, 0).await.is_empty());
 }
 
-/// The startup scan reads envelopes a page at a time.
+/// Many messages in one batch, and more batches than the startup scan
+/// reads at a time, reload in order.
 #[tokio::test]
-async fn more_envelopes_than_one_scan_page_reload() {
+async fn more_batches_than_one_scan_page_reload() {
     let dir = tempfile::tempdir().unwrap();
     let a = id("a");
-    let n = 2 * 256 + 3;
+    let in_one = 300;
+    let alone = 2 * 16 + 3;
+    let n = in_one + alone;
     {
         let b = open(dir.path());
         let set = WriteSet {
-            deliveries: (0..n).map(|i| delivery(i, &[&a])).collect(),
+            deliveries: (0..in_one).map(|i| delivery(i, &[&a])).collect(),
             ..WriteSet::default()
         };
         b.submit(set).wait().await.unwrap();
+        for i in in_one..n {
+            send(&b, i, &[&a]).await;
+        }
+        let batches = b
+            .layout
+            .storage
+            .scan_raw(b.layout.trees.delivery.handle, &[layout::BATCH_PREFIX])
+            .unwrap()
+            .len() as u64;
+        assert_eq!(batches, alone + 1);
     }
     let b = open(dir.path());
     assert_eq!(stored(&b), n);
@@ -259,9 +272,9 @@ async fn crash_prefixes_of_key_by_key_writes_reopen_cleanly() {
     assert_eq!(seqs(&b, &c, 1).await, vec![2]);
     let delivery = b.layout.trees.delivery.handle;
     let s = &b.layout.storage;
-    assert_eq!(s.get_raw(delivery, &layout::envelope_key(1)).unwrap(), None);
+    assert_eq!(s.get_raw(delivery, &layout::batch_key(1)).unwrap(), None);
     assert!(s
-        .get_raw(delivery, &layout::envelope_key(2))
+        .get_raw(delivery, &layout::batch_key(2))
         .unwrap()
         .is_some());
     // Numbering goes on after the cleaned-up message.
@@ -284,7 +297,7 @@ async fn a_gap_is_refused() {
         let delivery = b.layout.trees.delivery.handle;
         b.layout
             .storage
-            .remove_raw(delivery, &layout::envelope_key(2))
+            .remove_raw(delivery, &layout::batch_key(2))
             .unwrap();
         b.flush().unwrap();
     }

@@ -1,0 +1,249 @@
+//! A write set's deliveries on the writer thread: sequence numbers from the
+//! queue index, each message stored in a delivery batch (`batch.rs`). A
+//! plain send joins the open batch, which [`Applier::seal`] turns into
+//! writes; a write set that changes more gets a batch of its own inside
+//! its atomic write.
+
+use std::sync::Arc;
+
+use mls_ds_storage::{PendingWrites, StorageError, Transaction};
+
+use super::{stage_release, Applier, StagedWrite};
+use crate::backend::error::StoreError;
+use crate::backend::records::{SendKey, SendReceipt};
+use crate::backend::sled::batch::BatchBuilder;
+use crate::backend::sled::layout::{self, Fanout, Layout};
+use crate::backend::sled::queue_index::{Assignment, IndexState, Released};
+use crate::backend::write_set::{Applied, Delivery, DeliveryOutcome};
+
+/// What queueing a write set's deliveries produced.
+#[derive(Default)]
+pub(super) struct Queued {
+    applied: Applied,
+    assignments: Vec<Assignment>,
+    /// Send ids of the deliveries.
+    receipts: Vec<SendKey>,
+}
+
+/// The batch plain sends join until it is sealed, and what is written after
+/// it.
+pub(super) struct OpenBatch {
+    builder: BatchBuilder,
+    /// Send receipts of its messages (key, value).
+    receipts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Entries of full queues dropped to make room for its messages.
+    dropped: Released,
+}
+
+impl Applier {
+    /// The open batch as writes, in the order they must be applied: the
+    /// batch, its send receipts, the marks and removals of the drops it
+    /// caused (each a single key: marks sort before batches). Nothing if
+    /// no batch is open.
+    pub(crate) fn seal(&mut self) -> Result<Vec<PendingWrites>, StorageError> {
+        let Some(open) = self.open.take() else {
+            return Ok(Vec::new());
+        };
+        let tree = self.layout.trees.delivery;
+        let mut writes = Vec::new();
+        let number = open.builder.number();
+        if !open.builder.is_empty() {
+            let tx = self.layout.storage.begin();
+            tx.put_raw(
+                tree.handle,
+                &layout::batch_key(number),
+                &open.builder.into_value(),
+            )?;
+            writes.push(tx.into_pending()?);
+        }
+        let after = self.layout.storage.begin();
+        for (key, value) in &open.receipts {
+            after.put_raw(self.layout.trees.sends.handle, key, value)?;
+        }
+        for (client, mark) in &open.dropped.marks {
+            after.put_raw(tree.handle, &layout::ack_key(client), &mark.to_be_bytes())?;
+        }
+        let state = self.index.lock();
+        for batch in &open.dropped.freed {
+            // A batch freed by a drop may be this one, which messages
+            // joined after the drop: it stays while referenced.
+            if !state.batches.contains_key(batch) {
+                after.remove_raw(tree.handle, &layout::batch_key(*batch))?;
+            }
+        }
+        drop(state);
+        writes.extend(after.into_pending()?.into_single_writes());
+        Ok(writes)
+    }
+
+    /// A plain send's deliveries join the open batch (a full one is
+    /// sealed first, its writes going out with this job's).
+    pub(super) fn write_plain(
+        &mut self,
+        deliveries: Vec<Delivery>,
+    ) -> Result<StagedWrite, StoreError> {
+        let mut writes = Vec::new();
+        if self.open.as_ref().is_some_and(|o| o.builder.is_full()) {
+            writes = self.seal()?;
+        }
+        let mut state = self.index.lock();
+        let open = self.open.get_or_insert_with(|| OpenBatch {
+            builder: BatchBuilder::new(state.new_batch()),
+            receipts: Vec::new(),
+            dropped: Released::default(),
+        });
+        let mut receipts = Vec::new();
+        let queued = queue_into(
+            &self.layout,
+            &mut state,
+            &mut open.builder,
+            deliveries,
+            self.max_queue_depth,
+            |key, bytes| {
+                receipts.push((layout::send_key(key), bytes));
+                Ok(())
+            },
+        )?;
+        drop(state);
+        open.receipts.extend(receipts);
+        for a in &queued.assignments {
+            open.dropped.marks.extend(a.dropped.marks.iter().cloned());
+            open.dropped.freed.extend(a.dropped.freed.iter().copied());
+        }
+        Ok(self.delivered(writes, queued))
+    }
+
+    /// Assign sequence numbers to `deliveries` and stage them as a batch of
+    /// their own in `tx` (and the oldest entries of full queues dropped to
+    /// make room), and their send receipts through `receipts_tx`.
+    pub(super) fn deliver(
+        &self,
+        state: &mut IndexState,
+        tx: &Transaction,
+        receipts_tx: &Transaction,
+        deliveries: Vec<Delivery>,
+    ) -> Result<Queued, StoreError> {
+        if deliveries.is_empty() {
+            return Ok(Queued::default());
+        }
+        let mut builder = BatchBuilder::new(state.new_batch());
+        let queued = queue_into(
+            &self.layout,
+            state,
+            &mut builder,
+            deliveries,
+            self.max_queue_depth,
+            |key, bytes| {
+                Ok(receipts_tx.put_raw(
+                    self.layout.trees.sends.handle,
+                    &layout::send_key(key),
+                    &bytes,
+                )?)
+            },
+        )?;
+        let staged = queued
+            .assignments
+            .iter()
+            .try_for_each(|a| stage_release(&self.layout, tx, &a.dropped))
+            .and_then(|()| {
+                if builder.is_empty() {
+                    return Ok(());
+                }
+                let key = layout::batch_key(builder.number());
+                Ok(tx.put_raw(
+                    self.layout.trees.delivery.handle,
+                    &key,
+                    &builder.into_value(),
+                )?)
+            });
+        if let Err(e) = staged {
+            state.unassign(&queued.assignments);
+            return Err(e);
+        }
+        Ok(queued)
+    }
+
+    /// What a write set's deliveries produced: its answer, the entries to
+    /// publish, the receipts to check `SendNew` against.
+    pub(super) fn delivered(&self, writes: Vec<PendingWrites>, queued: Queued) -> StagedWrite {
+        if !queued.receipts.is_empty() {
+            self.staged_receipts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(queued.receipts);
+        }
+        let mut publish = Vec::new();
+        for a in queued.assignments {
+            publish.extend(a.entries);
+        }
+        StagedWrite {
+            writes,
+            publish,
+            applied: queued.applied,
+        }
+    }
+}
+
+/// Assign sequence numbers to `deliveries`, store each in `builder` and
+/// hand its send receipt (key, encoded) to `receipt`. Undone in the index,
+/// and in `builder`, if one cannot be stored, so that no queue keeps a gap.
+fn queue_into(
+    layout: &Layout,
+    state: &mut IndexState,
+    builder: &mut BatchBuilder,
+    deliveries: Vec<Delivery>,
+    max_queue_depth: u64,
+    mut receipt: impl FnMut(&SendKey, Vec<u8>) -> Result<(), StoreError>,
+) -> Result<Queued, StoreError> {
+    let mut queued = Queued::default();
+    let start = builder.mark();
+    let tree = layout.trees.delivery;
+    for d in deliveries {
+        let a = state.assign(
+            builder.next_id(),
+            &d.recipients,
+            d.message.stored_ms,
+            max_queue_depth,
+        );
+        let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
+        let fanout = (!a.entries.is_empty()).then(|| Fanout {
+            stored_ms: d.message.stored_ms,
+            entries: a
+                .entries
+                .iter()
+                .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
+                .collect(),
+        });
+        let stored = builder
+            .push(tree, fanout.as_ref(), &d.message)
+            .and_then(|()| match &d.receipt {
+                Some(key) => {
+                    let bytes = layout::encode(
+                        layout.trees.sends,
+                        &SendReceipt {
+                            message_id: a.message_id,
+                            recipients,
+                        },
+                    )?;
+                    receipt(key, bytes)
+                }
+                None => Ok(()),
+            });
+        queued.applied.deliveries.push(DeliveryOutcome {
+            message_id: a.message_id,
+            recipients,
+        });
+        let (message_id, had_entries) = (a.message_id, !a.entries.is_empty());
+        queued.assignments.push(a);
+        if let Err(e) = stored {
+            state.unassign(&queued.assignments);
+            builder.rollback(start);
+            return Err(e);
+        }
+        if had_entries {
+            state.cache(message_id, Arc::new(d.message), recipients as usize);
+        }
+        queued.receipts.extend(d.receipt);
+    }
+    Ok(queued)
+}
