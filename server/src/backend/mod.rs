@@ -85,11 +85,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
         kp_ref: &[u8],
     ) -> impl Future<Output = Result<Option<ClientId>, StoreError>> + Send;
 
-    /// A group's record.
+    /// A group's record (shared: a backend may keep it in memory).
     fn group(
         &self,
         id: &GroupId,
-    ) -> impl Future<Output = Result<Option<GroupRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<Arc<GroupRecord>>, StoreError>> + Send;
 
     /// A group's GroupInfo and `PublicGroup`.
     fn group_state(

@@ -2,6 +2,8 @@
 //! `PublicGroup`), the roster that decides recipients, and the GroupInfo
 //! given to joiners and resyncing members.
 
+use std::sync::Arc;
+
 use mls_ds_protocol::groups::{CreateGroup, GroupCreated, GroupInfoResponse};
 use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
@@ -65,7 +67,7 @@ impl<B: Backend> Ds<B> {
     }
 
     /// A group's record; 404 if there is none.
-    pub(crate) async fn group_record(&self, id: &GroupId) -> Result<GroupRecord> {
+    pub(crate) async fn group_record(&self, id: &GroupId) -> Result<Arc<GroupRecord>> {
         self.backend
             .group(id)
             .await?

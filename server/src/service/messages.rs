@@ -6,7 +6,10 @@
 //!
 //! A send with a send id is delivered at most once: its answer is stored
 //! with its delivery, and a retry within the deduplication window gets that
-//! answer (once durable) before any other check, even if the group moved on.
+//! answer (once durable) instead of any refusal, even if the group moved
+//! on. A send that passes the checks is refused as a duplicate by its
+//! write's `SendNew` condition; only one that fails them looks for a stored
+//! answer, so that a first send (nearly every send) reads no receipt.
 
 use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
 use mls_ds_protocol::queue::EntryKind;
@@ -63,13 +66,29 @@ impl<B: Backend> Ds<B> {
             Some(send_id) => Some(self.send_key(caller, send_id)?),
             None => None,
         };
-        if let Some(key) = &send {
-            if let Some(receipt) = self.backend.send_receipt(key).await? {
+        let outcome = self.deliver_send(caller, id, bytes, send.clone()).await;
+        let (Err(refusal), Some(key)) = (&outcome, &send) else {
+            return outcome;
+        };
+        match self.backend.send_receipt(key).await? {
+            Some(receipt) => {
+                tracing::debug!(error = %refusal, "a retried send gets its stored answer");
                 // Its write may still be on its way to the disk.
                 self.backend.settled().wait().await?;
-                return Ok(answer(receipt));
+                Ok(answer(receipt))
             }
+            None => outcome,
         }
+    }
+
+    /// Check a send and deliver it.
+    async fn deliver_send(
+        &self,
+        caller: &Caller,
+        id: &GroupId,
+        bytes: &[u8],
+        send: Option<SendKey>,
+    ) -> Result<MessageAccepted> {
         let msg = MlsMessageIn::tls_deserialize_exact(bytes)
             .map_err(|e| DsError::Invalid(format!("malformed message: {e}")))?;
         let pm = msg
@@ -249,7 +268,7 @@ impl<B: Backend> Ds<B> {
                     id: id.clone(),
                     record: GroupRecord {
                         revision: record.revision + 1,
-                        ..record.clone()
+                        ..(*record).clone()
                     },
                 },
                 Change::PutGroupState {

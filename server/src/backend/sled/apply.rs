@@ -23,6 +23,7 @@ use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, Transaction};
 
 use self::deliveries::OpenBatch;
+use super::group_cache::GroupCache;
 use super::job::{Finish, Job, Prepared};
 use super::layout::{self, Layout};
 use super::queue_index::{QueueIndex, Released};
@@ -32,7 +33,8 @@ use crate::backend::records::{
 };
 use crate::backend::write_set::{AckOutcome, Applied, Change, Condition, WriteSet};
 
-/// A group a write set creates or deletes.
+/// A group whose record a write set writes (creating or changing it) or
+/// deletes.
 enum GroupChange {
     Created(GroupId),
     Deleted(GroupId),
@@ -63,11 +65,21 @@ pub(crate) struct Applier {
     pub(crate) staged_receipts: Mutex<HashSet<SendKey>>,
     /// The open batch, if a plain send came since the last seal.
     open: Option<OpenBatch>,
+    /// Decoded group records, for the readers.
+    groups: Arc<GroupCache>,
+    /// Groups whose records the writes prepared since the last apply
+    /// change: dropped from `groups` once applied.
+    changed_groups: Mutex<Vec<GroupId>>,
 }
 
 impl Applier {
     /// An applier with no batch open.
-    pub(crate) fn new(layout: Layout, index: Arc<QueueIndex>, max_queue_depth: u64) -> Applier {
+    pub(crate) fn new(
+        layout: Layout,
+        index: Arc<QueueIndex>,
+        groups: Arc<GroupCache>,
+        max_queue_depth: u64,
+    ) -> Applier {
         Applier {
             layout,
             index,
@@ -75,16 +87,25 @@ impl Applier {
             deleted_groups: Mutex::default(),
             staged_receipts: Mutex::default(),
             open: None,
+            groups,
+            changed_groups: Mutex::default(),
         }
     }
 
     /// The batch prepared so far was applied (or failed, which breaks
-    /// storage): its receipts are in the database now.
+    /// storage): its receipts and group records are in the database now.
     pub(crate) fn batch_applied(&self) {
         self.staged_receipts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        let changed = std::mem::take(
+            &mut *self
+                .changed_groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        self.groups.changed(changed);
     }
 
     /// Turn `job` into writes, or answer it at once (a failed condition,
@@ -192,10 +213,20 @@ impl Applier {
                 .deleted_groups
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            let mut changed = self
+                .changed_groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             for change in staged_groups {
                 match change {
-                    GroupChange::Created(id) => deleted_groups.remove(&id),
-                    GroupChange::Deleted(id) => deleted_groups.insert(id),
+                    GroupChange::Created(id) => {
+                        deleted_groups.remove(&id);
+                        changed.push(id);
+                    }
+                    GroupChange::Deleted(id) => {
+                        deleted_groups.insert(id.clone());
+                        changed.push(id);
+                    }
                 };
             }
         }

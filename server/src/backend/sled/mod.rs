@@ -16,6 +16,7 @@
 pub(crate) mod admin;
 mod apply;
 mod batch;
+mod group_cache;
 mod group_commit;
 mod job;
 pub(crate) mod layout;
@@ -33,6 +34,7 @@ use mls_ds_protocol::ClientId;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::apply::Applier;
+use self::group_cache::GroupCache;
 use self::group_commit::GroupCommit;
 use self::job::Job;
 use self::layout::Layout;
@@ -64,6 +66,7 @@ pub(crate) struct SledBackend {
     commit: GroupCommit,
     group_locks: Mutex<GroupLocks>,
     new_heads: Arc<NewHeads>,
+    groups: Arc<GroupCache>,
 }
 
 /// One lock per group that was locked lately. Locks nobody holds or waits
@@ -128,8 +131,14 @@ impl SledBackend {
         }
         let index = Arc::new(QueueIndex::new(loaded.state));
         let new_heads = Arc::new(NewHeads::default());
+        let groups = Arc::new(GroupCache::default());
         let commit = GroupCommit::start(
-            Applier::new(layout.clone(), index.clone(), config.max_queue_depth),
+            Applier::new(
+                layout.clone(),
+                index.clone(),
+                groups.clone(),
+                config.max_queue_depth,
+            ),
             new_heads.clone(),
         )?;
         Ok(SledBackend {
@@ -138,6 +147,7 @@ impl SledBackend {
             commit,
             group_locks: Mutex::new(GroupLocks::default()),
             new_heads,
+            groups,
         })
     }
 
@@ -229,8 +239,19 @@ impl Backend for SledBackend {
         }
     }
 
-    async fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
-        self.layout.get(self.layout.trees.groups, id.as_bytes())
+    async fn group(&self, id: &GroupId) -> Result<Option<Arc<GroupRecord>>, StoreError> {
+        let start = match self.groups.get(id) {
+            Ok(record) => return Ok(Some(record)),
+            Err(start) => start,
+        };
+        let record: Option<Arc<GroupRecord>> = self
+            .layout
+            .get(self.layout.trees.groups, id.as_bytes())?
+            .map(Arc::new);
+        if let Some(r) = &record {
+            self.groups.offer(id, r, start);
+        }
+        Ok(record)
     }
 
     async fn group_state(&self, id: &GroupId) -> Result<Option<GroupState>, StoreError> {
