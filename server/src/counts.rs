@@ -91,7 +91,7 @@ impl<K: Hash + Eq + Clone> KeyedCounts<K> {
     /// must be held anyway, e.g. the answer to a write already made).
     pub(crate) fn acquire_n(self: &Arc<Self>, key: &K, n: usize) -> Counted<K> {
         let mut c = self.lock();
-        *c.by_key.entry(key.clone()).or_insert(0) += n;
+        add_to(&mut c.by_key, key, n);
         c.total += n;
         drop(c);
         self.counted(key, n)
@@ -131,7 +131,7 @@ impl<K: Hash + Eq + Clone> KeyedCounts<K> {
         if c.total.saturating_add(n) > total || (n == 0 && c.total >= total) {
             return Err(Full::Total);
         }
-        *c.by_key.entry(key.clone()).or_insert(0) += n;
+        add_to(&mut c.by_key, key, n);
         c.total += n;
         Ok(())
     }
@@ -152,6 +152,17 @@ impl<K: Hash + Eq + Clone> KeyedCounts<K> {
     /// What all clients hold together.
     pub(crate) fn total(&self) -> usize {
         self.lock().total
+    }
+}
+
+/// Add `n` to `key`'s count, cloning the key only for a new entry (this
+/// runs for every request).
+fn add_to<K: Clone + Eq + Hash>(by_key: &mut HashMap<K, usize>, key: &K, n: usize) {
+    match by_key.get_mut(key) {
+        Some(count) => *count += n,
+        None => {
+            by_key.insert(key.clone(), n);
+        }
     }
 }
 

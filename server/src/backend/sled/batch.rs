@@ -18,7 +18,7 @@
 
 use mls_ds_storage::codec::decode_record;
 
-use super::layout::{self, Envelope, EnvelopeRef, Fanout, Tree, MAX_SLOTS};
+use super::layout::{self, Envelope, EnvelopeRef, FanoutRef, Tree, MAX_SLOTS};
 use crate::backend::error::StoreError;
 use crate::backend::records::StoredMessage;
 
@@ -71,7 +71,7 @@ impl BatchBuilder {
     pub(crate) fn push(
         &mut self,
         tree: Tree,
-        fanout: Option<&Fanout>,
+        fanout: Option<FanoutRef<'_>>,
         message: &StoredMessage,
     ) -> Result<(), StoreError> {
         let slot = self.next_slot;
@@ -225,16 +225,21 @@ mod tests {
         })
         .unwrap();
         let tree = layout::Layout::on(store).unwrap().trees.delivery;
-        let fanout = Fanout {
+        let entries = [(mls_ds_protocol::ClientId::new("a").unwrap(), 1)];
+        let fanout = FanoutRef {
             stored_ms: 5,
-            entries: vec![(b"a".to_vec(), 1)],
+            entries: &entries,
         };
         let mut b = BatchBuilder::new(9);
         assert!(b.is_empty());
         assert_eq!(b.next_id(), layout::message_id(9, 0));
-        b.push(tree, Some(&fanout), &message(b"zero")).unwrap();
+        b.push(tree, Some(fanout), &message(b"zero")).unwrap();
         b.push(tree, None, &message(b"nobody")).unwrap();
-        b.push(tree, Some(&fanout), &message(b"two")).unwrap();
+        let fanout = FanoutRef {
+            stored_ms: 5,
+            entries: &entries,
+        };
+        b.push(tree, Some(fanout), &message(b"two")).unwrap();
         assert_eq!(b.next_id(), layout::message_id(9, 3));
         let value = b.into_value();
         let slots: Vec<u32> = records(&value).map(|r| r.unwrap().0).collect();

@@ -257,12 +257,13 @@ pub(crate) fn split_commit_key(key: &[u8]) -> Option<(GroupId, u64)> {
 /// Key of a remembered send: its creation time first, so that keys sort by
 /// age.
 pub(crate) fn send_key(key: &SendKey) -> Vec<u8> {
-    [
-        &key.id.created_ms.to_be_bytes()[..],
-        &client_key(&key.sender),
-        &key.id.nonce.to_be_bytes(),
-    ]
-    .concat()
+    let sender = key.sender.as_bytes();
+    let mut k = Vec::with_capacity(8 + 1 + sender.len() + 8);
+    k.extend_from_slice(&key.id.created_ms.to_be_bytes());
+    k.push(u8::try_from(sender.len()).unwrap_or(u8::MAX));
+    k.extend_from_slice(sender);
+    k.extend_from_slice(&key.id.nonce.to_be_bytes());
+    k
 }
 
 /// The send a [`send_key`] names.
@@ -351,12 +352,37 @@ pub(crate) struct Envelope {
     pub(crate) message: StoredMessage,
 }
 
+/// [`Fanout`] by reference to the queue index's entries (same encoding),
+/// so that storing a message copies no client id.
+pub(crate) struct FanoutRef<'a> {
+    /// Acceptance time (unix ms).
+    pub(crate) stored_ms: u64,
+    /// Each recipient and the sequence number of the message in its queue.
+    pub(crate) entries: &'a [(ClientId, u64)],
+}
+
+impl bincode::Encode for FanoutRef<'_> {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.stored_ms.encode(encoder)?;
+        // A sequence is its length as a u64, then its items.
+        (self.entries.len() as u64).encode(encoder)?;
+        for (client, seq) in self.entries {
+            client.as_bytes().encode(encoder)?;
+            seq.encode(encoder)?;
+        }
+        Ok(())
+    }
+}
+
 /// [`Envelope`] by reference, to write one without copying the message
 /// (same encoding).
 #[derive(bincode::Encode)]
 pub(crate) struct EnvelopeRef<'a> {
     /// Where the message went.
-    pub(crate) fanout: &'a Fanout,
+    pub(crate) fanout: FanoutRef<'a>,
     /// The message.
     pub(crate) message: &'a StoredMessage,
 }
@@ -409,6 +435,28 @@ mod tests {
             let e = Layout::on(store.clone()).err().expect("refused");
             assert!(e.to_string().contains(says), "{version}: {e}");
         }
+    }
+
+    #[test]
+    fn a_fanout_by_reference_encodes_as_the_fanout() {
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("bob").unwrap());
+        let entries = vec![(a, 7), (b, 300)];
+        let owned = Fanout {
+            stored_ms: 99,
+            entries: entries
+                .iter()
+                .map(|(c, s)| (c.as_bytes().to_vec(), *s))
+                .collect(),
+        };
+        let config = bincode::config::standard();
+        let by_ref = FanoutRef {
+            stored_ms: 99,
+            entries: &entries,
+        };
+        assert_eq!(
+            bincode::encode_to_vec(&by_ref, config).unwrap(),
+            bincode::encode_to_vec(&owned, config).unwrap()
+        );
     }
 
     #[test]

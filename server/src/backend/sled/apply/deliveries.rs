@@ -12,7 +12,7 @@ use super::{stage_release, Applier, StagedWrite};
 use crate::backend::error::StoreError;
 use crate::backend::records::{SendKey, SendReceipt};
 use crate::backend::sled::batch::BatchBuilder;
-use crate::backend::sled::layout::{self, Fanout, Layout};
+use crate::backend::sled::layout::{self, FanoutRef, Layout};
 use crate::backend::sled::queue_index::{Assignment, IndexState, Released};
 use crate::backend::write_set::{Applied, Delivery, DeliveryOutcome};
 
@@ -206,16 +206,12 @@ fn queue_into(
             max_queue_depth,
         );
         let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
-        let fanout = (!a.entries.is_empty()).then(|| Fanout {
+        let fanout = (!a.entries.is_empty()).then_some(FanoutRef {
             stored_ms: d.message.stored_ms,
-            entries: a
-                .entries
-                .iter()
-                .map(|(c, seq)| (c.as_bytes().to_vec(), *seq))
-                .collect(),
+            entries: &a.entries,
         });
         let stored = builder
-            .push(tree, fanout.as_ref(), &d.message)
+            .push(tree, fanout, &d.message)
             .and_then(|()| match &d.receipt {
                 Some(key) => {
                     let bytes = layout::encode(
