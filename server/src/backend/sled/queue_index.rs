@@ -174,6 +174,18 @@ impl IndexState {
             .or_insert_with(|| ClientQueue::new(0))
     }
 
+    /// `f` on the queue of `id`, created empty if unknown: the id is
+    /// cloned only then (this runs for every recipient of every message).
+    fn with_queue<T>(&mut self, id: &ClientId, f: impl FnOnce(&mut ClientQueue) -> T) -> T {
+        match self.clients.get_mut(id) {
+            Some(cq) => f(cq),
+            None => f(self
+                .clients
+                .entry(id.clone())
+                .or_insert_with(|| ClientQueue::new(0))),
+        }
+    }
+
     /// Queue `message` for each of `recipients` that has not deleted itself.
     /// A queue already holding `max_depth` entries first drops its oldest
     /// ones, down to room for this one, as the retention bound does: its
@@ -185,7 +197,7 @@ impl IndexState {
     pub(crate) fn assign(
         &mut self,
         message_id: u64,
-        recipients: &[ClientId],
+        recipients: Vec<ClientId>,
         stored_ms: u64,
         max_depth: u64,
     ) -> Assignment {
@@ -194,16 +206,24 @@ impl IndexState {
         let mut marks = Vec::new();
         let mut overflow = Vec::new();
         for r in recipients {
-            let cq = self.client(r);
-            if cq.deleted {
+            let placed = self.with_queue(&r, |cq| {
+                if cq.deleted {
+                    return None;
+                }
+                // Above the bound after it was lowered, too: back to it.
+                let excess = (cq.ids.len() as u64 + 1).saturating_sub(max_depth.max(1));
+                let dropped = (excess > 0).then(|| {
+                    let acked = cq.acked;
+                    (acked, acked + excess, cq.advance(acked + excess))
+                });
+                let seq = cq.next_seq();
+                cq.ids.push_back(message_id);
+                Some((seq, dropped))
+            });
+            let Some((seq, dropped)) = placed else {
                 continue;
-            }
-            // Above the bound after it was lowered, too: back to it.
-            let excess = (cq.ids.len() as u64 + 1).saturating_sub(max_depth.max(1));
-            if excess > 0 {
-                let acked = cq.acked;
-                let mark = acked + excess;
-                let ids = cq.advance(mark);
+            };
+            if let Some((acked, mark, ids)) = dropped {
                 popped.extend_from_slice(&ids);
                 marks.push((r.clone(), mark));
                 overflow.push(Overflow {
@@ -213,9 +233,7 @@ impl IndexState {
                     stored_ms: Vec::new(),
                 });
             }
-            let seq = cq.next_seq();
-            cq.ids.push_back(message_id);
-            entries.push((r.clone(), seq));
+            entries.push((r, seq));
         }
         for o in &mut overflow {
             o.stored_ms = o
@@ -341,14 +359,15 @@ impl IndexState {
     /// `up_to` is past the visible head. An ack at or below the mark
     /// releases nothing.
     pub(crate) fn ack(&mut self, client: &ClientId, up_to: u64) -> Result<Released, u64> {
-        let cq = self.client(client);
-        if up_to > cq.visible {
-            return Err(cq.visible);
-        }
-        if up_to <= cq.acked {
+        let popped = self.with_queue(client, |cq| {
+            if up_to > cq.visible {
+                return Err(cq.visible);
+            }
+            Ok((up_to > cq.acked).then(|| cq.advance(up_to)))
+        })?;
+        let Some(popped) = popped else {
             return Ok(Released::default());
-        }
-        let popped = cq.advance(up_to);
+        };
         let entries = popped.len();
         let freed = self.release(popped);
         Ok(Released {
@@ -360,11 +379,10 @@ impl IndexState {
 
     /// The acknowledgement mark of `client` and its visible entries after it.
     pub(crate) fn position(&mut self, client: &ClientId) -> AckOutcome {
-        let cq = self.client(client);
-        AckOutcome {
+        self.with_queue(client, |cq| AckOutcome {
             acked: cq.acked,
             remaining: cq.visible.saturating_sub(cq.acked),
-        }
+        })
     }
 
     /// Drop visible entries of messages stored before `cutoff_ms`.
@@ -434,11 +452,16 @@ impl IndexState {
     }
 
     /// Up to `limit` visible entries of `client` after `after`.
-    pub(crate) fn rows(&mut self, client: &ClientId, after: u64, limit: usize) -> Rows {
+    pub(crate) fn rows(&self, client: &ClientId, after: u64, limit: usize) -> Rows {
         let IndexState { clients, cache, .. } = self;
-        let cq = clients
-            .entry(client.clone())
-            .or_insert_with(|| ClientQueue::new(0));
+        // A client without a queue has nothing, acknowledged up to 0.
+        let Some(cq) = clients.get(client) else {
+            return Rows {
+                rows: Vec::new(),
+                head: 0,
+                acked: 0,
+            };
+        };
         let start = after.max(cq.acked);
         let end = cq.visible.min(start.saturating_add(limit as u64));
         let mut rows = Vec::new();
@@ -536,7 +559,7 @@ mod tests {
     /// Queue a message alone in a new batch.
     fn put(s: &mut IndexState, to: &[ClientId], stored_ms: u64, max: u64) -> Assignment {
         let batch = s.new_batch();
-        s.assign(layout::message_id(batch, 0), to, stored_ms, max)
+        s.assign(layout::message_id(batch, 0), to.to_vec(), stored_ms, max)
     }
 
     fn id(batch: u64) -> u64 {
@@ -571,18 +594,8 @@ mod tests {
         let mut s = fresh();
         let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
         let batch = s.new_batch();
-        let one = s.assign(
-            layout::message_id(batch, 0),
-            std::slice::from_ref(&a),
-            1,
-            u64::MAX,
-        );
-        let two = s.assign(
-            layout::message_id(batch, 1),
-            std::slice::from_ref(&b),
-            1,
-            u64::MAX,
-        );
+        let one = s.assign(layout::message_id(batch, 0), vec![a.clone()], 1, u64::MAX);
+        let two = s.assign(layout::message_id(batch, 1), vec![b.clone()], 1, u64::MAX);
         s.cache(one.message_id, Arc::new(message(1)), 1);
         visible(&mut s, &one);
         visible(&mut s, &two);

@@ -201,7 +201,7 @@ fn queue_into(
     for d in deliveries {
         let a = state.assign(
             builder.next_id(),
-            &d.recipients,
+            d.recipients,
             d.message.stored_ms,
             max_queue_depth,
         );
