@@ -77,14 +77,28 @@ pub(crate) fn decode_entity<T: DeserializeOwned>(
 /// that write the bytes themselves (e.g. with [`crate::SledStorage::put_raw`]
 /// into a transaction); [`decode_record`] reads it back.
 pub fn encode_record<T: bincode::Encode>(tree: &str, value: &T) -> Result<Vec<u8>, StorageError> {
-    let mut out = vec![RECORD_FORMAT_V1];
-    bincode::encode_into_std_write(value, &mut out, bincode_config()).map_err(|e| {
+    let mut out = Vec::new();
+    encode_record_into(tree, value, &mut out)?;
+    Ok(out)
+}
+
+/// [`encode_record`] appended to `out` (for values that hold many records);
+/// on an error `out` is as it was.
+pub fn encode_record_into<T: bincode::Encode>(
+    tree: &str,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), StorageError> {
+    let start = out.len();
+    out.push(RECORD_FORMAT_V1);
+    bincode::encode_into_std_write(value, out, bincode_config()).map_err(|e| {
+        out.truncate(start);
         StorageError::Encode {
             tree: tree.to_owned(),
             reason: e.to_string(),
         }
     })?;
-    Ok(out)
+    Ok(())
 }
 
 /// Decode a project record; trailing bytes are treated as corruption.

@@ -16,7 +16,7 @@
 //! deleted themselves is not stored). Reading one message walks the
 //! lengths and decodes only its record.
 
-use mls_ds_storage::codec::decode_record;
+use mls_ds_storage::codec::{decode_record, encode_record_into};
 
 use super::layout::{self, Envelope, EnvelopeRef, FanoutRef, Tree, MAX_SLOTS};
 use crate::backend::error::StoreError;
@@ -27,6 +27,8 @@ const BATCH_FORMAT: u8 = 1;
 /// A batch is written once it holds this many bytes, and the next message
 /// starts a new one: no value grows past about this size plus one message.
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Room a new batch starts with (a cycle's sends at G=2 fill about this).
+const INITIAL_BATCH_BYTES: usize = 16 * 1024;
 
 /// A batch being filled.
 pub(crate) struct BatchBuilder {
@@ -40,7 +42,11 @@ impl BatchBuilder {
     pub(crate) fn new(number: u64) -> BatchBuilder {
         BatchBuilder {
             number,
-            value: vec![BATCH_FORMAT],
+            value: {
+                let mut v = Vec::with_capacity(INITIAL_BATCH_BYTES);
+                v.push(BATCH_FORMAT);
+                v
+            },
             next_slot: 0,
         }
     }
@@ -76,12 +82,27 @@ impl BatchBuilder {
     ) -> Result<(), StoreError> {
         let slot = self.next_slot;
         if let Some(fanout) = fanout {
-            let record = layout::encode(tree, &EnvelopeRef { fanout, message })?;
-            let len = u32::try_from(record.len())
-                .map_err(|_| StoreError::Corrupt(format!("a message of {} bytes", record.len())))?;
+            // Encoded in place; the length goes in front once known.
+            let start = self.value.len();
             self.value.extend_from_slice(&slot.to_be_bytes());
-            self.value.extend_from_slice(&len.to_be_bytes());
-            self.value.extend_from_slice(&record);
+            self.value.extend_from_slice(&[0; 4]);
+            let body = self.value.len();
+            let encoded =
+                encode_record_into(tree.name, &EnvelopeRef { fanout, message }, &mut self.value);
+            let len = self.value.len() - body;
+            match (encoded, u32::try_from(len)) {
+                (Ok(()), Ok(len)) => {
+                    self.value[body - 4..body].copy_from_slice(&len.to_be_bytes());
+                }
+                (Err(e), _) => {
+                    self.value.truncate(start);
+                    return Err(e.into());
+                }
+                (_, Err(_)) => {
+                    self.value.truncate(start);
+                    return Err(StoreError::Corrupt(format!("a message of {len} bytes")));
+                }
+            }
         }
         self.next_slot += 1;
         Ok(())
