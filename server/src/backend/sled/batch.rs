@@ -24,11 +24,15 @@ use crate::backend::records::StoredMessage;
 
 /// Version byte of a batch value.
 const BATCH_FORMAT: u8 = 1;
-/// A batch is written once it holds this many bytes, and the next message
-/// starts a new one: no value grows past about this size plus one message.
-const MAX_BATCH_BYTES: usize = 1024 * 1024;
-/// Room a new batch starts with (a cycle's sends at G=2 fill about this).
-const INITIAL_BATCH_BYTES: usize = 16 * 1024;
+/// A batch is written once it holds this many bytes, and the next plain
+/// send starts a new one: no value grows past about this size plus one
+/// write set's messages (one, for a plain send).
+/// sled keeps values in its tree nodes, which split only beyond 16 keys,
+/// and writes a node (or value) over 128 KiB as a separate blob file, with
+/// a sync of its own: 16 batches of this size stay below that.
+const MAX_BATCH_BYTES: usize = 6 * 1024;
+/// Room a new batch starts with.
+const INITIAL_BATCH_BYTES: usize = 8 * 1024;
 
 /// A batch being filled.
 pub(crate) struct BatchBuilder {

@@ -23,8 +23,8 @@ use crate::backend::records::{ClientRecord, SendKey, SendReceipt};
 use mls_ds_protocol::groups::SendId;
 
 /// Batches read per range query, so that the scan holds a bounded number
-/// of message bodies in memory (a batch holds about 1 MiB at most).
-const BATCH_PAGE: usize = 16;
+/// of message bodies in memory (a batch holds about 6 KiB and one message).
+const BATCH_PAGE: usize = 64;
 
 /// The index as rebuilt from disk.
 pub(crate) struct Loaded {

@@ -212,7 +212,7 @@ async fn more_batches_than_one_scan_page_reload() {
     let dir = tempfile::tempdir().unwrap();
     let a = id("a");
     let in_one = 300;
-    let alone = 2 * 16 + 3;
+    let alone = 2 * 64 + 3;
     let n = in_one + alone;
     {
         let b = open(dir.path());

@@ -90,12 +90,18 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    // Patched: the blob and its directory entry are made durable before
+    // the log message pointing to it can be (upstream syncs neither, so a
+    // power loss could keep the pointer and lose the blob).
+    if !config.temporary {
+        f.sync_all()?;
+        let mut dir = config.get_path();
+        dir.push("blobs");
+        std::fs::File::open(&dir)?.sync_all()?;
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
