@@ -1,4 +1,4 @@
-//! The sled backend's one write path: group commit in two threads.
+//! The sled backend's one write path: group commit on one thread.
 //!
 //! Every job (a write set, an acknowledgement, expiry, a barrier, a live
 //! backup) goes through one channel, so submission order is apply order. The
@@ -9,10 +9,15 @@
 //! database to decide (a condition, a deletion, a backup), what is queued is
 //! applied first. The plain sends of a cycle share one delivery batch, one
 //! key, written at the end of the cycle or before the first job that must
-//! come after it. The syncer thread then flushes once for everything applied
-//! meanwhile (sled flush + `fdatasync` of its log file), makes the new queue
-//! entries visible and answers. The two overlap: the next batch is applied
-//! while the last one is flushed.
+//! come after it. The same thread then flushes once for the cycle (sled
+//! flush + `fdatasync` of its log file), makes the new queue entries
+//! visible and answers; jobs that came meanwhile make the next cycle.
+//!
+//! Applying and flushing used to overlap on two threads. On the two cores
+//! the DS is measured on, the hand-off between them per cycle (a wake-up
+//! and a context switch each way) cost more than the overlap gained: one
+//! thread serves more sends per second at less CPU per request
+//! (BENCHMARKS.md). A cycle's apply is short next to its flush.
 //!
 //! sled seals its log buffer for every atomic write whatever its size, so one
 //! write per cycle instead of one per request (and none for cycles of single
@@ -90,33 +95,24 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Start the writer and syncer threads.
+    /// Start the writer thread.
     pub(crate) fn start(
         applier: Applier,
         new_heads: Arc<NewHeads>,
     ) -> Result<GroupCommit, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(CommitStats::default());
-        let (to_syncer, from_writer) = mpsc::sync_channel::<Cycle>(1);
-        let syncer = Syncer {
+        let writer = Writer {
             store: applier.layout.store.clone(),
             index: applier.index.clone(),
+            applier,
             stats: stats.clone(),
             new_heads,
         };
-        let writer = Writer {
-            store: applier.layout.store.clone(),
-            applier,
-            stats: stats.clone(),
-        };
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(|e| StoreError::Unavailable(format!("cannot start {name}: {e}")))
-        };
-        spawn("mls-ds-syncer", Box::new(move || syncer.run(from_writer)))?;
-        spawn("mls-ds-writer", Box::new(move || writer.run(rx, to_syncer)))?;
+        std::thread::Builder::new()
+            .name("mls-ds-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start mls-ds-writer: {e}")))?;
         Ok(GroupCommit { queue: tx, stats })
     }
 
@@ -144,18 +140,20 @@ struct Done {
 
 struct Writer {
     store: Store,
+    index: Arc<super::queue_index::QueueIndex>,
     applier: Applier,
     stats: Arc<CommitStats>,
+    new_heads: Arc<NewHeads>,
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Job>, to_syncer: mpsc::SyncSender<Cycle>) {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter().take(MAX_BATCH));
             let cycle = self.cycle(batch);
-            if !cycle.done.is_empty() && to_syncer.send(cycle).is_err() {
-                return;
+            if !cycle.done.is_empty() {
+                self.finish(cycle);
             }
         }
     }
@@ -249,14 +247,7 @@ impl Writer {
     }
 }
 
-struct Syncer {
-    store: Store,
-    index: Arc<super::queue_index::QueueIndex>,
-    stats: Arc<CommitStats>,
-    new_heads: Arc<NewHeads>,
-}
-
-impl Syncer {
+impl Writer {
     /// Flush + `fdatasync`, unless storage already broke (a broken sled
     /// fails every flush, and one failure is the one to report).
     fn flush(&self) -> Result<(), StoreError> {
@@ -276,35 +267,31 @@ impl Syncer {
         flushed
     }
 
-    /// Flush once for everything applied so far, then publish the new queue
+    /// Flush once for what the cycle applied, then publish the new queue
     /// entries and answer, in order.
-    fn run(self, rx: mpsc::Receiver<Cycle>) {
-        while let Ok(first) = rx.recv() {
-            let mut cycles = vec![first];
-            cycles.extend(rx.try_iter());
-            let flushed = self.flush();
-            for cycle in cycles {
-                let ok = cycle.applied.is_ok() && flushed.is_ok();
-                if ok {
-                    let mut index = self.index.lock();
-                    for d in &cycle.done {
-                        index.publish(&d.publish);
-                    }
-                    drop(index);
-                    self.new_heads
-                        .record(cycle.done.iter().flat_map(|d| &d.publish));
-                }
-                self.stats
-                    .durable
-                    .fetch_add(cycle.done.len() as u64, Ordering::Relaxed);
-                for d in cycle.done {
-                    let result = match (&cycle.applied, &flushed) {
-                        (Ok(()), Ok(())) => Ok(()),
-                        (Err(e), _) | (_, Err(e)) => Err(copy(e)),
-                    };
-                    d.finish.answer(result);
-                }
+    fn finish(&self, cycle: Cycle) {
+        let flushed = match &cycle.applied {
+            Ok(()) => self.flush(),
+            Err(_) => Ok(()),
+        };
+        if cycle.applied.is_ok() && flushed.is_ok() {
+            let mut index = self.index.lock();
+            for d in &cycle.done {
+                index.publish(&d.publish);
             }
+            drop(index);
+            self.new_heads
+                .record(cycle.done.iter().flat_map(|d| &d.publish));
+        }
+        self.stats
+            .durable
+            .fetch_add(cycle.done.len() as u64, Ordering::Relaxed);
+        for d in cycle.done {
+            let result = match (&cycle.applied, &flushed) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), _) | (_, Err(e)) => Err(copy(e)),
+            };
+            d.finish.answer(result);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! storage crate), one process per data directory.
 //!
 //! - [`layout`]: trees, keys, records' encoding, the layout version;
-//! - [`group_commit`]: the write path (writer and syncer threads);
+//! - [`group_commit`]: the write path (one writer thread: apply, flush, answer);
 //! - [`apply`]: jobs turned into sled writes on the writer thread;
 //! - [`queue_index`]: the in-memory queue index;
 //! - [`queue_startup`]: rebuilding it at startup, and `check`;

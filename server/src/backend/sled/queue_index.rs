@@ -7,8 +7,8 @@
 //! It is rebuilt from the stored batches at startup
 //! (`queue_startup::load`). Only the group commit's writer thread changes
 //! which entries exist (assigning sequence numbers as write sets are
-//! applied, acknowledging, expiring, deleting queues); its syncer thread
-//! makes entries visible once they are durable; fetches only read. One
+//! applied, acknowledging, expiring, deleting queues) and makes entries
+//! visible once they are durable; fetches only read. One
 //! mutex guards it all, each holder keeping it for a few map operations.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
