@@ -168,10 +168,12 @@ impl Writer {
                 job.refuse(e);
                 continue;
             }
-            // A job that reads the database goes after the open batch too:
-            // the receipts `SendNew` checks in memory stay there only until
-            // what is pending is applied.
-            if !job.may_pass_open_batch() || job.reads_first() {
+            // The open batch is sealed before a job that must follow it
+            // (`Job::may_pass_open_batch`), before one that reads the
+            // database (the receipts `SendNew` checks in memory stay there
+            // only until what is pending is applied), and when it is full.
+            if !job.may_pass_open_batch() || job.reads_first() || self.applier.open_batch_is_full()
+            {
                 applied = self.seal(&mut pending);
                 if let Some(e) = self.refusal(&applied) {
                     job.refuse(e);

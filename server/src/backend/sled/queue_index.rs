@@ -555,6 +555,7 @@ pub(crate) struct QueueDepths {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::sled::tests::message;
 
     /// Queue a message alone in a new batch.
     fn put(s: &mut IndexState, to: &[ClientId], stored_ms: u64, max: u64) -> Assignment {
@@ -606,18 +607,6 @@ mod tests {
         assert_eq!(s.cache_bytes, 0);
         assert_eq!(s.ack(&b, 1).unwrap().freed, vec![batch]);
         assert!(s.batches.is_empty());
-    }
-
-    fn message(stored_ms: u64) -> StoredMessage {
-        StoredMessage {
-            kind: 1,
-            group_id: b"g".to_vec(),
-            epoch: 0,
-            sender: b"s".to_vec(),
-            message: vec![1, 2, 3],
-            stored_ms,
-            send: None,
-        }
     }
 
     #[test]

@@ -38,7 +38,8 @@ fn id(s: &str) -> ClientId {
     ClientId::new(s).unwrap()
 }
 
-fn message(stored_ms: u64) -> StoredMessage {
+/// A small message accepted at `stored_ms` (the index's tests use it too).
+pub(super) fn message(stored_ms: u64) -> StoredMessage {
     StoredMessage {
         kind: 1,
         group_id: b"g".to_vec(),
@@ -237,6 +238,52 @@ async fn more_batches_than_one_scan_page_reload() {
     let page = b.page(&a, 0, 10_000, 1 << 30).await.unwrap();
     let got: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
     assert_eq!(got, (1..=n).collect::<Vec<_>>());
+}
+
+/// Plain sends submitted together share batches, a new one started when
+/// the open one is full; they reload in order, each body intact.
+#[tokio::test]
+async fn sends_of_one_cycle_fill_batches_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = id("a");
+    let n = 40u64;
+    {
+        let b = open(dir.path());
+        let pending: Vec<_> = (0..n)
+            .map(|i| {
+                let mut d = delivery(i, &[&a]);
+                d.message.message = vec![u8::try_from(i).unwrap(); 1000];
+                b.submit(WriteSet {
+                    deliveries: vec![d],
+                    ..WriteSet::default()
+                })
+            })
+            .collect();
+        for p in pending {
+            p.wait().await.unwrap();
+        }
+        let batches = b
+            .layout
+            .storage
+            .scan_raw(b.layout.trees.delivery.handle, &[layout::BATCH_PREFIX])
+            .unwrap();
+        // 40 KB of bodies, at most about 6 KiB a batch, and batches shared.
+        assert!(
+            (6..n as usize).contains(&batches.len()),
+            "{} batches",
+            batches.len()
+        );
+        assert!(batches.iter().all(|(_, v)| v.len() < 8 * 1024));
+    }
+    let b = open(dir.path());
+    let page = b.page(&a, 0, 10_000, 1 << 30).await.unwrap();
+    let got: Vec<(u64, u8)> = page
+        .entries
+        .iter()
+        .map(|e| (e.seq, e.stored.message[0]))
+        .collect();
+    let want: Vec<(u64, u8)> = (1..=n).map(|s| (s, u8::try_from(s - 1).unwrap())).collect();
+    assert_eq!(got, want);
 }
 
 /// Acknowledgements are applied key by key: every prefix a crash can keep

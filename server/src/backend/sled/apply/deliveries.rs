@@ -76,16 +76,17 @@ impl Applier {
         Ok(writes)
     }
 
-    /// A plain send's deliveries join the open batch (a full one is
-    /// sealed first, its writes going out with this job's).
+    /// Whether the open batch takes no more messages: the writer seals it
+    /// before the next plain send.
+    pub(crate) fn open_batch_is_full(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| o.builder.is_full())
+    }
+
+    /// A plain send's deliveries join the open batch (opened if none is).
     pub(super) fn write_plain(
         &mut self,
         deliveries: Vec<Delivery>,
     ) -> Result<StagedWrite, StoreError> {
-        let mut writes = Vec::new();
-        if self.open.as_ref().is_some_and(|o| o.builder.is_full()) {
-            writes = self.seal()?;
-        }
         let mut state = self.index.lock();
         let open = self.open.get_or_insert_with(|| OpenBatch {
             builder: BatchBuilder::new(state.new_batch()),
@@ -110,7 +111,7 @@ impl Applier {
             open.dropped.marks.extend(a.dropped.marks.iter().cloned());
             open.dropped.freed.extend(a.dropped.freed.iter().copied());
         }
-        Ok(self.delivered(writes, queued))
+        Ok(self.delivered(Vec::new(), queued))
     }
 
     /// Assign sequence numbers to `deliveries` and stage them as a batch of
