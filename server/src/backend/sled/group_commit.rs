@@ -7,9 +7,9 @@
 //! in that order: multi-key sets merged into one atomic sled write, single
 //! keys as plain inserts (`Store::apply_all`); before a job that reads the
 //! database to decide (a condition, a deletion, a backup), what is queued is
-//! applied first. The plain sends of a cycle share one delivery batch, one
-//! key, written at the end of the cycle or before the first job that must
-//! come after it. The same thread then flushes once for the cycle (sled
+//! applied first. The plain sends of a cycle share a delivery batch, one
+//! key, written at the end of the cycle, before the first job that must
+//! come after it, or once it is full (about 6 KiB). The same thread then flushes once for the cycle (sled
 //! flush + `fdatasync` of its log file), makes the new queue entries
 //! visible and answers; jobs that came meanwhile make the next cycle.
 //!
