@@ -2,7 +2,6 @@
 //! error bodies. Connections come from an [`HttpPool`], which speaks plain
 //! HTTP to `http://` URLs and TLS (h2 or http/1.1 by ALPN) to `https://` ones.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,29 +12,19 @@ use hyper::{Method, Request};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
-use mls_ds_protocol::auth::{
-    self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, NONCE_LEN, SESSION_MAX_OVERTAKEN,
-};
-use mls_ds_protocol::{decode, paths, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
+use mls_ds_protocol::auth::{self, AuthToken, SignatureAuth, NONCE_LEN};
+use mls_ds_protocol::{decode, ClientId, ErrorBody, ErrorCode, CONTENT_TYPE};
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_traits::signatures::Signer;
 use rand::RngCore;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::{mls, ClientError, Result};
 use crate::tls::TlsConfig;
 
-struct Session {
-    created: SessionCreated,
-    counter: AtomicU64,
-    /// One permit per request in flight on this session.
-    in_flight: Arc<Semaphore>,
-}
+mod session;
 
-/// Most requests in flight on one session: half of what the DS lets be
-/// overtaken, so that however they are reordered on the way (a slow
-/// connection, a paused server), the DS never refuses one as a replay.
-const MAX_IN_FLIGHT_PER_SESSION: usize = SESSION_MAX_OVERTAKEN / 2;
+use self::session::Session;
 
 /// A request's token, and its place among its session's requests in
 /// flight (if any), held until the DS has answered.
@@ -224,68 +213,14 @@ impl Transport {
         }))
     }
 
-    async fn session_token(
-        &self,
-        s: &Session,
-        method: &str,
-        path_and_query: &str,
-        body: &[u8],
-    ) -> (AuthToken, Option<OwnedSemaphorePermit>) {
-        // Never closed; without a permit the request goes all the same.
-        let lease = s.in_flight.clone().acquire_owned().await.ok();
-        // Taken after the wait, so that counters follow the requests out.
-        let counter = s.counter.fetch_add(1, Ordering::Relaxed) + 1;
-        let ts = now_ms();
-        let payload = auth::session_payload(
-            method,
-            path_and_query,
-            &auth::body_hash(body),
-            ts,
-            &s.created.session_id,
-            counter,
-        );
-        let token = AuthToken::Session(SessionAuth {
-            session_id: s.created.session_id,
-            counter,
-            timestamp_ms: ts,
-            mac: auth::mac(&s.created.session_key, &payload),
-        });
-        (token, lease)
-    }
-
-    async fn session(&self) -> Result<Arc<Session>> {
-        if let Some(s) = self
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            if s.created.expires_at_ms > now_ms() + 10_000 {
-                return Ok(s);
-            }
-        }
-        let token = self.signature_token("POST", paths::SESSIONS, &[])?;
-        let bytes = self
-            .send_once(Method::POST, paths::SESSIONS, Vec::new(), Some(token))
-            .await?;
-        let created: SessionCreated =
-            decode(&bytes).map_err(|e| ClientError::BadResponse(e.to_string()))?;
-        let s = Arc::new(Session {
-            created,
-            counter: AtomicU64::new(0),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_SESSION)),
-        });
-        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
-        Ok(s)
-    }
-
     /// The `Authorization` header value for a request, for callers that
     /// send it with their own HTTP client (`None` for [`AuthMode::None`]).
     /// With [`AuthMode::Session`] this opens a session first if there is no
     /// fresh one; each value is good for one request. This transport does
     /// not see such a request end, so it cannot count it in flight: a
     /// caller sending many at once keeps at most half of
-    /// [`SESSION_MAX_OVERTAKEN`] in flight per session.
+    /// [`SESSION_MAX_OVERTAKEN`](mls_ds_protocol::auth::SESSION_MAX_OVERTAKEN)
+    /// in flight per session.
     pub async fn authorization(
         &self,
         method: &str,
