@@ -337,7 +337,8 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_SESSION_TTL", default_value_t = 3600)]
     pub session_ttl_secs: u64,
 
-    /// Most sessions held at once (further session requests: 503).
+    /// Most sessions held at once; beyond it the oldest session gives way
+    /// to a new one (its client gets 401 and opens another).
     #[arg(long, env = "MLS_DS_MAX_SESSIONS", default_value_t = 100_000)]
     pub max_sessions: usize,
 

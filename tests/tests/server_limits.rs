@@ -3,7 +3,8 @@
 //! per client and per claim, quotas, the full-queue rule with the member
 //! recovering, operator deletion of clients and groups, group deletion by
 //! its last member, commit pruning, and restoring a backup. Every refusal
-//! has its documented status and changes nothing.
+//! has its documented status and changes nothing. A full session table
+//! gives up its oldest session instead of refusing new ones.
 
 use mls_ds_client::{Client, ClientConfig, ClientError, DsApi, Event, Transport};
 use mls_ds_protocol::ClientId;
@@ -567,4 +568,55 @@ async fn commits_are_pruned_and_a_backup_restores() {
         })
         .collect();
     assert_eq!(got, vec![b"kept".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_session_table_makes_room_and_locks_nobody_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &["--max-sessions", "2"]);
+    let mut apis = Vec::new();
+    for name in ["first", "second", "third"] {
+        let signer = openmls_basic_credential::SignatureKeyPair::new(
+            openmls_traits::types::SignatureScheme::ED25519,
+        )
+        .unwrap();
+        let api = DsApi::new(
+            Transport::new(&server.url(), ClientId::new(name).unwrap(), signer).unwrap(),
+        );
+        api.register().await.unwrap();
+        // Opens this client's session (the third's gives the first's up).
+        api.key_package_count().await.unwrap();
+        apis.push(api);
+    }
+    // The first client's session is gone: its request gets 401, and the
+    // SDK opens a new session (giving up the second's) and retries.
+    apis[0].key_package_count().await.unwrap();
+    let (status, page) =
+        mls_ds_tests::raw::raw_request(&server.metrics_url(), "GET", "/metrics", &[], vec![]).await;
+    assert_eq!(status, 200);
+    let page = String::from_utf8(page).unwrap();
+    let count = |series: &str| {
+        page.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<u64>()
+                .ok()
+        })
+    };
+    assert_eq!(
+        count(r#"mls_ds_requests_total{route="session",status="200"}"#),
+        Some(4)
+    );
+    assert_eq!(
+        count(r#"mls_ds_requests_total{route="session",status="503"}"#),
+        None
+    );
+    assert_eq!(
+        count(r#"mls_ds_requests_total{route="count",status="401"}"#),
+        Some(1)
+    );
+    assert_eq!(
+        count(r#"mls_ds_requests_total{route="count",status="200"}"#),
+        Some(4)
+    );
 }

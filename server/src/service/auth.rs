@@ -64,6 +64,52 @@ impl ReplayGuard {
     }
 }
 
+/// Open sessions by id, and their ids in the order they expire: every
+/// session lives as long, so that is the order they were opened. Expired
+/// sessions are reclaimed from the front at each opening, and a full table
+/// gives up its oldest session for the new one, so nobody is locked out
+/// and no opening sweeps the table.
+#[derive(Default)]
+struct Sessions {
+    by_id: HashMap<[u8; SESSION_ID_LEN], Session>,
+    /// May name sessions already gone (ended, or expired when used); they
+    /// leave when they reach the front.
+    by_expiry: VecDeque<(u64, [u8; SESSION_ID_LEN])>,
+}
+
+impl Sessions {
+    /// Make room for one more under `max`: expired sessions go first, then
+    /// the oldest. Returns how many live sessions were given up.
+    fn make_room(&mut self, now: u64, max: usize) -> usize {
+        let mut evicted = 0;
+        while let Some(&(expires_ms, id)) = self.by_expiry.front() {
+            let full = self.by_id.len() >= max.max(1);
+            if expires_ms >= now && !full {
+                break;
+            }
+            self.by_expiry.pop_front();
+            // Only the entry the queue was made for (a session id is
+            // random: one reused is not expected, but is not mistaken).
+            if self
+                .by_id
+                .get(&id)
+                .is_some_and(|s| s.expires_ms == expires_ms)
+            {
+                self.by_id.remove(&id);
+                if expires_ms >= now {
+                    evicted += 1;
+                }
+            }
+        }
+        evicted
+    }
+
+    fn insert(&mut self, id: [u8; SESSION_ID_LEN], session: Session) {
+        self.by_expiry.push_back((session.expires_ms, id));
+        self.by_id.insert(id, session);
+    }
+}
+
 #[derive(Default)]
 struct Nonces {
     seen: HashMap<[u8; 16], u64>,
@@ -73,7 +119,7 @@ struct Nonces {
 /// The authenticator shared by all requests.
 pub struct Authenticator {
     crypto: RustCrypto,
-    sessions: Mutex<HashMap<[u8; SESSION_ID_LEN], Session>>,
+    sessions: Mutex<Sessions>,
     nonces: Mutex<Nonces>,
     session_ttl_ms: u64,
     max_sessions: usize,
@@ -127,7 +173,7 @@ impl Authenticator {
     pub fn new(session_ttl_ms: u64, max_sessions: usize) -> Self {
         Authenticator {
             crypto: RustCrypto::default(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             nonces: Mutex::new(Nonces::default()),
             session_ttl_ms,
             max_sessions,
@@ -216,10 +262,11 @@ impl Authenticator {
         );
         let mut sessions = lock(&self.sessions);
         let s = sessions
+            .by_id
             .get_mut(&token.session_id)
             .ok_or_else(|| DsError::Unauthenticated("unknown or expired session".into()))?;
         if s.expires_ms < now_ms() {
-            sessions.remove(&token.session_id);
+            sessions.by_id.remove(&token.session_id);
             return Err(DsError::Unauthenticated("session expired".into()));
         }
         if !auth::verify_mac(&s.key, &payload, &token.mac) {
@@ -244,11 +291,12 @@ impl Authenticator {
         let now = now_ms();
         let expires_ms = now + self.session_ttl_ms;
         let mut sessions = lock(&self.sessions);
-        if sessions.len() >= self.max_sessions {
-            sessions.retain(|_, s| s.expires_ms >= now);
-            if sessions.len() >= self.max_sessions {
-                return Err(DsError::Unavailable("too many open sessions".into()));
-            }
+        let evicted = sessions.make_room(now, self.max_sessions);
+        if evicted > 0 {
+            tracing::debug!(
+                evicted,
+                "session table full: the oldest session gave way to a new one"
+            );
         }
         sessions.insert(
             id,
@@ -269,7 +317,9 @@ impl Authenticator {
     /// Drop every session of a client that was deleted or recovered with a
     /// new key, and end its queue streams.
     pub fn end_sessions(&self, client: &ClientId) {
-        lock(&self.sessions).retain(|_, s| &s.client != client);
+        lock(&self.sessions)
+            .by_id
+            .retain(|_, s| &s.client != client);
         *lock(&self.ended).entry(client.clone()).or_default() += 1;
         self.ended_tx.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -286,13 +336,72 @@ impl Authenticator {
 
     /// Number of open sessions.
     pub fn session_count(&self) -> usize {
-        lock(&self.sessions).len()
+        lock(&self.sessions).by_id.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session_of(a: &Authenticator, created: &SessionCreated) -> Result<Caller> {
+        let view = RequestView {
+            method: "GET",
+            path_and_query: "/v1/queue",
+            body: &[],
+        };
+        let ts = now_ms();
+        let payload = auth::session_payload(
+            view.method,
+            view.path_and_query,
+            &auth::body_hash(view.body),
+            ts,
+            &created.session_id,
+            1,
+        );
+        let token = SessionAuth {
+            session_id: created.session_id,
+            counter: 1,
+            timestamp_ms: ts,
+            mac: auth::mac(&created.session_key, &payload),
+        };
+        a.verify_session(&token, &view)
+    }
+
+    #[test]
+    fn a_full_session_table_gives_up_its_oldest_session() {
+        let a = Authenticator::new(3_600_000, 3);
+        let c = ClientId::new("c").unwrap();
+        let opened: Vec<SessionCreated> = (0..5).map(|_| a.open_session(&c).unwrap()).collect();
+        assert_eq!(a.session_count(), 3);
+        for (i, created) in opened.iter().enumerate() {
+            let verified = session_of(&a, created);
+            assert_eq!(verified.is_ok(), i >= 2, "session {i}");
+        }
+        // Ended sessions leave the queue without counting as evicted.
+        a.end_sessions(&c);
+        assert_eq!(a.session_count(), 0);
+        for _ in 0..3 {
+            a.open_session(&c).unwrap();
+        }
+        assert_eq!(a.session_count(), 3);
+        assert!(lock(&a.sessions).by_expiry.len() <= 3 + 3);
+    }
+
+    #[test]
+    fn expired_sessions_are_reclaimed_before_live_ones_go() {
+        let a = Authenticator::new(30, 2);
+        let c = ClientId::new("c").unwrap();
+        a.open_session(&c).unwrap();
+        a.open_session(&c).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let live = a.open_session(&c).unwrap();
+        let mut sessions = lock(&a.sessions);
+        assert_eq!(sessions.by_id.len(), 1, "both expired ones reclaimed");
+        assert_eq!(sessions.make_room(now_ms(), 2), 0, "room without eviction");
+        drop(sessions);
+        assert!(session_of(&a, &live).is_ok());
+    }
 
     #[test]
     fn each_counter_is_accepted_once_in_any_order() {
