@@ -1,4 +1,4 @@
-//! Operator commands: `check`, `stats`, `backup`, `restore`, invitation
+//! Operator commands: `check`, `stats`, `compact`, `backup`, `restore`, invitation
 //! codes, clients, groups, commit pruning. sled allows one process per data
 //! directory, so a command runs on the directory directly when no server
 //! holds it, and otherwise inside the running server: it listens on the
@@ -34,6 +34,8 @@ pub enum AdminCommand {
     Check,
     /// Counts.
     Stats,
+    /// Rewrite the database with only its live records.
+    Compact,
     /// A consistent copy into a new directory.
     Backup(PathBuf),
     /// A backup restored into the (new) data directory.
@@ -77,6 +79,7 @@ impl AdminCommand {
         match self {
             AdminCommand::Check => "check".into(),
             AdminCommand::Stats => "stats".into(),
+            AdminCommand::Compact => "compact".into(),
             AdminCommand::Backup(out) => format!("backup {}", out.display()),
             AdminCommand::Restore(from) => format!("restore {}", from.display()),
             AdminCommand::InviteCreate {
@@ -110,6 +113,7 @@ impl AdminCommand {
         Some(match cmd {
             "check" => AdminCommand::Check,
             "stats" => AdminCommand::Stats,
+            "compact" => AdminCommand::Compact,
             "backup" => AdminCommand::Backup(PathBuf::from(rest)),
             "restore" => AdminCommand::Restore(PathBuf::from(rest)),
             "invite-create" => AdminCommand::InviteCreate {
@@ -210,6 +214,12 @@ fn run_offline(
         AdminCommand::Check => sled_admin::check(&Layout::open(data_dir, 64)?),
         AdminCommand::Stats => sled_admin::stats(&Layout::open(data_dir, 64)?),
         AdminCommand::Backup(out) => sled_admin::backup(&Layout::open(data_dir, 64)?, out),
+        AdminCommand::Compact => {
+            let report = sled_admin::compact(&Layout::open(data_dir, 64)?)?;
+            // Opening the directory again swaps the copy in now.
+            drop(Layout::open(data_dir, 64)?);
+            Ok(report)
+        }
         other => {
             let ds = embedded::open(data_dir, limits)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -347,6 +357,7 @@ async fn on_ds(ds: &SledDs, command: &AdminCommand) -> AdminReport {
         AdminCommand::Check => ds.backend().check().await.map_err(|e| e.to_string()),
         AdminCommand::Stats => ds.backend().report().await.map_err(|e| e.to_string()),
         AdminCommand::Backup(out) => ds.backend().backup(out).await.map_err(|e| e.to_string()),
+        AdminCommand::Compact => ds.backend().compact().await.map_err(|e| e.to_string()),
         AdminCommand::Restore(_) => {
             Err("restore works on a stopped server, into a new data directory".into())
         }
@@ -487,6 +498,7 @@ mod tests {
         let commands = [
             AdminCommand::Check,
             AdminCommand::Stats,
+            AdminCommand::Compact,
             AdminCommand::Backup(PathBuf::from("/backups/a b")),
             AdminCommand::InviteCreate {
                 uses: 3,

@@ -46,8 +46,13 @@ pub enum Command {
     /// Check integrity: every queue entry points to a stored message, every
     /// group loads, every record decodes. Exits non-zero on a problem.
     Check,
-    /// Print counts of clients, key packages, groups, queued entries, messages.
+    /// Print counts of clients, key packages, groups, queued entries,
+    /// messages, and the bytes of live records against the bytes on disk.
     Stats,
+    /// Give disk space back: rewrite the database into one that holds only
+    /// the live records. A running server does it under its write path and
+    /// reopens storage on the copy (requests get 503 for that moment).
+    Compact,
     /// Write a consistent copy of the database to `--out` (a new directory).
     Backup {
         /// Target directory; must not exist yet.
@@ -190,6 +195,18 @@ pub struct ServeArgs {
     /// with other busy processes, fewer can be faster (BENCHMARKS.md).
     #[arg(long, env = "MLS_DS_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
+
+    /// Compact the database (as `mls-ds compact` does) when, at its hourly
+    /// look, its size on disk exceeds this many times the bytes of its live
+    /// records (and `--compact-min-mb` more than them); 0 never compacts on
+    /// its own.
+    #[arg(long, env = "MLS_DS_COMPACT_FACTOR", default_value_t = 3)]
+    pub compact_factor: u64,
+
+    /// Space that is never worth a compaction, in MiB: the database is
+    /// compacted only when this much or more would be given back.
+    #[arg(long, env = "MLS_DS_COMPACT_MIN_MB", default_value_t = 256)]
+    pub compact_min_mb: u64,
 
     #[command(flatten)]
     pub limits: Limits,

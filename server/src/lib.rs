@@ -16,6 +16,7 @@
 
 pub mod admin;
 mod backend;
+mod compaction;
 pub mod config;
 pub mod config_file;
 mod counts;
@@ -41,6 +42,7 @@ use tokio::net::TcpListener;
 
 use crate::backend::sled::SledBackend;
 use crate::backend::Backend;
+use crate::compaction::CompactionPolicy;
 use crate::config::{Limits, Registration, ServeArgs};
 use crate::embedded::SledDs;
 use crate::http::budget::MemoryLimits;
@@ -194,7 +196,11 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     }
 
     let cell = StateCell::new(Arc::new(ds));
-    let maintenance = tokio::spawn(maintenance(cell.clone()));
+    let compaction = CompactionPolicy {
+        factor: args.compact_factor,
+        min_bytes: args.compact_min_mb.saturating_mul(1024 * 1024),
+    };
+    let maintenance = tokio::spawn(maintenance(cell.clone(), compaction));
     let push = args.push_url.clone().map(|url| {
         tracing::info!(push_url = %url, "push wake-ups on");
         tokio::spawn(push::run(
@@ -285,12 +291,14 @@ async fn shutdown_signal() {
     }
 }
 
-/// Periodic housekeeping: prune expired key packages and apply the queue
-/// retention bound.
-async fn maintenance(cell: Arc<StateCell<SledDs>>) {
+/// Periodic housekeeping: prune expired key packages, apply the queue
+/// retention bound, forget old sends and commits, compact when due.
+async fn maintenance(cell: Arc<StateCell<SledDs>>, compaction: CompactionPolicy) {
     let mut tick = tokio::time::interval(MAINTENANCE_PERIOD);
+    let mut passes = 0u64;
     loop {
         tick.tick().await;
+        passes += 1;
         let Some(ds) = cell.get() else { continue };
         if ds.backend().health().is_err() {
             continue;
@@ -318,5 +326,39 @@ async fn maintenance(cell: Arc<StateCell<SledDs>>) {
             Ok(n) => tracing::info!(pruned = n, "pruned old commit records"),
             Err(e) => tracing::warn!(error = %e, "commit record pruning failed"),
         }
+        if passes.is_multiple_of(compaction::CHECK_EVERY_PASSES) {
+            compact_if_due(ds.backend(), compaction).await;
+        }
+    }
+}
+
+/// Compact the database if `policy` says its dead space is worth it.
+async fn compact_if_due<B: Backend>(backend: &B, policy: CompactionPolicy) {
+    match backend.size_on_disk() {
+        Ok(disk) if policy.worth_measuring(disk) => {}
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "measuring the database's size failed");
+            return;
+        }
+    }
+    let space = match backend.space().await {
+        Ok(space) => space,
+        Err(e) => {
+            tracing::warn!(error = %e, "measuring the database's live records failed");
+            return;
+        }
+    };
+    if !policy.due(space.on_disk, space.live) {
+        return;
+    }
+    tracing::info!(
+        on_disk = space.on_disk,
+        live = space.live,
+        "compacting the database (size on disk past --compact-factor times its live records)"
+    );
+    match backend.compact().await {
+        Ok(report) => tracing::info!(report = %report.text.trim_end(), "compaction staged"),
+        Err(e) => tracing::warn!(error = %e, "compaction failed; the database is unchanged"),
     }
 }

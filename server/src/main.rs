@@ -56,6 +56,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Check => AdminCommand::Check,
         Command::Stats => AdminCommand::Stats,
+        Command::Compact => AdminCommand::Compact,
         Command::Backup { out } => AdminCommand::Backup(out),
         Command::Restore { from } => AdminCommand::Restore(from),
         Command::Invite(InviteCommand::Create {

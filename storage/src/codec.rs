@@ -129,6 +129,30 @@ pub fn decode_record<T: bincode::Decode<()>>(
     }
 }
 
+/// Decode the leading fields of a record written by [`encode_record`] as
+/// `T`, borrowing byte strings from `bytes` and ignoring what follows them:
+/// for a reader that needs only the start of large records (a server
+/// rebuilding an index from the headers of stored messages).
+pub fn decode_record_head<'a, T: bincode::BorrowDecode<'a, ()>>(
+    tree: &str,
+    key: &[u8],
+    bytes: &'a [u8],
+) -> Result<T, StorageError> {
+    match bytes.split_first() {
+        Some((&RECORD_FORMAT_V1, body)) => {
+            bincode::borrow_decode_from_slice(body, bincode_config())
+                .map(|(value, _)| value)
+                .map_err(|e| StorageError::corrupt(tree, key, format_args!("bad record: {e}")))
+        }
+        Some((v, _)) => Err(StorageError::corrupt(
+            tree,
+            key,
+            format_args!("unknown record format version {v}"),
+        )),
+        None => Err(StorageError::corrupt(tree, key, "empty value")),
+    }
+}
+
 /// Lists (own leaf nodes, proposal queues, epoch key pairs) are stored as one
 /// entity holding a JSON array, so that reads need no scan and a whole list
 /// changes atomically.

@@ -35,6 +35,11 @@ pub enum StorageError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
+    /// Compaction rewrites a database in its directory; a temporary one has
+    /// none.
+    #[error("a temporary database has no directory to compact in")]
+    NoDirectory,
+
     /// [`crate::Store::export_to`] was given a path that already exists; it
     /// only writes into a new directory, so nothing was written.
     #[error("export target {path} exists; choose a new directory")]

@@ -42,16 +42,19 @@
 
 mod bundle;
 pub mod codec;
+mod compaction;
 mod durability;
 mod encryption;
 mod entities;
 mod error;
 mod provider;
 mod sled_conf;
+mod sled_files;
 mod store;
 pub mod trees;
 
 pub use bundle::{ProviderTransaction, SledProvider};
+pub use compaction::StagedCompaction;
 pub use durability::Durability;
 pub use encryption::StoreKey;
 pub use error::StorageError;

@@ -40,7 +40,7 @@ pub(crate) const ENCRYPTION_KEY: &[u8] = b"encryption";
 
 /// How long [`Store::open`] waits for a database lock held by this process's
 /// own closing handle.
-const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
@@ -108,7 +108,17 @@ impl Store {
     /// handle holds open (sled locks it) is [`StorageError::InUse`].
     pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Store, StorageError> {
         let path = path.as_ref();
+        match crate::compaction::finish_pending(path)? {
+            crate::compaction::Pending::None => {}
+            crate::compaction::Pending::Discarded => {
+                tracing::warn!(path = %path.display(), "deleted an unfinished compaction copy; the database is as it was")
+            }
+            crate::compaction::Pending::SwappedIn => {
+                tracing::info!(path = %path.display(), "the compacted database replaced the old one")
+            }
+        }
         sled_conf::remove_if_torn(path)?;
+        crate::sled_files::remove_unfinished_snapshots(path)?;
         let open = || {
             sled::Config::new()
                 .path(path)
@@ -206,6 +216,25 @@ impl Store {
     /// Flush and fsync now, whatever the durability policy.
     pub fn flush(&self) -> Result<(), StorageError> {
         self.shared.durability.flush()
+    }
+
+    /// Bytes of every key and value stored, in every tree: what a
+    /// compaction would copy (sled adds its node headers and log framing).
+    /// Reads everything.
+    pub fn live_bytes(&self) -> Result<u64, StorageError> {
+        let mut bytes = 0u64;
+        for name in self.shared.db.tree_names() {
+            for item in self.shared.db.open_tree(&name)?.iter() {
+                let (k, v) = item?;
+                bytes += (k.len() + v.len()) as u64;
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// The directory of a database opened with [`Store::open`].
+    pub fn path(&self) -> Option<&Path> {
+        self.shared.path.as_deref()
     }
 
     /// Bytes the database occupies on disk, as sled counts them.

@@ -27,7 +27,7 @@ use mls_ds_protocol::queue::QueuePage;
 use mls_ds_protocol::{decode, encode, paths, ClientId, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
 use mls_ds_tests::raw::RawMember;
-use mls_ds_tests::Server;
+use mls_ds_tests::{cpu_seconds, peak_rss_mib, Server};
 use openmls_basic_credential::SignatureKeyPair;
 use tokio::sync::Mutex;
 
@@ -39,29 +39,6 @@ fn quick() -> bool {
 
 fn send_ids() -> bool {
     std::env::var("MLS_DS_LOAD_SEND_IDS").map_or(true, |v| v != "0")
-}
-
-/// (user + system) CPU seconds of a process, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime is field 14, stime 15 (1-based, counting pid and comm): index 11, 12 here.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Peak resident set size of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {

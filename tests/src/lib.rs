@@ -44,6 +44,47 @@ pub fn dir_bytes(dir: &Path) -> Vec<u8> {
     out
 }
 
+/// (user + system) CPU seconds a process has used, from `/proc` (0 if it is
+/// gone): what the benchmarks divide by the requests they made.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime is field 14, stime 15 (1-based, counting pid and comm): index 11, 12 here.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident set size of a process, in MiB (0 if it is gone).
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Bytes the files under `dir` occupy on disk (allocated blocks, so sparse
+/// files count what they use).
+pub fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// The number in the environment variable `var`, or `default`.
 pub fn env_or(var: &str, default: u64) -> u64 {
     std::env::var(var)
@@ -397,6 +438,15 @@ impl Server {
         self.spawn();
     }
 
+    /// Stop gracefully, then start again on the same directory and the same
+    /// port, so that clients reconnect to the URL they have.
+    pub fn restart_on_same_port(&mut self) {
+        self.stop();
+        self.listen = self.addr.clone();
+        self.spawn();
+        self.listen = "127.0.0.1:0".into();
+    }
+
     /// SIGKILL, then start again on the same directory and the same port,
     /// so that clients reconnect to the URL they have.
     pub fn kill_and_restart_on_same_port(&mut self) {
@@ -416,6 +466,18 @@ impl Server {
             "mls-ds check: {}",
             String::from_utf8_lossy(&check.stdout)
         );
+    }
+
+    /// Run `mls-ds <args>` and assert that it succeeded; its output.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "mls-ds {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
     }
 
     /// Run `mls-ds <args>` (an admin subcommand) on this data dir.

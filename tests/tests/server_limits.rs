@@ -37,17 +37,6 @@ fn raw_post_head(url: &str, path: &str) -> String {
         .to_owned()
 }
 
-fn admin(server: &Server, args: &[&str]) -> String {
-    let out = server.admin(args);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "mls-ds {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 fn open(dir: &std::path::Path, url: &str, name: &str) -> Client {
     Client::open(dir.join(name), url, name, ClientConfig::default()).unwrap()
 }
@@ -72,7 +61,7 @@ async fn registration_policies_and_invitation_codes() {
     );
 
     // A single-use code registers one client, then no other.
-    let created = admin(&server, &["invite", "create", "--uses", "1"]);
+    let created = server.admin_ok(&["invite", "create", "--uses", "1"]);
     let code = created.lines().next().unwrap().trim().to_owned();
     assert_eq!(code.len(), 32, "{created}");
     alice.api.register_with_invite(Some(&code)).await.unwrap();
@@ -82,23 +71,25 @@ async fn registration_policies_and_invitation_codes() {
     let bob = RawMember::new(&url, "inv-bob");
     assert_eq!(status(bob.api.register_with_invite(Some(&code)).await), 403);
     assert!(
-        !admin(&server, &["invite", "list"]).contains(&code),
+        !server.admin_ok(&["invite", "list"]).contains(&code),
         "used up"
     );
 
     // Two uses; an expired code; a revoked one.
-    let two = admin(&server, &["invite", "create", "--uses", "2"]);
+    let two = server.admin_ok(&["invite", "create", "--uses", "2"]);
     let two = two.lines().next().unwrap().trim().to_owned();
     bob.api.register_with_invite(Some(&two)).await.unwrap();
-    assert!(admin(&server, &["invite", "list"]).contains(&format!("{two} uses_left=1")));
-    let expired = admin(&server, &["invite", "create", "--valid-for-hours", "0"]);
+    assert!(server
+        .admin_ok(&["invite", "list"])
+        .contains(&format!("{two} uses_left=1")));
+    let expired = server.admin_ok(&["invite", "create", "--valid-for-hours", "0"]);
     let expired = expired.lines().next().unwrap().trim().to_owned();
     let carol = RawMember::new(&url, "inv-carol");
     assert_eq!(
         status(carol.api.register_with_invite(Some(&expired)).await),
         403
     );
-    admin(&server, &["invite", "revoke", &two]);
+    server.admin_ok(&["invite", "revoke", &two]);
     assert_eq!(
         status(carol.api.register_with_invite(Some(&two)).await),
         403
@@ -111,7 +102,7 @@ async fn registration_policies_and_invitation_codes() {
     let dave = RawMember::new(&url, "closed-dave");
     assert_eq!(status(dave.api.register().await), 403);
     let key = hex::encode(dave.signer.public());
-    let added = admin(&closed, &["client", "add", "closed-dave", "--key", &key]);
+    let added = closed.admin_ok(&["client", "add", "closed-dave", "--key", &key]);
     assert!(added.contains("added client closed-dave"), "{added}");
     dave.register(1).await;
     assert_eq!(dave.api.key_package_count().await.unwrap().remaining, 1);
@@ -161,7 +152,7 @@ async fn registrations_are_limited_per_source_address() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&wait), "retry-after {wait}");
-    let listed = admin(&server, &["client", "list"]);
+    let listed = server.admin_ok(&["client", "list"]);
     assert!(
         listed.contains("ip-3 ") && !listed.contains("ip-4 "),
         "the refused registration stored nothing: {listed}"
@@ -438,7 +429,7 @@ async fn operators_delete_clients_and_groups_and_the_last_member_deletes_its_gro
 
     // The operator deletes carol: her key packages and queue go, she can no
     // longer authenticate, and her id stays reserved.
-    let listed = admin(&server, &["client", "list"]);
+    let listed = server.admin_ok(&["client", "list"]);
     assert!(listed.contains("op-carol registered_ms="), "{listed}");
     assert!(
         listed
@@ -446,8 +437,8 @@ async fn operators_delete_clients_and_groups_and_the_last_member_deletes_its_gro
             .any(|l| l.starts_with("op-carol") && l.ends_with("queue=2")),
         "{listed}"
     );
-    admin(&server, &["client", "delete", "op-carol"]);
-    let listed = admin(&server, &["client", "list"]);
+    server.admin_ok(&["client", "delete", "op-carol"]);
+    let listed = server.admin_ok(&["client", "list"]);
     assert!(
         listed.lines().any(|l| l.starts_with("op-carol")
             && l.contains("deleted=true")
@@ -460,9 +451,9 @@ async fn operators_delete_clients_and_groups_and_the_last_member_deletes_its_gro
     assert_eq!(status(bob.api().delete_group(&gid).await), 403);
 
     // The operator deletes the group: bob and alice are told.
-    let groups = admin(&server, &["group", "list"]);
+    let groups = server.admin_ok(&["group", "list"]);
     assert!(groups.contains(&hex::encode(&gid)), "{groups}");
-    admin(&server, &["group", "delete", &hex::encode(&gid)]);
+    server.admin_ok(&["group", "delete", &hex::encode(&gid)]);
     for c in [&alice, &bob] {
         let events = c.receive(0).await.unwrap();
         assert!(
@@ -474,7 +465,9 @@ async fn operators_delete_clients_and_groups_and_the_last_member_deletes_its_gro
         assert!(c.groups().await.is_empty());
     }
     assert_eq!(status(alice.api().group_info(&gid).await), 404);
-    assert!(!admin(&server, &["group", "list"]).contains(&hex::encode(&gid)));
+    assert!(!server
+        .admin_ok(&["group", "list"])
+        .contains(&hex::encode(&gid)));
 
     // The last member of a group deletes it, on the DS and in its store.
     let solo = alice.create_group(false).await.unwrap();
@@ -505,14 +498,14 @@ async fn commits_are_pruned_and_a_backup_restores() {
     }
     alice.send(&gid, b"kept").await.unwrap();
     let commits = |s: &Server| -> String {
-        admin(s, &["stats"])
+        s.admin_ok(&["stats"])
             .lines()
             .find(|l| l.starts_with("accepted commits"))
             .unwrap()
             .to_owned()
     };
     assert!(commits(&server).ends_with(" 4"), "{}", commits(&server));
-    admin(&server, &["prune-commits", "--older-than-days", "0"]);
+    server.admin_ok(&["prune-commits", "--older-than-days", "0"]);
     assert!(
         commits(&server).ends_with(" 1"),
         "the newest stays: {}",
@@ -522,7 +515,7 @@ async fn commits_are_pruned_and_a_backup_restores() {
     // Backup of the running server, restored into a new directory: it
     // passes check and serves the same state.
     let backup = dir.path().join("backup");
-    admin(&server, &["backup", "--out", backup.to_str().unwrap()]);
+    server.admin_ok(&["backup", "--out", backup.to_str().unwrap()]);
     assert!(server.stop(), "graceful stop");
     let restored = dir.path().join("restored");
     let out = std::process::Command::new(mls_ds_tests::server_binary())

@@ -60,6 +60,11 @@ impl StorageFault {
         }
     }
 
+    /// Not a fault: storage was retired on purpose (`why`) and reopens.
+    pub(crate) fn retired(why: &str) -> StorageFault {
+        StorageFault(why.to_owned())
+    }
+
     /// The fault an I/O error stands for. sled re-creates the I/O errors it
     /// keeps (losing the OS code), so the kind is the fallback.
     pub(crate) fn from_io(e: &std::io::Error) -> StorageFault {

@@ -204,10 +204,30 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// Counts of what is stored (`mls-ds stats`).
     fn report(&self) -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
 
+    /// Bytes the database's files occupy (cheap).
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// Bytes of live records against bytes on disk (reads every record).
+    fn space(&self) -> impl Future<Output = Result<Space, StoreError>> + Send;
+
+    /// Rewrite the database into one that holds only the live records
+    /// (`mls-ds compact`); the backend answers nothing more until the server
+    /// has reopened storage on the copy.
+    fn compact(&self) -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
+
     /// A consistent copy of everything into the new directory `target`
     /// (`mls-ds backup`).
     fn backup(&self, target: &Path)
         -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
+}
+
+/// What the database holds against what it occupies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Space {
+    /// Bytes of every stored key and value.
+    pub(crate) live: u64,
+    /// Bytes of the database's files.
+    pub(crate) on_disk: u64,
 }
 
 /// A client and its record.

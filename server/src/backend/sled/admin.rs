@@ -172,12 +172,33 @@ pub(crate) fn stats(layout: &Layout) -> Result<AdminReport, StoreError> {
     let _ = writeln!(text, "stored messages    {}", queues.messages);
     let _ = writeln!(
         text,
+        "live records       {} bytes",
+        layout.store.live_bytes()?
+    );
+    let _ = writeln!(
+        text,
         "size on disk       {} bytes",
         layout.store.size_on_disk()?
     );
     Ok(AdminReport {
         text,
         failed: !queues.problems.is_empty(),
+    })
+}
+
+/// `mls-ds compact`: copy the live records into a database that replaces
+/// this one when the data directory is next opened. The caller writes
+/// nothing more through `layout` (the writer thread retires; offline, the
+/// caller closes it and opens the directory again).
+pub(crate) fn compact(layout: &Layout) -> Result<AdminReport, StoreError> {
+    let before = layout.store.size_on_disk()?;
+    let staged = layout.store.stage_compaction()?;
+    Ok(AdminReport {
+        text: format!(
+            "compacted {} records of {} trees: {} bytes on disk before, {} after\n",
+            staged.copied.entries, staged.copied.trees, before, staged.bytes
+        ),
+        failed: false,
     })
 }
 

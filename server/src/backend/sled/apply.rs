@@ -161,6 +161,13 @@ impl Applier {
                 reply.send(super::admin::backup(&self.layout, &target));
                 None
             }
+            // The writer runs it itself: it must retire once it is staged.
+            Job::Compact { reply } => {
+                reply.send(Err(StoreError::Unavailable(
+                    "compaction runs on the writer thread only".into(),
+                )));
+                None
+            }
         }
     }
 

@@ -16,7 +16,7 @@
 //! deleted themselves is not stored). Reading one message walks the
 //! lengths and decodes only its record.
 
-use mls_ds_storage::codec::{decode_record, encode_record_into};
+use mls_ds_storage::codec::{decode_record, decode_record_head, encode_record_into};
 
 use super::layout::{self, Envelope, EnvelopeRef, FanoutRef, Tree, MAX_SLOTS};
 use crate::backend::error::StoreError;
@@ -199,6 +199,19 @@ pub(crate) fn decode_envelope(
     record: &[u8],
 ) -> Result<Envelope, StoreError> {
     Ok(decode_record(tree.name, &layout::batch_key(batch), record)?)
+}
+
+/// Decode only the fan-out at the start of the envelope in `record`.
+pub(crate) fn decode_fanout<'a>(
+    tree: Tree,
+    batch: u64,
+    record: &'a [u8],
+) -> Result<layout::FanoutView<'a>, StoreError> {
+    Ok(decode_record_head(
+        tree.name,
+        &layout::batch_key(batch),
+        record,
+    )?)
 }
 
 /// The message of `slot` in a batch value, if it is there.

@@ -24,9 +24,11 @@
 //! keys) is what lets durability keep up with load. After a failed write or
 //! flush, nothing more is applied (sled 0.34 stays broken after an I/O
 //! error, and later jobs may depend on the failed one): storage is marked
-//! broken until the server reopens it.
+//! broken until the server reopens it. A staged compaction retires the
+//! database the same way: every later job is refused until the server has
+//! reopened the data directory on the compacted copy.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -36,7 +38,11 @@ use mls_ds_storage::{PendingWrites, StorageError, Store};
 use super::apply::Applier;
 use super::job::{Finish, Job};
 use crate::backend::error::{StorageFault, StoreError};
-use crate::backend::NewHeads;
+use crate::backend::{AdminReport, NewHeads};
+
+/// What requests are told between a staged compaction and the reopen.
+pub(crate) const COMPACTING: &str =
+    "the database is being compacted; storage reopens in a moment, retry shortly";
 
 /// Most jobs taken into one batch.
 const MAX_BATCH: usize = 4096;
@@ -56,6 +62,10 @@ pub(crate) struct CommitStats {
     pub(crate) flush_us: AtomicU64,
     /// Set by the first failure; the server reopens the database to recover.
     broken: Mutex<Option<StorageFault>>,
+    /// Set once a compaction is staged: nothing more is written to this
+    /// database, and the server reopens the data directory, which swaps the
+    /// compacted copy in.
+    retired: AtomicBool,
 }
 
 impl CommitStats {
@@ -65,6 +75,11 @@ impl CommitStats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Whether a staged compaction retired this database.
+    pub(crate) fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     fn mark_broken(&self, e: &StorageError) -> StorageFault {
@@ -187,6 +202,10 @@ impl Writer {
                     continue;
                 }
             }
+            if let Job::Compact { reply } = job {
+                reply.send(self.compact());
+                continue;
+            }
             if let Some(p) = self.applier.prepare(job) {
                 pending.extend(p.writes);
                 done.push(Done {
@@ -219,8 +238,21 @@ impl Writer {
         }
     }
 
+    /// Stage a compaction of everything applied so far; once it is staged,
+    /// retire: every later job is refused, so that the copy holds every
+    /// write this database acknowledged.
+    fn compact(&mut self) -> Result<AdminReport, StoreError> {
+        let report = super::admin::compact(&self.applier.layout)?;
+        self.stats.retired.store(true, Ordering::Release);
+        tracing::info!("compaction staged; storage reopens on the compacted database");
+        Ok(report)
+    }
+
     /// Why nothing more may be applied, if so.
     fn refusal(&self, applied: &Result<(), StoreError>) -> Option<StoreError> {
+        if self.stats.retired() {
+            return Some(StoreError::Unavailable(COMPACTING.into()));
+        }
         if let Err(e) = applied {
             return Some(StoreError::Unavailable(format!(
                 "an earlier write failed: {e}"

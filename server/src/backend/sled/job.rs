@@ -1,5 +1,5 @@
 //! The jobs the group commit's writer thread runs (write sets, queue
-//! acknowledgements and expiry, settling, backups), what it makes of them
+//! acknowledgements and expiry, settling, backups, compaction), what it makes of them
 //! before the flush ([`Prepared`]), and how each is answered once its
 //! writes are durable ([`Finish`]).
 
@@ -38,6 +38,9 @@ pub(crate) enum Job {
         target: PathBuf,
         reply: CommitReply<AdminReport>,
     },
+    /// Copy the live records into a database that replaces this one at the
+    /// next open; nothing is written after it (the writer retires).
+    Compact { reply: CommitReply<AdminReport> },
 }
 
 impl Job {
@@ -51,7 +54,7 @@ impl Job {
         match self {
             Job::Write { set, .. } => set.changes.is_empty(),
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => true,
-            Job::Backup { .. } => false,
+            Job::Backup { .. } | Job::Compact { .. } => false,
         }
     }
 
@@ -69,7 +72,7 @@ impl Job {
                         matches!(c, Change::DeleteClient { .. } | Change::DeleteGroup { .. })
                     })
             }
-            Job::Backup { .. } => true,
+            Job::Backup { .. } | Job::Compact { .. } => true,
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => false,
         }
     }
@@ -82,6 +85,7 @@ impl Job {
             Job::Expire { reply, .. } => reply.send(Err(e)),
             Job::Settle { reply } => reply.send(Err(e)),
             Job::Backup { reply, .. } => reply.send(Err(e)),
+            Job::Compact { reply } => reply.send(Err(e)),
         }
     }
 }

@@ -343,6 +343,16 @@ pub(crate) struct Fanout {
     pub(crate) entries: Vec<(Vec<u8>, u64)>,
 }
 
+/// [`Fanout`] decoded in place from the start of an envelope record (the
+/// startup scan reads nothing else of most messages).
+#[derive(bincode::BorrowDecode)]
+pub(crate) struct FanoutView<'a> {
+    /// Acceptance time (unix ms).
+    pub(crate) stored_ms: u64,
+    /// Each recipient and the sequence number of the message in its queue.
+    pub(crate) entries: Vec<(&'a [u8], u64)>,
+}
+
 /// A stored message with its fan-out, as one record of a delivery batch.
 #[derive(bincode::Decode, Clone, Debug, PartialEq)]
 pub(crate) struct Envelope {

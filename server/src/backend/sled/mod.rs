@@ -46,8 +46,8 @@ use super::records::{
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
-    AdminReport, Backend, BackendStats, ExpiredKeyPackage, NewHeads, Page, StaleCommit, StoreError,
-    StoredClient, StoredGroup, StoredInvite,
+    AdminReport, Backend, BackendStats, ExpiredKeyPackage, NewHeads, Page, Space, StaleCommit,
+    StoreError, StoredClient, StoredGroup, StoredInvite,
 };
 
 /// How to open the sled backend.
@@ -99,7 +99,7 @@ impl SledBackend {
     /// remove them), start the write path.
     pub(crate) fn open(data_dir: &Path, config: SledConfig) -> Result<SledBackend, StoreError> {
         let layout = Layout::open(data_dir, config.cache_mb)?;
-        let loaded = queue_startup::load(&layout)?;
+        let loaded = queue_startup::load(&layout, queue_startup::Decode::Fanout)?;
         if !loaded.lost_receipts.is_empty() {
             let tx = layout.storage.begin();
             let tree = layout.trees.sends;
@@ -151,9 +151,15 @@ impl SledBackend {
         })
     }
 
-    /// The fault that broke storage, if any (the server reopens it then).
+    /// The fault that broke storage, if any, or the compaction that
+    /// retired it (the server reopens it then).
     pub(crate) fn broken(&self) -> Option<super::StorageFault> {
-        self.commit.stats.broken()
+        self.commit.stats.broken().or_else(|| {
+            self.commit
+                .stats
+                .retired()
+                .then(|| super::StorageFault::retired(group_commit::COMPACTING))
+        })
     }
 
     /// Flush everything (at shutdown).
@@ -473,6 +479,26 @@ impl Backend for SledBackend {
 
     async fn report(&self) -> Result<AdminReport, StoreError> {
         self.run(admin::stats).await
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.layout.store.size_on_disk()?)
+    }
+
+    async fn space(&self) -> Result<Space, StoreError> {
+        self.run(|layout| {
+            Ok(Space {
+                live: layout.store.live_bytes()?,
+                on_disk: layout.store.size_on_disk()?,
+            })
+        })
+        .await
+    }
+
+    async fn compact(&self) -> Result<AdminReport, StoreError> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Compact { reply });
+        handle.wait().await
     }
 
     async fn backup(&self, target: &Path) -> Result<AdminReport, StoreError> {

@@ -9,6 +9,14 @@
 //! removal it allowed) is an orphan, deleted at startup. A message sent
 //! with a send id whose receipt a crash lost (receipts are written right
 //! after their batch) gets it back from its envelope.
+//!
+//! Startup decodes only each envelope's fan-out, in place; `check` decodes
+//! every envelope whole. Lost receipts are looked for only in the last
+//! [`RECEIPT_TAIL`] batches: sled recovers a prefix of its log, and a
+//! batch's receipts are written right after it and before any later batch,
+//! so a crash can have lost only receipts of the last batches written.
+//! (Older messages' receipts may be gone for a reason: the deduplication
+//! window prunes them.)
 
 use std::collections::HashMap;
 
@@ -26,6 +34,19 @@ use mls_ds_protocol::groups::SendId;
 /// of message bodies in memory (a batch holds about 6 KiB and one message).
 const BATCH_PAGE: usize = 64;
 
+/// The newest batches whose messages' receipts are checked at startup: one
+/// would do (see the module documentation); more cost nothing.
+const RECEIPT_TAIL: u64 = 256;
+
+/// How much of each envelope the scan decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decode {
+    /// The fan-out only (startup).
+    Fanout,
+    /// Everything, so that a damaged message is found (`check`).
+    Whole,
+}
+
 /// The index as rebuilt from disk.
 pub(crate) struct Loaded {
     pub(crate) state: IndexState,
@@ -38,13 +59,15 @@ pub(crate) struct Loaded {
     pub(crate) lost_receipts: Vec<StartupReceipt>,
 }
 
-/// Call `f` with every stored batch, in number order.
+/// Call `f` with every stored batch numbered `first` or more, in number
+/// order.
 fn for_each_batch(
     layout: &Layout,
+    first: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let tree = layout.trees.delivery;
-    let mut from = layout::batch_key(0);
+    let mut from = layout::batch_key(first);
     let to = layout::batch_key(u64::MAX);
     loop {
         let page = layout
@@ -101,14 +124,14 @@ pub(crate) struct StartupReceipt {
 }
 
 /// Rebuild the index from the stored fan-outs, ack marks and client
-/// records. Fails on a queue with a gap.
-pub(crate) fn load(layout: &Layout) -> Result<Loaded, StoreError> {
+/// records. Fails on a queue with a gap, or with [`Decode::Whole`] on any
+/// envelope that does not decode.
+pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError> {
     let mut state = IndexState::new(queues_at_start(layout)?, 1);
     let mut orphans = Vec::new();
     let mut envelopes = 0;
-    let mut lost_receipts = Vec::new();
     let tree = layout.trees.delivery;
-    for_each_batch(layout, |number, value| {
+    for_each_batch(layout, 0, |number, value| {
         state.next_batch = state.next_batch.max(number.saturating_add(1));
         let mut meta = BatchMeta {
             refs: 0,
@@ -117,37 +140,18 @@ pub(crate) fn load(layout: &Layout) -> Result<Loaded, StoreError> {
         };
         for record in batch::records(value) {
             let (slot, bytes) = record.map_err(|e| batch::corrupt(number, &e))?;
-            let envelope = batch::decode_envelope(tree, number, bytes)?;
+            if decode == Decode::Whole {
+                batch::decode_envelope(tree, number, bytes)?;
+            }
+            let fanout = batch::decode_fanout(tree, number, bytes)?;
             let id = layout::message_id(number, slot);
             envelopes += 1;
             if meta.messages == 0 {
-                meta.stored_ms = envelope.fanout.stored_ms;
+                meta.stored_ms = fanout.stored_ms;
             }
             meta.messages += 1;
-            if let Some(send) = envelope.message.send {
-                let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
-                    StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
-                })?;
-                let key = SendKey {
-                    sender,
-                    id: SendId {
-                        created_ms: send.created_ms,
-                        nonce: send.nonce,
-                    },
-                };
-                if !layout.contains(layout.trees.sends, &layout::send_key(&key))? {
-                    lost_receipts.push(StartupReceipt {
-                        key,
-                        receipt: SendReceipt {
-                            message_id: id,
-                            recipients: u32::try_from(envelope.fanout.entries.len())
-                                .unwrap_or(u32::MAX),
-                        },
-                    });
-                }
-            }
-            for (client, seq) in envelope.fanout.entries {
-                let client = ClientId::new(&client).map_err(|e| {
+            for (client, seq) in fanout.entries {
+                let client = ClientId::new(client).map_err(|e| {
                     StoreError::Corrupt(format!("message {id} names a bad client: {e}"))
                 })?;
                 let cq = state.client(&client);
@@ -174,12 +178,52 @@ pub(crate) fn load(layout: &Layout) -> Result<Loaded, StoreError> {
     for cq in state.clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
     }
+    let lost_receipts = lost_receipts(layout, state.next_batch.saturating_sub(RECEIPT_TAIL))?;
     Ok(Loaded {
         state,
         orphans,
         envelopes,
         lost_receipts,
     })
+}
+
+/// The receipts missing for messages of batches numbered `first` or more
+/// that were sent with a send id.
+fn lost_receipts(layout: &Layout, first: u64) -> Result<Vec<StartupReceipt>, StoreError> {
+    let tree = layout.trees.delivery;
+    let mut lost = Vec::new();
+    for_each_batch(layout, first, |number, value| {
+        for record in batch::records(value) {
+            let (slot, bytes) = record.map_err(|e| batch::corrupt(number, &e))?;
+            let envelope = batch::decode_envelope(tree, number, bytes)?;
+            let Some(send) = envelope.message.send else {
+                continue;
+            };
+            let id = layout::message_id(number, slot);
+            let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
+                StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
+            })?;
+            let key = SendKey {
+                sender,
+                id: SendId {
+                    created_ms: send.created_ms,
+                    nonce: send.nonce,
+                },
+            };
+            if !layout.contains(layout.trees.sends, &layout::send_key(&key))? {
+                lost.push(StartupReceipt {
+                    key,
+                    receipt: SendReceipt {
+                        message_id: id,
+                        recipients: u32::try_from(envelope.fanout.entries.len())
+                            .unwrap_or(u32::MAX),
+                    },
+                });
+            }
+        }
+        Ok(())
+    })?;
+    Ok(lost)
 }
 
 /// What [`verify`] found in the delivery tree.
@@ -196,7 +240,7 @@ pub(crate) struct QueueReport {
 /// decodes and every queue is gap-free. Leftovers a crash can cause
 /// (orphans, which the next start deletes) are not problems.
 pub(crate) fn verify(layout: &Layout) -> QueueReport {
-    match load(layout) {
+    match load(layout, Decode::Whole) {
         Ok(loaded) => QueueReport {
             entries: loaded
                 .state

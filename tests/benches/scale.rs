@@ -1,0 +1,354 @@
+//! Scale benchmark: grows one dimension at a time against the real server
+//! (release build, 127.0.0.1, a fresh data directory per point) and prints
+//! how restart, memory and disk follow it.
+//!
+//! - `queued`: a sender queues N messages for offline members of its group
+//!   (MLS_DS_SCALE_QUEUED=10000,100000,1000000 by default; each send is one
+//!   queue entry per offline member, MLS_DS_SCALE_OFFLINE=1 of them). For each
+//!   N: the fill rate and server CPU per send, resident memory and disk per
+//!   entry, the time a restart takes to listen and the memory after it, then
+//!   a drain by one offline member (pages of 1,000 acknowledged as it goes)
+//!   with its rate and server CPU per entry in each tenth, and the disk once
+//!   everything is acknowledged and again after `mls-ds compact`.
+//! - `epochs`: one group of two through MLS_DS_SCALE_EPOCHS=10000 commits
+//!   (the other member offline, then drained): disk per epoch and server CPU
+//!   per commit, by fifths.
+//!
+//! `cargo bench -p mls-ds-tests --bench scale` (MLS_DS_SCALE_PHASES=queued,epochs
+//! selects parts; MLS_DS_SCALE_KEEP=1 stops each `queued` point after the
+//! fill and keeps its data directory, e.g. to time restarts of two builds on
+//! it). Numbers go to BENCHMARKS.md by hand.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mls_ds_client::AuthMode;
+use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
+use mls_ds_protocol::{decode, encode, paths, CONTENT_TYPE};
+use mls_ds_tests::lean_http::LeanConn;
+use mls_ds_tests::raw::RawMember;
+use mls_ds_tests::{cpu_seconds, disk_bytes, env_or, Server};
+
+const IN_FLIGHT: usize = 32;
+/// Messages encrypted ahead of sending them (the generator's memory bound).
+const CHUNK: usize = 20_000;
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn list(var: &str, default: &str) -> Vec<u64> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// Start a server whose queues hold `depth` entries, logging outside its
+/// data directory so that the disk figures are the database's alone.
+fn start(root: &std::path::Path, depth: u64) -> Server {
+    let depth = depth.max(1).to_string();
+    Server::start_logging_to(
+        &root.join("data"),
+        &root.join("server.log"),
+        &[
+            "--max-inflight",
+            "100000",
+            "--rate-limit-per-sec",
+            "100000000",
+            "--rate-limit-burst",
+            "100000000",
+            "--max-queue-depth",
+            &depth,
+        ],
+    )
+}
+
+fn rss_mib(server: &Server) -> f64 {
+    server.rss_kib().unwrap_or(0) as f64 / 1024.0
+}
+
+/// Send every body in `bodies` to the group as `sender`, `IN_FLIGHT` at a
+/// time over lean connections.
+async fn send_all(url: &str, sender: &Arc<RawMember>, gid: &[u8], bodies: Vec<Vec<u8>>) {
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(AtomicUsize::new(0));
+    let path = paths::messages(gid);
+    let mut workers = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let (bodies, next, sender, path) =
+            (bodies.clone(), next.clone(), sender.clone(), path.clone());
+        let mut conn = LeanConn::connect(url.trim_start_matches("http://"))
+            .await
+            .expect("connect");
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(message) = bodies.get(i) else {
+                    break;
+                };
+                let body = encode(&SendMessage {
+                    message: message.clone().into(),
+                    send_id: Some(SendId {
+                        created_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64),
+                        nonce: rand::random(),
+                    }),
+                })
+                .expect("encode");
+                let auth = sender
+                    .api
+                    .transport
+                    .authorization("POST", &path, &body, AuthMode::Session)
+                    .await
+                    .expect("authorization");
+                let (status, reply) = conn
+                    .request("POST", &path, auth.as_deref(), CONTENT_TYPE, &body)
+                    .await
+                    .expect("send");
+                assert!(
+                    (200..300).contains(&status),
+                    "send: {status} {}",
+                    String::from_utf8_lossy(reply)
+                );
+                decode::<MessageAccepted>(reply).expect("send reply");
+            }
+        }));
+    }
+    for w in workers {
+        w.await.expect("sender task");
+    }
+}
+
+/// Per tenth of a drain: entries per second and server CPU per entry.
+struct Tenth {
+    rate: f64,
+    cpu_us: f64,
+}
+
+/// Fetch and acknowledge `member`'s whole queue (`total` entries), pages of
+/// 1,000; the figures of each tenth.
+async fn drain(member: &RawMember, pid: u32, total: u64) -> Vec<Tenth> {
+    let mut tenths = Vec::new();
+    let (mut after, mut seen) = (0u64, 0u64);
+    let (mut t0, mut cpu0, mut mark) = (Instant::now(), cpu_seconds(pid), 0u64);
+    while seen < total {
+        let page = member
+            .api
+            .ack_and_fetch(after, after, 1000, 0)
+            .await
+            .expect("fetch");
+        if page.entries.is_empty() {
+            break;
+        }
+        seen += page.entries.len() as u64;
+        after = page.entries.last().map_or(after, |e| e.seq);
+        let boundary = total * (tenths.len() as u64 + 1) / 10;
+        if seen >= boundary || seen >= total {
+            let n = (seen - mark) as f64;
+            tenths.push(Tenth {
+                rate: n / t0.elapsed().as_secs_f64(),
+                cpu_us: (cpu_seconds(pid) - cpu0) / n * 1e6,
+            });
+            (t0, cpu0, mark) = (Instant::now(), cpu_seconds(pid), seen);
+        }
+    }
+    member.api.ack(after).await.expect("last ack");
+    assert_eq!(seen, total, "every queued entry was delivered");
+    tenths
+}
+
+fn join(values: impl Iterator<Item = String>) -> String {
+    values.collect::<Vec<_>>().join(" ")
+}
+
+async fn queued_point(n: u64, offline_members: usize) {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut server = start(root.path(), n + 1);
+    let url = server.url();
+    let pid = server.pid().expect("pid");
+    let mut sender = RawMember::new(&url, "scale-sender");
+    sender.register(0).await;
+    sender.create_group(false).await;
+    let mut offline = Vec::new();
+    for i in 0..offline_members {
+        let name = format!("scale-offline-{i}");
+        let member = RawMember::new(&url, &name);
+        member.register(1).await;
+        offline.push(member);
+    }
+    let mut kps = Vec::new();
+    for i in 0..offline_members {
+        kps.push(sender.claim(&format!("scale-offline-{i}")).await);
+    }
+    let gid = sender.gid();
+    let (c, w, gi) = sender.stage_add(kps);
+    sender.api.commit(&gid, c, w, gi).await.expect("add");
+    sender.merge();
+    // The Welcome (or the commit) is the first entry of every offline queue.
+    let entries = n * offline_members as u64 + offline_members as u64;
+    let rss0 = rss_mib(&server);
+    let disk0 = disk_bytes(&root.path().join("data"));
+
+    let mut sender = Some(sender);
+    let (mut sent, mut fill_wall, mut fill_cpu) = (0u64, Duration::ZERO, 0.0);
+    while sent < n {
+        let k = CHUNK.min((n - sent) as usize);
+        let mut member = sender.take().expect("sender");
+        let bodies: Vec<Vec<u8>> = (0..k)
+            .map(|i| member.encrypt(format!("scale {}", sent + i as u64).as_bytes()))
+            .collect();
+        let shared = Arc::new(member);
+        let (t, cpu) = (Instant::now(), cpu_seconds(pid));
+        send_all(&url, &shared, &gid, bodies).await;
+        fill_wall += t.elapsed();
+        fill_cpu += cpu_seconds(pid) - cpu;
+        sender = Some(Arc::into_inner(shared).expect("no sender task left"));
+        sent += k as u64;
+    }
+    let rss_full = rss_mib(&server);
+    let disk_full = disk_bytes(&root.path().join("data"));
+    let per_entry = |a: f64, b: f64| (a - b) / entries as f64;
+    println!(
+        "queued {n} sends x {offline_members} offline = {entries} entries: fill {:.0} sends/s, \
+         {:.0} us server CPU/send; RSS {:.0} -> {:.0} MiB ({:.0} B/entry); disk {:.1} -> {:.1} MiB \
+         ({:.0} B/entry)",
+        n as f64 / fill_wall.as_secs_f64(),
+        fill_cpu / n as f64 * 1e6,
+        rss0,
+        rss_full,
+        per_entry(rss_full, rss0) * MIB,
+        disk0 as f64 / MIB,
+        disk_full as f64 / MIB,
+        per_entry(disk_full as f64, disk0 as f64),
+    );
+
+    assert!(server.stop(), "graceful stop");
+    if std::env::var("MLS_DS_SCALE_KEEP").is_ok() {
+        println!(
+            "queued {n}: filled data directory kept at {}",
+            root.keep().join("data").display()
+        );
+        return;
+    }
+    let t = Instant::now();
+    server.restart_on_same_port();
+    let restart = t.elapsed();
+    let pid = server.pid().expect("pid");
+    println!(
+        "queued {n}: restart {:.2} s, RSS after {:.0} MiB",
+        restart.as_secs_f64(),
+        rss_mib(&server)
+    );
+
+    let first = offline.first().expect("an offline member");
+    let tenths = drain(first, pid, n + 1).await;
+    for member in &offline[1..] {
+        drain(member, pid, n + 1).await;
+    }
+    println!(
+        "queued {n}: drain entries/s by tenth [{}], us CPU/entry [{}]",
+        join(tenths.iter().map(|t| format!("{:.0}", t.rate))),
+        join(tenths.iter().map(|t| format!("{:.1}", t.cpu_us))),
+    );
+    // Measured right after the last acknowledgement, then after `mls-ds
+    // compact` (the running server stages the copy and reopens on it).
+    let disk_drained = disk_bytes(&root.path().join("data"));
+    let t = Instant::now();
+    let compact = server.admin(&["compact"]);
+    assert!(compact.status.success(), "mls-ds compact failed");
+    while mls_ds_tests::raw::try_raw_request(&url, "GET", "/healthz").await != Ok(200) {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "serving after compaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let compacted = t.elapsed();
+    let disk_compacted = disk_bytes(&root.path().join("data"));
+    let stats = server.admin(&["stats"]);
+    let live = String::from_utf8_lossy(&stats.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("live records"))
+        .and_then(|v| {
+            v.trim()
+                .trim_end_matches("bytes")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    println!(
+        "queued {n}: disk after drain {:.1} MiB, after compaction {:.1} MiB, live records {:.1} MiB \
+         (serving again {:.2} s after the command)",
+        disk_drained as f64 / MIB,
+        disk_compacted as f64 / MIB,
+        live / MIB,
+        compacted.as_secs_f64(),
+    );
+    server.stop_and_check();
+}
+
+async fn epochs(total: u64) {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut server = start(root.path(), total + 10);
+    let url = server.url();
+    let pid = server.pid().expect("pid");
+    let (mut a, b) = mls_ds_tests::raw::group_of_two(&url, "epochs-a", "epochs-b").await;
+    let gid = a.gid();
+    let data = root.path().join("data");
+    let mut fifths = Vec::new();
+    let (mut disk, mut cpu0, mut t0) = (disk_bytes(&data), cpu_seconds(pid), Instant::now());
+    let disk_start = disk;
+    for epoch in 1..=total {
+        let (c, w, gi) = a.stage_update();
+        a.api.commit(&gid, c, w, gi).await.expect("commit");
+        a.merge();
+        if epoch % (total / 5).max(1) == 0 {
+            let now = disk_bytes(&data);
+            let n = (total / 5).max(1) as f64;
+            fifths.push(format!(
+                "{epoch}: {:.0} B/epoch, {:.0} us CPU/commit, {:.0} commits/s",
+                (now as f64 - disk as f64) / n,
+                (cpu_seconds(pid) - cpu0) / n * 1e6,
+                n / t0.elapsed().as_secs_f64()
+            ));
+            (disk, cpu0, t0) = (now, cpu_seconds(pid), Instant::now());
+        }
+    }
+    let drained = drain(&b, pid, total).await;
+    let rate = drained.iter().map(|t| t.rate).sum::<f64>() / drained.len().max(1) as f64;
+    println!(
+        "epochs {total} (group of two, one member offline): disk {:.1} -> {:.1} MiB; by fifths [{}]; \
+         drained at {rate:.0} entries/s, disk after {:.1} MiB",
+        disk_start as f64 / MIB,
+        disk as f64 / MIB,
+        fifths.join("; "),
+        disk_bytes(&data) as f64 / MIB,
+    );
+    server.stop_and_check();
+}
+
+fn main() {
+    let phases = std::env::var("MLS_DS_SCALE_PHASES").unwrap_or_else(|_| "queued,epochs".into());
+    let phase = |p: &str| phases.split(',').any(|x| x == p);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "scale benchmark: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    rt.block_on(async {
+        if phase("queued") {
+            let offline = env_or("MLS_DS_SCALE_OFFLINE", 1).max(1) as usize;
+            for n in list("MLS_DS_SCALE_QUEUED", "10000,100000,1000000") {
+                queued_point(n, offline).await;
+            }
+        }
+        if phase("epochs") {
+            epochs(env_or("MLS_DS_SCALE_EPOCHS", 10_000)).await;
+        }
+    });
+}
