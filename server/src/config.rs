@@ -337,7 +337,7 @@ pub struct Limits {
     pub max_groups_per_client: u32,
 
     /// Most members in a group (more: 507).
-    #[arg(long, env = "MLS_DS_MAX_GROUP_MEMBERS", default_value_t = 5000)]
+    #[arg(long, env = "MLS_DS_MAX_GROUP_MEMBERS", default_value_t = 10_000)]
     pub max_group_members: usize,
 
     /// Largest application message or proposal, in bytes (larger: 413).

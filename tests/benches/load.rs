@@ -27,7 +27,7 @@ use mls_ds_protocol::queue::QueuePage;
 use mls_ds_protocol::{decode, encode, paths, ClientId, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
 use mls_ds_tests::raw::RawMember;
-use mls_ds_tests::{cpu_seconds, peak_rss_mib, Server};
+use mls_ds_tests::{cpu_seconds, peak_rss_mib, Server, BENCH_SERVER_FLAGS};
 use openmls_basic_credential::SignatureKeyPair;
 use tokio::sync::Mutex;
 
@@ -529,25 +529,13 @@ impl SendTimes {
     }
 }
 
-/// The server's flags for the bench: every limit and quota at its default,
-/// except what one synthetic sender exceeds by design (32 requests in flight
-/// from one client at tens of thousands a second, 20,000 registrations from
-/// one address, a 100,000-message backlog for one client). Those limits are
-/// raised, not switched off, so their checks still run on every request.
-const SERVER_FLAGS: &[&str] = &[
-    "--max-inflight",
-    "100000",
-    "--rate-limit-per-sec",
-    "100000000",
-    "--rate-limit-burst",
-    "100000000",
-    "--ip-rate-limit-per-min",
-    "100000000",
-    "--ip-rate-limit-burst",
-    "100000000",
-    "--max-queue-depth",
-    "1000000",
-];
+/// The server's flags for the bench: the shared ones, and a queue deep
+/// enough for a 100,000-message backlog for one client.
+fn server_flags() -> Vec<&'static str> {
+    let mut flags = BENCH_SERVER_FLAGS.to_vec();
+    flags.extend(["--max-queue-depth", "1000000"]);
+    flags
+}
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -560,7 +548,7 @@ fn main() {
     );
     let server = match external {
         Some(_) => None,
-        None => Some(Server::start(dir.path(), SERVER_FLAGS)),
+        None => Some(Server::start(dir.path(), &server_flags())),
     };
     let (url, pid) = match (&external, &server) {
         (Some((url, pid)), _) => (url.clone(), *pid),

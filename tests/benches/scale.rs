@@ -10,11 +10,20 @@
 //!   a drain by one offline member (pages of 1,000 acknowledged as it goes)
 //!   with its rate and server CPU per entry in each tenth, and the disk once
 //!   everything is acknowledged and again after `mls-ds compact`.
+//! - `members`: one group grown to each size of
+//!   MLS_DS_SCALE_MEMBERS=100,1000,2000,5000,10000 (commits adding up to 100 members,
+//!   the joiners registered with one key package each and offline). At each
+//!   size: the last add commit's bundle and server CPU, then 20 self-update
+//!   commits (bundle bytes, server CPU, disk per epoch) and 20 GroupInfo
+//!   fetches (response bytes, server CPU), and the server's resident memory.
+//!   The member added last is a real client: at the end it joins from its
+//!   Welcome, catches up and sends messages to everyone, which the creator
+//!   reads.
 //! - `epochs`: one group of two through MLS_DS_SCALE_EPOCHS=10000 commits
 //!   (the other member offline, then drained): disk per epoch and server CPU
 //!   per commit, by fifths.
 //!
-//! `cargo bench -p mls-ds-tests --bench scale` (MLS_DS_SCALE_PHASES=queued,epochs
+//! `cargo bench -p mls-ds-tests --bench scale` (MLS_DS_SCALE_PHASES=queued,members,epochs
 //! selects parts; MLS_DS_SCALE_KEEP=1 stops each `queued` point after the
 //! fill and keeps its data directory, e.g. to time restarts of two builds on
 //! it). Numbers go to BENCHMARKS.md by hand.
@@ -23,12 +32,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mls_ds_client::AuthMode;
+use mls_ds_client::client::CIPHERSUITE;
+use mls_ds_client::{AuthMode, DsApi, HttpPool, Transport};
 use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
+use mls_ds_protocol::ClientId;
 use mls_ds_protocol::{decode, encode, paths, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
-use mls_ds_tests::raw::RawMember;
-use mls_ds_tests::{cpu_seconds, disk_bytes, env_or, Server};
+use mls_ds_tests::raw::{wire, RawMember};
+use mls_ds_tests::{cpu_seconds, disk_bytes, env_or, Server, BENCH_SERVER_FLAGS};
+use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage, MlsMessageOut};
+use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
 
 const IN_FLIGHT: usize = 32;
 /// Messages encrypted ahead of sending them (the generator's memory bound).
@@ -47,20 +61,9 @@ fn list(var: &str, default: &str) -> Vec<u64> {
 /// data directory so that the disk figures are the database's alone.
 fn start(root: &std::path::Path, depth: u64) -> Server {
     let depth = depth.max(1).to_string();
-    Server::start_logging_to(
-        &root.join("data"),
-        &root.join("server.log"),
-        &[
-            "--max-inflight",
-            "100000",
-            "--rate-limit-per-sec",
-            "100000000",
-            "--rate-limit-burst",
-            "100000000",
-            "--max-queue-depth",
-            &depth,
-        ],
-    )
+    let mut flags = BENCH_SERVER_FLAGS.to_vec();
+    flags.extend(["--max-queue-depth", &depth]);
+    Server::start_logging_to(&root.join("data"), &root.join("server.log"), &flags)
 }
 
 fn rss_mib(server: &Server) -> f64 {
@@ -289,6 +292,167 @@ async fn queued_point(n: u64, offline_members: usize) {
     server.stop_and_check();
 }
 
+/// Register `names` with one key package each, 16 at a time, on in-memory
+/// providers that are dropped at once: the joiners stay offline.
+async fn register_joiners(url: &str, pool: &HttpPool, names: &[String]) {
+    for chunk in names.chunks(16) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in chunk {
+            let provider = OpenMlsRustCrypto::default();
+            let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).expect("keys");
+            let credential = CredentialWithKey {
+                credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+                signature_key: signer.public().into(),
+            };
+            let kp = KeyPackage::builder()
+                .build(CIPHERSUITE, &provider, &signer, credential)
+                .expect("key package");
+            let kp = wire(&MlsMessageOut::from(kp.key_package().clone()));
+            let transport = Transport::with_pool(
+                url,
+                ClientId::new(name).expect("client id"),
+                signer,
+                pool.clone(),
+            )
+            .expect("transport");
+            tasks.spawn(async move {
+                let api = DsApi::new(transport);
+                api.register().await.expect("register");
+                api.publish_key_packages(vec![kp], None)
+                    .await
+                    .expect("publish");
+            });
+        }
+        tasks.join_all().await;
+    }
+}
+
+/// Commit `stage`'s bundle as `creator` and merge it: its size in bytes and
+/// the server CPU it took.
+async fn commit(
+    creator: &mut RawMember,
+    pid: u32,
+    stage: impl FnOnce(&mut RawMember) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>),
+) -> (usize, f64) {
+    let gid = creator.gid();
+    let (c, w, gi) = stage(creator);
+    let bytes = c.len() + w.as_ref().map_or(0, Vec::len) + gi.len();
+    let cpu0 = cpu_seconds(pid);
+    creator.api.commit(&gid, c, w, gi).await.expect("commit");
+    let cpu = cpu_seconds(pid) - cpu0;
+    creator.merge();
+    (bytes, cpu)
+}
+
+async fn members(sizes: Vec<u64>) {
+    const ADD_CHUNK: u64 = 100;
+    const ROUNDS: usize = 20;
+    const KIB: f64 = 1024.0;
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut server = start(root.path(), 1000);
+    let (url, pid) = (server.url(), server.pid().expect("pid"));
+    let data = root.path().join("data");
+    let pool = HttpPool::new().expect("pool");
+    let mut creator = RawMember::new(&url, "members-creator");
+    creator.register(0).await;
+    creator.create_group(false).await;
+    let gid = creator.gid();
+    // The last member added is a real client, which joins at the end.
+    let mut witness = RawMember::new(&url, WITNESS);
+    witness.register(1).await;
+    let last = sizes.iter().copied().max().unwrap_or(0);
+    let mut size = 1u64;
+    for target in sizes {
+        let mut last_add = (0, 0.0);
+        while size < target {
+            let n = ADD_CHUNK.min(target - size);
+            let mut names: Vec<String> = (size..size + n).map(|i| format!("member-{i}")).collect();
+            let witness_added = size + n == last;
+            if witness_added {
+                names.pop();
+            }
+            register_joiners(&url, &pool, &names).await;
+            if witness_added {
+                names.push(WITNESS.into());
+            }
+            let mut kps = Vec::new();
+            for name in &names {
+                kps.push(creator.claim(name).await);
+            }
+            last_add = commit(&mut creator, pid, |c| c.stage_add(kps)).await;
+            size += n;
+        }
+        let disk0 = disk_bytes(&data);
+        let (mut bundle, mut cpu) = (0, 0.0);
+        for _ in 0..ROUNDS {
+            let (b, c) = commit(&mut creator, pid, RawMember::stage_update).await;
+            (bundle, cpu) = (bundle + b, cpu + c);
+        }
+        let per_epoch = (disk_bytes(&data) as f64 - disk0 as f64) / ROUNDS as f64;
+        let (mut info_bytes, cpu0) = (0, cpu_seconds(pid));
+        for _ in 0..ROUNDS {
+            let info = creator.api.group_info(&gid).await.expect("group info");
+            info_bytes += info.group_info.as_slice().len() + info.ratchet_tree.as_slice().len();
+        }
+        let info_cpu = cpu_seconds(pid) - cpu0;
+        let r = ROUNDS as f64;
+        println!(
+            "members {size}: add of {ADD_CHUNK}: bundle {:.0} KiB, {:.1} ms CPU; \
+             self-update commit: bundle {:.0} KiB, {:.1} ms CPU, {:.0} KiB disk/epoch; \
+             GroupInfo fetch: {:.0} KiB, {:.1} ms CPU; server RSS {:.0} MiB",
+            last_add.0 as f64 / KIB,
+            last_add.1 * 1e3,
+            bundle as f64 / r / KIB,
+            cpu / r * 1e3,
+            per_epoch / KIB,
+            info_bytes as f64 / r / KIB,
+            info_cpu / r * 1e3,
+            rss_mib(&server),
+        );
+    }
+    if size > 1 {
+        witness_joins(&mut creator, &mut witness, pid).await;
+    }
+    server.stop_and_check();
+}
+
+/// The client the members phase adds last.
+const WITNESS: &str = "members-witness";
+
+/// The member added last joins as a real client: it joins from its Welcome
+/// (with the tree the DS hands out beside it) and processes every commit
+/// since, then sends messages to everyone, which the creator reads.
+async fn witness_joins(creator: &mut RawMember, witness: &mut RawMember, pid: u32) {
+    let t0 = Instant::now();
+    witness.sync().await;
+    let joined = t0.elapsed();
+    assert_eq!(witness.epoch(), creator.epoch(), "the witness joined");
+    let gid = witness.gid();
+    const MESSAGES: usize = 20;
+    let bodies: Vec<Vec<u8>> = (0..MESSAGES)
+        .map(|i| witness.encrypt(format!("hello, everyone {i}").as_bytes()))
+        .collect();
+    let cpu0 = cpu_seconds(pid);
+    for body in bodies {
+        witness
+            .api
+            .send_message(&gid, body)
+            .await
+            .expect("send to the group");
+    }
+    let send_cpu = (cpu_seconds(pid) - cpu0) / MESSAGES as f64;
+    let read = creator.sync().await;
+    assert_eq!(read.len(), MESSAGES, "the creator read every message");
+    println!(
+        "members {}: the last member added joined from its Welcome and caught up in {:.0} ms \
+         (client side), then sent messages to all ({:.1} ms server CPU per message, {MESSAGES} \
+         messages); the creator read them",
+        creator.group().members().count(),
+        joined.as_secs_f64() * 1e3,
+        send_cpu * 1e3,
+    );
+}
+
 async fn epochs(total: u64) {
     let root = tempfile::tempdir().expect("temp dir");
     let mut server = start(root.path(), total + 10);
@@ -330,7 +494,8 @@ async fn epochs(total: u64) {
 }
 
 fn main() {
-    let phases = std::env::var("MLS_DS_SCALE_PHASES").unwrap_or_else(|_| "queued,epochs".into());
+    let phases =
+        std::env::var("MLS_DS_SCALE_PHASES").unwrap_or_else(|_| "queued,members,epochs".into());
     let phase = |p: &str| phases.split(',').any(|x| x == p);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -346,6 +511,9 @@ fn main() {
             for n in list("MLS_DS_SCALE_QUEUED", "10000,100000,1000000") {
                 queued_point(n, offline).await;
             }
+        }
+        if phase("members") {
+            members(list("MLS_DS_SCALE_MEMBERS", "100,1000,2000,5000,10000")).await;
         }
         if phase("epochs") {
             epochs(env_or("MLS_DS_SCALE_EPOCHS", 10_000)).await;

@@ -44,6 +44,29 @@ pub fn dir_bytes(dir: &Path) -> Vec<u8> {
     out
 }
 
+/// The benchmarks' server flags: every limit and quota at its default,
+/// except what synthetic clients exceed by design (32 requests in flight
+/// from one client at tens of thousands a second, tens of thousands of
+/// registrations from one address, thousands of members claimed by one
+/// client). Those limits are raised, not switched off, so their checks
+/// still run on every request.
+pub const BENCH_SERVER_FLAGS: &[&str] = &[
+    "--max-inflight",
+    "100000",
+    "--rate-limit-per-sec",
+    "100000000",
+    "--rate-limit-burst",
+    "100000000",
+    "--ip-rate-limit-per-min",
+    "100000000",
+    "--ip-rate-limit-burst",
+    "100000000",
+    "--claim-rate-per-min",
+    "100000000",
+    "--claim-burst",
+    "100000000",
+];
+
 /// (user + system) CPU seconds a process has used, from `/proc` (0 if it is
 /// gone): what the benchmarks divide by the requests they made.
 pub fn cpu_seconds(pid: u32) -> f64 {

@@ -260,7 +260,10 @@ impl RawMember {
         let p = &self.provider;
         match msg.extract() {
             MlsMessageBodyIn::Welcome(w) => {
-                let g = StagedWelcome::new_from_welcome(p, &join_config(), w, None)
+                let tree = (!e.ratchet_tree.as_slice().is_empty()).then(|| {
+                    RatchetTreeIn::tls_deserialize_exact(e.ratchet_tree.as_slice()).unwrap()
+                });
+                let g = StagedWelcome::new_from_welcome(p, &join_config(), w, tree)
                     .unwrap()
                     .into_group(p)
                     .unwrap();

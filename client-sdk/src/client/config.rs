@@ -75,13 +75,17 @@ impl Default for ClientConfig {
 const MAX_PAST_EPOCHS: usize = 5;
 
 /// Group configuration used by the SDK: handshakes as PublicMessage (so the
-/// DS can validate them), application messages encrypted, the ratchet tree in
-/// Welcomes, and five past epochs kept for late application messages.
+/// DS can validate them), application messages encrypted, and five past
+/// epochs kept for late application messages. The ratchet tree is in
+/// neither Welcomes nor GroupInfos: the DS exports it from its own copy of
+/// the group and hands it to joiners with their Welcome (and with the
+/// GroupInfo for external joins), so a commit's size does not grow with the
+/// group twice over.
 pub fn create_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
-        .use_ratchet_tree_extension(true)
+        .use_ratchet_tree_extension(false)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }
@@ -90,7 +94,7 @@ pub fn create_config() -> MlsGroupCreateConfig {
 pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
-        .use_ratchet_tree_extension(true)
+        .use_ratchet_tree_extension(false)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .build()
 }

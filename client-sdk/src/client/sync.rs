@@ -234,7 +234,13 @@ impl Client {
                 "welcome entry holds no Welcome".into(),
             ));
         };
-        let group = StagedWelcome::new_from_welcome(tx, &join_config(), welcome, None)
+        // The tree comes from the DS beside the Welcome; one sent by another
+        // client's ratchet-tree extension is used when the DS sent none.
+        let tree = match entry.ratchet_tree.as_slice() {
+            [] => None,
+            bytes => Some(RatchetTreeIn::tls_deserialize_exact(bytes).map_err(malformed)?),
+        };
+        let group = StagedWelcome::new_from_welcome(tx, &join_config(), welcome, tree)
             .map_err(welcome_error)?
             .into_group(tx)
             .map_err(mls)?;

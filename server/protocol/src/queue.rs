@@ -33,6 +33,11 @@ pub struct QueueEntry {
     pub sender: VLBytes,
     /// The `MLSMessage`.
     pub message: VLBytes,
+    /// For a Welcome: the TLS-encoded `RatchetTree` of the epoch it welcomes
+    /// to, exported by the DS from its own `PublicGroup`, so that neither the
+    /// Welcome nor the GroupInfo of a commit has to carry the tree (groups
+    /// keep OpenMLS's ratchet-tree extension off). Empty for other entries.
+    pub ratchet_tree: VLBytes,
 }
 
 /// Response of `GET /v1/queue`: a page of entries in sequence order.
@@ -64,6 +69,8 @@ pub struct QueueEntryRef<'a> {
     pub sender: VLByteSlice<'a>,
     /// As [`QueueEntry::message`].
     pub message: VLByteSlice<'a>,
+    /// As [`QueueEntry::ratchet_tree`].
+    pub ratchet_tree: VLByteSlice<'a>,
 }
 
 /// [`QueuePage`] of [`QueueEntryRef`]s: encodes to the bytes of the
@@ -111,6 +118,7 @@ mod tests {
                     epoch: 3,
                     sender: b"alice".to_vec().into(),
                     message: vec![0xab; 300].into(),
+                    ratchet_tree: Vec::new().into(),
                 },
                 QueueEntry {
                     seq: 8,
@@ -119,6 +127,7 @@ mod tests {
                     epoch: u64::MAX,
                     sender: b"b".to_vec().into(),
                     message: vec![1, 2, 3].into(),
+                    ratchet_tree: vec![4; 70].into(),
                 },
             ],
             head: 9,
@@ -135,6 +144,7 @@ mod tests {
                     epoch: e.epoch,
                     sender: VLByteSlice(e.sender.as_slice()),
                     message: VLByteSlice(e.message.as_slice()),
+                    ratchet_tree: VLByteSlice(e.ratchet_tree.as_slice()),
                 })
                 .collect(),
             head: owned.head,

@@ -44,6 +44,7 @@ impl Page {
                     epoch: e.stored.epoch,
                     sender: VLByteSlice(&e.stored.sender),
                     message: VLByteSlice(&e.stored.message),
+                    ratchet_tree: VLByteSlice(&e.stored.ratchet_tree),
                 })
                 .collect(),
             head: self.head,
@@ -54,5 +55,5 @@ impl Page {
 
 /// Bytes an entry counts against a page's byte bound.
 pub(crate) fn entry_size(m: &StoredMessage) -> usize {
-    m.message.len() + m.group_id.len() + m.sender.len() + 64
+    m.message.len() + m.ratchet_tree.len() + m.group_id.len() + m.sender.len() + 64
 }

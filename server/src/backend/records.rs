@@ -2,7 +2,7 @@
 //! returns. How they become bytes or rows is the backend's business; the
 //! sled backend encodes them with bincode 2 behind a version byte (the
 //! storage crate's record codec), and OpenMLS values only ever appear inside
-//! them as serde_json bytes or as TLS-encoded `MLSMessage`s.
+//! them as MessagePack bytes or as TLS-encoded `MLSMessage`s.
 
 use std::fmt;
 
@@ -136,7 +136,7 @@ pub(crate) struct GroupState {
     pub(crate) public_group: PublicGroupEntities,
 }
 
-/// The entities of one `PublicGroup`, each the serde_json encoding of the
+/// The entities of one `PublicGroup`, each the MessagePack encoding of the
 /// OpenMLS value (OpenMLS entities are never bincode-encoded; the record
 /// around them only frames their bytes).
 #[derive(bincode::Encode, bincode::Decode, Clone, Debug, Default, PartialEq)]
@@ -196,6 +196,9 @@ pub(crate) struct StoredMessage {
     /// The sender's send id, if it sent one: the envelope restores the
     /// send's receipt at startup if a crash came between the two writes.
     pub(crate) send: Option<StoredSendId>,
+    /// For a Welcome, the TLS-encoded ratchet tree of its epoch (stored
+    /// once with the message, however many it welcomes); empty otherwise.
+    pub(crate) ratchet_tree: Vec<u8>,
 }
 
 /// A send id as stored with its message.

@@ -20,7 +20,8 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Caller;
 use super::error::{DsError, Result};
-use super::groups::{is_member, KeptLeaf};
+use super::groups::{is_member, KeptLeaf, Roster};
+use super::loaded_groups::{Kept, Version};
 use super::mls::{self, LoadedGroup};
 use super::Ds;
 use crate::backend::records::{
@@ -39,6 +40,15 @@ struct Submitted {
     bundle: CommitBundle,
 }
 
+/// What an accepted commit writes.
+struct CommitWrite {
+    set: WriteSet,
+    /// Queue entries the commit and its Welcome make.
+    recipients: u32,
+    /// The new epoch's ratchet tree, if it was encoded for a Welcome.
+    tree: Option<Vec<u8>>,
+}
+
 /// A commit that validated and was merged into the loaded `PublicGroup`.
 struct Merged {
     /// A new member joining by external commit.
@@ -46,7 +56,7 @@ struct Merged {
     /// Owners of the key packages the commit adds, in the Welcome's order.
     welcome_to: Vec<ClientId>,
     /// The members after the commit.
-    members: Vec<ClientId>,
+    roster: Roster,
     new_epoch: u64,
 }
 
@@ -72,15 +82,24 @@ impl<B: Backend> Ds<B> {
                 reason: format!("commit is for epoch {}", submitted.epoch),
             });
         }
-        let mut group = self.load_group(id).await?;
+        // The tree of the epoch before is of no use any more.
+        let mut group = self.load_group(id, &record).await?.group;
         let merged = self
             .validate_and_merge(caller, &record, &mut group, &submitted)
             .await?;
-        let (set, recipients) = self
-            .commit_write_set(caller, id, &record, &submitted, &merged, group)
+        let write = self
+            .commit_write_set(caller, id, &record, &submitted, &merged, &group)
             .await?;
-        match self.backend.submit(set).wait_holding(guard).await {
-            Ok(_) => {}
+        match self.backend.submit(write.set).wait_holding(guard).await {
+            Ok(_) => {
+                group.group_info = submitted.bundle.group_info.as_slice().to_vec();
+                let kept = Kept {
+                    group,
+                    tree: write.tree,
+                };
+                let bytes = kept.bytes();
+                self.loaded.put(id, Version::next(&record), kept, bytes);
+            }
             Err(StoreError::ConditionFailed(Condition::GroupAt { .. })) => {
                 // Another process accepted a handshake first.
                 let record = self.group_record(id).await?;
@@ -97,7 +116,7 @@ impl<B: Backend> Ds<B> {
         tracing::info!(group = %id, epoch = merged.new_epoch, committer = %caller.client, external = merged.external, "accepted commit");
         Ok(CommitAccepted {
             epoch: merged.new_epoch,
-            recipients,
+            recipients: write.recipients,
         })
     }
 
@@ -190,12 +209,12 @@ impl<B: Backend> Ds<B> {
                 "the GroupInfo does not describe the epoch this commit creates".into(),
             ));
         }
-        let members = self.roster(&group.public, &before).await?;
-        self.check_group_size(members.len())?;
+        let roster = self.roster(&group.public, &before).await?;
+        self.check_group_size(roster.members.len())?;
         Ok(Merged {
             external,
             welcome_to,
-            members,
+            roster,
             new_epoch: group.public.group_context().epoch().as_u64(),
         })
     }
@@ -261,8 +280,7 @@ impl<B: Backend> Ds<B> {
 
     /// The write set of an accepted commit: the new group record and state,
     /// the commit record, the commit for every old member but the committer
-    /// and the Welcome for the new ones. Returns it with the number of
-    /// recipients.
+    /// and the Welcome for the new ones.
     async fn commit_write_set(
         &self,
         caller: &Caller,
@@ -270,19 +288,25 @@ impl<B: Backend> Ds<B> {
         record: &GroupRecord,
         submitted: &Submitted,
         merged: &Merged,
-        group: LoadedGroup,
-    ) -> Result<(WriteSet, u32)> {
+        group: &LoadedGroup,
+    ) -> Result<CommitWrite> {
         let mut commit_to = Vec::with_capacity(record.members.len());
         for m in &record.members {
             let m = ClientId::new(m)?;
-            // Clients that deleted themselves get nothing (counted as such).
-            if m != caller.client
-                && self
+            if m == caller.client {
+                continue;
+            }
+            // Clients that deleted themselves get nothing (counted as such);
+            // only members the commit removed are not in the roster.
+            let deleted = match merged.roster.deleted.get(&m) {
+                Some(&deleted) => deleted,
+                None => self
                     .backend
                     .client(&m)
                     .await?
-                    .is_some_and(|r| !r.is_deleted())
-            {
+                    .is_none_or(|r| r.is_deleted()),
+            };
+            if !deleted {
                 commit_to.push(m);
             }
         }
@@ -297,16 +321,26 @@ impl<B: Backend> Ds<B> {
             message: message.to_vec(),
             stored_ms: now,
             send: None,
+            ratchet_tree: Vec::new(),
         };
         let bundle = &submitted.bundle;
+        let mut tree = None;
         let mut deliveries = vec![Delivery {
             message: stored(EntryKind::Commit, submitted.epoch, bundle.commit.as_slice()),
             recipients: commit_to,
             receipt: None,
         }];
         if let Some(w) = &bundle.welcome {
+            // Joiners get the tree from the DS, with the Welcome: the
+            // committer need not send it (twice, in the Welcome and the
+            // GroupInfo), and a group can grow past what one request carries.
+            let encoded = mls::encode_tree(&group.public)?;
+            tree = Some(encoded.clone());
             deliveries.push(Delivery {
-                message: stored(EntryKind::Welcome, merged.new_epoch, w.as_slice()),
+                message: StoredMessage {
+                    ratchet_tree: encoded,
+                    ..stored(EntryKind::Welcome, merged.new_epoch, w.as_slice())
+                },
                 recipients: merged.welcome_to.clone(),
                 receipt: None,
             });
@@ -316,6 +350,7 @@ impl<B: Backend> Ds<B> {
             revision: record.revision + 1,
             open: record.open,
             members: merged
+                .roster
                 .members
                 .iter()
                 .map(|m| m.as_bytes().to_vec())
@@ -337,7 +372,7 @@ impl<B: Backend> Ds<B> {
                     id: id.clone(),
                     state: GroupState {
                         group_info: bundle.group_info.as_slice().to_vec(),
-                        public_group: group.store.into_entities(),
+                        public_group: group.store.entities(),
                     },
                 },
                 Change::PutCommit {
@@ -354,7 +389,11 @@ impl<B: Backend> Ds<B> {
             ],
             deliveries,
         };
-        Ok((set, recipients))
+        Ok(CommitWrite {
+            set,
+            recipients,
+            tree,
+        })
     }
 }
 

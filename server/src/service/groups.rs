@@ -2,18 +2,21 @@
 //! `PublicGroup`), the roster that decides recipients, and the GroupInfo
 //! given to joiners and resyncing members.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use mls_ds_protocol::groups::{CreateGroup, GroupCreated, GroupInfoResponse};
 use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
-use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::{
-    BasicCredential, GroupId as MlsGroupId, Member, ProposalStore, PublicGroup, RatchetTreeIn,
+    BasicCredential, GroupId as MlsGroupId, LeafNodeIndex, Member, ProposalStore, PublicGroup,
+    RatchetTreeIn,
 };
 
 use super::auth::Caller;
 use super::error::{DsError, Result};
+use super::loaded_groups::{Kept, Version};
 use super::{mls, Ds};
 use crate::backend::public_group::PublicGroupStore;
 use crate::backend::records::{
@@ -40,6 +43,15 @@ impl KeptLeaf {
             && k.encryption_key == m.encryption_key
             && k.credential == m.credential
     }
+}
+
+/// A group's members as [`Ds::roster`] checked them.
+pub(crate) struct Roster {
+    /// One client id per member, in leaf order.
+    pub(crate) members: Vec<ClientId>,
+    /// Whether each member's client deleted itself (read for the check
+    /// anyway, so that a commit's fan-out need not read it again).
+    pub(crate) deleted: HashMap<ClientId, bool>,
 }
 
 /// Whether `client` is a current member of the group.
@@ -74,8 +86,21 @@ impl<B: Backend> Ds<B> {
             .ok_or_else(|| DsError::NotFound(format!("unknown group {id}")))
     }
 
-    /// A group's `PublicGroup` and GroupInfo, loaded for validation.
-    pub(crate) async fn load_group(&self, id: &GroupId) -> Result<mls::LoadedGroup> {
+    /// A group's `PublicGroup` and GroupInfo as `record` describes them,
+    /// kept from an earlier request or loaded from storage; under the
+    /// group's lock, so that what storage holds is of `record`'s version.
+    pub(crate) async fn load_group(&self, id: &GroupId, record: &GroupRecord) -> Result<Kept> {
+        if let Some(kept) = self.loaded.take(id, Version::of(record)) {
+            return Ok(kept);
+        }
+        Ok(Kept {
+            group: self.stored_group(id).await?,
+            tree: None,
+        })
+    }
+
+    /// A group's `PublicGroup` and GroupInfo, loaded from storage.
+    async fn stored_group(&self, id: &GroupId) -> Result<mls::LoadedGroup> {
         let state = self
             .backend
             .group_state(id)
@@ -92,13 +117,13 @@ impl<B: Backend> Ds<B> {
     /// stays allowed only as it was, i.e. if `kept` (the leaves before the
     /// commit being checked) has it unchanged (index, keys and credential),
     /// until the client's new leaf removes it. It counts as the same member.
-    pub(crate) async fn roster(
-        &self,
-        group: &PublicGroup,
-        kept: &[KeptLeaf],
-    ) -> Result<Vec<ClientId>> {
+    pub(crate) async fn roster(&self, group: &PublicGroup, kept: &[KeptLeaf]) -> Result<Roster> {
         let mut out = Vec::new();
-        let mut fresh: Vec<ClientId> = Vec::new();
+        // Sets beside the list: a group of thousands of leaves must not cost
+        // a comparison per pair of them.
+        let mut deleted: HashMap<ClientId, bool> = HashMap::new();
+        let mut fresh: HashSet<ClientId> = HashSet::new();
+        let kept: HashMap<LeafNodeIndex, &KeptLeaf> = kept.iter().map(|k| (k.0.index, k)).collect();
         for m in group.members() {
             let identity = BasicCredential::try_from(m.credential.clone()).map_err(|_| {
                 DsError::Invalid(format!("leaf {}: credential must be basic", m.index))
@@ -113,24 +138,26 @@ impl<B: Backend> Ds<B> {
                 DsError::Invalid(format!("leaf {}: {id} is not a registered client", m.index))
             })?;
             if record.signature_key == m.signature_key {
-                if fresh.contains(&id) {
+                if !fresh.insert(id.clone()) {
                     return Err(DsError::Invalid(format!(
                         "leaf {}: {id} holds two leaves",
                         m.index
                     )));
                 }
-                fresh.push(id.clone());
-            } else if !kept.iter().any(|k| k.is(&m)) {
+            } else if !kept.get(&m.index).is_some_and(|k| k.is(&m)) {
                 return Err(DsError::Forbidden(format!(
                     "leaf {}: signature key is not the one {id} registered",
                     m.index
                 )));
             }
-            if !out.contains(&id) {
+            if deleted.insert(id.clone(), record.is_deleted()).is_none() {
                 out.push(id);
             }
         }
-        Ok(out)
+        Ok(Roster {
+            members: out,
+            deleted,
+        })
     }
 
     /// `POST /v1/groups`: the caller must be a member of the group it creates.
@@ -159,7 +186,7 @@ impl<B: Backend> Ds<B> {
             ProposalStore::new(),
         )
         .map_err(|e| DsError::Invalid(format!("invalid group: {e}")))?;
-        let members = self.roster(&public_group, &[]).await?;
+        let members = self.roster(&public_group, &[]).await?.members;
         if !members.contains(&caller.client) {
             return Err(DsError::Forbidden(
                 "the creator must be a member of the group".into(),
@@ -228,6 +255,7 @@ impl<B: Backend> Ds<B> {
                 Err(e) => return Err(e.into()),
             }
         }
+        self.loaded.forget(&id);
         tracing::info!(group = %id, epoch, members = members.len(), "created group");
         Ok(GroupCreated {
             group_id: id.as_bytes().to_vec().into(),
@@ -248,17 +276,36 @@ impl<B: Backend> Ds<B> {
                 "only current members, or anyone for an open group, may read its GroupInfo".into(),
             ));
         }
-        let group = self.load_group(id).await?;
-        let tree = group
-            .public
-            .export_ratchet_tree()
-            .tls_serialize_detached()
-            .map_err(|e| DsError::Internal(format!("encode ratchet tree: {e}")))?;
-        Ok(GroupInfoResponse {
+        let version = Version::of(&record);
+        let (group, tree, keep) = match self.loaded.take(id, version) {
+            Some(Kept { group, tree }) => (group, tree, true),
+            None => {
+                // Without the group's lock, a state loaded from storage is
+                // kept only if the record still names the version read
+                // before it: a write set changes both at once.
+                let group = self.stored_group(id).await?;
+                let now = self.group_record(id).await?;
+                (group, None, Version::of(&now) == version)
+            }
+        };
+        let tree = match tree {
+            Some(tree) => tree,
+            None => mls::encode_tree(&group.public)?,
+        };
+        let response = GroupInfoResponse {
             epoch: group.public.group_context().epoch().as_u64(),
-            group_info: group.group_info.into(),
-            ratchet_tree: tree.into(),
-        })
+            group_info: group.group_info.clone().into(),
+            ratchet_tree: tree.clone().into(),
+        };
+        if keep {
+            let kept = Kept {
+                group,
+                tree: Some(tree),
+            };
+            let bytes = kept.bytes();
+            self.loaded.put(id, version, kept, bytes);
+        }
+        Ok(response)
     }
 }
 
@@ -335,6 +382,7 @@ impl<B: Backend> Ds<B> {
                         message: Vec::new(),
                         stored_ms: now_ms(),
                         send: None,
+                        ratchet_tree: Vec::new(),
                     },
                     recipients: told,
                     receipt: None,
@@ -342,6 +390,7 @@ impl<B: Backend> Ds<B> {
             };
             match self.backend.submit(set).wait_holding(guard).await {
                 Ok(_) => {
+                    self.loaded.forget(id);
                     tracing::info!(group = %id, by_operator = matches!(by, Deleter::Operator), "deleted group");
                     return Ok(());
                 }

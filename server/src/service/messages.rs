@@ -21,6 +21,7 @@ use openmls::prelude::{
 
 use super::auth::Caller;
 use super::error::{DsError, Result};
+use super::loaded_groups::{Kept, Version};
 use super::{mls, Ds};
 use crate::backend::records::{
     now_ms, GroupId, GroupRecord, GroupState, SendKey, SendReceipt, StoredMessage, StoredSendId,
@@ -238,7 +239,7 @@ impl<B: Backend> Ds<B> {
                 reason: format!("proposal is for epoch {epoch}"),
             });
         }
-        let mut group = self.load_group(id).await?;
+        let Kept { mut group, tree } = self.load_group(id, &record).await?;
         let processed = group
             .public
             .process_message(&self.crypto, public)
@@ -274,15 +275,21 @@ impl<B: Backend> Ds<B> {
                 Change::PutGroupState {
                     id: id.clone(),
                     state: GroupState {
-                        group_info: group.group_info,
-                        public_group: group.store.into_entities(),
+                        group_info: group.group_info.clone(),
+                        public_group: group.store.entities(),
                     },
                 },
             ],
             deliveries: vec![self.delivery(caller, id, epoch, bytes, to, send)],
         };
         match self.backend.submit(set).wait_holding(guard).await {
-            Ok(applied) => accepted(&applied),
+            Ok(applied) => {
+                // A proposal leaves the tree as it was.
+                let kept = Kept { group, tree };
+                let bytes = kept.bytes();
+                self.loaded.put(id, Version::next(&record), kept, bytes);
+                accepted(&applied)
+            }
             Err(StoreError::ConditionFailed(Condition::SendNew(key))) => {
                 self.duplicate_send(&key).await
             }
@@ -318,6 +325,7 @@ impl<B: Backend> Ds<B> {
                     created_ms: k.id.created_ms,
                     nonce: k.id.nonce,
                 }),
+                ratchet_tree: Vec::new(),
             },
             recipients: to,
             receipt,

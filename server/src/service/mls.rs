@@ -4,7 +4,7 @@
 
 use mls_ds_protocol::ClientId;
 use openmls::messages::group_info::VerifiableGroupInfo;
-use openmls::prelude::tls_codec::Deserialize as _;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::{
     BasicCredential, Credential, GroupId as MlsGroupId, MlsMessageBodyIn, MlsMessageIn,
     ProtocolMessage, PublicGroup,
@@ -47,6 +47,14 @@ pub(crate) fn credential_client(credential: &Credential) -> Result<ClientId> {
     let basic = BasicCredential::try_from(credential.clone())
         .map_err(|_| DsError::Invalid("credential must be basic".into()))?;
     Ok(ClientId::new(basic.identity())?)
+}
+
+/// The TLS encoding of `group`'s ratchet tree, as joiners are given it.
+pub(crate) fn encode_tree(group: &PublicGroup) -> Result<Vec<u8>> {
+    group
+        .export_ratchet_tree()
+        .tls_serialize_detached()
+        .map_err(|e| DsError::Internal(format!("encode ratchet tree: {e}")))
 }
 
 /// A group's `PublicGroup`, loaded into memory from its stored state.

@@ -20,6 +20,7 @@ pub(crate) mod error;
 pub(crate) mod groups;
 pub(crate) mod invites;
 pub(crate) mod key_packages;
+pub(crate) mod loaded_groups;
 pub(crate) mod messages;
 mod mls;
 pub(crate) mod operator;
@@ -95,6 +96,8 @@ pub(crate) struct Ds<B> {
     claims_by_target: RateLimiter<ClientId>,
     /// Clients with a long-poll or a stream open (push wake-ups skip them).
     listeners: std::sync::Arc<crate::counts::ClientCounts>,
+    /// Large groups kept loaded between handshakes.
+    loaded: loaded_groups::LoadedGroups,
 }
 
 impl<B: Backend> Ds<B> {
@@ -110,6 +113,7 @@ impl<B: Backend> Ds<B> {
             claims_by_claimer: RateLimiter::new(policy.claims_by_claimer),
             claims_by_target: RateLimiter::new(policy.claims_by_target),
             listeners: Default::default(),
+            loaded: Default::default(),
             policy,
         }
     }

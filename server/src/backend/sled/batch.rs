@@ -252,6 +252,7 @@ mod tests {
             message: body.to_vec(),
             stored_ms: 5,
             send: None,
+            ratchet_tree: Vec::new(),
         }
     }
 

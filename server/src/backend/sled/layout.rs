@@ -32,7 +32,7 @@ use crate::backend::records::{ClientRecord, GroupId, SendKey, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 7;
+pub(crate) const LAYOUT_VERSION: u32 = 8;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";

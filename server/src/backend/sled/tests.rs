@@ -48,6 +48,7 @@ pub(super) fn message(stored_ms: u64) -> StoredMessage {
         message: vec![1, 2, 3],
         stored_ms,
         send: None,
+        ratchet_tree: Vec::new(),
     }
 }
 
