@@ -32,17 +32,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mls_ds_client::client::CIPHERSUITE;
-use mls_ds_client::{AuthMode, DsApi, HttpPool, Transport};
+use mls_ds_client::{AuthMode, HttpPool};
 use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
-use mls_ds_protocol::ClientId;
 use mls_ds_protocol::{decode, encode, paths, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
-use mls_ds_tests::raw::{wire, RawMember};
+use mls_ds_tests::raw::{register_offline, RawMember};
 use mls_ds_tests::{cpu_seconds, disk_bytes, env_or, Server, BENCH_SERVER_FLAGS};
-use openmls::prelude::{BasicCredential, CredentialWithKey, KeyPackage, MlsMessageOut};
-use openmls_basic_credential::SignatureKeyPair;
-use openmls_rust_crypto::OpenMlsRustCrypto;
 
 const IN_FLIGHT: usize = 32;
 /// Messages encrypted ahead of sending them (the generator's memory bound).
@@ -292,41 +287,6 @@ async fn queued_point(n: u64, offline_members: usize) {
     server.stop_and_check();
 }
 
-/// Register `names` with one key package each, 16 at a time, on in-memory
-/// providers that are dropped at once: the joiners stay offline.
-async fn register_joiners(url: &str, pool: &HttpPool, names: &[String]) {
-    for chunk in names.chunks(16) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for name in chunk {
-            let provider = OpenMlsRustCrypto::default();
-            let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).expect("keys");
-            let credential = CredentialWithKey {
-                credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
-                signature_key: signer.public().into(),
-            };
-            let kp = KeyPackage::builder()
-                .build(CIPHERSUITE, &provider, &signer, credential)
-                .expect("key package");
-            let kp = wire(&MlsMessageOut::from(kp.key_package().clone()));
-            let transport = Transport::with_pool(
-                url,
-                ClientId::new(name).expect("client id"),
-                signer,
-                pool.clone(),
-            )
-            .expect("transport");
-            tasks.spawn(async move {
-                let api = DsApi::new(transport);
-                api.register().await.expect("register");
-                api.publish_key_packages(vec![kp], None)
-                    .await
-                    .expect("publish");
-            });
-        }
-        tasks.join_all().await;
-    }
-}
-
 /// Commit `stage`'s bundle as `creator` and merge it: its size in bytes and
 /// the server CPU it took.
 async fn commit(
@@ -371,7 +331,7 @@ async fn members(sizes: Vec<u64>) {
             if witness_added {
                 names.pop();
             }
-            register_joiners(&url, &pool, &names).await;
+            register_offline(&url, &pool, &names).await;
             if witness_added {
                 names.push(WITNESS.into());
             }

@@ -16,6 +16,7 @@ use openmls::group::{CommitBuilder, Initial};
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
+use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
 
 /// One hand-driven member.
@@ -32,6 +33,36 @@ pub struct RawMember {
     pub group: Option<MlsGroup>,
     /// Highest queue sequence number processed.
     pub cursor: u64,
+}
+
+/// Register each of `names` with one key package, 16 at a time, on
+/// in-memory providers that are dropped at once: members that are added to
+/// a group and stay offline, for tests and benchmarks of big groups.
+pub async fn register_offline(url: &str, pool: &HttpPool, names: &[String]) {
+    for chunk in names.chunks(16) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in chunk {
+            let provider = OpenMlsRustCrypto::default();
+            let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+            let credential = CredentialWithKey {
+                credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+                signature_key: signer.public().into(),
+            };
+            let kp = KeyPackage::builder()
+                .build(CIPHERSUITE, &provider, &signer, credential)
+                .unwrap();
+            let kp = wire(&MlsMessageOut::from(kp.key_package().clone()));
+            let transport =
+                Transport::with_pool(url, ClientId::new(name).unwrap(), signer, pool.clone())
+                    .unwrap();
+            tasks.spawn(async move {
+                let api = DsApi::new(transport);
+                api.register().await.unwrap();
+                api.publish_key_packages(vec![kp], None).await.unwrap();
+            });
+        }
+        tasks.join_all().await;
+    }
 }
 
 /// Serialize an MLS object.
@@ -127,6 +158,19 @@ impl RawMember {
     /// Stage a self-update commit (not merged).
     pub fn stage_update(&mut self) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>) {
         self.stage(|b| b.force_self_update(true))
+    }
+
+    /// A proposal to update this member's own leaf, as `MLSMessage` bytes
+    /// (sent like a message; the next commit of any member includes it).
+    pub fn propose_update(&mut self) -> Vec<u8> {
+        let (p, s) = (&self.provider, &self.signer);
+        let (message, _) = self
+            .group
+            .as_mut()
+            .unwrap()
+            .propose_self_update(p, s, LeafNodeParameters::default())
+            .unwrap();
+        wire(&message)
     }
 
     /// Stage a commit removing the member `who` (not merged).
