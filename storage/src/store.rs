@@ -954,6 +954,36 @@ impl SledStorage {
             .collect())
     }
 
+    /// Call `f` with every record whose key (without the namespace) lies
+    /// in `from..=to_inclusive`, in key order, as stored in the database
+    /// (ignores uncommitted writes), until `f` fails. Unlike
+    /// [`SledStorage::range_raw`] nothing is copied or collected: a scan of
+    /// the whole database holds one record at a time.
+    pub fn for_each_raw<E: From<StorageError>>(
+        &self,
+        tree: RecordTree,
+        from: &[u8],
+        to_inclusive: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let (lo, hi) = (self.full_key(from), self.full_key(to_inclusive));
+        let ns_len = self.ns.len();
+        if let Some(c) = &self.shared.cipher {
+            let common = lo.iter().zip(&hi).take_while(|(a, b)| a == b).count();
+            for (k, v) in self.shared.opened_rows(c, tree.index, &lo[..common])? {
+                if k >= lo && k <= hi {
+                    f(&k[ns_len..], &v)?;
+                }
+            }
+            return Ok(());
+        }
+        for item in self.tree(tree.index).range(lo..=hi) {
+            let (k, v) = item.map_err(StorageError::from)?;
+            f(&k[ns_len..], &v)?;
+        }
+        Ok(())
+    }
+
     /// The last record whose key starts with `prefix` (key without the
     /// namespace), as stored in the database (ignores uncommitted writes).
     pub fn last_raw(&self, tree: RecordTree, prefix: &[u8]) -> Result<Option<Pair>, StorageError> {

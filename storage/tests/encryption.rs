@@ -251,7 +251,8 @@ fn a_passphrase_opens_its_store_and_no_other() {
 }
 
 /// Random writes, some in transactions, to a plain and an encrypted store;
-/// every read API answers the same on both.
+/// every read API answers the same on both, and a scan in place
+/// (`for_each_raw`) reads what the copying range read does.
 #[test]
 fn reads_answer_the_same_with_and_without_encryption() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -306,7 +307,21 @@ fn reads_answer_the_same_with_and_without_encryption() {
                     None => view.remove_raw(*tree, k).unwrap(),
                 }
             }
+            let mut scanned = Vec::new();
+            storage
+                .for_each_raw::<StorageError>(*tree, &lo, &hi, |k, v| {
+                    scanned.push((k.to_vec(), v.to_vec()));
+                    Ok(())
+                })
+                .unwrap();
+            if !in_tx {
+                assert_eq!(
+                    scanned,
+                    view.range_raw(*tree, &lo, &hi, usize::MAX).unwrap()
+                );
+            }
             answers.push((
+                scanned,
                 prefixes
                     .iter()
                     .map(|p| view.scan_raw(*tree, p).unwrap())

@@ -12,9 +12,23 @@ const MAX_CLIENT_ID_LEN: usize = 128;
 /// A client's id: 1 to 128 bytes of `[A-Za-z0-9._~@-]`, so that it can appear
 /// in a URL path unescaped. It is also the identity of the client's MLS
 /// `BasicCredential`, which is how the DS maps a group's leaves to clients.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, TlsSerialize, TlsDeserialize, TlsSize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, TlsSerialize, TlsDeserialize, TlsSize)]
 pub struct ClientId {
     id: VLBytes,
+}
+
+// Hashed as its bytes, so that maps keyed by ids can be searched with the
+// bytes (`Borrow<[u8]>`) without building an id first.
+impl std::hash::Hash for ClientId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for ClientId {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
 }
 
 impl ClientId {
@@ -146,5 +160,16 @@ mod tests {
         assert!(ClientId::new("a b").is_err());
         assert!(ClientId::new([b'a'; 129]).is_err());
         assert!(ClientId::new([b'a'; 128]).is_ok());
+    }
+
+    #[test]
+    fn maps_of_ids_are_searched_by_their_bytes() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(ClientId::new("alice").unwrap(), 1);
+        map.insert(ClientId::new("bob").unwrap(), 2);
+        assert_eq!(map.get(&b"alice"[..]), Some(&1));
+        assert_eq!(map.get(&b"bob"[..]), Some(&2));
+        assert_eq!(map.get(&b"carol"[..]), None);
+        assert_eq!(map.get(&ClientId::new("bob").unwrap()), Some(&2));
     }
 }

@@ -24,9 +24,9 @@ use crate::backend::records::{GroupId, GroupRecord};
 /// Smallest stored state worth keeping loaded: below it, decoding takes
 /// well under a millisecond.
 const MIN_BYTES: usize = 64 * 1024;
-/// Stored bytes of all kept groups together. The loaded form takes a few
-/// times its stored size, so this bounds the cache to a few tens of MiB;
-/// it holds about 40 groups of 2,000 members.
+/// Stored bytes of all kept groups together (with their encoded trees):
+/// about 20 groups of 2,000 members, or 7 of 10,000. A decoded
+/// `PublicGroup` takes a small multiple of its stored size in memory.
 const BUDGET_BYTES: usize = 32 * 1024 * 1024;
 
 /// The version of a group an entry belongs to.

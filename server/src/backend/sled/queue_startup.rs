@@ -30,10 +30,6 @@ use crate::backend::error::StoreError;
 use crate::backend::records::{ClientRecord, SendKey, SendReceipt};
 use mls_ds_protocol::groups::SendId;
 
-/// Batches read per range query, so that the scan holds a bounded number
-/// of message bodies in memory (a batch holds about 6 KiB and one message).
-const BATCH_PAGE: usize = 64;
-
 /// The newest batches whose messages' receipts are checked at startup: one
 /// would do (see the module documentation); more cost nothing.
 const RECEIPT_TAIL: u64 = 256;
@@ -60,33 +56,23 @@ pub(crate) struct Loaded {
 }
 
 /// Call `f` with every stored batch numbered `first` or more, in number
-/// order.
+/// order, reading each in place (a scan holds one batch at a time).
 fn for_each_batch(
     layout: &Layout,
     first: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    let tree = layout.trees.delivery;
-    let mut from = layout::batch_key(first);
-    let to = layout::batch_key(u64::MAX);
-    loop {
-        let page = layout
-            .storage
-            .range_raw(tree.handle, &from, &to, BATCH_PAGE)?;
-        let full = page.len() == BATCH_PAGE;
-        let mut last = None;
-        for (k, v) in page {
-            let number = layout::key_id(&k).ok_or_else(|| {
-                StoreError::Corrupt(format!("batch key {} is too short", hex::encode(&k)))
+    layout.storage.for_each_raw(
+        layout.trees.delivery.handle,
+        &layout::batch_key(first),
+        &layout::batch_key(u64::MAX),
+        |k, v| {
+            let number = layout::key_id(k).ok_or_else(|| {
+                StoreError::Corrupt(format!("batch key {} is too short", hex::encode(k)))
             })?;
-            f(number, &v)?;
-            last = Some(number);
-        }
-        match last.and_then(|n| n.checked_add(1)) {
-            Some(next) if full => from = layout::batch_key(next),
-            _ => return Ok(()),
-        }
-    }
+            f(number, v)
+        },
+    )
 }
 
 /// The queues' acknowledgement marks, and every client that deleted itself.
@@ -151,14 +137,19 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
             }
             meta.messages += 1;
             for (client, seq) in fanout.entries {
-                let client = ClientId::new(client).map_err(|e| {
-                    StoreError::Corrupt(format!("message {id} names a bad client: {e}"))
-                })?;
-                let cq = state.client(&client);
+                // Looked up by its bytes: an id is built (and checked) only
+                // for a queue not seen yet, not for each of its entries.
+                let cq = match state.clients.get_mut(client) {
+                    Some(cq) => cq,
+                    None => state.client(&ClientId::new(client).map_err(|e| {
+                        StoreError::Corrupt(format!("message {id} names a bad client: {e}"))
+                    })?),
+                };
                 if seq <= cq.acked {
                     continue;
                 }
                 if seq != cq.next_seq() {
+                    let client = String::from_utf8_lossy(client);
                     return Err(StoreError::Corrupt(format!(
                         "queue of {client} has a gap: message {id} is at sequence number {seq}, expected {}",
                         cq.next_seq()
