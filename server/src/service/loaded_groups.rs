@@ -25,7 +25,7 @@ use crate::backend::records::{GroupId, GroupRecord};
 /// well under a millisecond.
 const MIN_BYTES: usize = 64 * 1024;
 /// Stored bytes of all kept groups together (with their encoded trees):
-/// about 20 groups of 2,000 members, or 7 of 10,000. A decoded
+/// about 25 groups of 2,000 members, or 5 of 10,000. A decoded
 /// `PublicGroup` takes a small multiple of its stored size in memory.
 const BUDGET_BYTES: usize = 32 * 1024 * 1024;
 
@@ -107,9 +107,13 @@ impl<T> Default for LoadedGroups<T> {
 
 impl<T> LoadedGroups<T> {
     /// The kept state of `id` at `version`, taken out; `None` if it is not
-    /// kept at that version (an entry of another version is dropped).
+    /// kept at that version (an entry of an older version is dropped, one
+    /// of a newer version stays for those who read the newer record).
     pub(crate) fn take(&self, id: &GroupId, version: Version) -> Option<T> {
         let mut e = self.lock();
+        if e.by_group.get(id)?.version > version {
+            return None;
+        }
         let entry = e.by_group.remove(id)?;
         e.bytes -= entry.bytes;
         (entry.version == version).then_some(entry.kept)
@@ -196,6 +200,7 @@ mod tests {
         assert_eq!(cache.take(&id(1), version(3)), Some("r3"));
         assert_eq!(cache.take(&id(1), version(3)), None, "taken out");
         cache.put(&id(1), version(3), "r3", MIN_BYTES);
+        assert_eq!(cache.take(&id(1), version(2)), None, "a newer entry stays");
         assert_eq!(cache.take(&id(1), version(4)), None);
         assert_eq!(
             cache.take(&id(1), version(3)),
