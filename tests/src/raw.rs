@@ -35,6 +35,15 @@ pub struct RawMember {
     pub cursor: u64,
 }
 
+/// Assert that every member is at the same epoch with the same exported
+/// secret.
+pub fn converged(members: &[&RawMember]) {
+    let (epoch, secret) = (members[0].epoch(), members[0].secret());
+    for m in members {
+        assert_eq!((m.epoch(), m.secret()), (epoch, secret.clone()));
+    }
+}
+
 /// Register each of `names` with one key package, 16 at a time, on
 /// in-memory providers that are dropped at once: members that are added to
 /// a group and stay offline, for tests and benchmarks of big groups.

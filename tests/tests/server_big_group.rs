@@ -10,18 +10,10 @@
 
 use mls_ds_client::HttpPool;
 use mls_ds_protocol::queue::EntryKind;
-use mls_ds_tests::raw::{register_offline, RawMember};
+use mls_ds_tests::raw::{converged, register_offline, RawMember};
 use mls_ds_tests::Server;
 
 const OFFLINE: usize = 198;
-
-/// Every member at the same epoch with the same exported secret.
-fn converged(members: &[&RawMember]) {
-    let (epoch, secret) = (members[0].epoch(), members[0].secret());
-    for m in members {
-        assert_eq!((m.epoch(), m.secret()), (epoch, secret.clone()));
-    }
-}
 
 /// Commit a self-update of `member`'s and merge it.
 async fn update(member: &mut RawMember) {

@@ -4,16 +4,8 @@
 //! a current GroupInfo handed to it by a member, and nothing changes; an
 //! open group takes external joins from anyone registered.
 
-use mls_ds_tests::raw::RawMember;
+use mls_ds_tests::raw::{converged, RawMember};
 use mls_ds_tests::Server;
-
-/// Every member at the same epoch with the same exported secret.
-fn converged(members: &[&RawMember]) {
-    let (epoch, secret) = (members[0].epoch(), members[0].secret());
-    for m in members {
-        assert_eq!((m.epoch(), m.secret()), (epoch, secret.clone()));
-    }
-}
 
 async fn add(adder: &mut RawMember, who: &str) {
     let kp = adder.claim(who).await;
