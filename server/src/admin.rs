@@ -19,9 +19,11 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use crate::backend::records::GroupId;
 use crate::backend::sled::{admin as sled_admin, layout::Layout};
 use crate::backend::{AdminReport, Backend, StoreError};
-use crate::config::Limits;
+use crate::config::{Limits, Storage};
+use crate::database;
 use crate::embedded::{self, SledDs};
 use crate::service::clients::Registration;
+use crate::service::Ds;
 use crate::state_cell::{StateCell, REOPENING};
 
 /// Name of the admin socket in the data directory.
@@ -173,9 +175,53 @@ pub enum AdminError {
     Failed(String),
 }
 
-/// Run `command` on `data_dir`: directly (with `limits`) if no server holds
-/// it, otherwise through the running server's admin socket.
+/// Run `command` on `storage`. On a data directory: directly (with
+/// `limits`) if no server holds it, otherwise through the running server's
+/// admin socket. On a database: directly, beside any running servers.
 pub fn run(
+    storage: &Storage,
+    limits: &Limits,
+    command: AdminCommand,
+) -> Result<AdminOutput, AdminError> {
+    match storage {
+        Storage::Directory(dir) => run_on_directory(dir, limits, command),
+        Storage::Database { url, pool_size } => run_on_database(url, *pool_size, limits, command),
+    }
+}
+
+/// Run `command` on the PostgreSQL database `url`. `restore` copies a sled
+/// backup into a data directory, which does not apply here (see
+/// `mls-ds backup` on PostgreSQL).
+fn run_on_database(
+    url: &str,
+    pool_size: usize,
+    limits: &Limits,
+    command: AdminCommand,
+) -> Result<AdminOutput, AdminError> {
+    if let AdminCommand::Restore(_) = command {
+        return Err(AdminError::Failed(
+            "restore copies a backup into a new data directory; on PostgreSQL, restore the \
+             database with pg_restore or from a base backup"
+                .into(),
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AdminError::Failed(format!("cannot start a runtime: {e}")))?;
+    let report = runtime.block_on(async {
+        let ds = database::open(url, pool_size.min(4), limits)
+            .await
+            .map_err(|e| AdminError::Failed(e.to_string()))?;
+        let report = on_ds(&ds, &command).await;
+        ds.backend().close();
+        Ok::<_, AdminError>(report)
+    })?;
+    Ok(output(report))
+}
+
+/// [`run`] on a data directory.
+fn run_on_directory(
     data_dir: &Path,
     limits: &Limits,
     command: AdminCommand,
@@ -348,7 +394,7 @@ fn failure(why: &str) -> AdminReport {
 }
 
 /// Run a command on a DS (the running server's, or one opened offline).
-async fn on_ds(ds: &SledDs, command: &AdminCommand) -> AdminReport {
+async fn on_ds<B: Backend>(ds: &Ds<B>, command: &AdminCommand) -> AdminReport {
     let done = |text: String| AdminReport {
         text,
         failed: false,
@@ -455,7 +501,12 @@ async fn on_ds(ds: &SledDs, command: &AdminCommand) -> AdminReport {
     result.unwrap_or_else(|e| failure(&e))
 }
 
-async fn add_client(ds: &SledDs, id: &str, scheme: u16, key: &str) -> Result<AdminReport, String> {
+async fn add_client<B: Backend>(
+    ds: &Ds<B>,
+    id: &str,
+    scheme: u16,
+    key: &str,
+) -> Result<AdminReport, String> {
     let id = ClientId::new(id).map_err(|e| e.to_string())?;
     let key = hex::decode(key).map_err(|e| format!("--key is not hex: {e}"))?;
     if key.is_empty() || key.len() > 1024 {

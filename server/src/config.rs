@@ -18,6 +18,17 @@ pub struct Cli {
     )]
     pub data_dir: PathBuf,
 
+    /// PostgreSQL database to keep the state in instead of `--data-dir`
+    /// (`postgres://user:password@host:port/db?sslmode=require`), shared by
+    /// any number of DS processes; unset: the embedded sled database.
+    #[arg(long, env = "MLS_DS_DATABASE", global = true, hide_env_values = true)]
+    pub database: Option<String>,
+
+    /// Connections each DS process keeps to `--database`.
+    #[arg(long, env = "MLS_DS_DATABASE_POOL", default_value_t = 16, global = true,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub database_pool: u16,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `mls_ds_server=debug`).
     #[arg(long, env = "MLS_DS_LOG", default_value = "info", global = true)]
     pub log: String,
@@ -36,6 +47,33 @@ pub struct Cli {
     /// Server options (used when no subcommand is given).
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+impl Cli {
+    /// Where the state lives: `--database` if given, else `--data-dir`.
+    pub fn storage(&self) -> Storage {
+        match &self.database {
+            Some(url) => Storage::Database {
+                url: url.clone(),
+                pool_size: usize::from(self.database_pool),
+            },
+            None => Storage::Directory(self.data_dir.clone()),
+        }
+    }
+}
+
+/// Where the DS keeps its state.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// The embedded sled database in this directory.
+    Directory(PathBuf),
+    /// A PostgreSQL database, shared by any number of DS processes.
+    Database {
+        /// Its connection URL (holds the password: never logged).
+        url: String,
+        /// Connections per process.
+        pool_size: usize,
+    },
 }
 
 /// Subcommands.

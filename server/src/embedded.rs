@@ -16,7 +16,7 @@ pub(crate) type SledDs = Ds<SledBackend>;
 /// The services' limits from the command line's. `auto` registration is
 /// open here: a server on a public address resolves it before (see
 /// `Registration::resolve`).
-fn policy(limits: &Limits) -> Policy {
+pub(crate) fn policy(limits: &Limits) -> Policy {
     Policy {
         registration: match limits.registration {
             Registration::Auto | Registration::Open => RegistrationPolicy::Open,

@@ -1,11 +1,12 @@
-//! mls-ds: an MLS Delivery Service whose whole state lives in sled.
+//! mls-ds: an MLS Delivery Service whose whole state lives in sled, or in
+//! a PostgreSQL database that several DS processes share.
 //!
 //! Layers (`docs/ARCHITECTURE.md` has the picture):
 //! - [`http`]: connections, routes, bodies, authentication, and the one
 //!   mapping from errors to statuses;
 //! - [`service`]: the DS's core, HTTP-free and storage-free;
-//! - [`backend`]: the seam to storage (`Backend`) and its embedded
-//!   implementation on sled;
+//! - [`backend`]: the seam to storage (`Backend`) and its two
+//!   implementations: embedded on sled, shared on PostgreSQL;
 //! - around them: [`config`] (flags), [`config_file`] (`--config`, the
 //!   TOML file under them), [`admin`] (check, stats, backup),
 //!   [`recovery`] (reopening storage after a disk failure), [`metrics`],
@@ -20,6 +21,7 @@ mod compaction;
 pub mod config;
 pub mod config_file;
 mod counts;
+mod database;
 mod embedded;
 mod fd_limit;
 mod http;
@@ -40,16 +42,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::backend::sled::SledBackend;
 use crate::backend::Backend;
 use crate::compaction::CompactionPolicy;
-use crate::config::{Limits, Registration, ServeArgs};
-use crate::embedded::SledDs;
+use crate::config::{Limits, Registration, ServeArgs, Storage};
 use crate::http::budget::MemoryLimits;
 use crate::http::conn::ConnLimits;
 use crate::http::stream::{StreamLimits, KEEPALIVE};
 use crate::http::{Front, HttpLimits};
 use crate::rate_limit::Rate;
+use crate::service::Ds;
 use crate::state_cell::StateCell;
 
 /// How often expired key packages are pruned and the retention bound applied.
@@ -58,11 +59,11 @@ const MAINTENANCE_PERIOD: Duration = Duration::from_secs(600);
 /// Why the server could not start, or not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The data directory could not be opened.
-    #[error("cannot open the data directory {dir}: {reason}")]
+    /// The data directory or the database could not be opened.
+    #[error("cannot open {dir}: {reason}")]
     Open {
-        /// The data directory.
-        dir: PathBuf,
+        /// The data directory, or "the database".
+        dir: String,
         /// Why.
         reason: String,
     },
@@ -94,7 +95,7 @@ pub enum ServeError {
 }
 
 /// The HTTP front of the DS in `cell`.
-fn front(cell: Arc<StateCell<SledDs>>, limits: &Limits) -> Front<SledBackend> {
+fn front<B: Backend>(cell: Arc<StateCell<Ds<B>>>, limits: &Limits) -> Front<B> {
     let write_timeout = Duration::from_millis(limits.write_timeout_ms);
     Front::new(
         cell,
@@ -138,9 +139,9 @@ fn mib(n: u64) -> usize {
 }
 
 /// Run the server (and its metrics listener, if `--metrics-listen` is set)
-/// until SIGINT or SIGTERM, then shut down gracefully: stop accepting,
-/// finish in-flight requests (up to 30 s), flush, return.
-pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
+/// on `storage` until SIGINT or SIGTERM, then shut down gracefully: stop
+/// accepting, finish in-flight requests (up to 30 s), flush, return.
+pub async fn serve(storage: &Storage, args: ServeArgs) -> Result<(), ServeError> {
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(ServeError::Tls)?),
         (None, None) => None,
@@ -167,10 +168,73 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
             args.listen
         );
     }
-    let ds = embedded::open(data_dir, &limits).map_err(|e| ServeError::Open {
-        dir: data_dir.to_owned(),
+    let serving = Serving { args, limits, tls };
+    match storage {
+        Storage::Directory(dir) => serve_embedded(dir, serving).await,
+        Storage::Database { url, pool_size } => serve_database(url, *pool_size, serving).await,
+    }
+}
+
+/// What every backend is served with.
+struct Serving {
+    args: ServeArgs,
+    limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The DS on its data directory, with the admin socket and recovery after
+/// disk failures.
+async fn serve_embedded(data_dir: &Path, serving: Serving) -> Result<(), ServeError> {
+    let ds = embedded::open(data_dir, &serving.limits).map_err(|e| ServeError::Open {
+        dir: format!("the data directory {}", data_dir.display()),
         reason: e.to_string(),
     })?;
+    let cell = StateCell::new(Arc::new(ds));
+    let admin_socket = tokio::spawn(admin::serve_socket(cell.clone(), data_dir.to_owned()));
+    let reopen = {
+        let (dir, limits) = (data_dir.to_owned(), serving.limits.clone());
+        move || embedded::open(&dir, &limits).map_err(|e| e.to_string())
+    };
+    let recovery = tokio::spawn(recovery::watch(cell.clone(), data_dir.to_owned(), reopen));
+    let served = run(cell.clone(), &data_dir.display().to_string(), serving).await;
+    admin_socket.abort();
+    recovery.abort();
+    let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
+    served?;
+    if let Some(ds) = cell.get() {
+        ds.backend()
+            .flush()
+            .map_err(|e| ServeError::Flush(e.to_string()))?;
+    }
+    tracing::info!("flushed; bye");
+    Ok(())
+}
+
+/// The DS on PostgreSQL: every write is committed before it is answered,
+/// so there is nothing to flush at the end.
+async fn serve_database(url: &str, pool_size: usize, serving: Serving) -> Result<(), ServeError> {
+    let ds = database::open(url, pool_size, &serving.limits)
+        .await
+        .map_err(|e| ServeError::Open {
+            dir: "the database".into(),
+            reason: e.to_string(),
+        })?;
+    let cell = StateCell::new(Arc::new(ds));
+    run(cell.clone(), "PostgreSQL", serving).await?;
+    if let Some(ds) = cell.get() {
+        ds.backend().close();
+    }
+    tracing::info!("bye");
+    Ok(())
+}
+
+/// Listen, serve until a shutdown signal, stop the background tasks.
+async fn run<B: Backend>(
+    cell: Arc<StateCell<Ds<B>>>,
+    storage: &str,
+    serving: Serving,
+) -> Result<(), ServeError> {
+    let Serving { args, limits, tls } = serving;
     let (listener, local) = bind(args.listen).await?;
     let metrics_listener = match args.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -186,7 +250,7 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     }
     tracing::info!(
         listen = %local,
-        data_dir = %data_dir.display(),
+        storage,
         tls = tls.is_some(),
         registration = ?limits.registration,
         "mls-ds listening (HTTP/1.1 and h2, TLS if configured, else h2c)"
@@ -194,8 +258,6 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
     if let Some((_, addr)) = &metrics_listener {
         tracing::info!(metrics_listen = %addr, "metrics listening (plain HTTP, GET /metrics)");
     }
-
-    let cell = StateCell::new(Arc::new(ds));
     let compaction = CompactionPolicy {
         factor: args.compact_factor,
         min_bytes: args.compact_min_mb.saturating_mul(1024 * 1024),
@@ -212,12 +274,6 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
             },
         ))
     });
-    let admin_socket = tokio::spawn(admin::serve_socket(cell.clone(), data_dir.to_owned()));
-    let reopen = {
-        let (dir, limits) = (data_dir.to_owned(), limits.clone());
-        move || embedded::open(&dir, &limits).map_err(|e| e.to_string())
-    };
-    let recovery = tokio::spawn(recovery::watch(cell.clone(), data_dir.to_owned(), reopen));
     let front = Arc::new(front(cell.clone(), &limits));
     let head_timeout = Duration::from_millis(limits.read_timeout_ms);
     // One signal stops both listeners.
@@ -242,18 +298,9 @@ pub async fn serve(data_dir: &Path, args: ServeArgs) -> Result<(), ServeError> {
         let _ = metrics.await;
     }
     maintenance.abort();
-    admin_socket.abort();
     if let Some(push) = push {
         push.abort();
     }
-    recovery.abort();
-    let _ = std::fs::remove_file(data_dir.join(admin::SOCKET));
-    if let Some(ds) = cell.get() {
-        ds.backend()
-            .flush()
-            .map_err(|e| ServeError::Flush(e.to_string()))?;
-    }
-    tracing::info!("flushed; bye");
     Ok(())
 }
 
@@ -293,7 +340,7 @@ async fn shutdown_signal() {
 
 /// Periodic housekeeping: prune expired key packages, apply the queue
 /// retention bound, forget old sends and commits, compact when due.
-async fn maintenance(cell: Arc<StateCell<SledDs>>, compaction: CompactionPolicy) {
+async fn maintenance<B: Backend>(cell: Arc<StateCell<Ds<B>>>, compaction: CompactionPolicy) {
     let mut tick = tokio::time::interval(MAINTENANCE_PERIOD);
     let mut passes = 0u64;
     loop {

@@ -41,6 +41,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // Operator commands on a stopped data directory apply the configured
     // limits (e.g. the queue depth for a group deletion's notices).
     let limits = cli.serve.limits.clone();
+    let storage = cli.storage();
     let admin_command = match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -51,7 +52,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the runtime: {e}"))?;
-            runtime.block_on(mls_ds_server::serve(&cli.data_dir, *args))?;
+            runtime.block_on(mls_ds_server::serve(&storage, *args))?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Check => AdminCommand::Check,
@@ -77,7 +78,7 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Group(GroupCommand::Delete { id }) => AdminCommand::GroupDelete(id),
         Command::PruneCommits { older_than_days } => AdminCommand::PruneCommits(older_than_days),
     };
-    let output = admin::run(&cli.data_dir, &limits, admin_command)?;
+    let output = admin::run(&storage, &limits, admin_command)?;
     print!("{}", output.text);
     Ok(if output.failed {
         ExitCode::FAILURE

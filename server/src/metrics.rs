@@ -215,7 +215,35 @@ fn render_backend(out: &mut String, stats: &BackendStats, front: &FrontGauges) {
             front.response_bytes.to_string(),
         ),
     ];
-    for (name, help, kind, value) in gauges {
+    let pool = stats.pool.map(|p| {
+        [
+            (
+                "mls_ds_db_pool_connections",
+                "Database connections open (PostgreSQL backend).",
+                "gauge",
+                p.size.to_string(),
+            ),
+            (
+                "mls_ds_db_pool_idle",
+                "Open database connections not in use.",
+                "gauge",
+                p.available.to_string(),
+            ),
+            (
+                "mls_ds_db_pool_waiting",
+                "Requests waiting for a database connection.",
+                "gauge",
+                p.waiting.to_string(),
+            ),
+            (
+                "mls_ds_db_pool_max",
+                "Most database connections this process opens (--database-pool).",
+                "gauge",
+                p.max_size.to_string(),
+            ),
+        ]
+    });
+    for (name, help, kind, value) in gauges.into_iter().chain(pool.into_iter().flatten()) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         let _ = writeln!(out, "{name} {value}");

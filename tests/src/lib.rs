@@ -4,10 +4,13 @@
 //! it on the same directory, stops it gracefully or kills it; low-level
 //! clients ([`raw`]) for tests that need to step outside the SDK; and what
 //! crash tests share ([`crashing`]: retries across restarts, exact records
-//! of sends and deliveries, the loop of a client run as a child process).
+//! of sends and deliveries, the loop of a client run as a child process);
+//! a PostgreSQL server of the tests' own ([`postgres`]), on which every
+//! server keeps its state when `MLS_DS_TEST_BACKEND=postgres`.
 
 pub mod crashing;
 pub mod lean_http;
+pub mod postgres;
 pub mod powercut;
 pub mod raw;
 
@@ -220,6 +223,9 @@ pub struct Server {
     open_files: Option<u64>,
     /// What `--listen` gets: an ephemeral port, or the last one again.
     listen: String,
+    /// The database it keeps its state in, if one was named (see
+    /// [`Server::start_on_database`]).
+    database: Option<String>,
 }
 
 impl Server {
@@ -242,6 +248,27 @@ impl Server {
             lift_limits: true,
             open_files: None,
             listen: "127.0.0.1:0".into(),
+            database: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Like [`Server::start`], keeping the state in the PostgreSQL database
+    /// `url` (which other servers may share); `data_dir` holds only the log
+    /// and the port files.
+    pub fn start_on_database(data_dir: &Path, url: &str, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            data_dir: data_dir.to_owned(),
+            log: data_dir.join("server.log"),
+            addr: String::new(),
+            metrics_addr: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            lift_limits: true,
+            open_files: None,
+            listen: "127.0.0.1:0".into(),
+            database: Some(url.to_owned()),
         };
         s.spawn();
         s
@@ -270,6 +297,7 @@ impl Server {
             lift_limits: false,
             open_files,
             listen: "127.0.0.1:0".into(),
+            database: None,
         };
         s.spawn();
         s
@@ -323,6 +351,7 @@ impl Server {
         let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(self.database_args())
             .args(["--listen", &self.listen, "--log", "info"])
             .arg("--port-file")
             .arg(&port_file)
@@ -503,11 +532,27 @@ impl Server {
         text
     }
 
-    /// Run `mls-ds <args>` (an admin subcommand) on this data dir.
+    /// `--database <url>` when the tests run on PostgreSQL: the database
+    /// of this server's data directory.
+    fn database_args(&self) -> Vec<String> {
+        if let Some(url) = &self.database {
+            return vec!["--database".into(), url.clone()];
+        }
+        match postgres::backend() {
+            postgres::TestBackend::Sled => Vec::new(),
+            postgres::TestBackend::Postgres => {
+                vec!["--database".into(), postgres::database_for(&self.data_dir)]
+            }
+        }
+    }
+
+    /// Run `mls-ds <args>` (an admin subcommand) on this data dir (or its
+    /// database).
     pub fn admin(&self, args: &[&str]) -> std::process::Output {
         Command::new(server_binary())
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(self.database_args())
             .args(args)
             .output()
             .expect("run mls-ds admin command")

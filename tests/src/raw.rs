@@ -108,6 +108,18 @@ impl RawMember {
         }
     }
 
+    /// This client's API at the DS at `url` (e.g. another node on the same
+    /// database), with connections and a session of its own.
+    pub fn api_at(&self, url: &str) -> DsApi {
+        let id = ClientId::new(self.credential.credential.serialized_content()).unwrap();
+        DsApi::new(Transport::new(url, id, self.signer.clone()).unwrap())
+    }
+
+    /// Send every later request to the DS at `url`, as the same client.
+    pub fn move_to(&mut self, url: &str) {
+        self.api = self.api_at(url);
+    }
+
     /// Register and publish `n` key packages.
     pub async fn register(&self, n: usize) {
         self.api.register().await.unwrap();

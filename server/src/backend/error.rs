@@ -33,6 +33,10 @@ pub(crate) enum StoreError {
     /// The storage crate failed.
     #[error(transparent)]
     Storage(#[from] mls_ds_storage::StorageError),
+    /// The database refused a statement for a reason other than being
+    /// unreachable (the detail is for the log).
+    #[error("database: {0}")]
+    Database(String),
     /// The data directory holds a layout this build does not serve.
     #[error("{0}")]
     Layout(String),

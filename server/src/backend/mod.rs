@@ -25,8 +25,11 @@
 
 pub(crate) mod committing;
 pub(crate) mod error;
+pub(crate) mod group_check;
+pub(crate) mod group_locks;
 pub(crate) mod new_heads;
 pub(crate) mod page;
+pub(crate) mod postgres;
 pub(crate) mod public_group;
 pub(crate) mod records;
 pub(crate) mod sled;
@@ -133,7 +136,10 @@ pub(crate) trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<SendKey>, StoreError>> + Send;
 
     /// Visible unacknowledged entries in `client`'s queue.
-    fn queue_depth(&self, client: &ClientId) -> u64;
+    fn queue_depth(
+        &self,
+        client: &ClientId,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// An invitation code's record.
     fn invite(
@@ -305,4 +311,19 @@ pub(crate) struct BackendStats {
     pub(crate) apply_seconds: f64,
     /// Time spent making them durable, in seconds.
     pub(crate) flush_seconds: f64,
+    /// The database connection pool, for a backend that has one.
+    pub(crate) pool: Option<PoolStats>,
+}
+
+/// A connection pool's gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PoolStats {
+    /// Connections open.
+    pub(crate) size: usize,
+    /// Open connections not in use.
+    pub(crate) available: usize,
+    /// Requests waiting for a connection.
+    pub(crate) waiting: usize,
+    /// Most connections the pool opens.
+    pub(crate) max_size: usize,
 }

@@ -68,9 +68,10 @@ impl From<StoreError> for DsError {
             StoreError::ConditionFailed(c) => DsError::Conflict(format!(
                 "the request raced with another change ({c}); retry it"
             )),
-            StoreError::Corrupt(_) | StoreError::Storage(_) | StoreError::Layout(_) => {
-                DsError::Internal(e.to_string())
-            }
+            StoreError::Corrupt(_)
+            | StoreError::Storage(_)
+            | StoreError::Layout(_)
+            | StoreError::Database(_) => DsError::Internal(e.to_string()),
         }
     }
 }

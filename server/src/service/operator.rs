@@ -44,18 +44,17 @@ impl<B: Backend> Ds<B> {
 
     /// Every client with its queue depth.
     pub(crate) async fn list_clients(&self) -> Result<Vec<ClientSummary>> {
-        Ok(self
-            .backend
-            .clients()
-            .await?
-            .into_iter()
-            .map(|c| ClientSummary {
-                queue_depth: self.backend.queue_depth(&c.id),
+        let clients = self.backend.clients().await?;
+        let mut summaries = Vec::with_capacity(clients.len());
+        for c in clients {
+            summaries.push(ClientSummary {
+                queue_depth: self.backend.queue_depth(&c.id).await?,
                 registered_ms: c.record.registered_ms,
                 deleted: c.record.is_deleted(),
                 id: c.id,
-            })
-            .collect())
+            });
+        }
+        Ok(summaries)
     }
 
     /// Every group with its size.

@@ -9,12 +9,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use mls_ds_storage::codec::decode_record;
-use openmls::prelude::{GroupId as MlsGroupId, PublicGroup};
 
 use super::layout::{Layout, Tree};
 use super::queue_startup;
 use crate::backend::error::StoreError;
-use crate::backend::public_group::PublicGroupStore;
+use crate::backend::group_check;
 use crate::backend::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupRecord, GroupState, InviteRecord,
     KeyPackageRecord,
@@ -37,55 +36,22 @@ fn decode_all<T: bincode::Decode<()>>(
     Ok(rows.len())
 }
 
-/// Problems of one group: its state must exist, load as a `PublicGroup`,
-/// and agree with the group record.
+/// Problems of one group: its state must exist, decode, and agree with
+/// the group record (`group_check`).
 fn check_group(
     layout: &Layout,
     key: &[u8],
     record: &GroupRecord,
 ) -> Result<Vec<String>, StoreError> {
-    let gid = hex::encode(key);
     let t = layout.trees.group_states;
-    let Some(raw) = layout.storage.get_raw(t.handle, key)? else {
-        return Ok(vec![format!(
-            "group {gid}: no GroupInfo or PublicGroup stored"
-        )]);
+    let state = match layout.storage.get_raw(t.handle, key)? {
+        None => None,
+        Some(raw) => match decode_record::<GroupState>(t.name, key, &raw) {
+            Ok(s) => Some(s),
+            Err(e) => return Ok(vec![format!("group {}: {e}", hex::encode(key))]),
+        },
     };
-    let state: GroupState = match decode_record(t.name, key, &raw) {
-        Ok(s) => s,
-        Err(e) => return Ok(vec![format!("group {gid}: {e}")]),
-    };
-    let mls_id = MlsGroupId::from_slice(key);
-    let loaded = PublicGroupStore::new(&mls_id, state.public_group)
-        .map_err(|e| e.to_string())
-        .and_then(|store| PublicGroup::load(&store, &mls_id).map_err(|e| e.to_string()));
-    Ok(match loaded {
-        Ok(Some(pg)) => {
-            let mut problems = Vec::new();
-            let epoch = pg.group_context().epoch().as_u64();
-            if epoch != record.epoch {
-                problems.push(format!(
-                    "group {gid}: record says epoch {}, PublicGroup is at {epoch}",
-                    record.epoch
-                ));
-            }
-            // Distinct ids: a recovered client's stale leaf shares its id.
-            let ids: std::collections::HashSet<Vec<u8>> = pg
-                .members()
-                .filter_map(|m| {
-                    openmls::prelude::BasicCredential::try_from(m.credential)
-                        .ok()
-                        .map(|c| c.identity().to_vec())
-                })
-                .collect();
-            if ids.len() != record.members.len() {
-                problems.push(format!("group {gid}: roster size differs from PublicGroup"));
-            }
-            problems
-        }
-        Ok(None) => vec![format!("group {gid}: PublicGroup state missing")],
-        Err(e) => vec![format!("group {gid}: PublicGroup does not load: {e}")],
-    })
+    Ok(group_check::problems(key, record, state))
 }
 
 /// `mls-ds check`.

@@ -26,7 +26,6 @@ mod queues;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +39,7 @@ use self::job::Job;
 use self::layout::Layout;
 use self::queue_index::QueueIndex;
 use super::committing::{committing, Committing};
+use super::group_locks::GroupLocks;
 use super::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
     KeyPackageRecord, SendKey, SendReceipt,
@@ -67,30 +67,6 @@ pub(crate) struct SledBackend {
     group_locks: Mutex<GroupLocks>,
     new_heads: Arc<NewHeads>,
     groups: Arc<GroupCache>,
-}
-
-/// One lock per group that was locked lately. Locks nobody holds or waits
-/// for are swept out whenever the table has doubled since the last sweep,
-/// so groups that were deleted, or never created, do not stay in memory.
-#[derive(Default)]
-struct GroupLocks {
-    by_group: HashMap<GroupId, Arc<tokio::sync::Mutex<()>>>,
-    sweep_at: usize,
-}
-
-impl GroupLocks {
-    /// Below this many locks the table is never swept.
-    const MIN_SWEEP: usize = 1024;
-
-    fn get(&mut self, id: &GroupId) -> Arc<tokio::sync::Mutex<()>> {
-        if self.by_group.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
-            // Only the table refers to an idle lock: a later locker of its
-            // group makes a new one, and nobody holds the old one.
-            self.by_group.retain(|_, lock| Arc::strong_count(lock) > 1);
-            self.sweep_at = self.by_group.len() * 2;
-        }
-        self.by_group.entry(id.clone()).or_default().clone()
-    }
 }
 
 impl SledBackend {
@@ -356,8 +332,8 @@ impl Backend for SledBackend {
         .await
     }
 
-    fn queue_depth(&self, client: &ClientId) -> u64 {
-        self.index.lock().position(client).remaining
+    async fn queue_depth(&self, client: &ClientId) -> Result<u64, StoreError> {
+        Ok(self.index.lock().position(client).remaining)
     }
 
     async fn invite(&self, code: &str) -> Result<Option<InviteRecord>, StoreError> {
@@ -470,6 +446,7 @@ impl Backend for SledBackend {
             flush_failures: s.failures.load(Relaxed),
             apply_seconds: s.apply_us.load(Relaxed) as f64 / 1e6,
             flush_seconds: s.flush_us.load(Relaxed) as f64 / 1e6,
+            pool: None,
         }
     }
 

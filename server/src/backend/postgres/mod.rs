@@ -1,0 +1,530 @@
+//! The PostgreSQL backend: the DS's state in one database that any number
+//! of DS processes share (`--database postgres://...`).
+//!
+//! - [`connect`]: connection settings, TLS, the pool, migrations;
+//! - [`rows`]: records as rows;
+//! - [`writes`]: write sets as transactions (conditions, changes,
+//!   deliveries), retried when they lose a race;
+//! - [`queues`]: pages, acknowledgements, retention, the message sweep;
+//! - [`notify`]: wake-ups across nodes (`LISTEN`/`NOTIFY`);
+//! - [`admin`]: `check`, `stats`, space, `VACUUM`.
+//!
+//! Nothing a guarantee depends on lives in this process: the one commit
+//! per epoch, the single claim of a key package, gap-free queues and sends
+//! delivered once are all kept by the database's row locks (see
+//! [`writes`]). What is in memory is a convenience: the group locks that
+//! spare concurrent handshakes of one group on this node their validation
+//! work, the wake-up handles, and the counters for `/metrics`.
+
+mod admin;
+mod connect;
+mod notify;
+mod queues;
+mod reads;
+mod rows;
+mod writes;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use mls_ds_protocol::ClientId;
+use tokio::sync::{Notify, OwnedMutexGuard};
+
+use self::connect::Connector;
+use self::notify::Wakeups;
+use self::writes::Written;
+use super::committing::{committing, CommitReply, Committing};
+use super::group_locks::GroupLocks;
+use super::records::{
+    ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
+    KeyPackageRecord, SendKey, SendReceipt,
+};
+use super::write_set::{AckOutcome, Applied, WriteSet};
+use super::{
+    AdminReport, Backend, BackendStats, ExpiredKeyPackage, NewHeads, Page, PoolStats, Space,
+    StaleCommit, StoreError, StoredClient, StoredGroup, StoredInvite,
+};
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub(crate) struct PgConfig {
+    /// `postgres://...` or key=value connection string.
+    pub(crate) url: String,
+    /// Connections in the pool.
+    pub(crate) pool_size: usize,
+    /// Most entries a client's queue holds; a full queue drops its oldest.
+    pub(crate) max_queue_depth: u64,
+}
+
+/// How often candidates for deletion are swept, and gauges refreshed.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+/// How often every message is checked for entries.
+const FULL_SWEEP_PERIOD: Duration = Duration::from_secs(3600);
+/// How often the gauges of `/metrics` are read from the database.
+const GAUGE_PERIOD: Duration = Duration::from_secs(10);
+
+/// The backend on one database.
+pub(crate) struct PgBackend {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What the backend's tasks share.
+pub(crate) struct Inner {
+    pool: Pool,
+    max_queue_depth: u64,
+    wakeups: Arc<Wakeups>,
+    new_heads: NewHeads,
+    group_locks: Mutex<GroupLocks>,
+    in_flight: InFlight,
+    counters: Counters,
+    released: Mutex<Vec<i64>>,
+    gauges: Mutex<Gauges>,
+    closed: AtomicBool,
+}
+
+/// Writes submitted and not yet answered, by ticket, for `settled`.
+#[derive(Default)]
+struct InFlight {
+    next: AtomicU64,
+    pending: Mutex<BTreeSet<u64>>,
+    done: Notify,
+}
+
+impl InFlight {
+    fn start(&self) -> u64 {
+        let ticket = self.next.fetch_add(1, Ordering::SeqCst);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ticket);
+        ticket
+    }
+
+    fn finish(&self, ticket: u64) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ticket);
+        self.done.notify_waiters();
+    }
+
+    /// Resolves once every ticket below `before` is finished.
+    async fn wait_below(&self, before: u64) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let oldest = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first()
+                .copied();
+            if oldest.is_none_or(|t| t >= before) {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub(crate) struct Counters {
+    commits: AtomicU64,
+    failures: AtomicU64,
+    overflow_drops: AtomicU64,
+    apply_micros: AtomicU64,
+    commit_micros: AtomicU64,
+}
+
+impl Counters {
+    /// A transaction committed after `applied` of statements and
+    /// `committing` of commit.
+    pub(crate) fn committed(&self, applied: Duration, committing: Duration) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.apply_micros
+            .fetch_add(micros(applied), Ordering::Relaxed);
+        self.commit_micros
+            .fetch_add(micros(committing), Ordering::Relaxed);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What the gauge task last read.
+#[derive(Clone, Copy, Default)]
+struct Gauges {
+    queue_entries: u64,
+    queue_depth_max: u64,
+    stored_messages: u64,
+    size_on_disk: u64,
+}
+
+impl PgBackend {
+    /// Connect, bring the schema up to date, start listening and sweeping.
+    pub(crate) async fn open(config: PgConfig) -> Result<PgBackend, StoreError> {
+        let connector = Connector::new(&config.url)?;
+        connector.migrate().await?;
+        let pool = connector.pool(config.pool_size)?;
+        let inner = Arc::new(Inner {
+            pool,
+            max_queue_depth: config.max_queue_depth,
+            wakeups: Arc::new(Wakeups::default()),
+            new_heads: NewHeads::default(),
+            group_locks: Mutex::new(GroupLocks::default()),
+            in_flight: InFlight::default(),
+            counters: Counters::default(),
+            released: Mutex::new(Vec::new()),
+            gauges: Mutex::new(Gauges::default()),
+            closed: AtomicBool::new(false),
+        });
+        inner.refresh_gauges().await?;
+        tracing::info!(database = %connector.describe(), "PostgreSQL backend ready");
+        let tasks = vec![
+            tokio::spawn(notify::listen(connector, inner.wakeups.clone())),
+            tokio::spawn(sweeper(inner.clone())),
+        ];
+        Ok(PgBackend { inner, tasks })
+    }
+
+    /// Run `work` as a write: counted for `settled`, answered through the
+    /// handle, its queues woken and announced once committed.
+    fn spawn_write<T, F>(&self, work: F) -> Committing<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<Written<T>, StoreError>> + Send + 'static,
+    {
+        let (reply, handle) = committing();
+        if let Err(e) = self.health() {
+            reply.send(Err(e));
+            return handle;
+        }
+        let inner = self.inner.clone();
+        let ticket = inner.in_flight.start();
+        tokio::spawn(async move {
+            let result = work.await;
+            finish(&inner, result, reply);
+            inner.in_flight.finish(ticket);
+        });
+        handle
+    }
+}
+
+/// Answer a write and do what its commit implies locally.
+fn finish<T>(inner: &Inner, result: Result<Written<T>, StoreError>, reply: CommitReply<T>) {
+    match result {
+        Ok(written) => {
+            for (client, _) in &written.grown {
+                inner.wakeups.wake(client);
+            }
+            inner.new_heads.record(&written.grown);
+            if written.dropped > 0 {
+                inner
+                    .counters
+                    .overflow_drops
+                    .fetch_add(written.dropped, Ordering::Relaxed);
+            }
+            if !written.released.is_empty() {
+                inner
+                    .released
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(written.released);
+            }
+            reply.send(Ok(written.value));
+        }
+        Err(e) => {
+            if matches!(e, StoreError::Unavailable(_) | StoreError::Database(_)) {
+                inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            reply.send(Err(e));
+        }
+    }
+}
+
+/// Sweep released messages every second, all messages every hour, and
+/// refresh the gauges.
+async fn sweeper(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(SWEEP_PERIOD);
+    let mut last_full: Option<tokio::time::Instant> = None;
+    let mut last_gauges = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if last_full.is_none_or(|t| t.elapsed() >= FULL_SWEEP_PERIOD) {
+            match inner.sweep_all().await {
+                Ok(n) => {
+                    last_full = Some(tokio::time::Instant::now());
+                    if n > 0 {
+                        tracing::info!(deleted = n, "deleted messages no queue refers to");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "sweeping messages failed"),
+            }
+        }
+        let candidates =
+            std::mem::take(&mut *inner.released.lock().unwrap_or_else(|e| e.into_inner()));
+        if !candidates.is_empty() {
+            if let Err(e) = inner.sweep(candidates.clone()).await {
+                tracing::warn!(error = %e, "sweeping acknowledged messages failed");
+                inner
+                    .released
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(candidates);
+            }
+        }
+        if last_gauges.elapsed() >= GAUGE_PERIOD {
+            last_gauges = tokio::time::Instant::now();
+            if let Err(e) = inner.refresh_gauges().await {
+                tracing::debug!(error = %e, "reading the gauges failed");
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// A pooled connection.
+    pub(crate) async fn connection(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the server is shutting down".into(),
+            ));
+        }
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => connect::db(e),
+            other => {
+                tracing::warn!(error = %other, "no database connection");
+                StoreError::Unavailable("the database is unreachable; retry shortly".into())
+            }
+        })
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wakeups.close();
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Backend for PgBackend {
+    type GroupGuard = OwnedMutexGuard<()>;
+
+    async fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, StoreError> {
+        self.inner.client(id).await
+    }
+
+    async fn key_packages(&self, owner: &ClientId) -> Result<Vec<KeyPackageRecord>, StoreError> {
+        self.inner.key_packages(owner).await
+    }
+
+    async fn last_resort(&self, owner: &ClientId) -> Result<Option<KeyPackageRecord>, StoreError> {
+        self.inner.last_resort(owner).await
+    }
+
+    async fn expired_key_packages(
+        &self,
+        now_secs: u64,
+    ) -> Result<Vec<ExpiredKeyPackage>, StoreError> {
+        self.inner.expired_key_packages(now_secs).await
+    }
+
+    async fn key_package_owner(&self, kp_ref: &[u8]) -> Result<Option<ClientId>, StoreError> {
+        self.inner.key_package_owner(kp_ref).await
+    }
+
+    async fn group(&self, id: &GroupId) -> Result<Option<Arc<GroupRecord>>, StoreError> {
+        Ok(self.inner.group(id).await?.map(Arc::new))
+    }
+
+    async fn group_state(&self, id: &GroupId) -> Result<Option<GroupState>, StoreError> {
+        self.inner.group_state(id).await
+    }
+
+    async fn commit(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+    ) -> Result<Option<CommitRecord>, StoreError> {
+        self.inner.commit(group, epoch).await
+    }
+
+    async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
+        self.inner.clients().await
+    }
+
+    async fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
+        self.inner.groups().await
+    }
+
+    async fn stale_commits(&self, cutoff_ms: u64) -> Result<Vec<StaleCommit>, StoreError> {
+        self.inner.stale_commits(cutoff_ms).await
+    }
+
+    async fn send_receipt(&self, key: &SendKey) -> Result<Option<SendReceipt>, StoreError> {
+        self.inner.send_receipt(key).await
+    }
+
+    async fn sends_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<SendKey>, StoreError> {
+        self.inner.sends_before(cutoff_ms, limit).await
+    }
+
+    async fn queue_depth(&self, client: &ClientId) -> Result<u64, StoreError> {
+        self.inner.queue_depth(client).await
+    }
+
+    async fn invite(&self, code: &str) -> Result<Option<InviteRecord>, StoreError> {
+        self.inner.invite(code).await
+    }
+
+    async fn invites(&self) -> Result<Vec<StoredInvite>, StoreError> {
+        self.inner.invites().await
+    }
+
+    async fn usage(&self, client: &ClientId) -> Result<ClientUsage, StoreError> {
+        self.inner.usage(client).await
+    }
+
+    async fn lock_group(&self, id: &GroupId) -> OwnedMutexGuard<()> {
+        let lock = self
+            .inner
+            .group_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id);
+        lock.lock_owned().await
+    }
+
+    fn submit(&self, set: WriteSet) -> Committing<Applied> {
+        let inner = self.inner.clone();
+        self.spawn_write(async move { inner.apply(&set).await })
+    }
+
+    fn settled(&self) -> Committing<()> {
+        let (reply, handle) = committing();
+        let inner = self.inner.clone();
+        let before = inner.in_flight.next.load(Ordering::SeqCst);
+        tokio::spawn(async move {
+            inner.in_flight.wait_below(before).await;
+            reply.send(Ok(()));
+        });
+        handle
+    }
+
+    fn ack(&self, client: &ClientId, up_to: u64) -> Committing<AckOutcome> {
+        let (inner, client) = (self.inner.clone(), client.clone());
+        self.spawn_write(async move { inner.ack(&client, up_to).await })
+    }
+
+    fn expire(&self, cutoff_ms: u64) -> Committing<usize> {
+        let inner = self.inner.clone();
+        self.spawn_write(async move { inner.expire(cutoff_ms).await })
+    }
+
+    async fn page(
+        &self,
+        client: &ClientId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        self.inner.page(client, after, limit, max_bytes).await
+    }
+
+    fn subscribe(&self, client: &ClientId) -> Result<Arc<Notify>, StoreError> {
+        self.health()?;
+        Ok(self.inner.wakeups.subscribe(client))
+    }
+
+    fn new_heads(&self) -> &NewHeads {
+        &self.inner.new_heads
+    }
+
+    fn health(&self) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "the server is shutting down".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wakeups.close();
+    }
+
+    fn stats(&self) -> BackendStats {
+        let c = &self.inner.counters;
+        let g = *self.inner.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        let status = self.inner.pool.status();
+        BackendStats {
+            queue_entries: g.queue_entries,
+            queue_depth_max: g.queue_depth_max,
+            stored_messages: g.stored_messages,
+            queue_overflow_drops: c.overflow_drops.load(Ordering::Relaxed),
+            flushes: c.commits.load(Ordering::Relaxed),
+            durable_writes: c.commits.load(Ordering::Relaxed),
+            flush_failures: c.failures.load(Ordering::Relaxed),
+            apply_seconds: c.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            flush_seconds: c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            pool: Some(PoolStats {
+                size: status.size,
+                available: status.available,
+                waiting: status.waiting,
+                max_size: status.max_size,
+            }),
+        }
+    }
+
+    async fn check(&self) -> Result<AdminReport, StoreError> {
+        self.inner.check().await
+    }
+
+    async fn report(&self) -> Result<AdminReport, StoreError> {
+        self.inner.report().await
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .inner
+            .gauges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .size_on_disk)
+    }
+
+    async fn space(&self) -> Result<Space, StoreError> {
+        self.inner.space().await
+    }
+
+    async fn compact(&self) -> Result<AdminReport, StoreError> {
+        self.inner.vacuum().await
+    }
+
+    async fn backup(&self, target: &Path) -> Result<AdminReport, StoreError> {
+        Ok(AdminReport {
+            text: format!(
+                "not written to {}: on PostgreSQL, back up the database with its own tools: \
+                 pg_dump (a consistent logical copy of one database) or pg_basebackup with WAL \
+                 archiving (physical, point-in-time recovery); see docs/OPERATIONS.md\n",
+                target.display()
+            ),
+            failed: true,
+        })
+    }
+}
