@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, CredentialChange};
 use crate::compaction::CompactionPolicy;
 use crate::config::{Limits, Registration, ServeArgs, Storage};
 use crate::http::budget::MemoryLimits;
@@ -263,6 +263,7 @@ async fn run<B: Backend>(
         min_bytes: args.compact_min_mb.saturating_mul(1024 * 1024),
     };
     let maintenance = tokio::spawn(maintenance(cell.clone(), compaction));
+    let credentials = tokio::spawn(follow_credential_changes(cell.clone()));
     let push = args.push_url.clone().map(|url| {
         tracing::info!(push_url = %url, "push wake-ups on");
         tokio::spawn(push::run(
@@ -298,10 +299,30 @@ async fn run<B: Backend>(
         let _ = metrics.await;
     }
     maintenance.abort();
+    credentials.abort();
     if let Some(push) = push {
         push.abort();
     }
     Ok(())
+}
+
+/// End the sessions that other processes on the same storage invalidated
+/// (a client deleted or recovered there).
+async fn follow_credential_changes<B: Backend>(cell: Arc<StateCell<Ds<B>>>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let Some(mut changes) = cell.get().and_then(|ds| ds.backend().credential_changes()) else {
+        return;
+    };
+    loop {
+        let change = match changes.recv().await {
+            Ok(change) => change,
+            Err(RecvError::Lagged(_)) => CredentialChange::Unknown,
+            Err(RecvError::Closed) => return,
+        };
+        if let Some(ds) = cell.get() {
+            ds.credentials_changed(&change);
+        }
+    }
 }
 
 /// A listener on `addr`, and the address it actually bound.

@@ -3,6 +3,7 @@
 //! got a 2xx is delivered. The data directory then passes `mls-ds check`.
 
 use mls_ds_client::{Client, ClientConfig, Event};
+use mls_ds_tests::postgres::{self, TestBackend};
 use mls_ds_tests::{message_texts, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,22 +32,29 @@ async fn state_survives_graceful_restart_and_sigkill() {
         String::from_utf8_lossy(&stats.stderr)
     );
     assert!(String::from_utf8_lossy(&stats.stdout).contains("groups             1"));
+    // On PostgreSQL, backups are the database's own (pg_dump, base
+    // backups): the command says so.
     let live_backup = dir.path().join("live-backup");
     let out = server.admin(&["backup", "--out", live_backup.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let check = std::process::Command::new(mls_ds_tests::server_binary())
-        .args(["--data-dir", live_backup.to_str().unwrap(), "check"])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "live backup passes check: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    if postgres::backend() == TestBackend::Postgres {
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("pg_dump"));
+    } else {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let check = std::process::Command::new(mls_ds_tests::server_binary())
+            .args(["--data-dir", live_backup.to_str().unwrap(), "check"])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "live backup passes check: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
 
     // Graceful stop: exit status 0; everything is still there afterwards.
     server.stop_and_check();
@@ -94,20 +102,23 @@ async fn state_survives_graceful_restart_and_sigkill() {
     server.stop_and_check();
     let stats = server.admin(&["stats"]);
     assert!(String::from_utf8_lossy(&stats.stdout).contains("groups             1"));
-    let backup = dir.path().join("backup");
-    let out = server.admin(&["backup", "--out", backup.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let check = std::process::Command::new(mls_ds_tests::server_binary())
-        .args(["--data-dir", backup.to_str().unwrap(), "check"])
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "backup passes check: {}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    // An offline backup (on PostgreSQL: the database's own tools).
+    if postgres::backend() == TestBackend::Sled {
+        let backup = dir.path().join("backup");
+        let out = server.admin(&["backup", "--out", backup.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let check = std::process::Command::new(mls_ds_tests::server_binary())
+            .args(["--data-dir", backup.to_str().unwrap(), "check"])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "backup passes check: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
 }

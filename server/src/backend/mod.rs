@@ -195,6 +195,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// wake-ups of clients that are not listening.
     fn new_heads(&self) -> &NewHeads;
 
+    /// Clients deleted or recovered by another process on the same storage,
+    /// whose sessions in this process must end; `None` where no other
+    /// process can write (the services end sessions themselves).
+    fn credential_changes(&self) -> Option<tokio::sync::broadcast::Receiver<CredentialChange>>;
+
     /// `Err` while the backend cannot serve (broken storage, closed).
     fn health(&self) -> Result<(), StoreError>;
 
@@ -225,6 +230,16 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// (`mls-ds backup`).
     fn backup(&self, target: &Path)
         -> impl Future<Output = Result<AdminReport, StoreError>> + Send;
+}
+
+/// A change of a client's credentials made by another process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum CredentialChange {
+    /// This client was deleted or recovered with a new key.
+    Client(ClientId),
+    /// Changes may have been missed (the notifications were interrupted):
+    /// any client's.
+    Unknown,
 }
 
 /// What the database holds against what it occupies.

@@ -129,6 +129,8 @@ pub struct Authenticator {
     ended: Mutex<HashMap<ClientId, u64>>,
     /// Bumped whenever any client's sessions end, to wake the streams.
     ended_tx: tokio::sync::watch::Sender<u64>,
+    /// How often every client's sessions were ended at once.
+    all_ended: std::sync::atomic::AtomicU64,
 }
 
 /// A request's verified identity.
@@ -179,6 +181,7 @@ impl Authenticator {
             max_sessions,
             ended: Mutex::new(HashMap::new()),
             ended_tx: tokio::sync::watch::Sender::new(0),
+            all_ended: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -324,9 +327,23 @@ impl Authenticator {
         self.ended_tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// How often `client`'s sessions were ended so far ([`Self::end_sessions`]).
+    /// Drop every session and end every queue stream (credential changes
+    /// elsewhere may have been missed).
+    pub fn end_all_sessions(&self) {
+        lock(&self.sessions).by_id.clear();
+        self.all_ended
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.ended_tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// How often `client`'s sessions were ended so far ([`Self::end_sessions`],
+    /// [`Self::end_all_sessions`]).
     pub fn sessions_ended(&self, client: &ClientId) -> u64 {
-        lock(&self.ended).get(client).copied().unwrap_or(0)
+        lock(&self.ended)
+            .get(client)
+            .copied()
+            .unwrap_or(0)
+            .wrapping_add(self.all_ended.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Changes whenever some client's sessions end.

@@ -31,7 +31,7 @@ use openmls_rust_crypto::RustCrypto;
 pub(crate) use self::error::DsError;
 use self::error::Result;
 use crate::backend::write_set::{Change, WriteSet};
-use crate::backend::Backend;
+use crate::backend::{Backend, CredentialChange};
 use crate::rate_limit::{Rate, RateLimiter};
 use crate::service::auth::Authenticator;
 
@@ -126,6 +126,15 @@ impl<B: Backend> Ds<B> {
     /// Sessions and tokens.
     pub(crate) fn authenticator(&self) -> &Authenticator {
         &self.auth
+    }
+
+    /// End the sessions (and queue streams) that another process's change
+    /// of credentials invalidated.
+    pub(crate) fn credentials_changed(&self, change: &CredentialChange) {
+        match change {
+            CredentialChange::Client(id) => self.auth.end_sessions(id),
+            CredentialChange::Unknown => self.auth.end_all_sessions(),
+        }
     }
 
     /// Write `changes` (housekeeping: removals nobody races for) in write

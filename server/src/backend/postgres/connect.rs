@@ -97,10 +97,11 @@ impl Connector {
                 let message = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
                 match message {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        if tx
-                            .send(Incoming::Notification(n.payload().to_owned()))
-                            .is_err()
-                        {
+                        let notification = Incoming::Notification {
+                            channel: n.channel().to_owned(),
+                            payload: n.payload().to_owned(),
+                        };
+                        if tx.send(notification).is_err() {
                             return;
                         }
                     }
@@ -137,8 +138,13 @@ impl Connector {
 
 /// What the notification connection receives.
 pub(crate) enum Incoming {
-    /// A `NOTIFY` payload.
-    Notification(String),
+    /// A `NOTIFY` on `channel`.
+    Notification {
+        /// The channel.
+        channel: String,
+        /// What it carried.
+        payload: String,
+    },
     /// The connection ended (why).
     Closed(String),
 }

@@ -45,8 +45,8 @@ use super::records::{
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
-    AdminReport, Backend, BackendStats, ExpiredKeyPackage, NewHeads, Page, PoolStats, Space,
-    StaleCommit, StoreError, StoredClient, StoredGroup, StoredInvite,
+    AdminReport, Backend, BackendStats, CredentialChange, ExpiredKeyPackage, NewHeads, Page,
+    PoolStats, Space, StaleCommit, StoreError, StoredClient, StoredGroup, StoredInvite,
 };
 
 /// How to reach the database.
@@ -452,6 +452,10 @@ impl Backend for PgBackend {
 
     fn new_heads(&self) -> &NewHeads {
         &self.inner.new_heads
+    }
+
+    fn credential_changes(&self) -> Option<tokio::sync::broadcast::Receiver<CredentialChange>> {
+        Some(self.inner.wakeups.credentials.subscribe())
     }
 
     fn health(&self) -> Result<(), StoreError> {

@@ -1,8 +1,11 @@
 //! Wake-ups across nodes: each node keeps one connection outside the pool
 //! that `LISTEN`s on the channel every delivery `NOTIFY`s at commit, and
-//! wakes the local long-polls and streams of the queues named. While that
-//! connection is down, nothing is missed for long: at every (re)connection
-//! every local waiter is woken to read its queue again.
+//! wakes the local long-polls and streams of the queues named; and on the
+//! channel of credential changes (a client deleted or recovered), whose
+//! sessions on this node must end. While that connection is down, nothing
+//! is missed for long: at every (re)connection every local waiter is woken
+//! to read its queue again, and, if it was a reconnection, every session
+//! is ended (clients open new ones transparently).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +16,26 @@ use mls_ds_protocol::ClientId;
 use tokio::sync::Notify;
 
 use super::connect::{Connector, Incoming};
-use super::writes::CHANNEL;
+use super::writes::{CHANNEL, CREDENTIALS};
+use crate::backend::CredentialChange;
 
-/// The wake-up handles of the queues someone waits on in this process.
-#[derive(Default)]
+/// The wake-up handles of the queues someone waits on in this process,
+/// and where credential changes are announced.
 pub(crate) struct Wakeups {
     handles: Mutex<Handles>,
     closed: AtomicBool,
+    /// Credential changes announced by any process.
+    pub(crate) credentials: tokio::sync::broadcast::Sender<CredentialChange>,
+}
+
+impl Default for Wakeups {
+    fn default() -> Self {
+        Wakeups {
+            handles: Mutex::default(),
+            closed: AtomicBool::default(),
+            credentials: tokio::sync::broadcast::Sender::new(1024),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -74,6 +90,17 @@ impl Wakeups {
         self.closed.load(Ordering::SeqCst)
     }
 
+    /// A credential change payload: the client's id in hex.
+    fn credentials_changed(&self, payload: &str) {
+        if let Some(id) = hex::decode(payload)
+            .ok()
+            .and_then(|bytes| ClientId::new(&bytes).ok())
+        {
+            // Nobody subscribed yet is fine: nobody has a session to end.
+            let _ = self.credentials.send(CredentialChange::Client(id));
+        }
+    }
+
     /// Wake the queues a `NOTIFY` payload names (`hex(client):head,...`);
     /// what does not parse is skipped (only DS nodes write the channel).
     fn wake_payload(&self, payload: &str) {
@@ -94,17 +121,32 @@ impl Wakeups {
 /// Listen until `wakeups` is closed, reconnecting with a growing pause.
 pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
     let mut pause = Duration::from_millis(100);
+    let mut listened = false;
     while !wakeups.is_closed() {
         match connector.connect().await {
             Ok((client, mut incoming)) => {
-                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                match client
+                    .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {CREDENTIALS}"))
+                    .await
+                {
                     Ok(()) => {
                         pause = Duration::from_millis(100);
                         // Whatever was queued while not listening.
                         wakeups.wake_all();
+                        if listened {
+                            let _ = wakeups.credentials.send(CredentialChange::Unknown);
+                        }
+                        listened = true;
                         while let Some(message) = incoming.recv().await {
                             match message {
-                                Incoming::Notification(payload) => wakeups.wake_payload(&payload),
+                                Incoming::Notification { channel, payload }
+                                    if channel == CREDENTIALS =>
+                                {
+                                    wakeups.credentials_changed(&payload)
+                                }
+                                Incoming::Notification { payload, .. } => {
+                                    wakeups.wake_payload(&payload)
+                                }
                                 Incoming::Closed(why) => {
                                     if !wakeups.is_closed() {
                                         tracing::warn!(

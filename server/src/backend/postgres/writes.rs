@@ -33,6 +33,10 @@ const MAX_ATTEMPTS: u32 = 12;
 /// The `NOTIFY` channel on which queues that grew are announced.
 pub(crate) const CHANNEL: &str = "mls_ds_queues";
 
+/// The `NOTIFY` channel on which clients deleted or recovered are announced
+/// (payload: the client id in hex), so that every node ends their sessions.
+pub(crate) const CREDENTIALS: &str = "mls_ds_credentials";
+
 /// `NOTIFY` payloads stay under PostgreSQL's 8000-byte limit.
 const MAX_PAYLOAD: usize = 7000;
 
@@ -306,22 +310,29 @@ fn send_parts(key: &SendKey) -> [Vec<u8>; 3] {
 async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
     match change {
         Change::PutClient { id, record } => {
-            tx.execute(
-                "INSERT INTO clients (id, signature_scheme, signature_key, registered_ms, \
+            let replaced: bool = tx
+                .query_one(
+                    "INSERT INTO clients (id, signature_scheme, signature_key, registered_ms, \
                  deleted_ms, recovery_hash) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (id) DO UPDATE SET signature_scheme = EXCLUDED.signature_scheme, \
                  signature_key = EXCLUDED.signature_key, registered_ms = EXCLUDED.registered_ms, \
-                 deleted_ms = EXCLUDED.deleted_ms, recovery_hash = EXCLUDED.recovery_hash",
-                &[
-                    &id.as_bytes(),
-                    &i32::from(record.signature_scheme),
-                    &record.signature_key,
-                    &big(record.registered_ms),
-                    &record.deleted_ms.map(big),
-                    &record.recovery_hash,
-                ],
-            )
-            .await?;
+                 deleted_ms = EXCLUDED.deleted_ms, recovery_hash = EXCLUDED.recovery_hash \
+                 RETURNING xmax::text <> '0' AS replaced",
+                    &[
+                        &id.as_bytes(),
+                        &i32::from(record.signature_scheme),
+                        &record.signature_key,
+                        &big(record.registered_ms),
+                        &record.deleted_ms.map(big),
+                        &record.recovery_hash,
+                    ],
+                )
+                .await?
+                .try_get("replaced")?;
+            if replaced {
+                // A recovery: sessions opened with the old key end everywhere.
+                announce_credentials(tx, id).await?;
+            }
             tx.execute(
                 "INSERT INTO queues (client) VALUES ($1) ON CONFLICT (client) DO NOTHING",
                 &[&id.as_bytes()],
@@ -329,6 +340,7 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::DeleteClient { id, tombstone } => {
+            announce_credentials(tx, id).await?;
             let id = id.as_bytes();
             tx.execute(
                 "UPDATE clients SET deleted_ms = $2, recovery_hash = $3 WHERE id = $1",
@@ -699,5 +711,15 @@ pub(crate) async fn announce(tx: &Transaction<'_>, grown: &[(ClientId, u64)]) ->
         tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
             .await?;
     }
+    Ok(())
+}
+
+/// `NOTIFY` every node that `client`'s sessions must end (at commit).
+async fn announce_credentials(tx: &Transaction<'_>, client: &ClientId) -> Result<(), Step> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&CREDENTIALS, &hex::encode(client.as_bytes())],
+    )
+    .await?;
     Ok(())
 }

@@ -46,8 +46,8 @@ use super::records::{
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
-    AdminReport, Backend, BackendStats, ExpiredKeyPackage, NewHeads, Page, Space, StaleCommit,
-    StoreError, StoredClient, StoredGroup, StoredInvite,
+    AdminReport, Backend, BackendStats, CredentialChange, ExpiredKeyPackage, NewHeads, Page, Space,
+    StaleCommit, StoreError, StoredClient, StoredGroup, StoredInvite,
 };
 
 /// How to open the sled backend.
@@ -416,6 +416,11 @@ impl Backend for SledBackend {
 
     fn new_heads(&self) -> &NewHeads {
         &self.new_heads
+    }
+
+    fn credential_changes(&self) -> Option<tokio::sync::broadcast::Receiver<CredentialChange>> {
+        // One process per data directory: its services see every change.
+        None
     }
 
     fn health(&self) -> Result<(), StoreError> {
