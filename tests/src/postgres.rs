@@ -250,17 +250,15 @@ impl Cluster {
 
     /// Stop the server (fast: sessions are ended) and start it again.
     pub fn restart(&self) {
-        let data = self.data_dir();
-        self.pg_ctl(&["-D", &data, "-m", "fast", "-w", "-t", "60", "restart"]);
+        let root = std::env::temp_dir().join(format!("mls-ds-pg-{}", std::process::id()));
+        let data = root.join("data").to_string_lossy().into_owned();
+        // With its log in a file: the server must not hold pg_ctl's output
+        // open, or waiting for pg_ctl never ends.
+        let log = root.join("server.log").to_string_lossy().into_owned();
+        self.pg_ctl(&[
+            "-D", &data, "-l", &log, "-m", "fast", "-w", "-t", "60", "restart",
+        ]);
         self.wait_ready();
-    }
-
-    fn data_dir(&self) -> String {
-        std::env::temp_dir()
-            .join(format!("mls-ds-pg-{}", std::process::id()))
-            .join("data")
-            .to_string_lossy()
-            .into_owned()
     }
 
     fn pg_ctl(&self, args: &[&str]) {

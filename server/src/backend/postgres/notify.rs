@@ -24,6 +24,8 @@ use crate::backend::CredentialChange;
 pub(crate) struct Wakeups {
     handles: Mutex<Handles>,
     closed: AtomicBool,
+    /// Whether the notification connection is up (the node's health).
+    listening: AtomicBool,
     /// Credential changes announced by any process.
     pub(crate) credentials: tokio::sync::broadcast::Sender<CredentialChange>,
 }
@@ -33,6 +35,8 @@ impl Default for Wakeups {
         Wakeups {
             handles: Mutex::default(),
             closed: AtomicBool::default(),
+            // The database answered the migration just before.
+            listening: AtomicBool::new(true),
             credentials: tokio::sync::broadcast::Sender::new(1024),
         }
     }
@@ -83,6 +87,13 @@ impl Wakeups {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.wake_all();
+    }
+
+    /// Whether the database's notification connection is up: while it is
+    /// not, this node misses wake-ups and the database is likely out of
+    /// reach, so it reports itself unhealthy.
+    pub(crate) fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
     }
 
     /// Whether [`Wakeups::close`] ran.
@@ -137,6 +148,7 @@ pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
                             let _ = wakeups.credentials.send(CredentialChange::Unknown);
                         }
                         listened = true;
+                        wakeups.listening.store(true, Ordering::SeqCst);
                         while let Some(message) = incoming.recv().await {
                             match message {
                                 Incoming::Notification { channel, payload }
@@ -148,6 +160,7 @@ pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
                                     wakeups.wake_payload(&payload)
                                 }
                                 Incoming::Closed(why) => {
+                                    wakeups.listening.store(false, Ordering::SeqCst);
                                     if !wakeups.is_closed() {
                                         tracing::warn!(
                                             reason = %why,
@@ -163,7 +176,10 @@ pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
                     Err(e) => tracing::warn!(error = %e, "LISTEN failed"),
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot open the notification connection"),
+            Err(e) => {
+                wakeups.listening.store(false, Ordering::SeqCst);
+                tracing::warn!(error = %e, "cannot open the notification connection");
+            }
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(5));
