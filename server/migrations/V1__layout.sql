@@ -125,3 +125,15 @@ CREATE TABLE send_receipts (
     PRIMARY KEY (sender, created_ms, nonce)
 );
 CREATE INDEX send_receipts_created ON send_receipts (created_ms);
+
+-- Sessions, so that one opened on any node is valid on every node (each
+-- node keeps its own replay window per session). Deleting or recovering a
+-- client deletes its sessions in the same transaction.
+CREATE TABLE sessions (
+    id         bytea PRIMARY KEY,
+    client     bytea NOT NULL,
+    key        bytea NOT NULL,
+    expires_ms bigint NOT NULL
+);
+CREATE INDEX sessions_client ON sessions (client);
+CREATE INDEX sessions_expires ON sessions (expires_ms);

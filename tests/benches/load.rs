@@ -26,6 +26,7 @@ use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
 use mls_ds_protocol::queue::QueuePage;
 use mls_ds_protocol::{decode, encode, paths, ClientId, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
+use mls_ds_tests::postgres::{self, TestBackend};
 use mls_ds_tests::raw::RawMember;
 use mls_ds_tests::{cpu_seconds, peak_rss_mib, Server, BENCH_SERVER_FLAGS};
 use openmls_basic_credential::SignatureKeyPair;
@@ -157,7 +158,7 @@ where
     let lat = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut wires = Vec::with_capacity(IN_FLIGHT);
     for _ in 0..IN_FLIGHT {
-        wires.push(Wire::open(url).await);
+        wires.push(Wire::open(node_url(wires.len(), url)).await);
     }
     let start = Instant::now();
     let mut workers = Vec::new();
@@ -201,7 +202,7 @@ async fn registrations(url: &str, pid: u32) {
             })
             .collect(),
     );
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = server_cpu(pid);
     let m = members.clone();
     let (lat, wall) = run_concurrently(url, n, move |mut wire, i| {
         let m = m.clone();
@@ -216,7 +217,7 @@ async fn registrations(url: &str, pid: u32) {
         }
     })
     .await;
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = server_cpu(pid) - cpu0;
     println!(
         "registrations: {n} in {:.2}s = {:.0}/s; p50 {:.2} ms p99 {:.2} ms; server CPU {:.0} us/request",
         wall.as_secs_f64(),
@@ -273,9 +274,9 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
     let fetch_lat = Arc::new(Mutex::new(Vec::new()));
     let mut wires = Vec::with_capacity(recipients.len());
     for _ in &recipients {
-        wires.push(Wire::open(url).await);
+        wires.push(Wire::open(node_url(wires.len(), url)).await);
     }
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = server_cpu(pid);
     let own0 = cpu_seconds(std::process::id());
     let start = Instant::now();
     let mut drains = Vec::new();
@@ -316,7 +317,7 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
         d.await.unwrap();
     }
     let total = start.elapsed();
-    let cpu = cpu_seconds(pid) - cpu0;
+    let cpu = server_cpu(pid) - cpu0;
     let own = cpu_seconds(std::process::id()) - own0;
     let mut flat = std::mem::take(&mut *fetch_lat.lock().await);
     flat.sort();
@@ -537,6 +538,39 @@ fn server_flags() -> Vec<&'static str> {
     flags
 }
 
+/// The DS nodes under load, and whether a database's CPU counts too.
+struct Target {
+    urls: Vec<String>,
+    pids: Vec<u32>,
+    database: bool,
+}
+
+static TARGET: std::sync::OnceLock<Target> = std::sync::OnceLock::new();
+
+/// The node the `n`th connection goes to (`fallback`: an external server).
+fn node_url(n: usize, fallback: &str) -> &str {
+    match TARGET.get() {
+        Some(t) if !t.urls.is_empty() => &t.urls[n % t.urls.len()],
+        _ => fallback,
+    }
+}
+
+/// Server CPU seconds so far: every node's and the database's (`pid`: an
+/// external server's).
+fn server_cpu(pid: u32) -> f64 {
+    match TARGET.get() {
+        Some(t) if !t.pids.is_empty() => {
+            let nodes: f64 = t.pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let database = match (t.database, postgres::cluster()) {
+                (true, Some(c)) => c.cpu_seconds(),
+                _ => 0.0,
+            };
+            nodes + database
+        }
+        _ => cpu_seconds(pid),
+    }
+}
+
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     // MLS_DS_LOAD_URL + MLS_DS_LOAD_PID: drive an already running server
@@ -546,16 +580,56 @@ fn main() {
             .ok()
             .and_then(|p| p.parse::<u32>().ok()),
     );
-    let server = match external {
-        Some(_) => None,
-        None => Some(Server::start(dir.path(), &server_flags())),
+    // MLS_DS_LOAD_NODES=N (with MLS_DS_TEST_BACKEND=postgres): N DS
+    // processes on one database of the tests' own PostgreSQL server,
+    // connections spread over them in turn; server CPU counts every node
+    // and the database's processes.
+    let nodes: usize = std::env::var("MLS_DS_LOAD_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let flags = server_flags();
+    let servers: Vec<Server> = match (&external, postgres::backend()) {
+        (Some(_), _) => Vec::new(),
+        (None, TestBackend::Postgres) => {
+            let database = postgres::cluster()
+                .expect("PostgreSQL server binaries")
+                .new_database();
+            (0..nodes)
+                .map(|i| {
+                    Server::start_on_database(
+                        &dir.path().join(format!("node{i}")),
+                        &database,
+                        &flags,
+                    )
+                })
+                .collect()
+        }
+        (None, TestBackend::Sled) => {
+            assert_eq!(nodes, 1, "several nodes need MLS_DS_TEST_BACKEND=postgres");
+            vec![Server::start(dir.path(), &flags)]
+        }
     };
-    let (url, pid) = match (&external, &server) {
+    let (url, pid) = match (&external, servers.first()) {
         (Some((url, pid)), _) => (url.clone(), *pid),
         (None, Some(s)) => (s.url(), s.pid().expect("server pid")),
         (None, None) => unreachable!("a server was started"),
     };
-    println!("load generator: server pid {pid} at {url}, {IN_FLIGHT} requests in flight, machine: {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let _ = TARGET.set(Target {
+        urls: servers.iter().map(Server::url).collect(),
+        pids: servers.iter().filter_map(Server::pid).collect(),
+        database: postgres::backend() == TestBackend::Postgres && external.is_none(),
+    });
+    println!(
+        "load generator: {} on {}, {} node(s), first pid {pid} at {url}, {IN_FLIGHT} requests in flight, machine: {} cores",
+        if external.is_some() { "external server" } else { "server" },
+        match postgres::backend() {
+            TestBackend::Postgres => "PostgreSQL",
+            TestBackend::Sled => "sled",
+        },
+        servers.len().max(1),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -248,6 +248,34 @@ impl Cluster {
         )
     }
 
+    /// CPU seconds (user + system) the server's processes have used: the
+    /// postmaster and its children alive now (a pool's connections live as
+    /// long as the DS nodes, so their backends' CPU is all there).
+    pub fn cpu_seconds(&self) -> f64 {
+        let root = std::env::temp_dir().join(format!("mls-ds-pg-{}", std::process::id()));
+        let Some(postmaster) = std::fs::read_to_string(root.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
+        else {
+            return 0.0;
+        };
+        let mut total = crate::cpu_seconds(postmaster);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if parent == Some(postmaster) {
+                total += crate::cpu_seconds(pid);
+            }
+        }
+        total
+    }
+
     /// Stop the server (fast: sessions are ended) and start it again.
     pub fn restart(&self) {
         let root = std::env::temp_dir().join(format!("mls-ds-pg-{}", std::process::id()));

@@ -14,9 +14,10 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mls_ds_client::AuthMode;
 use mls_ds_client::SendId;
 use mls_ds_tests::postgres::{cluster, Cluster};
-use mls_ds_tests::raw::{converged, RawMember};
+use mls_ds_tests::raw::{converged, raw_request, RawMember};
 use mls_ds_tests::Server;
 
 /// The cluster, or `None` after saying why the test does not run.
@@ -65,6 +66,19 @@ async fn nodes_on_one_database_are_one_ds() {
     bob.sync().await;
     carol.sync().await;
     converged(&[&alice, &bob, &carol]);
+
+    // A session opened on A is valid on B (no second signature): the same
+    // token-minting transport, its request sent to B.
+    let path = mls_ds_protocol::paths::GROUPS;
+    let auth = alice
+        .api
+        .transport
+        .authorization("GET", path, b"", AuthMode::Session)
+        .await
+        .unwrap()
+        .expect("a session token");
+    let (status, body) = raw_request(&b, "GET", path, &[("authorization", auth)], Vec::new()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 
     // A long-poll on B wakes when A queues for it.
     let gid = alice.gid();

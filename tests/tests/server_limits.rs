@@ -590,8 +590,11 @@ async fn a_full_session_table_makes_room_and_locks_nobody_out() {
         apis.push(api);
     }
     // The first client's session is gone: its request gets 401, and the
-    // SDK opens a new session (giving up the second's) and retries.
+    // SDK opens a new session (giving up the second's) and retries. On
+    // PostgreSQL the server's table only holds sessions kept in the
+    // database, where the first's still is: it is taken back, no 401.
     apis[0].key_package_count().await.unwrap();
+    let shared = postgres::backend() == TestBackend::Postgres;
     let (status, page) =
         mls_ds_tests::raw::raw_request(&server.metrics_url(), "GET", "/metrics", &[], vec![]).await;
     assert_eq!(status, 200);
@@ -606,7 +609,7 @@ async fn a_full_session_table_makes_room_and_locks_nobody_out() {
     };
     assert_eq!(
         count(r#"mls_ds_requests_total{route="session",status="200"}"#),
-        Some(4)
+        Some(if shared { 3 } else { 4 })
     );
     assert_eq!(
         count(r#"mls_ds_requests_total{route="session",status="503"}"#),
@@ -614,7 +617,7 @@ async fn a_full_session_table_makes_room_and_locks_nobody_out() {
     );
     assert_eq!(
         count(r#"mls_ds_requests_total{route="count",status="401"}"#),
-        Some(1)
+        (!shared).then_some(1)
     );
     assert_eq!(
         count(r#"mls_ds_requests_total{route="count",status="200"}"#),

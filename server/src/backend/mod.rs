@@ -48,7 +48,7 @@ pub(crate) use new_heads::NewHeads;
 pub(crate) use page::Page;
 use records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord, SendKey, SendReceipt,
+    KeyPackageRecord, SendKey, SendReceipt, SharedSession,
 };
 pub(crate) use write_set::{AckOutcome, Applied, WriteSet};
 
@@ -155,6 +155,22 @@ pub(crate) trait Backend: Send + Sync + 'static {
         &self,
         client: &ClientId,
     ) -> impl Future<Output = Result<ClientUsage, StoreError>> + Send;
+
+    /// Make a new session valid in every process on this storage, if the
+    /// client is still registered with `key` (the key its opening was
+    /// signed with); `false` if it is not. A backend only one process uses
+    /// stores nothing.
+    fn share_session(
+        &self,
+        session: &SharedSession,
+        key: &[u8],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// A session another process opened, while valid.
+    fn shared_session(
+        &self,
+        id: &[u8; mls_ds_protocol::auth::SESSION_ID_LEN],
+    ) -> impl Future<Output = Result<Option<SharedSession>, StoreError>> + Send;
 
     /// Wait for the group's handshake lock (see the module doc).
     fn lock_group(&self, id: &GroupId) -> impl Future<Output = Self::GroupGuard> + Send;

@@ -253,3 +253,16 @@ pub(crate) struct SendReceipt {
     /// Queue entries written.
     pub(crate) recipients: u32,
 }
+
+/// A session as every process sharing the storage may verify it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SharedSession {
+    /// The session id clients present.
+    pub(crate) id: [u8; mls_ds_protocol::auth::SESSION_ID_LEN],
+    /// Whose it is.
+    pub(crate) client: ClientId,
+    /// Its MAC key.
+    pub(crate) key: [u8; mls_ds_protocol::auth::SESSION_KEY_LEN],
+    /// When it ends (unix ms).
+    pub(crate) expires_ms: u64,
+}

@@ -317,6 +317,33 @@ impl Authenticator {
         })
     }
 
+    /// Whether this process holds session `id` (expired or not).
+    pub fn knows_session(&self, id: &[u8; SESSION_ID_LEN]) -> bool {
+        lock(&self.sessions).by_id.contains_key(id)
+    }
+
+    /// Hold a session another process opened (read from shared storage),
+    /// with a replay window of this process's own.
+    pub fn adopt_session(
+        &self,
+        id: [u8; SESSION_ID_LEN],
+        client: ClientId,
+        key: [u8; SESSION_KEY_LEN],
+        expires_ms: u64,
+    ) {
+        let mut sessions = lock(&self.sessions);
+        sessions.make_room(now_ms(), self.max_sessions);
+        sessions.insert(
+            id,
+            Session {
+                client,
+                key,
+                expires_ms,
+                replay: ReplayGuard::default(),
+            },
+        );
+    }
+
     /// Drop every session of a client that was deleted or recovered with a
     /// new key, and end its queue streams.
     pub fn end_sessions(&self, client: &ClientId) {

@@ -9,7 +9,7 @@ use mls_ds_protocol::ClientId;
 use super::auth::{Caller, RegisteredKey, RequestView};
 use super::error::{DsError, Result};
 use super::{Ds, RegistrationPolicy};
-use crate::backend::records::{now_ms, ClientRecord};
+use crate::backend::records::{now_ms, ClientRecord, SharedSession};
 use crate::backend::write_set::{Change, Condition, WriteSet};
 use crate::backend::{Backend, StoreError};
 
@@ -48,7 +48,24 @@ impl<B: Backend> Ds<B> {
                     })?;
                 self.auth.verify_signature(sig, key_of(&record), view)
             }
-            AuthToken::Session(s) => self.auth.verify_session(s, view),
+            AuthToken::Session(s) => match self.auth.verify_session(s, view) {
+                // A session another process on the same storage opened.
+                Err(e) if !self.auth.knows_session(&s.session_id) => {
+                    match self.backend.shared_session(&s.session_id).await? {
+                        Some(shared) => {
+                            self.auth.adopt_session(
+                                s.session_id,
+                                shared.client,
+                                shared.key,
+                                shared.expires_ms,
+                            );
+                            self.auth.verify_session(s, view)
+                        }
+                        None => Err(e),
+                    }
+                }
+                verified => verified,
+            },
         }
     }
 
@@ -269,6 +286,23 @@ impl<B: Backend> Ds<B> {
         // look again, now that it does.
         let current = self.backend.client(&caller.client).await?;
         if current.is_none_or(|r| r.is_deleted() || r.signature_key != caller.signed_with) {
+            self.auth.end_sessions(&caller.client);
+            return Err(DsError::Unauthenticated(format!(
+                "client {} was deleted or recovered with a new key meanwhile",
+                caller.client
+            )));
+        }
+        let shared = SharedSession {
+            id: created.session_id,
+            client: caller.client.clone(),
+            key: created.session_key,
+            expires_ms: created.expires_at_ms,
+        };
+        if !self
+            .backend
+            .share_session(&shared, &caller.signed_with)
+            .await?
+        {
             self.auth.end_sessions(&caller.client);
             return Err(DsError::Unauthenticated(format!(
                 "client {} was deleted or recovered with a new key meanwhile",

@@ -14,7 +14,7 @@ use super::{connect::db, Inner};
 use crate::backend::{group_check, AdminReport, Space, StoreError};
 
 /// The DS's tables (the migration history is PostgreSQL's business).
-const TABLES: [&str; 13] = [
+const TABLES: [&str; 14] = [
     "clients",
     "queues",
     "key_packages",
@@ -28,6 +28,7 @@ const TABLES: [&str; 13] = [
     "messages",
     "queue_entries",
     "send_receipts",
+    "sessions",
 ];
 
 /// Consistency queries: each returns one row per problem, as text.

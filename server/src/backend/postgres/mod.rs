@@ -41,7 +41,7 @@ use super::committing::{committing, CommitReply, Committing};
 use super::group_locks::GroupLocks;
 use super::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord, SendKey, SendReceipt,
+    KeyPackageRecord, SendKey, SendReceipt, SharedSession,
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
@@ -262,6 +262,9 @@ async fn sweeper(inner: Arc<Inner>) {
             return;
         }
         if last_full.is_none_or(|t| t.elapsed() >= FULL_SWEEP_PERIOD) {
+            if let Err(e) = inner.forget_expired_sessions().await {
+                tracing::warn!(error = %e, "deleting expired sessions failed");
+            }
             match inner.sweep_all().await {
                 Ok(n) => {
                     last_full = Some(tokio::time::Instant::now());
@@ -399,6 +402,17 @@ impl Backend for PgBackend {
         self.inner.usage(client).await
     }
 
+    async fn share_session(&self, session: &SharedSession, key: &[u8]) -> Result<bool, StoreError> {
+        self.inner.share_session(session, key).await
+    }
+
+    async fn shared_session(
+        &self,
+        id: &[u8; mls_ds_protocol::auth::SESSION_ID_LEN],
+    ) -> Result<Option<SharedSession>, StoreError> {
+        self.inner.shared_session(id).await
+    }
+
     async fn lock_group(&self, id: &GroupId) -> OwnedMutexGuard<()> {
         let lock = self
             .inner
@@ -462,6 +476,11 @@ impl Backend for PgBackend {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "the server is shutting down".into(),
+            ));
+        }
+        if !self.inner.wakeups.is_listening() {
+            return Err(StoreError::Unavailable(
+                "the database is unreachable; retry shortly".into(),
             ));
         }
         Ok(())

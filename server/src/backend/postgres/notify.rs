@@ -182,6 +182,6 @@ pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
             }
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use mls_ds_protocol::ClientId;
 
 use super::rows::{self, big, col, prefixed, u64_of};
-use super::writes::{transact, Step, Written};
+use super::writes::{exec, query, query_one, query_opt, transact, Step, Written};
 use super::{connect::db, Inner};
 use crate::backend::page::PageEntry;
 use crate::backend::write_set::AckOutcome;
@@ -93,12 +93,12 @@ impl Inner {
     ) -> Result<Written<AckOutcome>, StoreError> {
         transact!(self, |tx| {
             let id = client.as_bytes();
-            let (head, acked) = match tx
-                .query_opt(
-                    "SELECT head, acked FROM queues WHERE client = $1 FOR UPDATE",
-                    &[&id],
-                )
-                .await?
+            let (head, acked) = match query_opt(
+                tx,
+                "SELECT head, acked FROM queues WHERE client = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
             {
                 Some(row) => (row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?),
                 None => (0, 0),
@@ -116,17 +116,18 @@ impl Inner {
             });
             let mark = big(up_to);
             if mark > acked {
-                for row in tx
-                    .query(
-                        "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
+                for row in query(
+                    tx,
+                    "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
                          RETURNING message_id",
-                        &[&id, &mark],
-                    )
-                    .await?
+                    &[&id, &mark],
+                )
+                .await?
                 {
                     written.released.push(row.try_get(0)?);
                 }
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE queues SET acked = $2 WHERE client = $1",
                     &[&id, &mark],
                 )
@@ -160,40 +161,41 @@ impl Inner {
         let mut total = Written::answer(0usize);
         for client in clients {
             let written = transact!(self, |tx| {
-                let Some(row) = tx
-                    .query_opt(
-                        "SELECT head, acked FROM queues WHERE client = $1 FOR UPDATE",
-                        &[&client],
-                    )
-                    .await?
+                let Some(row) = query_opt(
+                    tx,
+                    "SELECT head, acked FROM queues WHERE client = $1 FOR UPDATE",
+                    &[&client],
+                )
+                .await?
                 else {
                     return Ok(Written::answer(0usize));
                 };
                 let (head, acked): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-                let first_young: Option<i64> = tx
-                    .query_one(
-                        "SELECT min(e.seq) FROM queue_entries e \
+                let first_young: Option<i64> = query_one(
+                    tx,
+                    "SELECT min(e.seq) FROM queue_entries e \
                              JOIN messages m ON m.id = e.message_id \
                              WHERE e.client = $1 AND m.stored_ms >= $2",
-                        &[&client, &cutoff],
-                    )
-                    .await?
-                    .try_get(0)?;
+                    &[&client, &cutoff],
+                )
+                .await?
+                .try_get(0)?;
                 let mark = first_young.map_or(head, |s| s - 1);
                 let mut written = Written::answer(0usize);
                 if mark > acked {
-                    for row in tx
-                        .query(
-                            "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
+                    for row in query(
+                        tx,
+                        "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
                                  RETURNING message_id",
-                            &[&client, &mark],
-                        )
-                        .await?
+                        &[&client, &mark],
+                    )
+                    .await?
                     {
                         written.released.push(row.try_get(0)?);
                     }
                     written.value = written.released.len();
-                    tx.execute(
+                    exec(
+                        tx,
                         "UPDATE queues SET acked = $2 WHERE client = $1",
                         &[&client, &mark],
                     )

@@ -1,6 +1,7 @@
 //! Typed reads on PostgreSQL: one statement each, on a pooled connection,
 //! seeing what committed before it started.
 
+use mls_ds_protocol::auth::SESSION_ID_LEN;
 use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 use tokio_postgres::types::ToSql;
@@ -9,8 +10,8 @@ use tokio_postgres::Row;
 use super::rows::{self, big, bits, col, u32_of, u64_of, unbits};
 use super::{connect::db, Gauges, Inner};
 use crate::backend::records::{
-    ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord, SendKey, SendReceipt,
+    now_ms, ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState,
+    InviteRecord, KeyPackageRecord, SendKey, SendReceipt, SharedSession,
 };
 use crate::backend::{
     ExpiredKeyPackage, StaleCommit, StoreError, StoredClient, StoredGroup, StoredInvite,
@@ -303,6 +304,70 @@ impl Inner {
                 None => ClientUsage::default(),
             },
         )
+    }
+
+    /// Store a new session if `client` is still registered with `key`; the
+    /// client's row is locked meanwhile, so a recovery or deletion either
+    /// comes first (nothing stored) or deletes this session too.
+    pub(crate) async fn share_session(
+        &self,
+        session: &SharedSession,
+        key: &[u8],
+    ) -> Result<bool, StoreError> {
+        let conn = self.connection().await?;
+        let stored = conn
+            .execute(
+                "INSERT INTO sessions (id, client, key, expires_ms) \
+                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM clients \
+                   WHERE id = $2 AND deleted_ms IS NULL AND signature_key = $5 FOR SHARE)",
+                &[
+                    &&session.id[..],
+                    &session.client.as_bytes(),
+                    &&session.key[..],
+                    &big(session.expires_ms),
+                    &key,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        Ok(stored == 1)
+    }
+
+    /// A session stored by any node, while it has not expired.
+    pub(crate) async fn shared_session(
+        &self,
+        id: &[u8; SESSION_ID_LEN],
+    ) -> Result<Option<SharedSession>, StoreError> {
+        let Some(row) = self
+            .row(
+                "SELECT client, key, expires_ms FROM sessions WHERE id = $1 AND expires_ms > $2",
+                &[&&id[..], &big(now_ms())],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let key: Vec<u8> = col(&row, "key")?;
+        Ok(Some(SharedSession {
+            id: *id,
+            client: client_id(&col::<Vec<u8>>(&row, "client")?)?,
+            key: key
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("session key of {} bytes", key.len())))?,
+            expires_ms: u64_of(col(&row, "expires_ms")?, "expires_ms")?,
+        }))
+    }
+
+    /// Delete the sessions that expired.
+    pub(crate) async fn forget_expired_sessions(&self) -> Result<u64, StoreError> {
+        let conn = self.connection().await?;
+        conn.execute(
+            "DELETE FROM sessions WHERE expires_ms <= $1",
+            &[&big(now_ms())],
+        )
+        .await
+        .map_err(db)
     }
 
     /// Read the gauges of `/metrics` (queue totals, messages, bytes).

@@ -20,6 +20,8 @@ use deadpool_postgres::Transaction;
 use mls_ds_protocol::ClientId;
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
 use super::rows::{big, bits, int};
 use super::{connect::db, Inner};
@@ -176,6 +178,47 @@ impl Inner {
     }
 }
 
+/// `execute` with the statement prepared once per connection (parsing and
+/// planning each statement anew cost more than running it).
+pub(crate) async fn exec(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(&stmt, params).await
+}
+
+/// `query` with a cached statement (see [`exec`]).
+pub(crate) async fn query(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query(&stmt, params).await
+}
+
+/// `query_opt` with a cached statement (see [`exec`]).
+pub(crate) async fn query_opt(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query_opt(&stmt, params).await
+}
+
+/// `query_one` with a cached statement (see [`exec`]).
+pub(crate) async fn query_one(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Row, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.query_one(&stmt, params).await
+}
+
 /// Transaction-scoped advisory lock on a key that must not exist yet.
 async fn guard_absent(tx: &Transaction<'_>, domain: &str, key: &[&[u8]]) -> Result<(), Step> {
     let mut h = Sha256::new();
@@ -187,7 +230,8 @@ async fn guard_absent(tx: &Transaction<'_>, domain: &str, key: &[&[u8]]) -> Resu
     let digest = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    tx.execute(
+    exec(
+        tx,
         "SELECT pg_advisory_xact_lock($1)",
         &[&i64::from_be_bytes(first)],
     )
@@ -200,75 +244,76 @@ async fn holds(tx: &Transaction<'_>, c: &Condition) -> Result<bool, Step> {
     Ok(match c {
         Condition::ClientAbsent(id) => {
             guard_absent(tx, "client", &[id.as_bytes()]).await?;
-            tx.query_opt("SELECT 1 FROM clients WHERE id = $1", &[&id.as_bytes()])
+            query_opt(tx, "SELECT 1 FROM clients WHERE id = $1", &[&id.as_bytes()])
                 .await?
                 .is_none()
         }
-        Condition::ClientActive(id) => tx
-            .query_opt(
-                "SELECT 1 FROM clients WHERE id = $1 AND deleted_ms IS NULL FOR SHARE",
-                &[&id.as_bytes()],
-            )
-            .await?
-            .is_some(),
-        Condition::ClientKeyIs { client, key } => tx
-            .query_opt(
-                "SELECT 1 FROM clients WHERE id = $1 AND deleted_ms IS NULL \
+        Condition::ClientActive(id) => query_opt(
+            tx,
+            "SELECT 1 FROM clients WHERE id = $1 AND deleted_ms IS NULL FOR SHARE",
+            &[&id.as_bytes()],
+        )
+        .await?
+        .is_some(),
+        Condition::ClientKeyIs { client, key } => query_opt(
+            tx,
+            "SELECT 1 FROM clients WHERE id = $1 AND deleted_ms IS NULL \
                  AND signature_key = $2 FOR SHARE",
-                &[&client.as_bytes(), key],
-            )
-            .await?
-            .is_some(),
+            &[&client.as_bytes(), key],
+        )
+        .await?
+        .is_some(),
         Condition::GroupAbsent(id) => {
             guard_absent(tx, "group", &[id.as_bytes()]).await?;
-            tx.query_opt("SELECT 1 FROM groups WHERE id = $1", &[&id.as_bytes()])
+            query_opt(tx, "SELECT 1 FROM groups WHERE id = $1", &[&id.as_bytes()])
                 .await?
                 .is_none()
         }
-        Condition::GroupPresent(id) => tx
-            .query_opt(
-                "SELECT 1 FROM groups WHERE id = $1 FOR KEY SHARE",
-                &[&id.as_bytes()],
-            )
-            .await?
-            .is_some(),
-        Condition::GroupAt { group, revision } => tx
-            .query_opt(
-                "SELECT revision FROM groups WHERE id = $1 FOR NO KEY UPDATE",
-                &[&group.as_bytes()],
-            )
-            .await?
-            .is_some_and(|row| row.try_get::<_, i64>(0).ok() == Some(big(*revision))),
-        Condition::KeyPackageUnclaimed { owner, kp_ref } => tx
-            .query_opt(
-                "SELECT 1 FROM key_packages WHERE owner = $1 AND kp_ref = $2 FOR UPDATE",
-                &[&owner.as_bytes(), kp_ref],
-            )
-            .await?
-            .is_some(),
+        Condition::GroupPresent(id) => query_opt(
+            tx,
+            "SELECT 1 FROM groups WHERE id = $1 FOR KEY SHARE",
+            &[&id.as_bytes()],
+        )
+        .await?
+        .is_some(),
+        Condition::GroupAt { group, revision } => query_opt(
+            tx,
+            "SELECT revision FROM groups WHERE id = $1 FOR NO KEY UPDATE",
+            &[&group.as_bytes()],
+        )
+        .await?
+        .is_some_and(|row| row.try_get::<_, i64>(0).ok() == Some(big(*revision))),
+        Condition::KeyPackageUnclaimed { owner, kp_ref } => query_opt(
+            tx,
+            "SELECT 1 FROM key_packages WHERE owner = $1 AND kp_ref = $2 FOR UPDATE",
+            &[&owner.as_bytes(), kp_ref],
+        )
+        .await?
+        .is_some(),
         Condition::LastResortAt {
             owner,
             kp_ref,
             claims,
-        } => tx
-            .query_opt(
-                "SELECT 1 FROM last_resorts WHERE owner = $1 AND kp_ref = $2 AND claims = $3 \
+        } => query_opt(
+            tx,
+            "SELECT 1 FROM last_resorts WHERE owner = $1 AND kp_ref = $2 AND claims = $3 \
                  FOR UPDATE",
-                &[&owner.as_bytes(), kp_ref, &big(*claims)],
-            )
-            .await?
-            .is_some(),
-        Condition::InviteAt { code, uses_left } => tx
-            .query_opt(
-                "SELECT 1 FROM invites WHERE code = $1 AND uses_left = $2 FOR UPDATE",
-                &[code, &int(*uses_left)],
-            )
-            .await?
-            .is_some(),
+            &[&owner.as_bytes(), kp_ref, &big(*claims)],
+        )
+        .await?
+        .is_some(),
+        Condition::InviteAt { code, uses_left } => query_opt(
+            tx,
+            "SELECT 1 FROM invites WHERE code = $1 AND uses_left = $2 FOR UPDATE",
+            &[code, &int(*uses_left)],
+        )
+        .await?
+        .is_some(),
         Condition::SendNew(key) => {
             let parts = send_parts(key);
             guard_absent(tx, "send", &[&parts[0], &parts[1], &parts[2]]).await?;
-            tx.query_opt(
+            query_opt(
+                tx,
                 "SELECT 1 FROM send_receipts WHERE sender = $1 AND created_ms = $2 AND nonce = $3",
                 &[
                     &key.sender.as_bytes(),
@@ -281,13 +326,15 @@ async fn holds(tx: &Transaction<'_>, c: &Condition) -> Result<bool, Step> {
         }
         Condition::UsageAt { client, usage } => {
             // Absent counts as the default: make the row exist to lock it.
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO usage (client, groups_created) VALUES ($1, 0) \
                  ON CONFLICT (client) DO NOTHING",
                 &[&client.as_bytes()],
             )
             .await?;
-            tx.query_opt(
+            query_opt(
+                tx,
                 "SELECT 1 FROM usage WHERE client = $1 AND groups_created = $2 FOR UPDATE",
                 &[&client.as_bytes(), &int(usage.groups_created)],
             )
@@ -310,30 +357,31 @@ fn send_parts(key: &SendKey) -> [Vec<u8>; 3] {
 async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
     match change {
         Change::PutClient { id, record } => {
-            let replaced: bool = tx
-                .query_one(
-                    "INSERT INTO clients (id, signature_scheme, signature_key, registered_ms, \
+            let replaced: bool = query_one(
+                tx,
+                "INSERT INTO clients (id, signature_scheme, signature_key, registered_ms, \
                  deleted_ms, recovery_hash) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (id) DO UPDATE SET signature_scheme = EXCLUDED.signature_scheme, \
                  signature_key = EXCLUDED.signature_key, registered_ms = EXCLUDED.registered_ms, \
                  deleted_ms = EXCLUDED.deleted_ms, recovery_hash = EXCLUDED.recovery_hash \
                  RETURNING xmax::text <> '0' AS replaced",
-                    &[
-                        &id.as_bytes(),
-                        &i32::from(record.signature_scheme),
-                        &record.signature_key,
-                        &big(record.registered_ms),
-                        &record.deleted_ms.map(big),
-                        &record.recovery_hash,
-                    ],
-                )
-                .await?
-                .try_get("replaced")?;
+                &[
+                    &id.as_bytes(),
+                    &i32::from(record.signature_scheme),
+                    &record.signature_key,
+                    &big(record.registered_ms),
+                    &record.deleted_ms.map(big),
+                    &record.recovery_hash,
+                ],
+            )
+            .await?
+            .try_get("replaced")?;
             if replaced {
                 // A recovery: sessions opened with the old key end everywhere.
                 announce_credentials(tx, id).await?;
             }
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO queues (client) VALUES ($1) ON CONFLICT (client) DO NOTHING",
                 &[&id.as_bytes()],
             )
@@ -342,7 +390,8 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
         Change::DeleteClient { id, tombstone } => {
             announce_credentials(tx, id).await?;
             let id = id.as_bytes();
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE clients SET deleted_ms = $2, recovery_hash = $3 WHERE id = $1",
                 &[
                     &id,
@@ -351,22 +400,21 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
                 ],
             )
             .await?;
-            tx.execute("DELETE FROM key_packages WHERE owner = $1", &[&id])
-                .await?;
-            tx.execute("DELETE FROM last_resorts WHERE owner = $1", &[&id])
-                .await?;
-            tx.execute(
+            exec(tx, "DELETE FROM key_packages WHERE owner = $1", &[&id]).await?;
+            exec(tx, "DELETE FROM last_resorts WHERE owner = $1", &[&id]).await?;
+            exec(
+                tx,
                 "UPDATE queues SET closed = true, acked = head WHERE client = $1",
                 &[&id],
             )
             .await?;
             // The messages this leaves without entries go at the next full
             // sweep (a client's deletion is rare).
-            tx.execute("DELETE FROM queue_entries WHERE client = $1", &[&id])
-                .await?;
+            exec(tx, "DELETE FROM queue_entries WHERE client = $1", &[&id]).await?;
         }
         Change::PutKeyPackage { owner, record } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO key_packages (owner, kp_ref, message, not_after, claims) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, kp_ref) DO UPDATE SET \
                  message = EXCLUDED.message, not_after = EXCLUDED.not_after, \
@@ -382,7 +430,8 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::PutLastResort { owner, record } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO last_resorts (owner, kp_ref, message, not_after, claims) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner) DO UPDATE SET \
                  kp_ref = EXCLUDED.kp_ref, message = EXCLUDED.message, \
@@ -398,14 +447,16 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::RemoveKeyPackage { owner, kp_ref } => {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM key_packages WHERE owner = $1 AND kp_ref = $2",
                 &[&owner.as_bytes(), kp_ref],
             )
             .await?;
         }
         Change::PutKeyPackageOwner { kp_ref, owner } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO key_package_owners (kp_ref, owner) VALUES ($1, $2) \
                  ON CONFLICT (kp_ref) DO UPDATE SET owner = EXCLUDED.owner",
                 &[kp_ref, &owner.as_bytes()],
@@ -414,18 +465,19 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
         }
         Change::DeleteGroup { id } => {
             // Its state and commit records go with it (ON DELETE CASCADE).
-            tx.execute("DELETE FROM groups WHERE id = $1", &[&id.as_bytes()])
-                .await?;
+            exec(tx, "DELETE FROM groups WHERE id = $1", &[&id.as_bytes()]).await?;
         }
         Change::RemoveCommit { group, epoch } => {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM commits WHERE group_id = $1 AND epoch = $2",
                 &[&group.as_bytes(), &big(*epoch)],
             )
             .await?;
         }
         Change::PutGroup { id, record } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO groups (id, epoch, revision, open, members, creator, created_ms) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
                  epoch = EXCLUDED.epoch, revision = EXCLUDED.revision, open = EXCLUDED.open, \
@@ -447,7 +499,8 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             let pg = &state.public_group;
             let refs: Vec<&[u8]> = pg.proposals.iter().map(|p| &p.reference[..]).collect();
             let proposals: Vec<&[u8]> = pg.proposals.iter().map(|p| &p.proposal[..]).collect();
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO group_states (id, group_info, tree, context, \
                  interim_transcript_hash, confirmation_tag, proposal_refs, proposals) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET \
@@ -474,7 +527,8 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             epoch,
             record,
         } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO commits (group_id, epoch, commit_hash, committer, new_epoch, \
                  recipients, accepted_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
                  ON CONFLICT (group_id, epoch) DO UPDATE SET commit_hash = EXCLUDED.commit_hash, \
@@ -493,7 +547,8 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::PutInvite { code, record } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO invites (code, uses_left, expires_ms, created_ms) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (code) DO UPDATE SET \
                  uses_left = EXCLUDED.uses_left, expires_ms = EXCLUDED.expires_ms, \
@@ -508,11 +563,11 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::RemoveInvite { code } => {
-            tx.execute("DELETE FROM invites WHERE code = $1", &[code])
-                .await?;
+            exec(tx, "DELETE FROM invites WHERE code = $1", &[code]).await?;
         }
         Change::PutUsage { client, usage } => {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO usage (client, groups_created) VALUES ($1, $2) \
                  ON CONFLICT (client) DO UPDATE SET groups_created = EXCLUDED.groups_created",
                 &[&client.as_bytes(), &int(usage.groups_created)],
@@ -520,7 +575,8 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::RemoveSendReceipt(key) => {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM send_receipts WHERE sender = $1 AND created_ms = $2 AND nonce = $3",
                 &[
                     &key.sender.as_bytes(),
@@ -531,12 +587,14 @@ async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
             .await?;
         }
         Change::RemoveKeyPackagesOf { owner } => {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM key_packages WHERE owner = $1",
                 &[&owner.as_bytes()],
             )
             .await?;
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM last_resorts WHERE owner = $1",
                 &[&owner.as_bytes()],
             )
@@ -573,13 +631,13 @@ async fn deliver(
     ids.sort_unstable();
     ids.dedup();
     let mut queues: HashMap<Vec<u8>, QueueRow> = HashMap::with_capacity(ids.len());
-    for row in tx
-        .query(
-            "SELECT client, head, acked, closed FROM queues WHERE client = ANY($1) \
+    for row in query(
+        tx,
+        "SELECT client, head, acked, closed FROM queues WHERE client = ANY($1) \
              ORDER BY client FOR UPDATE",
-            &[&ids],
-        )
-        .await?
+        &[&ids],
+    )
+    .await?
     {
         queues.insert(
             row.try_get("client")?,
@@ -593,25 +651,25 @@ async fn deliver(
     }
     for d in deliveries {
         let m = &d.message;
-        let message_id: i64 = tx
-            .query_one(
-                "INSERT INTO messages (kind, group_id, epoch, sender, message, stored_ms, \
+        let message_id: i64 = query_one(
+            tx,
+            "INSERT INTO messages (kind, group_id, epoch, sender, message, stored_ms, \
                  send_created_ms, send_nonce, ratchet_tree) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-                &[
-                    &i16::from(m.kind),
-                    &m.group_id,
-                    &big(m.epoch),
-                    &m.sender,
-                    &m.message,
-                    &big(m.stored_ms),
-                    &m.send.map(|s| big(s.created_ms)),
-                    &m.send.map(|s| bits(s.nonce)),
-                    &m.ratchet_tree,
-                ],
-            )
-            .await?
-            .try_get(0)?;
+            &[
+                &i16::from(m.kind),
+                &m.group_id,
+                &big(m.epoch),
+                &m.sender,
+                &m.message,
+                &big(m.stored_ms),
+                &m.send.map(|s| big(s.created_ms)),
+                &m.send.map(|s| bits(s.nonce)),
+                &m.ratchet_tree,
+            ],
+        )
+        .await?
+        .try_get(0)?;
         let mut clients: Vec<&[u8]> = Vec::with_capacity(d.recipients.len());
         let mut seqs: Vec<i64> = Vec::with_capacity(d.recipients.len());
         for r in &d.recipients {
@@ -623,7 +681,8 @@ async fn deliver(
             }
         }
         if !clients.is_empty() {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO queue_entries (client, seq, message_id) \
                  SELECT c, s, $3 FROM unnest($1::bytea[], $2::bigint[]) AS t(c, s)",
                 &[&clients, &seqs, &message_id],
@@ -635,7 +694,8 @@ async fn deliver(
         }
         let recipients = u32::try_from(clients.len()).unwrap_or(u32::MAX);
         if let Some(key) = &d.receipt {
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO send_receipts (sender, created_ms, nonce, message_id, recipients) \
                  VALUES ($1, $2, $3, $4, $5)",
                 &[
@@ -660,13 +720,13 @@ async fn deliver(
         if max_depth > 0 && q.head - q.acked > max_depth {
             let mark = q.head - max_depth;
             written.dropped += u64::try_from(mark - q.acked).unwrap_or(0);
-            for row in tx
-                .query(
-                    "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
+            for row in query(
+                tx,
+                "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
                      RETURNING message_id",
-                    &[client, &mark],
-                )
-                .await?
+                &[client, &mark],
+            )
+            .await?
             {
                 written.released.push(row.try_get(0)?);
             }
@@ -679,7 +739,8 @@ async fn deliver(
             written.grown.push((id, u64::try_from(q.head).unwrap_or(0)));
         }
     }
-    tx.execute(
+    exec(
+        tx,
         "UPDATE queues SET head = t.h, acked = t.a \
          FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS t(c, h, a) \
          WHERE queues.client = t.c",
@@ -702,21 +763,27 @@ pub(crate) async fn announce(tx: &Transaction<'_>, grown: &[(ClientId, u64)]) ->
         payload.push(':');
         payload.push_str(&head.to_string());
         if payload.len() >= MAX_PAYLOAD {
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-                .await?;
+            exec(tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await?;
             payload.clear();
         }
     }
     if !payload.is_empty() {
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-            .await?;
+        exec(tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await?;
     }
     Ok(())
 }
 
-/// `NOTIFY` every node that `client`'s sessions must end (at commit).
+/// End `client`'s sessions: deleted from the table, and every node told
+/// (`NOTIFY`, delivered at commit) to drop what it holds.
 async fn announce_credentials(tx: &Transaction<'_>, client: &ClientId) -> Result<(), Step> {
-    tx.execute(
+    exec(
+        tx,
+        "DELETE FROM sessions WHERE client = $1",
+        &[&client.as_bytes()],
+    )
+    .await?;
+    exec(
+        tx,
         "SELECT pg_notify($1, $2)",
         &[&CREDENTIALS, &hex::encode(client.as_bytes())],
     )

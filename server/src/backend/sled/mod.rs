@@ -42,7 +42,7 @@ use super::committing::{committing, Committing};
 use super::group_locks::GroupLocks;
 use super::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, InviteRecord,
-    KeyPackageRecord, SendKey, SendReceipt,
+    KeyPackageRecord, SendKey, SendReceipt, SharedSession,
 };
 use super::write_set::{AckOutcome, Applied, WriteSet};
 use super::{
@@ -361,6 +361,18 @@ impl Backend for SledBackend {
             .layout
             .get(self.layout.trees.usage, client.as_bytes())?
             .unwrap_or_default())
+    }
+
+    async fn share_session(&self, _: &SharedSession, _: &[u8]) -> Result<bool, StoreError> {
+        // One process per data directory: its own table is every table.
+        Ok(true)
+    }
+
+    async fn shared_session(
+        &self,
+        _: &[u8; mls_ds_protocol::auth::SESSION_ID_LEN],
+    ) -> Result<Option<SharedSession>, StoreError> {
+        Ok(None)
     }
 
     async fn lock_group(&self, id: &GroupId) -> OwnedMutexGuard<()> {
