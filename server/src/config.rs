@@ -121,6 +121,18 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         older_than_days: u64,
     },
+    /// Copy everything in the (stopped) data directory `--from` into the
+    /// empty PostgreSQL database `--to`, in one transaction: queues keep
+    /// their sequence numbers and acknowledgement marks, key packages,
+    /// groups, commits, invitations and remembered sends come along.
+    Migrate {
+        /// The sled data directory (no server may hold it).
+        #[arg(long)]
+        from: PathBuf,
+        /// The database's URL (`postgres://...`); its schema is created.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// `mls-ds invite ...`

@@ -26,6 +26,7 @@ mod embedded;
 mod fd_limit;
 mod http;
 mod metrics;
+pub mod migrate;
 mod push;
 mod rate_limit;
 mod recovery;

@@ -77,6 +77,15 @@ fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Group(GroupCommand::List) => AdminCommand::GroupList,
         Command::Group(GroupCommand::Delete { id }) => AdminCommand::GroupDelete(id),
         Command::PruneCommits { older_than_days } => AdminCommand::PruneCommits(older_than_days),
+        Command::Migrate { from, to } => {
+            let output = mls_ds_server::migrate::run(&from, &to, &limits)?;
+            print!("{}", output.text);
+            return Ok(if output.failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
     };
     let output = admin::run(&storage, &limits, admin_command)?;
     print!("{}", output.text);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mls_ds_client::SendId;
 use mls_ds_tests::postgres::cluster;
-use mls_ds_tests::raw::RawMember;
+use mls_ds_tests::raw::{try_raw_request, RawMember};
 use mls_ds_tests::Server;
 
 fn send_id() -> SendId {
@@ -85,6 +85,14 @@ async fn the_database_restarted_under_load_loses_nothing_acknowledged() {
         restart
     );
     eprintln!("attempts refused while the database restarted: {failed_a} + {failed_b}");
+    // Both nodes report themselves healthy again on their own.
+    for node in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while try_raw_request(&node.url(), "GET", "/healthz").await != Ok(200) {
+            assert!(Instant::now() < deadline, "a node stayed unhealthy");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     let got: Vec<String> = carol
         .sync()

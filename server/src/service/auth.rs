@@ -3,9 +3,13 @@
 //! keeps sessions and the replay state (nonce cache, per-session counter
 //! windows).
 //!
-//! Sessions live in memory only: after a restart clients get 401 and open a
-//! new session with a signature. Losing them loses no data, and a captured
-//! request cannot be replayed into a fresh server because its session is gone.
+//! Sessions live in this process's memory: after a restart clients get 401
+//! and open a new session with a signature. Losing them loses no data, and a
+//! captured request cannot be replayed into a fresh server because its
+//! session is gone. A backend shared by several processes also keeps them
+//! (the services store each new one and take in one they do not know,
+//! `clients.rs`); this table is then that process's view, with its own
+//! counter windows.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};

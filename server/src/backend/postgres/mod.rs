@@ -18,6 +18,7 @@
 
 mod admin;
 mod connect;
+pub(crate) mod import;
 mod notify;
 mod queues;
 mod reads;
@@ -544,7 +545,7 @@ impl Backend for PgBackend {
             text: format!(
                 "not written to {}: on PostgreSQL, back up the database with its own tools: \
                  pg_dump (a consistent logical copy of one database) or pg_basebackup with WAL \
-                 archiving (physical, point-in-time recovery); see docs/OPERATIONS.md\n",
+                 archiving (physical, point-in-time recovery); see the README, \"Scaling out\"\n",
                 target.display()
             ),
             failed: true,

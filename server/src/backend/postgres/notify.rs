@@ -131,7 +131,7 @@ impl Wakeups {
 
 /// Listen until `wakeups` is closed, reconnecting with a growing pause.
 pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
-    let mut pause = Duration::from_millis(100);
+    let pause = Duration::from_millis(100);
     let mut listened = false;
     while !wakeups.is_closed() {
         match connector.connect().await {
@@ -141,7 +141,6 @@ pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
                     .await
                 {
                     Ok(()) => {
-                        pause = Duration::from_millis(100);
                         // Whatever was queued while not listening.
                         wakeups.wake_all();
                         if listened {
@@ -181,7 +180,9 @@ pub(crate) async fn listen(connector: Connector, wakeups: Arc<Wakeups>) {
                 tracing::warn!(error = %e, "cannot open the notification connection");
             }
         }
+        // A short fixed pause: this node reports itself unhealthy until the
+        // connection is back, so it should not wait long after the
+        // database is.
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }

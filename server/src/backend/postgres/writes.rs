@@ -25,7 +25,7 @@ use tokio_postgres::Row;
 
 use super::rows::{big, bits, int};
 use super::{connect::db, Inner};
-use crate::backend::records::SendKey;
+use crate::backend::records::{SendKey, StoredMessage};
 use crate::backend::write_set::{Applied, Change, Condition, Delivery, DeliveryOutcome, WriteSet};
 use crate::backend::StoreError;
 
@@ -354,7 +354,7 @@ fn send_parts(key: &SendKey) -> [Vec<u8>; 3] {
 }
 
 /// One change's statements.
-async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
+pub(crate) async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), Step> {
     match change {
         Change::PutClient { id, record } => {
             let replaced: bool = query_one(
@@ -651,25 +651,7 @@ async fn deliver(
     }
     for d in deliveries {
         let m = &d.message;
-        let message_id: i64 = query_one(
-            tx,
-            "INSERT INTO messages (kind, group_id, epoch, sender, message, stored_ms, \
-                 send_created_ms, send_nonce, ratchet_tree) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-            &[
-                &i16::from(m.kind),
-                &m.group_id,
-                &big(m.epoch),
-                &m.sender,
-                &m.message,
-                &big(m.stored_ms),
-                &m.send.map(|s| big(s.created_ms)),
-                &m.send.map(|s| bits(s.nonce)),
-                &m.ratchet_tree,
-            ],
-        )
-        .await?
-        .try_get(0)?;
+        let message_id = insert_message(tx, m).await?;
         let mut clients: Vec<&[u8]> = Vec::with_capacity(d.recipients.len());
         let mut seqs: Vec<i64> = Vec::with_capacity(d.recipients.len());
         for r in &d.recipients {
@@ -789,4 +771,27 @@ async fn announce_credentials(tx: &Transaction<'_>, client: &ClientId) -> Result
     )
     .await?;
     Ok(())
+}
+
+/// Store a message once; its new id.
+pub(crate) async fn insert_message(tx: &Transaction<'_>, m: &StoredMessage) -> Result<i64, Step> {
+    Ok(query_one(
+        tx,
+        "INSERT INTO messages (kind, group_id, epoch, sender, message, stored_ms, \
+         send_created_ms, send_nonce, ratchet_tree) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        &[
+            &i16::from(m.kind),
+            &m.group_id,
+            &big(m.epoch),
+            &m.sender,
+            &m.message,
+            &big(m.stored_ms),
+            &m.send.map(|s| big(s.created_ms)),
+            &m.send.map(|s| bits(s.nonce)),
+            &m.ratchet_tree,
+        ],
+    )
+    .await?
+    .try_get(0)?)
 }

@@ -70,6 +70,25 @@ pub(crate) struct SledBackend {
 }
 
 impl SledBackend {
+    /// Every claimed key package's publisher (`mls-ds migrate`).
+    pub(crate) fn key_package_owners(&self) -> Result<Vec<(Vec<u8>, ClientId)>, StoreError> {
+        let tree = self.layout.trees.kp_owners;
+        self.layout
+            .storage
+            .scan_raw(tree.handle, b"")?
+            .into_iter()
+            .map(|(kp_ref, owner)| {
+                let owner = ClientId::new(&owner).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "owner of key package {}: {e}",
+                        hex::encode(&kp_ref)
+                    ))
+                })?;
+                Ok((kp_ref, owner))
+            })
+            .collect()
+    }
+
     /// Open the data directory: check the layout, rebuild the queue index
     /// (deleting messages every recipient acknowledged before a crash could
     /// remove them), start the write path.
