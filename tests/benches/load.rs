@@ -203,6 +203,7 @@ async fn registrations(url: &str, pid: u32) {
             .collect(),
     );
     let cpu0 = server_cpu(pid);
+    let db0 = database_cpu();
     let m = members.clone();
     let (lat, wall) = run_concurrently(url, n, move |mut wire, i| {
         let m = m.clone();
@@ -218,13 +219,15 @@ async fn registrations(url: &str, pid: u32) {
     })
     .await;
     let cpu = server_cpu(pid) - cpu0;
+    let db = database_cpu() - db0;
     println!(
-        "registrations: {n} in {:.2}s = {:.0}/s; p50 {:.2} ms p99 {:.2} ms; server CPU {:.0} us/request",
+        "registrations: {n} in {:.2}s = {:.0}/s; p50 {:.2} ms p99 {:.2} ms; server CPU {:.0} us/request{}",
         wall.as_secs_f64(),
         n as f64 / wall.as_secs_f64(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
-        cpu / n as f64 * 1e6
+        cpu / n as f64 * 1e6,
+        of_which_database(db, n)
     );
 }
 
@@ -277,6 +280,7 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
         wires.push(Wire::open(node_url(wires.len(), url)).await);
     }
     let cpu0 = server_cpu(pid);
+    let db0 = database_cpu();
     let own0 = cpu_seconds(std::process::id());
     let start = Instant::now();
     let mut drains = Vec::new();
@@ -318,6 +322,7 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
     }
     let total = start.elapsed();
     let cpu = server_cpu(pid) - cpu0;
+    let db = database_cpu() - db0;
     let own = cpu_seconds(std::process::id()) - own0;
     let mut flat = std::mem::take(&mut *fetch_lat.lock().await);
     flat.sort();
@@ -326,7 +331,7 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
     println!(
         "G={size}: {messages} sends in {:.2}s = {:.0} sends/s (send p50 {:.2} ms, p99 {:.2} ms); \
          {} deliveries in {:.2}s = {:.0} deliveries/s (fetch p50 {:.2} ms, p99 {:.2} ms); \
-         server CPU {:.0} us/request over {requests} requests (load generator {:.0} us/request)",
+         server CPU {:.0} us/request{} over {requests} requests (load generator {:.0} us/request)",
         send_wall.as_secs_f64(),
         messages as f64 / send_wall.as_secs_f64(),
         percentile(&send_lat, 0.5),
@@ -337,6 +342,7 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
         percentile(&flat, 0.5),
         percentile(&flat, 0.99),
         cpu / requests as f64 * 1e6,
+        of_which_database(db, requests),
         own / requests as f64 * 1e6,
     );
 }
@@ -560,14 +566,25 @@ fn node_url(n: usize, fallback: &str) -> &str {
 fn server_cpu(pid: u32) -> f64 {
     match TARGET.get() {
         Some(t) if !t.pids.is_empty() => {
-            let nodes: f64 = t.pids.iter().map(|p| cpu_seconds(*p)).sum();
-            let database = match (t.database, postgres::cluster()) {
-                (true, Some(c)) => c.cpu_seconds(),
-                _ => 0.0,
-            };
-            nodes + database
+            t.pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + database_cpu()
         }
         _ => cpu_seconds(pid),
+    }
+}
+
+/// The database's part of [`server_cpu`] (0 on sled).
+fn database_cpu() -> f64 {
+    match (TARGET.get(), postgres::cluster_if_started()) {
+        (Some(t), Some(c)) if t.database => c.cpu_seconds(),
+        _ => 0.0,
+    }
+}
+
+/// ", of which the database N us" when there is one.
+fn of_which_database(seconds: f64, requests: usize) -> String {
+    match TARGET.get() {
+        Some(t) if t.database => format!(" (database {:.0} us)", seconds / requests as f64 * 1e6),
+        _ => String::new(),
     }
 }
 

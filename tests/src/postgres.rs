@@ -46,10 +46,16 @@ pub struct Cluster {
     next_db: AtomicU64,
 }
 
+static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+
+/// This process's server if [`cluster`] started one (never starts it).
+pub fn cluster_if_started() -> Option<&'static Cluster> {
+    CLUSTER.get().and_then(Option::as_ref)
+}
+
 /// This process's server, started on first use; `None` (with the reason
 /// printed once) if no PostgreSQL server binaries are installed.
 pub fn cluster() -> Option<&'static Cluster> {
-    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
     CLUSTER
         .get_or_init(|| match bin_dir() {
             Some(bin) => Some(Cluster::start(bin)),

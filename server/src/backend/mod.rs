@@ -1,6 +1,7 @@
 //! The seam between the DS's core and its storage: the [`Backend`] trait,
-//! the records and write sets that cross it, and its first implementation,
-//! [`sled`] (the embedded default).
+//! the records and write sets that cross it, and its two implementations,
+//! [`sled`] (the embedded default) and [`postgres`] (one database that any
+//! number of DS processes share).
 //!
 //! The core never names a storage engine. It reads typed records, submits
 //! [`WriteSet`]s and awaits their durability, reads queue pages and waits on
