@@ -322,6 +322,26 @@ pub(crate) struct AdminReport {
     pub(crate) failed: bool,
 }
 
+impl AdminReport {
+    /// `check`'s report: what was checked, each problem, OK or FAILED.
+    pub(crate) fn of_check(checked: String, problems: &[String]) -> AdminReport {
+        use std::fmt::Write as _;
+        let mut text = checked;
+        for p in problems {
+            let _ = writeln!(text, "PROBLEM: {p}");
+        }
+        let _ = writeln!(
+            text,
+            "{}",
+            if problems.is_empty() { "OK" } else { "FAILED" }
+        );
+        AdminReport {
+            text,
+            failed: !problems.is_empty(),
+        }
+    }
+}
+
 /// Gauges and counters a backend exports.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct BackendStats {

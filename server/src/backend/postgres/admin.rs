@@ -101,22 +101,11 @@ impl Inner {
             problems.extend(group_check::problems(&id, &record, state));
         }
         let counts = self.counts().await?;
-        let mut text = format!(
+        let checked = format!(
             "checked {} clients, {} key packages, {} groups, {} queue entries, {} stored messages\n",
             counts.clients, counts.key_packages, counts.groups, counts.entries, counts.messages
         );
-        for p in &problems {
-            let _ = writeln!(text, "PROBLEM: {p}");
-        }
-        let _ = writeln!(
-            text,
-            "{}",
-            if problems.is_empty() { "OK" } else { "FAILED" }
-        );
-        Ok(AdminReport {
-            text,
-            failed: !problems.is_empty(),
-        })
+        Ok(AdminReport::of_check(checked, &problems))
     }
 
     /// `mls-ds stats`.

@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use mls_ds_protocol::ClientId;
 use sha2::{Digest, Sha256};
 
-use super::rows::{big, bits, int};
-use super::writes::{exec, insert_message, query_one, stage, transact, Step, Written};
+use super::rows::big;
+use super::writes::{
+    exec, insert_message, insert_receipt, query_one, stage, transact, Step, Written,
+};
 use super::{Inner, PgBackend};
 use crate::backend::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord,
@@ -193,19 +195,7 @@ impl Inner {
             for (key, receipt) in &snap.receipts {
                 // The receipt is the answer a retry gets: kept as it was
                 // given, message id included.
-                exec(
-                    tx,
-                    "INSERT INTO send_receipts (sender, created_ms, nonce, message_id, recipients) \
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[
-                        &key.sender.as_bytes(),
-                        &big(key.id.created_ms),
-                        &bits(key.id.nonce),
-                        &big(receipt.message_id),
-                        &int(receipt.recipients),
-                    ],
-                )
-                .await?;
+                insert_receipt(tx, key, big(receipt.message_id), receipt.recipients).await?;
             }
             imported.clients = snap.clients.len();
             imported.groups = snap.groups.len();

@@ -21,6 +21,32 @@ use crate::backend::page::PageEntry;
 use crate::backend::write_set::AckOutcome;
 use crate::backend::{Page, StoreError};
 
+/// Move `client`'s mark to `mark` (its queue row locked by the caller) and
+/// remove the entries up to it; their messages, as sweep candidates.
+async fn acknowledge(
+    tx: &deadpool_postgres::Transaction<'_>,
+    client: &[u8],
+    mark: i64,
+) -> Result<Vec<i64>, Step> {
+    let mut released = Vec::new();
+    for row in query(
+        tx,
+        "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 RETURNING message_id",
+        &[&client, &mark],
+    )
+    .await?
+    {
+        released.push(row.try_get(0)?);
+    }
+    exec(
+        tx,
+        "UPDATE queues SET acked = $2 WHERE client = $1",
+        &[&client, &mark],
+    )
+    .await?;
+    Ok(released)
+}
+
 /// Messages a full sweep checks per statement.
 const SWEEP_RANGE: i64 = 10_000;
 
@@ -116,22 +142,7 @@ impl Inner {
             });
             let mark = big(up_to);
             if mark > acked {
-                for row in query(
-                    tx,
-                    "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
-                         RETURNING message_id",
-                    &[&id, &mark],
-                )
-                .await?
-                {
-                    written.released.push(row.try_get(0)?);
-                }
-                exec(
-                    tx,
-                    "UPDATE queues SET acked = $2 WHERE client = $1",
-                    &[&id, &mark],
-                )
-                .await?;
+                written.released = acknowledge(tx, id, mark).await?;
                 written.value = AckOutcome {
                     acked: up_to,
                     remaining: head_u - up_to,
@@ -183,23 +194,8 @@ impl Inner {
                 let mark = first_young.map_or(head, |s| s - 1);
                 let mut written = Written::answer(0usize);
                 if mark > acked {
-                    for row in query(
-                        tx,
-                        "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
-                                 RETURNING message_id",
-                        &[&client, &mark],
-                    )
-                    .await?
-                    {
-                        written.released.push(row.try_get(0)?);
-                    }
+                    written.released = acknowledge(tx, &client, mark).await?;
                     written.value = written.released.len();
-                    exec(
-                        tx,
-                        "UPDATE queues SET acked = $2 WHERE client = $1",
-                        &[&client, &mark],
-                    )
-                    .await?;
                 }
                 Ok(written)
             })?;

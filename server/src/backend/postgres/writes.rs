@@ -676,19 +676,7 @@ async fn deliver(
         }
         let recipients = u32::try_from(clients.len()).unwrap_or(u32::MAX);
         if let Some(key) = &d.receipt {
-            exec(
-                tx,
-                "INSERT INTO send_receipts (sender, created_ms, nonce, message_id, recipients) \
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &key.sender.as_bytes(),
-                    &big(key.id.created_ms),
-                    &bits(key.id.nonce),
-                    &message_id,
-                    &int(recipients),
-                ],
-            )
-            .await?;
+            insert_receipt(tx, key, message_id, recipients).await?;
         }
         written.value.deliveries.push(DeliveryOutcome {
             message_id: u64::try_from(message_id)
@@ -794,4 +782,27 @@ pub(crate) async fn insert_message(tx: &Transaction<'_>, m: &StoredMessage) -> R
     )
     .await?
     .try_get(0)?)
+}
+
+/// Remember the answer a send got.
+pub(crate) async fn insert_receipt(
+    tx: &Transaction<'_>,
+    key: &SendKey,
+    message_id: i64,
+    recipients: u32,
+) -> Result<(), Step> {
+    exec(
+        tx,
+        "INSERT INTO send_receipts (sender, created_ms, nonce, message_id, recipients) \
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &key.sender.as_bytes(),
+            &big(key.id.created_ms),
+            &bits(key.id.nonce),
+            &message_id,
+            &int(recipients),
+        ],
+    )
+    .await?;
+    Ok(())
 }

@@ -102,24 +102,13 @@ pub(crate) fn check(layout: &Layout) -> Result<AdminReport, StoreError> {
     }
     let queues = queue_startup::verify(layout);
     problems.extend(queues.problems);
-    let mut text = format!(
+    let checked = format!(
         "checked {clients} clients, {key_packages} key packages, {} groups, {} queue entries, {} stored messages\n",
         groups.len(),
         queues.entries,
         queues.messages
     );
-    for p in &problems {
-        let _ = writeln!(text, "PROBLEM: {p}");
-    }
-    let _ = writeln!(
-        text,
-        "{}",
-        if problems.is_empty() { "OK" } else { "FAILED" }
-    );
-    Ok(AdminReport {
-        text,
-        failed: !problems.is_empty(),
-    })
+    Ok(AdminReport::of_check(checked, &problems))
 }
 
 /// `mls-ds stats`.
