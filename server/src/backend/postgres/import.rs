@@ -10,10 +10,10 @@ use std::collections::HashMap;
 use mls_ds_protocol::ClientId;
 use sha2::{Digest, Sha256};
 
+use super::changes::stage;
+use super::deliveries::{insert_message, insert_receipt};
 use super::rows::big;
-use super::writes::{
-    exec, insert_message, insert_receipt, query_one, stage, transact, Step, Written,
-};
+use super::writes::{exec, query_one, transact, Step, Written};
 use super::{Inner, PgBackend};
 use crate::backend::records::{
     ClientRecord, ClientUsage, CommitRecord, GroupId, GroupRecord, GroupState, KeyPackageRecord,

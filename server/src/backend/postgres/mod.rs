@@ -3,11 +3,14 @@
 //!
 //! - [`connect`]: connection settings, TLS, the pool, migrations;
 //! - [`rows`]: records as rows;
-//! - [`writes`]: write sets as transactions (conditions, changes,
-//!   deliveries), retried when they lose a race;
+//! - [`writes`]: write sets as transactions, retried when they lose a race;
+//!   their [`conditions`], [`changes`] and [`deliveries`];
 //! - [`queues`]: pages, acknowledgements, retention, the message sweep;
 //! - [`notify`]: wake-ups across nodes (`LISTEN`/`NOTIFY`);
-//! - [`admin`]: `check`, `stats`, space, `VACUUM`.
+//! - [`admin`]: `check`, `stats`, space, `VACUUM`; [`import`]: `mls-ds
+//!   migrate`'s writing half;
+//! - [`counting`], [`sweeper`]: what this process counts, and its
+//!   background task.
 //!
 //! Nothing a guarantee depends on lives in this process: the one commit
 //! per epoch, the single claim of a key package, gap-free queues and sends
@@ -17,25 +20,29 @@
 //! work, the wake-up handles, and the counters for `/metrics`.
 
 mod admin;
+mod changes;
+mod conditions;
 mod connect;
+mod counting;
+mod deliveries;
 pub(crate) mod import;
 mod notify;
 mod queues;
 mod reads;
 mod rows;
+mod sweeper;
 mod writes;
 
-use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use mls_ds_protocol::ClientId;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::connect::Connector;
+use self::counting::{Counters, Gauges, InFlight};
 use self::notify::Wakeups;
 use self::writes::Written;
 use super::committing::{committing, CommitReply, Committing};
@@ -61,13 +68,6 @@ pub(crate) struct PgConfig {
     pub(crate) max_queue_depth: u64,
 }
 
-/// How often candidates for deletion are swept, and gauges refreshed.
-const SWEEP_PERIOD: Duration = Duration::from_secs(1);
-/// How often every message is checked for entries.
-const FULL_SWEEP_PERIOD: Duration = Duration::from_secs(3600);
-/// How often the gauges of `/metrics` are read from the database.
-const GAUGE_PERIOD: Duration = Duration::from_secs(10);
-
 /// The backend on one database.
 pub(crate) struct PgBackend {
     inner: Arc<Inner>,
@@ -86,87 +86,6 @@ pub(crate) struct Inner {
     released: Mutex<Vec<i64>>,
     gauges: Mutex<Gauges>,
     closed: AtomicBool,
-}
-
-/// Writes submitted and not yet answered, by ticket, for `settled`.
-#[derive(Default)]
-struct InFlight {
-    next: AtomicU64,
-    pending: Mutex<BTreeSet<u64>>,
-    done: Notify,
-}
-
-impl InFlight {
-    fn start(&self) -> u64 {
-        let ticket = self.next.fetch_add(1, Ordering::SeqCst);
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ticket);
-        ticket
-    }
-
-    fn finish(&self, ticket: u64) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ticket);
-        self.done.notify_waiters();
-    }
-
-    /// Resolves once every ticket below `before` is finished.
-    async fn wait_below(&self, before: u64) {
-        loop {
-            let done = self.done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            let oldest = self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .first()
-                .copied();
-            if oldest.is_none_or(|t| t >= before) {
-                return;
-            }
-            done.await;
-        }
-    }
-}
-
-/// Counters for `/metrics`.
-#[derive(Default)]
-pub(crate) struct Counters {
-    commits: AtomicU64,
-    failures: AtomicU64,
-    overflow_drops: AtomicU64,
-    apply_micros: AtomicU64,
-    commit_micros: AtomicU64,
-}
-
-impl Counters {
-    /// A transaction committed after `applied` of statements and
-    /// `committing` of commit.
-    pub(crate) fn committed(&self, applied: Duration, committing: Duration) {
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.apply_micros
-            .fetch_add(micros(applied), Ordering::Relaxed);
-        self.commit_micros
-            .fetch_add(micros(committing), Ordering::Relaxed);
-    }
-}
-
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// What the gauge task last read.
-#[derive(Clone, Copy, Default)]
-struct Gauges {
-    queue_entries: u64,
-    queue_depth_max: u64,
-    stored_messages: u64,
-    size_on_disk: u64,
 }
 
 impl PgBackend {
@@ -191,7 +110,7 @@ impl PgBackend {
         tracing::info!(database = %connector.describe(), "PostgreSQL backend ready");
         let tasks = vec![
             tokio::spawn(notify::listen(connector, inner.wakeups.clone())),
-            tokio::spawn(sweeper(inner.clone())),
+            tokio::spawn(sweeper::sweeper(inner.clone())),
         ];
         Ok(PgBackend { inner, tasks })
     }
@@ -247,52 +166,6 @@ fn finish<T>(inner: &Inner, result: Result<Written<T>, StoreError>, reply: Commi
                 inner.counters.failures.fetch_add(1, Ordering::Relaxed);
             }
             reply.send(Err(e));
-        }
-    }
-}
-
-/// Sweep released messages every second, all messages every hour, and
-/// refresh the gauges.
-async fn sweeper(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(SWEEP_PERIOD);
-    let mut last_full: Option<tokio::time::Instant> = None;
-    let mut last_gauges = tokio::time::Instant::now();
-    loop {
-        tick.tick().await;
-        if inner.closed.load(Ordering::SeqCst) {
-            return;
-        }
-        if last_full.is_none_or(|t| t.elapsed() >= FULL_SWEEP_PERIOD) {
-            if let Err(e) = inner.forget_expired_sessions().await {
-                tracing::warn!(error = %e, "deleting expired sessions failed");
-            }
-            match inner.sweep_all().await {
-                Ok(n) => {
-                    last_full = Some(tokio::time::Instant::now());
-                    if n > 0 {
-                        tracing::info!(deleted = n, "deleted messages no queue refers to");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "sweeping messages failed"),
-            }
-        }
-        let candidates =
-            std::mem::take(&mut *inner.released.lock().unwrap_or_else(|e| e.into_inner()));
-        if !candidates.is_empty() {
-            if let Err(e) = inner.sweep(candidates.clone()).await {
-                tracing::warn!(error = %e, "sweeping acknowledged messages failed");
-                inner
-                    .released
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(candidates);
-            }
-        }
-        if last_gauges.elapsed() >= GAUGE_PERIOD {
-            last_gauges = tokio::time::Instant::now();
-            if let Err(e) = inner.refresh_gauges().await {
-                tracing::debug!(error = %e, "reading the gauges failed");
-            }
         }
     }
 }
