@@ -218,14 +218,13 @@ fn tls_config() -> Result<rustls::ClientConfig, StoreError> {
 /// unavailability (503, retry); anything else an internal failure that the
 /// log explains.
 pub(crate) fn db(e: tokio_postgres::Error) -> StoreError {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
     let transient = e.is_closed()
-        || match e.code() {
-            None => e.as_db_error().is_none(),
-            Some(code) => {
-                let code = code.code();
-                code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
-            }
-        };
+        || io
+        || e.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+        });
     if transient {
         tracing::warn!(error = %e, "the database is unreachable");
         StoreError::Unavailable("the database is unreachable; retry shortly".into())
