@@ -4,7 +4,13 @@
 //! holds it, and otherwise inside the running server: it listens on the
 //! Unix socket `<data-dir>/admin.sock` (mode 0600: only the server's user,
 //! and root, may connect) for one command line per connection and answers
-//! with the report and a final `EXIT <code>` line.
+//! with the report and a final `EXIT <code>` line. On PostgreSQL
+//! (`--database`) every command runs on the database directly.
+//!
+//! Over 500 lines because the command set, its one-line wire form over the
+//! socket, the three places a command runs (a stopped directory, the
+//! running server, a database) and their shared executor belong together:
+//! split apart, each would need the others' types.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};

@@ -1,4 +1,7 @@
 //! Command line and environment configuration (clap, with `MLS_DS_*` env fallbacks).
+//!
+//! Over 500 lines because each option's doc comment is its `--help` text:
+//! the file is mostly that text, one field per option.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,8 +65,9 @@ impl Cli {
     }
 }
 
-/// Where the DS keeps its state.
-#[derive(Clone, Debug)]
+/// Where the DS keeps its state (its `Debug` leaves the database URL out:
+/// it may hold a password).
+#[derive(Clone)]
 pub enum Storage {
     /// The embedded sled database in this directory.
     Directory(PathBuf),
@@ -74,6 +78,19 @@ pub enum Storage {
         /// Connections per process.
         pool_size: usize,
     },
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Directory(dir) => f.debug_tuple("Directory").field(dir).finish(),
+            Storage::Database { pool_size, .. } => f
+                .debug_struct("Database")
+                .field("url", &"<hidden>")
+                .field("pool_size", pool_size)
+                .finish(),
+        }
+    }
 }
 
 /// Subcommands.

@@ -57,14 +57,15 @@ use super::{
     PoolStats, Space, StaleCommit, StoreError, StoredClient, StoredGroup, StoredInvite,
 };
 
-/// How to reach the database.
-#[derive(Clone, Debug)]
+/// How to reach the database (no `Debug`: the URL may hold a password).
+#[derive(Clone)]
 pub(crate) struct PgConfig {
     /// `postgres://...` or key=value connection string.
     pub(crate) url: String,
     /// Connections in the pool.
     pub(crate) pool_size: usize,
-    /// Most entries a client's queue holds; a full queue drops its oldest.
+    /// Most entries a client's queue holds; a full queue drops its oldest
+    /// (0: no bound, for `mls-ds migrate`, which copies every entry).
     pub(crate) max_queue_depth: u64,
 }
 
