@@ -4,7 +4,8 @@
 //! other, each ordinary package once however the claims race; commits race
 //! across nodes and exactly one per epoch is accepted; a long-poll on one
 //! node wakes when the other queues for it; concurrent sends through both
-//! nodes leave every queue gap-free with every message once; a node
+//! nodes leave every queue gap-free with every message once, and sends
+//! that arrive together on one node share transactions; a node
 //! SIGKILLed under load loses nothing it acknowledged while its clients go
 //! on through the other; `mls-ds check` finds the database intact.
 //!
@@ -212,6 +213,52 @@ async fn nodes_on_one_database_are_one_ds() {
     }
     assert_eq!(alice.sync().await.len(), sent);
     assert_eq!(bob.sync().await.len(), sent);
+
+    // Sends that arrive together on one node are committed together (one
+    // transaction, one WAL flush for several), each still stored once and
+    // queued once, gap-free.
+    let metrics = servers[0].metrics_url();
+    let counter = |page: &str, name: &str| -> u64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    let scrape = || async {
+        let (status, page) = raw_request(&metrics, "GET", "/metrics", &[], vec![]).await;
+        assert_eq!(status, 200);
+        String::from_utf8(page).unwrap()
+    };
+    let before = scrape().await;
+    let burst: Vec<Vec<u8>> = (0..48)
+        .map(|i| alice.encrypt(format!("burst{i}").as_bytes()))
+        .collect();
+    let (api, gid) = (&alice.api, &gid);
+    for sent in mls_ds_tests::join_all(burst.iter().map(|m| api.send_message(gid, m.clone()))).await
+    {
+        sent.unwrap();
+    }
+    let after = scrape().await;
+    let commits = counter(&after, "mls_ds_fsync_batches_total")
+        - counter(&before, "mls_ds_fsync_batches_total");
+    let writes = counter(&after, "mls_ds_durable_requests_total")
+        - counter(&before, "mls_ds_durable_requests_total");
+    println!("48 concurrent sends on one node: {writes} writes in {commits} transactions");
+    assert!(writes >= 48, "every send is a write: {writes}");
+    assert!(
+        commits < writes,
+        "sends in flight together share transactions: {writes} writes, {commits} commits"
+    );
+    let page = carol.api.fetch(carol.cursor, 100, 0).await.unwrap();
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    let expected: Vec<u64> = (carol.cursor + 1..=carol.cursor + 48).collect();
+    assert_eq!(seqs, expected, "carol's queue gap-free, each send once");
+    let queued: HashSet<Vec<u8>> = page
+        .entries
+        .iter()
+        .map(|e| e.message.as_slice().to_vec())
+        .collect();
+    let burst: HashSet<Vec<u8>> = burst.into_iter().collect();
+    assert_eq!(queued, burst, "carol's entries are the burst's messages");
 
     assert!(servers[1].stop(), "graceful shutdown exits 0");
     servers[0].stop_and_check();

@@ -59,6 +59,7 @@ impl InFlight {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) commits: AtomicU64,
+    pub(crate) writes: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) overflow_drops: AtomicU64,
     pub(crate) apply_micros: AtomicU64,
@@ -66,10 +67,11 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    /// A transaction committed after `applied` of statements and
-    /// `committing` of commit.
-    pub(crate) fn committed(&self, applied: Duration, committing: Duration) {
+    /// A transaction of `writes` writes committed after `applied` of
+    /// statements and `committing` of commit.
+    pub(crate) fn committed(&self, applied: Duration, committing: Duration, writes: u64) {
         self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes, Ordering::Relaxed);
         self.apply_micros
             .fetch_add(micros(applied), Ordering::Relaxed);
         self.commit_micros

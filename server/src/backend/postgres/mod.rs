@@ -4,7 +4,8 @@
 //! - [`connect`]: connection settings, TLS, the pool, migrations;
 //! - [`rows`]: records as rows;
 //! - [`writes`]: write sets as transactions, retried when they lose a race;
-//!   their [`conditions`], [`changes`] and [`deliveries`];
+//!   their [`conditions`], [`changes`] and [`deliveries`]; [`lanes`]: the
+//!   write sets that arrive together committed together;
 //! - [`queues`]: pages, acknowledgements, retention, the message sweep;
 //! - [`notify`]: wake-ups across nodes (`LISTEN`/`NOTIFY`);
 //! - [`admin`]: `check`, `stats`, space, `VACUUM`; [`import`]: `mls-ds
@@ -26,6 +27,7 @@ mod connect;
 mod counting;
 mod deliveries;
 pub(crate) mod import;
+mod lanes;
 mod notify;
 mod queues;
 mod reads;
@@ -43,6 +45,7 @@ use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::connect::Connector;
 use self::counting::{Counters, Gauges, InFlight};
+use self::lanes::Lanes;
 use self::notify::Wakeups;
 use self::writes::Written;
 use super::committing::{committing, CommitReply, Committing};
@@ -69,9 +72,14 @@ pub(crate) struct PgConfig {
     pub(crate) max_queue_depth: u64,
 }
 
+/// One write lane per this many pooled connections (the rest serve reads,
+/// acknowledgements and the sweeper).
+const LANE_SHARE: usize = 4;
+
 /// The backend on one database.
 pub(crate) struct PgBackend {
     inner: Arc<Inner>,
+    lanes: Arc<Lanes>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -113,7 +121,12 @@ impl PgBackend {
             tokio::spawn(notify::listen(connector, inner.wakeups.clone())),
             tokio::spawn(sweeper::sweeper(inner.clone())),
         ];
-        Ok(PgBackend { inner, tasks })
+        let lanes = Arc::new(Lanes::start(&inner, config.pool_size / LANE_SHARE));
+        Ok(PgBackend {
+            inner,
+            lanes,
+            tasks,
+        })
     }
 
     /// Run `work` as a write: counted for `settled`, answered through the
@@ -299,8 +312,8 @@ impl Backend for PgBackend {
     }
 
     fn submit(&self, set: WriteSet) -> Committing<Applied> {
-        let inner = self.inner.clone();
-        self.spawn_write(async move { inner.apply(&set).await })
+        let lanes = self.lanes.clone();
+        self.spawn_write(async move { lanes.apply(set).await })
     }
 
     fn settled(&self) -> Committing<()> {
@@ -376,7 +389,7 @@ impl Backend for PgBackend {
             stored_messages: g.stored_messages,
             queue_overflow_drops: c.overflow_drops.load(Ordering::Relaxed),
             flushes: c.commits.load(Ordering::Relaxed),
-            durable_writes: c.commits.load(Ordering::Relaxed),
+            durable_writes: c.writes.load(Ordering::Relaxed),
             flush_failures: c.failures.load(Ordering::Relaxed),
             apply_seconds: c.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
             flush_seconds: c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,

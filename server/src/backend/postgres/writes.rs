@@ -9,8 +9,9 @@
 //! for a group that must keep existing); a row that must not exist is
 //! guarded by a transaction-scoped advisory lock on its key, so two nodes
 //! inserting it wait for each other and the second sees the first's row.
-//! Queue rows are locked in client order before any sequence number is
-//! assigned. A serialisation failure, a deadlock or a unique violation (a
+//! A transaction locks the queue rows it delivers to first, all at once
+//! and in client order, before any condition's lock and before any
+//! sequence number is assigned. A serialisation failure, a deadlock or a unique violation (a
 //! racing insert) rolls the attempt back and runs it again from the start.
 //! The statements of each part: `conditions.rs`, `changes.rs`,
 //! `deliveries.rs`.
@@ -64,7 +65,7 @@ impl From<StoreError> for Step {
 }
 
 /// Whether an attempt lost a race that a new attempt resolves.
-fn conflict(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn conflict(e: &tokio_postgres::Error) -> bool {
     matches!(
         e.code(),
         Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE
@@ -127,9 +128,11 @@ macro_rules! transact {
                     let applied = started.elapsed();
                     match tx.commit().await {
                         Ok(()) => {
-                            inner
-                                .counters
-                                .committed(applied, started.elapsed().saturating_sub(applied));
+                            inner.counters.committed(
+                                applied,
+                                started.elapsed().saturating_sub(applied),
+                                1,
+                            );
                             break Ok(written);
                         }
                         Err(e) => $crate::backend::postgres::writes::Step::Db(e),
@@ -162,21 +165,56 @@ pub(crate) async fn retry(step: Step, attempt: u32) -> Option<StoreError> {
 }
 
 impl Inner {
-    /// Apply a write set (module doc).
+    /// Apply a write set alone (module doc).
     pub(crate) async fn apply(&self, set: &WriteSet) -> Result<Written<Applied>, StoreError> {
         let max_depth = self.max_queue_depth;
         transact!(self, |tx| {
-            for c in &set.conditions {
-                if !holds(tx, c).await? {
-                    return Err(Step::Store(StoreError::ConditionFailed(c.clone())));
-                }
-            }
-            for change in &set.changes {
-                stage(tx, change).await?;
-            }
-            deliver(tx, &set.deliveries, max_depth).await
+            lock_queues(tx, &[set]).await?;
+            apply_one(tx, set, max_depth).await
         })
     }
+}
+
+/// Lock the queue rows that `sets` deliver to, in client order, before
+/// anything else: every transaction takes its queue rows first and all at
+/// once, so transactions of several write sets (`lanes.rs`) cannot
+/// deadlock over them with each other or with single ones.
+pub(crate) async fn lock_queues(tx: &Transaction<'_>, sets: &[&WriteSet]) -> Result<(), Step> {
+    let mut ids: Vec<&[u8]> = sets
+        .iter()
+        .flat_map(|s| &s.deliveries)
+        .flat_map(|d| d.recipients.iter().map(|c| c.as_bytes()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    exec(
+        tx,
+        "SELECT 1 FROM queues WHERE client = ANY($1) ORDER BY client FOR UPDATE",
+        &[&ids],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One write set inside an open transaction: its conditions (a failed one
+/// is answered before any change is staged), its changes, its deliveries.
+pub(crate) async fn apply_one(
+    tx: &Transaction<'_>,
+    set: &WriteSet,
+    max_depth: u64,
+) -> Result<Written<Applied>, Step> {
+    for c in &set.conditions {
+        if !holds(tx, c).await? {
+            return Err(Step::Store(StoreError::ConditionFailed(c.clone())));
+        }
+    }
+    for change in &set.changes {
+        stage(tx, change).await?;
+    }
+    deliver(tx, &set.deliveries, max_depth).await
 }
 
 /// `execute` with the statement prepared once per connection (parsing and
