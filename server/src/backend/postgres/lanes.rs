@@ -8,8 +8,8 @@
 //! their CPU went to waking waiters. Write sets of one group go to the same
 //! lane (chosen by the group of their first delivery), so a lane applies
 //! them one after the other inside one transaction and one commit, without
-//! waiting on itself; write sets without deliveries (registrations, key
-//! packages) go round the lanes.
+//! waiting on itself; write sets without deliveries go by what their
+//! conditions lock ([`subject`]), or round the lanes.
 //!
 //! Each write set's answer is what it would have been alone, in the order
 //! the lane took them: a later set sees an earlier one's writes. A set
@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::writes::{apply_one, conflict, lock_queues, Step, Written};
 use super::{connect::db, Inner};
-use crate::backend::write_set::{Applied, WriteSet};
+use crate::backend::write_set::{Applied, Condition, WriteSet};
 use crate::backend::StoreError;
 
 /// Most write sets in one transaction.
@@ -68,8 +68,8 @@ impl Lanes {
 
     /// Apply `set` on its lane; resolves once its transaction committed.
     pub(crate) async fn apply(&self, set: WriteSet) -> Answer {
-        let lane = match set.deliveries.first() {
-            Some(d) => spread(&d.message.group_id),
+        let lane = match subject(&set) {
+            Some(key) => spread(key),
             None => self.next.fetch_add(1, Ordering::Relaxed),
         } % self.senders.len();
         let (reply, answer) = oneshot::channel();
@@ -81,9 +81,38 @@ impl Lanes {
     }
 }
 
-/// A lane number for a group (FNV-1a of its id).
-fn spread(group: &[u8]) -> usize {
-    let hash = group.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+/// What decides a write set's lane: the group of its first delivery, or
+/// else what its conditions lock that others contend for (a group, a
+/// client's key packages, an invitation, a client id being registered).
+/// Write sets on one lane never wait for each other's locks; on different
+/// lanes they rarely lock the same rows, and so rarely deadlock (a deadlock
+/// costs PostgreSQL's `deadlock_timeout` before it is broken).
+fn subject(set: &WriteSet) -> Option<&[u8]> {
+    if let Some(d) = set.deliveries.first() {
+        return Some(&d.message.group_id);
+    }
+    set.conditions
+        .iter()
+        .filter_map(|c| match c {
+            Condition::GroupAt { group, .. }
+            | Condition::GroupPresent(group)
+            | Condition::GroupAbsent(group) => Some((0, group.as_bytes())),
+            Condition::KeyPackageUnclaimed { owner, .. }
+            | Condition::LastResortAt { owner, .. } => Some((1, owner.as_bytes())),
+            Condition::InviteAt { code, .. } => Some((2, code.as_bytes())),
+            Condition::ClientAbsent(client) => Some((3, client.as_bytes())),
+            Condition::ClientActive(_)
+            | Condition::ClientKeyIs { .. }
+            | Condition::SendNew(_)
+            | Condition::UsageAt { .. } => None,
+        })
+        .min_by_key(|(rank, _)| *rank)
+        .map(|(_, key)| key)
+}
+
+/// A lane number for a key (FNV-1a).
+fn spread(key: &[u8]) -> usize {
+    let hash = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     });
     usize::try_from(hash >> 32).unwrap_or(0)
