@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::Transaction;
+use futures_util::future::try_join_all;
 use mls_ds_protocol::ClientId;
 
 use super::rows::{big, bits, int};
@@ -25,6 +26,13 @@ struct QueueRow {
 /// Store each message once, queue it for its recipients (sequence numbers
 /// from the locked queue rows), remember its send, drop the oldest entries
 /// of queues past `max_depth`, and announce the queues that grew.
+///
+/// Statements that do not need each other's results are sent together
+/// (tokio-postgres pipelines what is awaited at once; the database still
+/// runs them one after the other, in the order sent), so a delivery costs
+/// three round trips however many messages and recipients it has: the
+/// queue rows and the messages; the entries and the send receipts; the
+/// trims of full queues, the new heads and the `NOTIFY`.
 pub(crate) async fn deliver(
     tx: &Transaction<'_>,
     deliveries: &[Delivery],
@@ -40,15 +48,21 @@ pub(crate) async fn deliver(
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let mut queues: HashMap<Vec<u8>, QueueRow> = HashMap::with_capacity(ids.len());
-    for row in query(
-        tx,
-        "SELECT client, head, acked, closed FROM queues WHERE client = ANY($1) \
-             ORDER BY client FOR UPDATE",
-        &[&ids],
-    )
-    .await?
-    {
+    let locked = async {
+        Ok::<_, Step>(
+            query(
+                tx,
+                "SELECT client, head, acked, closed FROM queues WHERE client = ANY($1) \
+                     ORDER BY client FOR UPDATE",
+                &[&ids],
+            )
+            .await?,
+        )
+    };
+    let stored = try_join_all(deliveries.iter().map(|d| insert_message(tx, &d.message)));
+    let (rows, message_ids) = tokio::try_join!(locked, stored)?;
+    let mut queues: HashMap<Vec<u8>, QueueRow> = HashMap::with_capacity(rows.len());
+    for row in rows {
         queues.insert(
             row.try_get("client")?,
             QueueRow {
@@ -59,34 +73,30 @@ pub(crate) async fn deliver(
             },
         );
     }
-    for d in deliveries {
-        let m = &d.message;
-        let message_id = insert_message(tx, m).await?;
-        let mut clients: Vec<&[u8]> = Vec::with_capacity(d.recipients.len());
-        let mut seqs: Vec<i64> = Vec::with_capacity(d.recipients.len());
+    let mut entries: Vec<Entries> = Vec::with_capacity(deliveries.len());
+    let mut receipts: Vec<(&SendKey, i64, u32)> = Vec::new();
+    for (d, &message_id) in deliveries.iter().zip(&message_ids) {
+        let mut to = Entries {
+            clients: Vec::with_capacity(d.recipients.len()),
+            seqs: Vec::with_capacity(d.recipients.len()),
+            message_id,
+        };
         for r in &d.recipients {
             if let Some(q) = queues.get_mut(r.as_bytes()).filter(|q| !q.closed) {
                 q.head += 1;
                 q.grown = true;
-                clients.push(r.as_bytes());
-                seqs.push(q.head);
+                to.clients.push(r.as_bytes());
+                to.seqs.push(q.head);
             }
         }
-        if !clients.is_empty() {
-            exec(
-                tx,
-                "INSERT INTO queue_entries (client, seq, message_id) \
-                 SELECT c, s, $3 FROM unnest($1::bytea[], $2::bigint[]) AS t(c, s)",
-                &[&clients, &seqs, &message_id],
-            )
-            .await?;
-        }
-        if clients.is_empty() {
+        let recipients = u32::try_from(to.clients.len()).unwrap_or(u32::MAX);
+        if to.clients.is_empty() {
             written.released.push(message_id);
+        } else {
+            entries.push(to);
         }
-        let recipients = u32::try_from(clients.len()).unwrap_or(u32::MAX);
         if let Some(key) = &d.receipt {
-            insert_receipt(tx, key, message_id, recipients).await?;
+            receipts.push((key, message_id, recipients));
         }
         written.value.deliveries.push(DeliveryOutcome {
             message_id: u64::try_from(message_id)
@@ -94,22 +104,31 @@ pub(crate) async fn deliver(
             recipients,
         });
     }
+    let queued = try_join_all(entries.iter().map(|to| async move {
+        exec(
+            tx,
+            "INSERT INTO queue_entries (client, seq, message_id) \
+             SELECT c, s, $3 FROM unnest($1::bytea[], $2::bigint[]) AS t(c, s)",
+            &[&to.clients, &to.seqs, &to.message_id],
+        )
+        .await
+        .map_err(Step::from)
+    }));
+    let remembered = try_join_all(
+        receipts
+            .iter()
+            .map(|(key, message_id, n)| insert_receipt(tx, key, *message_id, *n)),
+    );
+    tokio::try_join!(queued, remembered)?;
+
     let max_depth = big(max_depth);
     let (mut clients, mut heads, mut marks) = (Vec::new(), Vec::new(), Vec::new());
+    let mut trims: Vec<(&[u8], i64)> = Vec::new();
     for (client, q) in queues.iter_mut().filter(|(_, q)| q.grown) {
         if max_depth > 0 && q.head - q.acked > max_depth {
             let mark = q.head - max_depth;
             written.dropped += u64::try_from(mark - q.acked).unwrap_or(0);
-            for row in query(
-                tx,
-                "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 \
-                     RETURNING message_id",
-                &[client, &mark],
-            )
-            .await?
-            {
-                written.released.push(row.try_get(0)?);
-            }
+            trims.push((client, mark));
             q.acked = mark;
         }
         clients.push(&client[..]);
@@ -119,16 +138,38 @@ pub(crate) async fn deliver(
             written.grown.push((id, u64::try_from(q.head).unwrap_or(0)));
         }
     }
-    exec(
-        tx,
-        "UPDATE queues SET head = t.h, acked = t.a \
-         FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS t(c, h, a) \
-         WHERE queues.client = t.c",
-        &[&clients, &heads, &marks],
-    )
-    .await?;
-    announce(tx, &written.grown).await?;
+    let trimmed = try_join_all(trims.iter().map(|(client, mark)| async move {
+        query(
+            tx,
+            "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 RETURNING message_id",
+            &[client, mark],
+        )
+        .await
+        .map_err(Step::from)
+    }));
+    let moved = async {
+        exec(
+            tx,
+            "UPDATE queues SET head = t.h, acked = t.a \
+             FROM unnest($1::bytea[], $2::bigint[], $3::bigint[]) AS t(c, h, a) \
+             WHERE queues.client = t.c",
+            &[&clients, &heads, &marks],
+        )
+        .await
+        .map_err(Step::from)
+    };
+    let (trimmed, _, ()) = tokio::try_join!(trimmed, moved, announce(tx, &written.grown))?;
+    for row in trimmed.iter().flatten() {
+        written.released.push(row.try_get(0)?);
+    }
     Ok(written)
+}
+
+/// One message's queue entries.
+struct Entries<'a> {
+    clients: Vec<&'a [u8]>,
+    seqs: Vec<i64>,
+    message_id: i64,
 }
 
 /// `NOTIFY` every node's listeners of the queues that grew (delivered at

@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
+use futures_util::future::try_join_all;
 use mls_ds_protocol::ClientId;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
@@ -168,9 +169,10 @@ impl Inner {
     /// Apply a write set alone (module doc).
     pub(crate) async fn apply(&self, set: &WriteSet) -> Result<Written<Applied>, StoreError> {
         let max_depth = self.max_queue_depth;
+        let alone = [set];
         transact!(self, |tx| {
-            lock_queues(tx, &[set]).await?;
-            apply_one(tx, set, max_depth).await
+            tokio::try_join!(lock_queues(tx, &alone), check(tx, set))?;
+            write(tx, set, max_depth).await
         })
     }
 }
@@ -199,18 +201,35 @@ pub(crate) async fn lock_queues(tx: &Transaction<'_>, sets: &[&WriteSet]) -> Res
     Ok(())
 }
 
-/// One write set inside an open transaction: its conditions (a failed one
-/// is answered before any change is staged), its changes, its deliveries.
+/// One write set inside an open transaction whose queue rows are locked:
+/// its conditions (a failed one is answered before any change is staged),
+/// its changes, its deliveries.
 pub(crate) async fn apply_one(
     tx: &Transaction<'_>,
     set: &WriteSet,
     max_depth: u64,
 ) -> Result<Written<Applied>, Step> {
-    for c in &set.conditions {
-        if !holds(tx, c).await? {
-            return Err(Step::Store(StoreError::ConditionFailed(c.clone())));
-        }
+    check(tx, set).await?;
+    write(tx, set, max_depth).await
+}
+
+/// A write set's conditions, sent together (each condition's own
+/// statements stay in order); the first that fails, in the set's order, is
+/// the answer.
+async fn check(tx: &Transaction<'_>, set: &WriteSet) -> Result<(), Step> {
+    let held = try_join_all(set.conditions.iter().map(|c| holds(tx, c))).await?;
+    match set.conditions.iter().zip(held).find(|(_, held)| !held) {
+        Some((c, _)) => Err(Step::Store(StoreError::ConditionFailed(c.clone()))),
+        None => Ok(()),
     }
+}
+
+/// A write set's changes, one after the other, then its deliveries.
+async fn write(
+    tx: &Transaction<'_>,
+    set: &WriteSet,
+    max_depth: u64,
+) -> Result<Written<Applied>, Step> {
     for change in &set.changes {
         stage(tx, change).await?;
     }
