@@ -24,6 +24,7 @@ mod counts;
 mod database;
 mod embedded;
 mod fd_limit;
+mod histogram;
 mod http;
 mod metrics;
 pub mod migrate;

@@ -1,6 +1,7 @@
 //! Prometheus text metrics: requests by route and status and a latency
 //! histogram, connections and memory held (counted by the HTTP adapter),
-//! and the backend's queue depths and group-commit (fsync) counters.
+//! and the backend's queue depths and group-commit (fsync) counters, and
+//! on a database its pool and latency.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -9,18 +10,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::backend::BackendStats;
-
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
-];
+use crate::histogram::Histogram;
 
 #[derive(Default)]
 struct Inner {
     requests: BTreeMap<(&'static str, u16), u64>,
-    latency_counts: [u64; BUCKETS.len()],
-    latency_count: u64,
-    latency_sum: f64,
+    latency: Histogram,
 }
 
 /// Request counters.
@@ -50,16 +45,9 @@ pub(crate) struct FrontGauges {
 impl Metrics {
     /// Record one finished request.
     pub(crate) fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         *m.requests.entry((route, status)).or_default() += 1;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                m.latency_counts[i] += 1;
-            }
-        }
-        m.latency_count += 1;
-        m.latency_sum += secs;
+        m.latency.record(elapsed);
     }
 
     /// Count a connection closed at accept (`per_source`: its source
@@ -106,24 +94,7 @@ impl Metrics {
         }
         out.push_str("# HELP mls_ds_request_duration_seconds Request latency.\n");
         out.push_str("# TYPE mls_ds_request_duration_seconds histogram\n");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "mls_ds_request_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                m.latency_counts[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "mls_ds_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            m.latency_count
-        );
-        let _ = writeln!(out, "mls_ds_request_duration_seconds_sum {}", m.latency_sum);
-        let _ = writeln!(
-            out,
-            "mls_ds_request_duration_seconds_count {}",
-            m.latency_count
-        );
+        m.latency.render(out, "mls_ds_request_duration_seconds", "");
     }
 }
 
@@ -247,5 +218,18 @@ fn render_backend(out: &mut String, stats: &BackendStats, front: &FrontGauges) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         let _ = writeln!(out, "{name} {value}");
+    }
+    if let Some(latency) = &stats.database {
+        out.push_str(
+            "# HELP mls_ds_db_seconds Database work as the DS waits for it, a pooled \
+             connection included: each write transaction to its commit, and each read.\n",
+        );
+        out.push_str("# TYPE mls_ds_db_seconds histogram\n");
+        latency
+            .transactions
+            .render(out, "mls_ds_db_seconds", "kind=\"transaction\"");
+        latency
+            .reads
+            .render(out, "mls_ds_db_seconds", "kind=\"read\"");
     }
 }

@@ -244,6 +244,12 @@ async fn nodes_on_one_database_are_one_ds() {
         - counter(&before, "mls_ds_durable_requests_total");
     println!("48 concurrent sends on one node: {writes} writes in {commits} transactions");
     assert!(writes >= 48, "every send is a write: {writes}");
+    // The database's latency and the pool are exported.
+    for kind in ["transaction", "read"] {
+        let name = format!("mls_ds_db_seconds_count{{kind=\"{kind}\"}}");
+        assert!(counter(&after, &name) > 0, "{name} counts");
+    }
+    assert!(counter(&after, "mls_ds_db_pool_max") > 0);
     assert!(
         commits < writes,
         "sends in flight together share transactions: {writes} writes, {commits} commits"

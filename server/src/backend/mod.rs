@@ -43,6 +43,8 @@ use std::sync::Arc;
 use mls_ds_protocol::ClientId;
 use tokio::sync::Notify;
 
+use crate::histogram::Histogram;
+
 pub(crate) use committing::Committing;
 pub(crate) use error::{StorageFault, StoreError};
 pub(crate) use new_heads::NewHeads;
@@ -365,6 +367,17 @@ pub(crate) struct BackendStats {
     pub(crate) flush_seconds: f64,
     /// The database connection pool, for a backend that has one.
     pub(crate) pool: Option<PoolStats>,
+    /// The database's latency, for a backend on a database server.
+    pub(crate) database: Option<DbLatency>,
+}
+
+/// How long the database's work took, as the DS waited for it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct DbLatency {
+    /// Write transactions, from taking a connection to their commit.
+    pub(crate) transactions: Histogram,
+    /// Reads, from taking a connection to their answer.
+    pub(crate) reads: Histogram,
 }
 
 /// A connection pool's gauges.

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::backend::DbLatency;
+
 /// Writes submitted and not yet answered, by ticket, for `settled`.
 #[derive(Default)]
 pub(crate) struct InFlight {
@@ -64,6 +66,7 @@ pub(crate) struct Counters {
     pub(crate) overflow_drops: AtomicU64,
     pub(crate) apply_micros: AtomicU64,
     pub(crate) commit_micros: AtomicU64,
+    pub(crate) latency: Mutex<DbLatency>,
 }
 
 impl Counters {
@@ -76,6 +79,22 @@ impl Counters {
             .fetch_add(micros(applied), Ordering::Relaxed);
         self.commit_micros
             .fetch_add(micros(committing), Ordering::Relaxed);
+        self.transaction(applied.saturating_add(committing));
+    }
+
+    /// A write (a transaction, or one statement committed on its own)
+    /// answered after `took`.
+    pub(crate) fn transaction(&self, took: Duration) {
+        self.latency().transactions.record(took);
+    }
+
+    /// A read answered after `took`.
+    pub(crate) fn read(&self, took: Duration) {
+        self.latency().reads.record(took);
+    }
+
+    fn latency(&self) -> std::sync::MutexGuard<'_, DbLatency> {
+        self.latency.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

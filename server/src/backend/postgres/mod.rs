@@ -185,6 +185,17 @@ fn finish<T>(inner: &Inner, result: Result<Written<T>, StoreError>, reply: Commi
 }
 
 impl Inner {
+    /// Run a read, timed for `mls_ds_db_seconds`.
+    async fn timed<T>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = read.await;
+        self.counters.read(started.elapsed());
+        result
+    }
+
     /// A pooled connection.
     pub(crate) async fn connection(&self) -> Result<deadpool_postgres::Object, StoreError> {
         if self.closed.load(Ordering::SeqCst) {
@@ -216,34 +227,36 @@ impl Backend for PgBackend {
     type GroupGuard = OwnedMutexGuard<()>;
 
     async fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, StoreError> {
-        self.inner.client(id).await
+        self.inner.timed(self.inner.client(id)).await
     }
 
     async fn key_packages(&self, owner: &ClientId) -> Result<Vec<KeyPackageRecord>, StoreError> {
-        self.inner.key_packages(owner).await
+        self.inner.timed(self.inner.key_packages(owner)).await
     }
 
     async fn last_resort(&self, owner: &ClientId) -> Result<Option<KeyPackageRecord>, StoreError> {
-        self.inner.last_resort(owner).await
+        self.inner.timed(self.inner.last_resort(owner)).await
     }
 
     async fn expired_key_packages(
         &self,
         now_secs: u64,
     ) -> Result<Vec<ExpiredKeyPackage>, StoreError> {
-        self.inner.expired_key_packages(now_secs).await
+        self.inner
+            .timed(self.inner.expired_key_packages(now_secs))
+            .await
     }
 
     async fn key_package_owner(&self, kp_ref: &[u8]) -> Result<Option<ClientId>, StoreError> {
-        self.inner.key_package_owner(kp_ref).await
+        self.inner.timed(self.inner.key_package_owner(kp_ref)).await
     }
 
     async fn group(&self, id: &GroupId) -> Result<Option<Arc<GroupRecord>>, StoreError> {
-        Ok(self.inner.group(id).await?.map(Arc::new))
+        Ok(self.inner.timed(self.inner.group(id)).await?.map(Arc::new))
     }
 
     async fn group_state(&self, id: &GroupId) -> Result<Option<GroupState>, StoreError> {
-        self.inner.group_state(id).await
+        self.inner.timed(self.inner.group_state(id)).await
     }
 
     async fn commit(
@@ -251,54 +264,59 @@ impl Backend for PgBackend {
         group: &GroupId,
         epoch: u64,
     ) -> Result<Option<CommitRecord>, StoreError> {
-        self.inner.commit(group, epoch).await
+        self.inner.timed(self.inner.commit(group, epoch)).await
     }
 
     async fn clients(&self) -> Result<Vec<StoredClient>, StoreError> {
-        self.inner.clients().await
+        self.inner.timed(self.inner.clients()).await
     }
 
     async fn groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
-        self.inner.groups().await
+        self.inner.timed(self.inner.groups()).await
     }
 
     async fn stale_commits(&self, cutoff_ms: u64) -> Result<Vec<StaleCommit>, StoreError> {
-        self.inner.stale_commits(cutoff_ms).await
+        self.inner.timed(self.inner.stale_commits(cutoff_ms)).await
     }
 
     async fn send_receipt(&self, key: &SendKey) -> Result<Option<SendReceipt>, StoreError> {
-        self.inner.send_receipt(key).await
+        self.inner.timed(self.inner.send_receipt(key)).await
     }
 
     async fn sends_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<SendKey>, StoreError> {
-        self.inner.sends_before(cutoff_ms, limit).await
+        self.inner
+            .timed(self.inner.sends_before(cutoff_ms, limit))
+            .await
     }
 
     async fn queue_depth(&self, client: &ClientId) -> Result<u64, StoreError> {
-        self.inner.queue_depth(client).await
+        self.inner.timed(self.inner.queue_depth(client)).await
     }
 
     async fn invite(&self, code: &str) -> Result<Option<InviteRecord>, StoreError> {
-        self.inner.invite(code).await
+        self.inner.timed(self.inner.invite(code)).await
     }
 
     async fn invites(&self) -> Result<Vec<StoredInvite>, StoreError> {
-        self.inner.invites().await
+        self.inner.timed(self.inner.invites()).await
     }
 
     async fn usage(&self, client: &ClientId) -> Result<ClientUsage, StoreError> {
-        self.inner.usage(client).await
+        self.inner.timed(self.inner.usage(client)).await
     }
 
     async fn share_session(&self, session: &SharedSession, key: &[u8]) -> Result<bool, StoreError> {
-        self.inner.share_session(session, key).await
+        let started = std::time::Instant::now();
+        let stored = self.inner.share_session(session, key).await;
+        self.inner.counters.transaction(started.elapsed());
+        stored
     }
 
     async fn shared_session(
         &self,
         id: &[u8; mls_ds_protocol::auth::SESSION_ID_LEN],
     ) -> Result<Option<SharedSession>, StoreError> {
-        self.inner.shared_session(id).await
+        self.inner.timed(self.inner.shared_session(id)).await
     }
 
     async fn lock_group(&self, id: &GroupId) -> OwnedMutexGuard<()> {
@@ -344,7 +362,9 @@ impl Backend for PgBackend {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
-        self.inner.page(client, after, limit, max_bytes).await
+        self.inner
+            .timed(self.inner.page(client, after, limit, max_bytes))
+            .await
     }
 
     fn subscribe(&self, client: &ClientId) -> Result<Arc<Notify>, StoreError> {
@@ -393,6 +413,7 @@ impl Backend for PgBackend {
             flush_failures: c.failures.load(Ordering::Relaxed),
             apply_seconds: c.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
             flush_seconds: c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            database: Some(c.latency.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             pool: Some(PoolStats {
                 size: status.size,
                 available: status.available,

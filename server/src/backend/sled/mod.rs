@@ -483,6 +483,7 @@ impl Backend for SledBackend {
             apply_seconds: s.apply_us.load(Relaxed) as f64 / 1e6,
             flush_seconds: s.flush_us.load(Relaxed) as f64 / 1e6,
             pool: None,
+            database: None,
         }
     }
 
