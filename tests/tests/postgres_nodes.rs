@@ -5,7 +5,8 @@
 //! across nodes and exactly one per epoch is accepted; a long-poll on one
 //! node wakes when the other queues for it; concurrent sends through both
 //! nodes leave every queue gap-free with every message once, and sends
-//! that arrive together on one node share transactions; a node
+//! that arrive together on one node share transactions; one send id sent
+//! through both nodes at once is delivered once; a node
 //! SIGKILLed under load loses nothing it acknowledged while its clients go
 //! on through the other; `mls-ds check` finds the database intact.
 //!
@@ -265,6 +266,34 @@ async fn nodes_on_one_database_are_one_ds() {
         .collect();
     let burst: HashSet<Vec<u8>> = burst.into_iter().collect();
     assert_eq!(queued, burst, "carol's entries are the burst's messages");
+    carol.cursor += 48;
+
+    // One send, under one send id, through both nodes at once (twice each):
+    // delivered once, and every attempt answered with that delivery.
+    let once = alice.encrypt(b"once");
+    let id = SendId {
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+        nonce: rand::random(),
+    };
+    let api_b = alice.api_at(&b);
+    let attempts = [&alice.api, &api_b, &alice.api, &api_b];
+    let answers = mls_ds_tests::join_all(
+        attempts
+            .iter()
+            .map(|api| api.send_message_once(gid, once.clone(), id)),
+    )
+    .await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "one delivery for every attempt: {answers:?}"
+    );
+    let page = carol.api.fetch(carol.cursor, 100, 0).await.unwrap();
+    assert_eq!(page.entries.len(), 1, "the send queued once");
+    assert_eq!(page.entries[0].message.as_slice(), once.as_slice());
 
     assert!(servers[1].stop(), "graceful shutdown exits 0");
     servers[0].stop_and_check();

@@ -3,14 +3,14 @@
 //! commits by locking what it read (`writes.rs` says which lock for which
 //! condition). A row that must not exist yet is guarded by a
 //! transaction-scoped advisory lock on its key, so that two nodes inserting
-//! it wait for each other and the second sees the first's row.
+//! it wait for each other and the second sees the first's row; a send's
+//! receipt by its primary key instead (see `SendNew`).
 
 use deadpool_postgres::Transaction;
 use sha2::{Digest, Sha256};
 
 use super::rows::{big, bits, int};
 use super::writes::{exec, query_opt, Step};
-use crate::backend::records::SendKey;
 use crate::backend::write_set::Condition;
 
 /// Transaction-scoped advisory lock on a key that must not exist yet.
@@ -103,21 +103,21 @@ pub(crate) async fn holds(tx: &Transaction<'_>, c: &Condition) -> Result<bool, S
         )
         .await?
         .is_some(),
-        Condition::SendNew(key) => {
-            let parts = send_parts(key);
-            guard_absent(tx, "send", &[&parts[0], &parts[1], &parts[2]]).await?;
-            query_opt(
-                tx,
-                "SELECT 1 FROM send_receipts WHERE sender = $1 AND created_ms = $2 AND nonce = $3",
-                &[
-                    &key.sender.as_bytes(),
-                    &big(key.id.created_ms),
-                    &bits(key.id.nonce),
-                ],
-            )
-            .await?
-            .is_none()
-        }
+        // No lock: the receipt's primary key is the guard. Two writes of
+        // one send that both find no receipt both insert one; the second
+        // waits for the first's commit, fails with a unique violation, and
+        // runs again, when it finds the receipt.
+        Condition::SendNew(key) => query_opt(
+            tx,
+            "SELECT 1 FROM send_receipts WHERE sender = $1 AND created_ms = $2 AND nonce = $3",
+            &[
+                &key.sender.as_bytes(),
+                &big(key.id.created_ms),
+                &bits(key.id.nonce),
+            ],
+        )
+        .await?
+        .is_none(),
         Condition::UsageAt { client, usage } => {
             // Absent counts as the default: make the row exist to lock it.
             exec(
@@ -136,13 +136,4 @@ pub(crate) async fn holds(tx: &Transaction<'_>, c: &Condition) -> Result<bool, S
             .is_some()
         }
     })
-}
-
-/// The parts of a send's advisory lock key.
-fn send_parts(key: &SendKey) -> [Vec<u8>; 3] {
-    [
-        key.sender.as_bytes().to_vec(),
-        key.id.created_ms.to_be_bytes().to_vec(),
-        key.id.nonce.to_be_bytes().to_vec(),
-    ]
 }

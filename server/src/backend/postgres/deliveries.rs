@@ -32,11 +32,13 @@ struct QueueRow {
 /// runs them one after the other, in the order sent), so a delivery costs
 /// three round trips however many messages and recipients it has: the
 /// queue rows and the messages; the entries and the send receipts; the
-/// trims of full queues, the new heads and the `NOTIFY`.
+/// trims of full queues, the new heads and the `NOTIFY` (unless the caller
+/// sends one `NOTIFY` for several write sets).
 pub(crate) async fn deliver(
     tx: &Transaction<'_>,
     deliveries: &[Delivery],
     max_depth: u64,
+    when: Announce,
 ) -> Result<Written<Applied>, Step> {
     let mut written = Written::answer(Applied::default());
     if deliveries.is_empty() {
@@ -158,11 +160,26 @@ pub(crate) async fn deliver(
         .await
         .map_err(Step::from)
     };
-    let (trimmed, _, ()) = tokio::try_join!(trimmed, moved, announce(tx, &written.grown))?;
+    let announced = async {
+        match when {
+            Announce::Now => announce(tx, &written.grown).await,
+            Announce::ByCaller => Ok(()),
+        }
+    };
+    let (trimmed, _, ()) = tokio::try_join!(trimmed, moved, announced)?;
     for row in trimmed.iter().flatten() {
         written.released.push(row.try_get(0)?);
     }
     Ok(written)
+}
+
+/// When the queues a delivery grew are announced.
+#[derive(Clone, Copy)]
+pub(crate) enum Announce {
+    /// With the delivery's last statements.
+    Now,
+    /// By the caller, once for a transaction of several write sets.
+    ByCaller,
 }
 
 /// One message's queue entries.

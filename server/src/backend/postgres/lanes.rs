@@ -12,7 +12,8 @@
 //! conditions lock ([`subject`]), or round the lanes.
 //!
 //! Each write set's answer is what it would have been alone, in the order
-//! the lane took them: a later set sees an earlier one's writes. A set
+//! the lane took them: a later set sees an earlier one's writes. The queues
+//! the transaction grew are announced once, with its last statement. A set
 //! whose conditions fail wrote nothing (conditions are checked before any
 //! change), so the others go on. Any other failure before the commit rolls
 //! the whole transaction back and the lane applies each set of it alone,
@@ -20,12 +21,15 @@
 //! connection broke during it) is reported to every set, as it would be to
 //! one: none is run again, since it may have committed.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use mls_ds_protocol::ClientId;
 use tokio::sync::{mpsc, oneshot};
 
+use super::deliveries::announce;
 use super::writes::{apply_one, conflict, lock_queues, Step, Written};
 use super::{connect::db, Inner};
 use crate::backend::write_set::{Applied, Condition, WriteSet};
@@ -180,12 +184,23 @@ impl Inner {
             return Together::RolledBack;
         }
         let mut answers = Vec::with_capacity(sets.len());
+        let mut grown: BTreeMap<ClientId, u64> = BTreeMap::new();
         for set in sets {
             match apply_one(&tx, set, self.max_queue_depth).await {
-                Ok(written) => answers.push(Ok(written)),
+                Ok(written) => {
+                    for (client, head) in &written.grown {
+                        let newest = grown.entry(client.clone()).or_default();
+                        *newest = (*newest).max(*head);
+                    }
+                    answers.push(Ok(written));
+                }
                 Err(Step::Store(e @ StoreError::ConditionFailed(_))) => answers.push(Err(e)),
                 Err(_) => return Together::RolledBack,
             }
+        }
+        let grown: Vec<(ClientId, u64)> = grown.into_iter().collect();
+        if announce(&tx, &grown).await.is_err() {
+            return Together::RolledBack;
         }
         let applied = started.elapsed();
         match tx.commit().await {

@@ -28,22 +28,24 @@ async fn acknowledge(
     client: &[u8],
     mark: i64,
 ) -> Result<Vec<i64>, Step> {
-    let mut released = Vec::new();
-    for row in query(
-        tx,
-        "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 RETURNING message_id",
-        &[&client, &mark],
-    )
-    .await?
-    {
+    // Sent together: one round trip (the database runs them in order).
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&client, &mark];
+    let (removed, _) = tokio::try_join!(
+        query(
+            tx,
+            "DELETE FROM queue_entries WHERE client = $1 AND seq <= $2 RETURNING message_id",
+            &params,
+        ),
+        exec(
+            tx,
+            "UPDATE queues SET acked = $2 WHERE client = $1",
+            &params,
+        )
+    )?;
+    let mut released = Vec::with_capacity(removed.len());
+    for row in removed {
         released.push(row.try_get(0)?);
     }
-    exec(
-        tx,
-        "UPDATE queues SET acked = $2 WHERE client = $1",
-        &[&client, &mark],
-    )
-    .await?;
     Ok(released)
 }
 

@@ -8,10 +8,11 @@
 //! UPDATE` for a group's revision, `FOR SHARE` for a client, `FOR KEY SHARE`
 //! for a group that must keep existing); a row that must not exist is
 //! guarded by a transaction-scoped advisory lock on its key, so two nodes
-//! inserting it wait for each other and the second sees the first's row.
-//! A transaction locks the queue rows it delivers to first, all at once
-//! and in client order, before any condition's lock and before any
-//! sequence number is assigned. A serialisation failure, a deadlock or a unique violation (a
+//! inserting it wait for each other and the second sees the first's row
+//! (a send's receipt by its primary key instead). A transaction locks the
+//! queue rows it delivers to first, all at once and in client order,
+//! before any condition's lock and before any sequence number is
+//! assigned. A serialisation failure, a deadlock or a unique violation (a
 //! racing insert) rolls the attempt back and runs it again from the start.
 //! The statements of each part: `conditions.rs`, `changes.rs`,
 //! `deliveries.rs`.
@@ -27,7 +28,7 @@ use tokio_postgres::Row;
 
 use super::changes::stage;
 use super::conditions::holds;
-use super::deliveries::deliver;
+use super::deliveries::{deliver, Announce};
 use super::{connect::db, Inner};
 use crate::backend::write_set::{Applied, WriteSet};
 use crate::backend::StoreError;
@@ -172,7 +173,7 @@ impl Inner {
         let alone = [set];
         transact!(self, |tx| {
             tokio::try_join!(lock_queues(tx, &alone), check(tx, set))?;
-            write(tx, set, max_depth).await
+            write(tx, set, max_depth, Announce::Now).await
         })
     }
 }
@@ -203,14 +204,15 @@ pub(crate) async fn lock_queues(tx: &Transaction<'_>, sets: &[&WriteSet]) -> Res
 
 /// One write set inside an open transaction whose queue rows are locked:
 /// its conditions (a failed one is answered before any change is staged),
-/// its changes, its deliveries.
+/// its changes, its deliveries (the queues they grew for the caller to
+/// announce).
 pub(crate) async fn apply_one(
     tx: &Transaction<'_>,
     set: &WriteSet,
     max_depth: u64,
 ) -> Result<Written<Applied>, Step> {
     check(tx, set).await?;
-    write(tx, set, max_depth).await
+    write(tx, set, max_depth, Announce::ByCaller).await
 }
 
 /// A write set's conditions, sent together (each condition's own
@@ -229,11 +231,12 @@ async fn write(
     tx: &Transaction<'_>,
     set: &WriteSet,
     max_depth: u64,
+    when: Announce,
 ) -> Result<Written<Applied>, Step> {
     for change in &set.changes {
         stage(tx, change).await?;
     }
-    deliver(tx, &set.deliveries, max_depth).await
+    deliver(tx, &set.deliveries, max_depth, when).await
 }
 
 /// `execute` with the statement prepared once per connection (parsing and
