@@ -35,6 +35,17 @@ pub struct RawMember {
     pub cursor: u64,
 }
 
+/// A send id that no earlier send used: now, and a random nonce.
+pub fn fresh_send_id() -> mls_ds_client::SendId {
+    mls_ds_client::SendId {
+        created_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970")
+            .as_millis() as u64,
+        nonce: rand::random(),
+    }
+}
+
 /// Assert that every member is at the same epoch with the same exported
 /// secret.
 pub fn converged(members: &[&RawMember]) {

@@ -9,9 +9,8 @@
 //!
 //! Without PostgreSQL's server binaries this test says so and does not run.
 
-use mls_ds_client::SendId;
 use mls_ds_tests::postgres::cluster;
-use mls_ds_tests::raw::{converged, RawMember};
+use mls_ds_tests::raw::{converged, fresh_send_id, RawMember};
 use mls_ds_tests::{server_binary, Server};
 
 fn migrate(from: &std::path::Path, to: &str) -> std::process::Output {
@@ -50,13 +49,7 @@ async fn a_data_directory_moves_to_postgres() {
     let mut sent = Vec::new();
     for i in 0..3 {
         let m = alice.encrypt(format!("before {i}").as_bytes());
-        let id = SendId {
-            created_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64,
-            nonce: rand::random(),
-        };
+        let id = fresh_send_id();
         let answer = alice
             .api
             .send_message_once(&gid, m.clone(), id)

@@ -17,9 +17,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mls_ds_client::AuthMode;
-use mls_ds_client::SendId;
 use mls_ds_tests::postgres::{cluster, Cluster};
-use mls_ds_tests::raw::{converged, raw_request, RawMember};
+use mls_ds_tests::raw::{converged, fresh_send_id, raw_request, RawMember};
 use mls_ds_tests::Server;
 
 /// The cluster, or `None` after saying why the test does not run.
@@ -271,13 +270,7 @@ async fn nodes_on_one_database_are_one_ds() {
     // One send, under one send id, through both nodes at once (twice each):
     // delivered once, and every attempt answered with that delivery.
     let once = alice.encrypt(b"once");
-    let id = SendId {
-        created_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64,
-        nonce: rand::random(),
-    };
+    let id = fresh_send_id();
     let api_b = alice.api_at(&b);
     let attempts = [&alice.api, &api_b, &alice.api, &api_b];
     let answers = mls_ds_tests::join_all(
@@ -328,13 +321,7 @@ async fn a_node_killed_under_load_loses_nothing_acknowledged() {
         }
         let text = format!("k{i}");
         let m = alice.encrypt(text.as_bytes());
-        let id = SendId {
-            created_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64,
-            nonce: rand::random(),
-        };
+        let id = fresh_send_id();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match alice.api.send_message_once(&gid, m.clone(), id).await {

@@ -10,20 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use mls_ds_client::SendId;
 use mls_ds_tests::postgres::cluster;
-use mls_ds_tests::raw::{try_raw_request, RawMember};
+use mls_ds_tests::raw::{fresh_send_id, try_raw_request, RawMember};
 use mls_ds_tests::Server;
-
-fn send_id() -> SendId {
-    SendId {
-        created_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64,
-        nonce: rand::random(),
-    }
-}
 
 /// Send `texts` under send ids, retrying each until it is answered;
 /// returns how many attempts failed.
@@ -31,7 +20,7 @@ async fn send_all(member: &mut RawMember, gid: &[u8], texts: &[String]) -> usize
     let mut failures = 0;
     for text in texts {
         let m = member.encrypt(text.as_bytes());
-        let id = send_id();
+        let id = fresh_send_id();
         let deadline = Instant::now() + Duration::from_secs(60);
         while let Err(e) = member.api.send_message_once(gid, m.clone(), id).await {
             assert!(Instant::now() < deadline, "{text} never answered: {e}");
