@@ -101,8 +101,16 @@ impl PublicGroupStore {
     }
 }
 
+/// MessagePack with byte strings as `bin` values: OpenMLS's byte vectors
+/// (keys, signatures, tree nodes) would otherwise be arrays of one integer
+/// per byte, twice the size and an encoder call per byte.
 fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
-    Ok(rmp_serde::to_vec(value)?)
+    let mut out = Vec::new();
+    value.serialize(
+        &mut rmp_serde::Serializer::new(&mut out)
+            .with_bytes(rmp_serde::config::BytesMode::ForceIterables),
+    )?;
+    Ok(out)
 }
 
 fn decode_one<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
@@ -286,5 +294,25 @@ impl PublicStorageProvider<CURRENT_VERSION> for PublicGroupStore {
     ) -> Result<()> {
         self.of(group_id)?.proposals.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openmls::prelude::GroupId;
+
+    #[test]
+    fn byte_strings_are_stored_as_bytes_and_read_back() {
+        // Bytes of 128 and more took two bytes each as integers.
+        let id = GroupId::from_slice(&[0xC8; 64]);
+        let bytes = encode(&id).unwrap();
+        assert!(bytes.len() < 64 + 8, "{} bytes", bytes.len());
+        let back: GroupId = decode_one(&bytes).unwrap();
+        assert_eq!(back, id);
+        // Sequences of other items are untouched.
+        let numbers = vec![1u16, 300, 70];
+        let back: Vec<u16> = decode_one(&encode(&numbers).unwrap()).unwrap();
+        assert_eq!(back, numbers);
     }
 }

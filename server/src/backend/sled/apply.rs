@@ -23,10 +23,10 @@ use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, Transaction};
 
 use self::deliveries::OpenBatch;
-use super::group_cache::GroupCache;
 use super::job::{Finish, Job, Prepared};
 use super::layout::{self, Layout};
 use super::queue_index::{QueueIndex, Released};
+use super::record_cache::Caches;
 use crate::backend::error::StoreError;
 use crate::backend::records::{
     ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, SendKey,
@@ -38,6 +38,13 @@ use crate::backend::write_set::{AckOutcome, Applied, Change, Condition, WriteSet
 enum GroupChange {
     Created(GroupId),
     Deleted(GroupId),
+}
+
+/// Records changed by writes prepared but not yet applied.
+#[derive(Default)]
+struct ChangedRecords {
+    groups: Vec<GroupId>,
+    clients: Vec<ClientId>,
 }
 
 /// A write set turned into sled writes.
@@ -65,11 +72,11 @@ pub(crate) struct Applier {
     pub(crate) staged_receipts: Mutex<HashSet<SendKey>>,
     /// The open batch, if a plain send came since the last seal.
     open: Option<OpenBatch>,
-    /// Decoded group records, for the readers.
-    groups: Arc<GroupCache>,
-    /// Groups whose records the writes prepared since the last apply
-    /// change: dropped from `groups` once applied.
-    changed_groups: Mutex<Vec<GroupId>>,
+    /// Decoded group and client records, for the readers.
+    caches: Arc<Caches>,
+    /// Records the writes prepared since the last apply change: dropped
+    /// from `caches` once applied.
+    changed: Mutex<ChangedRecords>,
 }
 
 impl Applier {
@@ -77,7 +84,7 @@ impl Applier {
     pub(crate) fn new(
         layout: Layout,
         index: Arc<QueueIndex>,
-        groups: Arc<GroupCache>,
+        caches: Arc<Caches>,
         max_queue_depth: u64,
     ) -> Applier {
         Applier {
@@ -87,8 +94,8 @@ impl Applier {
             deleted_groups: Mutex::default(),
             staged_receipts: Mutex::default(),
             open: None,
-            groups,
-            changed_groups: Mutex::default(),
+            caches,
+            changed: Mutex::default(),
         }
     }
 
@@ -99,13 +106,9 @@ impl Applier {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        let changed = std::mem::take(
-            &mut *self
-                .changed_groups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        self.groups.changed(changed);
+        let changed = std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()));
+        self.caches.groups.changed(changed.groups);
+        self.caches.clients.changed(changed.clients);
     }
 
     /// Turn `job` into writes, or answer it at once (a failed condition,
@@ -183,10 +186,14 @@ impl Applier {
         let tx = self.layout.storage.begin();
         let mut deleted = Vec::new();
         let mut staged_groups = Vec::new();
+        let mut staged_clients = Vec::new();
         for change in set.changes {
             match &change {
                 Change::PutGroup { id, .. } => staged_groups.push(GroupChange::Created(id.clone())),
                 Change::DeleteGroup { id } => staged_groups.push(GroupChange::Deleted(id.clone())),
+                Change::PutClient { id, .. } | Change::DeleteClient { id, .. } => {
+                    staged_clients.push(id.clone())
+                }
                 _ => {}
             }
             if let Change::DeleteClient { id, tombstone } = change {
@@ -215,24 +222,28 @@ impl Applier {
         if !receipts.is_empty() {
             writes.push(receipts);
         }
+        if !staged_clients.is_empty() {
+            self.changed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clients
+                .extend(staged_clients);
+        }
         if !staged_groups.is_empty() {
             let mut deleted_groups = self
                 .deleted_groups
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let mut changed = self
-                .changed_groups
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut changed = self.changed.lock().unwrap_or_else(|e| e.into_inner());
             for change in staged_groups {
                 match change {
                     GroupChange::Created(id) => {
                         deleted_groups.remove(&id);
-                        changed.push(id);
+                        changed.groups.push(id);
                     }
                     GroupChange::Deleted(id) => {
                         deleted_groups.insert(id.clone());
-                        changed.push(id);
+                        changed.groups.push(id);
                     }
                 };
             }

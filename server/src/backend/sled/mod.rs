@@ -16,13 +16,13 @@
 pub(crate) mod admin;
 mod apply;
 mod batch;
-mod group_cache;
 mod group_commit;
 mod job;
 pub(crate) mod layout;
 mod queue_index;
 mod queue_startup;
 mod queues;
+mod record_cache;
 #[cfg(test)]
 mod tests;
 
@@ -33,11 +33,11 @@ use mls_ds_protocol::ClientId;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 use self::apply::Applier;
-use self::group_cache::GroupCache;
 use self::group_commit::GroupCommit;
 use self::job::Job;
 use self::layout::Layout;
 use self::queue_index::QueueIndex;
+use self::record_cache::Caches;
 use super::committing::{committing, Committing};
 use super::group_locks::GroupLocks;
 use super::records::{
@@ -66,7 +66,7 @@ pub(crate) struct SledBackend {
     commit: GroupCommit,
     group_locks: Mutex<GroupLocks>,
     new_heads: Arc<NewHeads>,
-    groups: Arc<GroupCache>,
+    caches: Arc<Caches>,
 }
 
 impl SledBackend {
@@ -126,12 +126,12 @@ impl SledBackend {
         }
         let index = Arc::new(QueueIndex::new(loaded.state));
         let new_heads = Arc::new(NewHeads::default());
-        let groups = Arc::new(GroupCache::default());
+        let caches = Arc::new(Caches::default());
         let commit = GroupCommit::start(
             Applier::new(
                 layout.clone(),
                 index.clone(),
-                groups.clone(),
+                caches.clone(),
                 config.max_queue_depth,
             ),
             new_heads.clone(),
@@ -142,7 +142,7 @@ impl SledBackend {
             commit,
             group_locks: Mutex::new(GroupLocks::default()),
             new_heads,
-            groups,
+            caches,
         })
     }
 
@@ -179,7 +179,15 @@ impl Backend for SledBackend {
     type GroupGuard = OwnedMutexGuard<()>;
 
     async fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, StoreError> {
-        self.layout.client(id)
+        let start = match self.caches.clients.get(id) {
+            Ok(record) => return Ok(Some(ClientRecord::clone(&record))),
+            Err(start) => start,
+        };
+        let record = self.layout.client(id)?;
+        if let Some(r) = &record {
+            self.caches.clients.offer(id, &Arc::new(r.clone()), start);
+        }
+        Ok(record)
     }
 
     async fn key_packages(&self, owner: &ClientId) -> Result<Vec<KeyPackageRecord>, StoreError> {
@@ -241,7 +249,7 @@ impl Backend for SledBackend {
     }
 
     async fn group(&self, id: &GroupId) -> Result<Option<Arc<GroupRecord>>, StoreError> {
-        let start = match self.groups.get(id) {
+        let start = match self.caches.groups.get(id) {
             Ok(record) => return Ok(Some(record)),
             Err(start) => start,
         };
@@ -250,7 +258,7 @@ impl Backend for SledBackend {
             .get(self.layout.trees.groups, id.as_bytes())?
             .map(Arc::new);
         if let Some(r) = &record {
-            self.groups.offer(id, r, start);
+            self.caches.groups.offer(id, r, start);
         }
         Ok(record)
     }
