@@ -8,7 +8,9 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::codec::{decode_entity, decode_list_values, encode_entity, encode_key, to_json_value};
+use crate::codec::{
+    decode_entity, decode_item, decode_list_items, encode_entity, encode_item, encode_key,
+};
 use crate::error::StorageError;
 use crate::store::SledStorage;
 use crate::trees::Family;
@@ -60,11 +62,13 @@ impl SledStorage {
         family: Family,
         key: &K,
     ) -> Result<Vec<V>, StorageError> {
+        let tree = family.tree_name();
         let k = self.entity_key(family, key)?;
-        match self.raw_get(family.index(), &k)? {
-            Some(bytes) => decode_entity(family.tree_name(), &k, &bytes),
-            None => Ok(Vec::new()),
-        }
+        let bytes = self.raw_get(family.index(), &k)?;
+        decode_list_items(tree, &k, bytes.as_deref())?
+            .iter()
+            .map(|item| decode_item(tree, &k, item))
+            .collect()
     }
 
     /// Append one item to a list.
@@ -76,10 +80,10 @@ impl SledStorage {
     ) -> Result<(), StorageError> {
         let tree = family.tree_name();
         let k = self.entity_key(family, key)?;
-        let item = to_json_value(tree, item)?;
+        let item = encode_item(tree, item)?;
         self.transaction(|s| {
             let current = s.raw_get(family.index(), &k)?;
-            let mut list = decode_list_values(tree, &k, current.as_deref())?;
+            let mut list = decode_list_items(tree, &k, current.as_deref())?;
             list.push(item);
             s.raw_set(family.index(), k, Some(encode_entity(tree, &list)?))
         })
@@ -94,13 +98,13 @@ impl SledStorage {
     ) -> Result<(), StorageError> {
         let tree = family.tree_name();
         let k = self.entity_key(family, key)?;
-        let item = to_json_value(tree, item)?;
+        let item = encode_item(tree, item)?;
         self.transaction(|s| {
             let current = s.raw_get(family.index(), &k)?;
             if current.is_none() {
                 return Ok(());
             }
-            let mut list = decode_list_values(tree, &k, current.as_deref())?;
+            let mut list = decode_list_items(tree, &k, current.as_deref())?;
             if let Some(pos) = list.iter().position(|v| *v == item) {
                 list.remove(pos);
             }
@@ -263,7 +267,7 @@ mod virtual_clients {
         ) -> Result<(), StorageError> {
             let tree = Family::VcRetainedMaterial.tree_name();
             self.transaction(|s| {
-                let old: Option<Retained<serde_json::Value>> =
+                let old: Option<Retained<serde::de::IgnoredAny>> =
                     s.get_entity(Family::VcRetainedMaterial, hash_ref)?;
                 if let Some(old) = old {
                     let idx =

@@ -27,12 +27,13 @@ use crate::sled_conf;
 use crate::trees::{namespace_prefix, Family, APP_TREE_PREFIX, META_TREE};
 
 /// Format of the whole database (layout of trees, keys and value encodings).
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// 3: OpenMLS entities in MessagePack (1 and 2, with JSON, are refused).
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// The same format with every row sealed (`crate::encryption`): a build that
 /// does not know encryption refuses it as newer instead of adding plain
 /// rows beside sealed ones, and a store that lost its encryption record is
 /// told apart from an unencrypted one.
-pub(crate) const FORMAT_SEALED: u32 = 2;
+pub(crate) const FORMAT_SEALED: u32 = 4;
 pub(crate) const FORMAT_KEY: &[u8] = b"format_version";
 const OPENMLS_VERSION_KEY: &[u8] = b"openmls_storage_version";
 /// The [`EncryptionRecord`] of an encrypted store.

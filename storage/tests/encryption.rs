@@ -43,8 +43,8 @@ fn all_bytes(dir: &Path) -> Vec<u8> {
     out
 }
 
-/// The forms a byte string takes in a plain store: raw, as serde_json's
-/// array of numbers (OpenMLS values), and as hex.
+/// The forms a byte string takes in a plain store: raw (OpenMLS values, in
+/// MessagePack), as serde_json's array of numbers (OpenMLS keys), and as hex.
 fn forms(bytes: &[u8]) -> Vec<Vec<u8>> {
     let numbers: Vec<String> = bytes.iter().map(u8::to_string).collect();
     vec![

@@ -14,7 +14,8 @@
 //!   MLS_DS_SCALE_MEMBERS=100,1000,2000,5000,10000 (commits adding up to 100 members,
 //!   the joiners registered with one key package each and offline). At each
 //!   size: the last add commit's bundle and server CPU, then 20 self-update
-//!   commits (bundle bytes, server CPU, disk per epoch) and 20 GroupInfo
+//!   commits (bundle bytes, server CPU, disk per epoch, and the committer's
+//!   own time to stage and merge each, with its store) and 20 GroupInfo
 //!   fetches (response bytes, server CPU), and the server's resident memory.
 //!   The member added last is a real client: at the end it joins from its
 //!   Welcome, catches up and sends messages to everyone, which the creator
@@ -289,19 +290,39 @@ async fn queued_point(n: u64, offline_members: usize) {
 
 /// Commit `stage`'s bundle as `creator` and merge it: its size in bytes and
 /// the server CPU it took.
+/// What one commit cost.
+#[derive(Clone, Copy, Default)]
+struct Committed {
+    /// The bundle's bytes.
+    bytes: usize,
+    /// The server's CPU seconds for it.
+    server_cpu: f64,
+    /// The committer's own time (staging and merging, with its store's
+    /// writes), in seconds.
+    client: f64,
+}
+
 async fn commit(
     creator: &mut RawMember,
     pid: u32,
     stage: impl FnOnce(&mut RawMember) -> (Vec<u8>, Option<Vec<u8>>, Vec<u8>),
-) -> (usize, f64) {
+) -> Committed {
     let gid = creator.gid();
+    let t0 = Instant::now();
     let (c, w, gi) = stage(creator);
+    let mut client = t0.elapsed();
     let bytes = c.len() + w.as_ref().map_or(0, Vec::len) + gi.len();
     let cpu0 = cpu_seconds(pid);
     creator.api.commit(&gid, c, w, gi).await.expect("commit");
-    let cpu = cpu_seconds(pid) - cpu0;
+    let server_cpu = cpu_seconds(pid) - cpu0;
+    let t1 = Instant::now();
     creator.merge();
-    (bytes, cpu)
+    client += t1.elapsed();
+    Committed {
+        bytes,
+        server_cpu,
+        client: client.as_secs_f64(),
+    }
 }
 
 async fn members(sizes: Vec<u64>) {
@@ -323,7 +344,7 @@ async fn members(sizes: Vec<u64>) {
     let last = sizes.iter().copied().max().unwrap_or(0);
     let mut size = 1u64;
     for target in sizes {
-        let mut last_add = (0, 0.0);
+        let mut last_add = Committed::default();
         while size < target {
             let n = ADD_CHUNK.min(target - size);
             let mut names: Vec<String> = (size..size + n).map(|i| format!("member-{i}")).collect();
@@ -343,10 +364,10 @@ async fn members(sizes: Vec<u64>) {
             size += n;
         }
         let disk0 = disk_bytes(&data);
-        let (mut bundle, mut cpu) = (0, 0.0);
+        let (mut bundle, mut cpu, mut client) = (0, 0.0, 0.0);
         for _ in 0..ROUNDS {
-            let (b, c) = commit(&mut creator, pid, RawMember::stage_update).await;
-            (bundle, cpu) = (bundle + b, cpu + c);
+            let c = commit(&mut creator, pid, RawMember::stage_update).await;
+            (bundle, cpu, client) = (bundle + c.bytes, cpu + c.server_cpu, client + c.client);
         }
         let per_epoch = (disk_bytes(&data) as f64 - disk0 as f64) / ROUNDS as f64;
         let (mut info_bytes, cpu0) = (0, cpu_seconds(pid));
@@ -358,13 +379,15 @@ async fn members(sizes: Vec<u64>) {
         let r = ROUNDS as f64;
         println!(
             "members {size}: add of {ADD_CHUNK}: bundle {:.0} KiB, {:.1} ms CPU; \
-             self-update commit: bundle {:.0} KiB, {:.1} ms CPU, {:.0} KiB disk/epoch; \
+             self-update commit: bundle {:.0} KiB, {:.1} ms CPU, {:.0} KiB disk/epoch, \
+             committer {:.1} ms; \
              GroupInfo fetch: {:.0} KiB, {:.1} ms CPU; server RSS {:.0} MiB",
-            last_add.0 as f64 / KIB,
-            last_add.1 * 1e3,
+            last_add.bytes as f64 / KIB,
+            last_add.server_cpu * 1e3,
             bundle as f64 / r / KIB,
             cpu / r * 1e3,
             per_epoch / KIB,
+            client / r * 1e3,
             info_bytes as f64 / r / KIB,
             info_cpu / r * 1e3,
             rss_mib(&server),
