@@ -68,17 +68,27 @@ impl ReplayGuard {
     }
 }
 
+/// Most sessions one client holds at once; opening one more ends its
+/// oldest. A client keeps one session per running instance (an app and
+/// its background process, a few devices restored from one backup), so
+/// this is generous for it, while one client id (or a stolen key) that
+/// opens sessions in a loop pushes out only its own, not everyone else's.
+pub(crate) const MAX_SESSIONS_PER_CLIENT: usize = 32;
+
 /// Open sessions by id, and their ids in the order they expire: every
 /// session lives as long, so that is the order they were opened. Expired
 /// sessions are reclaimed from the front at each opening, and a full table
 /// gives up its oldest session for the new one, so nobody is locked out
-/// and no opening sweeps the table.
+/// and no opening sweeps the table. Each client's sessions are also listed
+/// apart (at most [`MAX_SESSIONS_PER_CLIENT`]), oldest first.
 #[derive(Default)]
 struct Sessions {
     by_id: HashMap<[u8; SESSION_ID_LEN], Session>,
     /// May name sessions already gone (ended, or expired when used); they
     /// leave when they reach the front.
     by_expiry: VecDeque<(u64, [u8; SESSION_ID_LEN])>,
+    /// Each client's live sessions, oldest first.
+    by_client: HashMap<ClientId, VecDeque<[u8; SESSION_ID_LEN]>>,
 }
 
 impl Sessions {
@@ -99,7 +109,7 @@ impl Sessions {
                 .get(&id)
                 .is_some_and(|s| s.expires_ms == expires_ms)
             {
-                self.by_id.remove(&id);
+                self.remove(&id);
                 if expires_ms >= now {
                     evicted += 1;
                 }
@@ -108,9 +118,55 @@ impl Sessions {
         evicted
     }
 
-    fn insert(&mut self, id: [u8; SESSION_ID_LEN], session: Session) {
+    /// Add a session; returns whether its client's oldest session had to
+    /// end for it.
+    fn insert(&mut self, id: [u8; SESSION_ID_LEN], session: Session) -> bool {
+        let own = self.by_client.entry(session.client.clone()).or_default();
+        own.push_back(id);
+        let oldest = (own.len() > MAX_SESSIONS_PER_CLIENT)
+            .then(|| own.pop_front())
+            .flatten();
         self.by_expiry.push_back((session.expires_ms, id));
         self.by_id.insert(id, session);
+        // Its entry in `by_expiry` leaves when it reaches the front.
+        let replaced = oldest.is_some_and(|old| self.by_id.remove(&old).is_some());
+        // Entries of sessions gone before their turn (ended, replaced) wait
+        // behind the oldest live one; a client opening sessions in a loop
+        // must not grow the queue without bound. Dropping them once they
+        // outnumber the live ones costs O(1) per opening, amortised.
+        if self.by_expiry.len() > 2 * self.by_id.len() + 1024 {
+            let by_id = &self.by_id;
+            self.by_expiry.retain(|(expires_ms, id)| {
+                by_id.get(id).is_some_and(|s| s.expires_ms == *expires_ms)
+            });
+        }
+        replaced
+    }
+
+    /// Drop one session.
+    fn remove(&mut self, id: &[u8; SESSION_ID_LEN]) {
+        let Some(session) = self.by_id.remove(id) else {
+            return;
+        };
+        if let Some(own) = self.by_client.get_mut(&session.client) {
+            // At most MAX_SESSIONS_PER_CLIENT long.
+            own.retain(|other| other != id);
+            if own.is_empty() {
+                self.by_client.remove(&session.client);
+            }
+        }
+    }
+
+    /// Drop every session of `client`.
+    fn remove_client(&mut self, client: &ClientId) {
+        for id in self.by_client.remove(client).unwrap_or_default() {
+            self.by_id.remove(&id);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.by_client.clear();
     }
 }
 
@@ -273,7 +329,7 @@ impl Authenticator {
             .get_mut(&token.session_id)
             .ok_or_else(|| DsError::Unauthenticated("unknown or expired session".into()))?;
         if s.expires_ms < now_ms() {
-            sessions.by_id.remove(&token.session_id);
+            sessions.remove(&token.session_id);
             return Err(DsError::Unauthenticated("session expired".into()));
         }
         if !auth::verify_mac(&s.key, &payload, &token.mac) {
@@ -305,7 +361,7 @@ impl Authenticator {
                 "session table full: the oldest session gave way to a new one"
             );
         }
-        sessions.insert(
+        let replaced = sessions.insert(
             id,
             Session {
                 client: client.clone(),
@@ -314,6 +370,12 @@ impl Authenticator {
                 replay: ReplayGuard::default(),
             },
         );
+        if replaced {
+            tracing::debug!(
+                client = %client,
+                "client at its session limit: its oldest session gave way to a new one"
+            );
+        }
         Ok(SessionCreated {
             session_id: id,
             session_key: key,
@@ -351,9 +413,7 @@ impl Authenticator {
     /// Drop every session of a client that was deleted or recovered with a
     /// new key, and end its queue streams.
     pub fn end_sessions(&self, client: &ClientId) {
-        lock(&self.sessions)
-            .by_id
-            .retain(|_, s| &s.client != client);
+        lock(&self.sessions).remove_client(client);
         *lock(&self.ended).entry(client.clone()).or_default() += 1;
         self.ended_tx.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -361,7 +421,7 @@ impl Authenticator {
     /// Drop every session and end every queue stream (credential changes
     /// elsewhere may have been missed).
     pub fn end_all_sessions(&self) {
-        lock(&self.sessions).by_id.clear();
+        lock(&self.sessions).clear();
         self.all_ended
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.ended_tx.send_modify(|n| *n = n.wrapping_add(1));
@@ -434,6 +494,36 @@ mod tests {
         }
         assert_eq!(a.session_count(), 3);
         assert!(lock(&a.sessions).by_expiry.len() <= 3 + 3);
+    }
+
+    #[test]
+    fn a_client_at_its_limit_ends_only_its_own_oldest_session() {
+        let a = Authenticator::new(3_600_000, MAX_SESSIONS_PER_CLIENT + 8);
+        let other = ClientId::new("other").unwrap();
+        let kept = a.open_session(&other).unwrap();
+        let c = ClientId::new("c").unwrap();
+        let opened: Vec<SessionCreated> = (0..3000).map(|_| a.open_session(&c).unwrap()).collect();
+        assert!(
+            session_of(&a, &kept).is_ok(),
+            "the other client keeps its session"
+        );
+        assert_eq!(a.session_count(), MAX_SESSIONS_PER_CLIENT + 1);
+        let first_live = opened.len() - MAX_SESSIONS_PER_CLIENT;
+        for (i, created) in opened.iter().enumerate() {
+            assert_eq!(
+                session_of(&a, created).is_ok(),
+                i >= first_live,
+                "session {i}"
+            );
+        }
+        // The sessions that gave way do not pile up in the expiry order.
+        let sessions = lock(&a.sessions);
+        assert!(sessions.by_expiry.len() <= 2 * sessions.by_id.len() + 1024 + 1);
+        assert_eq!(sessions.by_client[&c].len(), MAX_SESSIONS_PER_CLIENT);
+        drop(sessions);
+        a.end_sessions(&c);
+        assert_eq!(a.session_count(), 1);
+        assert!(!lock(&a.sessions).by_client.contains_key(&c));
     }
 
     #[test]
