@@ -51,6 +51,7 @@ mod provider;
 mod sled_conf;
 mod sled_files;
 mod store;
+mod tree_copy;
 pub mod trees;
 
 pub use bundle::{ProviderTransaction, SledProvider};

@@ -278,21 +278,7 @@ impl Store {
         for name in self.shared.db.tree_names() {
             let from = self.shared.db.open_tree(&name)?;
             let to = copy.open_tree(&name)?;
-            let mut batch = sled::Batch::default();
-            let mut in_batch = 0usize;
-            for item in from.iter() {
-                let (k, v) = item?;
-                batch.insert(k, v);
-                in_batch += 1;
-                report.entries += 1;
-                if in_batch == EXPORT_BATCH {
-                    to.apply_batch(std::mem::take(&mut batch))?;
-                    in_batch = 0;
-                }
-            }
-            if in_batch > 0 {
-                to.apply_batch(batch)?;
-            }
+            report.entries += crate::tree_copy::copy_tree(&from, &to)?;
             report.trees += 1;
         }
         copy.flush()?;
@@ -511,11 +497,6 @@ fn check_format(db: &sled::Db) -> Result<u32, StorageError> {
         }
     }
 }
-
-/// Entries per sled batch when [`Store::export_to`] copies a tree: large
-/// enough to make the per-batch log seal negligible, small enough to bound
-/// the memory a copy of a big tree holds at once.
-const EXPORT_BATCH: usize = 4096;
 
 /// What [`Store::export_to`] copied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
