@@ -44,20 +44,31 @@ pub(crate) fn encode_key<K: Serialize + ?Sized>(
     })
 }
 
+/// Appends `value` to `out` in the MessagePack form the project stores
+/// OpenMLS values in: byte strings as single `bin` values. Without that,
+/// rmp-serde writes OpenMLS's byte vectors (keys, signatures, tree nodes)
+/// as arrays of one integer per byte: twice the size and an encoder call
+/// per byte. The delivery service encodes its groups' `PublicGroup`
+/// entities with this too.
+pub fn write_msgpack<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), rmp_serde::encode::Error> {
+    let mut serializer =
+        rmp_serde::Serializer::new(out).with_bytes(rmp_serde::config::BytesMode::ForceIterables);
+    value.serialize(&mut serializer)
+}
+
 /// `value` in MessagePack, appended to `out`.
 fn encode_into<T: Serialize + ?Sized>(
     tree: &str,
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), StorageError> {
-    let mut serializer =
-        rmp_serde::Serializer::new(out).with_bytes(rmp_serde::config::BytesMode::ForceIterables);
-    value
-        .serialize(&mut serializer)
-        .map_err(|e| StorageError::Encode {
-            tree: tree.to_owned(),
-            reason: e.to_string(),
-        })
+    write_msgpack(value, out).map_err(|e| StorageError::Encode {
+        tree: tree.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// One MessagePack value that must fill `body` exactly.

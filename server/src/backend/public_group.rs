@@ -101,15 +101,11 @@ impl PublicGroupStore {
     }
 }
 
-/// MessagePack with byte strings as `bin` values: OpenMLS's byte vectors
-/// (keys, signatures, tree nodes) would otherwise be arrays of one integer
-/// per byte, twice the size and an encoder call per byte.
+/// The project's MessagePack form of OpenMLS values (byte strings as `bin`
+/// values), shared with the client stores.
 fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    value.serialize(
-        &mut rmp_serde::Serializer::new(&mut out)
-            .with_bytes(rmp_serde::config::BytesMode::ForceIterables),
-    )?;
+    mls_ds_storage::codec::write_msgpack(value, &mut out)?;
     Ok(out)
 }
 
