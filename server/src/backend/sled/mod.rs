@@ -17,6 +17,7 @@ pub(crate) mod admin;
 mod apply;
 mod batch;
 mod group_commit;
+mod id_deque;
 mod job;
 pub(crate) mod layout;
 mod queue_index;

@@ -16,13 +16,14 @@
 //! body cache) under that one mutex; split apart, each would reach into
 //! the others' fields.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use mls_ds_protocol::ClientId;
 use tokio::sync::Notify;
 
+use super::id_deque::IdDeque;
 use super::layout;
 use crate::backend::page::entry_size;
 use crate::backend::records::StoredMessage;
@@ -40,7 +41,7 @@ pub(crate) struct ClientQueue {
     pub(crate) visible: u64,
     /// Message ids at sequence numbers `acked + 1 ..= acked + ids.len()`,
     /// including entries not yet visible.
-    pub(crate) ids: VecDeque<u64>,
+    pub(crate) ids: IdDeque,
     /// The client deleted itself: nothing is queued for it any more.
     pub(crate) deleted: bool,
     notify: Arc<Notify>,
@@ -51,7 +52,7 @@ impl ClientQueue {
         ClientQueue {
             acked,
             visible: acked,
-            ids: VecDeque::new(),
+            ids: IdDeque::default(),
             deleted: false,
             notify: Arc::new(Notify::new()),
         }
@@ -68,7 +69,7 @@ impl ClientQueue {
             .unwrap_or(usize::MAX)
             .min(self.ids.len());
         self.acked = self.acked.max(up_to);
-        self.ids.drain(..n).collect()
+        self.ids.drain_front(n)
     }
 }
 
@@ -283,7 +284,7 @@ impl IndexState {
         for a in assignments.iter().rev() {
             for (client, _) in &a.entries {
                 if let Some(cq) = self.clients.get_mut(client) {
-                    if cq.ids.back() == Some(&a.message_id) {
+                    if cq.ids.back() == Some(a.message_id) {
                         cq.ids.pop_back();
                     }
                 }
@@ -406,13 +407,14 @@ impl IndexState {
         let mut marks = Vec::new();
         let mut popped = Vec::new();
         for (client, cq) in self.clients.iter_mut() {
-            let mut n = 0u64;
             // Only visible entries: one not yet durable is never old.
-            while cq.ids.get(n as usize).is_some_and(|id| *id < boundary)
-                && cq.acked + n < cq.visible
-            {
-                n += 1;
-            }
+            let visible = usize::try_from(cq.visible - cq.acked).unwrap_or(usize::MAX);
+            let n = cq
+                .ids
+                .iter_from(0)
+                .take(visible)
+                .take_while(|id| *id < boundary)
+                .count() as u64;
             if n > 0 {
                 let mark = cq.acked + n;
                 popped.extend(cq.advance(mark));
@@ -470,17 +472,12 @@ impl IndexState {
         let start = after.max(cq.acked);
         let end = cq.visible.min(start.saturating_add(limit as u64));
         let mut rows = Vec::new();
-        for seq in start + 1..=end {
-            let Some(id) = usize::try_from(seq - cq.acked - 1)
-                .ok()
-                .and_then(|i| cq.ids.get(i))
-            else {
-                break;
-            };
+        let first = usize::try_from(start - cq.acked).unwrap_or(usize::MAX);
+        for (seq, id) in (start + 1..=end).zip(cq.ids.iter_from(first)) {
             rows.push(Row {
                 seq,
-                message_id: *id,
-                cached: cache.get(id).map(|c| c.message.clone()),
+                message_id: id,
+                cached: cache.get(&id).map(|c| c.message.clone()),
             });
         }
         Rows {
@@ -634,7 +631,7 @@ mod tests {
         s.unassign(&[full]);
         let q = s.client(&a);
         assert_eq!(
-            (q.acked, q.ids.iter().copied().collect::<Vec<_>>()),
+            (q.acked, q.ids.to_vec()),
             (0, vec![id(1), id(2), id(3), id(4)])
         );
         assert_eq!(s.overflow_drops, 0);
