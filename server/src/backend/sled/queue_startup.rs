@@ -116,6 +116,9 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
     let mut state = IndexState::new(queues_at_start(layout)?, 1);
     let mut orphans = Vec::new();
     let mut envelopes = 0;
+    // Collected, then built at once: a map built from sorted entries fills
+    // its nodes, where one insert after another leaves them half full.
+    let mut batches = Vec::new();
     let tree = layout.trees.delivery;
     for_each_batch(layout, 0, |number, value| {
         state.next_batch = state.next_batch.max(number.saturating_add(1));
@@ -162,10 +165,11 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
         if meta.refs == 0 {
             orphans.push(number);
         } else {
-            state.batches.insert(number, meta);
+            batches.push((number, meta));
         }
         Ok(())
     })?;
+    state.batches = batches.into_iter().collect();
     for cq in state.clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
     }
