@@ -408,7 +408,8 @@ impl IndexState {
         let mut popped = Vec::new();
         for (client, cq) in self.clients.iter_mut() {
             // Only visible entries: one not yet durable is never old.
-            let visible = usize::try_from(cq.visible - cq.acked).unwrap_or(usize::MAX);
+            let visible =
+                usize::try_from(cq.visible.saturating_sub(cq.acked)).unwrap_or(usize::MAX);
             let n = cq
                 .ids
                 .iter_from(0)
@@ -668,5 +669,22 @@ mod tests {
         let r = s.expire(1_000);
         assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
         assert_eq!(s.client(&a).ids.len(), 1, "the entry not yet durable stays");
+    }
+
+    #[test]
+    fn expiry_passes_a_deleted_client_acknowledged_past_its_visible_head() {
+        let mut s = fresh();
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        let old = put(&mut s, std::slice::from_ref(&a), 100, u64::MAX);
+        visible(&mut s, &old);
+        let _pending = put(&mut s, &[a.clone(), b.clone()], 100, u64::MAX);
+        s.delete_client(&b);
+        let q = s.client(&b);
+        assert!(
+            q.acked > q.visible,
+            "deletion acknowledged an entry not yet visible"
+        );
+        let r = s.expire(1_000);
+        assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
     }
 }
