@@ -33,7 +33,7 @@ impl Chunk {
         }
         Chunk {
             first: ids.first().copied().unwrap_or(0),
-            // At most CHUNK + 1 ids are sealed together (see push_front).
+            // At most CHUNK ids are sealed together.
             len: u8::try_from(ids.len()).unwrap_or(u8::MAX),
             rest: rest.into_boxed_slice(),
         }
@@ -85,12 +85,21 @@ pub(crate) struct IdDeque {
     skip: usize,
     /// The newest ids, after every sealed one.
     open: Vec<u64>,
-    len: usize,
 }
 
 impl IdDeque {
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.sealed_len() + self.open.len()
+    }
+
+    /// Ids left in `sealed[0]`.
+    fn first_live(&self) -> usize {
+        self.sealed.front().map_or(0, |c| c.len() - self.skip)
+    }
+
+    /// Ids in sealed chunks: only the first may hold fewer than CHUNK.
+    fn sealed_len(&self) -> usize {
+        self.first_live() + self.sealed.len().saturating_sub(1) * CHUNK
     }
 
     pub(crate) fn push_back(&mut self, id: u64) {
@@ -105,12 +114,10 @@ impl IdDeque {
             self.open.reserve_exact(4);
         }
         self.open.push(id);
-        self.len += 1;
     }
 
     /// Put `id` back in front (an undone acknowledgement or drop).
     pub(crate) fn push_front(&mut self, id: u64) {
-        self.len += 1;
         let Some(front) = self.sealed.front() else {
             self.open.insert(0, id);
             return;
@@ -150,14 +157,12 @@ impl IdDeque {
             };
             self.open = last.iter().skip(skip).collect();
         }
-        let id = self.open.pop()?;
-        self.len -= 1;
-        Some(id)
+        self.open.pop()
     }
 
     /// Remove the `n` oldest ids (all if fewer), returning them.
     pub(crate) fn drain_front(&mut self, n: usize) -> Vec<u64> {
-        let n = n.min(self.len);
+        let n = n.min(self.len());
         let taken: Vec<u64> = self.iter_from(0).take(n).collect();
         let mut left = n;
         while let Some(front) = self.sealed.front() {
@@ -175,22 +180,20 @@ impl IdDeque {
         if self.open.is_empty() && self.open.capacity() > 4 {
             self.open = Vec::new();
         }
-        self.len -= n;
         taken
     }
 
     /// The ids from the `start`th (0 is the oldest) to the newest.
     pub(crate) fn iter_from(&self, start: usize) -> impl Iterator<Item = u64> + '_ {
         // Find the chunk holding `start`: only the first may be short.
-        let first_live = self.sealed.front().map_or(0, |c| c.len() - self.skip);
+        let first_live = self.first_live();
         let (chunk, offset) = if start < first_live {
             (0, start + self.skip)
         } else {
             let past = start - first_live;
             (1 + past / CHUNK, past % CHUNK)
         };
-        let sealed_ids: usize = first_live + self.sealed.len().saturating_sub(1) * CHUNK;
-        let open_start = start.saturating_sub(sealed_ids).min(self.open.len());
+        let open_start = start.saturating_sub(self.sealed_len()).min(self.open.len());
         self.sealed
             .range(chunk.min(self.sealed.len())..)
             .enumerate()
@@ -201,7 +204,7 @@ impl IdDeque {
     /// Every id, oldest first, in a plain vector.
     #[cfg(test)]
     pub(crate) fn to_vec(&self) -> Vec<u64> {
-        let mut out: Vec<u64> = Vec::with_capacity(self.len);
+        let mut out: Vec<u64> = Vec::with_capacity(self.len());
         for (i, c) in self.sealed.iter().enumerate() {
             out.extend(c.iter().skip(if i == 0 { self.skip } else { 0 }));
         }
