@@ -23,7 +23,7 @@ use mls_ds_storage::{StorageError, Store, StoreConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::backend::records::GroupId;
-use crate::backend::sled::{admin as sled_admin, layout::Layout};
+use crate::backend::sled::{admin as sled_admin, layout::Layout, layout::StoreTuning};
 use crate::backend::{AdminReport, Backend, StoreError};
 use crate::config::{Limits, Storage};
 use crate::database;
@@ -263,13 +263,15 @@ fn run_offline(
     command: &AdminCommand,
 ) -> Result<AdminReport, StoreError> {
     match command {
-        AdminCommand::Check => sled_admin::check(&Layout::open(data_dir, 64)?),
-        AdminCommand::Stats => sled_admin::stats(&Layout::open(data_dir, 64)?),
-        AdminCommand::Backup(out) => sled_admin::backup(&Layout::open(data_dir, 64)?, out),
+        AdminCommand::Check => sled_admin::check(&Layout::open(data_dir, StoreTuning::admin())?),
+        AdminCommand::Stats => sled_admin::stats(&Layout::open(data_dir, StoreTuning::admin())?),
+        AdminCommand::Backup(out) => {
+            sled_admin::backup(&Layout::open(data_dir, StoreTuning::admin())?, out)
+        }
         AdminCommand::Compact => {
-            let report = sled_admin::compact(&Layout::open(data_dir, 64)?)?;
+            let report = sled_admin::compact(&Layout::open(data_dir, StoreTuning::admin())?)?;
             // Opening the directory again swaps the copy in now.
-            drop(Layout::open(data_dir, 64)?);
+            drop(Layout::open(data_dir, StoreTuning::admin())?);
             Ok(report)
         }
         other => {
@@ -306,7 +308,7 @@ fn restore(data_dir: &Path, from: &Path) -> Result<AdminOutput, AdminError> {
     let backup = Store::open(from, StoreConfig::default()).map_err(|e| failed(&e))?;
     let copied = backup.export_to(data_dir).map_err(|e| failed(&e))?;
     drop(backup);
-    let check = Layout::open(data_dir, 64)
+    let check = Layout::open(data_dir, StoreTuning::admin())
         .and_then(|layout| sled_admin::check(&layout))
         .map_err(|e| failed(&e))?;
     Ok(AdminOutput {

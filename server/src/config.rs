@@ -535,6 +535,13 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_CACHE_MB", default_value_t = 64)]
     pub cache_mb: u64,
 
+    /// sled log writes between the snapshots of its page table written while
+    /// the server runs (at least one per database page; 0: only at start).
+    /// A restart replays the log written since the newest snapshot, so this
+    /// bounds the time a restart takes after a long run.
+    #[arg(long, env = "MLS_DS_SNAPSHOT_EVERY_OPS", default_value_t = 1_000_000)]
+    pub snapshot_every_ops: u64,
+
     /// How long a client may take to send a request head (HTTP/1) or a
     /// request body, in milliseconds; a stalled client loses its connection
     /// or gets 400 then, and gives up its in-flight slot.

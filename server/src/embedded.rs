@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::backend::sled::{SledBackend, SledConfig};
+use crate::backend::sled::{SledBackend, SledConfig, StoreTuning};
 use crate::backend::StoreError;
 use crate::config::{Limits, Registration};
 use crate::rate_limit::Rate;
@@ -51,7 +51,10 @@ pub(crate) fn policy(limits: &Limits) -> Policy {
 /// Open the data directory and build the DS on it.
 pub(crate) fn open(data_dir: &Path, limits: &Limits) -> Result<SledDs, StoreError> {
     let config = SledConfig {
-        cache_mb: limits.cache_mb,
+        store: StoreTuning {
+            cache_mb: limits.cache_mb,
+            snapshot_every_ops: limits.snapshot_every_ops,
+        },
         max_queue_depth: limits.max_queue_depth,
     };
     let backend = SledBackend::open(data_dir, config)?;

@@ -56,6 +56,14 @@ pub struct StoreConfig {
     pub cache_capacity: u64,
     /// Period of sled's background flusher (`None` disables it).
     pub flush_every_ms: Option<u64>,
+    /// Log writes between the snapshots of sled's page table that its
+    /// background flusher writes while the database is open (at least as
+    /// many as the database has pages; 0: none). Opening a database replays
+    /// the log written since its newest snapshot, so this bounds the time an
+    /// open takes after a long run. Honoured by the sled this workspace
+    /// builds with (`storage/vendor/sled`, patch 7); published sled 0.34.7
+    /// ignores it and snapshots only when it opens a database.
+    pub snapshot_after_ops: u64,
     /// Encrypt everything the store keeps under this key (`crate::encryption`
     /// says what that hides). A store is encrypted or not from its creation
     /// on: opening an encrypted one without its key, or an unencrypted one
@@ -69,6 +77,7 @@ impl Default for StoreConfig {
             durability: Durability::Sync,
             cache_capacity: 64 * 1024 * 1024,
             flush_every_ms: Some(500),
+            snapshot_after_ops: 1_000_000,
             encryption: None,
         }
     }
@@ -121,10 +130,12 @@ impl Store {
         sled_conf::remove_if_torn(path)?;
         crate::sled_files::remove_unfinished_snapshots(path)?;
         let open = || {
+            #[allow(deprecated)] // a no-op on published sled (see the field)
             sled::Config::new()
                 .path(path)
                 .cache_capacity(config.cache_capacity)
                 .flush_every_ms(config.flush_every_ms)
+                .snapshot_after_ops(config.snapshot_after_ops)
                 .open()
         };
         // sled releases its file lock from a background thread after the last

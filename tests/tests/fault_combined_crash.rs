@@ -88,6 +88,9 @@ fn dave_member(roster: &[(u64, bool)], epoch: u64) -> bool {
         .is_some_and(|(_, m)| *m)
 }
 
+/// Often enough that sled writes its page-table snapshot many times a run.
+const SNAPSHOT_EVERY_OPS: &str = "200";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_clients_crash_together() {
     let cycles = env_or("MLS_DS_COMBINED_CYCLES", 40);
@@ -124,7 +127,13 @@ async fn crash_together(
         .as_ref()
         .map_or_else(|| dir.to_owned(), |d| d.path().to_owned());
     // Logs and the URL file stay off the disk: they must survive a cut.
-    let mut server = Server::start_logging_to(&root.join("ds"), &dir.join("server.log"), &[]);
+    // sled snapshots its page table while running every few hundred log
+    // writes, so that kills and cuts land before, during and after them.
+    let mut server = Server::start_logging_to(
+        &root.join("ds"),
+        &dir.join("server.log"),
+        &["--snapshot-every-ops", SNAPSHOT_EVERY_OPS],
+    );
     let url_file = dir.join("url");
     publish_url(&url_file, &server.url());
     let open = |url: &str, n: &str| open_client(&root.join(n), url, n, ClientConfig::default());

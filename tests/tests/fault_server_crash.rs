@@ -5,6 +5,10 @@
 //! order, nobody saw a message that was never sent, all members
 //! converge (so no epoch had two commits), and the data directory passes
 //! `mls-ds check`. Cycles: 20 by default, `MLS_DS_FAULT_CYCLES` for soak runs.
+//! Every fourth cycle lasts 0.6-1.5 s instead of 5-80 ms, and the server
+//! snapshots sled's page table every 200 log writes: those kills land after
+//! snapshots written while it ran, which the next start recovers from (at
+//! least one such kill is asserted).
 //!
 //! The same scenario with power cuts: the server's data directory and the
 //! clients' stores live on a `powercut-fs` disk, and at the end of each
@@ -25,6 +29,22 @@ use mls_ds_tests::{env_or, Server};
 use rand::{Rng, SeedableRng};
 
 const NAMES: [&str; 3] = ["alice", "bob", "carol"];
+
+/// Often enough that sled writes its page-table snapshot many times a run.
+const SNAPSHOT_EVERY_OPS: &str = "200";
+
+/// Every this many cycles, one runs long enough for sled's flusher (every
+/// 500 ms) to write page-table snapshots before the kill.
+const LONG_CYCLE_EVERY: u64 = 4;
+
+/// The newest page-table snapshot sled has in `dir` (`snap.<lsn>`).
+fn newest_snapshot(dir: &Path) -> Option<String> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("snap.") && !n.ends_with(".generating"))
+        .max()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sigkilled_under_load() {
@@ -76,7 +96,13 @@ async fn chat_through_crashes(
     }
     let root = data_root(dir, &disk);
     // The log stays off the power-cut disk: it must survive a cut whole.
-    let mut server = Server::start_logging_to(&root.join("ds"), &dir.join("server.log"), &[]);
+    // sled snapshots its page table while running every few hundred log
+    // writes, so that kills and cuts land before, during and after them.
+    let mut server = Server::start_logging_to(
+        &root.join("ds"),
+        &dir.join("server.log"),
+        &["--snapshot-every-ops", SNAPSHOT_EVERY_OPS],
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let open = |url: &str, n: &str| open_client(&root.join(n), url, n, ClientConfig::default());
 
@@ -97,10 +123,18 @@ async fn chat_through_crashes(
     let mut queued: Vec<(usize, String)> = Vec::new();
     let mut received: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
     let mut commits = 0;
+    let mut live_snapshots = 0;
     for cycle in 0..cycles {
         // Load until a SIGKILL lands at a random moment, mid-request or not.
         let pid = server.pid().expect("running");
-        let delay = Duration::from_millis(rng.gen_range(5..80));
+        let long = cycle % LONG_CYCLE_EVERY == LONG_CYCLE_EVERY - 1;
+        let delay = Duration::from_millis(if long {
+            rng.gen_range(600..1500)
+        } else {
+            rng.gen_range(5..80)
+        });
+        // sled wrote this one when it opened the directory.
+        let opened_with = newest_snapshot(server.data_dir());
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
             let _ = std::process::Command::new("kill")
@@ -132,6 +166,9 @@ async fn chat_through_crashes(
         }
         killer.join().unwrap();
         server.kill();
+        if newest_snapshot(server.data_dir()) != opened_with {
+            live_snapshots += 1;
+        }
         // Clients reopen from disk too (their transport must follow the new
         // port); with a disk, the power goes while they are down.
         drop(std::mem::take(&mut clients));
@@ -255,9 +292,16 @@ async fn chat_through_crashes(
     }
     server.stop_and_check();
     assert!(!acknowledged.is_empty());
+    if cycles >= 2 * LONG_CYCLE_EVERY {
+        assert!(
+            live_snapshots > 0,
+            "no kill landed after a snapshot written while running"
+        );
+    }
     let mut summary = format!(
         "{cycles} cycles survived, {} messages acknowledged, {checked} deliveries checked, \
-         {commits} commits, final epoch {epoch}",
+         {commits} commits, final epoch {epoch}, {live_snapshots} kills after a page-table \
+         snapshot written while running",
         acknowledged.len()
     );
     if disk.is_some() {

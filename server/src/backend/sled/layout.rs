@@ -61,6 +61,26 @@ pub(crate) struct Trees {
     pub(crate) sends: Tree,
 }
 
+/// How the DS opens sled.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StoreTuning {
+    /// sled page cache in MiB.
+    pub(crate) cache_mb: u64,
+    /// Log writes between sled's page-table snapshots while running
+    /// ([`StoreConfig::snapshot_after_ops`]).
+    pub(crate) snapshot_every_ops: u64,
+}
+
+impl StoreTuning {
+    /// For the admin commands that open a data directory no server holds.
+    pub(crate) fn admin() -> StoreTuning {
+        StoreTuning {
+            cache_mb: 64,
+            snapshot_every_ops: StoreConfig::default().snapshot_after_ops,
+        }
+    }
+}
+
 /// The opened store and its trees.
 #[derive(Clone)]
 pub(crate) struct Layout {
@@ -74,14 +94,15 @@ impl Layout {
     /// Open the database in `data_dir` the way the DS uses it: the storage
     /// crate's own per-operation flush is off (`Batched`), because the
     /// group commit makes every write set durable before it is answered.
-    pub(crate) fn open(data_dir: &Path, cache_mb: u64) -> Result<Layout, StoreError> {
+    pub(crate) fn open(data_dir: &Path, tuning: StoreTuning) -> Result<Layout, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(mls_ds_storage::StorageError::Io)?;
         let store = Store::open(
             data_dir,
             StoreConfig {
                 durability: Durability::Batched,
-                cache_capacity: cache_mb.saturating_mul(1024 * 1024),
+                cache_capacity: tuning.cache_mb.saturating_mul(1024 * 1024),
                 flush_every_ms: Some(500),
+                snapshot_after_ops: tuning.snapshot_every_ops,
                 ..StoreConfig::default()
             },
         )?;

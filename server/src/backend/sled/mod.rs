@@ -37,6 +37,7 @@ use self::apply::Applier;
 use self::group_commit::GroupCommit;
 use self::job::Job;
 use self::layout::Layout;
+pub(crate) use self::layout::StoreTuning;
 use self::queue_index::QueueIndex;
 use self::record_cache::Caches;
 use super::committing::{committing, Committing};
@@ -54,8 +55,8 @@ use super::{
 /// How to open the sled backend.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SledConfig {
-    /// sled page cache in MiB.
-    pub(crate) cache_mb: u64,
+    /// sled page cache and snapshots.
+    pub(crate) store: StoreTuning,
     /// Most entries a client's queue holds; a full queue drops its oldest.
     pub(crate) max_queue_depth: u64,
 }
@@ -94,7 +95,7 @@ impl SledBackend {
     /// (deleting messages every recipient acknowledged before a crash could
     /// remove them), start the write path.
     pub(crate) fn open(data_dir: &Path, config: SledConfig) -> Result<SledBackend, StoreError> {
-        let layout = Layout::open(data_dir, config.cache_mb)?;
+        let layout = Layout::open(data_dir, config.store)?;
         let loaded = queue_startup::load(&layout, queue_startup::Decode::Fanout)?;
         if !loaded.lost_receipts.is_empty() {
             let tx = layout.storage.begin();

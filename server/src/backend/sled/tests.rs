@@ -12,7 +12,7 @@ use std::time::Duration;
 use mls_ds_protocol::ClientId;
 
 use super::layout;
-use super::{SledBackend, SledConfig};
+use super::{SledBackend, SledConfig, StoreTuning};
 use crate::backend::records::{
     ClientRecord, GroupId, GroupRecord, KeyPackageRecord, StoredMessage,
 };
@@ -27,7 +27,10 @@ fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
     SledBackend::open(
         dir,
         SledConfig {
-            cache_mb: 16,
+            store: StoreTuning {
+                cache_mb: 16,
+                snapshot_every_ops: 1_000_000,
+            },
             max_queue_depth,
         },
     )
@@ -361,7 +364,10 @@ async fn a_gap_is_refused() {
     let refused = SledBackend::open(
         dir.path(),
         SledConfig {
-            cache_mb: 16,
+            store: StoreTuning {
+                cache_mb: 16,
+                snapshot_every_ops: 1_000_000,
+            },
             max_queue_depth: u64::MAX,
         },
     )

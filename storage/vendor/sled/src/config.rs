@@ -209,6 +209,10 @@ pub struct Inner {
     pub print_profile_on_drop: bool,
     #[doc(hidden)]
     pub idgen_persist_interval: u64,
+    /// Patched: log messages between the page-table snapshots that the
+    /// periodic flusher writes; 0 writes none (PATCHES.md, patch 7).
+    #[doc(hidden)]
+    pub snapshot_after_ops: u64,
     #[doc(hidden)]
     pub version: (usize, usize),
     tmp_path: PathBuf,
@@ -237,6 +241,7 @@ impl Default for Inner {
             print_profile_on_drop: false,
             flush_every_ms: Some(500),
             idgen_persist_interval: 1_000_000,
+            snapshot_after_ops: 1_000_000,
             global_error: Arc::new(Atomic::default()),
             #[cfg(feature = "event_log")]
             event_log: Arc::new(crate::event_log::EventLog::default()),
@@ -372,12 +377,21 @@ impl Config {
         self
     }
 
-    #[doc(hidden)]
-    #[deprecated(
-        since = "0.31.0",
-        note = "this does nothing for now. maybe it will come back in the future."
-    )]
-    pub const fn snapshot_after_ops(self, _: u64) -> Self {
+    /// Patched (PATCHES.md, patch 7): the periodic flusher writes a
+    /// snapshot of the page table once at least this many log messages, and
+    /// at least as many as the database has pages, were written since the
+    /// last one, so that opening the database replays only the log written
+    /// since. 0 writes none (published 0.34.7 ignores this setting).
+    pub fn snapshot_after_ops(mut self, ops: u64) -> Self {
+        if Arc::strong_count(&self.0) != 1 {
+            error!(
+                "config has already been used to start \
+                 the system and probably should not be \
+                 mutated",
+            );
+        }
+        let m = Arc::make_mut(&mut self.0);
+        m.snapshot_after_ops = ops;
         self
     }
 

@@ -138,6 +138,14 @@ fn run(
             error!("failed to fsync from periodic flush thread: {}", e);
         }
 
+        // Patched (PATCHES.md, patch 7). A failed snapshot leaves the
+        // previous one in place, which stays a correct starting point.
+        if shutdown.is_running() {
+            if let Err(e) = pagecache.maybe_write_live_snapshot() {
+                warn!("failed to write a page table snapshot: {}", e);
+            }
+        }
+
         let sleep_duration = flush_every
             .checked_sub(before.elapsed())
             .unwrap_or_else(|| Duration::from_millis(1));

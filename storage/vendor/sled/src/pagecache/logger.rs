@@ -20,6 +20,9 @@ pub struct Log {
     /// iobufs is the underlying lock-free IO write buffer.
     pub(crate) iobufs: Arc<IoBufs>,
     pub(crate) config: RunningConfig,
+    /// Patched: log messages reserved since start, for the live snapshot's
+    /// schedule (see `live_snapshot.rs` and PATCHES.md).
+    reservations: AtomicU64,
 }
 
 impl Log {
@@ -28,7 +31,12 @@ impl Log {
     pub fn start(config: RunningConfig, snapshot: &Snapshot) -> Result<Self> {
         let iobufs = Arc::new(IoBufs::start(config.clone(), snapshot)?);
 
-        Ok(Self { iobufs, config })
+        Ok(Self { iobufs, config, reservations: AtomicU64::new(0) })
+    }
+
+    /// Patched: how many log messages were reserved since the log started.
+    pub(crate) fn reservations(&self) -> u64 {
+        self.reservations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Flushes any pending IO buffers to disk to ensure durability.
@@ -158,6 +166,7 @@ impl Log {
         _: &Guard,
     ) -> Result<Reservation<'_>> {
         let _measure = Measure::new(&M.reserve_lat);
+        self.reservations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
         let serialized_len = item.serialized_size();
         let max_buf_len =

@@ -10,6 +10,7 @@ mod disk_pointer;
 mod header;
 mod iobuf;
 mod iterator;
+mod live_snapshot;
 mod pagetable;
 #[cfg(any(all(not(unix), not(windows)), miri))]
 mod parallel_io_polyfill;
@@ -517,6 +518,8 @@ pub struct PageCache {
     idgen_persists: Arc<AtomicU64>,
     idgen_persist_mu: Arc<Mutex<()>>,
     was_recovered: bool,
+    /// Patched: where the newest snapshot stands (`live_snapshot.rs`).
+    live_snapshot: live_snapshot::Mark,
 }
 
 unsafe impl Send for PageCache {}
@@ -657,6 +660,7 @@ impl PageCache {
             idgen: Arc::new(AtomicU64::new(0)),
             idgen_persists: Arc::new(AtomicU64::new(0)),
             was_recovered: false,
+            live_snapshot: live_snapshot::Mark::new(snapshot.stable_lsn),
         };
 
         // now we read it back in
