@@ -1,5 +1,7 @@
 //! Typed calls of the DS API (one method per endpoint), over [`Transport`].
 
+use std::time::Duration;
+
 use hyper::Method;
 use mls_ds_protocol::auth::SessionCreated;
 use mls_ds_protocol::clients::{GroupList, RecoverClient, RegisterClient, Registered};
@@ -337,7 +339,13 @@ impl DsApi {
         let path = paths::queue_page(ack, after, limit, wait_ms);
         let bytes = self
             .transport
-            .send(Method::GET, &path, Vec::new(), AuthMode::Session)
+            .send_waiting(
+                Method::GET,
+                &path,
+                Vec::new(),
+                AuthMode::Session,
+                Duration::from_millis(wait_ms),
+            )
             .await?;
         dec(&bytes)
     }

@@ -77,7 +77,17 @@ pub struct Transport {
     /// before a 429 is returned (default: none; a [`crate::Client`] uses
     /// [`crate::ClientConfig::rate_limit_wait`]).
     pub rate_limit_wait: Duration,
+    /// Longest one request may go without its whole answer, beyond the
+    /// long-poll wait it asks the DS for (default 30 s; a [`crate::Client`]
+    /// uses [`crate::ClientConfig::request_timeout`]). Then it fails with
+    /// [`ClientError::ConnectionLost`], a network error: a DS that accepted
+    /// the connection but stopped answering (a stopped process, a stuck
+    /// proxy) cannot hold a caller forever.
+    pub request_timeout: Duration,
 }
+
+/// [`Transport::request_timeout`] unless set.
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `url` without a trailing slash, if it is an `http://` or `https://` URL
 /// with a host and no path, query or fragment.
@@ -165,6 +175,7 @@ impl Transport {
             session: Mutex::new(None),
             always_sign: false,
             rate_limit_wait: Duration::ZERO,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         })
     }
 
@@ -283,10 +294,24 @@ impl Transport {
         body: Vec<u8>,
         mode: AuthMode,
     ) -> Result<Bytes> {
+        self.send_waiting(method, path_and_query, body, mode, Duration::ZERO)
+            .await
+    }
+
+    /// [`Transport::send`] for a request that asks the DS to hold its answer
+    /// up to `wait` (a long poll): the request's timeout is extended by it.
+    pub async fn send_waiting(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        mode: AuthMode,
+        wait: Duration,
+    ) -> Result<Bytes> {
         let mut waited = Duration::ZERO;
         loop {
             match self
-                .send_authenticated(method.clone(), path_and_query, body.clone(), mode)
+                .send_authenticated(method.clone(), path_and_query, body.clone(), mode, wait)
                 .await
             {
                 Err(e @ ClientError::Server { status: 429, .. }) => {
@@ -313,15 +338,17 @@ impl Transport {
         path_and_query: &str,
         body: Vec<u8>,
         mode: AuthMode,
+        wait: Duration,
     ) -> Result<Bytes> {
         let mode = self.effective(mode);
         match self
-            .send_raw(method.clone(), path_and_query, body.clone(), mode)
+            .send_raw(method.clone(), path_and_query, body.clone(), mode, wait)
             .await
         {
             Err(ClientError::Server { status: 401, .. }) if mode == AuthMode::Session => {
                 *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                self.send_raw(method, path_and_query, body, mode).await
+                self.send_raw(method, path_and_query, body, mode, wait)
+                    .await
             }
             other => other,
         }
@@ -333,12 +360,13 @@ impl Transport {
         path_and_query: &str,
         body: Vec<u8>,
         mode: AuthMode,
+        wait: Duration,
     ) -> Result<Bytes> {
         let authorized = self
             .token(method.as_str(), path_and_query, &body, mode)
             .await?;
         let answer = self
-            .send_once(method, path_and_query, body, authorized.token)
+            .send_once(method, path_and_query, body, authorized.token, wait)
             .await;
         // Held until the answer: by then the DS has checked the counter.
         drop(authorized.lease);
@@ -363,7 +391,13 @@ impl Transport {
     async fn stream_once(&self, path_and_query: &str, mode: AuthMode) -> Result<Incoming> {
         let authorized = self.token("GET", path_and_query, &[], mode).await?;
         let resp = self
-            .request(Method::GET, path_and_query, Vec::new(), authorized.token)
+            .request(
+                Method::GET,
+                path_and_query,
+                Vec::new(),
+                authorized.token,
+                Duration::ZERO,
+            )
             .await?;
         drop(authorized.lease);
         if resp.status() == hyper::StatusCode::OK {
@@ -381,8 +415,11 @@ impl Transport {
         path_and_query: &str,
         body: Vec<u8>,
         token: Option<AuthToken>,
+        wait: Duration,
     ) -> Result<Bytes> {
-        let resp = self.request(method, path_and_query, body, token).await?;
+        let resp = self
+            .request(method, path_and_query, body, token, wait)
+            .await?;
         let status = resp.status().as_u16();
         let retry_after = retry_after(resp.headers());
         let bytes = self.collect(resp.into_body()).await?;
@@ -393,14 +430,22 @@ impl Transport {
     }
 
     async fn collect(&self, body: Incoming) -> Result<Bytes> {
-        Ok(body
-            .collect()
+        let collected = tokio::time::timeout(self.request_timeout, body.collect())
             .await
+            .map_err(|_| self.timed_out(self.request_timeout))?;
+        Ok(collected
             .map_err(|e| ClientError::ConnectionLost {
                 url: self.base.clone(),
                 detail: causes(&e),
             })?
             .to_bytes())
+    }
+
+    fn timed_out(&self, after: Duration) -> ClientError {
+        ClientError::ConnectionLost {
+            url: self.base.clone(),
+            detail: format!("no answer within {} ms", after.as_millis()),
+        }
     }
 
     /// Send one request; its response, whatever the status.
@@ -410,6 +455,7 @@ impl Transport {
         path_and_query: &str,
         body: Vec<u8>,
         token: Option<AuthToken>,
+        wait: Duration,
     ) -> Result<hyper::Response<Incoming>> {
         let mut builder = Request::builder()
             .method(method)
@@ -423,7 +469,11 @@ impl Transport {
         let req = builder
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Usage(format!("bad request to {}: {e}", self.base)))?;
-        self.http.request(req).await.map_err(|e| {
+        let limit = self.request_timeout.saturating_add(wait);
+        let answer = tokio::time::timeout(limit, self.http.request(req))
+            .await
+            .map_err(|_| self.timed_out(limit))?;
+        answer.map_err(|e| {
             let detail = causes(&e);
             if e.is_connect() {
                 ClientError::Unreachable {

@@ -94,3 +94,53 @@ async fn rate_limited_requests_wait_for_retry_after() {
     let e = refused.expect("a 429 once the burst is spent");
     assert!(e.retry_after().is_some_and(|s| s >= 1), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ds_that_stops_answering_times_out_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("ds"), &[]);
+    let url = server.url();
+    let timeout = std::time::Duration::from_millis(700);
+    let open = |name: &str| {
+        Client::open(
+            dir.path().join(name),
+            &url,
+            name,
+            ClientConfig {
+                request_timeout: timeout,
+                ..ClientConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let (alice, bob) = (open("alice"), open("bob"));
+    alice.register().await.unwrap();
+    bob.register().await.unwrap();
+    let gid = alice.create_group(false).await.unwrap();
+    alice.invite(&gid, &["bob"]).await.unwrap();
+    bob.receive(0).await.unwrap();
+    // A long poll longer than the timeout is not cut short by it.
+    let started = std::time::Instant::now();
+    let polled = bob.receive(1_500).await.unwrap();
+    assert!(mls_ds_tests::message_texts(&polled).is_empty());
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1_400));
+
+    // The process stops: its sockets still accept, nothing answers.
+    server.pause();
+    let started = std::time::Instant::now();
+    let err = alice.send(&gid, b"while stopped").await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(&err, ClientError::ConnectionLost { url: u, detail } if *u == url && detail.contains("no answer within")),
+        "{err:?}"
+    );
+    assert!(err.is_network());
+    assert!(waited < 10 * timeout, "gave up after {waited:?}");
+
+    // It goes on: the message left in the outbox goes out under its send
+    // id, and arrives once even if the stopped DS had taken it.
+    server.resume();
+    alice.flush_sends().await.unwrap();
+    let texts = mls_ds_tests::message_texts(&bob.receive(0).await.unwrap());
+    assert_eq!(texts, vec!["while stopped".to_string()]);
+}

@@ -42,6 +42,11 @@ pub struct ClientConfig {
     /// Longest a request waits in total for the DS's rate limit (429 with
     /// `Retry-After`) before the 429 is returned.
     pub rate_limit_wait: Duration,
+    /// Longest one request may go without its whole answer, beyond the
+    /// long-poll wait it asks the DS for; then it fails with
+    /// [`crate::ClientError::ConnectionLost`] (a network error: a message
+    /// stays in the outbox and goes out again under its send id).
+    pub request_timeout: Duration,
     /// Test hook (feature `test-hooks`, which no release build enables): abort
     /// the process after the DS accepted a commit and before it is merged
     /// locally (to test recovery of exactly that window).
@@ -61,6 +66,7 @@ impl Default for ClientConfig {
             store_key: None,
             tls: TlsConfig::default(),
             rate_limit_wait: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             #[cfg(feature = "test-hooks")]
             abort_after_commit_accepted: false,
         }

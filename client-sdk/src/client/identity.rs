@@ -65,6 +65,7 @@ impl Client {
         let pool = HttpPool::with_tls(&config.tls)?;
         let mut transport = Transport::with_pool(ds_url, id.clone(), signer.clone(), pool)?;
         transport.rate_limit_wait = config.rate_limit_wait;
+        transport.request_timeout = config.request_timeout;
         let api = DsApi::new(transport);
         Ok(Client {
             id,

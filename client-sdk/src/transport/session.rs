@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::Method;
 use mls_ds_protocol::auth::{self, AuthToken, SessionAuth, SessionCreated, SESSION_MAX_OVERTAKEN};
@@ -69,7 +70,13 @@ impl Transport {
         }
         let token = self.signature_token("POST", paths::SESSIONS, &[])?;
         let bytes = self
-            .send_once(Method::POST, paths::SESSIONS, Vec::new(), Some(token))
+            .send_once(
+                Method::POST,
+                paths::SESSIONS,
+                Vec::new(),
+                Some(token),
+                Duration::ZERO,
+            )
             .await?;
         let created: SessionCreated =
             decode(&bytes).map_err(|e| ClientError::BadResponse(e.to_string()))?;

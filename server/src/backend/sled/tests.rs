@@ -19,6 +19,12 @@ use crate::backend::records::{
 use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
 
+/// A small page cache; sled's snapshot schedule at its default.
+const TUNING: StoreTuning = StoreTuning {
+    cache_mb: 16,
+    snapshot_every_ops: 1_000_000,
+};
+
 fn open(dir: &Path) -> SledBackend {
     open_with_depth(dir, u64::MAX)
 }
@@ -27,10 +33,7 @@ fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
     SledBackend::open(
         dir,
         SledConfig {
-            store: StoreTuning {
-                cache_mb: 16,
-                snapshot_every_ops: 1_000_000,
-            },
+            store: TUNING,
             max_queue_depth,
         },
     )
@@ -313,7 +316,7 @@ async fn crash_prefixes_of_key_by_key_writes_reopen_cleanly() {
     // `check` on the crashed database finds nothing wrong, and startup
     // deletes the leftover.
     {
-        let l = layout::Layout::open(dir.path(), 16).unwrap();
+        let l = layout::Layout::open(dir.path(), TUNING).unwrap();
         let report = super::queue_startup::verify(&l);
         assert!(report.problems.is_empty(), "{:?}", report.problems);
     }
@@ -353,7 +356,7 @@ async fn a_gap_is_refused() {
         b.flush().unwrap();
     }
     {
-        let l = layout::Layout::open(dir.path(), 16).unwrap();
+        let l = layout::Layout::open(dir.path(), TUNING).unwrap();
         let report = super::queue_startup::verify(&l);
         assert!(
             report.problems.iter().any(|p| p.contains("has a gap")),
@@ -364,10 +367,7 @@ async fn a_gap_is_refused() {
     let refused = SledBackend::open(
         dir.path(),
         SledConfig {
-            store: StoreTuning {
-                cache_mb: 16,
-                snapshot_every_ops: 1_000_000,
-            },
+            store: TUNING,
             max_queue_depth: u64::MAX,
         },
     )
