@@ -605,7 +605,12 @@ impl Node {
             16
         };
 
-        let size_checks = self.data.len() > threshold;
+        let len = self.data.len();
+        let size_checks = if self.data.is_index() || cfg!(any(test, feature = "lock_free_delays")) {
+            len > threshold
+        } else {
+            len > 64 || (len > threshold && self.data.rss() > 4096)
+        };
         let safety_checks = self.merging_child.is_none() && !self.merging;
 
         size_checks && safety_checks
