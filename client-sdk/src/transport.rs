@@ -315,17 +315,17 @@ impl Transport {
                 .await
             {
                 Err(e @ ClientError::Server { status: 429, .. }) => {
-                    let wait = Duration::from_secs(e.retry_after().unwrap_or(1).max(1));
-                    if waited + wait > self.rate_limit_wait {
+                    let pause = Duration::from_secs(e.retry_after().unwrap_or(1).max(1));
+                    if waited + pause > self.rate_limit_wait {
                         return Err(e);
                     }
                     tracing::debug!(
                         path = path_and_query,
-                        wait_s = wait.as_secs(),
+                        wait_s = pause.as_secs(),
                         "rate limited; waiting"
                     );
-                    tokio::time::sleep(wait).await;
-                    waited += wait;
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
                 }
                 other => return other,
             }
