@@ -1,6 +1,11 @@
 //! HTTP(S) transport to the DS: request signing, sessions, and decoding of
 //! error bodies. Connections come from an [`HttpPool`], which speaks plain
 //! HTTP to `http://` URLs and TLS (h2 or http/1.1 by ALPN) to `https://` ones.
+//!
+//! Over 500 lines because one request's path is read best in one place: the
+//! authentication mode, the 401 retry with a new session, the 429 wait and
+//! the timeout all wrap the same send, each a few lines; sessions already
+//! live in `transport/session.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
