@@ -280,9 +280,11 @@ fn run_offline(
                 .enable_all()
                 .build()
                 .map_err(|e| StoreError::Unavailable(format!("cannot start a runtime: {e}")))?;
-            let report = runtime.block_on(on_ds(&ds, other));
-            ds.backend().flush()?;
-            Ok(report)
+            runtime.block_on(async {
+                let report = on_ds(&ds, other).await;
+                ds.backend().shut_down().await?;
+                Ok(report)
+            })
         }
     }
 }

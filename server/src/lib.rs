@@ -205,7 +205,8 @@ async fn serve_embedded(data_dir: &Path, serving: Serving) -> Result<(), ServeEr
     served?;
     if let Some(ds) = cell.get() {
         ds.backend()
-            .flush()
+            .shut_down()
+            .await
             .map_err(|e| ServeError::Flush(e.to_string()))?;
     }
     tracing::info!("flushed; bye");

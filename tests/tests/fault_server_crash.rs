@@ -8,7 +8,12 @@
 //! Every fourth cycle lasts 0.6-1.5 s instead of 5-80 ms, and the server
 //! snapshots sled's page table every 200 log writes: those kills land after
 //! snapshots written while it ran, which the next start recovers from (at
-//! least one such kill is asserted, on the sled backend).
+//! least one such kill is asserted, on the sled backend). Every fifth cycle
+//! ends with a SIGTERM under load instead: the stop must exit 0, and on
+//! sled the next start reads the queue index's checkpoint it left, and is
+//! then killed like any other (at least one such start is asserted); every
+//! second of those stops is cut short by a SIGKILL 0-30 ms after the
+//! SIGTERM, while the server finishes requests or writes that checkpoint.
 //!
 //! The same scenario with power cuts: the server's data directory and the
 //! clients' stores live on a `powercut-fs` disk, and at the end of each
@@ -37,6 +42,9 @@ const SNAPSHOT_EVERY_OPS: &str = "200";
 /// Every this many cycles, one runs long enough for sled's flusher (every
 /// 500 ms) to write page-table snapshots before the kill.
 const LONG_CYCLE_EVERY: u64 = 4;
+
+/// Every this many cycles, one ends with a graceful stop.
+const CLEAN_STOP_EVERY: u64 = 5;
 
 /// The newest page-table snapshot sled has in `dir` (`snap.<lsn>`).
 fn newest_snapshot(dir: &Path) -> Option<String> {
@@ -80,7 +88,8 @@ fn data_root(dir: &Path, disk: &Option<PowerCutDisk>) -> PathBuf {
 }
 
 /// The scenario: `cycles` of load, each ended by a SIGKILL of the server
-/// (and, with a `disk`, a power cut under the server and the clients).
+/// (every fifth by a SIGTERM) and, with a `disk`, a power cut under the
+/// server and the clients.
 /// Returns the figures.
 async fn chat_through_crashes(
     dir: &Path,
@@ -125,6 +134,8 @@ async fn chat_through_crashes(
     let mut received: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
     let mut commits = 0;
     let mut live_snapshots = 0;
+    let mut clean_stops = 0;
+    let mut stops_cut_short = 0;
     for cycle in 0..cycles {
         // Load until a SIGKILL lands at a random moment, mid-request or not.
         let pid = server.pid().expect("running");
@@ -134,13 +145,27 @@ async fn chat_through_crashes(
         } else {
             rng.gen_range(5..80)
         });
+        let clean = cycle % CLEAN_STOP_EVERY == CLEAN_STOP_EVERY - 2;
+        let cut_short = (clean && cycle % (2 * CLEAN_STOP_EVERY) >= CLEAN_STOP_EVERY)
+            .then(|| Duration::from_millis(rng.gen_range(0..30)));
         // sled wrote this one when it opened the directory.
         let opened_with = newest_snapshot(server.data_dir());
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            let kill = |signal: &str| {
+                let _ = std::process::Command::new("kill")
+                    .args([signal, &pid.to_string()])
+                    .status();
+            };
+            if clean {
+                kill("-TERM");
+            }
+            if let Some(after) = cut_short {
+                std::thread::sleep(after);
+            }
+            if !clean || cut_short.is_some() {
+                kill("-KILL");
+            }
         });
         for op in 0.. {
             if killer.is_finished() {
@@ -166,9 +191,17 @@ async fn chat_through_crashes(
             }
         }
         killer.join().unwrap();
-        server.kill();
-        if newest_snapshot(server.data_dir()) != opened_with {
-            live_snapshots += 1;
+        if clean && cut_short.is_none() {
+            assert!(server.stop(), "cycle {cycle}: a stop under load exits 0");
+            clean_stops += 1;
+        } else if clean {
+            server.kill();
+            stops_cut_short += 1;
+        } else {
+            server.kill();
+            if newest_snapshot(server.data_dir()) != opened_with {
+                live_snapshots += 1;
+            }
         }
         // Clients reopen from disk too (their transport must follow the new
         // port); with a disk, the power goes while they are down.
@@ -293,17 +326,28 @@ async fn chat_through_crashes(
     }
     server.stop_and_check();
     assert!(!acknowledged.is_empty());
+    let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
+    let checkpoint_starts = log
+        .lines()
+        .filter(|l| l.contains("queue index ready") && l.contains("from=Checkpoint"))
+        .count();
     // On PostgreSQL (`MLS_DS_TEST_BACKEND=postgres`) there is no sled.
     if cycles >= 2 * LONG_CYCLE_EVERY && postgres::backend() == TestBackend::Sled {
         assert!(
             live_snapshots > 0,
             "no kill landed after a snapshot written while running"
         );
+        assert!(
+            checkpoint_starts > 0,
+            "no start read the queue index checkpoint of a clean stop"
+        );
     }
     let mut summary = format!(
         "{cycles} cycles survived, {} messages acknowledged, {checked} deliveries checked, \
          {commits} commits, final epoch {epoch}, {live_snapshots} kills after a page-table \
-         snapshot written while running",
+         snapshot written while running, {clean_stops} stops under load, \
+         {stops_cut_short} stops cut short, {checkpoint_starts} starts from the queue index \
+         checkpoint",
         acknowledged.len()
     );
     if disk.is_some() {

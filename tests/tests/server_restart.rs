@@ -1,6 +1,9 @@
 //! Restart tests: a graceful stop and restart mid-scenario keeps queues,
 //! groups, key packages and registrations; after SIGKILL every message that
 //! got a 2xx is delivered. The data directory then passes `mls-ds check`.
+//! On sled, a start after a clean stop reads the queue index's checkpoint,
+//! and a start after a crash (even one right after such a start) reads the
+//! stored messages.
 
 use mls_ds_client::{Client, ClientConfig, Event};
 use mls_ds_tests::postgres::{self, TestBackend};
@@ -59,6 +62,17 @@ async fn state_survives_graceful_restart_and_sigkill() {
     // Graceful stop: exit status 0; everything is still there afterwards.
     server.stop_and_check();
     server.restart();
+    if postgres::backend() == TestBackend::Sled {
+        // A clean stop left the queue index's checkpoint, and the start
+        // read it instead of every stored message.
+        assert_eq!(index_source(&server).as_deref(), Some("Checkpoint"));
+        // A crash right after that start: the start removed the
+        // checkpoint, so the next one reads the stored messages, and
+        // finds the same queues (checked below).
+        server.kill();
+        server.restart();
+        assert_eq!(index_source(&server).as_deref(), Some("Batches"));
+    }
     let url = server.url();
     drop((alice, bob));
     let (alice, bob) = (open("alice", &url), open("bob", &url));
@@ -121,4 +135,15 @@ async fn state_survives_graceful_restart_and_sigkill() {
             String::from_utf8_lossy(&check.stdout)
         );
     }
+}
+
+/// Where the server's last start took its queue index from, as it logged.
+fn index_source(server: &Server) -> Option<String> {
+    let log = std::fs::read_to_string(server.log_path()).ok()?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("queue index ready"))?;
+    let from = line.split("from=").nth(1)?;
+    Some(from.split_whitespace().next()?.to_owned())
 }

@@ -171,6 +171,12 @@ impl Applier {
                 )));
                 None
             }
+            Job::Close { reply } => {
+                reply.send(Err(StoreError::Unavailable(
+                    "the checkpoint is written on the writer thread only".into(),
+                )));
+                None
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! The sled backend's one write path: group commit on one thread.
 //!
 //! Every job (a write set, an acknowledgement, expiry, a barrier, a live
-//! backup) goes through one channel, so submission order is apply order. The
+//! backup, the checkpoint at a stop) goes through one channel, so
+//! submission order is apply order. The
 //! writer thread takes every job queued so far, turns each into writes
 //! (`apply`: conditions checked, sequence numbers assigned) and applies them
 //! in that order: multi-key sets merged into one atomic sled write, single
@@ -36,6 +37,7 @@ use mls_ds_protocol::ClientId;
 use mls_ds_storage::{PendingWrites, StorageError, Store};
 
 use super::apply::Applier;
+use super::checkpoint::{self, Written};
 use super::job::{Finish, Job};
 use crate::backend::error::{StorageFault, StoreError};
 use crate::backend::{AdminReport, NewHeads};
@@ -66,6 +68,9 @@ pub(crate) struct CommitStats {
     /// database, and the server reopens the data directory, which swaps the
     /// compacted copy in.
     retired: AtomicBool,
+    /// Set once the checkpoint of a stop is written: nothing more is
+    /// written, so that it describes the database.
+    closed: AtomicBool,
 }
 
 impl CommitStats {
@@ -206,6 +211,10 @@ impl Writer {
                 reply.send(self.compact());
                 continue;
             }
+            if let Job::Close { reply } = job {
+                reply.send(self.close());
+                continue;
+            }
             if let Some(p) = self.applier.prepare(job) {
                 pending.extend(p.writes);
                 done.push(Done {
@@ -248,8 +257,27 @@ impl Writer {
         Ok(report)
     }
 
+    /// Write the queue index's checkpoint of everything applied so far,
+    /// durably, and close: every later job is refused.
+    fn close(&mut self) -> Result<Written, StoreError> {
+        self.stats.closed.store(true, Ordering::Release);
+        let (encoded, entries) = {
+            let state = self.index.lock();
+            let entries = state.clients.values().map(|c| c.ids.len() as u64).sum();
+            (checkpoint::encode(&state), entries)
+        };
+        checkpoint::write(&self.applier.layout, &encoded, entries).inspect_err(|e| {
+            tracing::error!(error = %e, "writing the queue index checkpoint failed; the next start reads every stored message");
+        })
+    }
+
     /// Why nothing more may be applied, if so.
     fn refusal(&self, applied: &Result<(), StoreError>) -> Option<StoreError> {
+        if self.stats.closed.load(Ordering::Acquire) {
+            return Some(StoreError::Unavailable(
+                "the server is stopping; retry once it is back".into(),
+            ));
+        }
         if self.stats.retired() {
             return Some(StoreError::Unavailable(COMPACTING.into()));
         }

@@ -213,16 +213,20 @@ impl IdDeque {
     }
 }
 
-fn zigzag(delta: u64) -> u64 {
+/// A signed difference (as wrapped `u64`) mapped so that small ones of
+/// either sign take few varint bytes.
+pub(crate) fn zigzag(delta: u64) -> u64 {
     let d = delta as i64;
     ((d << 1) ^ (d >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> u64 {
+/// The difference [`zigzag`] mapped.
+pub(crate) fn unzigzag(v: u64) -> u64 {
     ((v >> 1) as i64 ^ -((v & 1) as i64)) as u64
 }
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+/// Append `v` in 7-bit groups, low first (LEB128).
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -233,14 +237,24 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// The varint at the start of `bytes` and its length. Only this module
 /// writes chunks, so the bytes are always complete.
 fn get_varint(bytes: &[u8]) -> (u64, usize) {
+    read_varint(bytes).unwrap_or((0, bytes.len().min(10)))
+}
+
+/// The varint at the start of `bytes` and its length, or `None` if the
+/// bytes end inside it or it runs past 64 bits (bytes read from disk).
+pub(crate) fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, b) in bytes.iter().enumerate().take(10) {
-        v |= u64::from(b & 0x7f) << (7 * i);
+        let group = u64::from(b & 0x7f);
+        if i == 9 && group > 1 {
+            return None;
+        }
+        v |= group << (7 * i);
         if b & 0x80 == 0 {
-            return (v, i + 1);
+            return Some((v, i + 1));
         }
     }
-    (v, bytes.len().min(10))
+    None
 }
 
 #[cfg(test)]

@@ -1,13 +1,14 @@
 //! The jobs the group commit's writer thread runs (write sets, queue
-//! acknowledgements and expiry, settling, backups, compaction), what it makes of them
-//! before the flush ([`Prepared`]), and how each is answered once its
-//! writes are durable ([`Finish`]).
+//! acknowledgements and expiry, settling, backups, compaction, the checkpoint
+//! at a stop), what it makes of them before the flush ([`Prepared`]), and
+//! how each is answered once its writes are durable ([`Finish`]).
 
 use std::path::PathBuf;
 
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::PendingWrites;
 
+use super::checkpoint::Written;
 use crate::backend::committing::CommitReply;
 use crate::backend::error::StoreError;
 use crate::backend::write_set::{AckOutcome, Applied, Change, Condition, WriteSet};
@@ -41,6 +42,9 @@ pub(crate) enum Job {
     /// Copy the live records into a database that replaces this one at the
     /// next open; nothing is written after it (the writer retires).
     Compact { reply: CommitReply<AdminReport> },
+    /// Write the queue index's checkpoint of everything applied before it;
+    /// nothing is written after it (the server is stopping).
+    Close { reply: CommitReply<Written> },
 }
 
 impl Job {
@@ -54,7 +58,7 @@ impl Job {
         match self {
             Job::Write { set, .. } => set.changes.is_empty(),
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => true,
-            Job::Backup { .. } | Job::Compact { .. } => false,
+            Job::Backup { .. } | Job::Compact { .. } | Job::Close { .. } => false,
         }
     }
 
@@ -72,7 +76,7 @@ impl Job {
                         matches!(c, Change::DeleteClient { .. } | Change::DeleteGroup { .. })
                     })
             }
-            Job::Backup { .. } | Job::Compact { .. } => true,
+            Job::Backup { .. } | Job::Compact { .. } | Job::Close { .. } => true,
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => false,
         }
     }
@@ -86,6 +90,7 @@ impl Job {
             Job::Settle { reply } => reply.send(Err(e)),
             Job::Backup { reply, .. } => reply.send(Err(e)),
             Job::Compact { reply } => reply.send(Err(e)),
+            Job::Close { reply } => reply.send(Err(e)),
         }
     }
 }

@@ -6,6 +6,8 @@
 //! - [`apply`]: jobs turned into sled writes on the writer thread;
 //! - [`queue_index`]: the in-memory queue index;
 //! - [`queue_startup`]: rebuilding it at startup, and `check`;
+//! - [`checkpoint`]: the index as the last clean stop left it, for a start
+//!   that need not read every batch;
 //! - [`queues`]: reading pages;
 //! - [`admin`]: `check`, `stats`, `backup`.
 //!
@@ -16,6 +18,7 @@
 pub(crate) mod admin;
 mod apply;
 mod batch;
+mod checkpoint;
 mod group_commit;
 mod id_deque;
 mod job;
@@ -96,7 +99,17 @@ impl SledBackend {
     /// remove them), start the write path.
     pub(crate) fn open(data_dir: &Path, config: SledConfig) -> Result<SledBackend, StoreError> {
         let layout = Layout::open(data_dir, config.store)?;
-        let loaded = queue_startup::load(&layout, queue_startup::Decode::Fanout)?;
+        let started = std::time::Instant::now();
+        let loaded = queue_startup::start(&layout)?;
+        // The checkpoint describes the database as it is now: it goes
+        // before anything is written.
+        checkpoint::discard(&layout)?;
+        tracing::info!(
+            from = ?loaded.source,
+            entries = loaded.state.clients.values().map(|c| c.ids.len() as u64).sum::<u64>(),
+            ms = started.elapsed().as_millis() as u64,
+            "queue index ready"
+        );
         if !loaded.lost_receipts.is_empty() {
             let tx = layout.storage.begin();
             let tree = layout.trees.sends;
@@ -159,9 +172,28 @@ impl SledBackend {
         })
     }
 
-    /// Flush everything (at shutdown).
+    /// Flush everything.
     pub(crate) fn flush(&self) -> Result<(), StoreError> {
         Ok(self.layout.store.flush()?)
+    }
+
+    /// Stop writing (at shutdown): what was submitted before is applied,
+    /// the queue index's checkpoint is written and everything flushed;
+    /// later writes are refused. A database a compaction retired is only
+    /// flushed: the next open swaps in the copy, which has no checkpoint.
+    pub(crate) async fn shut_down(&self) -> Result<(), StoreError> {
+        if self.commit.stats.retired() {
+            return self.flush();
+        }
+        let (reply, handle) = committing();
+        self.commit.submit(Job::Close { reply });
+        let written = handle.wait().await?;
+        tracing::info!(
+            bytes = written.bytes,
+            entries = written.entries,
+            "queue index checkpoint written"
+        );
+        Ok(())
     }
 
     fn run<T: Send + 'static>(

@@ -74,6 +74,7 @@ impl ClientQueue {
 }
 
 /// What the index keeps per stored delivery batch.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct BatchMeta {
     /// Unacknowledged queue entries referencing its messages.
     pub(crate) refs: u64,

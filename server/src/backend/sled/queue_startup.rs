@@ -1,5 +1,7 @@
 //! Rebuilding the queue index from disk at startup, and the same pass as an
-//! integrity check for `mls-ds check`.
+//! integrity check for `mls-ds check`. A start after a clean stop reads the
+//! index's checkpoint instead (`checkpoint.rs`), if it agrees with the
+//! database.
 //!
 //! Every envelope's fan-out (in the delivery batches) says which queues
 //! hold the message at which sequence number; the ack marks say how far
@@ -24,6 +26,7 @@ use mls_ds_protocol::ClientId;
 use mls_ds_storage::codec::decode_record;
 
 use super::batch;
+use super::checkpoint;
 use super::layout::{self, Layout, ACK_PREFIX};
 use super::queue_index::{BatchMeta, ClientQueue, IndexState};
 use crate::backend::error::StoreError;
@@ -43,9 +46,19 @@ pub(crate) enum Decode {
     Whole,
 }
 
+/// Where a start took the index from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The checkpoint of the last clean stop.
+    Checkpoint,
+    /// Every stored batch.
+    Batches,
+}
+
 /// The index as rebuilt from disk.
 pub(crate) struct Loaded {
     pub(crate) state: IndexState,
+    pub(crate) source: Source,
     /// Batches whose every queue entry is acknowledged: safe to delete.
     pub(crate) orphans: Vec<u64>,
     /// Envelopes read.
@@ -76,7 +89,9 @@ fn for_each_batch(
 }
 
 /// The queues' acknowledgement marks, and every client that deleted itself.
-fn queues_at_start(layout: &Layout) -> Result<HashMap<ClientId, ClientQueue>, StoreError> {
+pub(crate) fn queues_at_start(
+    layout: &Layout,
+) -> Result<HashMap<ClientId, ClientQueue>, StoreError> {
     let s = &layout.storage;
     let delivery = layout.trees.delivery;
     let mut clients = HashMap::new();
@@ -176,10 +191,40 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
     let lost_receipts = lost_receipts(layout, state.next_batch.saturating_sub(RECEIPT_TAIL))?;
     Ok(Loaded {
         state,
+        source: Source::Batches,
         orphans,
         envelopes,
         lost_receipts,
     })
+}
+
+/// The index for a start: the checkpoint if there is a usable one, else
+/// rebuilt from the batches ([`load`]). The caller removes the checkpoint
+/// before it writes anything.
+pub(crate) fn start(layout: &Layout) -> Result<Loaded, StoreError> {
+    match checkpoint::read(layout)? {
+        checkpoint::Found::Index(state) => {
+            // A clean stop lost no receipt, but the tail costs little to
+            // look at and keeps one rule for every start.
+            let lost_receipts =
+                lost_receipts(layout, state.next_batch.saturating_sub(RECEIPT_TAIL))?;
+            Ok(Loaded {
+                state: *state,
+                source: Source::Checkpoint,
+                orphans: Vec::new(),
+                envelopes: 0,
+                lost_receipts,
+            })
+        }
+        checkpoint::Found::Unusable(why) => {
+            tracing::warn!(
+                reason = %why,
+                "the queue index checkpoint is not used; rebuilding the index from the stored messages"
+            );
+            load(layout, Decode::Fanout)
+        }
+        checkpoint::Found::Absent => load(layout, Decode::Fanout),
+    }
 }
 
 /// The receipts missing for messages of batches numbered `first` or more
@@ -232,7 +277,8 @@ pub(crate) struct QueueReport {
 }
 
 /// Integrity check of the delivery tree: every envelope and ack mark
-/// decodes and every queue is gap-free. Leftovers a crash can cause
+/// decodes, every queue is gap-free, and a checkpoint of the index, if
+/// there is one, holds what the batches say. Leftovers a crash can cause
 /// (orphans, which the next start deletes) are not problems.
 pub(crate) fn verify(layout: &Layout) -> QueueReport {
     match load(layout, Decode::Whole) {
@@ -244,7 +290,10 @@ pub(crate) fn verify(layout: &Layout) -> QueueReport {
                 .map(|c| c.ids.len() as u64)
                 .sum(),
             messages: loaded.envelopes,
-            problems: Vec::new(),
+            problems: match checkpoint::compare(layout, &loaded.state) {
+                Ok(found) => found.into_iter().collect(),
+                Err(e) => vec![format!("reading the queue index checkpoint: {e}")],
+            },
         },
         Err(e) => QueueReport {
             entries: 0,

@@ -20,16 +20,16 @@ use crate::backend::write_set::{Change, Condition, Delivery, WriteSet};
 use crate::backend::{Backend, StoreError};
 
 /// A small page cache; sled's snapshot schedule at its default.
-const TUNING: StoreTuning = StoreTuning {
+pub(super) const TUNING: StoreTuning = StoreTuning {
     cache_mb: 16,
     snapshot_every_ops: 1_000_000,
 };
 
-fn open(dir: &Path) -> SledBackend {
+pub(super) fn open(dir: &Path) -> SledBackend {
     open_with_depth(dir, u64::MAX)
 }
 
-fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
+pub(super) fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
     SledBackend::open(
         dir,
         SledConfig {
@@ -40,7 +40,7 @@ fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
     .unwrap()
 }
 
-fn id(s: &str) -> ClientId {
+pub(super) fn id(s: &str) -> ClientId {
     ClientId::new(s).unwrap()
 }
 
@@ -58,7 +58,7 @@ pub(super) fn message(stored_ms: u64) -> StoredMessage {
     }
 }
 
-fn delivery(stored_ms: u64, to: &[&ClientId]) -> Delivery {
+pub(super) fn delivery(stored_ms: u64, to: &[&ClientId]) -> Delivery {
     Delivery {
         message: message(stored_ms),
         recipients: to.iter().map(|c| (*c).clone()).collect(),
@@ -66,7 +66,7 @@ fn delivery(stored_ms: u64, to: &[&ClientId]) -> Delivery {
     }
 }
 
-async fn send(b: &SledBackend, stored_ms: u64, to: &[&ClientId]) -> u64 {
+pub(super) async fn send(b: &SledBackend, stored_ms: u64, to: &[&ClientId]) -> u64 {
     let set = WriteSet {
         deliveries: vec![delivery(stored_ms, to)],
         ..WriteSet::default()
@@ -74,7 +74,7 @@ async fn send(b: &SledBackend, stored_ms: u64, to: &[&ClientId]) -> u64 {
     b.submit(set).wait().await.unwrap().deliveries[0].message_id
 }
 
-async fn seqs(b: &SledBackend, c: &ClientId, after: u64) -> Vec<u64> {
+pub(super) async fn seqs(b: &SledBackend, c: &ClientId, after: u64) -> Vec<u64> {
     let page = b.page(c, after, 100, 1 << 20).await.unwrap();
     page.entries.iter().map(|e| e.seq).collect()
 }
@@ -146,7 +146,7 @@ fn client_record() -> ClientRecord {
     }
 }
 
-async fn register(b: &SledBackend, c: &ClientId) {
+pub(super) async fn register(b: &SledBackend, c: &ClientId) {
     let set = WriteSet {
         conditions: vec![Condition::ClientAbsent(c.clone())],
         changes: vec![Change::PutClient {
@@ -158,7 +158,7 @@ async fn register(b: &SledBackend, c: &ClientId) {
     b.submit(set).wait().await.unwrap();
 }
 
-async fn delete(b: &SledBackend, c: &ClientId) {
+pub(super) async fn delete(b: &SledBackend, c: &ClientId) {
     let set = WriteSet {
         conditions: vec![Condition::ClientActive(c.clone())],
         changes: vec![Change::DeleteClient {
