@@ -542,6 +542,18 @@ pub struct Limits {
     #[arg(long, env = "MLS_DS_SNAPSHOT_EVERY_OPS", default_value_t = 1_000_000)]
     pub snapshot_every_ops: u64,
 
+    /// Jobs of the write path (sends, acknowledgements, other writes)
+    /// between the checkpoints of the queue index written while the server
+    /// runs (one is written at every graceful stop too; 0: only then). A
+    /// start reads the newest and the messages stored since, so this bounds
+    /// the time a start after a crash takes with a long backlog.
+    #[arg(
+        long,
+        env = "MLS_DS_INDEX_CHECKPOINT_EVERY_OPS",
+        default_value_t = 1_000_000
+    )]
+    pub index_checkpoint_every_ops: u64,
+
     /// How long a client may take to send a request head (HTTP/1) or a
     /// request body, in milliseconds; a stalled client loses its connection
     /// or gets 400 then, and gives up its in-flight slot.

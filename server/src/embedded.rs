@@ -56,6 +56,7 @@ pub(crate) fn open(data_dir: &Path, limits: &Limits) -> Result<SledDs, StoreErro
             snapshot_every_ops: limits.snapshot_every_ops,
         },
         max_queue_depth: limits.max_queue_depth,
+        index_checkpoint_every_ops: limits.index_checkpoint_every_ops,
     };
     let backend = SledBackend::open(data_dir, config)?;
     Ok(Ds::new(backend, policy(limits)))

@@ -91,6 +91,10 @@ fn dave_member(roster: &[(u64, bool)], epoch: u64) -> bool {
 /// Often enough that sled writes its page-table snapshot many times a run.
 const SNAPSHOT_EVERY_OPS: &str = "200";
 
+/// Often enough that most starts take the queue index from a checkpoint
+/// written while the server ran, and bring it up to date.
+const INDEX_CHECKPOINT_EVERY_OPS: &str = "50";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_clients_crash_together() {
     let cycles = env_or("MLS_DS_COMBINED_CYCLES", 40);
@@ -128,11 +132,17 @@ async fn crash_together(
         .map_or_else(|| dir.to_owned(), |d| d.path().to_owned());
     // Logs and the URL file stay off the disk: they must survive a cut.
     // sled snapshots its page table while running every few hundred log
-    // writes, so that kills and cuts land before, during and after them.
+    // writes, and the DS its queue index every few dozen jobs, so that
+    // kills and cuts land before, during and after them.
     let mut server = Server::start_logging_to(
         &root.join("ds"),
         &dir.join("server.log"),
-        &["--snapshot-every-ops", SNAPSHOT_EVERY_OPS],
+        &[
+            "--snapshot-every-ops",
+            SNAPSHOT_EVERY_OPS,
+            "--index-checkpoint-every-ops",
+            INDEX_CHECKPOINT_EVERY_OPS,
+        ],
     );
     let url_file = dir.join("url");
     publish_url(&url_file, &server.url());

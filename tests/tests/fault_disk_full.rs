@@ -41,8 +41,17 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&dir.path().join("mnt"), "24m");
     let data = mnt.0.join("ds");
-    // Page-table snapshots are due often, so some fail on the full disk too.
-    let mut server = Server::start(&data, &["--snapshot-every-ops", "200"]);
+    // Page-table snapshots and queue index checkpoints are due often, so
+    // some fail on the full disk too.
+    let mut server = Server::start(
+        &data,
+        &[
+            "--snapshot-every-ops",
+            "200",
+            "--index-checkpoint-every-ops",
+            "20",
+        ],
+    );
     let url = server.url();
     let open =
         |url: &str, n: &str| open_client(&dir.path().join(n), url, n, ClientConfig::default());

@@ -8,12 +8,13 @@
 //! Every fourth cycle lasts 0.6-1.5 s instead of 5-80 ms, and the server
 //! snapshots sled's page table every 200 log writes: those kills land after
 //! snapshots written while it ran, which the next start recovers from (at
-//! least one such kill is asserted, on the sled backend). Every fifth cycle
-//! ends with a SIGTERM under load instead: the stop must exit 0, and on
-//! sled the next start reads the queue index's checkpoint it left, and is
-//! then killed like any other (at least one such start is asserted); every
-//! second of those stops is cut short by a SIGKILL 0-30 ms after the
-//! SIGTERM, while the server finishes requests or writes that checkpoint.
+//! least one such kill is asserted, on the sled backend). The server
+//! checkpoints its queue index every 50 jobs, so most starts take it from
+//! a checkpoint and the messages stored since (at least one such start is
+//! asserted, on sled). Every fifth cycle ends with a SIGTERM under load
+//! instead, which must exit 0; every second of those stops is cut short by
+//! a SIGKILL 0-30 ms after the SIGTERM, while the server finishes requests
+//! or writes its last checkpoint.
 //!
 //! The same scenario with power cuts: the server's data directory and the
 //! clients' stores live on a `powercut-fs` disk, and at the end of each
@@ -38,6 +39,10 @@ const NAMES: [&str; 3] = ["alice", "bob", "carol"];
 
 /// Often enough that sled writes its page-table snapshot many times a run.
 const SNAPSHOT_EVERY_OPS: &str = "200";
+
+/// Often enough that most starts take the queue index from a checkpoint
+/// written while the server ran, and bring it up to date.
+const INDEX_CHECKPOINT_EVERY_OPS: &str = "50";
 
 /// Every this many cycles, one runs long enough for sled's flusher (every
 /// 500 ms) to write page-table snapshots before the kill.
@@ -111,7 +116,12 @@ async fn chat_through_crashes(
     let mut server = Server::start_logging_to(
         &root.join("ds"),
         &dir.join("server.log"),
-        &["--snapshot-every-ops", SNAPSHOT_EVERY_OPS],
+        &[
+            "--snapshot-every-ops",
+            SNAPSHOT_EVERY_OPS,
+            "--index-checkpoint-every-ops",
+            INDEX_CHECKPOINT_EVERY_OPS,
+        ],
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let open = |url: &str, n: &str| open_client(&root.join(n), url, n, ClientConfig::default());
@@ -339,7 +349,7 @@ async fn chat_through_crashes(
         );
         assert!(
             checkpoint_starts > 0,
-            "no start read the queue index checkpoint of a clean stop"
+            "no start took the queue index from a checkpoint"
         );
     }
     let mut summary = format!(

@@ -1,28 +1,33 @@
-//! The queue index's checkpoint: written when the server stops, so that the
-//! next start reads it instead of every stored delivery batch.
+//! The queue index's checkpoint, so that a start need not read every
+//! stored delivery batch.
 //!
 //! Without it a start rebuilds the index from every envelope's fan-out
 //! (`queue_startup::load`), which reads the whole delivery tree: about a
-//! second per million queued messages from a warm page cache, and what the
-//! disk takes to read gigabytes from a cold one. The checkpoint holds what
-//! the index holds (each queue's mark, deletion and message ids, each
-//! referenced batch's message count and age, the next batch number) in one
-//! to two bytes per queued entry.
+//! second per three million queued messages from a warm page cache, and
+//! what the disk takes to read gigabytes from a cold one. The checkpoint
+//! holds what the index holds (each queue's mark, deletion and message
+//! ids, each referenced batch's message count and age, the next batch
+//! number) in one to two bytes per queued entry. The writer thread writes
+//! it between two cycles every `--index-checkpoint-every-ops` jobs, and as
+//! its last job at a graceful stop (`Job::Close`).
 //!
-//! It describes one state of the database, so:
-//! - the writer thread writes it as its last job (`Job::Close`), after
-//!   everything submitted before was applied; nothing is written after it;
-//! - its chunks and its seal (their length and SHA-256) are one sled batch,
-//!   flushed before the server exits: a crash leaves all of it or nothing;
-//! - every start of the backend removes it, durably, before it writes
-//!   anything else, so that no later write or crash can leave a checkpoint
-//!   that describes an older state;
-//! - before it is used, it must agree with what is cheap to read: every
-//!   acknowledgement mark, every client's deletion, and no batch numbered at
-//!   or past its next batch number. A checkpoint that is damaged or does not
-//!   agree is logged and ignored, and the index is rebuilt from the batches.
+//! A start takes the checkpoint and brings it up to date from what is
+//! cheap to read (`queue_startup::start`): each queue's acknowledgement
+//! mark and deletion on disk, then the batches numbered from its next batch
+//! number on. That is exact because every way an entry leaves a queue
+//! (acknowledgement, expiry, overflow, the client's deletion) moves the
+//! queue's mark, and a batch is removed only in a write after the marks
+//! that freed it; every entry added is in a batch written after the
+//! checkpoint, numbered at or past its next number. The checkpoint is
+//! written after every write of the state it describes, so sled, which
+//! recovers a prefix of its log, never recovers it without them. Its chunks
+//! and its seal (their length and SHA-256) are one sled batch, replacing
+//! the previous checkpoint's: a crash leaves one or the other. A damaged
+//! checkpoint, or one the database cannot have followed from, is logged
+//! and ignored: the index is rebuilt from every batch.
 //!
-//! `mls-ds check` compares a checkpoint it finds with the full rebuild.
+//! `mls-ds check` compares the index from the checkpoint with the full
+//! rebuild.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,6 +38,7 @@ use sha2::{Digest, Sha256};
 use super::id_deque::{put_varint, read_varint, unzigzag, zigzag};
 use super::layout::{self, Layout};
 use super::queue_index::{BatchMeta, ClientQueue, IndexState};
+#[cfg(test)]
 use super::queue_startup;
 use crate::backend::error::StoreError;
 
@@ -65,12 +71,12 @@ pub(crate) struct Written {
 
 /// What a start finds in the checkpoint tree.
 pub(crate) enum Found {
-    /// No checkpoint (the last stop was not clean, or this is a new
-    /// database).
+    /// No checkpoint (a new database, or one the server never ran long
+    /// enough on to write one).
     Absent,
     /// One that cannot be used, and why.
     Unusable(String),
-    /// The index it holds, checked against the ack marks and batches.
+    /// The index it holds, as it was written.
     Index(Box<IndexState>),
 }
 
@@ -110,17 +116,22 @@ pub(crate) fn encode(state: &IndexState) -> Vec<u8> {
 }
 
 /// Store `encoded` (of a state holding `entries` queue entries) as the
-/// checkpoint, durably, in place of any other.
+/// checkpoint, in place of the previous one, in one sled batch (not
+/// flushed: the caller's flush makes it durable).
 pub(crate) fn write(layout: &Layout, encoded: &[u8], entries: u64) -> Result<Written, StoreError> {
     let tree = layout.trees.checkpoint;
+    let previous = match layout.storage.get_raw(tree.handle, SEAL_KEY)? {
+        Some(raw) => decode_record::<Seal>(tree.name, SEAL_KEY, &raw).map_or(0, |s| s.chunks),
+        None => 0,
+    };
     let tx = layout.storage.begin();
-    for (k, _) in layout.storage.scan_raw(tree.handle, b"")? {
-        tx.remove_raw(tree.handle, &k)?;
-    }
     let mut chunks = 0u32;
     for chunk in encoded.chunks(CHUNK_BYTES) {
         tx.put_raw(tree.handle, &chunk_key(chunks), chunk)?;
         chunks += 1;
+    }
+    for stale in chunks..previous {
+        tx.remove_raw(tree.handle, &chunk_key(stale))?;
     }
     let seal = Seal {
         bytes: encoded.len() as u64,
@@ -129,32 +140,13 @@ pub(crate) fn write(layout: &Layout, encoded: &[u8], entries: u64) -> Result<Wri
     };
     tx.put_raw(tree.handle, SEAL_KEY, &layout::encode(tree, &seal)?)?;
     tx.commit()?;
-    layout.store.flush()?;
     Ok(Written {
         bytes: encoded.len(),
         entries,
     })
 }
 
-/// Remove the checkpoint, durably; whether there was one.
-pub(crate) fn discard(layout: &Layout) -> Result<bool, StoreError> {
-    let tree = layout.trees.checkpoint;
-    let keys = layout.storage.scan_raw(tree.handle, b"")?;
-    if keys.is_empty() {
-        return Ok(false);
-    }
-    let tx = layout.storage.begin();
-    // The seal first in the batch, though the batch is atomic anyway.
-    tx.remove_raw(tree.handle, SEAL_KEY)?;
-    for (k, _) in keys {
-        tx.remove_raw(tree.handle, &k)?;
-    }
-    tx.commit()?;
-    layout.store.flush()?;
-    Ok(true)
-}
-
-/// Read the checkpoint, if any, and check it against the database.
+/// Read the checkpoint, if any.
 pub(crate) fn read(layout: &Layout) -> Result<Found, StoreError> {
     let tree = layout.trees.checkpoint;
     let Some(raw) = layout.storage.get_raw(tree.handle, SEAL_KEY)? else {
@@ -193,41 +185,7 @@ pub(crate) fn read(layout: &Layout) -> Result<Found, StoreError> {
         Ok(state) => state,
         Err(why) => return Ok(Found::Unusable(why)),
     };
-    drop(bytes);
-    Ok(match disagreement(layout, &state)? {
-        Some(why) => Found::Unusable(why),
-        None => Found::Index(Box::new(state)),
-    })
-}
-
-/// How `state` disagrees with the marks, deletions and batches on disk,
-/// if it does.
-fn disagreement(layout: &Layout, state: &IndexState) -> Result<Option<String>, StoreError> {
-    let on_disk = queue_startup::queues_at_start(layout)?;
-    let of = |q: Option<&ClientQueue>| q.map_or((0, false), |q| (q.acked, q.deleted));
-    for id in on_disk.keys().chain(state.clients.keys()) {
-        let (disk, held) = (of(on_disk.get(id)), of(state.clients.get(id)));
-        if disk != held {
-            return Ok(Some(format!(
-                "client {id} is acknowledged up to {} (deleted: {}) on disk, up to {} (deleted: {}) in the checkpoint",
-                disk.0, disk.1, held.0, held.1
-            )));
-        }
-    }
-    let delivery = layout.trees.delivery;
-    if let Some((k, _)) = layout
-        .storage
-        .last_raw(delivery.handle, &[layout::BATCH_PREFIX])?
-    {
-        let newest = layout::key_id(&k).unwrap_or(u64::MAX);
-        if newest >= state.next_batch {
-            return Ok(Some(format!(
-                "batch {newest} is stored, but the checkpoint numbers the next batch {}",
-                state.next_batch
-            )));
-        }
-    }
-    Ok(None)
+    Ok(Found::Index(Box::new(state)))
 }
 
 fn chunk_key(n: u32) -> Vec<u8> {
@@ -363,19 +321,9 @@ fn decode(bytes: &[u8]) -> Result<IndexState, String> {
     Ok(state)
 }
 
-/// How the checkpoint in the database differs from `scanned` (the index
-/// rebuilt from the batches), for `mls-ds check`; `None` if there is no
-/// checkpoint or it matches.
-pub(crate) fn compare(layout: &Layout, scanned: &IndexState) -> Result<Option<String>, StoreError> {
-    let held = match read(layout)? {
-        Found::Absent => return Ok(None),
-        Found::Unusable(why) => {
-            return Ok(Some(format!(
-            "the queue index checkpoint cannot be used ({why}); the next start rebuilds the index"
-        )))
-        }
-        Found::Index(state) => state,
-    };
+/// How `from_checkpoint` (the index a start takes from the checkpoint)
+/// differs from `scanned` (the index rebuilt from every batch), if it does.
+pub(crate) fn differences(scanned: &IndexState, from_checkpoint: &IndexState) -> Option<String> {
     let same = |a: Option<&ClientQueue>, b: Option<&ClientQueue>| match (a, b) {
         (Some(a), Some(b)) => {
             (a.acked, a.deleted) == (b.acked, b.deleted)
@@ -386,35 +334,35 @@ pub(crate) fn compare(layout: &Layout, scanned: &IndexState) -> Result<Option<St
         (Some(q), None) | (None, Some(q)) => q.acked == 0 && !q.deleted && q.ids.len() == 0,
         (None, None) => true,
     };
-    for id in scanned.clients.keys().chain(held.clients.keys()) {
-        if !same(scanned.clients.get(id), held.clients.get(id)) {
-            return Ok(Some(format!(
-                "the queue index checkpoint differs from the stored queue of {id}"
-            )));
+    let clients = scanned.clients.keys().chain(from_checkpoint.clients.keys());
+    for id in clients {
+        if !same(scanned.clients.get(id), from_checkpoint.clients.get(id)) {
+            return Some(format!(
+                "the queue index from its checkpoint differs from the stored queue of {id}"
+            ));
         }
     }
-    if scanned.batches != held.batches {
-        return Ok(Some(
-            "the queue index checkpoint differs from the stored batches".into(),
+    if scanned.batches != from_checkpoint.batches {
+        return Some("the queue index from its checkpoint differs from the stored batches".into());
+    }
+    if from_checkpoint.next_batch < scanned.next_batch {
+        return Some(format!(
+            "the queue index from its checkpoint numbers the next batch {}, but batch {} is stored",
+            from_checkpoint.next_batch,
+            scanned.next_batch - 1
         ));
     }
-    if held.next_batch < scanned.next_batch {
-        return Ok(Some(format!(
-            "the queue index checkpoint numbers the next batch {}, but batch {} is stored",
-            held.next_batch,
-            scanned.next_batch - 1
-        )));
-    }
-    Ok(None)
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::sled::queue_startup::{Decode, Source};
+    use crate::backend::sled::queue_startup::{Decode, Loaded, Source};
     use crate::backend::sled::tests::{
-        delete, delivery, id, open, open_with_depth, register, send, seqs, TUNING,
+        client_record, delete, delivery, id, open_with, register, send, seqs, TUNING,
     };
+    use crate::backend::sled::SledBackend;
     use crate::backend::write_set::WriteSet;
     use crate::backend::Backend;
 
@@ -446,136 +394,146 @@ mod tests {
         queues
     }
 
+    /// The start's index equals the rebuild from every batch.
+    fn assert_same(started: &Loaded, scanned: &Loaded) {
+        assert_eq!(queues(&started.state), queues(&scanned.state));
+        assert_eq!(started.state.batches, scanned.state.batches);
+        assert!(started.state.next_batch >= scanned.state.next_batch);
+    }
+
     /// Queues of every kind: shared batches, acknowledged, deleted, full.
-    async fn fill(dir: &std::path::Path) {
+    async fn fill(b: &SledBackend, round: u64) {
         let (a, c, d, e) = (id("a"), id("c"), id("d"), id("e"));
-        let b = open_with_depth(dir, 6);
-        register(&b, &d).await;
+        let d = id(&format!("{d}{round}"));
+        register(b, &d).await;
         for i in 0..5 {
-            send(&b, 100 + i, &[&a, &c]).await;
+            send(b, 100 + i, &[&a, &c]).await;
         }
         let together = WriteSet {
             deliveries: (0..3).map(|i| delivery(150 + i, &[&a, &e])).collect(),
             ..WriteSet::default()
         };
         b.submit(together).wait().await.unwrap();
-        send(&b, 200, &[&d]).await;
-        b.ack(&a, 2).wait().await.unwrap();
-        b.ack(&c, 5).wait().await.unwrap();
-        delete(&b, &d).await;
+        send(b, 200, &[&d]).await;
+        let acked = b.page(&a, 0, 2, 1 << 20).await.unwrap().entries[1].seq;
+        b.ack(&a, acked).wait().await.unwrap();
+        let head = b.page(&c, 0, 100, 1 << 20).await.unwrap().head;
+        b.ack(&c, head).wait().await.unwrap();
+        delete(b, &d).await;
         for i in 0..8 {
-            send(&b, 300 + i, &[&e]).await;
+            send(b, 300 + i, &[&e]).await;
         }
-        b.shut_down().await.unwrap();
-        let refused = b
-            .submit(WriteSet {
-                deliveries: vec![delivery(400, &[&a])],
-                ..WriteSet::default()
-            })
-            .wait()
-            .await;
-        assert!(refused.is_err(), "nothing is written after the checkpoint");
     }
 
-    #[tokio::test]
-    async fn a_clean_stop_leaves_the_index_the_next_start_reads_then_removes() {
-        let dir = tempfile::tempdir().unwrap();
-        fill(dir.path()).await;
-        {
-            let l = Layout::open(dir.path(), TUNING).unwrap();
-            let scanned = queue_startup::load(&l, Decode::Fanout).unwrap();
-            let started = queue_startup::start(&l).unwrap();
-            assert_eq!(started.source, Source::Checkpoint);
-            assert_eq!(queues(&started.state), queues(&scanned.state));
-            assert_eq!(started.state.batches, scanned.state.batches);
-            assert!(started.state.next_batch >= scanned.state.next_batch);
-            let report = queue_startup::verify(&l);
-            assert!(report.problems.is_empty(), "{:?}", report.problems);
-        }
-        let (a, e) = (id("a"), id("e"));
-        {
-            let b = open(dir.path());
-            let tree = b.layout.trees.checkpoint.handle;
-            assert!(
-                b.layout.storage.scan_raw(tree, b"").unwrap().is_empty(),
-                "the start removed it"
-            );
-            assert_eq!(seqs(&b, &a, 0).await, vec![3, 4, 5, 6, 7, 8]);
-            assert_eq!(seqs(&b, &e, 0).await, (6..=11).collect::<Vec<_>>());
-            send(&b, 500, &[&a]).await;
-            assert_eq!(seqs(&b, &a, 8).await, vec![9]);
-            // Dropped without a stop, as in a crash: no checkpoint, and the
-            // next start reads the batches, the new message with them.
-        }
-        let l = Layout::open(dir.path(), TUNING).unwrap();
+    fn started(dir: &std::path::Path) -> (Loaded, Loaded) {
+        let l = Layout::open(dir, TUNING).unwrap();
+        let scanned = queue_startup::load(&l, Decode::Fanout).unwrap();
         let started = queue_startup::start(&l).unwrap();
-        assert_eq!(started.source, Source::Batches);
-        let a_queue = &started.state.clients[&a];
-        assert_eq!((a_queue.acked, a_queue.ids.len()), (2, 7));
+        let report = queue_startup::verify(&l);
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        (started, scanned)
     }
 
     #[tokio::test]
-    async fn a_checkpoint_that_disagrees_or_is_damaged_is_not_used() {
+    async fn a_stop_leaves_the_index_the_next_start_reads() {
         let dir = tempfile::tempdir().unwrap();
-        fill(dir.path()).await;
         let a = id("a");
+        {
+            let b = open_with(dir.path(), 6, 0);
+            fill(&b, 0).await;
+            b.shut_down().await.unwrap();
+            let refused = b
+                .submit(WriteSet {
+                    deliveries: vec![delivery(400, &[&a])],
+                    ..WriteSet::default()
+                })
+                .wait()
+                .await;
+            assert!(refused.is_err(), "nothing is written after the stop");
+        }
+        let (started, scanned) = started(dir.path());
+        assert_eq!(started.source, Source::Checkpoint);
+        assert_eq!(started.envelopes, 0, "no batch was read");
+        assert_same(&started, &scanned);
+        let b = open_with(dir.path(), 6, 0);
+        // a: 8 entries in a queue of 6 (2 dropped), 2 acknowledged.
+        assert_eq!(seqs(&b, &a, 0).await, vec![5, 6, 7, 8]);
+        assert_eq!(seqs(&b, &id("e"), 0).await, (6..=11).collect::<Vec<_>>());
+        send(&b, 500, &[&a]).await;
+        assert_eq!(seqs(&b, &a, 8).await, vec![9]);
+    }
+
+    /// Checkpoints written while running, then more of everything, then a
+    /// crash (the backend dropped without a stop): the start from the
+    /// newest checkpoint and the batches after it is the full rebuild.
+    #[tokio::test]
+    async fn a_start_after_a_crash_brings_the_checkpoint_up_to_date() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..3 {
+            {
+                let b = open_with(dir.path(), 6, 7);
+                fill(&b, round).await;
+            }
+            let (started, scanned) = started(dir.path());
+            assert_eq!(started.source, Source::Checkpoint, "round {round}");
+            assert!(started.envelopes > 0, "the newest batches were read");
+            assert!(started.envelopes < scanned.envelopes);
+            assert_same(&started, &scanned);
+        }
+        // A mark moved after the checkpoint without the batch removal it
+        // allows (a crash between the two): the batch is an orphan.
         let l = Layout::open(dir.path(), TUNING).unwrap();
-        // An acknowledgement written by other means than this server.
+        let scanned = queue_startup::load(&l, Decode::Fanout).unwrap();
+        let e = id("e");
+        let queue = &scanned.state.clients[&e];
+        let last = queue.ids.iter_from(0).last().unwrap();
+        let mark = queue.acked + queue.ids.len() as u64;
         let delivery_tree = l.trees.delivery.handle;
-        let s = &l.storage;
-        s.put_raw(delivery_tree, &layout::ack_key(&a), &4u64.to_be_bytes())
+        l.storage
+            .put_raw(delivery_tree, &layout::ack_key(&e), &mark.to_be_bytes())
             .unwrap();
-        let Found::Unusable(why) = read(&l).unwrap() else {
-            panic!("a stale checkpoint was accepted");
-        };
-        assert!(why.contains("client a"), "{why}");
+        let started = queue_startup::start(&l).unwrap();
+        assert_eq!(started.source, Source::Checkpoint);
+        assert!(started.orphans.contains(&layout::batch_of(last)));
+        assert_eq!(started.state.clients[&e].ids.len(), 0);
+        assert_same(&started, &queue_startup::load(&l, Decode::Fanout).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_the_database_cannot_follow_from_or_a_damaged_one_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = open_with(dir.path(), 6, 0);
+            fill(&b, 0).await;
+            b.shut_down().await.unwrap();
+        }
+        let l = Layout::open(dir.path(), TUNING).unwrap();
+        let s = &l.storage;
+        // A client the checkpoint has deleted, registered on disk.
+        let d = id("d0");
+        let clients = l.trees.clients;
+        let deleted = s.get_raw(clients.handle, d.as_bytes()).unwrap().unwrap();
+        let active = layout::encode(clients, &client_record()).unwrap();
+        s.put_raw(clients.handle, d.as_bytes(), &active).unwrap();
         let started = queue_startup::start(&l).unwrap();
         assert_eq!(started.source, Source::Batches);
-        assert_eq!(started.state.clients[&a].acked, 4);
+        assert!(!started.state.clients[&d].deleted);
         let report = queue_startup::verify(&l);
         assert!(
-            report.problems.iter().any(|p| p.contains("checkpoint")),
+            report.problems.iter().any(|p| p.contains("client d0")),
             "{:?}",
             report.problems
         );
-        // A damaged chunk, with the marks back as they were.
-        s.put_raw(delivery_tree, &layout::ack_key(&a), &2u64.to_be_bytes())
-            .unwrap();
-        assert!(matches!(read(&l).unwrap(), Found::Index(_)));
+        s.put_raw(clients.handle, d.as_bytes(), &deleted).unwrap();
+        assert_eq!(queue_startup::start(&l).unwrap().source, Source::Checkpoint);
+        // A damaged chunk.
         s.put_raw(l.trees.checkpoint.handle, &chunk_key(0), b"\x01\x02")
             .unwrap();
         let Found::Unusable(why) = read(&l).unwrap() else {
             panic!("a damaged checkpoint was accepted");
         };
         assert!(why.contains("bytes"), "{why}");
-        // Removed, it is gone.
-        assert!(discard(&l).unwrap());
-        assert!(matches!(read(&l).unwrap(), Found::Absent));
-    }
-
-    #[tokio::test]
-    async fn a_batch_newer_than_the_checkpoint_makes_it_unusable() {
-        let dir = tempfile::tempdir().unwrap();
-        fill(dir.path()).await;
-        let l = Layout::open(dir.path(), TUNING).unwrap();
-        let Found::Index(state) = read(&l).unwrap() else {
-            panic!("no checkpoint");
-        };
-        let newer = layout::batch_key(state.next_batch);
-        let oldest = queue_startup::load(&l, Decode::Fanout).unwrap();
-        let first = *oldest.state.batches.keys().next().unwrap();
-        let value = l
-            .storage
-            .get_raw(l.trees.delivery.handle, &layout::batch_key(first))
-            .unwrap()
-            .unwrap();
-        l.storage
-            .put_raw(l.trees.delivery.handle, &newer, &value)
-            .unwrap();
-        let Found::Unusable(why) = read(&l).unwrap() else {
-            panic!("a checkpoint older than a batch was accepted");
-        };
-        assert!(why.contains("next batch"), "{why}");
+        assert_eq!(queue_startup::start(&l).unwrap().source, Source::Batches);
     }
 
     #[test]
@@ -599,7 +557,7 @@ mod tests {
                 stored_ms: 20,
             },
         );
-        // A checkpoint is written once everything is durable.
+        // Entries are read back as durable.
         let q = s.client(&a);
         q.visible = q.next_seq() - 1;
         let bytes = encode(&s);

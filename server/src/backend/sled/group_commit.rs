@@ -68,8 +68,7 @@ pub(crate) struct CommitStats {
     /// database, and the server reopens the data directory, which swaps the
     /// compacted copy in.
     retired: AtomicBool,
-    /// Set once the checkpoint of a stop is written: nothing more is
-    /// written, so that it describes the database.
+    /// Set by the checkpoint of a stop: nothing more is written.
     closed: AtomicBool,
 }
 
@@ -115,10 +114,12 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Start the writer thread.
+    /// Start the writer thread; it writes the queue index's checkpoint
+    /// every `checkpoint_every` jobs (0: only at a stop).
     pub(crate) fn start(
         applier: Applier,
         new_heads: Arc<NewHeads>,
+        checkpoint_every: u64,
     ) -> Result<GroupCommit, StoreError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(CommitStats::default());
@@ -128,6 +129,8 @@ impl GroupCommit {
             applier,
             stats: stats.clone(),
             new_heads,
+            checkpoint_every,
+            since_checkpoint: 0,
         };
         std::thread::Builder::new()
             .name("mls-ds-writer".into())
@@ -164,6 +167,10 @@ struct Writer {
     applier: Applier,
     stats: Arc<CommitStats>,
     new_heads: Arc<NewHeads>,
+    /// Jobs between checkpoints of the queue index (0: only at a stop).
+    checkpoint_every: u64,
+    /// Jobs made durable since the last checkpoint.
+    since_checkpoint: u64,
 }
 
 impl Writer {
@@ -173,9 +180,45 @@ impl Writer {
             batch.extend(rx.try_iter().take(MAX_BATCH));
             let cycle = self.cycle(batch);
             if !cycle.done.is_empty() {
+                self.since_checkpoint += cycle.done.len() as u64;
                 self.finish(cycle);
             }
+            if self.checkpoint_every > 0 && self.since_checkpoint >= self.checkpoint_every {
+                self.since_checkpoint = 0;
+                // Between two cycles every write of the index's state is
+                // applied, and no delivery batch is open.
+                if self.refusal(&Ok(())).is_none() {
+                    let _ = self.checkpoint();
+                }
+            }
         }
+    }
+
+    /// Write the queue index's checkpoint of everything applied so far (made
+    /// durable by the next flush).
+    fn checkpoint(&self) -> Result<Written, StoreError> {
+        let t0 = Instant::now();
+        let (encoded, entries) = {
+            let state = self.index.lock();
+            let entries = state.clients.values().map(|c| c.ids.len() as u64).sum();
+            (checkpoint::encode(&state), entries)
+        };
+        let written = checkpoint::write(&self.applier.layout, &encoded, entries);
+        match &written {
+            Ok(w) => tracing::debug!(
+                bytes = w.bytes,
+                entries = w.entries,
+                ms = t0.elapsed().as_millis() as u64,
+                "queue index checkpoint written"
+            ),
+            Err(e) => {
+                if let StoreError::Storage(se) = e {
+                    self.stats.mark_broken(se);
+                }
+                tracing::error!(error = %e, "writing the queue index checkpoint failed");
+            }
+        }
+        written
     }
 
     /// Prepare and apply one batch, in order.
@@ -258,17 +301,13 @@ impl Writer {
     }
 
     /// Write the queue index's checkpoint of everything applied so far,
-    /// durably, and close: every later job is refused.
+    /// durably, and close: every later job is refused (the server is
+    /// stopping).
     fn close(&mut self) -> Result<Written, StoreError> {
         self.stats.closed.store(true, Ordering::Release);
-        let (encoded, entries) = {
-            let state = self.index.lock();
-            let entries = state.clients.values().map(|c| c.ids.len() as u64).sum();
-            (checkpoint::encode(&state), entries)
-        };
-        checkpoint::write(&self.applier.layout, &encoded, entries).inspect_err(|e| {
-            tracing::error!(error = %e, "writing the queue index checkpoint failed; the next start reads every stored message");
-        })
+        let written = self.checkpoint()?;
+        self.flush()?;
+        Ok(written)
     }
 
     /// Why nothing more may be applied, if so.

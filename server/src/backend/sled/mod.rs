@@ -6,8 +6,8 @@
 //! - [`apply`]: jobs turned into sled writes on the writer thread;
 //! - [`queue_index`]: the in-memory queue index;
 //! - [`queue_startup`]: rebuilding it at startup, and `check`;
-//! - [`checkpoint`]: the index as the last clean stop left it, for a start
-//!   that need not read every batch;
+//! - [`checkpoint`]: the index saved every so many jobs and at a stop, for
+//!   a start that need not read every batch;
 //! - [`queues`]: reading pages;
 //! - [`admin`]: `check`, `stats`, `backup`.
 //!
@@ -62,6 +62,9 @@ pub(crate) struct SledConfig {
     pub(crate) store: StoreTuning,
     /// Most entries a client's queue holds; a full queue drops its oldest.
     pub(crate) max_queue_depth: u64,
+    /// Write-path jobs between checkpoints of the queue index (0: only at
+    /// a stop).
+    pub(crate) index_checkpoint_every_ops: u64,
 }
 
 /// The sled backend of one data directory.
@@ -101,9 +104,6 @@ impl SledBackend {
         let layout = Layout::open(data_dir, config.store)?;
         let started = std::time::Instant::now();
         let loaded = queue_startup::start(&layout)?;
-        // The checkpoint describes the database as it is now: it goes
-        // before anything is written.
-        checkpoint::discard(&layout)?;
         tracing::info!(
             from = ?loaded.source,
             entries = loaded.state.clients.values().map(|c| c.ids.len() as u64).sum::<u64>(),
@@ -150,6 +150,7 @@ impl SledBackend {
                 config.max_queue_depth,
             ),
             new_heads.clone(),
+            config.index_checkpoint_every_ops,
         )?;
         Ok(SledBackend {
             layout,

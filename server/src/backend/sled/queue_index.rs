@@ -448,6 +448,21 @@ impl IndexState {
         }
     }
 
+    /// Bring a queue taken from the index's checkpoint up to its mark and
+    /// deletion on disk (at startup): the entries up to the mark leave.
+    /// Returns the batches they leave unreferenced.
+    pub(crate) fn catch_up(&mut self, client: &ClientId, mark: u64, deleted: bool) -> Vec<u64> {
+        let popped = self.with_queue(client, |cq| {
+            cq.deleted |= deleted;
+            if mark > cq.acked {
+                cq.advance(mark)
+            } else {
+                Vec::new()
+            }
+        });
+        self.release(popped)
+    }
+
     /// Make durable entries visible and wake their long-polls.
     pub(crate) fn publish(&mut self, entries: &[(ClientId, u64)]) {
         for (client, seq) in entries {

@@ -1,7 +1,7 @@
 //! Rebuilding the queue index from disk at startup, and the same pass as an
-//! integrity check for `mls-ds check`. A start after a clean stop reads the
-//! index's checkpoint instead (`checkpoint.rs`), if it agrees with the
-//! database.
+//! integrity check for `mls-ds check`. A start reads the index's checkpoint
+//! instead (`checkpoint.rs`) if there is one, and brings it up to date from
+//! the marks and the batches written since.
 //!
 //! Every envelope's fan-out (in the delivery batches) says which queues
 //! hold the message at which sequence number; the ack marks say how far
@@ -124,18 +124,32 @@ pub(crate) struct StartupReceipt {
     pub(crate) receipt: SendReceipt,
 }
 
-/// Rebuild the index from the stored fan-outs, ack marks and client
-/// records. Fails on a queue with a gap, or with [`Decode::Whole`] on any
-/// envelope that does not decode.
-pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError> {
-    let mut state = IndexState::new(queues_at_start(layout)?, 1);
-    let mut orphans = Vec::new();
-    let mut envelopes = 0;
-    // Collected, then built at once: a map built from sorted entries fills
-    // its nodes, where one insert after another leaves them half full.
-    let mut batches = Vec::new();
+/// What [`replay`] found in the batches it read.
+struct Replayed {
+    /// Batches that queue entries reference, in number order.
+    batches: Vec<(u64, BatchMeta)>,
+    /// Batches no queue entry references.
+    orphans: Vec<u64>,
+    envelopes: usize,
+}
+
+/// Add the entries of every batch numbered `first` or more to `state`'s
+/// queues (each queue's mark set already): an entry at or below its
+/// queue's mark is skipped, any other must be the queue's next. Fails on
+/// a gap, or with [`Decode::Whole`] on any envelope that does not decode.
+fn replay(
+    layout: &Layout,
+    state: &mut IndexState,
+    first: u64,
+    decode: Decode,
+) -> Result<Replayed, StoreError> {
+    let mut replayed = Replayed {
+        batches: Vec::new(),
+        orphans: Vec::new(),
+        envelopes: 0,
+    };
     let tree = layout.trees.delivery;
-    for_each_batch(layout, 0, |number, value| {
+    for_each_batch(layout, first, |number, value| {
         state.next_batch = state.next_batch.max(number.saturating_add(1));
         let mut meta = BatchMeta {
             refs: 0,
@@ -149,7 +163,7 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
             }
             let fanout = batch::decode_fanout(tree, number, bytes)?;
             let id = layout::message_id(number, slot);
-            envelopes += 1;
+            replayed.envelopes += 1;
             if meta.messages == 0 {
                 meta.stored_ms = fanout.stored_ms;
             }
@@ -178,53 +192,121 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
             }
         }
         if meta.refs == 0 {
-            orphans.push(number);
+            replayed.orphans.push(number);
         } else {
-            batches.push((number, meta));
+            replayed.batches.push((number, meta));
         }
         Ok(())
     })?;
-    state.batches = batches.into_iter().collect();
+    Ok(replayed)
+}
+
+/// Rebuild the index from the stored fan-outs, ack marks and client
+/// records. Fails on a queue with a gap, or with [`Decode::Whole`] on any
+/// envelope that does not decode.
+pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError> {
+    let mut state = IndexState::new(queues_at_start(layout)?, 1);
+    let replayed = replay(layout, &mut state, 0, decode)?;
+    // Built at once: a map built from sorted entries fills its nodes,
+    // where one insert after another leaves them half full.
+    state.batches = replayed.batches.into_iter().collect();
+    finish(
+        layout,
+        state,
+        Source::Batches,
+        replayed.orphans,
+        replayed.envelopes,
+    )
+}
+
+/// Every entry of a loaded index is durable; the receipts a crash lost
+/// are looked for.
+fn finish(
+    layout: &Layout,
+    mut state: IndexState,
+    source: Source,
+    orphans: Vec<u64>,
+    envelopes: usize,
+) -> Result<Loaded, StoreError> {
     for cq in state.clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
     }
     let lost_receipts = lost_receipts(layout, state.next_batch.saturating_sub(RECEIPT_TAIL))?;
     Ok(Loaded {
         state,
-        source: Source::Batches,
+        source,
         orphans,
         envelopes,
         lost_receipts,
     })
 }
 
-/// The index for a start: the checkpoint if there is a usable one, else
-/// rebuilt from the batches ([`load`]). The caller removes the checkpoint
-/// before it writes anything.
-pub(crate) fn start(layout: &Layout) -> Result<Loaded, StoreError> {
-    match checkpoint::read(layout)? {
-        checkpoint::Found::Index(state) => {
-            // A clean stop lost no receipt, but the tail costs little to
-            // look at and keeps one rule for every start.
-            let lost_receipts =
-                lost_receipts(layout, state.next_batch.saturating_sub(RECEIPT_TAIL))?;
-            Ok(Loaded {
-                state: *state,
-                source: Source::Checkpoint,
-                orphans: Vec::new(),
-                envelopes: 0,
-                lost_receipts,
-            })
+/// The index from the checkpoint `held` brought up to date: every queue
+/// acknowledged up to its mark on disk (which frees the batches whose
+/// last entry that takes), deletions applied, then the batches written
+/// since it replayed. `Ok(Err(why))` if the database cannot have followed
+/// from it (a mark below the checkpoint's, a deletion undone, a gap).
+fn from_checkpoint(
+    layout: &Layout,
+    mut state: IndexState,
+) -> Result<Result<Loaded, String>, StoreError> {
+    let on_disk = queues_at_start(layout)?;
+    for (id, held) in &state.clients {
+        let (mark, deleted) = on_disk.get(id).map_or((0, false), |q| (q.acked, q.deleted));
+        if mark < held.acked || (held.deleted && !deleted) {
+            return Ok(Err(format!(
+                "client {id} is acknowledged up to {mark} (deleted: {deleted}) on disk, up to {} \
+                 (deleted: {}) in the checkpoint",
+                held.acked, held.deleted
+            )));
         }
-        checkpoint::Found::Unusable(why) => {
-            tracing::warn!(
-                reason = %why,
-                "the queue index checkpoint is not used; rebuilding the index from the stored messages"
-            );
-            load(layout, Decode::Fanout)
-        }
-        checkpoint::Found::Absent => load(layout, Decode::Fanout),
     }
+    let mut freed = Vec::new();
+    for (id, q) in &on_disk {
+        freed.extend(state.catch_up(id, q.acked, q.deleted));
+    }
+    let first = state.next_batch;
+    let replayed = match replay(layout, &mut state, first, Decode::Fanout) {
+        Ok(replayed) => replayed,
+        Err(StoreError::Corrupt(why)) => return Ok(Err(why)),
+        Err(e) => return Err(e),
+    };
+    state.batches.extend(replayed.batches);
+    // Most batches the marks freed were removed after them; one whose
+    // removal a crash lost is still stored, an orphan.
+    let mut orphans = replayed.orphans;
+    let delivery = layout.trees.delivery;
+    for batch in freed {
+        if layout.contains(delivery, &layout::batch_key(batch))? {
+            orphans.push(batch);
+        }
+    }
+    finish(
+        layout,
+        state,
+        Source::Checkpoint,
+        orphans,
+        replayed.envelopes,
+    )
+    .map(Ok)
+}
+
+/// The index for a start: the checkpoint brought up to date if there is a
+/// usable one, else rebuilt from every batch ([`load`]).
+pub(crate) fn start(layout: &Layout) -> Result<Loaded, StoreError> {
+    let why = match checkpoint::read(layout)? {
+        checkpoint::Found::Absent => return load(layout, Decode::Fanout),
+        checkpoint::Found::Unusable(why) => why,
+        checkpoint::Found::Index(state) => match from_checkpoint(layout, *state)? {
+            Ok(loaded) => return Ok(loaded),
+            Err(why) => why,
+        },
+    };
+    tracing::warn!(
+        reason = %why,
+        "the queue index checkpoint is not used; rebuilding the index from every stored message"
+    );
+    load(layout, Decode::Fanout)
 }
 
 /// The receipts missing for messages of batches numbered `first` or more
@@ -266,6 +348,27 @@ fn lost_receipts(layout: &Layout, first: u64) -> Result<Vec<StartupReceipt>, Sto
     Ok(lost)
 }
 
+/// What is wrong with the index a start would take from the checkpoint,
+/// against `scanned`, the index rebuilt from every batch.
+fn checkpoint_problem(layout: &Layout, scanned: &IndexState) -> Option<String> {
+    let unusable = |why: &str| {
+        Some(format!(
+            "the queue index checkpoint cannot be used ({why}); the next start reads every \
+             stored message"
+        ))
+    };
+    match checkpoint::read(layout) {
+        Err(e) => unusable(&e.to_string()),
+        Ok(checkpoint::Found::Absent) => None,
+        Ok(checkpoint::Found::Unusable(why)) => unusable(&why),
+        Ok(checkpoint::Found::Index(state)) => match from_checkpoint(layout, *state) {
+            Err(e) => unusable(&e.to_string()),
+            Ok(Err(why)) => unusable(&why),
+            Ok(Ok(loaded)) => checkpoint::differences(scanned, &loaded.state),
+        },
+    }
+}
+
 /// What [`verify`] found in the delivery tree.
 pub(crate) struct QueueReport {
     /// Unacknowledged queue entries.
@@ -290,10 +393,9 @@ pub(crate) fn verify(layout: &Layout) -> QueueReport {
                 .map(|c| c.ids.len() as u64)
                 .sum(),
             messages: loaded.envelopes,
-            problems: match checkpoint::compare(layout, &loaded.state) {
-                Ok(found) => found.into_iter().collect(),
-                Err(e) => vec![format!("reading the queue index checkpoint: {e}")],
-            },
+            problems: checkpoint_problem(layout, &loaded.state)
+                .into_iter()
+                .collect(),
         },
         Err(e) => QueueReport {
             entries: 0,

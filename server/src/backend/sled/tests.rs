@@ -30,11 +30,18 @@ pub(super) fn open(dir: &Path) -> SledBackend {
 }
 
 pub(super) fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
+    open_with(dir, max_queue_depth, 0)
+}
+
+/// With a queue bound and a checkpoint of the queue index every
+/// `checkpoint_every` jobs (0: at a stop only).
+pub(super) fn open_with(dir: &Path, max_queue_depth: u64, checkpoint_every: u64) -> SledBackend {
     SledBackend::open(
         dir,
         SledConfig {
             store: TUNING,
             max_queue_depth,
+            index_checkpoint_every_ops: checkpoint_every,
         },
     )
     .unwrap()
@@ -136,7 +143,7 @@ async fn retention_drops_old_entries_and_moves_the_ack_mark() {
     );
 }
 
-fn client_record() -> ClientRecord {
+pub(super) fn client_record() -> ClientRecord {
     ClientRecord {
         signature_scheme: 0x0807,
         signature_key: vec![7; 32],
@@ -369,6 +376,7 @@ async fn a_gap_is_refused() {
         SledConfig {
             store: TUNING,
             max_queue_depth: u64::MAX,
+            index_checkpoint_every_ops: 0,
         },
     )
     .err()
