@@ -23,7 +23,7 @@ use mls_ds_storage::{StorageError, Store, StoreConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::backend::records::GroupId;
-use crate::backend::sled::{admin as sled_admin, layout::Layout, layout::StoreTuning};
+use crate::backend::sled::{admin as sled_admin, layout::Layout, layout::StoreTuning, Serving};
 use crate::backend::{AdminReport, Backend, StoreError};
 use crate::config::{Limits, Storage};
 use crate::database;
@@ -263,7 +263,10 @@ fn run_offline(
     command: &AdminCommand,
 ) -> Result<AdminReport, StoreError> {
     match command {
-        AdminCommand::Check => sled_admin::check(&Layout::open(data_dir, StoreTuning::admin())?),
+        AdminCommand::Check => sled_admin::check(
+            &Layout::open(data_dir, StoreTuning::admin())?,
+            Serving::Stopped,
+        ),
         AdminCommand::Stats => sled_admin::stats(&Layout::open(data_dir, StoreTuning::admin())?),
         AdminCommand::Backup(out) => {
             sled_admin::backup(&Layout::open(data_dir, StoreTuning::admin())?, out)
@@ -311,7 +314,7 @@ fn restore(data_dir: &Path, from: &Path) -> Result<AdminOutput, AdminError> {
     let copied = backup.export_to(data_dir).map_err(|e| failed(&e))?;
     drop(backup);
     let check = Layout::open(data_dir, StoreTuning::admin())
-        .and_then(|layout| sled_admin::check(&layout))
+        .and_then(|layout| sled_admin::check(&layout, Serving::Stopped))
         .map_err(|e| failed(&e))?;
     Ok(AdminOutput {
         text: format!(

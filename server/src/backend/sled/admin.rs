@@ -11,7 +11,7 @@ use std::path::Path;
 use mls_ds_storage::codec::decode_record;
 
 use super::layout::{Layout, Tree};
-use super::queue_startup;
+use super::queue_startup::{self, Serving};
 use crate::backend::error::StoreError;
 use crate::backend::group_check;
 use crate::backend::records::{
@@ -54,8 +54,9 @@ fn check_group(
     Ok(group_check::problems(key, record, state))
 }
 
-/// `mls-ds check`.
-pub(crate) fn check(layout: &Layout) -> Result<AdminReport, StoreError> {
+/// `mls-ds check`, on a stopped server's data directory or (`Running`)
+/// inside the server.
+pub(crate) fn check(layout: &Layout, serving: Serving) -> Result<AdminReport, StoreError> {
     let t = &layout.trees;
     let mut problems = Vec::new();
     let clients = decode_all::<ClientRecord>(layout, t.clients, "client record", &mut problems)?;
@@ -100,7 +101,7 @@ pub(crate) fn check(layout: &Layout) -> Result<AdminReport, StoreError> {
             String::from_utf8_lossy(&creator)
         ));
     }
-    let queues = queue_startup::verify(layout);
+    let queues = queue_startup::verify(layout, serving);
     problems.extend(queues.problems);
     let checked = format!(
         "checked {clients} clients, {key_packages} key packages, {} groups, {} queue entries, {} stored messages\n",
@@ -117,7 +118,7 @@ pub(crate) fn stats(layout: &Layout) -> Result<AdminReport, StoreError> {
     let count = |tree: Tree| -> Result<usize, StoreError> {
         Ok(layout.storage.scan_raw(tree.handle, b"")?.len())
     };
-    let queues = queue_startup::verify(layout);
+    let queues = queue_startup::verify(layout, Serving::Running);
     let mut text = String::new();
     let _ = writeln!(text, "clients            {}", count(t.clients)?);
     let _ = writeln!(text, "key packages       {}", count(t.key_packages)?);

@@ -38,8 +38,6 @@ use sha2::{Digest, Sha256};
 use super::id_deque::{put_varint, read_varint, unzigzag, zigzag};
 use super::layout::{self, Layout};
 use super::queue_index::{BatchMeta, ClientQueue, IndexState};
-#[cfg(test)]
-use super::queue_startup;
 use crate::backend::error::StoreError;
 
 /// Version of the encoding, its first byte.
@@ -120,18 +118,26 @@ pub(crate) fn encode(state: &IndexState) -> Vec<u8> {
 /// flushed: the caller's flush makes it durable).
 pub(crate) fn write(layout: &Layout, encoded: &[u8], entries: u64) -> Result<Written, StoreError> {
     let tree = layout.trees.checkpoint;
-    let previous = match layout.storage.get_raw(tree.handle, SEAL_KEY)? {
-        Some(raw) => decode_record::<Seal>(tree.name, SEAL_KEY, &raw).map_or(0, |s| s.chunks),
-        None => 0,
-    };
     let tx = layout.storage.begin();
     let mut chunks = 0u32;
     for chunk in encoded.chunks(CHUNK_BYTES) {
         tx.put_raw(tree.handle, &chunk_key(chunks), chunk)?;
         chunks += 1;
     }
-    for stale in chunks..previous {
-        tx.remove_raw(tree.handle, &chunk_key(stale))?;
+    // The previous checkpoint's chunks past the new ones go (looked for,
+    // not counted from its seal, which may be damaged).
+    let mut stale = Vec::new();
+    layout.storage.for_each_raw(
+        tree.handle,
+        &chunk_key(chunks),
+        &chunk_key(u32::MAX),
+        |k, _| {
+            stale.push(k.to_vec());
+            Ok::<(), StoreError>(())
+        },
+    )?;
+    for k in stale {
+        tx.remove_raw(tree.handle, &k)?;
     }
     let seal = Seal {
         bytes: encoded.len() as u64,
@@ -144,6 +150,20 @@ pub(crate) fn write(layout: &Layout, encoded: &[u8], entries: u64) -> Result<Wri
         bytes: encoded.len(),
         entries,
     })
+}
+
+/// Remove the checkpoint, durably (a start that could not use it: the
+/// index it then builds may number new batches below the checkpoint's next
+/// one, which a later start would not replay).
+pub(crate) fn discard(layout: &Layout) -> Result<(), StoreError> {
+    let tree = layout.trees.checkpoint;
+    let tx = layout.storage.begin();
+    for (k, _) in layout.storage.scan_raw(tree.handle, b"")? {
+        tx.remove_raw(tree.handle, &k)?;
+    }
+    tx.commit()?;
+    layout.store.flush()?;
+    Ok(())
 }
 
 /// Read the checkpoint, if any.
@@ -342,7 +362,14 @@ pub(crate) fn differences(scanned: &IndexState, from_checkpoint: &IndexState) ->
             ));
         }
     }
-    if scanned.batches != from_checkpoint.batches {
+    // A batch's message count and age are kept for metrics and expiry;
+    // the live index does not keep them exact in every case (a batch freed
+    // and recreated within one cycle), so only the batches referenced and
+    // their references must match.
+    let referenced = |s: &IndexState| -> Vec<(u64, u64)> {
+        s.batches.iter().map(|(n, b)| (*n, b.refs)).collect()
+    };
+    if referenced(scanned) != referenced(from_checkpoint) {
         return Some("the queue index from its checkpoint differs from the stored batches".into());
     }
     if from_checkpoint.next_batch < scanned.next_batch {
@@ -358,7 +385,7 @@ pub(crate) fn differences(scanned: &IndexState, from_checkpoint: &IndexState) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::sled::queue_startup::{Decode, Loaded, Source};
+    use crate::backend::sled::queue_startup::{self, Decode, Loaded, Serving, Source};
     use crate::backend::sled::tests::{
         client_record, delete, delivery, id, open_with, register, send, seqs, TUNING,
     };
@@ -399,6 +426,12 @@ mod tests {
         assert_eq!(queues(&started.state), queues(&scanned.state));
         assert_eq!(started.state.batches, scanned.state.batches);
         assert!(started.state.next_batch >= scanned.state.next_batch);
+        let sorted = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(sorted(&started.orphans), sorted(&scanned.orphans));
     }
 
     /// Queues of every kind: shared batches, acknowledged, deleted, full.
@@ -429,7 +462,7 @@ mod tests {
         let l = Layout::open(dir, TUNING).unwrap();
         let scanned = queue_startup::load(&l, Decode::Fanout).unwrap();
         let started = queue_startup::start(&l).unwrap();
-        let report = queue_startup::verify(&l);
+        let report = queue_startup::verify(&l, Serving::Stopped);
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         (started, scanned)
     }
@@ -515,25 +548,36 @@ mod tests {
         let deleted = s.get_raw(clients.handle, d.as_bytes()).unwrap().unwrap();
         let active = layout::encode(clients, &client_record()).unwrap();
         s.put_raw(clients.handle, d.as_bytes(), &active).unwrap();
-        let started = queue_startup::start(&l).unwrap();
-        assert_eq!(started.source, Source::Batches);
-        assert!(!started.state.clients[&d].deleted);
-        let report = queue_startup::verify(&l);
+        let report = queue_startup::verify(&l, Serving::Stopped);
         assert!(
             report.problems.iter().any(|p| p.contains("client d0")),
             "{:?}",
             report.problems
         );
+        let started = queue_startup::start(&l).unwrap();
+        assert_eq!(started.source, Source::Batches);
+        assert!(!started.state.clients[&d].deleted);
+        // The start removed it: the index it built may number new batches
+        // below the checkpoint's next one, which a later start would skip.
+        assert!(matches!(read(&l).unwrap(), Found::Absent));
         s.put_raw(clients.handle, d.as_bytes(), &deleted).unwrap();
-        assert_eq!(queue_startup::start(&l).unwrap().source, Source::Checkpoint);
         // A damaged chunk.
-        s.put_raw(l.trees.checkpoint.handle, &chunk_key(0), b"\x01\x02")
-            .unwrap();
+        let tree = l.trees.checkpoint.handle;
+        let loaded = queue_startup::load(&l, Decode::Fanout).unwrap();
+        write(&l, &encode(&loaded.state), 0).unwrap();
+        assert_eq!(queue_startup::start(&l).unwrap().source, Source::Checkpoint);
+        s.put_raw(tree, &chunk_key(0), b"\x01\x02").unwrap();
         let Found::Unusable(why) = read(&l).unwrap() else {
             panic!("a damaged checkpoint was accepted");
         };
         assert!(why.contains("bytes"), "{why}");
         assert_eq!(queue_startup::start(&l).unwrap().source, Source::Batches);
+        // A damaged seal and a chunk past the next checkpoint's: that
+        // checkpoint still consists of its own chunks only.
+        s.put_raw(tree, SEAL_KEY, b"junk").unwrap();
+        s.put_raw(tree, &chunk_key(7), b"old").unwrap();
+        write(&l, &encode(&loaded.state), 0).unwrap();
+        assert!(matches!(read(&l).unwrap(), Found::Index(_)));
     }
 
     #[test]

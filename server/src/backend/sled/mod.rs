@@ -42,6 +42,7 @@ use self::job::Job;
 use self::layout::Layout;
 pub(crate) use self::layout::StoreTuning;
 use self::queue_index::QueueIndex;
+pub(crate) use self::queue_startup::Serving;
 use self::record_cache::Caches;
 use super::committing::{committing, Committing};
 use super::group_locks::GroupLocks;
@@ -181,7 +182,8 @@ impl SledBackend {
     /// Stop writing (at shutdown): what was submitted before is applied,
     /// the queue index's checkpoint is written and everything flushed;
     /// later writes are refused. A database a compaction retired is only
-    /// flushed: the next open swaps in the copy, which has no checkpoint.
+    /// flushed: the next open swaps in the copy (whose checkpoint is the
+    /// one copied, brought up to date like any other).
     pub(crate) async fn shut_down(&self) -> Result<(), StoreError> {
         if self.commit.stats.retired() {
             return self.flush();
@@ -531,7 +533,8 @@ impl Backend for SledBackend {
     }
 
     async fn check(&self) -> Result<AdminReport, StoreError> {
-        self.run(admin::check).await
+        self.run(|layout| admin::check(layout, Serving::Running))
+            .await
     }
 
     async fn report(&self) -> Result<AdminReport, StoreError> {

@@ -241,7 +241,7 @@ fn finish(
     })
 }
 
-/// The index from the checkpoint `held` brought up to date: every queue
+/// The index from the checkpoint (`state`) brought up to date: every queue
 /// acknowledged up to its mark on disk (which frees the batches whose
 /// last entry that takes), deletions applied, then the batches written
 /// since it replayed. `Ok(Err(why))` if the database cannot have followed
@@ -292,7 +292,8 @@ fn from_checkpoint(
 }
 
 /// The index for a start: the checkpoint brought up to date if there is a
-/// usable one, else rebuilt from every batch ([`load`]).
+/// usable one, else rebuilt from every batch ([`load`]), the unusable
+/// checkpoint removed first.
 pub(crate) fn start(layout: &Layout) -> Result<Loaded, StoreError> {
     let why = match checkpoint::read(layout)? {
         checkpoint::Found::Absent => return load(layout, Decode::Fanout),
@@ -306,6 +307,7 @@ pub(crate) fn start(layout: &Layout) -> Result<Loaded, StoreError> {
         reason = %why,
         "the queue index checkpoint is not used; rebuilding the index from every stored message"
     );
+    checkpoint::discard(layout)?;
     load(layout, Decode::Fanout)
 }
 
@@ -379,11 +381,21 @@ pub(crate) struct QueueReport {
     pub(crate) problems: Vec<String>,
 }
 
+/// Whether [`verify`] compares the index a start would take from the
+/// checkpoint with the full rebuild: only with the server stopped, where
+/// both reads see one state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Serving {
+    Stopped,
+    Running,
+}
+
 /// Integrity check of the delivery tree: every envelope and ack mark
-/// decodes, every queue is gap-free, and a checkpoint of the index, if
-/// there is one, holds what the batches say. Leftovers a crash can cause
-/// (orphans, which the next start deletes) are not problems.
-pub(crate) fn verify(layout: &Layout) -> QueueReport {
+/// decodes, every queue is gap-free, and (with the server stopped) the
+/// index a start would take from the checkpoint is what the batches say.
+/// Leftovers a crash can cause (orphans, which the next start deletes) are
+/// not problems.
+pub(crate) fn verify(layout: &Layout, serving: Serving) -> QueueReport {
     match load(layout, Decode::Whole) {
         Ok(loaded) => QueueReport {
             entries: loaded
@@ -393,9 +405,12 @@ pub(crate) fn verify(layout: &Layout) -> QueueReport {
                 .map(|c| c.ids.len() as u64)
                 .sum(),
             messages: loaded.envelopes,
-            problems: checkpoint_problem(layout, &loaded.state)
-                .into_iter()
-                .collect(),
+            problems: match serving {
+                Serving::Stopped => checkpoint_problem(layout, &loaded.state)
+                    .into_iter()
+                    .collect(),
+                Serving::Running => Vec::new(),
+            },
         },
         Err(e) => QueueReport {
             entries: 0,

@@ -60,10 +60,17 @@ impl Applier {
         for (key, value) in &open.receipts {
             after.put_raw(self.layout.trees.sends.handle, key, value)?;
         }
+        let state = self.index.lock();
         for (client, mark) in &open.dropped.marks {
+            // An acknowledgement prepared after the drop, whose mark went
+            // before this batch, may have taken the queue past it: a mark
+            // on disk never goes back.
+            let mark = state
+                .clients
+                .get(client)
+                .map_or(*mark, |q| q.acked.max(*mark));
             after.put_raw(tree.handle, &layout::ack_key(client), &mark.to_be_bytes())?;
         }
-        let state = self.index.lock();
         for batch in &open.dropped.freed {
             // A batch freed by a drop may be this one, which messages
             // joined after the drop: it stays while referenced.
