@@ -47,9 +47,6 @@ const FORMAT: u8 = 1;
 const CHUNK_BYTES: usize = 64 * 1024;
 const SEAL_KEY: &[u8] = b"s";
 const CHUNK_PREFIX: u8 = b'c';
-/// Most bytes reserved up front for reading the chunks back (the seal
-/// says how many there are, but it is read from disk).
-const RESERVE_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// What says that the chunks are whole: written with them in one batch.
 #[derive(bincode::Encode, bincode::Decode)]
@@ -78,10 +75,70 @@ pub(crate) enum Found {
     Index(Box<IndexState>),
 }
 
+/// An encoded index, in the chunks it is stored in.
+pub(crate) struct Encoded {
+    chunks: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+/// Builds the encoding chunk by chunk: no buffer ever holds all of it (17
+/// MB at 10,000,000 queued entries), which the allocator would then keep
+/// serving smaller requests from.
+struct ChunkWriter {
+    done: Vec<Vec<u8>>,
+    open: Vec<u8>,
+    bytes: usize,
+    scratch: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn new() -> ChunkWriter {
+        ChunkWriter {
+            done: Vec::new(),
+            open: Vec::with_capacity(CHUNK_BYTES),
+            bytes: 0,
+            scratch: Vec::with_capacity(10),
+        }
+    }
+
+    fn bytes(&mut self, mut b: &[u8]) {
+        self.bytes += b.len();
+        while !b.is_empty() {
+            let room = CHUNK_BYTES - self.open.len();
+            let (head, rest) = b.split_at(room.min(b.len()));
+            self.open.extend_from_slice(head);
+            b = rest;
+            if self.open.len() == CHUNK_BYTES {
+                let full = std::mem::replace(&mut self.open, Vec::with_capacity(CHUNK_BYTES));
+                self.done.push(full);
+            }
+        }
+    }
+
+    fn varint(&mut self, v: u64) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        put_varint(&mut scratch, v);
+        self.bytes(&scratch);
+        self.scratch = scratch;
+    }
+
+    fn finish(mut self) -> Encoded {
+        if !self.open.is_empty() {
+            self.done.push(self.open);
+        }
+        Encoded {
+            chunks: self.done,
+            bytes: self.bytes,
+        }
+    }
+}
+
 /// Encode `state` (taken under the index lock).
-pub(crate) fn encode(state: &IndexState) -> Vec<u8> {
-    let mut out = vec![FORMAT];
-    put_varint(&mut out, state.next_batch);
+pub(crate) fn encode(state: &IndexState) -> Encoded {
+    let mut out = ChunkWriter::new();
+    out.bytes(&[FORMAT]);
+    out.varint(state.next_batch);
     // A queue never used (no entry, no mark, not deleted) is what a start
     // assumes for a client it does not know.
     let kept: Vec<(&ClientId, &ClientQueue)> = state
@@ -89,38 +146,50 @@ pub(crate) fn encode(state: &IndexState) -> Vec<u8> {
         .iter()
         .filter(|(_, q)| q.acked > 0 || q.deleted || q.ids.len() > 0)
         .collect();
-    put_varint(&mut out, kept.len() as u64);
+    out.varint(kept.len() as u64);
     for (id, q) in kept {
-        put_varint(&mut out, id.as_bytes().len() as u64);
-        out.extend_from_slice(id.as_bytes());
-        put_varint(&mut out, q.acked);
-        out.push(u8::from(q.deleted));
-        put_varint(&mut out, q.ids.len() as u64);
+        out.varint(id.as_bytes().len() as u64);
+        out.bytes(id.as_bytes());
+        out.varint(q.acked);
+        out.bytes(&[u8::from(q.deleted)]);
+        out.varint(q.ids.len() as u64);
         let mut previous = 0u64;
         for id in q.ids.iter_from(0) {
-            put_varint(&mut out, zigzag(id.wrapping_sub(previous)));
+            out.varint(zigzag(id.wrapping_sub(previous)));
             previous = id;
         }
     }
-    put_varint(&mut out, state.batches.len() as u64);
+    out.varint(state.batches.len() as u64);
     let mut previous = 0u64;
     for (number, meta) in &state.batches {
-        put_varint(&mut out, number - previous);
-        put_varint(&mut out, u64::from(meta.messages));
-        put_varint(&mut out, meta.stored_ms);
+        out.varint(number - previous);
+        out.varint(u64::from(meta.messages));
+        out.varint(meta.stored_ms);
         previous = *number;
     }
-    out
+    out.finish()
+}
+
+fn sha256(chunks: &[Vec<u8>]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for c in chunks {
+        h.update(c);
+    }
+    h.finalize().into()
 }
 
 /// Store `encoded` (of a state holding `entries` queue entries) as the
 /// checkpoint, in place of the previous one, in one sled batch (not
 /// flushed: the caller's flush makes it durable).
-pub(crate) fn write(layout: &Layout, encoded: &[u8], entries: u64) -> Result<Written, StoreError> {
+pub(crate) fn write(
+    layout: &Layout,
+    encoded: &Encoded,
+    entries: u64,
+) -> Result<Written, StoreError> {
     let tree = layout.trees.checkpoint;
     let tx = layout.storage.begin();
     let mut chunks = 0u32;
-    for chunk in encoded.chunks(CHUNK_BYTES) {
+    for chunk in &encoded.chunks {
         tx.put_raw(tree.handle, &chunk_key(chunks), chunk)?;
         chunks += 1;
     }
@@ -140,14 +209,14 @@ pub(crate) fn write(layout: &Layout, encoded: &[u8], entries: u64) -> Result<Wri
         tx.remove_raw(tree.handle, &k)?;
     }
     let seal = Seal {
-        bytes: encoded.len() as u64,
+        bytes: encoded.bytes as u64,
         chunks,
-        sha256: Sha256::digest(encoded).into(),
+        sha256: sha256(&encoded.chunks),
     };
     tx.put_raw(tree.handle, SEAL_KEY, &layout::encode(tree, &seal)?)?;
     tx.commit()?;
     Ok(Written {
-        bytes: encoded.len(),
+        bytes: encoded.bytes,
         entries,
     })
 }
@@ -176,36 +245,36 @@ pub(crate) fn read(layout: &Layout) -> Result<Found, StoreError> {
         Ok(seal) => seal,
         Err(e) => return Ok(Found::Unusable(format!("its seal: {e}"))),
     };
-    let mut bytes = Vec::with_capacity(usize::try_from(seal.bytes.min(RESERVE_LIMIT)).unwrap_or(0));
-    let mut chunks = 0u32;
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0u64;
     let mut out_of_order = false;
     layout.storage.for_each_raw(
         tree.handle,
         &[CHUNK_PREFIX],
         &chunk_key(u32::MAX),
         |k, v| {
-            out_of_order |= k != chunk_key(chunks).as_slice();
-            chunks = chunks.saturating_add(1);
-            bytes.extend_from_slice(v);
+            let n = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+            out_of_order |= k != chunk_key(n).as_slice();
+            bytes += v.len() as u64;
+            chunks.push(v.to_vec());
             Ok::<(), StoreError>(())
         },
     )?;
-    if out_of_order || chunks != seal.chunks || bytes.len() as u64 != seal.bytes {
+    if out_of_order || chunks.len() as u64 != u64::from(seal.chunks) || bytes != seal.bytes {
         return Ok(Found::Unusable(format!(
-            "{chunks} chunks of {} bytes where its seal says {} of {}",
-            bytes.len(),
+            "{} chunks of {bytes} bytes where its seal says {} of {}",
+            chunks.len(),
             seal.chunks,
             seal.bytes
         )));
     }
-    if <[u8; 32]>::from(Sha256::digest(&bytes)) != seal.sha256 {
+    if sha256(&chunks) != seal.sha256 {
         return Ok(Found::Unusable("its checksum does not match".into()));
     }
-    let state = match decode(&bytes) {
-        Ok(state) => state,
-        Err(why) => return Ok(Found::Unusable(why)),
-    };
-    Ok(Found::Index(Box::new(state)))
+    Ok(match decode(&chunks) {
+        Ok(state) => Found::Index(Box::new(state)),
+        Err(why) => Found::Unusable(why),
+    })
 }
 
 fn chunk_key(n: u32) -> Vec<u8> {
@@ -214,39 +283,68 @@ fn chunk_key(n: u32) -> Vec<u8> {
     k
 }
 
-/// Reads the encoding, every read checked.
+/// Reads the encoding across its chunks, every read checked.
 struct Reader<'a> {
-    bytes: &'a [u8],
+    chunks: &'a [Vec<u8>],
+    chunk: usize,
+    at: usize,
 }
 
 impl Reader<'_> {
-    fn varint(&mut self) -> Result<u64, String> {
-        let (v, used) = read_varint(self.bytes).ok_or("it ends inside a number")?;
-        self.bytes = &self.bytes[used..];
-        Ok(v)
-    }
-
     fn byte(&mut self) -> Result<u8, String> {
-        let (first, rest) = self.bytes.split_first().ok_or("it ends early")?;
-        self.bytes = rest;
-        Ok(*first)
+        loop {
+            let chunk = self.chunks.get(self.chunk).ok_or("it ends early")?;
+            if let Some(b) = chunk.get(self.at) {
+                self.at += 1;
+                return Ok(*b);
+            }
+            self.chunk += 1;
+            self.at = 0;
+        }
     }
 
-    fn take(&mut self, n: u64) -> Result<&[u8], String> {
-        let n = usize::try_from(n)
-            .ok()
-            .filter(|n| *n <= self.bytes.len())
-            .ok_or("it ends early")?;
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut bytes = [0u8; 10];
+        for (i, slot) in bytes.iter_mut().enumerate() {
+            *slot = self.byte()?;
+            if *slot & 0x80 == 0 {
+                let (v, _) = read_varint(&bytes[..=i]).ok_or("a number runs past 64 bits")?;
+                return Ok(v);
+            }
+        }
+        Err("a number runs past 64 bits".into())
+    }
+
+    fn take(&mut self, n: u64) -> Result<Vec<u8>, String> {
+        // Client ids: at most a few hundred bytes; a larger length is
+        // damage, refused before anything is reserved.
+        if n > 1024 {
+            return Err(format!("a client id of {n} bytes"));
+        }
+        (0..n).map(|_| self.byte()).collect()
+    }
+
+    /// Whether every byte was read.
+    fn at_end(&self) -> bool {
+        self.chunks
+            .get(self.chunk)
+            .is_none_or(|c| self.at >= c.len())
+            && self
+                .chunks
+                .iter()
+                .skip(self.chunk + 1)
+                .all(|c| c.is_empty())
     }
 }
 
-/// The index encoded in `bytes` (see [`encode`]), with each batch's
+/// The index encoded in `chunks` (see [`encode`]), with each batch's
 /// reference count recomputed from the queues.
-fn decode(bytes: &[u8]) -> Result<IndexState, String> {
-    let mut r = Reader { bytes };
+fn decode(chunks: &[Vec<u8>]) -> Result<IndexState, String> {
+    let mut r = Reader {
+        chunks,
+        chunk: 0,
+        at: 0,
+    };
     let format = r.byte()?;
     if format != FORMAT {
         return Err(format!("it has format {format}; this build reads {FORMAT}"));
@@ -257,7 +355,7 @@ fn decode(bytes: &[u8]) -> Result<IndexState, String> {
     let mut refs: HashMap<u64, u64> = HashMap::new();
     for _ in 0..count {
         let len = r.varint()?;
-        let id = ClientId::new(r.take(len)?).map_err(|e| format!("a client id: {e}"))?;
+        let id = ClientId::new(&r.take(len)?).map_err(|e| format!("a client id: {e}"))?;
         let acked = r.varint()?;
         let deleted = match r.byte()? {
             0 => false,
@@ -333,8 +431,8 @@ fn decode(bytes: &[u8]) -> Result<IndexState, String> {
             "queue entries refer to batch {batch}, which is not listed"
         ));
     }
-    if !r.bytes.is_empty() {
-        return Err(format!("{} bytes follow its end", r.bytes.len()));
+    if !r.at_end() {
+        return Err("bytes follow its end".into());
     }
     let mut state = IndexState::new(clients, next_batch);
     state.batches = batches.into_iter().collect::<BTreeMap<_, _>>();
@@ -581,6 +679,34 @@ mod tests {
     }
 
     #[test]
+    fn a_large_index_spans_chunks_and_reads_back_whole() {
+        let mut s = IndexState::new(HashMap::new(), 1);
+        let (a, b) = (ClientId::new("a").unwrap(), ClientId::new("b").unwrap());
+        for n in 0..60_000u64 {
+            let batch = s.new_batch();
+            let to = if n % 3 == 0 {
+                vec![a.clone(), b.clone()]
+            } else {
+                vec![a.clone()]
+            };
+            s.assign(layout::message_id(batch, 0), to, n, u64::MAX);
+        }
+        for q in s.clients.values_mut() {
+            q.visible = q.next_seq() - 1;
+        }
+        let encoded = encode(&s);
+        assert!(encoded.chunks.len() > 1, "{} bytes", encoded.bytes);
+        assert!(encoded.chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
+        assert_eq!(
+            encoded.chunks.iter().map(Vec::len).sum::<usize>(),
+            encoded.bytes
+        );
+        let back = decode(&encoded.chunks).unwrap();
+        assert_eq!(queues(&back), queues(&s));
+        assert_eq!(back.batches, s.batches);
+    }
+
+    #[test]
     fn every_truncation_and_extension_of_an_encoding_is_refused() {
         let mut s = IndexState::new(HashMap::new(), 9);
         let a = ClientId::new("a").unwrap();
@@ -604,15 +730,25 @@ mod tests {
         // Entries are read back as durable.
         let q = s.client(&a);
         q.visible = q.next_seq() - 1;
-        let bytes = encode(&s);
-        let back = decode(&bytes).unwrap();
+        let bytes = encode(&s).chunks.concat();
+        let back = decode(std::slice::from_ref(&bytes)).unwrap();
         assert_eq!(back.batches, s.batches);
         assert_eq!(queues(&back), queues(&s));
+        // Numbers and ids read across chunk boundaries.
+        for size in [1, 2, 3, 7] {
+            let pieces: Vec<Vec<u8>> = bytes.chunks(size).map(<[u8]>::to_vec).collect();
+            assert_eq!(
+                queues(&decode(&pieces).unwrap()),
+                queues(&s),
+                "chunks of {size}"
+            );
+        }
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "cut at {len}");
+            assert!(decode(&[bytes[..len].to_vec()]).is_err(), "cut at {len}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(decode(&longer).is_err());
+        assert!(decode(&[longer]).is_err());
+        assert!(decode(&[bytes, vec![0]]).is_err());
     }
 }
