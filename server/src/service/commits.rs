@@ -84,6 +84,11 @@ impl<B: Backend> Ds<B> {
         }
         // The tree of the epoch before is of no use any more.
         let mut group = self.load_group(id, &record).await?.group;
+        if group.public.group_context().epoch().as_u64() != record.epoch {
+            // Another node accepted a handshake between the reads of the
+            // record and of the state (several nodes on one database).
+            return self.overtaken(caller, id, &submitted).await;
+        }
         let merged = self
             .validate_and_merge(caller, &record, &mut group, &submitted)
             .await?;
@@ -102,14 +107,7 @@ impl<B: Backend> Ds<B> {
             }
             Err(StoreError::ConditionFailed(Condition::GroupAt { .. })) => {
                 // Another process accepted a handshake first.
-                let record = self.group_record(id).await?;
-                return match self.earlier_commit(caller, id, &record, &submitted).await? {
-                    Some(accepted) => Ok(accepted),
-                    None => Err(DsError::WrongEpoch {
-                        current: record.epoch,
-                        reason: "another handshake of the group was accepted meanwhile".into(),
-                    }),
-                };
+                return self.overtaken(caller, id, &submitted).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -118,6 +116,25 @@ impl<B: Backend> Ds<B> {
             epoch: merged.new_epoch,
             recipients: write.recipients,
         })
+    }
+
+    /// The answer for a commit another handshake of the group overtook:
+    /// the original success for an exact retry of an accepted commit, 409
+    /// otherwise.
+    async fn overtaken(
+        &self,
+        caller: &Caller,
+        id: &GroupId,
+        submitted: &Submitted,
+    ) -> Result<CommitAccepted> {
+        let record = self.group_record(id).await?;
+        match self.earlier_commit(caller, id, &record, submitted).await? {
+            Some(accepted) => Ok(accepted),
+            None => Err(DsError::WrongEpoch {
+                current: record.epoch,
+                reason: "another handshake of the group was accepted meanwhile".into(),
+            }),
+        }
     }
 
     /// The answer for a commit whose epoch already has an accepted commit:

@@ -23,11 +23,11 @@
 //! recovers a prefix of its log, never recovers it without them. Its chunks
 //! and its seal (their length and SHA-256) are one sled batch, replacing
 //! the previous checkpoint's: a crash leaves one or the other. A damaged
-//! checkpoint, or one the database cannot have followed from, is logged
-//! and ignored: the index is rebuilt from every batch.
+//! checkpoint, or one the database cannot have followed from, is logged,
+//! removed and ignored: the index is rebuilt from every batch.
 //!
-//! `mls-ds check` compares the index from the checkpoint with the full
-//! rebuild.
+//! `mls-ds check` on a stopped server compares the index from the
+//! checkpoint with the full rebuild.
 
 use std::collections::{BTreeMap, HashMap};
 
