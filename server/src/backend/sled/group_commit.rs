@@ -200,8 +200,7 @@ impl Writer {
         let t0 = Instant::now();
         let (encoded, entries) = {
             let state = self.index.lock();
-            let entries = state.clients.values().map(|c| c.ids.len() as u64).sum();
-            (checkpoint::encode(&state), entries)
+            (checkpoint::encode(&state), state.entries())
         };
         let written = checkpoint::write(&self.applier.layout, &encoded, entries);
         match &written {

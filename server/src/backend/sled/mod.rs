@@ -107,7 +107,7 @@ impl SledBackend {
         let loaded = queue_startup::start(&layout)?;
         tracing::info!(
             from = ?loaded.source,
-            entries = loaded.state.clients.values().map(|c| c.ids.len() as u64).sum::<u64>(),
+            entries = loaded.state.entries(),
             ms = started.elapsed().as_millis() as u64,
             "queue index ready"
         );

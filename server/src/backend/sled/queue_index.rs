@@ -167,6 +167,11 @@ impl IndexState {
         }
     }
 
+    /// Queue entries held (visible or not).
+    pub(crate) fn entries(&self) -> u64 {
+        self.clients.values().map(|c| c.ids.len() as u64).sum()
+    }
+
     /// Number a new delivery batch.
     pub(crate) fn new_batch(&mut self) -> u64 {
         let n = self.next_batch;

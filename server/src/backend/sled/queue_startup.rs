@@ -398,12 +398,7 @@ pub(crate) enum Serving {
 pub(crate) fn verify(layout: &Layout, serving: Serving) -> QueueReport {
     match load(layout, Decode::Whole) {
         Ok(loaded) => QueueReport {
-            entries: loaded
-                .state
-                .clients
-                .values()
-                .map(|c| c.ids.len() as u64)
-                .sum(),
+            entries: loaded.state.entries(),
             messages: loaded.envelopes,
             problems: match serving {
                 Serving::Stopped => checkpoint_problem(layout, &loaded.state)
