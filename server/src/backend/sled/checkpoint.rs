@@ -21,8 +21,10 @@
 //! checkpoint, numbered at or past its next number. The checkpoint is
 //! written after every write of the state it describes, so sled, which
 //! recovers a prefix of its log, never recovers it without them. Its chunks
-//! and its seal (their length and SHA-256) are one sled batch, replacing
-//! the previous checkpoint's: a crash leaves one or the other. A damaged
+//! are written as they are encoded, under a new generation, then the seal
+//! (their generation, length and SHA-256), then the previous generation's
+//! chunks are removed: a crash leaves one whole checkpoint or the other,
+//! and only one 64 KiB chunk of the encoding is ever held. A damaged
 //! checkpoint, or one the database cannot have followed from, is logged,
 //! removed and ignored: the index is rebuilt from every batch.
 //!
@@ -48,9 +50,10 @@ const CHUNK_BYTES: usize = 64 * 1024;
 const SEAL_KEY: &[u8] = b"s";
 const CHUNK_PREFIX: u8 = b'c';
 
-/// What says that the chunks are whole: written with them in one batch.
+/// What says that a generation's chunks are whole: written after them.
 #[derive(bincode::Encode, bincode::Decode)]
 struct Seal {
+    generation: u32,
     bytes: u64,
     chunks: u32,
     sha256: [u8; 32],
@@ -75,29 +78,27 @@ pub(crate) enum Found {
     Index(Box<IndexState>),
 }
 
-/// An encoded index, in the chunks it is stored in.
-pub(crate) struct Encoded {
-    chunks: Vec<Vec<u8>>,
-    bytes: usize,
-}
-
-/// Builds the encoding chunk by chunk: no buffer ever holds all of it (17
-/// MB at 10,000,000 queued entries), which the allocator would then keep
-/// serving smaller requests from.
-struct ChunkWriter {
-    done: Vec<Vec<u8>>,
+/// Cuts the encoding into chunks and hands each to `sink` as soon as it is
+/// full: only one chunk is ever held (the whole encoding is 17 MB at
+/// 10,000,000 queued entries, which the allocator would keep afterwards).
+/// The first error of the sink ends the writing and is returned by
+/// [`ChunkWriter::finish`].
+struct ChunkWriter<'s, E> {
     open: Vec<u8>,
     bytes: usize,
     scratch: Vec<u8>,
+    sink: &'s mut dyn FnMut(&[u8]) -> Result<(), E>,
+    failed: Option<E>,
 }
 
-impl ChunkWriter {
-    fn new() -> ChunkWriter {
+impl<'s, E> ChunkWriter<'s, E> {
+    fn new(sink: &'s mut dyn FnMut(&[u8]) -> Result<(), E>) -> Self {
         ChunkWriter {
-            done: Vec::new(),
             open: Vec::with_capacity(CHUNK_BYTES),
             bytes: 0,
             scratch: Vec::with_capacity(10),
+            sink,
+            failed: None,
         }
     }
 
@@ -109,8 +110,7 @@ impl ChunkWriter {
             self.open.extend_from_slice(head);
             b = rest;
             if self.open.len() == CHUNK_BYTES {
-                let full = std::mem::replace(&mut self.open, Vec::with_capacity(CHUNK_BYTES));
-                self.done.push(full);
+                self.hand_over();
             }
         }
     }
@@ -123,31 +123,38 @@ impl ChunkWriter {
         self.scratch = scratch;
     }
 
-    fn finish(mut self) -> Encoded {
-        if !self.open.is_empty() {
-            self.done.push(self.open);
+    fn hand_over(&mut self) {
+        if self.failed.is_none() {
+            if let Err(e) = (self.sink)(&self.open) {
+                self.failed = Some(e);
+            }
         }
-        Encoded {
-            chunks: self.done,
-            bytes: self.bytes,
+        self.open.clear();
+    }
+
+    /// The encoding's length in bytes.
+    fn finish(mut self) -> Result<usize, E> {
+        if !self.open.is_empty() {
+            self.hand_over();
+        }
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok(self.bytes),
         }
     }
 }
 
-/// Encode `state` (taken under the index lock).
-pub(crate) fn encode(state: &IndexState) -> Encoded {
-    let mut out = ChunkWriter::new();
+/// Encode `state` into chunks of at most [`CHUNK_BYTES`], each handed to
+/// `sink` in order; returns the encoding's length.
+fn encode<E>(state: &IndexState, sink: &mut dyn FnMut(&[u8]) -> Result<(), E>) -> Result<usize, E> {
+    let mut out = ChunkWriter::new(sink);
     out.bytes(&[FORMAT]);
     out.varint(state.next_batch);
     // A queue never used (no entry, no mark, not deleted) is what a start
     // assumes for a client it does not know.
-    let kept: Vec<(&ClientId, &ClientQueue)> = state
-        .clients
-        .iter()
-        .filter(|(_, q)| q.acked > 0 || q.deleted || q.ids.len() > 0)
-        .collect();
-    out.varint(kept.len() as u64);
-    for (id, q) in kept {
+    let kept = |q: &&ClientQueue| q.acked > 0 || q.deleted || q.ids.len() > 0;
+    out.varint(state.clients.values().filter(kept).count() as u64);
+    for (id, q) in state.clients.iter().filter(|(_, q)| kept(q)) {
         out.varint(id.as_bytes().len() as u64);
         out.bytes(id.as_bytes());
         out.varint(q.acked);
@@ -170,55 +177,70 @@ pub(crate) fn encode(state: &IndexState) -> Encoded {
     out.finish()
 }
 
-fn sha256(chunks: &[Vec<u8>]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for c in chunks {
-        h.update(c);
-    }
-    h.finalize().into()
+/// Encode `state` (taken under the index lock) and store it as the
+/// checkpoint, in place of the previous one (not flushed: the caller's
+/// flush makes it durable).
+///
+/// The chunks go under a new generation, each its own write as it is
+/// encoded; then the seal naming that generation; then the previous
+/// generation's chunks are removed. Sled recovers a prefix of these
+/// writes, so a crash at any point leaves a seal whose chunks are whole:
+/// the previous one before the new seal, the new one after it.
+pub(crate) fn write(layout: &Layout, state: &IndexState) -> Result<Written, StoreError> {
+    let tree = layout.trees.checkpoint;
+    let storage = &layout.storage;
+    let previous = match storage.get_raw(tree.handle, SEAL_KEY)? {
+        Some(raw) => decode_record::<Seal>(tree.name, SEAL_KEY, &raw)
+            .ok()
+            .map(|seal| seal.generation),
+        None => None,
+    };
+    // Chunks of no sealed generation (a write a crash cut short, or a
+    // damaged seal's) go first: the new generation's keys must be free.
+    remove_chunks(layout, |generation| Some(generation) != previous)?;
+    let generation = previous.map_or(0, |g| g.wrapping_add(1));
+    let mut chunks = 0u32;
+    let mut hash = Sha256::new();
+    let mut sink = |chunk: &[u8]| -> Result<(), StoreError> {
+        hash.update(chunk);
+        storage.put_raw(tree.handle, &chunk_key(generation, chunks), chunk)?;
+        chunks += 1;
+        Ok(())
+    };
+    let bytes = encode(state, &mut sink)?;
+    let seal = Seal {
+        generation,
+        bytes: bytes as u64,
+        chunks,
+        sha256: hash.finalize().into(),
+    };
+    storage.put_raw(tree.handle, SEAL_KEY, &layout::encode(tree, &seal)?)?;
+    remove_chunks(layout, |g| g != generation)?;
+    Ok(Written {
+        bytes,
+        entries: state.entries(),
+    })
 }
 
-/// Store `encoded` (of a state holding `entries` queue entries) as the
-/// checkpoint, in place of the previous one, in one sled batch (not
-/// flushed: the caller's flush makes it durable).
-pub(crate) fn write(
-    layout: &Layout,
-    encoded: &Encoded,
-    entries: u64,
-) -> Result<Written, StoreError> {
-    let tree = layout.trees.checkpoint;
-    let tx = layout.storage.begin();
-    let mut chunks = 0u32;
-    for chunk in &encoded.chunks {
-        tx.put_raw(tree.handle, &chunk_key(chunks), chunk)?;
-        chunks += 1;
-    }
-    // The previous checkpoint's chunks past the new ones go (looked for,
-    // not counted from its seal, which may be damaged).
-    let mut stale = Vec::new();
+/// Remove every chunk whose generation `gone` picks.
+fn remove_chunks(layout: &Layout, gone: impl Fn(u32) -> bool) -> Result<(), StoreError> {
+    let tree = layout.trees.checkpoint.handle;
+    let mut keys = Vec::new();
     layout.storage.for_each_raw(
-        tree.handle,
-        &chunk_key(chunks),
-        &chunk_key(u32::MAX),
+        tree,
+        &[CHUNK_PREFIX],
+        &chunk_key(u32::MAX, u32::MAX),
         |k, _| {
-            stale.push(k.to_vec());
+            if chunk_generation(k).is_none_or(&gone) {
+                keys.push(k.to_vec());
+            }
             Ok::<(), StoreError>(())
         },
     )?;
-    for k in stale {
-        tx.remove_raw(tree.handle, &k)?;
+    for k in keys {
+        layout.storage.remove_raw(tree, &k)?;
     }
-    let seal = Seal {
-        bytes: encoded.bytes as u64,
-        chunks,
-        sha256: sha256(&encoded.chunks),
-    };
-    tx.put_raw(tree.handle, SEAL_KEY, &layout::encode(tree, &seal)?)?;
-    tx.commit()?;
-    Ok(Written {
-        bytes: encoded.bytes,
-        entries,
-    })
+    Ok(())
 }
 
 /// Remove the checkpoint, durably (a start that could not use it: the
@@ -248,13 +270,14 @@ pub(crate) fn read(layout: &Layout) -> Result<Found, StoreError> {
     let mut chunks: Vec<Vec<u8>> = Vec::new();
     let mut bytes = 0u64;
     let mut out_of_order = false;
+    let generation = seal.generation;
     layout.storage.for_each_raw(
         tree.handle,
-        &[CHUNK_PREFIX],
-        &chunk_key(u32::MAX),
+        &chunk_key(generation, 0),
+        &chunk_key(generation, u32::MAX),
         |k, v| {
             let n = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
-            out_of_order |= k != chunk_key(n).as_slice();
+            out_of_order |= k != chunk_key(generation, n).as_slice();
             bytes += v.len() as u64;
             chunks.push(v.to_vec());
             Ok::<(), StoreError>(())
@@ -268,7 +291,11 @@ pub(crate) fn read(layout: &Layout) -> Result<Found, StoreError> {
             seal.bytes
         )));
     }
-    if sha256(&chunks) != seal.sha256 {
+    let mut hash = Sha256::new();
+    for c in &chunks {
+        hash.update(c);
+    }
+    if <[u8; 32]>::from(hash.finalize()) != seal.sha256 {
         return Ok(Found::Unusable("its checksum does not match".into()));
     }
     Ok(match decode(&chunks) {
@@ -277,10 +304,23 @@ pub(crate) fn read(layout: &Layout) -> Result<Found, StoreError> {
     })
 }
 
-fn chunk_key(n: u32) -> Vec<u8> {
+/// A chunk's key: its generation, then its number, big-endian so that a
+/// generation's chunks are one range in order.
+fn chunk_key(generation: u32, n: u32) -> Vec<u8> {
     let mut k = vec![CHUNK_PREFIX];
+    k.extend_from_slice(&generation.to_be_bytes());
     k.extend_from_slice(&n.to_be_bytes());
     k
+}
+
+/// The generation in a chunk's key, if it is one.
+fn chunk_generation(key: &[u8]) -> Option<u32> {
+    match key {
+        [CHUNK_PREFIX, g0, g1, g2, g3, _, _, _, _] => {
+            Some(u32::from_be_bytes([*g0, *g1, *g2, *g3]))
+        }
+        _ => None,
+    }
 }
 
 /// Reads the encoding across its chunks, every read checked.
@@ -519,6 +559,26 @@ mod tests {
         queues
     }
 
+    /// An index's encoding in its chunks, and its length.
+    fn chunks_of(s: &IndexState) -> (Vec<Vec<u8>>, usize) {
+        let mut chunks = Vec::new();
+        let bytes = encode(s, &mut |c: &[u8]| {
+            chunks.push(c.to_vec());
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        (chunks, bytes)
+    }
+
+    /// The generation the seal names.
+    fn generation(l: &Layout) -> u32 {
+        let tree = l.trees.checkpoint;
+        let raw = l.storage.get_raw(tree.handle, SEAL_KEY).unwrap().unwrap();
+        decode_record::<Seal>(tree.name, SEAL_KEY, &raw)
+            .unwrap()
+            .generation
+    }
+
     /// The start's index equals the rebuild from every batch.
     fn assert_same(started: &Loaded, scanned: &Loaded) {
         assert_eq!(queues(&started.state), queues(&scanned.state));
@@ -662,20 +722,54 @@ mod tests {
         // A damaged chunk.
         let tree = l.trees.checkpoint.handle;
         let loaded = queue_startup::load(&l, Decode::Fanout).unwrap();
-        write(&l, &encode(&loaded.state), 0).unwrap();
+        write(&l, &loaded.state).unwrap();
         assert_eq!(queue_startup::start(&l).unwrap().source, Source::Checkpoint);
-        s.put_raw(tree, &chunk_key(0), b"\x01\x02").unwrap();
+        s.put_raw(tree, &chunk_key(generation(&l), 0), b"\x01\x02")
+            .unwrap();
         let Found::Unusable(why) = read(&l).unwrap() else {
             panic!("a damaged checkpoint was accepted");
         };
         assert!(why.contains("bytes"), "{why}");
         assert_eq!(queue_startup::start(&l).unwrap().source, Source::Batches);
-        // A damaged seal and a chunk past the next checkpoint's: that
-        // checkpoint still consists of its own chunks only.
-        s.put_raw(tree, SEAL_KEY, b"junk").unwrap();
-        s.put_raw(tree, &chunk_key(7), b"old").unwrap();
-        write(&l, &encode(&loaded.state), 0).unwrap();
+        // A write a crash cut short before its seal: the sealed
+        // checkpoint is whole, and the next write replaces the strays.
+        write(&l, &loaded.state).unwrap();
+        let sealed = generation(&l);
+        s.put_raw(tree, &chunk_key(sealed + 1, 0), b"cut").unwrap();
         assert!(matches!(read(&l).unwrap(), Found::Index(_)));
+        write(&l, &loaded.state).unwrap();
+        assert_eq!(generation(&l), sealed + 1);
+        assert_only_sealed_chunks(&l);
+        // A damaged seal, strays of the generation the next write takes
+        // and of others, and a key of no chunk: that checkpoint still
+        // consists of its own chunks only.
+        s.put_raw(tree, SEAL_KEY, b"junk").unwrap();
+        s.put_raw(tree, &chunk_key(0, 7), b"old").unwrap();
+        s.put_raw(tree, &chunk_key(5, 0), b"old").unwrap();
+        s.put_raw(tree, b"c\x00", b"old").unwrap();
+        write(&l, &loaded.state).unwrap();
+        assert_eq!(generation(&l), 0);
+        assert!(matches!(read(&l).unwrap(), Found::Index(_)));
+        assert_only_sealed_chunks(&l);
+    }
+
+    /// The tree holds the seal and its generation's chunks, nothing else.
+    fn assert_only_sealed_chunks(l: &Layout) {
+        let tree = l.trees.checkpoint;
+        let raw = l.storage.get_raw(tree.handle, SEAL_KEY).unwrap().unwrap();
+        let seal: Seal = decode_record(tree.name, SEAL_KEY, &raw).unwrap();
+        let mut expected: Vec<Vec<u8>> = (0..seal.chunks)
+            .map(|n| chunk_key(seal.generation, n))
+            .collect();
+        expected.push(SEAL_KEY.to_vec());
+        let keys: Vec<Vec<u8>> = l
+            .storage
+            .scan_raw(tree.handle, b"")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, expected);
     }
 
     #[test]
@@ -694,14 +788,11 @@ mod tests {
         for q in s.clients.values_mut() {
             q.visible = q.next_seq() - 1;
         }
-        let encoded = encode(&s);
-        assert!(encoded.chunks.len() > 1, "{} bytes", encoded.bytes);
-        assert!(encoded.chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
-        assert_eq!(
-            encoded.chunks.iter().map(Vec::len).sum::<usize>(),
-            encoded.bytes
-        );
-        let back = decode(&encoded.chunks).unwrap();
+        let (chunks, bytes) = chunks_of(&s);
+        assert!(chunks.len() > 1, "{bytes} bytes");
+        assert!(chunks.iter().all(|c| c.len() <= CHUNK_BYTES));
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), bytes);
+        let back = decode(&chunks).unwrap();
         assert_eq!(queues(&back), queues(&s));
         assert_eq!(back.batches, s.batches);
     }
@@ -730,7 +821,7 @@ mod tests {
         // Entries are read back as durable.
         let q = s.client(&a);
         q.visible = q.next_seq() - 1;
-        let bytes = encode(&s).chunks.concat();
+        let bytes = chunks_of(&s).0.concat();
         let back = decode(std::slice::from_ref(&bytes)).unwrap();
         assert_eq!(back.batches, s.batches);
         assert_eq!(queues(&back), queues(&s));
