@@ -24,21 +24,37 @@
 //!   (the other member offline, then drained): disk per epoch and server CPU
 //!   per commit, by fifths.
 //!
-//! `cargo bench -p mls-ds-tests --bench scale` (MLS_DS_SCALE_PHASES=queued,members,epochs
+//! - `sessions`: MLS_DS_SCALE_SESSIONS=200000 session openings (each a
+//!   signature-verified request) by one client per 20 of them, in turn, in
+//!   ten rounds: openings per second and server CPU per opening by round,
+//!   the server's memory at the end. The server holds `--max-sessions`
+//!   (100,000 by default); past it each opening ends the oldest session.
+//!   Any refusal fails the phase.
+//! - `groups`: for each count of MLS_DS_SCALE_GROUPS=10000,100000, that many
+//!   clients registered with a key package each, then that many groups of
+//!   two, each created by one of a few creators (500 groups each) who adds
+//!   one of those clients (offline; its Welcome stays queued): rate and
+//!   server CPU per registration and per group (creation, claim, commit),
+//!   disk per client and per group, memory, and a restart.
+//!
+//! `cargo bench -p mls-ds-tests --bench scale` (MLS_DS_SCALE_PHASES=queued,members,epochs,sessions,groups
 //! selects parts; MLS_DS_SCALE_KEEP=1 stops each `queued` point after the
 //! fill and keeps its data directory, e.g. to time restarts of two builds on
 //! it). Numbers go to BENCHMARKS.md by hand.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mls_ds_client::{AuthMode, HttpPool};
+use futures_util::FutureExt;
+use mls_ds_client::client::CIPHERSUITE;
+use mls_ds_client::{AuthMode, DsApi, HttpPool, Transport};
 use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
-use mls_ds_protocol::{decode, encode, paths, CONTENT_TYPE};
+use mls_ds_protocol::{decode, encode, paths, ClientId, CONTENT_TYPE};
 use mls_ds_tests::lean_http::LeanConn;
-use mls_ds_tests::raw::{register_offline, RawMember};
+use mls_ds_tests::raw::{register_offline, register_offline_one, RawMember};
 use mls_ds_tests::{cpu_seconds, disk_bytes, env_or, Server, BENCH_SERVER_FLAGS};
+use openmls_basic_credential::SignatureKeyPair;
 
 const IN_FLIGHT: usize = 32;
 /// Messages encrypted ahead of sending them (the generator's memory bound).
@@ -253,14 +269,15 @@ async fn queued_point(n: u64, offline_members: usize) {
     // Measured right after the last acknowledgement, then after `mls-ds
     // compact` (the running server stages the copy and reopens on it).
     let disk_drained = disk_bytes(&root.path().join("data"));
+    // The copy's time grows with the live records: 9.7 s for 39 MiB at
+    // 1,000,000 queued; at 10,000,000 the send receipts of the
+    // deduplication window alone are about 390 MiB.
+    let patience = Duration::from_secs(120 + n / 20_000);
     let t = Instant::now();
     let compact = server.admin(&["compact"]);
     assert!(compact.status.success(), "mls-ds compact failed");
     while mls_ds_tests::raw::try_raw_request(&url, "GET", "/healthz").await != Ok(200) {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "serving after compaction"
-        );
+        assert!(t.elapsed() < patience, "serving after compaction");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let compacted = t.elapsed();
@@ -476,9 +493,181 @@ async fn epochs(total: u64) {
     server.stop_and_check();
 }
 
+/// Run `job(i)` for each `i` in `range`, `IN_FLIGHT` at a time: the
+/// errors, if any.
+async fn each_concurrently<F, Fut>(range: std::ops::Range<u64>, job: F) -> Vec<String>
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let job = Arc::new(job);
+    let next = Arc::new(AtomicU64::new(range.start));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (job, next, end) = (job.clone(), next.clone(), range.end);
+        tasks.spawn(async move {
+            let mut errors = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                if let Err(e) = job(i).await {
+                    errors.push(e);
+                }
+            }
+            errors
+        });
+    }
+    tasks.join_all().await.into_iter().flatten().collect()
+}
+
+/// Sessions each client of the `sessions` phase opens: fewer than a client
+/// holds at once (32), so that every ending is the table's oldest giving
+/// way.
+const SESSIONS_PER_CLIENT: u64 = 20;
+
+async fn sessions(n: u64) {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut server = start(root.path(), 1);
+    let url = server.url();
+    let pid = server.pid().expect("pid");
+    let pool = HttpPool::new().expect("pool");
+    let clients = n.div_ceil(SESSIONS_PER_CLIENT).max(1);
+    let apis: Arc<Vec<DsApi>> = Arc::new(
+        (0..clients)
+            .map(|i| {
+                let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).expect("key");
+                let id = ClientId::new(format!("session-client-{i}")).expect("id");
+                DsApi::new(Transport::with_pool(&url, id, signer, pool.clone()).expect("transport"))
+            })
+            .collect(),
+    );
+    let a = apis.clone();
+    let failed = each_concurrently(0..clients, move |i| {
+        let a = a.clone();
+        async move {
+            a[i as usize]
+                .register()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert!(
+        failed.is_empty(),
+        "registrations failed: {:?}",
+        failed.first()
+    );
+    let (mut rates, mut cpu, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    for tenth in 0..10 {
+        let range = n * tenth / 10..n * (tenth + 1) / 10;
+        let count = (range.end - range.start) as f64;
+        let (t, cpu0) = (Instant::now(), cpu_seconds(pid));
+        let a = apis.clone();
+        refused.extend(
+            each_concurrently(range, move |i| {
+                let a = a.clone();
+                async move {
+                    a[(i % clients) as usize]
+                        .open_session()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await,
+        );
+        rates.push(format!("{:.0}", count / t.elapsed().as_secs_f64()));
+        cpu.push(format!("{:.0}", (cpu_seconds(pid) - cpu0) / count * 1e6));
+    }
+    println!(
+        "sessions {n} opened by {clients} clients: openings/s by tenth [{}], us CPU/opening [{}]; \
+         refused {}; RSS {:.0} MiB",
+        rates.join(" "),
+        cpu.join(" "),
+        refused.len(),
+        rss_mib(&server)
+    );
+    assert!(
+        refused.is_empty(),
+        "openings refused, first: {:?}",
+        refused.first()
+    );
+    server.stop_and_check();
+}
+
+/// Groups one creator of the `groups` phase creates (below the default
+/// 1,000 groups per client).
+const GROUPS_PER_CREATOR: u64 = 500;
+
+async fn groups_point(n: u64) {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut server = start(root.path(), 1);
+    let url = server.url();
+    let pid = server.pid().expect("pid");
+    let data = root.path().join("data");
+    let pool = HttpPool::new().expect("pool");
+    let (disk0, t, cpu0) = (disk_bytes(&data), Instant::now(), cpu_seconds(pid));
+    let (u, p) = (url.clone(), pool.clone());
+    let failed = each_concurrently(0..n, move |i| {
+        let name = format!("offline-{i}");
+        register_offline_one(u.clone(), p.clone(), name).map(Ok)
+    })
+    .await;
+    assert!(failed.is_empty());
+    let (reg_wall, reg_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds(pid) - cpu0);
+    let disk1 = disk_bytes(&data);
+    println!(
+        "groups {n}: {n} clients registered with a key package each: {:.0}/s, {:.0} us server CPU each; \
+         disk {:.0} bytes per client",
+        n as f64 / reg_wall,
+        reg_cpu / n as f64 * 1e6,
+        disk1.saturating_sub(disk0) as f64 / n as f64
+    );
+    let (t, cpu0) = (Instant::now(), cpu_seconds(pid));
+    let mut creators = tokio::task::JoinSet::new();
+    for c in 0..n.div_ceil(GROUPS_PER_CREATOR) {
+        let mut creator = RawMember::with_pool(&url, &format!("creator-{c}"), pool.clone());
+        let mine = c * GROUPS_PER_CREATOR..((c + 1) * GROUPS_PER_CREATOR).min(n);
+        creators.spawn(async move {
+            creator.register(0).await;
+            for i in mine {
+                creator.create_group(false).await;
+                let kp = creator.claim(&format!("offline-{i}")).await;
+                let (commit, welcome, info) = creator.stage_add(vec![kp]);
+                creator
+                    .api
+                    .commit(&creator.gid(), commit, welcome, info)
+                    .await
+                    .expect("add");
+                creator.merge();
+            }
+        });
+    }
+    creators.join_all().await;
+    let (wall, cpu) = (t.elapsed().as_secs_f64(), cpu_seconds(pid) - cpu0);
+    let disk2 = disk_bytes(&data);
+    let rss = rss_mib(&server);
+    let t = Instant::now();
+    server.restart_on_same_port();
+    let restart = t.elapsed().as_secs_f64();
+    println!(
+        "groups {n}: {n} groups of two created: {:.0}/s, {:.0} us server CPU each (creation, claim, commit); \
+         disk {:.0} bytes per group, {:.1} MiB in all; RSS {rss:.0} MiB; restart {restart:.2} s, RSS after {:.0} MiB",
+        n as f64 / wall,
+        cpu / n as f64 * 1e6,
+        disk2.saturating_sub(disk1) as f64 / n as f64,
+        disk2 as f64 / MIB,
+        rss_mib(&server)
+    );
+    server.stop_and_check();
+}
+
 fn main() {
-    let phases =
-        std::env::var("MLS_DS_SCALE_PHASES").unwrap_or_else(|_| "queued,members,epochs".into());
+    let phases = std::env::var("MLS_DS_SCALE_PHASES")
+        .unwrap_or_else(|_| "queued,members,epochs,sessions,groups".into());
     let phase = |p: &str| phases.split(',').any(|x| x == p);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -500,6 +689,14 @@ fn main() {
         }
         if phase("epochs") {
             epochs(env_or("MLS_DS_SCALE_EPOCHS", 10_000)).await;
+        }
+        if phase("sessions") {
+            sessions(env_or("MLS_DS_SCALE_SESSIONS", 200_000)).await;
+        }
+        if phase("groups") {
+            for n in list("MLS_DS_SCALE_GROUPS", "10000,100000") {
+                groups_point(n).await;
+            }
         }
     });
 }

@@ -62,27 +62,33 @@ pub async fn register_offline(url: &str, pool: &HttpPool, names: &[String]) {
     for chunk in names.chunks(16) {
         let mut tasks = tokio::task::JoinSet::new();
         for name in chunk {
-            let provider = OpenMlsRustCrypto::default();
-            let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
-            let credential = CredentialWithKey {
-                credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
-                signature_key: signer.public().into(),
-            };
-            let kp = KeyPackage::builder()
-                .build(CIPHERSUITE, &provider, &signer, credential)
-                .unwrap();
-            let kp = wire(&MlsMessageOut::from(kp.key_package().clone()));
-            let transport =
-                Transport::with_pool(url, ClientId::new(name).unwrap(), signer, pool.clone())
-                    .unwrap();
-            tasks.spawn(async move {
-                let api = DsApi::new(transport);
-                api.register().await.unwrap();
-                api.publish_key_packages(vec![kp], None).await.unwrap();
-            });
+            tasks.spawn(register_offline_one(
+                url.to_owned(),
+                pool.clone(),
+                name.clone(),
+            ));
         }
         tasks.join_all().await;
     }
+}
+
+/// Register one offline client `name` with one key package.
+pub async fn register_offline_one(url: String, pool: HttpPool, name: String) {
+    let provider = OpenMlsRustCrypto::default();
+    let signer = SignatureKeyPair::new(CIPHERSUITE.signature_algorithm()).unwrap();
+    let credential = CredentialWithKey {
+        credential: BasicCredential::new(name.as_bytes().to_vec()).into(),
+        signature_key: signer.public().into(),
+    };
+    let kp = KeyPackage::builder()
+        .build(CIPHERSUITE, &provider, &signer, credential)
+        .unwrap();
+    let kp = wire(&MlsMessageOut::from(kp.key_package().clone()));
+    let transport =
+        Transport::with_pool(&url, ClientId::new(&name).unwrap(), signer, pool).unwrap();
+    let api = DsApi::new(transport);
+    api.register().await.unwrap();
+    api.publish_key_packages(vec![kp], None).await.unwrap();
 }
 
 /// Serialize an MLS object.

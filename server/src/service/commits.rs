@@ -83,12 +83,13 @@ impl<B: Backend> Ds<B> {
             });
         }
         // The tree of the epoch before is of no use any more.
-        let mut group = self.load_group(id, &record).await?.group;
-        if group.public.group_context().epoch().as_u64() != record.epoch {
-            // Another node accepted a handshake between the reads of the
-            // record and of the state (several nodes on one database).
-            return self.overtaken(caller, id, &submitted).await;
-        }
+        let mut group = match self.load_group(id, &record).await {
+            Ok(kept) => kept.group,
+            // Another node accepted a handshake after the record was read:
+            // this may be an exact retry of it.
+            Err(DsError::WrongEpoch { .. }) => return self.overtaken(caller, id, &submitted).await,
+            Err(e) => return Err(e),
+        };
         let merged = self
             .validate_and_merge(caller, &record, &mut group, &submitted)
             .await?;

@@ -89,14 +89,26 @@ impl<B: Backend> Ds<B> {
     /// A group's `PublicGroup` and GroupInfo as `record` describes them,
     /// kept from an earlier request or loaded from storage; under the
     /// group's lock, so that what storage holds is of `record`'s version.
+    ///
+    /// Several nodes on one database hold one lock each: another node's
+    /// handshake can land between the reads of the record and of the
+    /// state. A state of another epoch than `record`'s is then answered
+    /// `WrongEpoch` (409, with the state's epoch), not validated against:
+    /// the handshake would be refused as invalid (400) for having lost a
+    /// race.
     pub(crate) async fn load_group(&self, id: &GroupId, record: &GroupRecord) -> Result<Kept> {
         if let Some(kept) = self.loaded.take(id, Version::of(record)) {
             return Ok(kept);
         }
-        Ok(Kept {
-            group: self.stored_group(id).await?,
-            tree: None,
-        })
+        let group = self.stored_group(id).await?;
+        let stored_epoch = group.public.group_context().epoch().as_u64();
+        if stored_epoch != record.epoch {
+            return Err(DsError::WrongEpoch {
+                current: stored_epoch,
+                reason: "another handshake of the group was accepted meanwhile".into(),
+            });
+        }
+        Ok(Kept { group, tree: None })
     }
 
     /// A group's `PublicGroup` and GroupInfo, loaded from storage.
