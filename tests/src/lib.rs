@@ -304,6 +304,38 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        let port_file = self.launch();
+        let metrics_port_file = self.data_dir.join("test-metrics-port");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // The server writes the metrics port file before the other.
+            if let Ok(addr) = std::fs::read_to_string(&port_file) {
+                if !addr.is_empty() {
+                    self.addr = addr;
+                    self.metrics_addr =
+                        std::fs::read_to_string(&metrics_port_file).expect("metrics port file");
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                // The log's end in the message: a temporary directory holding
+                // the log is gone by the time anyone reads the panic.
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+                panic!(
+                    "mls-ds exited early with {status}; the end of {}:\n{tail}",
+                    self.log_path().display()
+                );
+            }
+            assert!(Instant::now() < deadline, "mls-ds did not start in 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Start the process, without waiting for it to serve: the file it
+    /// writes its address to once it does.
+    fn launch(&mut self) -> PathBuf {
         let port_file = self.data_dir.join("test-port");
         let metrics_port_file = self.data_dir.join("test-metrics-port");
         let _ = std::fs::remove_file(&port_file);
@@ -363,31 +395,7 @@ impl Server {
             .spawn()
             .expect("spawn mls-ds");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            // The server writes the metrics port file before the other.
-            if let Ok(addr) = std::fs::read_to_string(&port_file) {
-                if !addr.is_empty() {
-                    self.addr = addr;
-                    self.metrics_addr =
-                        std::fs::read_to_string(&metrics_port_file).expect("metrics port file");
-                    return;
-                }
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                // The log's end in the message: a temporary directory holding
-                // the log is gone by the time anyone reads the panic.
-                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(8)..].join("\n");
-                panic!(
-                    "mls-ds exited early with {status}; the end of {}:\n{tail}",
-                    self.log_path().display()
-                );
-            }
-            assert!(Instant::now() < deadline, "mls-ds did not start in 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        port_file
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -488,6 +496,19 @@ impl Server {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Start again on the same directory (after `stop` or `kill`) and
+    /// SIGKILL the process `after` it was launched, whether it serves by
+    /// then or not: whether it was still starting (its address not yet
+    /// written).
+    pub fn kill_while_starting(&mut self, after: Duration) -> bool {
+        self.stop();
+        let port_file = self.launch();
+        std::thread::sleep(after);
+        let starting = std::fs::read_to_string(&port_file).map_or(true, |a| a.is_empty());
+        self.kill();
+        starting
     }
 
     /// Stop gracefully, then start again on the same directory and the same

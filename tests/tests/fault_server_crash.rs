@@ -14,7 +14,10 @@
 //! asserted, on sled). Every fifth cycle ends with a SIGTERM under load
 //! instead, which must exit 0; every second of those stops is cut short by
 //! a SIGKILL 0-30 ms after the SIGTERM, while the server finishes requests
-//! or writes its last checkpoint.
+//! or writes its last checkpoint. Every third cycle, the next start is
+//! SIGKILLed 0-20 ms after its launch, mostly before it serves (while it
+//! opens the database, takes the checkpoint and deletes what a crash left;
+//! at least one such kill is asserted); then a start that serves.
 //!
 //! The same scenario with power cuts: the server's data directory and the
 //! clients' stores live on a `powercut-fs` disk, and at the end of each
@@ -50,6 +53,11 @@ const LONG_CYCLE_EVERY: u64 = 4;
 
 /// Every this many cycles, one ends with a graceful stop.
 const CLEAN_STOP_EVERY: u64 = 5;
+
+/// Every this many cycles, the next start is SIGKILLed 0-20 ms after its
+/// launch, mostly while it opens the database and brings the queue index
+/// up to date, before the start that serves.
+const KILLED_START_EVERY: u64 = 3;
 
 /// The newest page-table snapshot sled has in `dir` (`snap.<lsn>`).
 fn newest_snapshot(dir: &Path) -> Option<String> {
@@ -146,6 +154,7 @@ async fn chat_through_crashes(
     let mut live_snapshots = 0;
     let mut clean_stops = 0;
     let mut stops_cut_short = 0;
+    let mut starts_killed = 0;
     for cycle in 0..cycles {
         // Load until a SIGKILL lands at a random moment, mid-request or not.
         let pid = server.pid().expect("running");
@@ -227,6 +236,18 @@ async fn chat_through_crashes(
             let report = disk.cut(cut);
             cut_pages.lost_pages += report.lost_pages;
             cut_pages.kept_pages += report.kept_pages;
+        }
+        if cycle % KILLED_START_EVERY == 2 {
+            let after = Duration::from_millis(rng.gen_range(0..20));
+            if server.kill_while_starting(after) {
+                starts_killed += 1;
+            }
+            // What that start wrote without syncing is lost as well.
+            if let Some(disk) = disk.as_mut() {
+                let report = disk.cut(Cut::All);
+                cut_pages.lost_pages += report.lost_pages;
+                cut_pages.kept_pages += report.kept_pages;
+            }
         }
         server.restart();
         let url = server.url();
@@ -354,12 +375,15 @@ async fn chat_through_crashes(
             "no start took the queue index from a checkpoint"
         );
     }
+    if cycles >= 3 * KILLED_START_EVERY {
+        assert!(starts_killed > 0, "no start was killed before it served");
+    }
     let mut summary = format!(
         "{cycles} cycles survived, {} messages acknowledged, {checked} deliveries checked, \
          {commits} commits, final epoch {epoch}, {live_snapshots} kills after a page-table \
          snapshot written while running, {clean_stops} stops under load, \
-         {stops_cut_short} stops cut short, {checkpoint_starts} starts from the queue index \
-         checkpoint",
+         {stops_cut_short} stops cut short, {starts_killed} starts killed before they served, \
+         {checkpoint_starts} starts from the queue index checkpoint",
         acknowledged.len()
     );
     if disk.is_some() {
