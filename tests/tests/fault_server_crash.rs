@@ -15,9 +15,11 @@
 //! instead, which must exit 0; every second of those stops is cut short by
 //! a SIGKILL 0-30 ms after the SIGTERM, while the server finishes requests
 //! or writes its last checkpoint. Every third cycle, the next start is
-//! SIGKILLed 0-20 ms after its launch, mostly before it serves (while it
-//! opens the database, takes the checkpoint and deletes what a crash left;
-//! at least one such kill is asserted); then a start that serves.
+//! SIGKILLed 0-20 ms after its launch, before it serves (while it opens the
+//! database, takes the checkpoint and deletes what a crash left; a start
+//! that served by then is tried again, killed sooner, up to three times;
+//! at least one kill before serving is asserted); then a start that
+//! serves.
 //!
 //! The same scenario with power cuts: the server's data directory and the
 //! clients' stores live on a `powercut-fs` disk, and at the end of each
@@ -55,8 +57,9 @@ const LONG_CYCLE_EVERY: u64 = 4;
 const CLEAN_STOP_EVERY: u64 = 5;
 
 /// Every this many cycles, the next start is SIGKILLed 0-20 ms after its
-/// launch, mostly while it opens the database and brings the queue index
-/// up to date, before the start that serves.
+/// launch, while it opens the database and brings the queue index up to
+/// date (if it served by then, again 0-10 and 0-5 ms after a new launch),
+/// before the start that serves.
 const KILLED_START_EVERY: u64 = 3;
 
 /// The newest page-table snapshot sled has in `dir` (`snap.<lsn>`).
@@ -238,15 +241,21 @@ async fn chat_through_crashes(
             cut_pages.kept_pages += report.kept_pages;
         }
         if cycle % KILLED_START_EVERY == 2 {
-            let after = Duration::from_millis(rng.gen_range(0..20));
-            if server.kill_while_starting(after) {
-                starts_killed += 1;
-            }
-            // What that start wrote without syncing is lost as well.
-            if let Some(disk) = disk.as_mut() {
-                let report = disk.cut(Cut::All);
-                cut_pages.lost_pages += report.lost_pages;
-                cut_pages.kept_pages += report.kept_pages;
+            // A start that served before its kill is one more kill under no
+            // load; the next try comes sooner.
+            for most_ms in [20, 10, 5] {
+                let after = Duration::from_millis(rng.gen_range(0..most_ms));
+                let before_serving = server.kill_while_starting(after);
+                // What that start wrote without syncing is lost as well.
+                if let Some(disk) = disk.as_mut() {
+                    let report = disk.cut(Cut::All);
+                    cut_pages.lost_pages += report.lost_pages;
+                    cut_pages.kept_pages += report.kept_pages;
+                }
+                if before_serving {
+                    starts_killed += 1;
+                    break;
+                }
             }
         }
         server.restart();
