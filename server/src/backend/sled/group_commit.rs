@@ -198,7 +198,7 @@ impl Writer {
     /// durable by the next flush).
     ///
     /// The index stays locked while the checkpoint is written, chunk by
-    /// chunk (fetches wait that long: about 0.1 s at 10,000,000 queued
+    /// chunk (fetches wait that long: 0.1-0.3 s at 10,000,000 queued
     /// entries); a copy of the whole encoding taken under the lock would
     /// cost its size in memory, which the allocator keeps.
     fn checkpoint(&self) -> Result<Written, StoreError> {

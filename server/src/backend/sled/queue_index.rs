@@ -4,8 +4,8 @@
 //! delivery batch (the message id says its batch: nothing is kept per
 //! message but its queue entries), and a bounded cache of message bodies.
 //!
-//! It is rebuilt from the stored batches at startup
-//! (`queue_startup::load`). Only the group commit's writer thread changes
+//! At startup it is taken from its checkpoint and brought up to date, or
+//! rebuilt from the stored batches (`queue_startup::start`). Only the group commit's writer thread changes
 //! which entries exist (assigning sequence numbers as write sets are
 //! applied, acknowledging, expiring, deleting queues) and makes entries
 //! visible once they are durable; fetches only read. One
