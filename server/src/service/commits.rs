@@ -131,10 +131,7 @@ impl<B: Backend> Ds<B> {
         let record = self.group_record(id).await?;
         match self.earlier_commit(caller, id, &record, submitted).await? {
             Some(accepted) => Ok(accepted),
-            None => Err(DsError::WrongEpoch {
-                current: record.epoch,
-                reason: "another handshake of the group was accepted meanwhile".into(),
-            }),
+            None => Err(DsError::overtaken(record.epoch)),
         }
     }
 

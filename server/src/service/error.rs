@@ -19,7 +19,8 @@ pub enum DsError {
     /// Unknown client, group or key package.
     #[error("{0}")]
     NotFound(String),
-    /// A handshake for an epoch other than the group's current one.
+    /// A handshake for an epoch other than the group's current one
+    /// ([`DsError::overtaken`] when another handshake won the race).
     #[error("wrong epoch: {reason}; the group is at epoch {current}")]
     WrongEpoch {
         /// The group's current epoch.
@@ -55,6 +56,17 @@ pub enum DsError {
     /// A failure inside the DS. The detail is for the log only.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl DsError {
+    /// 409 for a handshake another one of the group was accepted before
+    /// (the group is now at `current`).
+    pub(crate) fn overtaken(current: u64) -> DsError {
+        DsError::WrongEpoch {
+            current,
+            reason: "another handshake of the group was accepted meanwhile".into(),
+        }
+    }
 }
 
 impl From<StoreError> for DsError {

@@ -103,10 +103,7 @@ impl<B: Backend> Ds<B> {
         let group = self.stored_group(id).await?;
         let stored_epoch = group.public.group_context().epoch().as_u64();
         if stored_epoch != record.epoch {
-            return Err(DsError::WrongEpoch {
-                current: stored_epoch,
-                reason: "another handshake of the group was accepted meanwhile".into(),
-            });
+            return Err(DsError::overtaken(stored_epoch));
         }
         Ok(Kept { group, tree: None })
     }

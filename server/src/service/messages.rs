@@ -295,10 +295,7 @@ impl<B: Backend> Ds<B> {
             }
             Err(StoreError::ConditionFailed(Condition::GroupAt { .. })) => {
                 let now = self.group_record(id).await?;
-                Err(DsError::WrongEpoch {
-                    current: now.epoch,
-                    reason: "another handshake of the group was accepted meanwhile".into(),
-                })
+                Err(DsError::overtaken(now.epoch))
             }
             Err(e) => Err(e.into()),
         }
