@@ -212,3 +212,65 @@ async fn mutated_requests_never_break_the_server() {
     let log = std::fs::read_to_string(server.log_path()).unwrap();
     assert!(!log.contains("panicked"), "server log shows a panic");
 }
+
+/// Concurrent registrations, a quarter of them with a forged signature (one
+/// bit flipped): the server verifies concurrent Ed25519 signatures in
+/// batches, and a forged one must fail its own request only, register
+/// nothing, and leave the honest ones in its batch registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_signatures_among_concurrent_registrations_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[]);
+    let url = server.url();
+    let run = std::process::id();
+    let members: Vec<RawMember> = (0..64)
+        .map(|i| RawMember::new(&url, &format!("batch-{run}-{i}")))
+        .collect();
+    let forged = |i: usize| i % 4 == 1;
+    // Every registration at once, then every one again honestly.
+    for round in 0..2 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, m) in members.iter().enumerate() {
+            let body = m.api.registration_body(None).unwrap();
+            let auth::AuthToken::Signature(mut token) = m
+                .api
+                .transport
+                .signature_token("POST", paths::CLIENTS, &body)
+                .unwrap()
+            else {
+                panic!("a registration is signed");
+            };
+            if round == 0 && forged(i) {
+                let mut signature = token.signature.as_slice().to_vec();
+                signature[i % 64] ^= 0x10;
+                token.signature = signature.into();
+            }
+            let header = auth::header_value(&auth::AuthToken::Signature(token));
+            let url = url.clone();
+            tasks.spawn(async move {
+                let (status, _) = raw_request(
+                    &url,
+                    "POST",
+                    paths::CLIENTS,
+                    &[
+                        ("authorization", header),
+                        ("content-type", CONTENT_TYPE.to_string()),
+                    ],
+                    body,
+                )
+                .await;
+                (i, status)
+            });
+        }
+        for (i, status) in tasks.join_all().await {
+            // 201: registered now; 200: registered before.
+            let expected = match (round == 0, forged(i)) {
+                (true, true) => 401,
+                (true, false) | (false, true) => 201,
+                (false, false) => 200,
+            };
+            assert_eq!(status, expected, "round {round}, registration {i}");
+        }
+    }
+    server.stop_and_check();
+}

@@ -12,7 +12,7 @@
 //! counter windows.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mls_ds_protocol::auth::{
     self, AuthToken, SessionAuth, SessionCreated, SignatureAuth, MAX_CLOCK_SKEW_MS, SESSION_ID_LEN,
@@ -26,6 +26,7 @@ use rand::RngCore;
 
 use crate::backend::records::now_ms;
 use crate::service::error::{DsError, Result};
+use crate::service::signatures::SignatureBatcher;
 
 struct Session {
     client: ClientId,
@@ -179,6 +180,8 @@ struct Nonces {
 /// The authenticator shared by all requests.
 pub struct Authenticator {
     crypto: RustCrypto,
+    /// Ed25519 signatures waiting to be verified together.
+    ed25519: Arc<SignatureBatcher>,
     sessions: Mutex<Sessions>,
     nonces: Mutex<Nonces>,
     session_ttl_ms: u64,
@@ -235,6 +238,7 @@ impl Authenticator {
     pub fn new(session_ttl_ms: u64, max_sessions: usize) -> Self {
         Authenticator {
             crypto: RustCrypto::default(),
+            ed25519: Arc::default(),
             sessions: Mutex::new(Sessions::default()),
             nonces: Mutex::new(Nonces::default()),
             session_ttl_ms,
@@ -262,8 +266,10 @@ impl Authenticator {
         Ok(())
     }
 
-    /// Verify a signature token with `key`. Consumes the nonce.
-    pub fn verify_signature(
+    /// Verify a signature token with `key`. Consumes the nonce. Ed25519
+    /// signatures of concurrent requests are verified in batches
+    /// (`signatures.rs`).
+    pub async fn verify_signature(
         &self,
         token: &SignatureAuth,
         key: RegisteredKey<'_>,
@@ -283,9 +289,18 @@ impl Authenticator {
         );
         // OpenMLS signs `SignContent { label, content }`; the DS uses the raw
         // payload, which carries its own label.
-        self.crypto
-            .verify_signature(scheme, &payload, key.public_key, token.signature.as_slice())
-            .map_err(|_| DsError::Unauthenticated("bad signature".into()))?;
+        let valid = if scheme == SignatureScheme::ED25519 {
+            self.ed25519
+                .verify(key.public_key, payload, token.signature.as_slice())
+                .await
+        } else {
+            self.crypto
+                .verify_signature(scheme, &payload, key.public_key, token.signature.as_slice())
+                .is_ok()
+        };
+        if !valid {
+            return Err(DsError::Unauthenticated("bad signature".into()));
+        }
         self.consume_nonce(token.nonce, token.timestamp_ms)?;
         Ok(Caller {
             client: token.client_id.clone(),

@@ -61,7 +61,9 @@ impl<B: Backend> Ds<B> {
         };
         // Possession of the new key first: the secret is compared only for
         // a caller that holds the key it asks for.
-        self.auth.verify_signature(sig, key_of(&record), view)?;
+        self.auth
+            .verify_signature(sig, key_of(&record), view)
+            .await?;
         if old.signature_key == key
             && old.recovery_hash.as_deref() == Some(req.new_recovery_hash.as_slice())
         {

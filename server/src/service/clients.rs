@@ -46,7 +46,7 @@ impl<B: Backend> Ds<B> {
                     .ok_or_else(|| {
                         DsError::Unauthenticated(format!("unknown client {}", sig.client_id))
                     })?;
-                self.auth.verify_signature(sig, key_of(&record), view)
+                self.auth.verify_signature(sig, key_of(&record), view).await
             }
             AuthToken::Session(s) => match self.auth.verify_session(s, view) {
                 // A session another process on the same storage opened.
@@ -119,7 +119,9 @@ impl<B: Backend> Ds<B> {
                 None => None,
             },
         };
-        self.auth.verify_signature(sig, key_of(&record), view)?;
+        self.auth
+            .verify_signature(sig, key_of(&record), view)
+            .await?;
         let invite = match &req.invite {
             Some(code) => Some(
                 std::str::from_utf8(code.as_slice())
