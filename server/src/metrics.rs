@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::backend::BackendStats;
 use crate::histogram::Histogram;
+use crate::service::auth::SignatureCounts;
 
 #[derive(Default)]
 struct Inner {
@@ -40,6 +41,8 @@ pub(crate) struct FrontGauges {
     pub(crate) request_bytes: usize,
     /// Bytes of response bodies not yet sent.
     pub(crate) response_bytes: usize,
+    /// How the Ed25519 signatures of requests were verified.
+    pub(crate) signatures: SignatureCounts,
 }
 
 impl Metrics {
@@ -160,6 +163,24 @@ fn render_backend(out: &mut String, stats: &BackendStats, front: &FrontGauges) {
             "Open authenticated sessions.",
             "gauge",
             front.sessions.to_string(),
+        ),
+        (
+            "mls_ds_ed25519_signatures_total",
+            "Ed25519 signatures of requests verified (registrations, session openings, signature tokens).",
+            "counter",
+            front.signatures.signatures.to_string(),
+        ),
+        (
+            "mls_ds_ed25519_rounds_total",
+            "Rounds those signatures were verified in: a round of several concurrent requests is one batch.",
+            "counter",
+            front.signatures.rounds.to_string(),
+        ),
+        (
+            "mls_ds_ed25519_failed_batches_total",
+            "Batches that failed (a bad signature among them) and were verified again one by one.",
+            "counter",
+            front.signatures.failed_batches.to_string(),
         ),
         (
             "mls_ds_streams",

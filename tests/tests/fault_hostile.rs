@@ -271,6 +271,29 @@ async fn forged_signatures_among_concurrent_registrations_fail_alone() {
             };
             assert_eq!(status, expected, "round {round}, registration {i}");
         }
+        let (_, page) = raw_request(&server.metrics_url(), "GET", "/metrics", &[], vec![]).await;
+        let page = String::from_utf8(page).unwrap();
+        let count = |series: &str| {
+            page.lines()
+                .find_map(|l| {
+                    l.strip_prefix(series)?
+                        .strip_prefix(' ')?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or_else(|| panic!("{series} in:\n{page}"))
+        };
+        let signatures = count("mls_ds_ed25519_signatures_total");
+        assert_eq!(
+            signatures,
+            64 * (round + 1) as u64,
+            "every signature verified once"
+        );
+        println!(
+            "round {round}: {signatures} signatures in {} rounds, {} failed batches",
+            count("mls_ds_ed25519_rounds_total"),
+            count("mls_ds_ed25519_failed_batches_total")
+        );
     }
     server.stop_and_check();
 }

@@ -307,6 +307,7 @@ impl<B: Backend> Front<B> {
             connections: self.connections.open_count(),
             request_bytes,
             response_bytes,
+            signatures: ds.authenticator().signature_counts(),
         };
         Ok(Reply::text(
             self.metrics.render(&ds.backend().stats(), &front),

@@ -27,6 +27,7 @@ use rand::RngCore;
 use crate::backend::records::now_ms;
 use crate::service::error::{DsError, Result};
 use crate::service::signatures::SignatureBatcher;
+pub use crate::service::signatures::SignatureCounts;
 
 struct Session {
     client: ClientId,
@@ -455,6 +456,11 @@ impl Authenticator {
     /// Changes whenever some client's sessions end.
     pub fn watch_ended_sessions(&self) -> tokio::sync::watch::Receiver<u64> {
         self.ended_tx.subscribe()
+    }
+
+    /// How the Ed25519 signatures were verified so far (in rounds).
+    pub fn signature_counts(&self) -> SignatureCounts {
+        self.ed25519.counts()
     }
 
     /// Number of open sessions.

@@ -27,6 +27,7 @@
 //! a client sending bad signatures costs what verification cost before
 //! batching, not the re-verification of every batch it spoils.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ed25519_dalek::{Signature, VerifyingKey};
@@ -58,6 +59,26 @@ struct Queue {
 #[derive(Default)]
 pub(crate) struct SignatureBatcher {
     queue: Mutex<Queue>,
+    counts: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    signatures: AtomicU64,
+    rounds: AtomicU64,
+    failed_batches: AtomicU64,
+}
+
+/// How the signatures were verified so far (`/metrics`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SignatureCounts {
+    /// Signatures verified (malformed ones and weak keys, refused before,
+    /// are not counted).
+    pub signatures: u64,
+    /// Rounds they were verified in: a round of several is one batch.
+    pub rounds: u64,
+    /// Batches that failed and were verified again one by one.
+    pub failed_batches: u64,
 }
 
 /// A round's signatures and how to verify them.
@@ -67,6 +88,15 @@ struct Round {
 }
 
 impl SignatureBatcher {
+    /// How the signatures were verified so far.
+    pub(crate) fn counts(&self) -> SignatureCounts {
+        SignatureCounts {
+            signatures: self.counts.signatures.load(Ordering::Relaxed),
+            rounds: self.counts.rounds.load(Ordering::Relaxed),
+            failed_batches: self.counts.failed_batches.load(Ordering::Relaxed),
+        }
+    }
+
     /// Whether `signature` by `key` (32 bytes) over `message` verifies as
     /// `verify_strict` would have it (see the module doc for the one
     /// difference a key's holder can provoke). Malformed keys and
@@ -150,7 +180,13 @@ impl SignatureBatcher {
                 .collect()
         };
         let passed_whole = results.iter().all(|ok| *ok);
+        let counts = &self.counts;
+        counts
+            .signatures
+            .fetch_add(round.items.len() as u64, Ordering::Relaxed);
+        counts.rounds.fetch_add(1, Ordering::Relaxed);
         if batched && !all_valid {
+            counts.failed_batches.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 signatures = round.items.len(),
                 "a batch of signatures failed; verifying one by one until a round passes"
@@ -263,6 +299,9 @@ mod tests {
             assert_eq!(*ok, i != MAX_ROUND / 2, "signature {i}");
         }
         assert!(b.one_by_one());
+        let counts = b.counts();
+        assert_eq!((counts.signatures, counts.rounds), (MAX_ROUND as u64, 1));
+        assert_eq!(counts.failed_batches, 1);
         let results = verify_all(&b, signed(3)).await;
         assert!(results.iter().all(|ok| *ok));
         assert!(!b.one_by_one());
