@@ -14,6 +14,29 @@ pub struct Node {
 }
 
 impl Node {
+    /// A copy of this node with `link` applied. A key set into a leaf is
+    /// copied into vectors with room for one more, so that inserting it
+    /// does not reallocate them (PATCHES.md, patch 9).
+    pub(crate) fn linked(&self, link: &Link) -> Node {
+        let mut node = match (&self.data, link) {
+            (Data::Leaf(leaf), Link::Set(..)) => Node {
+                prefix_len: self.prefix_len,
+                next: self.next,
+                merging_child: self.merging_child,
+                merging: self.merging,
+                lo: self.lo.clone(),
+                hi: self.hi.clone(),
+                data: Data::Leaf(Leaf {
+                    keys: with_room(&leaf.keys),
+                    values: with_room(&leaf.values),
+                }),
+            },
+            _ => self.clone(),
+        };
+        node.apply(link);
+        node
+    }
+
     pub(crate) fn new_hoisted_root(
         left: PageId,
         at: IVec,
@@ -715,6 +738,13 @@ impl Data {
     pub(crate) fn is_index(&self) -> bool {
         if let Data::Index(..) = self { true } else { false }
     }
+}
+
+/// A copy of `v` with room for one more element.
+fn with_room<T: Clone>(v: &[T]) -> Vec<T> {
+    let mut out = Vec::with_capacity(v.len() + 1);
+    out.extend_from_slice(v);
+    out
 }
 
 #[derive(Clone, Debug, PartialEq, Default)]
