@@ -48,8 +48,8 @@ struct Pending {
 #[derive(Default)]
 struct Queue {
     waiting: Vec<Pending>,
-    /// A request or task is verifying rounds; whoever queues while it is
-    /// set leaves its signature to it.
+    /// A task is verifying rounds; whoever queues while it is set leaves
+    /// its signature to it.
     running: bool,
     /// The last batch failed: verify one by one until a round passes whole.
     one_by_one: bool,
@@ -79,6 +79,22 @@ pub struct SignatureCounts {
     pub rounds: u64,
     /// Batches that failed and were verified again one by one.
     pub failed_batches: u64,
+}
+
+/// The leading task's hold on the queue. Should the task end other than by
+/// finding nothing to verify (a panic, the runtime shutting down), whoever
+/// queues next leads: the signatures waiting are not left without one.
+struct Leading<'a> {
+    batcher: &'a SignatureBatcher,
+    done: bool,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.batcher.lock().running = false;
+        }
+    }
 }
 
 /// A round's signatures and how to verify them.
@@ -138,11 +154,18 @@ impl SignatureBatcher {
     /// Verify rounds until nothing waits. Before each round it yields, so
     /// that the tasks ready on this worker queue their signatures first.
     async fn lead(self: Arc<Self>) {
+        let mut leading = Leading {
+            batcher: &self,
+            done: false,
+        };
         loop {
             tokio::task::yield_now().await;
             match self.take() {
                 Some(round) => self.check(round),
-                None => return,
+                None => {
+                    leading.done = true;
+                    return;
+                }
             }
         }
     }
@@ -337,6 +360,34 @@ mod tests {
         });
         assert!(answers.iter_mut().all(|a| a.try_recv().unwrap()));
         assert!(!b.one_by_one());
+    }
+
+    /// A leading task that ends without finding the queue empty (here: its
+    /// hold dropped as a panic or the runtime's shutdown would drop it)
+    /// leaves the lead to whoever queues next, who verifies what waited.
+    #[tokio::test]
+    async fn signatures_left_by_a_lead_that_ended_are_verified_by_the_next() {
+        let b = Arc::new(SignatureBatcher::default());
+        let mut items = signed(2);
+        let (key, message, signature) = items.remove(0);
+        let (reply, mut answer) = oneshot::channel();
+        {
+            let mut q = b.lock();
+            q.waiting.push(Pending {
+                key: VerifyingKey::try_from(key.as_slice()).unwrap(),
+                signature: Signature::from_slice(&signature).unwrap(),
+                message,
+                reply,
+            });
+            q.running = true;
+        }
+        drop(Leading {
+            batcher: &b,
+            done: false,
+        });
+        let (key, message, signature) = items.remove(0);
+        assert!(b.verify(&key, message, &signature).await);
+        assert!(answer.try_recv().unwrap());
     }
 
     #[tokio::test]
