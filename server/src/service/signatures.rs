@@ -34,8 +34,9 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use tokio::sync::oneshot;
 
 /// Most signatures verified in one round: a round blocks its worker thread
-/// (about 1.2 ms at this size), and batches gain little beyond it.
-const MAX_ROUND: usize = 64;
+/// (about 0.6 ms at this size), and larger batches cost no less per
+/// signature (18.1 µs at 32, 19.0 at 64: docs/benchmarks-history.md).
+const MAX_ROUND: usize = 32;
 
 /// One signature waiting for its round.
 struct Pending {
