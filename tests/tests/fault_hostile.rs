@@ -3,7 +3,9 @@
 //! bytes, length fields blown up), sent with valid authentication over the
 //! mutated body. The server must never answer 5xx, never crash, and a
 //! rejected request must change nothing. Inputs: 1,500 by default,
-//! `MLS_DS_HOSTILE_INPUTS` for more; seed `MLS_DS_HOSTILE_SEED`.
+//! `MLS_DS_HOSTILE_INPUTS` for more; seed `MLS_DS_HOSTILE_SEED`. And forged
+//! signatures among concurrent registrations, whose signatures the server
+//! verifies in batches: each forged one fails alone.
 
 use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::{auth, paths, CONTENT_TYPE};
