@@ -228,6 +228,12 @@ pub struct Server {
     database: Option<String>,
 }
 
+/// Where a launched server writes its addresses (the metrics one first).
+struct PortFiles {
+    api: PathBuf,
+    metrics: PathBuf,
+}
+
 impl Server {
     /// Start a server on `data_dir` with extra flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
@@ -304,16 +310,15 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let port_file = self.launch();
-        let metrics_port_file = self.data_dir.join("test-metrics-port");
+        let files = self.launch();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // The server writes the metrics port file before the other.
-            if let Ok(addr) = std::fs::read_to_string(&port_file) {
+            if let Ok(addr) = std::fs::read_to_string(&files.api) {
                 if !addr.is_empty() {
                     self.addr = addr;
                     self.metrics_addr =
-                        std::fs::read_to_string(&metrics_port_file).expect("metrics port file");
+                        std::fs::read_to_string(&files.metrics).expect("metrics port file");
                     return;
                 }
             }
@@ -333,9 +338,9 @@ impl Server {
         }
     }
 
-    /// Start the process, without waiting for it to serve: the file it
-    /// writes its address to once it does.
-    fn launch(&mut self) -> PathBuf {
+    /// Start the process, without waiting for it to serve: the files it
+    /// writes its addresses to once it does.
+    fn launch(&mut self) -> PortFiles {
         let port_file = self.data_dir.join("test-port");
         let metrics_port_file = self.data_dir.join("test-metrics-port");
         let _ = std::fs::remove_file(&port_file);
@@ -395,7 +400,10 @@ impl Server {
             .spawn()
             .expect("spawn mls-ds");
         self.child = Some(child);
-        port_file
+        PortFiles {
+            api: port_file,
+            metrics: metrics_port_file,
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -504,9 +512,9 @@ impl Server {
     /// written).
     pub fn kill_while_starting(&mut self, after: Duration) -> bool {
         self.stop();
-        let port_file = self.launch();
+        let files = self.launch();
         std::thread::sleep(after);
-        let starting = std::fs::read_to_string(&port_file).map_or(true, |a| a.is_empty());
+        let starting = std::fs::read_to_string(&files.api).map_or(true, |a| a.is_empty());
         self.kill();
         starting
     }

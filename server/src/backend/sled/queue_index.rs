@@ -6,10 +6,11 @@
 //!
 //! At startup it is taken from its checkpoint and brought up to date, or
 //! rebuilt from the stored batches (`queue_startup::start`). Only the
-//! group commit's writer thread changes which entries exist (assigning sequence numbers as write sets are
-//! applied, acknowledging, expiring, deleting queues) and makes entries
-//! visible once they are durable; fetches only read. One
-//! mutex guards it all, each holder keeping it for a few map operations.
+//! group commit's writer thread changes which entries exist (assigning
+//! sequence numbers as write sets are applied, acknowledging, expiring,
+//! deleting queues) and makes entries visible once they are durable;
+//! fetches only read. One mutex guards it all, each holder keeping it for
+//! a few map operations.
 //!
 //! Over 500 lines because assignment, its undo, acknowledgement, expiry and
 //! deletion all change the same three structures (queues, batch counts,
