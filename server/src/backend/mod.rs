@@ -138,6 +138,13 @@ pub(crate) trait Backend: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Vec<SendKey>, StoreError>> + Send;
 
+    /// Forget the sends created before `cutoff_ms` (their deduplication
+    /// window is over); resolves to how many were forgotten.
+    fn forget_sends(
+        &self,
+        cutoff_ms: u64,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
     /// Visible unacknowledged entries in `client`'s queue.
     fn queue_depth(
         &self,

@@ -235,8 +235,6 @@ pub(crate) enum Change {
         /// Its usage.
         usage: ClientUsage,
     },
-    /// Forget a remembered send (its deduplication window is over).
-    RemoveSendReceipt(SendKey),
     /// Remove every key package of a client, ordinary and last resort, as
     /// stored when the write is applied (so that none published meanwhile
     /// escapes; the write set must carry a condition, which makes it read

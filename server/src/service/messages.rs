@@ -144,19 +144,7 @@ impl<B: Backend> Ds<B> {
         // An hour more than the window: the checks above use the DS's clock
         // at request time, the pruning its clock now.
         let cutoff = now_ms().saturating_sub(self.policy.send_dedup_window_ms + 3_600_000);
-        let mut pruned = 0;
-        loop {
-            let old = self
-                .backend
-                .sends_before(cutoff, super::PRUNE_CHUNK)
-                .await?;
-            if old.is_empty() {
-                return Ok(pruned);
-            }
-            pruned += old.len();
-            self.write_in_chunks(old.into_iter().map(Change::RemoveSendReceipt).collect())
-                .await?;
-        }
+        Ok(self.backend.forget_sends(cutoff).await?)
     }
 
     /// An application message: no lock, nothing but its fan-out written.

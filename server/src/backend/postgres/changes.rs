@@ -5,7 +5,7 @@
 use deadpool_postgres::Transaction;
 use mls_ds_protocol::ClientId;
 
-use super::rows::{big, bits, int};
+use super::rows::{big, int};
 use super::writes::{exec, query_one, Step, CREDENTIALS};
 use crate::backend::write_set::Change;
 
@@ -227,18 +227,6 @@ pub(crate) async fn stage(tx: &Transaction<'_>, change: &Change) -> Result<(), S
                 "INSERT INTO usage (client, groups_created) VALUES ($1, $2) \
                  ON CONFLICT (client) DO UPDATE SET groups_created = EXCLUDED.groups_created",
                 &[&client.as_bytes(), &int(usage.groups_created)],
-            )
-            .await?;
-        }
-        Change::RemoveSendReceipt(key) => {
-            exec(
-                tx,
-                "DELETE FROM send_receipts WHERE sender = $1 AND created_ms = $2 AND nonce = $3",
-                &[
-                    &key.sender.as_bytes(),
-                    &big(key.id.created_ms),
-                    &bits(key.id.nonce),
-                ],
             )
             .await?;
         }

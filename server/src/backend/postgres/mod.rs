@@ -289,6 +289,10 @@ impl Backend for PgBackend {
             .await
     }
 
+    async fn forget_sends(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        self.inner.timed(self.inner.forget_sends(cutoff_ms)).await
+    }
+
     async fn queue_depth(&self, client: &ClientId) -> Result<u64, StoreError> {
         self.inner.timed(self.inner.queue_depth(client)).await
     }

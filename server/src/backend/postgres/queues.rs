@@ -226,6 +226,27 @@ impl Inner {
         Ok(deleted)
     }
 
+    /// Forget the sends created before `cutoff_ms`, a few thousand rows per
+    /// statement; returns how many.
+    pub(crate) async fn forget_sends(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let conn = self.connection().await?;
+        let mut forgotten = 0u64;
+        loop {
+            let n = conn
+                .execute(
+                    "DELETE FROM send_receipts WHERE ctid IN (SELECT ctid FROM send_receipts \
+                     WHERE created_ms < $1 LIMIT 5000)",
+                    &[&big(cutoff_ms)],
+                )
+                .await
+                .map_err(db)?;
+            forgotten += n;
+            if n == 0 {
+                return Ok(usize::try_from(forgotten).unwrap_or(usize::MAX));
+            }
+        }
+    }
+
     /// Delete every message that no entry refers to, range by range.
     pub(crate) async fn sweep_all(&self) -> Result<u64, StoreError> {
         let conn = self.connection().await?;

@@ -12,6 +12,7 @@ use mls_ds_storage::codec::decode_record;
 
 use super::layout::{Layout, Tree};
 use super::queue_startup::{self, Serving};
+use super::receipts::Receipts;
 use crate::backend::error::StoreError;
 use crate::backend::group_check;
 use crate::backend::records::{
@@ -103,8 +104,18 @@ pub(crate) fn check(layout: &Layout, serving: Serving) -> Result<AdminReport, St
     }
     let queues = queue_startup::verify(layout, serving);
     problems.extend(queues.problems);
+    let receipts = match Receipts::open(layout) {
+        Ok(receipts) => {
+            problems.extend(receipts.problems()?);
+            receipts.counts().total()
+        }
+        Err(e) => {
+            problems.push(format!("send receipts: {e}"));
+            0
+        }
+    };
     let checked = format!(
-        "checked {clients} clients, {key_packages} key packages, {} groups, {} queue entries, {} stored messages\n",
+        "checked {clients} clients, {key_packages} key packages, {} groups, {} queue entries, {} stored messages, {receipts} send receipts\n",
         groups.len(),
         queues.entries,
         queues.messages
@@ -126,6 +137,16 @@ pub(crate) fn stats(layout: &Layout) -> Result<AdminReport, StoreError> {
     let _ = writeln!(text, "accepted commits   {}", count(t.commits)?);
     let _ = writeln!(text, "queue entries      {}", queues.entries);
     let _ = writeln!(text, "stored messages    {}", queues.messages);
+    let receipts = Receipts::open(layout)?.counts();
+    let _ = writeln!(
+        text,
+        "send receipts      {} ({} fresh, {} in {} runs whose filters take {} bytes of memory)",
+        receipts.total(),
+        receipts.fresh,
+        receipts.frozen,
+        receipts.runs,
+        receipts.run_memory
+    );
     let _ = writeln!(
         text,
         "live records       {} bytes",

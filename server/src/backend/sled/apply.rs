@@ -7,7 +7,8 @@
 //!
 //! A plain send (a write set that changes nothing but queues) joins the
 //! open batch, which [`Applier::seal`] turns into one key, followed by the
-//! send receipts and the drops of full queues it caused; a write set that
+//! pending record of its send receipts (`receipts.rs`) and the drops of
+//! full queues it caused; a write set that
 //! changes more stores its messages as a batch of its own inside its atomic
 //! write, after the open batch was sealed. Because this runs on the one
 //! writer thread, in submission order, and writes are applied in the order
@@ -26,11 +27,10 @@ use self::deliveries::OpenBatch;
 use super::job::{Finish, Job, Prepared};
 use super::layout::{self, Layout};
 use super::queue_index::{QueueIndex, Released};
+use super::receipts::Receipts;
 use super::record_cache::Caches;
 use crate::backend::error::StoreError;
-use crate::backend::records::{
-    ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord, SendKey,
-};
+use crate::backend::records::{ClientUsage, GroupId, GroupRecord, InviteRecord, KeyPackageRecord};
 use crate::backend::write_set::{AckOutcome, Applied, Change, Condition, WriteSet};
 
 /// A group whose record a write set writes (creating or changing it) or
@@ -66,10 +66,9 @@ pub(crate) struct Applier {
     /// before the start never meets the condition; and memory, unlike the
     /// database, already holds the deletions of the writes not yet applied.
     pub(crate) deleted_groups: Mutex<HashSet<GroupId>>,
-    /// Send receipts staged in the batch being prepared: with the database
-    /// (which holds every applied batch), what `SendNew` checks, so that it
-    /// needs no batch to be applied first.
-    pub(crate) staged_receipts: Mutex<HashSet<SendKey>>,
+    /// Every remembered send, staged ones included: what `SendNew`
+    /// checks, in memory but for the rare run a filter points to.
+    pub(crate) receipts: Arc<Receipts>,
     /// The open batch, if a plain send came since the last seal.
     open: Option<OpenBatch>,
     /// Decoded group and client records, for the readers.
@@ -85,6 +84,7 @@ impl Applier {
         layout: Layout,
         index: Arc<QueueIndex>,
         caches: Arc<Caches>,
+        receipts: Arc<Receipts>,
         max_queue_depth: u64,
     ) -> Applier {
         Applier {
@@ -92,7 +92,7 @@ impl Applier {
             index,
             max_queue_depth,
             deleted_groups: Mutex::default(),
-            staged_receipts: Mutex::default(),
+            receipts,
             open: None,
             caches,
             changed: Mutex::default(),
@@ -100,12 +100,8 @@ impl Applier {
     }
 
     /// The batch prepared so far was applied (or failed, which breaks
-    /// storage): its receipts and group records are in the database now.
+    /// storage): its group and client records are in the database now.
     pub(crate) fn batch_applied(&self) {
-        self.staged_receipts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
         let changed = std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()));
         self.caches.groups.changed(changed.groups);
         self.caches.clients.changed(changed.clients);
@@ -164,6 +160,13 @@ impl Applier {
                 reply.send(super::admin::backup(&self.layout, &target));
                 None
             }
+            // The writer runs these itself.
+            Job::ForgetSends { reply, .. } => {
+                reply.send(Err(StoreError::Unavailable(
+                    "forgetting sends runs on the writer thread only".into(),
+                )));
+                None
+            }
             // The writer runs it itself: it must retire once it is staged.
             Job::Compact { reply } => {
                 reply.send(Err(StoreError::Unavailable(
@@ -213,21 +216,14 @@ impl Applier {
         let mut state = self.index.lock();
         for id in &deleted {
             let released = state.delete_client(id);
-            stage_release(&self.layout, &tx, &released)?;
+            stage_release(&self.layout, &self.receipts, &tx, &released)?;
         }
-        // Send receipts go in a write of their own, after the delivery: a
-        // plain send stays a single-key write (no sled batch, no multi-tree
-        // transaction, which would double its cost). The envelope carries
-        // the send id, so startup restores a receipt a crash lost between
-        // the two.
-        let receipts = self.layout.storage.begin();
-        let queued = self.deliver(&mut state, &tx, &receipts, set.deliveries)?;
+        let queued = self.deliver(&mut state, &tx, set.deliveries)?;
         drop(state);
-        let mut writes = vec![tx.into_pending()?];
-        let receipts = receipts.into_pending()?;
-        if !receipts.is_empty() {
-            writes.push(receipts);
-        }
+        let writes = vec![tx.into_pending()?];
+        // Staged once nothing can fail: a write that was not made leaves no
+        // receipt behind.
+        queued.stage_receipts(&self.receipts);
         if !staged_clients.is_empty() {
             self.changed
                 .lock()
@@ -273,14 +269,7 @@ impl Applier {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(id),
-            Condition::SendNew(key) => {
-                !self
-                    .staged_receipts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(key)
-                    && !l.contains(t.sends, &layout::send_key(key))?
-            }
+            Condition::SendNew(key) => self.receipts.get(key)?.is_none(),
             Condition::GroupAt { group, revision } => l
                 .get::<GroupRecord>(t.groups, group.as_bytes())?
                 .is_some_and(|r| r.revision == *revision),
@@ -340,9 +329,6 @@ impl Applier {
                     tx.remove_raw(t.key_packages.handle, &k)?;
                 }
                 Ok(())
-            }
-            Change::RemoveSendReceipt(key) => {
-                Ok(tx.remove_raw(t.sends.handle, &layout::send_key(&key))?)
             }
             Change::PutKeyPackage { owner, record } => put(
                 t.key_packages,
@@ -433,18 +419,27 @@ impl Applier {
     /// acknowledged batches, which startup deletes).
     fn release_writes(&self, released: &Released) -> Result<Vec<PendingWrites>, StoreError> {
         let tx = self.layout.storage.begin();
-        stage_release(&self.layout, &tx, released)?;
+        stage_release(&self.layout, &self.receipts, &tx, released)?;
         Ok(tx.into_pending()?.into_single_writes())
     }
 }
 
-fn stage_release(layout: &Layout, tx: &Transaction, released: &Released) -> Result<(), StoreError> {
+/// Ack marks and the removal of freed batches; a batch holding the send ids
+/// of fresh receipts stays until they are frozen into a run.
+fn stage_release(
+    layout: &Layout,
+    receipts: &Receipts,
+    tx: &Transaction,
+    released: &Released,
+) -> Result<(), StoreError> {
     let delivery = layout.trees.delivery.handle;
     for (client, mark) in &released.marks {
         tx.put_raw(delivery, &layout::ack_key(client), &mark.to_be_bytes())?;
     }
     for batch in &released.freed {
-        tx.remove_raw(delivery, &layout::batch_key(*batch))?;
+        if !receipts.defer_removal(*batch) {
+            tx.remove_raw(delivery, &layout::batch_key(*batch))?;
+        }
     }
     Ok(())
 }

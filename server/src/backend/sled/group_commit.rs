@@ -183,6 +183,12 @@ impl Writer {
                 self.since_checkpoint += cycle.done.len() as u64;
                 self.finish(cycle);
             }
+            // Between two cycles no batch is open and every one is applied.
+            if self.refusal(&Ok(())).is_none() {
+                if let Err(e) = self.applier.receipts.freeze_if_due(&self.index.lock()) {
+                    self.storage_failed(&e, "freezing send receipts into a run failed");
+                }
+            }
             if self.checkpoint_every > 0 && self.since_checkpoint >= self.checkpoint_every {
                 self.since_checkpoint = 0;
                 // Between two cycles every write of the index's state is
@@ -203,7 +209,14 @@ impl Writer {
     /// cost its size in memory, which the allocator keeps.
     fn checkpoint(&self) -> Result<Written, StoreError> {
         let t0 = Instant::now();
-        let written = checkpoint::write(&self.applier.layout, &self.index.lock());
+        let index = self.index.lock();
+        // Frozen first: a start from this checkpoint then reads no earlier
+        // batch for send receipts.
+        if let Err(e) = self.applier.receipts.freeze_now(&index) {
+            self.storage_failed(&e, "freezing send receipts into a run failed");
+            return Err(e);
+        }
+        let written = checkpoint::write(&self.applier.layout, &index);
         match &written {
             Ok(w) => tracing::debug!(
                 bytes = w.bytes,
@@ -211,14 +224,17 @@ impl Writer {
                 ms = t0.elapsed().as_millis() as u64,
                 "queue index checkpoint written"
             ),
-            Err(e) => {
-                if let StoreError::Storage(se) = e {
-                    self.stats.mark_broken(se);
-                }
-                tracing::error!(error = %e, "writing the queue index checkpoint failed");
-            }
+            Err(e) => self.storage_failed(e, "writing the queue index checkpoint failed"),
         }
         written
+    }
+
+    /// A write outside the cycles failed: a storage error breaks storage.
+    fn storage_failed(&self, e: &StoreError, what: &str) {
+        if let StoreError::Storage(se) = e {
+            self.stats.mark_broken(se);
+        }
+        tracing::error!(error = %e, "{what}");
     }
 
     /// Prepare and apply one batch, in order.
@@ -252,6 +268,14 @@ impl Writer {
             }
             if let Job::Compact { reply } = job {
                 reply.send(self.compact());
+                continue;
+            }
+            if let Job::ForgetSends { cutoff_ms, reply } = job {
+                let forgotten = self.applier.receipts.forget(cutoff_ms, &self.index.lock());
+                if let Err(e) = &forgotten {
+                    self.storage_failed(e, "forgetting old send receipts failed");
+                }
+                reply.send(forgotten.map(|n| usize::try_from(n).unwrap_or(usize::MAX)));
                 continue;
             }
             if let Job::Close { reply } = job {

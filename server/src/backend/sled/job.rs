@@ -1,6 +1,6 @@
 //! The jobs the group commit's writer thread runs (write sets, queue
-//! acknowledgements and expiry, settling, backups, compaction, the checkpoint
-//! at a stop), what it makes of them before the flush ([`Prepared`]), and
+//! acknowledgements and expiry, forgetting old sends, settling, backups,
+//! compaction, the checkpoint at a stop), what it makes of them before the flush ([`Prepared`]), and
 //! how each is answered once its writes are durable ([`Finish`]).
 
 use std::path::PathBuf;
@@ -32,6 +32,12 @@ pub(crate) enum Job {
         cutoff_ms: u64,
         reply: CommitReply<usize>,
     },
+    /// Forget the sends created before `cutoff_ms` (run on the writer
+    /// thread, after everything before it is applied).
+    ForgetSends {
+        cutoff_ms: u64,
+        reply: CommitReply<usize>,
+    },
     /// Nothing to write: answered once everything before it is durable.
     Settle { reply: CommitReply<()> },
     /// Copy the database while nothing else is written.
@@ -58,7 +64,10 @@ impl Job {
         match self {
             Job::Write { set, .. } => set.changes.is_empty(),
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => true,
-            Job::Backup { .. } | Job::Compact { .. } | Job::Close { .. } => false,
+            Job::ForgetSends { .. }
+            | Job::Backup { .. }
+            | Job::Compact { .. }
+            | Job::Close { .. } => false,
         }
     }
 
@@ -76,7 +85,10 @@ impl Job {
                         matches!(c, Change::DeleteClient { .. } | Change::DeleteGroup { .. })
                     })
             }
-            Job::Backup { .. } | Job::Compact { .. } | Job::Close { .. } => true,
+            Job::ForgetSends { .. }
+            | Job::Backup { .. }
+            | Job::Compact { .. }
+            | Job::Close { .. } => true,
             Job::Ack { .. } | Job::Expire { .. } | Job::Settle { .. } => false,
         }
     }
@@ -87,6 +99,7 @@ impl Job {
             Job::Write { reply, .. } => reply.send(Err(e)),
             Job::Ack { reply, .. } => reply.send(Err(e)),
             Job::Expire { reply, .. } => reply.send(Err(e)),
+            Job::ForgetSends { reply, .. } => reply.send(Err(e)),
             Job::Settle { reply } => reply.send(Err(e)),
             Job::Backup { reply, .. } => reply.send(Err(e)),
             Job::Compact { reply } => reply.send(Err(e)),

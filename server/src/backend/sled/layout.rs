@@ -14,7 +14,7 @@
 //! | `app.ds.commits` | `group_key ++ epoch u64 BE` | `CommitRecord` (one accepted commit per epoch) |
 //! | `app.ds.invites` | invitation code | `InviteRecord` |
 //! | `app.ds.usage` | client id | `ClientUsage` (per-client quota counters) |
-//! | `app.ds.sends` | `created_ms u64 BE ++ client_key ++ nonce u64 BE` | `SendReceipt`: the answer a send with a send id got (deduplication; in time order, so pruning reads only what it deletes) |
+//! | `app.ds.sends` | `'p' ++ batch u64 BE` / `'h'`, `'c'`, `'f' ++ run u64 BE [++ part u32 BE]` | send receipts (`receipts.rs`): the pending record of one batch's receipts / a frozen run's header, chunks and Bloom filter; an entry names its send by `send_key` |
 //! | `app.ds.delivery` | `'b' ++ batch u64 BE` | a delivery batch (`batch.rs`): the [`Envelope`]s of the messages one write-path cycle accepted (each message stored once, with each recipient and its sequence number there), or of one write set that changes more than queues |
 //! | | `'a' ++ client_key` | highest acknowledged sequence number, u64 BE |
 //! | `app.ds.checkpoint` | `'s'` / `'c' ++ generation u32 BE ++ chunk u32 BE` | the queue index's checkpoint (`checkpoint.rs`): its seal (`Seal`: generation, length and SHA-256) / its encoding in chunks of 64 KiB; written every `--index-checkpoint-every-ops` jobs and at a graceful stop, a new generation each time |
@@ -33,7 +33,7 @@ use crate::backend::records::{ClientRecord, GroupId, SendKey, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 10;
+pub(crate) const LAYOUT_VERSION: u32 = 11;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";

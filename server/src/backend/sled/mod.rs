@@ -6,6 +6,7 @@
 //! - [`apply`]: jobs turned into sled writes on the writer thread;
 //! - [`queue_index`]: the in-memory queue index;
 //! - [`queue_startup`]: rebuilding it at startup, and `check`;
+//! - [`receipts`]: send receipts, per batch and in sorted runs;
 //! - [`checkpoint`]: the index saved every so many jobs and at a stop, for
 //!   a start that need not read every batch;
 //! - [`queues`]: reading pages;
@@ -26,6 +27,7 @@ pub(crate) mod layout;
 mod queue_index;
 mod queue_startup;
 mod queues;
+mod receipts;
 mod record_cache;
 #[cfg(test)]
 mod tests;
@@ -43,6 +45,7 @@ use self::layout::Layout;
 pub(crate) use self::layout::StoreTuning;
 use self::queue_index::QueueIndex;
 pub(crate) use self::queue_startup::Serving;
+use self::receipts::Receipts;
 use self::record_cache::Caches;
 use super::committing::{committing, Committing};
 use super::group_locks::GroupLocks;
@@ -76,6 +79,7 @@ pub(crate) struct SledBackend {
     group_locks: Mutex<GroupLocks>,
     new_heads: Arc<NewHeads>,
     caches: Arc<Caches>,
+    receipts: Arc<Receipts>,
 }
 
 impl SledBackend {
@@ -105,40 +109,28 @@ impl SledBackend {
         let layout = Layout::open(data_dir, config.store)?;
         let started = std::time::Instant::now();
         let loaded = queue_startup::start(&layout)?;
+        let receipts = Arc::new(Receipts::open(&layout)?);
         tracing::info!(
             from = ?loaded.source,
             entries = loaded.state.entries(),
             ms = started.elapsed().as_millis() as u64,
             "queue index ready"
         );
-        if !loaded.lost_receipts.is_empty() {
+        // Orphans holding fresh send receipts stay until they are frozen.
+        let orphans: Vec<u64> = loaded
+            .orphans
+            .iter()
+            .copied()
+            .filter(|b| !receipts.defer_removal(*b))
+            .collect();
+        if !orphans.is_empty() {
             let tx = layout.storage.begin();
-            let tree = layout.trees.sends;
-            for r in &loaded.lost_receipts {
-                tx.put_raw(
-                    tree.handle,
-                    &layout::send_key(&r.key),
-                    &layout::encode(tree, &r.receipt)?,
-                )?;
-            }
-            tx.commit()?;
-            layout.store.flush()?;
-            tracing::info!(
-                count = loaded.lost_receipts.len(),
-                "restored send receipts a crash lost"
-            );
-        }
-        if !loaded.orphans.is_empty() {
-            let tx = layout.storage.begin();
-            for batch in &loaded.orphans {
+            for batch in &orphans {
                 tx.remove_raw(layout.trees.delivery.handle, &layout::batch_key(*batch))?;
             }
             tx.commit()?;
             layout.store.flush()?;
-            tracing::info!(
-                count = loaded.orphans.len(),
-                "deleted fully acknowledged messages"
-            );
+            tracing::info!(count = orphans.len(), "deleted fully acknowledged messages");
         }
         let index = Arc::new(QueueIndex::new(loaded.state));
         let new_heads = Arc::new(NewHeads::default());
@@ -148,6 +140,7 @@ impl SledBackend {
                 layout.clone(),
                 index.clone(),
                 caches.clone(),
+                receipts.clone(),
                 config.max_queue_depth,
             ),
             new_heads.clone(),
@@ -160,6 +153,7 @@ impl SledBackend {
             group_locks: Mutex::new(GroupLocks::default()),
             new_heads,
             caches,
+            receipts,
         })
     }
 
@@ -369,31 +363,18 @@ impl Backend for SledBackend {
     }
 
     async fn send_receipt(&self, key: &SendKey) -> Result<Option<SendReceipt>, StoreError> {
-        self.layout
-            .get(self.layout.trees.sends, &layout::send_key(key))
+        self.receipts.get(key)
     }
 
     async fn sends_before(&self, cutoff_ms: u64, limit: usize) -> Result<Vec<SendKey>, StoreError> {
-        self.run(move |layout| {
-            let tree = layout.trees.sends;
-            // Keys start with their creation time: the range ends just
-            // before the first key of `cutoff_ms`.
-            let Some(last) = cutoff_ms.checked_sub(1) else {
-                return Ok(Vec::new());
-            };
-            let mut end = last.to_be_bytes().to_vec();
-            end.extend_from_slice(&[0xff; 8 + 1 + 255]);
-            layout
-                .storage
-                .range_raw(tree.handle, b"", &end, limit)?
-                .into_iter()
-                .map(|(k, _)| {
-                    layout::split_send_key(&k)
-                        .ok_or_else(|| StoreError::Corrupt(format!("send key {}", hex::encode(&k))))
-                })
-                .collect()
-        })
-        .await
+        let receipts = self.receipts.clone();
+        self.run(move |_| receipts.before(cutoff_ms, limit)).await
+    }
+
+    async fn forget_sends(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let (reply, handle) = committing();
+        self.commit.submit(Job::ForgetSends { cutoff_ms, reply });
+        handle.wait().await
     }
 
     async fn queue_depth(&self, client: &ClientId) -> Result<u64, StoreError> {

@@ -8,17 +8,12 @@
 //! each queue is acknowledged; the client records say who deleted itself.
 //! A queue must be gap-free after its mark; a batch that no queue entry
 //! references any more (a crash between an acknowledgement's mark and the
-//! removal it allowed) is an orphan, deleted at startup. A message sent
-//! with a send id whose receipt a crash lost (receipts are written right
-//! after their batch) gets it back from its envelope.
+//! removal it allowed), or one kept for the send receipts it holds
+//! (`receipts.rs`), is an orphan: the caller deletes it or leaves it to
+//! the next freeze of the receipts.
 //!
 //! Startup decodes only each envelope's fan-out, in place; `check` decodes
-//! every envelope whole. Lost receipts are looked for only in the last
-//! [`RECEIPT_TAIL`] batches: sled recovers a prefix of its log, and a
-//! batch's receipts are written right after it and before any later batch,
-//! so a crash can have lost only receipts of the last batches written.
-//! (Older messages' receipts may be gone for a reason: the deduplication
-//! window prunes them.)
+//! every envelope whole.
 
 use std::collections::HashMap;
 
@@ -30,12 +25,7 @@ use super::checkpoint;
 use super::layout::{self, Layout, ACK_PREFIX};
 use super::queue_index::{BatchMeta, ClientQueue, IndexState};
 use crate::backend::error::StoreError;
-use crate::backend::records::{ClientRecord, SendKey, SendReceipt};
-use mls_ds_protocol::groups::SendId;
-
-/// The newest batches whose messages' receipts are checked at startup: one
-/// would do (see the module documentation); more cost nothing.
-const RECEIPT_TAIL: u64 = 256;
+use crate::backend::records::ClientRecord;
 
 /// How much of each envelope the scan decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +53,6 @@ pub(crate) struct Loaded {
     pub(crate) orphans: Vec<u64>,
     /// Envelopes read.
     pub(crate) envelopes: usize,
-    /// Receipts of stored messages sent with a send id that a crash lost
-    /// (a receipt is written right after its envelope), to restore.
-    pub(crate) lost_receipts: Vec<StartupReceipt>,
 }
 
 /// Call `f` with every stored batch numbered `first` or more, in number
@@ -116,12 +103,6 @@ pub(crate) fn queues_at_start(
         }
     }
     Ok(clients)
-}
-
-/// A send's receipt as its envelope tells it.
-pub(crate) struct StartupReceipt {
-    pub(crate) key: SendKey,
-    pub(crate) receipt: SendReceipt,
 }
 
 /// What [`replay`] found in the batches it read.
@@ -210,19 +191,11 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
     // Built at once: a map built from sorted entries fills its nodes,
     // where one insert after another leaves them half full.
     state.batches = replayed.batches.into_iter().collect();
-    finish(
-        layout,
-        state,
-        Source::Batches,
-        replayed.orphans,
-        replayed.envelopes,
-    )
+    finish(state, Source::Batches, replayed.orphans, replayed.envelopes)
 }
 
-/// Every entry of a loaded index is durable; the receipts a crash lost
-/// are looked for.
+/// Every entry of a loaded index is durable.
 fn finish(
-    layout: &Layout,
     mut state: IndexState,
     source: Source,
     orphans: Vec<u64>,
@@ -231,13 +204,11 @@ fn finish(
     for cq in state.clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
     }
-    let lost_receipts = lost_receipts(layout, state.next_batch.saturating_sub(RECEIPT_TAIL))?;
     Ok(Loaded {
         state,
         source,
         orphans,
         envelopes,
-        lost_receipts,
     })
 }
 
@@ -281,14 +252,7 @@ fn from_checkpoint(
             orphans.push(batch);
         }
     }
-    finish(
-        layout,
-        state,
-        Source::Checkpoint,
-        orphans,
-        replayed.envelopes,
-    )
-    .map(Ok)
+    finish(state, Source::Checkpoint, orphans, replayed.envelopes).map(Ok)
 }
 
 /// The index for a start: the checkpoint brought up to date if there is a
@@ -309,45 +273,6 @@ pub(crate) fn start(layout: &Layout) -> Result<Loaded, StoreError> {
     );
     checkpoint::discard(layout)?;
     load(layout, Decode::Fanout)
-}
-
-/// The receipts missing for messages of batches numbered `first` or more
-/// that were sent with a send id.
-fn lost_receipts(layout: &Layout, first: u64) -> Result<Vec<StartupReceipt>, StoreError> {
-    let tree = layout.trees.delivery;
-    let mut lost = Vec::new();
-    for_each_batch(layout, first, |number, value| {
-        for record in batch::records(value) {
-            let (slot, bytes) = record.map_err(|e| batch::corrupt(number, &e))?;
-            let envelope = batch::decode_envelope(tree, number, bytes)?;
-            let Some(send) = envelope.message.send else {
-                continue;
-            };
-            let id = layout::message_id(number, slot);
-            let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
-                StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
-            })?;
-            let key = SendKey {
-                sender,
-                id: SendId {
-                    created_ms: send.created_ms,
-                    nonce: send.nonce,
-                },
-            };
-            if !layout.contains(layout.trees.sends, &layout::send_key(&key))? {
-                lost.push(StartupReceipt {
-                    key,
-                    receipt: SendReceipt {
-                        message_id: id,
-                        recipients: u32::try_from(envelope.fanout.entries.len())
-                            .unwrap_or(u32::MAX),
-                    },
-                });
-            }
-        }
-        Ok(())
-    })?;
-    Ok(lost)
 }
 
 /// What is wrong with the index a start would take from the checkpoint,

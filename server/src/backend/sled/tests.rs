@@ -713,60 +713,90 @@ async fn a_message_submitted_with_its_group_deletion_is_refused() {
     b.submit(send()).wait().await.unwrap();
 }
 
-/// A crash between a send's envelope and its receipt (two writes) leaves
-/// the envelope alone: startup restores the receipt from it, so a retry
-/// still gets the first answer.
+/// A send's receipt lives in its batch's envelope until it is frozen into
+/// a run: the batch stays on disk after every entry of it is acknowledged,
+/// a start (after a crash: no checkpoint) reads the receipts back from it,
+/// and the freeze removes it; a retry gets the first answer throughout.
 #[tokio::test]
-async fn a_receipt_lost_in_a_crash_is_restored_from_its_envelope() {
+async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restarts() {
     use crate::backend::records::{SendKey, StoredSendId};
     use mls_ds_protocol::groups::SendId;
     let dir = tempfile::tempdir().unwrap();
     let (a, c) = (id("a"), id("c"));
-    let key = SendKey {
+    let key = |n: u64| SendKey {
         sender: a.clone(),
         id: SendId {
             created_ms: 7,
-            nonce: 9,
+            nonce: n,
         },
     };
-    let message_id = {
-        let b = open(dir.path());
+    let set = |n: u64| {
         let mut d = delivery(1, &[&c]);
         d.message.sender = a.as_bytes().to_vec();
         d.message.send = Some(StoredSendId {
             created_ms: 7,
-            nonce: 9,
+            nonce: n,
         });
-        d.receipt = Some(key.clone());
-        let set = WriteSet {
-            conditions: vec![Condition::SendNew(key.clone())],
+        d.receipt = Some(key(n));
+        WriteSet {
+            conditions: vec![Condition::SendNew(key(n))],
             deliveries: vec![d],
             ..WriteSet::default()
-        };
-        let applied = b.submit(set).wait().await.unwrap();
-        let receipt = b.send_receipt(&key).await.unwrap().expect("stored");
-        assert_eq!(receipt.message_id, applied.deliveries[0].message_id);
-        // The crash: the receipt's write did not make it.
+        }
+    };
+    let duplicate = |b: &SledBackend, n: u64| {
+        let b_submit = b.submit(set(n));
+        async move {
+            matches!(
+                b_submit.wait().await,
+                Err(StoreError::ConditionFailed(Condition::SendNew(_)))
+            )
+        }
+    };
+    let batches = |b: &SledBackend| {
         b.layout
             .storage
-            .remove_raw(b.layout.trees.sends.handle, &layout::send_key(&key))
-            .unwrap();
+            .scan_raw(b.layout.trees.delivery.handle, b"b")
+            .unwrap()
+            .len()
+    };
+    let mut ids = Vec::new();
+    {
+        let b = open(dir.path());
+        for n in 0..20 {
+            ids.push(b.submit(set(n)).wait().await.unwrap().deliveries[0].message_id);
+        }
+        b.ack(&c, 20).wait().await.unwrap();
+        assert_eq!(stored(&b), 0, "every entry acknowledged");
+        assert_eq!(batches(&b), 20, "kept for their receipts");
+        assert!(duplicate(&b, 3).await);
         b.flush().unwrap();
-        assert!(b.send_receipt(&key).await.unwrap().is_none());
-        applied.deliveries[0].message_id
-    };
+    }
+    // A start without a checkpoint reads the receipts from the batches.
     let b = open(dir.path());
-    let receipt = b.send_receipt(&key).await.unwrap().expect("restored");
-    assert_eq!(receipt.message_id, message_id);
-    assert_eq!(receipt.recipients, 1);
-    // And the send stays a duplicate.
-    let set = WriteSet {
-        conditions: vec![Condition::SendNew(key.clone())],
-        deliveries: vec![delivery(2, &[&c])],
-        ..WriteSet::default()
-    };
-    assert!(matches!(
-        b.submit(set).wait().await,
-        Err(StoreError::ConditionFailed(Condition::SendNew(_)))
-    ));
+    for (n, id) in ids.iter().enumerate() {
+        let receipt = b.send_receipt(&key(n as u64)).await.unwrap().expect("kept");
+        assert_eq!((receipt.message_id, receipt.recipients), (*id, 1));
+    }
+    assert!(duplicate(&b, 4).await);
+    // The next send, once a run is due, freezes them: the batches go.
+    b.receipts.freeze_at(1);
+    b.submit(set(20)).wait().await.unwrap();
+    b.settled().wait().await.unwrap();
+    assert_eq!(batches(&b), 1, "the live batch of send 20 is left");
+    assert_eq!(b.receipts.counts().frozen, 21);
+    b.flush().unwrap();
+    drop(b);
+    let b = open(dir.path());
+    for (n, id) in ids.iter().enumerate() {
+        let receipt = b
+            .send_receipt(&key(n as u64))
+            .await
+            .unwrap()
+            .expect("frozen");
+        assert_eq!(receipt.message_id, *id);
+    }
+    assert!(duplicate(&b, 5).await);
+    assert!(duplicate(&b, 20).await);
+    assert!(b.check().await.unwrap().text.contains("21 send receipts"));
 }

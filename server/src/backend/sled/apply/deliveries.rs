@@ -10,10 +10,11 @@ use mls_ds_storage::{PendingWrites, StorageError, Transaction};
 
 use super::{stage_release, Applier, StagedWrite};
 use crate::backend::error::StoreError;
-use crate::backend::records::{SendKey, SendReceipt};
+use crate::backend::records::SendReceipt;
 use crate::backend::sled::batch::BatchBuilder;
 use crate::backend::sled::layout::{self, FanoutRef, Layout};
 use crate::backend::sled::queue_index::{Assignment, IndexState, Released};
+use crate::backend::sled::receipts::{Receipts, SendAnswer};
 use crate::backend::write_set::{Applied, Delivery, DeliveryOutcome};
 
 /// What queueing a write set's deliveries produced.
@@ -21,25 +22,32 @@ use crate::backend::write_set::{Applied, Delivery, DeliveryOutcome};
 pub(super) struct Queued {
     applied: Applied,
     assignments: Vec<Assignment>,
-    /// Send ids of the deliveries.
-    receipts: Vec<SendKey>,
+    /// Receipts of the deliveries sent with a send id.
+    receipts: Vec<SendAnswer>,
+    /// The batch a write set's own deliveries are stored in.
+    batch: u64,
+}
+
+impl Queued {
+    /// Remember the receipts from now on (once their writes are prepared).
+    pub(super) fn stage_receipts(&self, receipts: &Receipts) {
+        receipts.stage(self.batch, &self.receipts);
+    }
 }
 
 /// The batch plain sends join until it is sealed, and what is written after
 /// it.
 pub(super) struct OpenBatch {
     builder: BatchBuilder,
-    /// Send receipts of its messages (key, value).
-    receipts: Vec<(Vec<u8>, Vec<u8>)>,
     /// Entries of full queues dropped to make room for its messages.
     dropped: Released,
 }
 
 impl Applier {
     /// The open batch as writes, in the order they must be applied: the
-    /// batch, its send receipts, the marks and removals of the drops it
-    /// caused (each a single key: marks sort before batches). Nothing if
-    /// no batch is open.
+    /// batch (which holds its messages' send ids, so their receipts), the
+    /// marks and removals of the drops it caused (each a single key: marks
+    /// sort before batches). Nothing if no batch is open.
     pub(crate) fn seal(&mut self) -> Result<Vec<PendingWrites>, StorageError> {
         let Some(open) = self.open.take() else {
             return Ok(Vec::new());
@@ -57,9 +65,6 @@ impl Applier {
             writes.push(tx.into_pending()?);
         }
         let after = self.layout.storage.begin();
-        for (key, value) in &open.receipts {
-            after.put_raw(self.layout.trees.sends.handle, key, value)?;
-        }
         let state = self.index.lock();
         for (client, mark) in &open.dropped.marks {
             // An acknowledgement prepared after the drop, whose mark went
@@ -74,7 +79,7 @@ impl Applier {
         for batch in &open.dropped.freed {
             // A batch freed by a drop may be this one, which messages
             // joined after the drop: it stays while referenced.
-            if !state.batches.contains_key(batch) {
+            if !state.batches.contains_key(batch) && !self.receipts.defer_removal(*batch) {
                 after.remove_raw(tree.handle, &layout::batch_key(*batch))?;
             }
         }
@@ -97,23 +102,17 @@ impl Applier {
         let mut state = self.index.lock();
         let open = self.open.get_or_insert_with(|| OpenBatch {
             builder: BatchBuilder::new(state.new_batch()),
-            receipts: Vec::new(),
             dropped: Released::default(),
         });
-        let mut receipts = Vec::new();
         let queued = queue_into(
             &self.layout,
             &mut state,
             &mut open.builder,
             deliveries,
             self.max_queue_depth,
-            |key, bytes| {
-                receipts.push((layout::send_key(key), bytes));
-                Ok(())
-            },
         )?;
         drop(state);
-        open.receipts.extend(receipts);
+        self.receipts.stage(open.builder.number(), &queued.receipts);
         for a in &queued.assignments {
             open.dropped.marks.extend(a.dropped.marks.iter().cloned());
             open.dropped.freed.extend(a.dropped.freed.iter().copied());
@@ -123,36 +122,30 @@ impl Applier {
 
     /// Assign sequence numbers to `deliveries` and stage them as a batch of
     /// their own in `tx` (and the oldest entries of full queues dropped to
-    /// make room), and their send receipts through `receipts_tx`.
+    /// make room). Their send receipts are not staged yet: [`Queued::stage`]
+    /// does, once the writes are prepared.
     pub(super) fn deliver(
         &self,
         state: &mut IndexState,
         tx: &Transaction,
-        receipts_tx: &Transaction,
         deliveries: Vec<Delivery>,
     ) -> Result<Queued, StoreError> {
         if deliveries.is_empty() {
             return Ok(Queued::default());
         }
         let mut builder = BatchBuilder::new(state.new_batch());
-        let queued = queue_into(
+        let number = builder.number();
+        let mut queued = queue_into(
             &self.layout,
             state,
             &mut builder,
             deliveries,
             self.max_queue_depth,
-            |key, bytes| {
-                Ok(receipts_tx.put_raw(
-                    self.layout.trees.sends.handle,
-                    &layout::send_key(key),
-                    &bytes,
-                )?)
-            },
         )?;
         let staged = queued
             .assignments
             .iter()
-            .try_for_each(|a| stage_release(&self.layout, tx, &a.dropped))
+            .try_for_each(|a| stage_release(&self.layout, &self.receipts, tx, &a.dropped))
             .and_then(|()| {
                 if builder.is_empty() {
                     return Ok(());
@@ -168,18 +161,13 @@ impl Applier {
             state.unassign(&queued.assignments);
             return Err(e);
         }
+        queued.batch = number;
         Ok(queued)
     }
 
     /// What a write set's deliveries produced: its answer, the entries to
-    /// publish, the receipts to check `SendNew` against.
+    /// publish.
     pub(super) fn delivered(&self, writes: Vec<PendingWrites>, queued: Queued) -> StagedWrite {
-        if !queued.receipts.is_empty() {
-            self.staged_receipts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(queued.receipts);
-        }
         let mut publish = Vec::new();
         for a in queued.assignments {
             publish.extend(a.entries);
@@ -193,15 +181,14 @@ impl Applier {
 }
 
 /// Assign sequence numbers to `deliveries`, store each in `builder` and
-/// hand its send receipt (key, encoded) to `receipt`. Undone in the index,
-/// and in `builder`, if one cannot be stored, so that no queue keeps a gap.
+/// note its send's answer. Undone in the index, and in `builder`, if one
+/// cannot be stored, so that no queue keeps a gap.
 fn queue_into(
     layout: &Layout,
     state: &mut IndexState,
     builder: &mut BatchBuilder,
     deliveries: Vec<Delivery>,
     max_queue_depth: u64,
-    mut receipt: impl FnMut(&SendKey, Vec<u8>) -> Result<(), StoreError>,
 ) -> Result<Queued, StoreError> {
     let mut queued = Queued::default();
     let start = builder.mark();
@@ -218,21 +205,7 @@ fn queue_into(
             stored_ms: d.message.stored_ms,
             entries: &a.entries,
         });
-        let stored = builder
-            .push(tree, fanout, &d.message)
-            .and_then(|()| match &d.receipt {
-                Some(key) => {
-                    let bytes = layout::encode(
-                        layout.trees.sends,
-                        &SendReceipt {
-                            message_id: a.message_id,
-                            recipients,
-                        },
-                    )?;
-                    receipt(key, bytes)
-                }
-                None => Ok(()),
-            });
+        let stored = builder.push(tree, fanout, &d.message);
         queued.applied.deliveries.push(DeliveryOutcome {
             message_id: a.message_id,
             recipients,
@@ -247,7 +220,13 @@ fn queue_into(
         if had_entries {
             state.cache(message_id, Arc::new(d.message), recipients as usize);
         }
-        queued.receipts.extend(d.receipt);
+        queued.receipts.extend(d.receipt.map(|key| SendAnswer {
+            key,
+            receipt: SendReceipt {
+                message_id,
+                recipients,
+            },
+        }));
     }
     Ok(queued)
 }

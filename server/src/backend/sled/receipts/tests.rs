@@ -1,0 +1,125 @@
+//! Receipts through freezes, merges, reopening, forgetting and `check`
+//! (the fresh receipts' life in their batches: the sled backend's tests).
+
+use std::collections::HashMap;
+
+use mls_ds_protocol::groups::SendId;
+use mls_ds_protocol::ClientId;
+
+use super::{Receipts, SendAnswer};
+use crate::backend::records::{SendKey, SendReceipt};
+use crate::backend::sled::layout::{Layout, StoreTuning};
+use crate::backend::sled::queue_index::IndexState;
+
+fn key(sender: &str, created_ms: u64, nonce: u64) -> SendKey {
+    SendKey {
+        sender: ClientId::new(sender.as_bytes()).unwrap(),
+        id: SendId { created_ms, nonce },
+    }
+}
+
+fn answer(n: u64) -> SendAnswer {
+    SendAnswer {
+        key: key(&format!("client-{}", n % 7), 1_000 + n, n),
+        receipt: SendReceipt {
+            message_id: n << 16,
+            recipients: (n % 5) as u32,
+        },
+    }
+}
+
+/// An index whose next batch is `next`.
+fn index(next: u64) -> IndexState {
+    IndexState::new(HashMap::new(), next)
+}
+
+/// What the writer does for a batch: stage its receipts, then freeze if due
+/// between two cycles.
+fn record(receipts: &Receipts, batch: u64, sends: &[SendAnswer]) {
+    receipts.stage(batch, sends);
+    receipts.freeze_if_due(&index(batch + 1)).unwrap();
+}
+
+fn expect(receipts: &Receipts, found: std::ops::Range<u64>, absent: std::ops::Range<u64>) {
+    for n in found {
+        let a = answer(n);
+        assert_eq!(receipts.get(&a.key).unwrap(), Some(a.receipt), "send {n}");
+    }
+    for n in absent {
+        assert_eq!(receipts.get(&answer(n).key).unwrap(), None, "send {n}");
+    }
+}
+
+#[test]
+fn frozen_receipts_are_found_through_merges_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
+    let receipts = Receipts::open(&layout).unwrap();
+    receipts.freeze_at(300);
+    // 5,000 sends in batches of 10: 16 freezes, merged as they go.
+    for batch in 0..500u64 {
+        let sends: Vec<SendAnswer> = (batch * 10..batch * 10 + 10).map(answer).collect();
+        record(&receipts, batch, &sends);
+    }
+    let counts = receipts.counts();
+    assert_eq!(counts.total(), 5_000);
+    assert_eq!(counts.fresh, 200);
+    assert!(counts.runs <= 5, "{} runs", counts.runs);
+    expect(&receipts, 0..5_000, 5_000..7_000);
+    assert!(receipts.problems().unwrap().is_empty());
+    drop(receipts);
+    // Reopened: the runs are read back; the fresh receipts would be read
+    // from their batches, which this test did not write.
+    let reopened = Receipts::open(&layout).unwrap();
+    assert_eq!(reopened.counts().total(), 4_800);
+    assert_eq!(reopened.counts().runs, counts.runs);
+    expect(&reopened, 0..4_800, 4_800..7_000);
+    assert_eq!(
+        reopened.before(u64::MAX, usize::MAX).unwrap().len(),
+        4_800,
+        "every send listed once (mls-ds migrate)"
+    );
+}
+
+#[test]
+fn old_sends_are_forgotten_in_runs_and_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
+    let receipts = Receipts::open(&layout).unwrap();
+    // Sends 0..1,000 made at 1,000..2,000 ms, frozen into a run; then
+    // 1,000 more, fresh.
+    let old: Vec<SendAnswer> = (0..1_000).map(answer).collect();
+    receipts.stage(0, &old);
+    assert_eq!(receipts.forget(0, &index(1)).unwrap(), 0);
+    assert_eq!(receipts.counts().fresh, 1_000, "nothing to forget, no run");
+    receipts.freeze_now(&index(1)).unwrap();
+    assert_eq!(receipts.counts().runs, 1);
+    let newer: Vec<SendAnswer> = (1_000..2_000).map(answer).collect();
+    receipts.stage(1, &newer);
+    // Everything made before 2,500 ms: the whole run and half the fresh.
+    assert_eq!(receipts.forget(2_500, &index(2)).unwrap(), 1_500);
+    expect(&receipts, 1_500..2_000, 0..1_500);
+    let reopened = Receipts::open(&layout).unwrap();
+    assert_eq!(reopened.counts().total(), 500);
+    assert!(reopened.problems().unwrap().is_empty());
+}
+
+#[test]
+fn check_finds_a_missing_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
+    let receipts = Receipts::open(&layout).unwrap();
+    let sends: Vec<SendAnswer> = (0..500).map(answer).collect();
+    receipts.stage(0, &sends);
+    receipts.freeze_now(&index(1)).unwrap();
+    assert_eq!(receipts.counts().runs, 1);
+    let tree = layout.trees.sends.handle;
+    let chunks = layout.storage.scan_raw(tree, b"c").unwrap();
+    assert!(chunks.len() >= 2, "500 receipts take several chunks");
+    layout.storage.remove_raw(tree, &chunks[1].0).unwrap();
+    let problems = Receipts::open(&layout).unwrap().problems().unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("missing")),
+        "{problems:?}"
+    );
+}
