@@ -437,7 +437,7 @@ fn stage_release(
         tx.put_raw(delivery, &layout::ack_key(client), &mark.to_be_bytes())?;
     }
     for batch in &released.freed {
-        if !receipts.defer_removal(*batch) {
+        if !receipts.keeps(*batch) {
             tx.remove_raw(delivery, &layout::batch_key(*batch))?;
         }
     }

@@ -121,7 +121,7 @@ impl SledBackend {
             .orphans
             .iter()
             .copied()
-            .filter(|b| !receipts.defer_removal(*b))
+            .filter(|b| !receipts.keeps(*b))
             .collect();
         if !orphans.is_empty() {
             let tx = layout.storage.begin();

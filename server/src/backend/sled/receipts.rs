@@ -82,11 +82,9 @@ struct Inner {
     freeze_at: usize,
     /// Receipts not in a run yet, by send key.
     fresh: HashMap<Box<[u8]>, SendReceipt>,
-    /// Batches whose envelopes hold them.
+    /// Batches whose envelopes hold them: the next freeze removes those no
+    /// queue entry references any more.
     holding: BTreeSet<u64>,
-    /// Those of them no queue entry references any more: removed by the
-    /// next freeze.
-    deferred: BTreeSet<u64>,
     /// First batch whose receipts are not in a run.
     watermark: u64,
     /// Oldest first.
@@ -127,7 +125,6 @@ impl Receipts {
                 freeze_at: FREEZE_AT,
                 fresh: HashMap::new(),
                 holding: BTreeSet::new(),
-                deferred: BTreeSet::new(),
                 watermark,
                 runs,
                 next_run,
@@ -231,13 +228,8 @@ impl Receipts {
 
     /// Whether a batch no queue entry references any more must stay on
     /// disk for the fresh receipts it holds (the next freeze removes it).
-    pub(crate) fn defer_removal(&self, batch: u64) -> bool {
-        let mut inner = self.lock();
-        let holds = inner.holding.contains(&batch);
-        if holds {
-            inner.deferred.insert(batch);
-        }
-        holds
+    pub(crate) fn keeps(&self, batch: u64) -> bool {
+        self.lock().holding.contains(&batch)
     }
 
     /// Between two cycles (no batch open, every batch applied): freeze the
@@ -320,9 +312,11 @@ impl Receipts {
         let run = self.write_run(&tx, inner.next_run, &entries)?;
         let next = index.next_batch;
         tx.put_raw(tree.handle, WATERMARK, &next.to_be_bytes())?;
-        // A batch whose entries came back (an assignment undone) stays.
+        // Those the queues still reference stay; the others were kept for
+        // their receipts only (some never had a queue entry: a send to
+        // nobody else keeps its answer in its envelope all the same).
         let delivery = self.layout.trees.delivery.handle;
-        for batch in &inner.deferred {
+        for batch in &inner.holding {
             if !index.batches.contains_key(batch) {
                 tx.remove_raw(delivery, &layout::batch_key(*batch))?;
             }
@@ -330,7 +324,6 @@ impl Receipts {
         tx.commit()?;
         inner.watermark = next;
         inner.holding.clear();
-        inner.deferred.clear();
         inner.fresh.clear();
         let keep = inner.freeze_at;
         inner.fresh.shrink_to(keep);

@@ -730,8 +730,10 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
             nonce: n,
         },
     };
+    // Send 100 goes to nobody else: its envelope is kept all the same.
     let set = |n: u64| {
-        let mut d = delivery(1, &[&c]);
+        let one = [&c];
+        let mut d = delivery(1, if n == 100 { &[] } else { &one });
         d.message.sender = a.as_bytes().to_vec();
         d.message.send = Some(StoredSendId {
             created_ms: 7,
@@ -761,30 +763,39 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
             .len()
     };
     let mut ids = Vec::new();
-    {
+    let to_nobody = {
         let b = open(dir.path());
         for n in 0..20 {
             ids.push(b.submit(set(n)).wait().await.unwrap().deliveries[0].message_id);
         }
+        let to_nobody = b.submit(set(100)).wait().await.unwrap().deliveries[0];
+        assert_eq!(to_nobody.recipients, 0);
         b.ack(&c, 20).wait().await.unwrap();
         assert_eq!(stored(&b), 0, "every entry acknowledged");
-        assert_eq!(batches(&b), 20, "kept for their receipts");
+        assert_eq!(batches(&b), 21, "kept for their receipts");
         assert!(duplicate(&b, 3).await);
         b.flush().unwrap();
-    }
+        to_nobody
+    };
     // A start without a checkpoint reads the receipts from the batches.
     let b = open(dir.path());
     for (n, id) in ids.iter().enumerate() {
         let receipt = b.send_receipt(&key(n as u64)).await.unwrap().expect("kept");
         assert_eq!((receipt.message_id, receipt.recipients), (*id, 1));
     }
+    let receipt = b.send_receipt(&key(100)).await.unwrap().expect("kept");
+    assert_eq!(
+        (receipt.message_id, receipt.recipients),
+        (to_nobody.message_id, 0)
+    );
     assert!(duplicate(&b, 4).await);
+    assert!(duplicate(&b, 100).await);
     // The next send, once a run is due, freezes them: the batches go.
     b.receipts.freeze_at(1);
     b.submit(set(20)).wait().await.unwrap();
     b.settled().wait().await.unwrap();
     assert_eq!(batches(&b), 1, "the live batch of send 20 is left");
-    assert_eq!(b.receipts.counts().frozen, 21);
+    assert_eq!(b.receipts.counts().frozen, 22);
     b.flush().unwrap();
     drop(b);
     let b = open(dir.path());
@@ -798,5 +809,6 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
     }
     assert!(duplicate(&b, 5).await);
     assert!(duplicate(&b, 20).await);
-    assert!(b.check().await.unwrap().text.contains("21 send receipts"));
+    assert!(duplicate(&b, 100).await);
+    assert!(b.check().await.unwrap().text.contains("22 send receipts"));
 }

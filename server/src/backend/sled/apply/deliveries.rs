@@ -79,7 +79,7 @@ impl Applier {
         for batch in &open.dropped.freed {
             // A batch freed by a drop may be this one, which messages
             // joined after the drop: it stays while referenced.
-            if !state.batches.contains_key(batch) && !self.receipts.defer_removal(*batch) {
+            if !state.batches.contains_key(batch) && !self.receipts.keeps(*batch) {
                 after.remove_raw(tree.handle, &layout::batch_key(*batch))?;
             }
         }
@@ -201,7 +201,9 @@ fn queue_into(
             max_queue_depth,
         );
         let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
-        let fanout = (!a.entries.is_empty()).then_some(FanoutRef {
+        // A message for nobody is not stored, unless it answers a send id:
+        // its envelope is that send's receipt.
+        let fanout = (!a.entries.is_empty() || d.receipt.is_some()).then_some(FanoutRef {
             stored_ms: d.message.stored_ms,
             entries: &a.entries,
         });
