@@ -7,10 +7,10 @@
 //!
 //! A plain send (a write set that changes nothing but queues) joins the
 //! open batch, which [`Applier::seal`] turns into one key, followed by the
-//! pending record of its send receipts (`receipts.rs`) and the drops of
-//! full queues it caused; a write set that
-//! changes more stores its messages as a batch of its own inside its atomic
-//! write, after the open batch was sealed. Because this runs on the one
+//! drops of full queues it caused (its envelopes carry the send ids: they
+//! are the sends' receipts, `receipts.rs`); a write set that changes more
+//! stores its messages as a batch of its own inside its atomic write,
+//! after the open batch was sealed. Because this runs on the one
 //! writer thread, in submission order, and writes are applied in the order
 //! they are prepared, sequence numbers follow the order in which writes
 //! reach sled's log, and a crash keeps a gap-free prefix of every queue.
@@ -160,7 +160,7 @@ impl Applier {
                 reply.send(super::admin::backup(&self.layout, &target));
                 None
             }
-            // The writer runs these itself.
+            // The writer runs it itself, once everything before is applied.
             Job::ForgetSends { reply, .. } => {
                 reply.send(Err(StoreError::Unavailable(
                     "forgetting sends runs on the writer thread only".into(),

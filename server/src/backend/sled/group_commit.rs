@@ -185,7 +185,7 @@ impl Writer {
             }
             // Between two cycles no batch is open and every one is applied.
             if self.refusal(&Ok(())).is_none() {
-                if let Err(e) = self.applier.receipts.freeze_if_due(&self.index.lock()) {
+                if let Err(e) = self.applier.receipts.between_cycles(&self.index.lock()) {
                     self.storage_failed(&e, "freezing send receipts into a run failed");
                 }
             }

@@ -6,7 +6,7 @@
 //! - [`apply`]: jobs turned into sled writes on the writer thread;
 //! - [`queue_index`]: the in-memory queue index;
 //! - [`queue_startup`]: rebuilding it at startup, and `check`;
-//! - [`receipts`]: send receipts, per batch and in sorted runs;
+//! - [`receipts`]: send receipts, in their batches' envelopes, then in sorted runs;
 //! - [`checkpoint`]: the index saved every so many jobs and at a stop, for
 //!   a start that need not read every batch;
 //! - [`queues`]: reading pages;

@@ -8,19 +8,20 @@
 //!   watermark (`'w'`: u64 BE) on, kept in memory, exact; on disk they are
 //!   the batches' envelopes (message id from batch and slot, recipients
 //!   from the fan-out). So a batch holding any stays on disk, after every
-//!   entry of it is acknowledged, until the next freeze removes it; a
-//!   start reads them back from the batches ([`Receipts::open`]).
+//!   entry of it is acknowledged, until they are frozen; a start reads
+//!   them back from the batches ([`Receipts::open`]).
 //! - **Frozen runs** (`run.rs`): between two cycles, once there are
 //!   [`FREEZE_AT`] fresh receipts (or the watermark lags [`MAX_LAG`]
 //!   batches, and before every checkpoint of the queue index), the writer
-//!   thread writes them as a run sorted by hash, moves the watermark to
-//!   the next batch and removes the batches kept for them, in one atomic
-//!   write. It then merges the two newest runs while the older holds at
+//!   thread writes them as a run sorted by hash and moves the watermark to
+//!   the next batch, in one atomic write; then it removes the batches kept
+//!   for them, [`REMOVALS_PER_CYCLE`] between two cycles (all before a
+//!   checkpoint), and merges the two newest runs while the older holds at
 //!   most twice the newer's entries (and both at most [`MAX_RUN`]). Memory
-//!   per receipt in a run: its Bloom filter's 10 bits and the fences'
-//!   share, about 1.3 bytes.
+//!   per receipt in a run: its Bloom filter's 8 bits and the fences'
+//!   share, about 1.1 bytes.
 //! - **A lookup** reads memory, then each run's filter (newest first); a
-//!   run whose filter says yes (about 1 in 100 when the receipt is not
+//!   run whose filter says yes (about 3 in 100 when the receipt is not
 //!   there) reads one chunk of about 6 KiB.
 //! - **Forgetting** (`forget`, hourly): runs whose newest send id is past
 //!   the window are removed whole; fresh receipts past it are dropped by
@@ -38,7 +39,7 @@ use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::Transaction;
 
-use self::run::{hash_of, Entry, Run, HEADER};
+use self::run::{hash_of, Built, RawEntry, Run, RunBuilder, HEADER};
 use super::batch;
 use super::layout::{self, Layout};
 use super::queue_index::IndexState;
@@ -50,6 +51,9 @@ const FREEZE_AT: usize = 65_536;
 /// Batches the watermark may lag behind the next batch: a start decodes
 /// every envelope of the batches from the watermark on.
 const MAX_LAG: u64 = 16_384;
+/// Batches kept for frozen receipts removed between two cycles: spread,
+/// so that a freeze does not hold the writer for their removal too.
+const REMOVALS_PER_CYCLE: usize = 64;
 /// Entries of a run no merge goes beyond: a merge runs on the writer
 /// thread, and one of this size takes about 0.1-0.2 s.
 const MAX_RUN: u64 = 1 << 18;
@@ -82,9 +86,12 @@ struct Inner {
     freeze_at: usize,
     /// Receipts not in a run yet, by send key.
     fresh: HashMap<Box<[u8]>, SendReceipt>,
-    /// Batches whose envelopes hold them: the next freeze removes those no
-    /// queue entry references any more.
+    /// Batches whose envelopes hold them: those no queue entry references
+    /// any more stay until the next freeze.
     holding: BTreeSet<u64>,
+    /// Batches kept for receipts since frozen: removed a few per cycle,
+    /// and all before a checkpoint.
+    released: Vec<u64>,
     /// First batch whose receipts are not in a run.
     watermark: u64,
     /// Oldest first.
@@ -125,6 +132,7 @@ impl Receipts {
                 freeze_at: FREEZE_AT,
                 fresh: HashMap::new(),
                 holding: BTreeSet::new(),
+                released: Vec::new(),
                 watermark,
                 runs,
                 next_run,
@@ -234,24 +242,44 @@ impl Receipts {
 
     /// Between two cycles (no batch open, every batch applied): freeze the
     /// fresh receipts into a run once there are enough, or once the
-    /// watermark lags too far, and merge.
-    pub(crate) fn freeze_if_due(&self, index: &IndexState) -> Result<(), StoreError> {
+    /// watermark lags too far, and merge; remove a few batches kept for
+    /// receipts frozen before.
+    pub(crate) fn between_cycles(&self, index: &IndexState) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let lag = index.next_batch.saturating_sub(inner.watermark);
-        if inner.fresh.len() < inner.freeze_at && lag < MAX_LAG {
-            return Ok(());
+        if inner.fresh.len() >= inner.freeze_at || lag >= MAX_LAG {
+            self.freeze_and_merge(&mut inner, index)?;
         }
-        self.freeze_and_merge(&mut inner, index)
+        self.remove_released(&mut inner, REMOVALS_PER_CYCLE)
     }
 
-    /// Freeze now (before a checkpoint of the queue index, so that a start
-    /// from it reads no batch before it for receipts).
+    /// Freeze now and remove every batch kept for receipts, before a
+    /// checkpoint of the queue index: a start from it reads no batch
+    /// before it for receipts, and finds none left over there.
     pub(crate) fn freeze_now(&self, index: &IndexState) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if inner.fresh.is_empty() && inner.watermark == index.next_batch {
+        if !inner.fresh.is_empty() || inner.watermark != index.next_batch {
+            self.freeze_and_merge(&mut inner, index)?;
+        }
+        self.remove_released(&mut inner, usize::MAX)
+    }
+
+    /// Remove up to `max` batches kept for receipts since frozen (in one
+    /// write: one left behind by a crash is an orphan the next start
+    /// deletes).
+    fn remove_released(&self, inner: &mut Inner, max: usize) -> Result<(), StoreError> {
+        if inner.released.is_empty() {
             return Ok(());
         }
-        self.freeze_and_merge(&mut inner, index)
+        let from = inner.released.len().saturating_sub(max);
+        let tx = self.layout.storage.begin();
+        let delivery = self.layout.trees.delivery.handle;
+        for batch in &inner.released[from..] {
+            tx.remove_raw(delivery, &layout::batch_key(*batch))?;
+        }
+        tx.commit()?;
+        inner.released.truncate(from);
+        Ok(())
     }
 
     fn freeze_and_merge(&self, inner: &mut Inner, index: &IndexState) -> Result<(), StoreError> {
@@ -295,35 +323,41 @@ impl Receipts {
         Ok(forgotten)
     }
 
-    /// Write the fresh receipts (but those to forget) as a run, move the
-    /// watermark to the next batch and remove the batches kept for them,
-    /// in one write; how many went into the run.
+    /// Write the fresh receipts (but those to forget) as a run and move the
+    /// watermark to the next batch, in one write; the batches kept for them
+    /// are released. How many went into the run.
     fn freeze(&self, inner: &mut Inner, index: &IndexState) -> Result<usize, StoreError> {
         let cutoff = inner.forget_before_ms;
-        let mut entries: Vec<Entry> = inner
-            .fresh
-            .iter()
-            .filter(|(k, _)| run::created_ms(k) >= cutoff)
-            .map(|(k, r)| Entry::new(k.clone(), *r))
-            .collect();
-        entries.sort_unstable_by(|a, b| (a.hash, &a.key).cmp(&(b.hash, &b.key)));
         let tree = self.layout.trees.sends;
+        let (built, frozen) = {
+            let mut sorted: Vec<(u64, &[u8], SendReceipt)> = inner
+                .fresh
+                .iter()
+                .filter(|(k, _)| run::created_ms(k) >= cutoff)
+                .map(|(k, r)| (hash_of(k), &**k, *r))
+                .collect();
+            sorted.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            let mut builder = RunBuilder::new(inner.next_run, sorted.len(), tree);
+            for (hash, key, receipt) in &sorted {
+                builder.push(*hash, key, receipt);
+            }
+            (builder.finish()?, sorted.len())
+        };
         let tx = self.layout.storage.begin();
-        let run = self.write_run(&tx, inner.next_run, &entries)?;
+        let run = self.stage_run(&tx, built)?;
         let next = index.next_batch;
         tx.put_raw(tree.handle, WATERMARK, &next.to_be_bytes())?;
+        tx.commit()?;
+        inner.watermark = next;
         // Those the queues still reference stay; the others were kept for
         // their receipts only (some never had a queue entry: a send to
         // nobody else keeps its answer in its envelope all the same).
-        let delivery = self.layout.trees.delivery.handle;
-        for batch in &inner.holding {
-            if !index.batches.contains_key(batch) {
-                tx.remove_raw(delivery, &layout::batch_key(*batch))?;
-            }
-        }
-        tx.commit()?;
-        inner.watermark = next;
-        inner.holding.clear();
+        let holding = std::mem::take(&mut inner.holding);
+        inner.released.extend(
+            holding
+                .into_iter()
+                .filter(|b| !index.batches.contains_key(b)),
+        );
         inner.fresh.clear();
         let keep = inner.freeze_at;
         inner.fresh.shrink_to(keep);
@@ -331,21 +365,15 @@ impl Receipts {
             inner.runs.push(run);
             inner.next_run += 1;
         }
-        Ok(entries.len())
+        Ok(frozen)
     }
 
-    /// Stage run `id` of `sorted` in `tx` (none if there is nothing).
-    fn write_run(
-        &self,
-        tx: &Transaction,
-        id: u64,
-        sorted: &[Entry],
-    ) -> Result<Option<Run>, StoreError> {
-        if sorted.is_empty() {
+    /// Stage a built run's records in `tx`.
+    fn stage_run(&self, tx: &Transaction, built: Option<Built>) -> Result<Option<Run>, StoreError> {
+        let Some(built) = built else {
             return Ok(None);
-        }
+        };
         let tree = self.layout.trees.sends;
-        let built = Run::build(id, sorted, tree)?;
         for (k, v) in &built.writes {
             tx.put_raw(tree.handle, k, v)?;
         }
@@ -353,21 +381,29 @@ impl Receipts {
     }
 
     /// Merge the two newest runs while the older is at most twice the
-    /// newer (and the two within [`MAX_RUN`]).
+    /// newer (and the two within [`MAX_RUN`]), dropping the sends to
+    /// forget.
     fn merge_similar(&self, inner: &mut Inner) -> Result<(), StoreError> {
         while let [.., older, newer] = inner.runs.as_slice() {
             if older.entries > 2 * newer.entries || older.entries + newer.entries > MAX_RUN {
                 break;
             }
             let cutoff = inner.forget_before_ms;
-            let mut all = merge(older.read_all(&self.layout)?, newer.read_all(&self.layout)?);
-            all.retain(|e| e.created_ms() >= cutoff);
             let tree = self.layout.trees.sends;
+            let (a, b) = (older.chunks(&self.layout)?, newer.chunks(&self.layout)?);
+            let capacity = usize::try_from(older.entries + newer.entries).unwrap_or(usize::MAX);
+            let mut builder = RunBuilder::new(inner.next_run, capacity, tree);
+            merge(older.entries(&a), newer.entries(&b), |e| {
+                if e.created_ms() >= cutoff {
+                    builder.push_raw(e);
+                }
+            })?;
+            let built = builder.finish()?;
             let tx = self.layout.storage.begin();
             for k in older.keys().into_iter().chain(newer.keys()) {
                 tx.remove_raw(tree.handle, &k)?;
             }
-            let merged = self.write_run(&tx, inner.next_run, &all)?;
+            let merged = self.stage_run(&tx, built)?;
             tx.commit()?;
             inner.runs.truncate(inner.runs.len() - 2);
             if let Some(run) = merged {
@@ -389,12 +425,13 @@ impl Receipts {
             .cloned()
             .collect();
         for run in &inner.runs {
-            keys.extend(
-                run.read_all(&self.layout)?
-                    .into_iter()
-                    .filter(|e| e.created_ms() < cutoff_ms)
-                    .map(|e| e.key),
-            );
+            let chunks = run.chunks(&self.layout)?;
+            for e in run.entries(&chunks) {
+                let e = e?;
+                if e.created_ms() < cutoff_ms {
+                    keys.push(e.key.into());
+                }
+            }
         }
         keys.sort_unstable();
         keys.dedup();
@@ -429,14 +466,17 @@ impl Receipts {
     }
 }
 
-/// Two runs' entries, each sorted, as one sorted list (a send in both
-/// once).
-fn merge(a: Vec<Entry>, b: Vec<Entry>) -> Vec<Entry> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+/// Hand the entries of two runs, each in order, to `out` in order (a send
+/// in both once).
+fn merge<'a>(
+    a: impl Iterator<Item = Result<RawEntry<'a>, StoreError>>,
+    b: impl Iterator<Item = Result<RawEntry<'a>, StoreError>>,
+    mut out: impl FnMut(&RawEntry<'a>),
+) -> Result<(), StoreError> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
     loop {
         let next = match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) => match (x.hash, &x.key).cmp(&(y.hash, &y.key)) {
+            (Some(Ok(x)), Some(Ok(y))) => match x.order().cmp(&y.order()) {
                 std::cmp::Ordering::Less => a.next(),
                 std::cmp::Ordering::Greater => b.next(),
                 std::cmp::Ordering::Equal => {
@@ -444,12 +484,12 @@ fn merge(a: Vec<Entry>, b: Vec<Entry>) -> Vec<Entry> {
                     a.next()
                 }
             },
-            (Some(_), None) => a.next(),
-            (None, _) => b.next(),
+            (Some(Err(_)), _) | (Some(_), None) => a.next(),
+            (None, _) | (Some(Ok(_)), Some(Err(_))) => b.next(),
         };
         match next {
-            Some(e) => out.push(e),
-            None => return out,
+            Some(e) => out(&e?),
+            None => return Ok(()),
         }
     }
 }

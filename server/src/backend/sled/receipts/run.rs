@@ -1,8 +1,8 @@
 //! One frozen run of send receipts, and how receipts are encoded: its
 //! entries sorted by hash and stored in chunks of about 6 KiB, the first
 //! hash of each chunk (its fences, kept in memory with the header) and a
-//! blocked Bloom filter (10 bits per entry, one 64-byte block per lookup,
-//! about 1% false positives), stored in parts of 64 KiB.
+//! blocked Bloom filter (8 bits per entry, one 64-byte block per lookup,
+//! about 3% false positives), stored in parts of 64 KiB.
 //!
 //! | key in `app.ds.sends` | value |
 //! | --- | --- |
@@ -25,7 +25,7 @@ pub(super) const FORMAT: u8 = 1;
 /// A chunk is closed once it holds this many bytes: sled keeps a node's
 /// keys in one log message, which should stay under its 128 KiB blob limit.
 const CHUNK_BYTES: usize = 6 * 1024;
-const BLOOM_BITS_PER_ENTRY: u64 = 10;
+const BLOOM_BITS_PER_ENTRY: u64 = 8;
 const BLOCK_WORDS: usize = 8;
 const PROBES: usize = 6;
 const PART_BYTES: usize = 64 * 1024;
@@ -46,27 +46,27 @@ pub(super) struct RunHeader {
     fences: Vec<u64>,
 }
 
-/// A receipt with the hash it is sorted and filtered by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Entry {
+/// An entry of a chunk, borrowed from the chunk's bytes (a lookup or a
+/// merge allocates nothing per entry).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RawEntry<'a> {
     pub(super) hash: u64,
     /// The send key (`layout::send_key`).
-    pub(super) key: Box<[u8]>,
+    pub(super) key: &'a [u8],
     pub(super) receipt: SendReceipt,
+    /// Hash and entry as stored.
+    encoded: &'a [u8],
 }
 
-impl Entry {
-    pub(super) fn new(key: Box<[u8]>, receipt: SendReceipt) -> Entry {
-        Entry {
-            hash: hash_of(&key),
-            key,
-            receipt,
-        }
-    }
-
+impl RawEntry<'_> {
     /// When its send id was made (the key starts with it).
     pub(super) fn created_ms(&self) -> u64 {
-        created_ms(&self.key)
+        created_ms(self.key)
+    }
+
+    /// The order of a run: by hash, then key.
+    pub(super) fn order(&self) -> (u64, &[u8]) {
+        (self.hash, self.key)
     }
 }
 
@@ -94,7 +94,7 @@ pub(super) fn put_entry(out: &mut Vec<u8>, key: &[u8], receipt: &SendReceipt) {
 
 /// Read an entry at the start of `bytes`: the key, the receipt and what
 /// follows.
-pub(super) fn take_entry(bytes: &[u8]) -> Option<(&[u8], SendReceipt, &[u8])> {
+fn take_entry(bytes: &[u8]) -> Option<(&[u8], SendReceipt, &[u8])> {
     let (&len, rest) = bytes.split_first()?;
     let (key, rest) = rest.split_at_checked(usize::from(len))?;
     let (id, rest) = rest.split_first_chunk::<8>()?;
@@ -106,30 +106,58 @@ pub(super) fn take_entry(bytes: &[u8]) -> Option<(&[u8], SendReceipt, &[u8])> {
     Some((key, receipt, rest))
 }
 
-/// A chunk's entries, with their hashes.
-fn chunk_entries(number: (u64, u32), value: &[u8]) -> Result<Vec<Entry>, StoreError> {
-    let corrupt = || {
-        StoreError::Corrupt(format!(
-            "chunk {} of send receipt run {} does not decode",
-            number.1, number.0
-        ))
-    };
-    let mut rest = match value.split_first() {
-        Some((&FORMAT, rest)) => rest,
-        _ => return Err(corrupt()),
-    };
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        let (hash, after) = rest.split_first_chunk::<8>().ok_or_else(corrupt)?;
-        let (key, receipt, after) = take_entry(after).ok_or_else(corrupt)?;
-        out.push(Entry {
-            hash: u64::from_be_bytes(*hash),
-            key: key.into(),
-            receipt,
-        });
-        rest = after;
+/// The entries of a chunk's value, in order.
+pub(super) struct ChunkEntries<'a> {
+    rest: &'a [u8],
+    run: u64,
+    chunk: u32,
+}
+
+impl<'a> ChunkEntries<'a> {
+    fn new(run: u64, chunk: u32, value: &'a [u8]) -> ChunkEntries<'a> {
+        ChunkEntries {
+            // A wrong format byte leaves a rest that does not decode.
+            rest: match value.split_first() {
+                Some((&FORMAT, rest)) => rest,
+                _ => value,
+            },
+            run,
+            chunk,
+        }
     }
-    Ok(out)
+}
+
+impl<'a> Iterator for ChunkEntries<'a> {
+    type Item = Result<RawEntry<'a>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let whole = self.rest;
+        let entry = whole.split_first_chunk::<8>().and_then(|(hash, after)| {
+            let (key, receipt, after) = take_entry(after)?;
+            Some((u64::from_be_bytes(*hash), key, receipt, after))
+        });
+        match entry {
+            Some((hash, key, receipt, after)) => {
+                self.rest = after;
+                Some(Ok(RawEntry {
+                    hash,
+                    key,
+                    receipt,
+                    encoded: &whole[..whole.len() - after.len()],
+                }))
+            }
+            None => {
+                self.rest = &[];
+                Some(Err(StoreError::Corrupt(format!(
+                    "chunk {} of send receipt run {} does not decode",
+                    self.chunk, self.run
+                ))))
+            }
+        }
+    }
 }
 
 /// A blocked Bloom filter: every hash sets [`PROBES`] bits in one block of
@@ -177,6 +205,114 @@ impl Bloom {
     }
 }
 
+/// Builds a run from entries given in order (by hash, then key).
+pub(super) struct RunBuilder {
+    id: u64,
+    tree: Tree,
+    writes: Vec<(Vec<u8>, Vec<u8>)>,
+    fences: Vec<u64>,
+    bloom: Bloom,
+    chunk: Vec<u8>,
+    newest: u64,
+    entries: u64,
+}
+
+impl RunBuilder {
+    /// A builder for run `id` of at most `entries` entries (the filter's
+    /// size).
+    pub(super) fn new(id: u64, entries: usize, tree: Tree) -> RunBuilder {
+        RunBuilder {
+            id,
+            tree,
+            writes: Vec::new(),
+            fences: Vec::new(),
+            bloom: Bloom::for_entries(entries),
+            chunk: Vec::new(),
+            newest: 0,
+            entries: 0,
+        }
+    }
+
+    /// Add an entry.
+    pub(super) fn push(&mut self, hash: u64, key: &[u8], receipt: &SendReceipt) {
+        self.start(hash, created_ms(key));
+        self.chunk.extend_from_slice(&hash.to_be_bytes());
+        put_entry(&mut self.chunk, key, receipt);
+        self.end();
+    }
+
+    /// Add an entry of another run as it is stored.
+    pub(super) fn push_raw(&mut self, e: &RawEntry<'_>) {
+        self.start(e.hash, e.created_ms());
+        self.chunk.extend_from_slice(e.encoded);
+        self.end();
+    }
+
+    fn start(&mut self, hash: u64, created_ms: u64) {
+        if self.chunk.is_empty() {
+            self.chunk.push(FORMAT);
+            self.fences.push(hash);
+        }
+        self.bloom.insert(hash);
+        self.newest = self.newest.max(created_ms);
+        self.entries += 1;
+    }
+
+    fn end(&mut self) {
+        if self.chunk.len() >= CHUNK_BYTES {
+            self.close_chunk();
+        }
+    }
+
+    fn close_chunk(&mut self) {
+        let n = u32::try_from(self.fences.len() - 1).unwrap_or(u32::MAX);
+        let chunk = std::mem::take(&mut self.chunk);
+        self.writes.push((part_key(CHUNK, self.id, n), chunk));
+    }
+
+    /// The run and the records it is stored as; none without entries.
+    pub(super) fn finish(mut self) -> Result<Option<Built>, StoreError> {
+        if self.entries == 0 {
+            return Ok(None);
+        }
+        if !self.chunk.is_empty() {
+            self.close_chunk();
+        }
+        let bytes: Vec<u8> = self
+            .bloom
+            .words
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        for (n, part) in bytes.chunks(PART_BYTES).enumerate() {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            self.writes
+                .push((part_key(FILTER, self.id, n), part.to_vec()));
+        }
+        let header = RunHeader {
+            entries: self.entries,
+            newest_created_ms: self.newest,
+            bloom_words: self.bloom.words.len() as u64,
+            fences: self.fences,
+        };
+        self.writes.push((
+            run_key(HEADER, self.id),
+            layout::encode(self.tree, &header)?,
+        ));
+        let run = Run {
+            id: self.id,
+            entries: header.entries,
+            newest_created_ms: header.newest_created_ms,
+            fences: header.fences,
+            bloom: self.bloom,
+        };
+        Ok(Some(Built {
+            run,
+            writes: self.writes,
+        }))
+    }
+}
+
 /// A run built, and the records to write it as.
 pub(super) struct Built {
     pub(super) run: Run,
@@ -207,54 +343,6 @@ fn part_key(kind: u8, id: u64, part: u32) -> Vec<u8> {
 }
 
 impl Run {
-    /// The run of `sorted` (by hash, then key) and the records it is stored
-    /// as.
-    pub(super) fn build(id: u64, sorted: &[Entry], tree: Tree) -> Result<Built, StoreError> {
-        let mut writes = Vec::new();
-        let mut fences = Vec::new();
-        let mut bloom = Bloom::for_entries(sorted.len());
-        let mut chunk = Vec::new();
-        let mut newest = 0;
-        for e in sorted {
-            if chunk.is_empty() {
-                chunk.push(FORMAT);
-                fences.push(e.hash);
-            }
-            chunk.extend_from_slice(&e.hash.to_be_bytes());
-            put_entry(&mut chunk, &e.key, &e.receipt);
-            bloom.insert(e.hash);
-            newest = newest.max(e.created_ms());
-            if chunk.len() >= CHUNK_BYTES {
-                let n = u32::try_from(fences.len() - 1).unwrap_or(u32::MAX);
-                writes.push((part_key(CHUNK, id, n), std::mem::take(&mut chunk)));
-            }
-        }
-        if !chunk.is_empty() {
-            let n = u32::try_from(fences.len() - 1).unwrap_or(u32::MAX);
-            writes.push((part_key(CHUNK, id, n), chunk));
-        }
-        let bytes: Vec<u8> = bloom.words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        for (n, part) in bytes.chunks(PART_BYTES).enumerate() {
-            let n = u32::try_from(n).unwrap_or(u32::MAX);
-            writes.push((part_key(FILTER, id, n), part.to_vec()));
-        }
-        let header = RunHeader {
-            entries: sorted.len() as u64,
-            newest_created_ms: newest,
-            bloom_words: bloom.words.len() as u64,
-            fences,
-        };
-        writes.push((run_key(HEADER, id), layout::encode(tree, &header)?));
-        let run = Run {
-            id,
-            entries: header.entries,
-            newest_created_ms: newest,
-            fences: header.fences,
-            bloom,
-        };
-        Ok(Built { run, writes })
-    }
-
     /// The run a header names, its Bloom filter read from its parts.
     pub(super) fn load(
         layout: &Layout,
@@ -309,8 +397,10 @@ impl Run {
         let start = first_at_or_above.saturating_sub(1);
         let mut n = start;
         while n < self.fences.len() && (n == start || self.fences[n] == hash) {
-            for e in self.chunk(layout, n)? {
-                if e.hash == hash && *e.key == *key {
+            let value = self.chunk(layout, n)?;
+            for e in ChunkEntries::new(self.id, n as u32, &value) {
+                let e = e?;
+                if e.hash == hash && e.key == key {
                     return Ok(Some(e.receipt));
                 }
             }
@@ -319,28 +409,38 @@ impl Run {
         Ok(None)
     }
 
-    fn chunk(&self, layout: &Layout, n: usize) -> Result<Vec<Entry>, StoreError> {
+    /// Chunk `n`'s value.
+    fn chunk(&self, layout: &Layout, n: usize) -> Result<Vec<u8>, StoreError> {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         let tree = layout.trees.sends;
-        match layout
+        layout
             .storage
             .get_raw(tree.handle, &part_key(CHUNK, self.id, n))?
-        {
-            Some(value) => chunk_entries((self.id, n), &value),
-            None => Err(StoreError::Corrupt(format!(
-                "chunk {n} of send receipt run {} is missing",
-                self.id
-            ))),
-        }
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "chunk {n} of send receipt run {} is missing",
+                    self.id
+                ))
+            })
     }
 
-    /// Every entry, in order.
-    pub(super) fn read_all(&self, layout: &Layout) -> Result<Vec<Entry>, StoreError> {
-        let mut out = Vec::with_capacity(usize::try_from(self.entries).unwrap_or(0));
-        for n in 0..self.fences.len() {
-            out.extend(self.chunk(layout, n)?);
-        }
-        Ok(out)
+    /// Every chunk's value, in order.
+    pub(super) fn chunks(&self, layout: &Layout) -> Result<Vec<Vec<u8>>, StoreError> {
+        (0..self.fences.len())
+            .map(|n| self.chunk(layout, n))
+            .collect()
+    }
+
+    /// The entries of `chunks` (this run's, from [`Run::chunks`]), in order.
+    pub(super) fn entries<'a>(
+        &self,
+        chunks: &'a [Vec<u8>],
+    ) -> impl Iterator<Item = Result<RawEntry<'a>, StoreError>> + 'a {
+        let id = self.id;
+        chunks
+            .iter()
+            .enumerate()
+            .flat_map(move |(n, c)| ChunkEntries::new(id, n as u32, c))
     }
 
     /// Every key this run is stored under.
@@ -358,35 +458,44 @@ impl Run {
     pub(super) fn problems(&self, layout: &Layout) -> Result<Vec<String>, StoreError> {
         let mut problems = Vec::new();
         let mut count = 0u64;
-        let mut previous: Option<(u64, Box<[u8]>)> = None;
+        let mut previous: Option<(u64, Vec<u8>)> = None;
         for n in 0..self.fences.len() {
-            let entries = match self.chunk(layout, n) {
-                Ok(entries) => entries,
+            let value = match self.chunk(layout, n) {
+                Ok(value) => value,
                 Err(e) => {
                     problems.push(e.to_string());
                     continue;
                 }
             };
-            if entries.first().map(|e| e.hash) != Some(self.fences[n]) {
-                problems.push(format!(
-                    "chunk {n} of send receipt run {} does not begin at its fence",
-                    self.id
-                ));
-            }
-            for e in entries {
+            let mut first = true;
+            for e in ChunkEntries::new(self.id, n as u32, &value) {
+                let e = match e {
+                    Ok(e) => e,
+                    Err(e) => {
+                        problems.push(e.to_string());
+                        break;
+                    }
+                };
+                if first && e.hash != self.fences[n] {
+                    problems.push(format!(
+                        "chunk {n} of send receipt run {} does not begin at its fence",
+                        self.id
+                    ));
+                }
+                first = false;
                 count += 1;
-                if e.hash != hash_of(&e.key) || !self.bloom.may_contain(e.hash) {
+                if e.hash != hash_of(e.key) || !self.bloom.may_contain(e.hash) {
                     problems.push(format!(
                         "send receipt run {}: an entry's hash or filter bits are wrong",
                         self.id
                     ));
                 }
-                if let Some(p) = &previous {
-                    if (p.0, &p.1) >= (e.hash, &e.key) {
+                if let Some((hash, key)) = &previous {
+                    if (*hash, key.as_slice()) >= e.order() {
                         problems.push(format!("send receipt run {} is out of order", self.id));
                     }
                 }
-                previous = Some((e.hash, e.key));
+                previous = Some((e.hash, e.key.to_vec()));
             }
         }
         if count != self.entries {
