@@ -110,6 +110,7 @@ impl SledBackend {
         let started = std::time::Instant::now();
         let loaded = queue_startup::start(&layout)?;
         let receipts = Arc::new(Receipts::open(&layout)?);
+        receipts.remove_unfinished()?;
         tracing::info!(
             from = ?loaded.source,
             entries = loaded.state.entries(),

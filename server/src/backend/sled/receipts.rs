@@ -30,6 +30,7 @@
 //! Every change of the runs and the watermark is one atomic sled write,
 //! so a crash leaves the state before it or after it.
 
+mod bloom;
 mod run;
 
 use std::collections::{BTreeSet, HashMap};
@@ -39,7 +40,7 @@ use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 use mls_ds_storage::Transaction;
 
-use self::run::{hash_of, Built, RawEntry, Run, RunBuilder, HEADER};
+use self::run::{hash_of, OwnedEntry, Run, RunBuilder, HEADER};
 use super::batch;
 use super::layout::{self, Layout};
 use super::queue_index::IndexState;
@@ -58,6 +59,12 @@ const REMOVALS_PER_CYCLE: usize = 64;
 /// thread, and one of this size takes about 0.1-0.2 s.
 const MAX_RUN: u64 = 1 << 18;
 const WATERMARK: &[u8] = b"w";
+/// The id of a run being written (its chunks go in several writes, so
+/// that a big run is never held whole in memory; the header, written
+/// last, publishes it). A start removes what a crash left of it.
+const UNFINISHED: &[u8] = b"n";
+/// Chunks of a run written per sled write while it is built.
+const CHUNKS_PER_WRITE: usize = 64;
 
 /// A send and the answer it got.
 pub(crate) struct SendAnswer {
@@ -329,7 +336,7 @@ impl Receipts {
     fn freeze(&self, inner: &mut Inner, index: &IndexState) -> Result<usize, StoreError> {
         let cutoff = inner.forget_before_ms;
         let tree = self.layout.trees.sends;
-        let (built, frozen) = {
+        let (builder, frozen) = {
             let mut sorted: Vec<(u64, &[u8], SendReceipt)> = inner
                 .fresh
                 .iter()
@@ -340,11 +347,12 @@ impl Receipts {
             let mut builder = RunBuilder::new(inner.next_run, sorted.len(), tree);
             for (hash, key, receipt) in &sorted {
                 builder.push(*hash, key, receipt);
+                self.write_chunks(&mut builder, inner.next_run)?;
             }
-            (builder.finish()?, sorted.len())
+            (builder, sorted.len())
         };
         let tx = self.layout.storage.begin();
-        let run = self.stage_run(&tx, built)?;
+        let run = self.finish_run(&tx, builder)?;
         let next = index.next_batch;
         tx.put_raw(tree.handle, WATERMARK, &next.to_be_bytes())?;
         tx.commit()?;
@@ -368,16 +376,53 @@ impl Receipts {
         Ok(frozen)
     }
 
-    /// Stage a built run's records in `tx`.
-    fn stage_run(&self, tx: &Transaction, built: Option<Built>) -> Result<Option<Run>, StoreError> {
-        let Some(built) = built else {
+    /// Write the chunks `builder` closed, once there are
+    /// [`CHUNKS_PER_WRITE`], with the mark of run `id` as unfinished.
+    fn write_chunks(&self, builder: &mut RunBuilder, id: u64) -> Result<(), StoreError> {
+        if builder.closed_chunks() < CHUNKS_PER_WRITE {
+            return Ok(());
+        }
+        let tree = self.layout.trees.sends.handle;
+        let tx = self.layout.storage.begin();
+        tx.put_raw(tree, UNFINISHED, &id.to_be_bytes())?;
+        for (k, v) in builder.take_chunks() {
+            tx.put_raw(tree, &k, &v)?;
+        }
+        Ok(tx.commit()?)
+    }
+
+    /// Stage the rest of the run `builder` holds in `tx`, with its header
+    /// and the end of its mark as unfinished.
+    fn finish_run(&self, tx: &Transaction, builder: RunBuilder) -> Result<Option<Run>, StoreError> {
+        let tree = self.layout.trees.sends.handle;
+        tx.remove_raw(tree, UNFINISHED)?;
+        let Some(built) = builder.finish()? else {
             return Ok(None);
         };
-        let tree = self.layout.trees.sends;
         for (k, v) in &built.writes {
-            tx.put_raw(tree.handle, k, v)?;
+            tx.put_raw(tree, k, v)?;
         }
         Ok(Some(built.run))
+    }
+
+    /// Remove what a crash left of a run being written (at a start, before
+    /// any write).
+    pub(crate) fn remove_unfinished(&self) -> Result<(), StoreError> {
+        let tree = self.layout.trees.sends.handle;
+        let Some(id) = self.layout.storage.get_raw(tree, UNFINISHED)? else {
+            return Ok(());
+        };
+        let id = layout::be_u64(&id)
+            .ok_or_else(|| StoreError::Corrupt("the unfinished send receipt run's id".into()))?;
+        let tx = self.layout.storage.begin();
+        for k in Run::stored_parts(&self.layout, id)? {
+            tx.remove_raw(tree, &k)?;
+        }
+        tx.remove_raw(tree, UNFINISHED)?;
+        tx.commit()?;
+        let mut inner = self.lock();
+        inner.next_run = inner.next_run.max(id + 1);
+        Ok(())
     }
 
     /// Merge the two newest runs while the older is at most twice the
@@ -390,20 +435,24 @@ impl Receipts {
             }
             let cutoff = inner.forget_before_ms;
             let tree = self.layout.trees.sends;
-            let (a, b) = (older.chunks(&self.layout)?, newer.chunks(&self.layout)?);
+            let id = inner.next_run;
             let capacity = usize::try_from(older.entries + newer.entries).unwrap_or(usize::MAX);
-            let mut builder = RunBuilder::new(inner.next_run, capacity, tree);
-            merge(older.entries(&a), newer.entries(&b), |e| {
-                if e.created_ms() >= cutoff {
-                    builder.push_raw(e);
-                }
-            })?;
-            let built = builder.finish()?;
+            let mut builder = RunBuilder::new(id, capacity, tree);
+            merge(
+                older.stream(&self.layout),
+                newer.stream(&self.layout),
+                |e| {
+                    if e.created_ms() >= cutoff {
+                        builder.push_stored(e);
+                    }
+                    self.write_chunks(&mut builder, id)
+                },
+            )?;
             let tx = self.layout.storage.begin();
             for k in older.keys().into_iter().chain(newer.keys()) {
                 tx.remove_raw(tree.handle, &k)?;
             }
-            let merged = self.stage_run(&tx, built)?;
+            let merged = self.finish_run(&tx, builder)?;
             tx.commit()?;
             inner.runs.truncate(inner.runs.len() - 2);
             if let Some(run) = merged {
@@ -425,11 +474,10 @@ impl Receipts {
             .cloned()
             .collect();
         for run in &inner.runs {
-            let chunks = run.chunks(&self.layout)?;
-            for e in run.entries(&chunks) {
+            for e in run.stream(&self.layout) {
                 let e = e?;
                 if e.created_ms() < cutoff_ms {
-                    keys.push(e.key.into());
+                    keys.push(e.order().1.into());
                 }
             }
         }
@@ -468,10 +516,10 @@ impl Receipts {
 
 /// Hand the entries of two runs, each in order, to `out` in order (a send
 /// in both once).
-fn merge<'a>(
-    a: impl Iterator<Item = Result<RawEntry<'a>, StoreError>>,
-    b: impl Iterator<Item = Result<RawEntry<'a>, StoreError>>,
-    mut out: impl FnMut(&RawEntry<'a>),
+fn merge(
+    a: impl Iterator<Item = Result<OwnedEntry, StoreError>>,
+    b: impl Iterator<Item = Result<OwnedEntry, StoreError>>,
+    mut out: impl FnMut(&OwnedEntry) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
     let (mut a, mut b) = (a.peekable(), b.peekable());
     loop {
@@ -488,7 +536,7 @@ fn merge<'a>(
             (None, _) | (Some(Ok(_)), Some(Err(_))) => b.next(),
         };
         match next {
-            Some(e) => out(&e?),
+            Some(e) => out(&e?)?,
             None => return Ok(()),
         }
     }

@@ -16,6 +16,8 @@
 
 use sha2::{Digest, Sha256};
 
+use super::bloom::Bloom;
+
 use crate::backend::error::StoreError;
 use crate::backend::records::SendReceipt;
 use crate::backend::sled::layout::{self, Layout, Tree};
@@ -25,9 +27,6 @@ pub(super) const FORMAT: u8 = 1;
 /// A chunk is closed once it holds this many bytes: sled keeps a node's
 /// keys in one log message, which should stay under its 128 KiB blob limit.
 const CHUNK_BYTES: usize = 6 * 1024;
-const BLOOM_BITS_PER_ENTRY: u64 = 8;
-const BLOCK_WORDS: usize = 8;
-const PROBES: usize = 6;
 const PART_BYTES: usize = 64 * 1024;
 
 pub(super) const HEADER: u8 = b'h';
@@ -59,14 +58,84 @@ pub(super) struct RawEntry<'a> {
 }
 
 impl RawEntry<'_> {
-    /// When its send id was made (the key starts with it).
+    /// The order of a run: by hash, then key.
+    pub(super) fn order(&self) -> (u64, &[u8]) {
+        (self.hash, self.key)
+    }
+}
+
+/// An entry copied out of its chunk (a merge holds one per run).
+pub(super) struct OwnedEntry {
+    hash: u64,
+    key_len: usize,
+    /// Hash and entry as stored.
+    encoded: Vec<u8>,
+}
+
+impl OwnedEntry {
+    fn of(e: &RawEntry<'_>) -> OwnedEntry {
+        OwnedEntry {
+            hash: e.hash,
+            key_len: e.key.len(),
+            encoded: e.encoded.to_vec(),
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        self.encoded.get(9..9 + self.key_len).unwrap_or_default()
+    }
+
+    /// When its send id was made.
     pub(super) fn created_ms(&self) -> u64 {
-        created_ms(self.key)
+        created_ms(self.key())
     }
 
     /// The order of a run: by hash, then key.
     pub(super) fn order(&self) -> (u64, &[u8]) {
-        (self.hash, self.key)
+        (self.hash, self.key())
+    }
+}
+
+/// A run's entries in order, read one chunk at a time.
+pub(super) struct Stream<'l> {
+    layout: &'l Layout,
+    run: &'l Run,
+    next_chunk: usize,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Iterator for Stream<'_> {
+    type Item = Result<OwnedEntry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.pos >= self.chunk.len() {
+            if self.next_chunk >= self.run.fences.len() {
+                return None;
+            }
+            match self.run.chunk(self.layout, self.next_chunk) {
+                Ok(chunk) => self.chunk = chunk,
+                Err(e) => {
+                    self.next_chunk = self.run.fences.len();
+                    return Some(Err(e));
+                }
+            }
+            self.next_chunk += 1;
+            // Past the format byte (checked by the entries' decoding).
+            self.pos = usize::from(self.chunk.first() == Some(&FORMAT));
+        }
+        let chunk = (self.next_chunk - 1) as u32;
+        let mut entries = ChunkEntries {
+            rest: &self.chunk[self.pos..],
+            run: self.run.id,
+            chunk,
+        };
+        let entry = entries.next()?.map(|e| OwnedEntry::of(&e));
+        self.pos = match &entry {
+            Ok(_) => self.chunk.len() - entries.rest.len(),
+            Err(_) => self.chunk.len(),
+        };
+        Some(entry)
     }
 }
 
@@ -160,51 +229,6 @@ impl<'a> Iterator for ChunkEntries<'a> {
     }
 }
 
-/// A blocked Bloom filter: every hash sets [`PROBES`] bits in one block of
-/// 512 bits, chosen by the hash's upper half.
-pub(super) struct Bloom {
-    words: Vec<u64>,
-}
-
-impl Bloom {
-    fn for_entries(entries: usize) -> Bloom {
-        let bits = (entries as u64).saturating_mul(BLOOM_BITS_PER_ENTRY);
-        let blocks = bits.div_ceil(64 * BLOCK_WORDS as u64).max(1);
-        Bloom {
-            words: vec![0; usize::try_from(blocks).unwrap_or(usize::MAX) * BLOCK_WORDS],
-        }
-    }
-
-    /// Word and bit of each probe.
-    fn probes(&self, hash: u64) -> [(usize, u64); PROBES] {
-        let blocks = (self.words.len() / BLOCK_WORDS) as u64;
-        let block = (((hash >> 32) * blocks) >> 32) as usize;
-        // splitmix64's finaliser: 54 more bits for the positions.
-        let mut x = hash.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^= x >> 31;
-        std::array::from_fn(|i| {
-            let bit = ((x >> (9 * i)) & 511) as usize;
-            (block * BLOCK_WORDS + bit / 64, 1u64 << (bit % 64))
-        })
-    }
-
-    fn insert(&mut self, hash: u64) {
-        for (w, mask) in self.probes(hash) {
-            if let Some(word) = self.words.get_mut(w) {
-                *word |= mask;
-            }
-        }
-    }
-
-    pub(super) fn may_contain(&self, hash: u64) -> bool {
-        self.probes(hash)
-            .iter()
-            .all(|(w, mask)| self.words.get(*w).is_some_and(|v| v & mask != 0))
-    }
-}
-
 /// Builds a run from entries given in order (by hash, then key).
 pub(super) struct RunBuilder {
     id: u64,
@@ -242,10 +266,21 @@ impl RunBuilder {
     }
 
     /// Add an entry of another run as it is stored.
-    pub(super) fn push_raw(&mut self, e: &RawEntry<'_>) {
+    pub(super) fn push_stored(&mut self, e: &OwnedEntry) {
         self.start(e.hash, e.created_ms());
-        self.chunk.extend_from_slice(e.encoded);
+        self.chunk.extend_from_slice(&e.encoded);
         self.end();
+    }
+
+    /// Chunks closed and not taken yet.
+    pub(super) fn closed_chunks(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// The records of the chunks closed so far (taken: a caller writes
+    /// them as the run grows, so that a big run is never held whole).
+    pub(super) fn take_chunks(&mut self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        std::mem::take(&mut self.writes)
     }
 
     fn start(&mut self, hash: u64, created_ms: u64) {
@@ -278,12 +313,7 @@ impl RunBuilder {
         if !self.chunk.is_empty() {
             self.close_chunk();
         }
-        let bytes: Vec<u8> = self
-            .bloom
-            .words
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
+        let bytes = self.bloom.to_bytes();
         for (n, part) in bytes.chunks(PART_BYTES).enumerate() {
             let n = u32::try_from(n).unwrap_or(u32::MAX);
             self.writes
@@ -292,7 +322,7 @@ impl RunBuilder {
         let header = RunHeader {
             entries: self.entries,
             newest_created_ms: self.newest,
-            bloom_words: self.bloom.words.len() as u64,
+            bloom_words: self.bloom.words() as u64,
             fences: self.fences,
         };
         self.writes.push((
@@ -358,26 +388,22 @@ impl Run {
         for (_, part) in layout.storage.scan_raw(tree.handle, &run_key(FILTER, id))? {
             bytes.extend_from_slice(&part);
         }
-        let want = usize::try_from(header.bloom_words)
+        let bloom = usize::try_from(header.bloom_words)
             .ok()
-            .and_then(|w| w.checked_mul(8));
-        if want != Some(bytes.len()) || bytes.is_empty() || bytes.len() % (8 * BLOCK_WORDS) != 0 {
-            return Err(StoreError::Corrupt(format!(
-                "the Bloom filter of send receipt run {id} holds {} bytes, its header says {} words",
-                bytes.len(),
-                header.bloom_words
-            )));
-        }
-        let words = bytes
-            .chunks_exact(8)
-            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()))
-            .collect();
+            .and_then(|words| Bloom::from_bytes(&bytes, words))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "the Bloom filter of send receipt run {id} holds {} bytes, its header says {} words",
+                    bytes.len(),
+                    header.bloom_words
+                ))
+            })?;
         Ok(Run {
             id,
             entries: header.entries,
             newest_created_ms: header.newest_created_ms,
             fences: header.fences,
-            bloom: Bloom { words },
+            bloom,
         })
     }
 
@@ -424,28 +450,40 @@ impl Run {
             })
     }
 
-    /// Every chunk's value, in order.
-    pub(super) fn chunks(&self, layout: &Layout) -> Result<Vec<Vec<u8>>, StoreError> {
-        (0..self.fences.len())
-            .map(|n| self.chunk(layout, n))
-            .collect()
+    /// Its entries in order, one chunk in memory at a time.
+    pub(super) fn stream<'l>(&'l self, layout: &'l Layout) -> Stream<'l> {
+        Stream {
+            layout,
+            run: self,
+            next_chunk: 0,
+            chunk: Vec::new(),
+            pos: 0,
+        }
     }
 
-    /// The entries of `chunks` (this run's, from [`Run::chunks`]), in order.
-    pub(super) fn entries<'a>(
-        &self,
-        chunks: &'a [Vec<u8>],
-    ) -> impl Iterator<Item = Result<RawEntry<'a>, StoreError>> + 'a {
-        let id = self.id;
-        chunks
-            .iter()
-            .enumerate()
-            .flat_map(move |(n, c)| ChunkEntries::new(id, n as u32, c))
+    /// Every key of the chunks and filter parts of run `id`, as stored
+    /// (those of a run a crash left unfinished, which has no header).
+    pub(super) fn stored_parts(layout: &Layout, id: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let tree = layout.trees.sends;
+        let mut keys = Vec::new();
+        for kind in [CHUNK, FILTER] {
+            let prefix = run_key(kind, id);
+            layout.storage.for_each_raw(
+                tree.handle,
+                &prefix,
+                &part_key(kind, id, u32::MAX),
+                |k, _| {
+                    keys.push(k.to_vec());
+                    Ok::<(), StoreError>(())
+                },
+            )?;
+        }
+        Ok(keys)
     }
 
     /// Every key this run is stored under.
     pub(super) fn keys(&self) -> Vec<Vec<u8>> {
-        let parts = (self.bloom.words.len() * 8).div_ceil(PART_BYTES);
+        let parts = (self.bloom.words() * 8).div_ceil(PART_BYTES);
         let mut keys = vec![run_key(HEADER, self.id)];
         keys.extend((0..self.fences.len()).map(|n| part_key(CHUNK, self.id, n as u32)));
         keys.extend((0..parts).map(|n| part_key(FILTER, self.id, n as u32)));
@@ -509,6 +547,6 @@ impl Run {
 
     /// Bytes of memory its filter and fences take.
     pub(super) fn memory(&self) -> usize {
-        (self.bloom.words.len() + self.fences.len()) * 8
+        (self.bloom.words() + self.fences.len()) * 8
     }
 }

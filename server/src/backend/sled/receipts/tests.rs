@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 
+use super::run::{hash_of, RunBuilder};
 use super::{Receipts, SendAnswer};
 use crate::backend::records::{SendKey, SendReceipt};
 use crate::backend::sled::layout::{Layout, StoreTuning};
@@ -122,4 +123,50 @@ fn check_finds_a_missing_chunk() {
         problems.iter().any(|p| p.contains("missing")),
         "{problems:?}"
     );
+}
+
+/// A run is written in several writes while it is built: what a crash
+/// leaves of one before its header is removed by the next start.
+#[test]
+fn a_run_cut_short_by_a_crash_is_removed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
+    let receipts = Receipts::open(&layout).unwrap();
+    let tree = layout.trees.sends;
+    let mut sorted: Vec<(u64, Vec<u8>, SendReceipt)> = (0..20_000)
+        .map(|n| {
+            let a = answer(n);
+            let key = crate::backend::sled::layout::send_key(&a.key);
+            (hash_of(&key), key, a.receipt)
+        })
+        .collect();
+    sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut builder = RunBuilder::new(0, sorted.len(), tree);
+    for (hash, key, receipt) in &sorted {
+        builder.push(*hash, key, receipt);
+        receipts.write_chunks(&mut builder, 0).unwrap();
+    }
+    // The crash: the rest of the run and its header never written.
+    drop(builder);
+    let written = layout.storage.scan_raw(tree.handle, b"c").unwrap().len();
+    assert!(written >= 64, "{written} chunks written before the header");
+    let reopened = Receipts::open(&layout).unwrap();
+    assert_eq!(reopened.counts().runs, 0);
+    reopened.remove_unfinished().unwrap();
+    assert!(layout
+        .storage
+        .scan_raw(tree.handle, b"c")
+        .unwrap()
+        .is_empty());
+    assert!(layout
+        .storage
+        .scan_raw(tree.handle, b"n")
+        .unwrap()
+        .is_empty());
+    // The next run is whole.
+    let sends: Vec<SendAnswer> = (0..500).map(answer).collect();
+    reopened.stage(0, &sends);
+    reopened.freeze_now(&index(1)).unwrap();
+    expect(&reopened, 0..500, 500..1_000);
+    assert!(reopened.problems().unwrap().is_empty());
 }
