@@ -13,8 +13,9 @@
 //! - **Frozen runs** (`run.rs`): between two cycles, once there are
 //!   [`FREEZE_AT`] fresh receipts (or the watermark lags [`MAX_LAG`]
 //!   batches, and before every checkpoint of the queue index), the writer
-//!   thread writes them as a run sorted by hash and moves the watermark to
-//!   the next batch, in one atomic write; then it removes the batches kept
+//!   thread writes them as a run sorted by hash (`writing.rs`: in pieces,
+//!   published by its header in one atomic write that also moves the
+//!   watermark to the next batch); then it removes the batches kept
 //!   for them, [`REMOVALS_PER_CYCLE`] between two cycles (all before a
 //!   checkpoint), and merges the two newest runs while the older holds at
 //!   most twice the newer's entries (and both at most [`MAX_RUN`]). Memory
@@ -27,20 +28,23 @@
 //!   the window are removed whole; fresh receipts past it are dropped by
 //!   freezing the rest; merges drop what is past it.
 //!
-//! Every change of the runs and the watermark is one atomic sled write,
-//! so a crash leaves the state before it or after it.
+//! Every change of the published runs and the watermark is one atomic
+//! sled write, so a crash leaves the state before it or after it (and
+//! perhaps part of an unpublished run, which the next start removes).
 
 mod bloom;
+mod entry;
 mod run;
+mod writing;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
-use mls_ds_storage::Transaction;
 
-use self::run::{hash_of, OwnedEntry, Run, RunBuilder, HEADER};
+use self::entry::hash_of;
+use self::run::{Run, HEADER};
 use super::batch;
 use super::layout::{self, Layout};
 use super::queue_index::IndexState;
@@ -59,12 +63,6 @@ const REMOVALS_PER_CYCLE: usize = 64;
 /// thread, and one of this size takes about 0.1-0.2 s.
 const MAX_RUN: u64 = 1 << 18;
 const WATERMARK: &[u8] = b"w";
-/// The id of a run being written (its chunks go in several writes, so
-/// that a big run is never held whole in memory; the header, written
-/// last, publishes it). A start removes what a crash left of it.
-const UNFINISHED: &[u8] = b"n";
-/// Chunks of a run written per sled write while it is built.
-const CHUNKS_PER_WRITE: usize = 64;
 
 /// A send and the answer it got.
 pub(crate) struct SendAnswer {
@@ -322,145 +320,12 @@ impl Receipts {
             inner.runs.retain(|r| !old(r));
         }
         let before = inner.fresh.len();
-        if inner.fresh.keys().any(|k| run::created_ms(k) < cutoff_ms) {
+        if inner.fresh.keys().any(|k| entry::created_ms(k) < cutoff_ms) {
             let kept = self.freeze(&mut inner, index)?;
             forgotten += (before - kept) as u64;
             self.merge_similar(&mut inner)?;
         }
         Ok(forgotten)
-    }
-
-    /// Write the fresh receipts (but those to forget) as a run and move the
-    /// watermark to the next batch, in one write; the batches kept for them
-    /// are released. How many went into the run.
-    fn freeze(&self, inner: &mut Inner, index: &IndexState) -> Result<usize, StoreError> {
-        let cutoff = inner.forget_before_ms;
-        let tree = self.layout.trees.sends;
-        let (builder, frozen) = {
-            let mut sorted: Vec<(u64, &[u8], SendReceipt)> = inner
-                .fresh
-                .iter()
-                .filter(|(k, _)| run::created_ms(k) >= cutoff)
-                .map(|(k, r)| (hash_of(k), &**k, *r))
-                .collect();
-            sorted.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-            let mut builder = RunBuilder::new(inner.next_run, sorted.len(), tree);
-            for (hash, key, receipt) in &sorted {
-                builder.push(*hash, key, receipt);
-                self.write_chunks(&mut builder, inner.next_run)?;
-            }
-            (builder, sorted.len())
-        };
-        let tx = self.layout.storage.begin();
-        let run = self.finish_run(&tx, builder)?;
-        let next = index.next_batch;
-        tx.put_raw(tree.handle, WATERMARK, &next.to_be_bytes())?;
-        tx.commit()?;
-        inner.watermark = next;
-        // Those the queues still reference stay; the others were kept for
-        // their receipts only (some never had a queue entry: a send to
-        // nobody else keeps its answer in its envelope all the same).
-        let holding = std::mem::take(&mut inner.holding);
-        inner.released.extend(
-            holding
-                .into_iter()
-                .filter(|b| !index.batches.contains_key(b)),
-        );
-        inner.fresh.clear();
-        let keep = inner.freeze_at;
-        inner.fresh.shrink_to(keep);
-        if let Some(run) = run {
-            inner.runs.push(run);
-            inner.next_run += 1;
-        }
-        Ok(frozen)
-    }
-
-    /// Write the chunks `builder` closed, once there are
-    /// [`CHUNKS_PER_WRITE`], with the mark of run `id` as unfinished.
-    fn write_chunks(&self, builder: &mut RunBuilder, id: u64) -> Result<(), StoreError> {
-        if builder.closed_chunks() < CHUNKS_PER_WRITE {
-            return Ok(());
-        }
-        let tree = self.layout.trees.sends.handle;
-        let tx = self.layout.storage.begin();
-        tx.put_raw(tree, UNFINISHED, &id.to_be_bytes())?;
-        for (k, v) in builder.take_chunks() {
-            tx.put_raw(tree, &k, &v)?;
-        }
-        Ok(tx.commit()?)
-    }
-
-    /// Stage the rest of the run `builder` holds in `tx`, with its header
-    /// and the end of its mark as unfinished.
-    fn finish_run(&self, tx: &Transaction, builder: RunBuilder) -> Result<Option<Run>, StoreError> {
-        let tree = self.layout.trees.sends.handle;
-        tx.remove_raw(tree, UNFINISHED)?;
-        let Some(built) = builder.finish()? else {
-            return Ok(None);
-        };
-        for (k, v) in &built.writes {
-            tx.put_raw(tree, k, v)?;
-        }
-        Ok(Some(built.run))
-    }
-
-    /// Remove what a crash left of a run being written (at a start, before
-    /// any write).
-    pub(crate) fn remove_unfinished(&self) -> Result<(), StoreError> {
-        let tree = self.layout.trees.sends.handle;
-        let Some(id) = self.layout.storage.get_raw(tree, UNFINISHED)? else {
-            return Ok(());
-        };
-        let id = layout::be_u64(&id)
-            .ok_or_else(|| StoreError::Corrupt("the unfinished send receipt run's id".into()))?;
-        let tx = self.layout.storage.begin();
-        for k in Run::stored_parts(&self.layout, id)? {
-            tx.remove_raw(tree, &k)?;
-        }
-        tx.remove_raw(tree, UNFINISHED)?;
-        tx.commit()?;
-        let mut inner = self.lock();
-        inner.next_run = inner.next_run.max(id + 1);
-        Ok(())
-    }
-
-    /// Merge the two newest runs while the older is at most twice the
-    /// newer (and the two within [`MAX_RUN`]), dropping the sends to
-    /// forget.
-    fn merge_similar(&self, inner: &mut Inner) -> Result<(), StoreError> {
-        while let [.., older, newer] = inner.runs.as_slice() {
-            if older.entries > 2 * newer.entries || older.entries + newer.entries > MAX_RUN {
-                break;
-            }
-            let cutoff = inner.forget_before_ms;
-            let tree = self.layout.trees.sends;
-            let id = inner.next_run;
-            let capacity = usize::try_from(older.entries + newer.entries).unwrap_or(usize::MAX);
-            let mut builder = RunBuilder::new(id, capacity, tree);
-            merge(
-                older.stream(&self.layout),
-                newer.stream(&self.layout),
-                |e| {
-                    if e.created_ms() >= cutoff {
-                        builder.push_stored(e);
-                    }
-                    self.write_chunks(&mut builder, id)
-                },
-            )?;
-            let tx = self.layout.storage.begin();
-            for k in older.keys().into_iter().chain(newer.keys()) {
-                tx.remove_raw(tree.handle, &k)?;
-            }
-            let merged = self.finish_run(&tx, builder)?;
-            tx.commit()?;
-            inner.runs.truncate(inner.runs.len() - 2);
-            if let Some(run) = merged {
-                inner.runs.push(run);
-                inner.next_run += 1;
-            }
-        }
-        Ok(())
     }
 
     /// Remembered sends made before `cutoff_ms`, oldest first, at most
@@ -470,7 +335,7 @@ impl Receipts {
         let mut keys: Vec<Box<[u8]>> = inner
             .fresh
             .keys()
-            .filter(|k| run::created_ms(k) < cutoff_ms)
+            .filter(|k| entry::created_ms(k) < cutoff_ms)
             .cloned()
             .collect();
         for run in &inner.runs {
@@ -510,34 +375,6 @@ impl Receipts {
             frozen: inner.runs.iter().map(|r| r.entries).sum(),
             runs: inner.runs.len(),
             run_memory: inner.runs.iter().map(Run::memory).sum(),
-        }
-    }
-}
-
-/// Hand the entries of two runs, each in order, to `out` in order (a send
-/// in both once).
-fn merge(
-    a: impl Iterator<Item = Result<OwnedEntry, StoreError>>,
-    b: impl Iterator<Item = Result<OwnedEntry, StoreError>>,
-    mut out: impl FnMut(&OwnedEntry) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    let (mut a, mut b) = (a.peekable(), b.peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(Ok(x)), Some(Ok(y))) => match x.order().cmp(&y.order()) {
-                std::cmp::Ordering::Less => a.next(),
-                std::cmp::Ordering::Greater => b.next(),
-                std::cmp::Ordering::Equal => {
-                    b.next();
-                    a.next()
-                }
-            },
-            (Some(Err(_)), _) | (Some(_), None) => a.next(),
-            (None, _) | (Some(Ok(_)), Some(Err(_))) => b.next(),
-        };
-        match next {
-            Some(e) => out(&e?)?,
-            None => return Ok(()),
         }
     }
 }

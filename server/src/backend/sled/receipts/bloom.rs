@@ -66,7 +66,10 @@ impl Bloom {
     /// The filter of `words` words stored as `bytes`; `None` if they do
     /// not match or make no whole block.
     pub(crate) fn from_bytes(bytes: &[u8], words: usize) -> Option<Bloom> {
-        if words == 0 || words % BLOCK_WORDS != 0 || bytes.len() != words.checked_mul(8)? {
+        if words == 0
+            || !words.is_multiple_of(BLOCK_WORDS)
+            || bytes.len() != words.checked_mul(8)?
+        {
             return None;
         }
         let words = bytes

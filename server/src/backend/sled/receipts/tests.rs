@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 
-use super::run::{hash_of, RunBuilder};
+use super::entry::hash_of;
+use super::run::RunBuilder;
 use super::{Receipts, SendAnswer};
 use crate::backend::records::{SendKey, SendReceipt};
 use crate::backend::sled::layout::{Layout, StoreTuning};
