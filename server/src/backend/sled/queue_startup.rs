@@ -57,7 +57,7 @@ pub(crate) struct Loaded {
 
 /// Call `f` with every stored batch numbered `first` or more, in number
 /// order, reading each in place (a scan holds one batch at a time).
-fn for_each_batch(
+pub(crate) fn for_each_batch(
     layout: &Layout,
     first: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,

@@ -48,6 +48,7 @@ use self::run::{Run, HEADER};
 use super::batch;
 use super::layout::{self, Layout};
 use super::queue_index::IndexState;
+use super::queue_startup;
 use crate::backend::error::StoreError;
 use crate::backend::records::{SendKey, SendReceipt};
 
@@ -154,44 +155,36 @@ impl Receipts {
         let layout = &self.layout;
         let tree = layout.trees.delivery;
         let first = self.lock().watermark;
-        layout.storage.for_each_raw(
-            tree.handle,
-            &layout::batch_key(first),
-            &layout::batch_key(u64::MAX),
-            |k, v| {
-                let number = layout::key_id(k).ok_or_else(|| {
-                    StoreError::Corrupt(format!("batch key {} is too short", hex::encode(k)))
+        queue_startup::for_each_batch(layout, first, |number, v| {
+            let mut sends = Vec::new();
+            for record in batch::records(v) {
+                let (slot, bytes) = record.map_err(|e| batch::corrupt(number, &e))?;
+                let envelope = batch::decode_envelope(tree, number, bytes)?;
+                let Some(send) = envelope.message.send else {
+                    continue;
+                };
+                let id = layout::message_id(number, slot);
+                let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
+                    StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
                 })?;
-                let mut sends = Vec::new();
-                for record in batch::records(v) {
-                    let (slot, bytes) = record.map_err(|e| batch::corrupt(number, &e))?;
-                    let envelope = batch::decode_envelope(tree, number, bytes)?;
-                    let Some(send) = envelope.message.send else {
-                        continue;
-                    };
-                    let id = layout::message_id(number, slot);
-                    let sender = ClientId::new(&envelope.message.sender).map_err(|e| {
-                        StoreError::Corrupt(format!("message {id} names a bad sender: {e}"))
-                    })?;
-                    sends.push(SendAnswer {
-                        key: SendKey {
-                            sender,
-                            id: SendId {
-                                created_ms: send.created_ms,
-                                nonce: send.nonce,
-                            },
+                sends.push(SendAnswer {
+                    key: SendKey {
+                        sender,
+                        id: SendId {
+                            created_ms: send.created_ms,
+                            nonce: send.nonce,
                         },
-                        receipt: SendReceipt {
-                            message_id: id,
-                            recipients: u32::try_from(envelope.fanout.entries.len())
-                                .unwrap_or(u32::MAX),
-                        },
-                    });
-                }
-                self.stage(number, &sends);
-                Ok(())
-            },
-        )
+                    },
+                    receipt: SendReceipt {
+                        message_id: id,
+                        recipients: u32::try_from(envelope.fanout.entries.len())
+                            .unwrap_or(u32::MAX),
+                    },
+                });
+            }
+            self.stage(number, &sends);
+            Ok(())
+        })
     }
 
     /// Freeze after `n` fresh receipts instead of [`FREEZE_AT`].
