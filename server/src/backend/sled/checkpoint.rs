@@ -1,5 +1,7 @@
 //! The queue index's checkpoint, so that a start need not read every
-//! stored delivery batch.
+//! stored delivery batch. Over 500 lines because the encoding, its
+//! chunked write under generations and the reading that checks each step
+//! are one format, kept in one place so that they cannot drift apart.
 //!
 //! Without it a start rebuilds the index from every envelope's fan-out
 //! (`queue_startup::load`), which reads the whole delivery tree: about a

@@ -3,6 +3,9 @@
 //! acknowledged and visible, how many queue entries still reference each
 //! delivery batch (the message id says its batch: nothing is kept per
 //! message but its queue entries), and a bounded cache of message bodies.
+//! Over 500 lines because every change of the index (assign, undo, ack,
+//! expire, drop, delete) keeps the same invariants over the same state
+//! under one lock; split, each part would reach into the others' fields.
 //!
 //! At startup it is taken from its checkpoint and brought up to date, or
 //! rebuilt from the stored batches (`queue_startup::start`). Only the

@@ -30,6 +30,14 @@ fn answer(n: u64) -> SendAnswer {
     }
 }
 
+/// A new database in a temporary directory and its receipts.
+fn store() -> (tempfile::TempDir, Layout, Receipts) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
+    let receipts = Receipts::open(&layout).unwrap();
+    (dir, layout, receipts)
+}
+
 /// An index whose next batch is `next`.
 fn index(next: u64) -> IndexState {
     IndexState::new(HashMap::new(), next)
@@ -54,9 +62,7 @@ fn expect(receipts: &Receipts, found: std::ops::Range<u64>, absent: std::ops::Ra
 
 #[test]
 fn frozen_receipts_are_found_through_merges_and_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
-    let receipts = Receipts::open(&layout).unwrap();
+    let (_dir, layout, receipts) = store();
     receipts.freeze_at(300);
     // 5,000 sends in batches of 10: 16 freezes, merged as they go.
     for batch in 0..500u64 {
@@ -85,9 +91,7 @@ fn frozen_receipts_are_found_through_merges_and_reopening() {
 
 #[test]
 fn old_sends_are_forgotten_in_runs_and_fresh() {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
-    let receipts = Receipts::open(&layout).unwrap();
+    let (_dir, layout, receipts) = store();
     // Sends 0..1,000 made at 1,000..2,000 ms, frozen into a run; then
     // 1,000 more, fresh.
     let old: Vec<SendAnswer> = (0..1_000).map(answer).collect();
@@ -108,9 +112,7 @@ fn old_sends_are_forgotten_in_runs_and_fresh() {
 
 #[test]
 fn check_finds_a_missing_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
-    let receipts = Receipts::open(&layout).unwrap();
+    let (_dir, layout, receipts) = store();
     let sends: Vec<SendAnswer> = (0..500).map(answer).collect();
     receipts.stage(0, &sends);
     receipts.freeze_now(&index(1)).unwrap();
@@ -130,9 +132,7 @@ fn check_finds_a_missing_chunk() {
 /// leaves of one before its header is removed by the next start.
 #[test]
 fn a_run_cut_short_by_a_crash_is_removed_at_the_next_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let layout = Layout::open(dir.path(), StoreTuning::admin()).unwrap();
-    let receipts = Receipts::open(&layout).unwrap();
+    let (_dir, layout, receipts) = store();
     let tree = layout.trees.sends;
     let mut sorted: Vec<(u64, Vec<u8>, SendReceipt)> = (0..20_000)
         .map(|n| {
