@@ -554,6 +554,18 @@ pub struct Limits {
     )]
     pub index_checkpoint_every_ops: u64,
 
+    /// Send receipts (of sends with a send id) kept in memory, exact,
+    /// before they are frozen into a sorted run on disk. Fewer cost less
+    /// memory and make more runs, each one more Bloom filter probe per
+    /// lookup.
+    #[arg(
+        long,
+        env = "MLS_DS_RECEIPTS_RUN_SIZE",
+        default_value_t = 65_536,
+        value_parser = clap::value_parser!(u64).range(1..=16_777_216)
+    )]
+    pub receipts_run_size: u64,
+
     /// How long a client may take to send a request head (HTTP/1) or a
     /// request body, in milliseconds; a stalled client loses its connection
     /// or gets 400 then, and gives up its in-flight slot.

@@ -7,7 +7,8 @@
 //!
 //! `cargo bench -p mls-ds-tests --bench load` (MLS_DS_LOAD_QUICK=1 for a
 //! short run; MLS_DS_LOAD_GROUPS=2,10 and MLS_DS_LOAD_PHASES=reg,groups,sdk,backlog
-//! select parts). Numbers go to BENCHMARKS.md by hand.
+//! select parts; MLS_DS_LOAD_MESSAGES=N sends N messages per group size).
+//! Numbers go to BENCHMARKS.md by hand.
 //!
 //! The timed requests of the registration and group phases go over lean
 //! HTTP/1.1 connections (`mls_ds_tests::lean_http`, one per request in
@@ -36,6 +37,13 @@ const IN_FLIGHT: usize = 32;
 
 fn quick() -> bool {
     std::env::var("MLS_DS_LOAD_QUICK").is_ok()
+}
+
+/// Messages per group phase instead of the default (`MLS_DS_LOAD_MESSAGES`):
+/// a run long enough to include the freezes of send receipts into runs
+/// (one per 65,536 sends) shows what they cost in CPU and latency.
+fn messages() -> Option<usize> {
+    std::env::var("MLS_DS_LOAD_MESSAGES").ok()?.parse().ok()
 }
 
 fn send_ids() -> bool {
@@ -232,9 +240,10 @@ async fn registrations(url: &str, pid: u32) {
 }
 
 async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
-    let messages = match (quick(), size) {
-        (true, _) => 1000,
-        (false, s) if s >= 100 => 5000,
+    let messages = match (messages(), quick(), size) {
+        (Some(n), _, _) => n,
+        (None, true, _) => 1000,
+        (None, false, s) if s >= 100 => 5000,
         _ => 20000,
     };
     let mut sender = RawMember::new(url, &format!("{tag}-sender"));
@@ -329,13 +338,16 @@ async fn group_run(url: &str, pid: u32, size: usize, tag: &str) {
     // Sends, fetches (each acknowledging the page before) and a last ack each.
     let requests = messages + flat.len() + size - 1;
     println!(
-        "G={size}: {messages} sends in {:.2}s = {:.0} sends/s (send p50 {:.2} ms, p99 {:.2} ms); \
+        "G={size}: {messages} sends in {:.2}s = {:.0} sends/s (send p50 {:.2} ms, p99 {:.2} ms, \
+         p99.9 {:.2} ms, max {:.2} ms); \
          {} deliveries in {:.2}s = {:.0} deliveries/s (fetch p50 {:.2} ms, p99 {:.2} ms); \
          server CPU {:.0} us/request{} over {requests} requests (load generator {:.0} us/request)",
         send_wall.as_secs_f64(),
         messages as f64 / send_wall.as_secs_f64(),
         percentile(&send_lat, 0.5),
         percentile(&send_lat, 0.99),
+        percentile(&send_lat, 0.999),
+        percentile(&send_lat, 1.0),
         delivered.load(Ordering::Relaxed),
         total.as_secs_f64(),
         expected as f64 / total.as_secs_f64(),

@@ -95,6 +95,11 @@ const SNAPSHOT_EVERY_OPS: &str = "200";
 /// written while the server ran, and bring it up to date.
 const INDEX_CHECKPOINT_EVERY_OPS: &str = "50";
 
+/// Send receipts frozen into a run: a few sends make one, so that runs
+/// are built (on a thread of their own), published and merged all through
+/// the run, and kills and cuts land in the middle of them.
+const RECEIPTS_RUN_SIZE: &str = "8";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_and_clients_crash_together() {
     let cycles = env_or("MLS_DS_COMBINED_CYCLES", 40);
@@ -142,6 +147,8 @@ async fn crash_together(
             SNAPSHOT_EVERY_OPS,
             "--index-checkpoint-every-ops",
             INDEX_CHECKPOINT_EVERY_OPS,
+            "--receipts-run-size",
+            RECEIPTS_RUN_SIZE,
         ],
     );
     let url_file = dir.join("url");

@@ -41,8 +41,8 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&dir.path().join("mnt"), "24m");
     let data = mnt.0.join("ds");
-    // Page-table snapshots and queue index checkpoints are due often, so
-    // some fail on the full disk too.
+    // Page-table snapshots, queue index checkpoints and runs of send
+    // receipts are due often, so some fail on the full disk too.
     let mut server = Server::start(
         &data,
         &[
@@ -50,6 +50,8 @@ async fn full_disk_is_refused_and_nothing_acknowledged_is_lost() {
             "200",
             "--index-checkpoint-every-ops",
             "20",
+            "--receipts-run-size",
+            "8",
         ],
     );
     let url = server.url();

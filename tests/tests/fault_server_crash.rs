@@ -49,6 +49,11 @@ const SNAPSHOT_EVERY_OPS: &str = "200";
 /// written while the server ran, and bring it up to date.
 const INDEX_CHECKPOINT_EVERY_OPS: &str = "50";
 
+/// Send receipts frozen into a run: a few sends make one, so that runs
+/// are built (on a thread of their own), published and merged all through
+/// the run, and kills and cuts land in the middle of them.
+const RECEIPTS_RUN_SIZE: &str = "8";
+
 /// Every this many cycles, one runs long enough for sled's flusher (every
 /// 500 ms) to write page-table snapshots before the kill.
 const LONG_CYCLE_EVERY: u64 = 4;
@@ -132,6 +137,8 @@ async fn chat_through_crashes(
             SNAPSHOT_EVERY_OPS,
             "--index-checkpoint-every-ops",
             INDEX_CHECKPOINT_EVERY_OPS,
+            "--receipts-run-size",
+            RECEIPTS_RUN_SIZE,
         ],
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

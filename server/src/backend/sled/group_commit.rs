@@ -318,6 +318,8 @@ impl Writer {
     /// retire: every later job is refused, so that the copy holds every
     /// write this database acknowledged.
     fn compact(&mut self) -> Result<AdminReport, StoreError> {
+        // The copy holds no unfinished run of send receipts.
+        self.applier.receipts.settle(&self.index.lock())?;
         let report = super::admin::compact(&self.applier.layout)?;
         self.stats.retired.store(true, Ordering::Release);
         tracing::info!("compaction staged; storage reopens on the compacted database");

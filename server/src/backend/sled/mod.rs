@@ -69,6 +69,8 @@ pub(crate) struct SledConfig {
     /// Write-path jobs between checkpoints of the queue index (0: only at
     /// a stop).
     pub(crate) index_checkpoint_every_ops: u64,
+    /// Fresh send receipts frozen into one run.
+    pub(crate) receipts_run_size: usize,
 }
 
 /// The sled backend of one data directory.
@@ -111,6 +113,7 @@ impl SledBackend {
         let loaded = queue_startup::start(&layout)?;
         let receipts = Arc::new(Receipts::open(&layout)?);
         receipts.remove_unfinished()?;
+        receipts.freeze_at(config.receipts_run_size);
         tracing::info!(
             from = ?loaded.source,
             entries = loaded.state.entries(),

@@ -12,18 +12,21 @@
 //!   them back from the batches ([`Receipts::open`]).
 //! - **Frozen runs** (`run.rs`): between two cycles, once there are
 //!   [`FREEZE_AT`] fresh receipts (or the watermark lags [`MAX_LAG`]
-//!   batches, and before every checkpoint of the queue index), the writer
-//!   thread writes them as a run sorted by hash (`writing.rs`: in pieces,
-//!   published by its header in one atomic write that also moves the
-//!   watermark to the next batch); then it removes the batches kept
-//!   for them, [`REMOVALS_PER_CYCLE`] between two cycles (all before a
-//!   checkpoint), and merges the two newest runs while the older holds at
-//!   most twice the newer's entries (and both at most [`MAX_RUN`]). Memory
-//!   per receipt in a run: its Bloom filter's 8 bits and the fences'
-//!   share, about 1.1 bytes.
-//! - **A lookup** reads memory, then each run's filter (newest first); a
-//!   run whose filter says yes (about 3 in 100 when the receipt is not
-//!   there) reads one chunk of about 6 KiB.
+//!   batches), the writer thread starts freezing them into a run sorted by
+//!   hash, written a piece per gap between two cycles (`writing.rs`) and
+//!   published by its last piece, in one atomic write that also moves the
+//!   watermark to the batch that was next when the freeze began. Then the
+//!   writer removes the batches kept for them, [`REMOVALS_PER_CYCLE`]
+//!   between two cycles, and (one run being built at a time) merges the
+//!   two newest runs the same way while the older holds at most twice the
+//!   newer's entries (and both at most [`MAX_RUN`]). Before a checkpoint
+//!   of the queue index it finishes the run being built, and freezes and
+//!   removes the rest at once. Memory per receipt in a run:
+//!   its Bloom filter's 10 bits and the fences' share, about 1.4 bytes.
+//! - **A lookup** reads memory (the fresh receipts, then those being
+//!   frozen), then each run's filter (newest first); a run whose filter
+//!   says yes (about 1 in 100 when the receipt is not there) reads one
+//!   chunk of about 6 KiB.
 //! - **Forgetting** (`forget`, hourly): runs whose newest send id is past
 //!   the window are removed whole; fresh receipts past it are dropped by
 //!   freezing the rest; merges drop what is past it.
@@ -38,13 +41,14 @@ mod run;
 mod writing;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 
 use self::entry::hash_of;
-use self::run::{Run, HEADER};
+use self::run::{Run, Stream, HEADER};
+use self::writing::{Building, Freezing, Fresh, Source};
 use super::batch;
 use super::layout::{self, Layout};
 use super::queue_index::IndexState;
@@ -52,7 +56,8 @@ use super::queue_startup;
 use crate::backend::error::StoreError;
 use crate::backend::records::{SendKey, SendReceipt};
 
-/// Fresh receipts that make a run.
+/// Fresh receipts that make a run unless configured otherwise (the
+/// default of `--receipts-run-size`).
 const FREEZE_AT: usize = 65_536;
 /// Batches the watermark may lag behind the next batch: a start decodes
 /// every envelope of the batches from the watermark on.
@@ -60,8 +65,12 @@ const MAX_LAG: u64 = 16_384;
 /// Batches kept for frozen receipts removed between two cycles: spread,
 /// so that a freeze does not hold the writer for their removal too.
 const REMOVALS_PER_CYCLE: usize = 64;
-/// Entries of a run no merge goes beyond: a merge runs on the writer
-/// thread, and one of this size takes about 0.1-0.2 s.
+/// Entries of a run no merge goes beyond. A lookup probes every run's
+/// filter (and reads a chunk for about 1 in 100 runs where the receipt is
+/// not), so runs should be few; a receipt is rewritten once per merge it
+/// goes through, and big merges cost memory and disk in sled (merging up
+/// to 1,048,576, a fill of 1,000,000 queued messages ended at 294 MiB of
+/// RSS and 616 MiB on disk, against 184 and 517 MiB at this size).
 const MAX_RUN: u64 = 1 << 18;
 const WATERMARK: &[u8] = b"w";
 
@@ -88,10 +97,10 @@ impl ReceiptCounts {
 }
 
 struct Inner {
-    /// Fresh receipts that make a run ([`FREEZE_AT`]; tests take fewer).
+    /// Fresh receipts that make a run (`--receipts-run-size`).
     freeze_at: usize,
-    /// Receipts not in a run yet, by send key.
-    fresh: HashMap<Box<[u8]>, SendReceipt>,
+    /// Receipts not in a run yet (nor being frozen), by send key.
+    fresh: HashMap<Box<[u8]>, Fresh>,
     /// Batches whose envelopes hold them: those no queue entry references
     /// any more stay until the next freeze.
     holding: BTreeSet<u64>,
@@ -100,11 +109,29 @@ struct Inner {
     released: Vec<u64>,
     /// First batch whose receipts are not in a run.
     watermark: u64,
-    /// Oldest first.
-    runs: Vec<Run>,
+    /// Oldest first (shared with the streams of a merge).
+    runs: Vec<Arc<Run>>,
+    /// The run being built, if any.
+    building: Option<Building>,
     next_run: u64,
     /// Sends made before this are forgotten when a merge meets them.
     forget_before_ms: u64,
+}
+
+impl Inner {
+    /// The receipts being frozen (none unless a freeze is under way).
+    fn freezing(&self) -> &[Freezing] {
+        match self.building.as_ref().map(|b| &b.source) {
+            Some(Source::Freeze { receipts, .. }) => receipts,
+            _ => &[],
+        }
+    }
+
+    /// How many sends are remembered.
+    fn remembered(&self) -> u64 {
+        let unfrozen = self.fresh.len() + self.freezing().len();
+        unfrozen as u64 + self.runs.iter().map(|r| r.entries).sum::<u64>()
+    }
 }
 
 /// Every remembered send of one database.
@@ -120,7 +147,7 @@ impl Receipts {
         let tree = layout.trees.sends;
         let mut runs = Vec::new();
         for (k, v) in layout.storage.scan_raw(tree.handle, &[HEADER])? {
-            runs.push(Run::load(layout, &k, &v)?);
+            runs.push(Arc::new(Run::load(layout, &k, &v)?));
         }
         let next_run = runs.last().map_or(0, |r| r.id + 1);
         let watermark = match layout.storage.get_raw(tree.handle, WATERMARK)? {
@@ -141,6 +168,7 @@ impl Receipts {
                 released: Vec::new(),
                 watermark,
                 runs,
+                building: None,
                 next_run,
                 forget_before_ms: 0,
             }),
@@ -187,10 +215,10 @@ impl Receipts {
         })
     }
 
-    /// Freeze after `n` fresh receipts instead of [`FREEZE_AT`].
-    #[cfg(test)]
-    pub(super) fn freeze_at(&self, n: usize) {
-        self.lock().freeze_at = n;
+    /// Freeze after `n` fresh receipts instead of [`FREEZE_AT`]
+    /// (`--receipts-run-size`).
+    pub(crate) fn freeze_at(&self, n: usize) {
+        self.lock().freeze_at = n.max(1);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -202,13 +230,17 @@ impl Receipts {
     pub(crate) fn get(&self, key: &SendKey) -> Result<Option<SendReceipt>, StoreError> {
         let k = layout::send_key(key);
         let inner = self.lock();
-        if let Some(r) = inner.fresh.get(k.as_slice()) {
-            return Ok(Some(*r));
+        if let Some(f) = inner.fresh.get(k.as_slice()) {
+            return Ok(Some(f.receipt));
         }
-        if inner.runs.is_empty() {
+        if inner.runs.is_empty() && inner.building.is_none() {
             return Ok(None);
         }
         let hash = hash_of(&k);
+        let building = inner.building.as_ref();
+        if let Some(r) = building.and_then(|b| b.source.frozen_receipt(hash, &k)) {
+            return Ok(Some(r));
+        }
         for run in inner.runs.iter().rev() {
             if let Some(r) = run.find(&self.layout, &k, hash)? {
                 return Ok(Some(r));
@@ -223,43 +255,75 @@ impl Receipts {
         if sends.is_empty() {
             return;
         }
+        // Hashed outside the lock, and before a freeze needs it.
+        let staged: Vec<(Box<[u8]>, Fresh)> = sends
+            .iter()
+            .map(|s| {
+                let key = layout::send_key(&s.key);
+                let fresh = Fresh {
+                    hash: hash_of(&key),
+                    receipt: s.receipt,
+                };
+                (key.into_boxed_slice(), fresh)
+            })
+            .collect();
         let mut inner = self.lock();
-        for s in sends {
-            inner
-                .fresh
-                .insert(layout::send_key(&s.key).into_boxed_slice(), s.receipt);
-        }
+        inner.fresh.extend(staged);
         inner.holding.insert(batch);
     }
 
     /// Whether a batch no queue entry references any more must stay on
     /// disk for the fresh receipts it holds (the next freeze removes it).
     pub(crate) fn keeps(&self, batch: u64) -> bool {
-        self.lock().holding.contains(&batch)
+        let inner = self.lock();
+        match inner.building.as_ref().map(|b| &b.source) {
+            Some(Source::Freeze { holding, .. }) if holding.contains(&batch) => true,
+            _ => inner.holding.contains(&batch),
+        }
     }
 
-    /// Between two cycles (no batch open, every batch applied): freeze the
-    /// fresh receipts into a run once there are enough, or once the
-    /// watermark lags too far, and merge; remove a few batches kept for
-    /// receipts frozen before.
+    /// Between two cycles (no batch open, every batch applied): write the
+    /// next piece of the run being built (publishing it after its last);
+    /// if none is being built, start merging the newest runs if due, or
+    /// else freezing the fresh receipts once there are enough (or once the
+    /// watermark lags too far); remove a few batches kept for receipts
+    /// frozen before.
     pub(crate) fn between_cycles(&self, index: &IndexState) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let lag = index.next_batch.saturating_sub(inner.watermark);
-        if inner.fresh.len() >= inner.freeze_at || lag >= MAX_LAG {
-            self.freeze_and_merge(&mut inner, index)?;
+        if inner.building.is_some() {
+            self.step(&mut inner, index)?;
+        } else {
+            // A due merge goes first (so that runs stay few however small
+            // they are made), unless the fresh receipts have grown to twice
+            // a run or the watermark lags too far.
+            let lag = index.next_batch.saturating_sub(inner.watermark);
+            let fresh = inner.fresh.len();
+            let urgent = fresh >= inner.freeze_at.saturating_mul(2) || lag >= MAX_LAG;
+            if urgent || (!self.start_merge(&mut inner) && fresh >= inner.freeze_at) {
+                self.start_freeze(&mut inner, index);
+            }
         }
         self.remove_released(&mut inner, REMOVALS_PER_CYCLE)
     }
 
     /// Freeze now and remove every batch kept for receipts, before a
-    /// checkpoint of the queue index: a start from it reads no batch
-    /// before it for receipts, and finds none left over there.
+    /// checkpoint of the queue index (between two cycles): a start from it
+    /// reads no batch before it for receipts, and finds none left over
+    /// there.
     pub(crate) fn freeze_now(&self, index: &IndexState) -> Result<(), StoreError> {
         let mut inner = self.lock();
+        self.finish_building(&mut inner, index)?;
         if !inner.fresh.is_empty() || inner.watermark != index.next_batch {
-            self.freeze_and_merge(&mut inner, index)?;
+            self.start_freeze(&mut inner, index);
+            self.finish_building(&mut inner, index)?;
         }
         self.remove_released(&mut inner, usize::MAX)
+    }
+
+    /// Finish the run being built and publish it (before a compaction
+    /// copies the database).
+    pub(crate) fn settle(&self, index: &IndexState) -> Result<(), StoreError> {
+        self.finish_building(&mut self.lock(), index)
     }
 
     /// Remove up to `max` batches kept for receipts since frozen (in one
@@ -280,31 +344,16 @@ impl Receipts {
         Ok(())
     }
 
-    fn freeze_and_merge(&self, inner: &mut Inner, index: &IndexState) -> Result<(), StoreError> {
-        let t0 = std::time::Instant::now();
-        let frozen = self.freeze(inner, index)?;
-        let t1 = std::time::Instant::now();
-        self.merge_similar(inner)?;
-        tracing::debug!(
-            frozen,
-            freeze_ms = (t1 - t0).as_millis() as u64,
-            merge_ms = t1.elapsed().as_millis() as u64,
-            runs = inner.runs.len(),
-            "send receipts frozen into a run"
-        );
-        Ok(())
-    }
-
     /// Forget sends made before `cutoff_ms`; how many were forgotten.
     pub(crate) fn forget(&self, cutoff_ms: u64, index: &IndexState) -> Result<u64, StoreError> {
         let mut inner = self.lock();
+        self.finish_building(&mut inner, index)?;
+        let before = inner.remembered();
         inner.forget_before_ms = inner.forget_before_ms.max(cutoff_ms);
-        let mut forgotten = 0;
         let old = |r: &Run| r.newest_created_ms < cutoff_ms;
-        if inner.runs.iter().any(old) {
+        if inner.runs.iter().any(|r| old(r)) {
             let tx = self.layout.storage.begin();
             for run in inner.runs.iter().filter(|r| old(r)) {
-                forgotten += run.entries;
                 for k in run.keys() {
                     tx.remove_raw(self.layout.trees.sends.handle, &k)?;
                 }
@@ -312,13 +361,11 @@ impl Receipts {
             tx.commit()?;
             inner.runs.retain(|r| !old(r));
         }
-        let before = inner.fresh.len();
         if inner.fresh.keys().any(|k| entry::created_ms(k) < cutoff_ms) {
-            let kept = self.freeze(&mut inner, index)?;
-            forgotten += (before - kept) as u64;
-            self.merge_similar(&mut inner)?;
+            self.start_freeze(&mut inner, index);
+            self.finish_building(&mut inner, index)?;
         }
-        Ok(forgotten)
+        Ok(before.saturating_sub(inner.remembered()))
     }
 
     /// Remembered sends made before `cutoff_ms`, oldest first, at most
@@ -328,11 +375,12 @@ impl Receipts {
         let mut keys: Vec<Box<[u8]>> = inner
             .fresh
             .keys()
+            .chain(inner.freezing().iter().map(|f| &f.key))
             .filter(|k| entry::created_ms(k) < cutoff_ms)
             .cloned()
             .collect();
         for run in &inner.runs {
-            for e in run.stream(&self.layout) {
+            for e in Stream::of(run, &self.layout) {
                 let e = e?;
                 if e.created_ms() < cutoff_ms {
                     keys.push(e.order().1.into());
@@ -364,10 +412,10 @@ impl Receipts {
     pub(crate) fn counts(&self) -> ReceiptCounts {
         let inner = self.lock();
         ReceiptCounts {
-            fresh: inner.fresh.len(),
+            fresh: inner.fresh.len() + inner.freezing().len(),
             frozen: inner.runs.iter().map(|r| r.entries).sum(),
             runs: inner.runs.len(),
-            run_memory: inner.runs.iter().map(Run::memory).sum(),
+            run_memory: inner.runs.iter().map(|r| r.memory()).sum(),
         }
     }
 }

@@ -42,6 +42,7 @@ pub(super) fn open_with(dir: &Path, max_queue_depth: u64, checkpoint_every: u64)
             store: TUNING,
             max_queue_depth,
             index_checkpoint_every_ops: checkpoint_every,
+            receipts_run_size: 65_536,
         },
     )
     .unwrap()
@@ -377,6 +378,7 @@ async fn a_gap_is_refused() {
             store: TUNING,
             max_queue_depth: u64::MAX,
             index_checkpoint_every_ops: 0,
+            receipts_run_size: 65_536,
         },
     )
     .err()
@@ -790,10 +792,12 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
     );
     assert!(duplicate(&b, 4).await);
     assert!(duplicate(&b, 100).await);
-    // The next send, once a run is due, freezes them: the batches go.
+    // The next send, once a run is due, starts freezing them; once the
+    // run is published, the batches go.
     b.receipts.freeze_at(1);
     b.submit(set(20)).wait().await.unwrap();
     b.settled().wait().await.unwrap();
+    b.receipts.freeze_now(&b.index.lock()).unwrap();
     assert_eq!(batches(&b), 1, "the live batch of send 20 is left");
     assert_eq!(b.receipts.counts().frozen, 22);
     b.flush().unwrap();

@@ -10,6 +10,8 @@
 //! | `'c' ++ run u64 BE ++ chunk u32 BE` | `0x01 ++ ([hash u64 BE] entry)*`, sorted by hash, then key |
 //! | `'f' ++ run u64 BE ++ part u32 BE` | the Bloom filter's words (u64 LE), 64 KiB per part |
 
+use std::sync::Arc;
+
 use super::bloom::Bloom;
 use super::entry::{created_ms, hash_of, put_entry, ChunkEntries, OwnedEntry, FORMAT};
 
@@ -39,15 +41,28 @@ pub(super) struct RunHeader {
 }
 
 /// A run's entries in order, read one chunk at a time.
-pub(super) struct Stream<'l> {
-    layout: &'l Layout,
-    run: &'l Run,
+pub(super) struct Stream {
+    layout: Layout,
+    run: Arc<Run>,
     next_chunk: usize,
     chunk: Vec<u8>,
     pos: usize,
 }
 
-impl Iterator for Stream<'_> {
+impl Stream {
+    /// The entries of `run`, from its first.
+    pub(super) fn of(run: &Arc<Run>, layout: &Layout) -> Stream {
+        Stream {
+            layout: layout.clone(),
+            run: run.clone(),
+            next_chunk: 0,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Iterator for Stream {
     type Item = Result<OwnedEntry, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -55,7 +70,7 @@ impl Iterator for Stream<'_> {
             if self.next_chunk >= self.run.fences.len() {
                 return None;
             }
-            match self.run.chunk(self.layout, self.next_chunk) {
+            match self.run.chunk(&self.layout, self.next_chunk) {
                 Ok(chunk) => self.chunk = chunk,
                 Err(e) => {
                     self.next_chunk = self.run.fences.len();
@@ -173,10 +188,10 @@ impl RunBuilder {
             bloom_words: self.bloom.words() as u64,
             fences: self.fences,
         };
-        self.writes.push((
+        let header_record = (
             run_key(HEADER, self.id),
             layout::encode(self.tree, &header)?,
-        ));
+        );
         let run = Run {
             id: self.id,
             entries: header.entries,
@@ -187,6 +202,7 @@ impl RunBuilder {
         Ok(Some(Built {
             run,
             writes: self.writes,
+            header: header_record,
         }))
     }
 }
@@ -194,8 +210,10 @@ impl RunBuilder {
 /// A run built, and the records to write it as.
 pub(super) struct Built {
     pub(super) run: Run,
-    /// Keys and values: chunks, filter parts, the header.
+    /// Keys and values of the chunks not taken yet and the filter's parts.
     pub(super) writes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Key and value of the header, which publishes the run.
+    pub(super) header: (Vec<u8>, Vec<u8>),
 }
 
 /// A frozen run, as kept in memory.
@@ -296,17 +314,6 @@ impl Run {
                     self.id
                 ))
             })
-    }
-
-    /// Its entries in order, one chunk in memory at a time.
-    pub(super) fn stream<'l>(&'l self, layout: &'l Layout) -> Stream<'l> {
-        Stream {
-            layout,
-            run: self,
-            next_chunk: 0,
-            chunk: Vec::new(),
-            pos: 0,
-        }
     }
 
     /// Every key of the chunks and filter parts of run `id`, as stored

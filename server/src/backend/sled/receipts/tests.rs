@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use mls_ds_protocol::groups::SendId;
 use mls_ds_protocol::ClientId;
 
-use super::entry::hash_of;
-use super::run::RunBuilder;
 use super::{Receipts, SendAnswer};
 use crate::backend::records::{SendKey, SendReceipt};
 use crate::backend::sled::layout::{Layout, StoreTuning};
@@ -43,11 +41,22 @@ fn index(next: u64) -> IndexState {
     IndexState::new(HashMap::new(), next)
 }
 
-/// What the writer does for a batch: stage its receipts, then freeze if due
-/// between two cycles.
+/// What the writer does for a batch: stage its receipts, then, between two
+/// cycles, publish a run built meanwhile and start a freeze or merge if due.
 fn record(receipts: &Receipts, batch: u64, sends: &[SendAnswer]) {
     receipts.stage(batch, sends);
     receipts.between_cycles(&index(batch + 1)).unwrap();
+}
+
+/// Publish the run being built and the merges due after it, one by one.
+fn merge_all(receipts: &Receipts, next_batch: u64) {
+    loop {
+        receipts.settle(&index(next_batch)).unwrap();
+        let mut inner = receipts.lock();
+        if !receipts.start_merge(&mut inner) {
+            return;
+        }
+    }
 }
 
 fn expect(receipts: &Receipts, found: std::ops::Range<u64>, absent: std::ops::Range<u64>) {
@@ -65,28 +74,43 @@ fn frozen_receipts_are_found_through_merges_and_reopening() {
     let (_dir, layout, receipts) = store();
     receipts.freeze_at(300);
     // 5,000 sends in batches of 10: 16 freezes, merged as they go.
+    // Every one is found while runs are being built and published.
     for batch in 0..500u64 {
         let sends: Vec<SendAnswer> = (batch * 10..batch * 10 + 10).map(answer).collect();
         record(&receipts, batch, &sends);
+        if batch % 50 == 49 {
+            expect(
+                &receipts,
+                0..batch * 10 + 10,
+                batch * 10 + 10..batch * 10 + 20,
+            );
+        }
     }
+    merge_all(&receipts, 500);
     let counts = receipts.counts();
     assert_eq!(counts.total(), 5_000);
-    assert_eq!(counts.fresh, 200);
+    assert!(counts.fresh < 5_000, "runs were frozen");
     assert!(counts.runs <= 5, "{} runs", counts.runs);
     expect(&receipts, 0..5_000, 5_000..7_000);
     assert!(receipts.problems().unwrap().is_empty());
     drop(receipts);
-    // Reopened: the runs are read back; the fresh receipts would be read
-    // from their batches, which this test did not write.
+    // Reopened: the runs are read back; the fresh receipts (the newest)
+    // would be read from their batches, which this test did not write.
+    let frozen = 5_000 - counts.fresh as u64;
     let reopened = Receipts::open(&layout).unwrap();
-    assert_eq!(reopened.counts().total(), 4_800);
+    assert_eq!(reopened.counts().total(), frozen);
     assert_eq!(reopened.counts().runs, counts.runs);
-    expect(&reopened, 0..4_800, 4_800..7_000);
+    expect(&reopened, 0..frozen, frozen..7_000);
     assert_eq!(
-        reopened.before(u64::MAX, usize::MAX).unwrap().len(),
-        4_800,
+        reopened.before(u64::MAX, usize::MAX).unwrap().len() as u64,
+        frozen,
         "every send listed once (mls-ds migrate)"
     );
+    assert!(layout
+        .storage
+        .scan_raw(layout.trees.sends.handle, b"n")
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -128,42 +152,63 @@ fn check_finds_a_missing_chunk() {
     );
 }
 
-/// A run is written in several writes while it is built: what a crash
-/// leaves of one before its header is removed by the next start.
+/// While a run is built, a piece per gap between two cycles, its receipts
+/// are found in memory and their batches kept; its publication moves the
+/// watermark to the batch that was next when it began.
 #[test]
-fn a_run_cut_short_by_a_crash_is_removed_at_the_next_start() {
+fn receipts_being_frozen_are_found_and_their_batches_kept_until_published() {
     let (_dir, layout, receipts) = store();
-    let tree = layout.trees.sends;
-    let mut sorted: Vec<(u64, Vec<u8>, SendReceipt)> = (0..20_000)
-        .map(|n| {
-            let a = answer(n);
-            let key = crate::backend::sled::layout::send_key(&a.key);
-            (hash_of(&key), key, a.receipt)
-        })
-        .collect();
-    sorted.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    let mut builder = RunBuilder::new(0, sorted.len(), tree);
-    for (hash, key, receipt) in &sorted {
-        builder.push(*hash, key, receipt);
-        receipts.write_chunks(&mut builder, 0).unwrap();
+    let sends: Vec<SendAnswer> = (0..20_000).map(answer).collect();
+    receipts.stage(0, &sends);
+    receipts.start_freeze(&mut receipts.lock(), &index(1));
+    // Sends accepted meanwhile are fresh.
+    let newer: Vec<SendAnswer> = (20_000..20_100).map(answer).collect();
+    receipts.stage(1, &newer);
+    let mut gaps = 0;
+    while receipts.lock().building.is_some() {
+        expect(&receipts, 0..20_100, 20_100..20_200);
+        assert!(receipts.keeps(0) && receipts.keeps(1));
+        assert_eq!(receipts.counts().total(), 20_100);
+        assert_eq!(receipts.counts().runs, 0);
+        receipts.step(&mut receipts.lock(), &index(2)).unwrap();
+        gaps += 1;
     }
-    // The crash: the rest of the run and its header never written.
-    drop(builder);
-    let written = layout.storage.scan_raw(tree.handle, b"c").unwrap().len();
-    assert!(written >= 64, "{written} chunks written before the header");
+    assert!(gaps >= 3, "20,000 receipts take several pieces, not {gaps}");
+    assert_eq!(receipts.counts().runs, 1);
+    assert_eq!(receipts.counts().fresh, 100);
+    assert!(!receipts.keeps(0), "released with the run's publication");
+    assert!(receipts.keeps(1));
+    expect(&receipts, 0..20_100, 20_100..20_200);
+    assert!(receipts.problems().unwrap().is_empty());
+    // A start reads the newer ones back from batch 1 on (this test wrote
+    // no batch).
+    let reopened = Receipts::open(&layout).unwrap();
+    assert_eq!(reopened.lock().watermark, 1);
+    assert_eq!(reopened.counts().total(), 20_000);
+}
+
+/// A server that stops in the middle of a run leaves its pieces behind,
+/// unpublished: the next start removes them, and reads the receipts from
+/// their batches again.
+#[test]
+fn a_run_left_in_pieces_by_a_stop_is_removed_at_the_next_start() {
+    let (_dir, layout, receipts) = store();
+    let sends: Vec<SendAnswer> = (0..20_000).map(answer).collect();
+    receipts.stage(0, &sends);
+    receipts.start_freeze(&mut receipts.lock(), &index(1));
+    for _ in 0..2 {
+        receipts.step(&mut receipts.lock(), &index(1)).unwrap();
+    }
+    assert!(receipts.lock().building.is_some());
+    drop(receipts);
+    let tree = layout.trees.sends.handle;
+    assert!(!layout.storage.scan_raw(tree, b"c").unwrap().is_empty());
     let reopened = Receipts::open(&layout).unwrap();
     assert_eq!(reopened.counts().runs, 0);
+    assert_eq!(reopened.lock().watermark, 0);
     reopened.remove_unfinished().unwrap();
-    assert!(layout
-        .storage
-        .scan_raw(tree.handle, b"c")
-        .unwrap()
-        .is_empty());
-    assert!(layout
-        .storage
-        .scan_raw(tree.handle, b"n")
-        .unwrap()
-        .is_empty());
+    assert!(layout.storage.scan_raw(tree, b"c").unwrap().is_empty());
+    assert!(layout.storage.scan_raw(tree, b"n").unwrap().is_empty());
     // The next run is whole.
     let sends: Vec<SendAnswer> = (0..500).map(answer).collect();
     reopened.stage(0, &sends);
