@@ -14,11 +14,6 @@
 //! deleting queues) and makes entries visible once they are durable;
 //! fetches only read. One mutex guards it all, each holder keeping it for
 //! a few map operations.
-//!
-//! Over 500 lines because assignment, its undo, acknowledgement, expiry and
-//! deletion all change the same three structures (queues, batch counts,
-//! body cache) under that one mutex; split apart, each would reach into
-//! the others' fields.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -152,15 +152,22 @@ fn check_finds_a_missing_chunk() {
     );
 }
 
+/// A new database whose 20,000 receipts of batch 0 are being frozen
+/// (nothing written of the run yet).
+fn freezing_20_000() -> (tempfile::TempDir, Layout, Receipts) {
+    let (dir, layout, receipts) = store();
+    let sends: Vec<SendAnswer> = (0..20_000).map(answer).collect();
+    receipts.stage(0, &sends);
+    receipts.start_freeze(&mut receipts.lock(), &index(1));
+    (dir, layout, receipts)
+}
+
 /// While a run is built, a piece per gap between two cycles, its receipts
 /// are found in memory and their batches kept; its publication moves the
 /// watermark to the batch that was next when it began.
 #[test]
 fn receipts_being_frozen_are_found_and_their_batches_kept_until_published() {
-    let (_dir, layout, receipts) = store();
-    let sends: Vec<SendAnswer> = (0..20_000).map(answer).collect();
-    receipts.stage(0, &sends);
-    receipts.start_freeze(&mut receipts.lock(), &index(1));
+    let (_dir, layout, receipts) = freezing_20_000();
     // Sends accepted meanwhile are fresh.
     let newer: Vec<SendAnswer> = (20_000..20_100).map(answer).collect();
     receipts.stage(1, &newer);
@@ -192,10 +199,7 @@ fn receipts_being_frozen_are_found_and_their_batches_kept_until_published() {
 /// their batches again.
 #[test]
 fn a_run_left_in_pieces_by_a_stop_is_removed_at_the_next_start() {
-    let (_dir, layout, receipts) = store();
-    let sends: Vec<SendAnswer> = (0..20_000).map(answer).collect();
-    receipts.stage(0, &sends);
-    receipts.start_freeze(&mut receipts.lock(), &index(1));
+    let (_dir, layout, receipts) = freezing_20_000();
     for _ in 0..2 {
         receipts.step(&mut receipts.lock(), &index(1)).unwrap();
     }
