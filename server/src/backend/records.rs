@@ -22,6 +22,17 @@ pub(crate) struct GroupId(Vec<u8>);
 #[error("group id must be 1 to {MAX_GROUP_ID_LEN} bytes, got {0}")]
 pub(crate) struct BadGroupId(usize);
 
+/// A group id given in hex that is not one.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadHexGroupId {
+    /// Not hex.
+    #[error("group id in path is not hex: {0}")]
+    Hex(#[from] hex::FromHexError),
+    /// Of the wrong length.
+    #[error(transparent)]
+    Length(BadGroupId),
+}
+
 impl GroupId {
     /// Check the length and wrap.
     pub(crate) fn new(bytes: &[u8]) -> Result<GroupId, BadGroupId> {
@@ -29,6 +40,18 @@ impl GroupId {
             return Err(BadGroupId(bytes.len()));
         }
         Ok(GroupId(bytes.to_vec()))
+    }
+
+    /// Check the length of an id given in hex and decode it (into exactly
+    /// its size: a path's id is decoded for every request).
+    pub(crate) fn from_hex(text: &str) -> Result<GroupId, BadHexGroupId> {
+        let len = text.len() / 2;
+        if len == 0 || len > MAX_GROUP_ID_LEN {
+            return Err(BadHexGroupId::Length(BadGroupId(len)));
+        }
+        let mut bytes = vec![0; len];
+        hex::decode_to_slice(text, &mut bytes)?;
+        Ok(GroupId(bytes))
     }
 
     /// The id's bytes.

@@ -226,14 +226,12 @@ struct Framing {
 
 fn framing(req: &httparse::Request<'_, '_>, base: *const u8) -> Framing {
     let mut codings: Option<&[u8]> = None;
-    let mut lengths = Vec::new();
-    let mut rename = Vec::new();
+    let mut length = Length::Absent;
     for field in req.headers.iter() {
         if field.name.eq_ignore_ascii_case("transfer-encoding") {
             codings = Some(field.value);
         } else if field.name.eq_ignore_ascii_case("content-length") {
-            lengths.push(field.value);
-            rename.push((field.name.as_ptr() as usize).wrapping_sub(base as usize));
+            length = length.and(field.value);
         }
     }
     let next = match codings {
@@ -242,16 +240,23 @@ fn framing(req: &httparse::Request<'_, '_>, base: *const u8) -> Framing {
         Some(_) if req.version != Some(1) => State::Passthrough,
         Some(value) if last_coding_is_chunked(value) => State::ChunkSize,
         Some(_) => State::Passthrough,
-        None => match body_length(&lengths) {
-            Some(0) => State::Head,
-            Some(n) => State::Body(n),
-            None if lengths.is_empty() => State::Head,
-            None => State::Passthrough,
+        None => match length {
+            Length::Absent | Length::Is(0) => State::Head,
+            Length::Is(n) => State::Body(n),
+            Length::Invalid => State::Passthrough,
         },
     };
-    if codings.is_none() {
-        rename.clear();
-    }
+    // Only a head with both fields has names to rename (rare: found again
+    // rather than collected for every request).
+    let rename = match (codings, length) {
+        (Some(_), Length::Is(_) | Length::Invalid) => req
+            .headers
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("content-length"))
+            .map(|f| (f.name.as_ptr() as usize).wrapping_sub(base as usize))
+            .collect(),
+        _ => Vec::new(),
+    };
     Framing { next, rename }
 }
 
@@ -263,20 +268,31 @@ fn last_coding_is_chunked(value: &[u8]) -> bool {
         .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
 }
 
-/// The one length all `Content-Length` values (comma lists included) agree
-/// on; `None` if there is none or they disagree.
-fn body_length(values: &[&[u8]]) -> Option<u64> {
-    let mut length = None;
-    for value in values {
-        for part in std::str::from_utf8(value).ok()?.split(',') {
-            let n: u64 = part.trim().parse().ok()?;
-            if length.is_some_and(|l| l != n) {
-                return None;
+/// What the `Content-Length` fields seen so far say.
+#[derive(Clone, Copy)]
+enum Length {
+    /// No such field.
+    Absent,
+    /// Every value (comma lists included) agrees on this length.
+    Is(u64),
+    /// A value is not a number, or two disagree.
+    Invalid,
+}
+
+impl Length {
+    /// Fold in one more field's value.
+    fn and(self, value: &[u8]) -> Length {
+        let Ok(text) = std::str::from_utf8(value) else {
+            return Length::Invalid;
+        };
+        text.split(',').fold(self, |seen, part| {
+            match (seen, part.trim().parse::<u64>()) {
+                (Length::Invalid, _) | (_, Err(_)) => Length::Invalid,
+                (Length::Is(l), Ok(n)) if l != n => Length::Invalid,
+                (_, Ok(n)) => Length::Is(n),
             }
-            length = Some(n);
-        }
+        })
     }
-    length
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
@@ -336,10 +352,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingGuard<S> {
                                 return Poll::Ready(Ok(()));
                             }
                         }
-                        Poll::Ready(Ok(())) => {
-                            let data = scan.filled().to_vec();
-                            this.feed(&data);
-                        }
+                        Poll::Ready(Ok(())) => this.feed(scan.filled()),
                     }
                 }
             }

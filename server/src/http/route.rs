@@ -95,8 +95,14 @@ enum Path<'a> {
 
 impl Path<'_> {
     fn parse(path: &str) -> Option<Path<'_>> {
-        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-        Some(match segments.as_slice() {
+        // No route has more than four segments: kept on the stack.
+        let mut segments = [""; 4];
+        let mut n = 0;
+        for part in path.trim_end_matches('/').split('/').skip(1) {
+            *segments.get_mut(n)? = part;
+            n += 1;
+        }
+        Some(match &segments[..n] {
             ["healthz"] => Path::Healthz,
             ["v1", "clients"] => Path::Clients,
             ["v1", "sessions"] => Path::Sessions,
@@ -213,9 +219,7 @@ fn client_id(segment: &str) -> Result<ClientId, ApiError> {
 }
 
 fn group_id(hex_id: &str) -> Result<GroupId, ApiError> {
-    let bytes = hex::decode(hex_id)
-        .map_err(|e| ApiError::BadRequest(format!("group id in path is not hex: {e}")))?;
-    GroupId::new(&bytes).map_err(|e| ApiError::BadRequest(e.to_string()))
+    GroupId::from_hex(hex_id).map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
 fn fetch_query(query: &str) -> Result<FetchRequest, ApiError> {

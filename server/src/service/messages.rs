@@ -15,14 +15,12 @@ use mls_ds_protocol::groups::{MessageAccepted, SendId, SendMessage};
 use mls_ds_protocol::queue::EntryKind;
 use mls_ds_protocol::ClientId;
 use openmls::prelude::tls_codec::Deserialize as _;
-use openmls::prelude::{
-    ContentType, MlsMessageIn, PrivateMessageIn, ProcessedMessageContent, ProtocolMessage,
-};
+use openmls::prelude::{ContentType, MlsMessageIn, ProcessedMessageContent, ProtocolMessage};
 
 use super::auth::Caller;
 use super::error::{DsError, Result};
 use super::loaded_groups::{Kept, Version};
-use super::{mls, Ds};
+use super::{mls, private_header, Ds};
 use crate::backend::records::{
     now_ms, GroupId, GroupRecord, GroupState, SendKey, SendReceipt, StoredMessage, StoredSendId,
 };
@@ -55,19 +53,20 @@ impl<B: Backend> Ds<B> {
         id: &GroupId,
         req: SendMessage,
     ) -> Result<MessageAccepted> {
-        let bytes = req.message.as_slice();
+        // The request's bytes become the stored message: not copied.
+        let message = Vec::from(req.message);
         let max = self.policy.max_message_bytes;
-        if bytes.len() > max {
+        if message.len() > max {
             return Err(DsError::TooLarge(format!(
                 "a message may have at most {max} bytes; this one has {}",
-                bytes.len()
+                message.len()
             )));
         }
         let send = match req.send_id {
             Some(send_id) => Some(self.send_key(caller, send_id)?),
             None => None,
         };
-        let outcome = self.deliver_send(caller, id, bytes, send.clone()).await;
+        let outcome = self.deliver_send(caller, id, message, send.clone()).await;
         let (Err(refusal), Some(key)) = (&outcome, &send) else {
             return outcome;
         };
@@ -87,21 +86,38 @@ impl<B: Backend> Ds<B> {
         &self,
         caller: &Caller,
         id: &GroupId,
-        bytes: &[u8],
+        message: Vec<u8>,
         send: Option<SendKey>,
     ) -> Result<MessageAccepted> {
-        let msg = MlsMessageIn::tls_deserialize_exact(bytes)
-            .map_err(|e| DsError::Invalid(format!("malformed message: {e}")))?;
-        let pm = msg
-            .try_into_protocol_message()
-            .map_err(|_| DsError::Invalid("not a protocol message".into()))?;
-        match pm {
-            ProtocolMessage::PrivateMessage(private) => {
-                self.send_application(caller, id, &private, bytes, send)
-                    .await
+        // Application messages, the common case, are read in place.
+        let (group, epoch, content_type) = match private_header::read(&message) {
+            Some(h) => (h.group_id == id.as_bytes(), h.epoch, h.content_type),
+            None => {
+                let msg = MlsMessageIn::tls_deserialize_exact(&message)
+                    .map_err(|e| DsError::Invalid(format!("malformed message: {e}")))?;
+                let pm = msg
+                    .try_into_protocol_message()
+                    .map_err(|_| DsError::Invalid("not a protocol message".into()))?;
+                let ProtocolMessage::PrivateMessage(private) = pm else {
+                    return self.send_proposal(caller, id, message, send).await;
+                };
+                (
+                    private.group_id().as_slice() == id.as_bytes(),
+                    private.epoch().as_u64(),
+                    private.content_type(),
+                )
             }
-            ProtocolMessage::PublicMessage(_) => self.send_proposal(caller, id, bytes, send).await,
+        };
+        if !group {
+            return Err(DsError::Invalid("message belongs to another group".into()));
         }
+        if content_type != ContentType::Application {
+            return Err(DsError::Invalid(
+                "handshake messages must be PublicMessages so the DS can validate them".into(),
+            ));
+        }
+        self.send_application(caller, id, epoch, message, send)
+            .await
     }
 
     /// The answer of a concurrent attempt of the same send, which won the
@@ -147,26 +163,18 @@ impl<B: Backend> Ds<B> {
         Ok(self.backend.forget_sends(cutoff).await?)
     }
 
-    /// An application message: no lock, nothing but its fan-out written.
+    /// An application message of `epoch` (of this group, checked): no
+    /// lock, nothing but its fan-out written.
     async fn send_application(
         &self,
         caller: &Caller,
         id: &GroupId,
-        private: &PrivateMessageIn,
-        bytes: &[u8],
+        epoch: u64,
+        message: Vec<u8>,
         send: Option<SendKey>,
     ) -> Result<MessageAccepted> {
-        if private.group_id().as_slice() != id.as_bytes() {
-            return Err(DsError::Invalid("message belongs to another group".into()));
-        }
-        if private.content_type() != ContentType::Application {
-            return Err(DsError::Invalid(
-                "handshake messages must be PublicMessages so the DS can validate them".into(),
-            ));
-        }
         let record = self.group_record(id).await?;
         let to = recipients(&record, caller)?;
-        let epoch = private.epoch().as_u64();
         let window = self.policy.past_epoch_window;
         if epoch > record.epoch || epoch + window < record.epoch {
             return Err(DsError::WrongEpoch {
@@ -179,12 +187,12 @@ impl<B: Backend> Ds<B> {
         // Without the group's lock: the condition keeps a message from
         // landing after a deletion's `GroupDeleted` entry.
         // A duplicate is answered as such whatever else changed.
-        let mut conditions: Vec<Condition> =
-            send.clone().map(Condition::SendNew).into_iter().collect();
+        let mut conditions = Vec::with_capacity(2);
+        conditions.extend(send.clone().map(Condition::SendNew));
         conditions.push(Condition::GroupPresent(id.clone()));
         let set = WriteSet {
             conditions,
-            deliveries: vec![self.delivery(caller, id, epoch, bytes, to, send)],
+            deliveries: vec![self.delivery(caller, id, epoch, message, to, send)],
             ..WriteSet::default()
         };
         match self.backend.submit(set).wait().await {
@@ -205,10 +213,10 @@ impl<B: Backend> Ds<B> {
         &self,
         caller: &Caller,
         id: &GroupId,
-        bytes: &[u8],
+        message: Vec<u8>,
         send: Option<SendKey>,
     ) -> Result<MessageAccepted> {
-        let public = mls::parse_public(bytes, id, "message")?;
+        let public = mls::parse_public(&message, id, "message")?;
         if public.content_type() != ContentType::Proposal {
             return Err(DsError::Invalid(
                 "only application messages and proposals go to /messages; commits go to /commits"
@@ -268,7 +276,7 @@ impl<B: Backend> Ds<B> {
                     },
                 },
             ],
-            deliveries: vec![self.delivery(caller, id, epoch, bytes, to, send)],
+            deliveries: vec![self.delivery(caller, id, epoch, message, to, send)],
         };
         match self.backend.submit(set).wait_holding(guard).await {
             Ok(applied) => {
@@ -294,7 +302,7 @@ impl<B: Backend> Ds<B> {
         caller: &Caller,
         id: &GroupId,
         epoch: u64,
-        bytes: &[u8],
+        message: Vec<u8>,
         to: Vec<ClientId>,
         receipt: Option<SendKey>,
     ) -> Delivery {
@@ -304,7 +312,7 @@ impl<B: Backend> Ds<B> {
                 group_id: id.as_bytes().to_vec(),
                 epoch,
                 sender: caller.client.as_bytes().to_vec(),
-                message: bytes.to_vec(),
+                message,
                 stored_ms: now_ms(),
                 send: receipt.as_ref().map(|k| StoredSendId {
                     created_ms: k.id.created_ms,

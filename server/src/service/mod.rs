@@ -24,6 +24,7 @@ pub(crate) mod loaded_groups;
 pub(crate) mod messages;
 mod mls;
 pub(crate) mod operator;
+mod private_header;
 mod signatures;
 
 use mls_ds_protocol::ClientId;

@@ -281,13 +281,33 @@ pub(crate) fn split_commit_key(key: &[u8]) -> Option<(GroupId, u64)> {
 /// Key of a remembered send: its creation time first, so that keys sort by
 /// age.
 pub(crate) fn send_key(key: &SendKey) -> Vec<u8> {
-    let sender = key.sender.as_bytes();
-    let mut k = Vec::with_capacity(8 + 1 + sender.len() + 8);
-    k.extend_from_slice(&key.id.created_ms.to_be_bytes());
-    k.push(u8::try_from(sender.len()).unwrap_or(u8::MAX));
-    k.extend_from_slice(sender);
-    k.extend_from_slice(&key.id.nonce.to_be_bytes());
-    k
+    SendKeyBytes::of(key).as_slice().to_vec()
+}
+
+/// A [`send_key`] on the stack, for lookups (one per send with a send id).
+pub(crate) struct SendKeyBytes {
+    bytes: [u8; 8 + 1 + u8::MAX as usize + 8],
+    len: usize,
+}
+
+impl SendKeyBytes {
+    /// Encode `key` (a client id has at most 128 bytes: one byte counts it).
+    pub(crate) fn of(key: &SendKey) -> SendKeyBytes {
+        let sender = key.sender.as_bytes();
+        let sender = &sender[..sender.len().min(usize::from(u8::MAX))];
+        let mut bytes = [0; 8 + 1 + u8::MAX as usize + 8];
+        let len = 8 + 1 + sender.len() + 8;
+        bytes[..8].copy_from_slice(&key.id.created_ms.to_be_bytes());
+        bytes[8] = sender.len() as u8;
+        bytes[9..9 + sender.len()].copy_from_slice(sender);
+        bytes[9 + sender.len()..len].copy_from_slice(&key.id.nonce.to_be_bytes());
+        SendKeyBytes { bytes, len }
+    }
+
+    /// The encoded key.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The send a [`send_key`] names.

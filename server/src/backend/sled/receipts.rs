@@ -228,21 +228,22 @@ impl Receipts {
     /// The receipt of a send, if it is remembered (staged ones included:
     /// a reader waits for the writes before it to be durable).
     pub(crate) fn get(&self, key: &SendKey) -> Result<Option<SendReceipt>, StoreError> {
-        let k = layout::send_key(key);
+        let k = layout::SendKeyBytes::of(key);
+        let k = k.as_slice();
         let inner = self.lock();
-        if let Some(f) = inner.fresh.get(k.as_slice()) {
+        if let Some(f) = inner.fresh.get(k) {
             return Ok(Some(f.receipt));
         }
         if inner.runs.is_empty() && inner.building.is_none() {
             return Ok(None);
         }
-        let hash = hash_of(&k);
+        let hash = hash_of(k);
         let building = inner.building.as_ref();
-        if let Some(r) = building.and_then(|b| b.source.frozen_receipt(hash, &k)) {
+        if let Some(r) = building.and_then(|b| b.source.frozen_receipt(hash, k)) {
             return Ok(Some(r));
         }
         for run in inner.runs.iter().rev() {
-            if let Some(r) = run.find(&self.layout, &k, hash)? {
+            if let Some(r) = run.find(&self.layout, k, hash)? {
                 return Ok(Some(r));
             }
         }

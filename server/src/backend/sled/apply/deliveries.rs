@@ -190,7 +190,15 @@ fn queue_into(
     deliveries: Vec<Delivery>,
     max_queue_depth: u64,
 ) -> Result<Queued, StoreError> {
-    let mut queued = Queued::default();
+    let n = deliveries.len();
+    let mut queued = Queued {
+        applied: Applied {
+            deliveries: Vec::with_capacity(n),
+        },
+        assignments: Vec::with_capacity(n),
+        receipts: Vec::with_capacity(n),
+        batch: 0,
+    };
     let start = builder.mark();
     let tree = layout.trees.delivery;
     for d in deliveries {
