@@ -94,7 +94,7 @@ mod tests {
     /// An `MLSMessage` holding a `PrivateMessage`, encoded by hand.
     fn message(group: &[u8], epoch: u64, content: u8, fields: [&[u8]; 3]) -> Vec<u8> {
         let mut out = vec![0, 1, 0, 2];
-        let mut vector = |out: &mut Vec<u8>, v: &[u8]| {
+        let vector = |out: &mut Vec<u8>, v: &[u8]| {
             let len = v.len();
             match len {
                 0..=63 => out.push(len as u8),
