@@ -37,7 +37,8 @@ pub(crate) async fn serve<B: Backend>(
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = super::connection_builder(head_timeout);
+    // No framing guard or watchdog here: hyper times request heads.
+    let builder = super::connection_builder(Some(head_timeout));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {

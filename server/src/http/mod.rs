@@ -59,15 +59,19 @@ const H2_SEND_BUFFER: usize = 16 * 1024;
 /// Largest header block an h2 peer may send (heads are small here).
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
 
-/// The connection settings both listeners share: HTTP/1.1 and h2, and a
-/// client that stalls its request head gives up its connection after
-/// `head_timeout` (bodies are bounded by the same limit in `body`).
-fn connection_builder(head_timeout: Duration) -> auto::Builder<TokioExecutor> {
+/// The connection settings both listeners share: HTTP/1.1 and h2, and
+/// hyper's HTTP/1 head timeout if `hyper_head_timeout` is set.
+///
+/// The API listener leaves it unset: hyper allocates and arms a timer for
+/// every request. There [`FramingGuard`] times a head that has started
+/// arriving, and the connection watchdog (`conn`) closes connections idle
+/// between requests.
+fn connection_builder(hyper_head_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(head_timeout)
+        .header_read_timeout(hyper_head_timeout)
         .max_buf_size(H1_BUFFER);
     builder
         .http2()
@@ -102,7 +106,7 @@ pub(crate) async fn serve<B: Backend>(
     let shared = Arc::new(Shared {
         front: front.clone(),
         tls,
-        builder: connection_builder(head_timeout),
+        builder: connection_builder(None),
         head_timeout,
         limits: connections.limits(),
     });
