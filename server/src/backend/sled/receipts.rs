@@ -116,6 +116,10 @@ struct Inner {
     next_run: u64,
     /// Sends made before this are forgotten when a merge meets them.
     forget_before_ms: u64,
+    /// Tests: how many more of a run's writes succeed before they fail, as
+    /// on a full disk.
+    #[cfg(test)]
+    fail_run_writes_after: std::cell::Cell<Option<usize>>,
 }
 
 impl Inner {
@@ -171,6 +175,8 @@ impl Receipts {
                 building: None,
                 next_run,
                 forget_before_ms: 0,
+                #[cfg(test)]
+                fail_run_writes_after: std::cell::Cell::new(None),
             }),
         };
         receipts.read_fresh()?;

@@ -10,6 +10,7 @@ use super::{Receipts, SendAnswer};
 use crate::backend::records::{SendKey, SendReceipt};
 use crate::backend::sled::layout::{Layout, StoreTuning};
 use crate::backend::sled::queue_index::IndexState;
+use crate::backend::StoreError;
 
 fn key(sender: &str, created_ms: u64, nonce: u64) -> SendKey {
     SendKey {
@@ -219,4 +220,56 @@ fn a_run_left_in_pieces_by_a_stop_is_removed_at_the_next_start() {
     reopened.freeze_now(&index(1)).unwrap();
     expect(&reopened, 0..500, 500..1_000);
     assert!(reopened.problems().unwrap().is_empty());
+}
+
+/// A run whose piece or publication fails to be written is dropped: its
+/// receipts are fresh again, their batches kept, the error returned (the
+/// writer then marks storage broken). The next start removes its pieces
+/// and reads the receipts from their batches, as after a crash.
+#[test]
+fn a_run_that_fails_to_be_written_gives_its_receipts_back() {
+    // Steps of a whole freeze: each writes a piece, the last publishes.
+    let (_dir, _layout, receipts) = freezing_20_000();
+    let mut steps = 0;
+    while receipts.lock().building.is_some() {
+        receipts.step(&mut receipts.lock(), &index(1)).unwrap();
+        steps += 1;
+    }
+    assert!(steps >= 3);
+    // Failing before the first piece, after two, and at the publication
+    // (each step checks once before its piece, the last once more before
+    // publishing).
+    for fail_after in [0, 2, steps] {
+        let (_dir, layout, receipts) = freezing_20_000();
+        receipts.lock().fail_run_writes_after.set(Some(fail_after));
+        let failed = loop {
+            if let Err(e) = receipts.step(&mut receipts.lock(), &index(1)) {
+                break e;
+            }
+            assert!(
+                receipts.lock().building.is_some(),
+                "published despite the failure"
+            );
+        };
+        assert!(matches!(failed, StoreError::Failed(_)), "{failed:?}");
+        assert!(receipts.lock().building.is_none());
+        assert_eq!(receipts.counts().fresh, 20_000);
+        assert_eq!(receipts.counts().runs, 0);
+        assert!(receipts.keeps(0), "the batch stays for its receipts");
+        expect(&receipts, 0..20_000, 20_000..20_100);
+        drop(receipts);
+        let tree = layout.trees.sends.handle;
+        let left = layout.storage.scan_raw(tree, b"c").unwrap().len();
+        assert_eq!(
+            left > 0,
+            fail_after > 0,
+            "pieces written before the failure"
+        );
+        let reopened = Receipts::open(&layout).unwrap();
+        reopened.remove_unfinished().unwrap();
+        assert_eq!(reopened.lock().watermark, 0);
+        assert_eq!(reopened.counts().runs, 0);
+        assert!(layout.storage.scan_raw(tree, b"c").unwrap().is_empty());
+        assert!(reopened.problems().unwrap().is_empty());
+    }
 }

@@ -155,7 +155,7 @@ impl Receipts {
         let Some(mut building) = inner.building.take() else {
             return Ok(());
         };
-        match self.advance(&mut building) {
+        match injected_failure(inner).and_then(|()| self.advance(&mut building)) {
             Ok(false) => {
                 inner.building = Some(building);
                 Ok(())
@@ -269,6 +269,7 @@ impl Receipts {
         source: &Source,
         built: Option<&Built>,
     ) -> Result<(), StoreError> {
+        injected_failure(inner)?;
         let tree = self.layout.trees.sends.handle;
         let tx = self.layout.storage.begin();
         tx.remove_raw(tree, UNFINISHED)?;
@@ -312,6 +313,23 @@ impl Receipts {
         inner.next_run = inner.next_run.max(id + 1);
         Ok(())
     }
+}
+
+/// The failure tests inject into a run's writes (a full disk); nothing
+/// outside tests.
+fn injected_failure(inner: &Inner) -> Result<(), StoreError> {
+    #[cfg(test)]
+    match inner.fail_run_writes_after.get() {
+        Some(0) => {
+            return Err(StoreError::Failed(
+                crate::backend::StorageFault::from_os_error(Some(28)),
+            ))
+        }
+        Some(n) => inner.fail_run_writes_after.set(Some(n - 1)),
+        None => {}
+    }
+    let _ = inner;
+    Ok(())
 }
 
 /// Undo what starting a run from `source` changed: the receipts being
