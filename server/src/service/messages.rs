@@ -37,12 +37,11 @@ fn recipients(record: &GroupRecord, caller: &Caller) -> Result<Vec<ClientId>> {
     if !record.members.iter().any(|m| m == me) {
         return Err(DsError::Forbidden("not a member of the group".into()));
     }
-    record
-        .members
-        .iter()
-        .filter(|m| m.as_slice() != me)
-        .map(|m| ClientId::new(m).map_err(DsError::from))
-        .collect()
+    let mut to = Vec::with_capacity(record.members.len().saturating_sub(1));
+    for m in record.members.iter().filter(|m| m.as_slice() != me) {
+        to.push(ClientId::new(m)?);
+    }
+    Ok(to)
 }
 
 impl<B: Backend> Ds<B> {

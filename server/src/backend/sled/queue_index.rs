@@ -492,7 +492,7 @@ impl IndexState {
         };
         let start = after.max(cq.acked);
         let end = cq.visible.min(start.saturating_add(limit as u64));
-        let mut rows = Vec::new();
+        let mut rows = Vec::with_capacity(usize::try_from(end.saturating_sub(start)).unwrap_or(0));
         let first = usize::try_from(start - cq.acked).unwrap_or(usize::MAX);
         for (seq, id) in (start + 1..=end).zip(cq.ids.iter_from(first)) {
             rows.push(Row {
