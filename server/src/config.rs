@@ -566,6 +566,18 @@ pub struct Limits {
     )]
     pub receipts_run_size: u64,
 
+    /// Members from which a group's messages store their fan-out as a
+    /// reference to the group's roster, stored once per change of its
+    /// members, instead of a list of every recipient with its sequence
+    /// number. Lower values share rosters in smaller groups too.
+    #[arg(
+        long,
+        env = "MLS_DS_ROSTER_MIN_MEMBERS",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(2..=1_000_000)
+    )]
+    pub roster_min_members: u32,
+
     /// How long a client may take to send a request head (HTTP/1) or a
     /// request body, in milliseconds; a stalled client loses its connection
     /// or gets 400 then, and gives up its in-flight slot.

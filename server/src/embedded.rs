@@ -58,6 +58,7 @@ pub(crate) fn open(data_dir: &Path, limits: &Limits) -> Result<SledDs, StoreErro
         max_queue_depth: limits.max_queue_depth,
         index_checkpoint_every_ops: limits.index_checkpoint_every_ops,
         receipts_run_size: usize::try_from(limits.receipts_run_size).unwrap_or(usize::MAX),
+        roster_min_members: limits.roster_min_members as usize,
     };
     let backend = SledBackend::open(data_dir, config)?;
     Ok(Ds::new(backend, policy(limits)))

@@ -253,6 +253,11 @@ pub(crate) struct Delivery {
     pub(crate) message: StoredMessage,
     /// Who gets a queue entry.
     pub(crate) recipients: Vec<ClientId>,
+    /// Where the sender stands among the group's members when
+    /// `recipients` are the others in the group record's order: the
+    /// backend may then store the fan-out as a reference to the members
+    /// (the sled backend's rosters) instead of a list.
+    pub(crate) sender_at: Option<u32>,
     /// Remember the outcome under this send (durable with the delivery), so
     /// that a retry of the send gets it instead of a second delivery.
     pub(crate) receipt: Option<SendKey>,

@@ -343,6 +343,9 @@ impl<B: Backend> Ds<B> {
         let mut deliveries = vec![Delivery {
             message: stored(EntryKind::Commit, submitted.epoch, bundle.commit.as_slice()),
             recipients: commit_to,
+            // Without the members that deleted themselves: not the roster
+            // sends share.
+            sender_at: None,
             receipt: None,
         }];
         if let Some(w) = &bundle.welcome {
@@ -357,6 +360,7 @@ impl<B: Backend> Ds<B> {
                     ..stored(EntryKind::Welcome, merged.new_epoch, w.as_slice())
                 },
                 recipients: merged.welcome_to.clone(),
+                sender_at: None,
                 receipt: None,
             });
         }

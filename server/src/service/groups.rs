@@ -394,6 +394,7 @@ impl<B: Backend> Ds<B> {
                         ratchet_tree: Vec::new(),
                     },
                     recipients: told,
+                    sender_at: None,
                     receipt: None,
                 }],
             };

@@ -31,17 +31,29 @@ use crate::backend::{Backend, StoreError};
 /// may be off; one far in the future would be remembered too long).
 const MAX_SEND_ID_AHEAD_MS: u64 = 24 * 3600 * 1000;
 
-/// Every current member but the sender; 403 if the sender is not a member.
-fn recipients(record: &GroupRecord, caller: &Caller) -> Result<Vec<ClientId>> {
+/// Every current member but the sender, and where the sender stands among
+/// the members; 403 if the sender is not a member.
+fn recipients(record: &GroupRecord, caller: &Caller) -> Result<Recipients> {
     let me = caller.client.as_bytes();
-    if !record.members.iter().any(|m| m == me) {
+    let Some(sender_at) = record.members.iter().position(|m| m == me) else {
         return Err(DsError::Forbidden("not a member of the group".into()));
-    }
+    };
     let mut to = Vec::with_capacity(record.members.len().saturating_sub(1));
     for m in record.members.iter().filter(|m| m.as_slice() != me) {
         to.push(ClientId::new(m)?);
     }
-    Ok(to)
+    Ok(Recipients {
+        to,
+        sender_at: u32::try_from(sender_at).ok(),
+    })
+}
+
+/// Who a message to a group goes to.
+struct Recipients {
+    /// Every member but the sender, in the record's order.
+    to: Vec<ClientId>,
+    /// The sender's position among the members.
+    sender_at: Option<u32>,
 }
 
 impl<B: Backend> Ds<B> {
@@ -302,7 +314,7 @@ impl<B: Backend> Ds<B> {
         id: &GroupId,
         epoch: u64,
         message: Vec<u8>,
-        to: Vec<ClientId>,
+        to: Recipients,
         receipt: Option<SendKey>,
     ) -> Delivery {
         Delivery {
@@ -319,7 +331,8 @@ impl<B: Backend> Ds<B> {
                 }),
                 ratchet_tree: Vec::new(),
             },
-            recipients: to,
+            recipients: to.to,
+            sender_at: to.sender_at,
             receipt,
         }
     }

@@ -13,6 +13,7 @@ use mls_ds_storage::codec::decode_record;
 use super::layout::{Layout, Tree};
 use super::queue_startup::{self, Serving};
 use super::receipts::Receipts;
+use super::rosters;
 use crate::backend::error::StoreError;
 use crate::backend::group_check;
 use crate::backend::records::{
@@ -146,6 +147,12 @@ pub(crate) fn stats(layout: &Layout) -> Result<AdminReport, StoreError> {
         receipts.frozen,
         receipts.runs,
         receipts.run_memory
+    );
+    let rosters = rosters::stored(layout)?;
+    let _ = writeln!(
+        text,
+        "rosters            {} ({} members, {} bytes)",
+        rosters.rosters, rosters.members, rosters.bytes
     );
     let _ = writeln!(
         text,

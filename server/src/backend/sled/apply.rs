@@ -219,6 +219,12 @@ impl Applier {
             stage_release(&self.layout, &self.receipts, &tx, &released)?;
         }
         let queued = self.deliver(&mut state, &tx, set.deliveries)?;
+        let next_batch = state.next_batch;
+        for change in &staged_groups {
+            if let GroupChange::Deleted(id) = change {
+                state.rosters.group_deleted(id.as_bytes(), next_batch);
+            }
+        }
         drop(state);
         let writes = vec![tx.into_pending()?];
         // Staged once nothing can fail: a write that was not made leaves no
@@ -434,7 +440,7 @@ fn stage_release(
 ) -> Result<(), StoreError> {
     let delivery = layout.trees.delivery.handle;
     for (client, mark) in &released.marks {
-        tx.put_raw(delivery, &layout::ack_key(client), &mark.to_be_bytes())?;
+        tx.put_raw(delivery, &layout::ack_key(client), &mark.to_bytes())?;
     }
     for batch in &released.freed {
         if !receipts.keeps(*batch) {

@@ -268,6 +268,7 @@ mod tests {
         let fanout = FanoutRef {
             stored_ms: 5,
             entries: &entries,
+            roster: None,
         };
         let mut b = BatchBuilder::new(9);
         assert!(b.is_empty());
@@ -277,6 +278,7 @@ mod tests {
         let fanout = FanoutRef {
             stored_ms: 5,
             entries: &entries,
+            roster: None,
         };
         b.push(tree, Some(fanout), &message(b"two")).unwrap();
         assert_eq!(b.next_id(), layout::message_id(9, 3));

@@ -44,7 +44,7 @@ use mls_ds_storage::codec::decode_record;
 use sha2::{Digest, Sha256};
 
 use super::id_deque::{put_varint, read_varint, unzigzag, zigzag};
-use super::layout::{self, Layout};
+use super::layout::{self, Layout, Mark};
 use super::queue_index::{BatchMeta, ClientQueue, IndexState};
 use crate::backend::error::StoreError;
 
@@ -416,7 +416,9 @@ fn decode(chunks: &[Vec<u8>]) -> Result<IndexState, String> {
         {
             return Err(format!("client {id}'s sequence numbers overflow"));
         }
-        let mut q = ClientQueue::new(acked);
+        // The message id at the mark is not kept: the start takes it
+        // from the mark on disk (`IndexState::catch_up`).
+        let mut q = ClientQueue::new(Mark { seq: acked, id: 0 });
         q.deleted = deleted;
         let mut previous = 0u64;
         // Consecutive entries mostly share a batch: counted per run.
@@ -684,10 +686,13 @@ mod tests {
         let e = id("e");
         let queue = &scanned.state.clients[&e];
         let last = queue.ids.iter_from(0).last().unwrap();
-        let mark = queue.acked + queue.ids.len() as u64;
+        let mark = Mark {
+            seq: queue.acked + queue.ids.len() as u64,
+            id: last,
+        };
         let delivery_tree = l.trees.delivery.handle;
         l.storage
-            .put_raw(delivery_tree, &layout::ack_key(&e), &mark.to_be_bytes())
+            .put_raw(delivery_tree, &layout::ack_key(&e), &mark.to_bytes())
             .unwrap();
         let started = queue_startup::start(&l).unwrap();
         assert_eq!(started.source, Source::Checkpoint);

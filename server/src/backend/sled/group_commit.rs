@@ -48,6 +48,9 @@ pub(crate) const COMPACTING: &str =
 
 /// Most jobs taken into one batch.
 const MAX_BATCH: usize = 4096;
+/// Cycles between two looks at the retired rosters (a range read each):
+/// a roster outlives its last batch by at most this many cycles.
+pub(crate) const SWEEP_EVERY_CYCLES: u32 = 256;
 
 /// Counters exported on `/metrics`, and the broken state.
 #[derive(Default, Debug)]
@@ -131,6 +134,7 @@ impl GroupCommit {
             new_heads,
             checkpoint_every,
             since_checkpoint: 0,
+            since_sweep: 0,
         };
         std::thread::Builder::new()
             .name("mls-ds-writer".into())
@@ -171,6 +175,8 @@ struct Writer {
     checkpoint_every: u64,
     /// Jobs made durable since the last checkpoint.
     since_checkpoint: u64,
+    /// Cycles since retired rosters were last looked at.
+    since_sweep: u32,
 }
 
 impl Writer {
@@ -187,6 +193,13 @@ impl Writer {
             if self.refusal(&Ok(())).is_none() {
                 if let Err(e) = self.applier.receipts.between_cycles(&self.index.lock()) {
                     self.storage_failed(&e, "freezing send receipts into a run failed");
+                }
+                self.since_sweep += 1;
+                if self.since_sweep >= SWEEP_EVERY_CYCLES {
+                    self.since_sweep = 0;
+                    if let Err(e) = self.index.lock().rosters.sweep(&self.applier.layout) {
+                        self.storage_failed(&e, "removing retired rosters failed");
+                    }
                 }
             }
             if self.checkpoint_every > 0 && self.since_checkpoint >= self.checkpoint_every {

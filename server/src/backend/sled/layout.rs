@@ -16,7 +16,8 @@
 //! | `app.ds.usage` | client id | `ClientUsage` (per-client quota counters) |
 //! | `app.ds.sends` | `'p' ++ batch u64 BE` / `'h'`, `'c'`, `'f' ++ run u64 BE [++ part u32 BE]` | send receipts (`receipts.rs`): the pending record of one batch's receipts / a frozen run's header, chunks and Bloom filter; an entry names its send by `send_key` |
 //! | `app.ds.delivery` | `'b' ++ batch u64 BE` | a delivery batch (`batch.rs`): the [`Envelope`]s of the messages one write-path cycle accepted (each message stored once, with each recipient and its sequence number there), or of one write set that changes more than queues |
-//! | | `'a' ++ client_key` | highest acknowledged sequence number, u64 BE |
+//! | | `'a' ++ client_key` | acknowledgement mark ([`Mark`]): the highest acknowledged sequence number and the id of the message there, u64 BE each |
+//! | | `'r' ++ roster u64 BE` | a roster (`rosters.rs`): a group's members in its record's order, which the fan-outs of its big groups' messages reference instead of listing every recipient |
 //! | `app.ds.checkpoint` | `'s'` / `'c' ++ generation u32 BE ++ chunk u32 BE` | the queue index's checkpoint (`checkpoint.rs`): its seal (`Seal`: generation, length and SHA-256) / its encoding in chunks of 64 KiB; written every `--index-checkpoint-every-ops` jobs and at a graceful stop, a new generation each time |
 //!
 //! `client_key` and `group_key` are `[len u8] ++ bytes`. Records are bincode
@@ -33,7 +34,7 @@ use crate::backend::records::{ClientRecord, GroupId, SendKey, StoredMessage};
 
 /// Version of this layout. Databases without it (written before layout
 /// versions existed) or with another one are refused, never converted.
-pub(crate) const LAYOUT_VERSION: u32 = 11;
+pub(crate) const LAYOUT_VERSION: u32 = 12;
 const LAYOUT_KEY: &[u8] = b"layout_version";
 /// Namespace of all DS data in the store.
 const NAMESPACE: &[u8] = b"ds";
@@ -329,6 +330,8 @@ pub(crate) fn split_send_key(key: &[u8]) -> Option<SendKey> {
 pub(crate) const BATCH_PREFIX: u8 = b'b';
 /// Prefix of every ack mark key.
 pub(crate) const ACK_PREFIX: u8 = b'a';
+/// Prefix of every roster key.
+pub(crate) const ROSTER_PREFIX: u8 = b'r';
 /// Bits of a message id that number the message within its batch.
 const SLOT_BITS: u32 = 16;
 /// Most messages in one batch.
@@ -339,6 +342,13 @@ pub(crate) fn batch_key(batch: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
     k.push(BATCH_PREFIX);
     k.extend_from_slice(&batch.to_be_bytes());
+    k
+}
+
+/// Key of a roster.
+pub(crate) fn roster_key(roster: u64) -> [u8; 9] {
+    let mut k = [ROSTER_PREFIX; 9];
+    k[1..].copy_from_slice(&roster.to_be_bytes());
     k
 }
 
@@ -359,21 +369,53 @@ pub(crate) fn slot_of(id: u64) -> u32 {
     (id & (u64::from(MAX_SLOTS) - 1)) as u32
 }
 
+/// A queue's acknowledgement mark as stored: its sequence number and the id
+/// of the message at it (0 while nothing left the queue). Message ids grow
+/// along a queue, so the id tells which stored entries lie at or below the
+/// mark even where a fan-out stores no sequence number (a roster's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Mark {
+    /// Highest acknowledged sequence number.
+    pub(crate) seq: u64,
+    /// Id of the message at `seq`.
+    pub(crate) id: u64,
+}
+
+impl Mark {
+    /// The stored value.
+    pub(crate) fn to_bytes(self) -> [u8; 16] {
+        let mut b = [0; 16];
+        b[..8].copy_from_slice(&self.seq.to_be_bytes());
+        b[8..].copy_from_slice(&self.id.to_be_bytes());
+        b
+    }
+
+    /// A stored value, `None` if it is not 16 bytes.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Mark> {
+        let (seq, id) = bytes.split_first_chunk::<8>()?;
+        let id: [u8; 8] = id.try_into().ok()?;
+        Some(Mark {
+            seq: u64::from_be_bytes(*seq),
+            id: u64::from_be_bytes(id),
+        })
+    }
+}
+
 /// Key of a client's acknowledgement mark.
 pub(crate) fn ack_key(client: &ClientId) -> Vec<u8> {
     [&[ACK_PREFIX][..], &client_key(client)].concat()
+}
+
+/// A big-endian u64 value.
+pub(crate) fn be_u64(bytes: &[u8]) -> Option<u64> {
+    let arr: [u8; 8] = bytes.try_into().ok()?;
+    Some(u64::from_be_bytes(arr))
 }
 
 /// The u64 that ends a key (message id), or `None` for a key too short.
 pub(crate) fn key_id(key: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
-}
-
-/// A big-endian u64 value (ack marks).
-pub(crate) fn be_u64(bytes: &[u8]) -> Option<u64> {
-    let arr: [u8; 8] = bytes.try_into().ok()?;
-    Some(u64::from_be_bytes(arr))
 }
 
 /// Where one stored message went: the in-memory queue index is rebuilt from
@@ -383,8 +425,33 @@ pub(crate) struct Fanout {
     /// Acceptance time (unix ms), for retention.
     pub(crate) stored_ms: u64,
     /// Each recipient (client id) with the sequence number of the message in
-    /// its queue.
+    /// its queue (empty when `roster` says who).
     pub(crate) entries: Vec<(Vec<u8>, u64)>,
+    /// The recipients as a roster's members but some.
+    pub(crate) roster: Option<RosterRef>,
+}
+
+impl Fanout {
+    /// Queue entries the message got.
+    pub(crate) fn recipients(&self) -> u64 {
+        self.roster
+            .as_ref()
+            .map_or(self.entries.len() as u64, |r| u64::from(r.recipients))
+    }
+}
+
+/// A fan-out by roster: every member of the stored roster `id` but those at
+/// the `skipped` positions (the sender, and clients that had deleted
+/// themselves) got an entry, at the next sequence number of its queue.
+#[derive(bincode::Encode, bincode::Decode, Clone, Debug, PartialEq)]
+pub(crate) struct RosterRef {
+    /// The roster (`rosters.rs`).
+    pub(crate) id: u64,
+    /// Positions in the roster that got no entry, ascending.
+    pub(crate) skipped: Vec<u32>,
+    /// Entries made: the roster's size minus `skipped`'s (checked when
+    /// read).
+    pub(crate) recipients: u32,
 }
 
 /// [`Fanout`] decoded in place from the start of an envelope record (the
@@ -395,6 +462,8 @@ pub(crate) struct FanoutView<'a> {
     pub(crate) stored_ms: u64,
     /// Each recipient and the sequence number of the message in its queue.
     pub(crate) entries: Vec<(&'a [u8], u64)>,
+    /// The recipients as a roster's members but some.
+    pub(crate) roster: Option<RosterRef>,
 }
 
 /// A stored message with its fan-out, as one record of a delivery batch.
@@ -413,6 +482,9 @@ pub(crate) struct FanoutRef<'a> {
     pub(crate) stored_ms: u64,
     /// Each recipient and the sequence number of the message in its queue.
     pub(crate) entries: &'a [(ClientId, u64)],
+    /// The recipients as a roster's members but some (`entries` is then
+    /// not written).
+    pub(crate) roster: Option<&'a RosterRef>,
 }
 
 impl bincode::Encode for FanoutRef<'_> {
@@ -421,13 +493,18 @@ impl bincode::Encode for FanoutRef<'_> {
         encoder: &mut E,
     ) -> Result<(), bincode::error::EncodeError> {
         self.stored_ms.encode(encoder)?;
+        let entries = if self.roster.is_some() {
+            &[]
+        } else {
+            self.entries
+        };
         // A sequence is its length as a u64, then its items.
-        (self.entries.len() as u64).encode(encoder)?;
-        for (client, seq) in self.entries {
+        (entries.len() as u64).encode(encoder)?;
+        for (client, seq) in entries {
             client.as_bytes().encode(encoder)?;
             seq.encode(encoder)?;
         }
-        Ok(())
+        self.roster.encode(encoder)
     }
 }
 
@@ -501,16 +578,46 @@ mod tests {
                 .iter()
                 .map(|(c, s)| (c.as_bytes().to_vec(), *s))
                 .collect(),
+            roster: None,
         };
         let config = bincode::config::standard();
         let by_ref = FanoutRef {
             stored_ms: 99,
             entries: &entries,
+            roster: None,
         };
         assert_eq!(
             bincode::encode_to_vec(&by_ref, config).unwrap(),
             bincode::encode_to_vec(&owned, config).unwrap()
         );
+        // By roster, the entries are not written.
+        let roster = RosterRef {
+            id: 3,
+            skipped: vec![0, 17],
+            recipients: 40,
+        };
+        let by_roster = FanoutRef {
+            stored_ms: 99,
+            entries: &entries,
+            roster: Some(&roster),
+        };
+        let owned = Fanout {
+            stored_ms: 99,
+            entries: Vec::new(),
+            roster: Some(roster.clone()),
+        };
+        let bytes = bincode::encode_to_vec(&by_roster, config).unwrap();
+        assert_eq!(bytes, bincode::encode_to_vec(&owned, config).unwrap());
+        let (view, _): (FanoutView<'_>, _) =
+            bincode::borrow_decode_from_slice(&bytes, config).unwrap();
+        assert_eq!((view.entries.len(), view.roster), (0, Some(roster)));
+        assert_eq!(owned.recipients(), 40);
+        let mark = Mark {
+            seq: 9,
+            id: 1 << 20,
+        };
+        assert_eq!(Mark::from_bytes(&mark.to_bytes()), Some(mark));
+        assert_eq!(Mark::from_bytes(&[0; 8]), None);
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod queue_startup;
 mod queues;
 mod receipts;
 mod record_cache;
+mod rosters;
 #[cfg(test)]
 mod tests;
 
@@ -71,6 +72,8 @@ pub(crate) struct SledConfig {
     pub(crate) index_checkpoint_every_ops: u64,
     /// Fresh send receipts frozen into one run.
     pub(crate) receipts_run_size: usize,
+    /// Members from which a group's fan-outs reference its roster.
+    pub(crate) roster_min_members: usize,
 }
 
 /// The sled backend of one data directory.
@@ -110,7 +113,8 @@ impl SledBackend {
     pub(crate) fn open(data_dir: &Path, config: SledConfig) -> Result<SledBackend, StoreError> {
         let layout = Layout::open(data_dir, config.store)?;
         let started = std::time::Instant::now();
-        let loaded = queue_startup::start(&layout)?;
+        let mut loaded = queue_startup::start(&layout)?;
+        loaded.state.rosters.from_members(config.roster_min_members);
         let receipts = Arc::new(Receipts::open(&layout)?);
         receipts.remove_unfinished()?;
         receipts.freeze_at(config.receipts_run_size);

@@ -23,7 +23,8 @@ use mls_ds_protocol::ClientId;
 use tokio::sync::Notify;
 
 use super::id_deque::IdDeque;
-use super::layout;
+use super::layout::{self, Mark};
+use super::rosters::Rosters;
 use crate::backend::page::entry_size;
 use crate::backend::records::StoredMessage;
 use crate::backend::write_set::AckOutcome;
@@ -36,6 +37,9 @@ const BODY_CACHE_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) struct ClientQueue {
     /// Highest acknowledged sequence number.
     pub(crate) acked: u64,
+    /// Id of the message at `acked` (0 while nothing left the queue): a
+    /// start skips the stored entries up to it ([`Mark`]).
+    pub(crate) acked_id: u64,
     /// Highest sequence number known durable (visible to fetches).
     pub(crate) visible: u64,
     /// Message ids at sequence numbers `acked + 1 ..= acked + ids.len()`,
@@ -47,10 +51,11 @@ pub(crate) struct ClientQueue {
 }
 
 impl ClientQueue {
-    pub(crate) fn new(acked: u64) -> ClientQueue {
+    pub(crate) fn new(mark: Mark) -> ClientQueue {
         ClientQueue {
-            acked,
-            visible: acked,
+            acked: mark.seq,
+            acked_id: mark.id,
+            visible: mark.seq,
             ids: IdDeque::default(),
             deleted: false,
             notify: Arc::new(Notify::new()),
@@ -68,7 +73,19 @@ impl ClientQueue {
             .unwrap_or(usize::MAX)
             .min(self.ids.len());
         self.acked = self.acked.max(up_to);
-        self.ids.drain_front(n)
+        let popped = self.ids.drain_front(n);
+        if let Some(last) = popped.last() {
+            self.acked_id = *last;
+        }
+        popped
+    }
+
+    /// The mark as stored.
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            seq: self.acked,
+            id: self.acked_id,
+        }
     }
 }
 
@@ -103,6 +120,8 @@ pub(crate) struct IndexState {
     cache_bytes: usize,
     /// Entries dropped from full queues since start.
     pub(crate) overflow_drops: u64,
+    /// The rosters that big groups' fan-outs reference.
+    pub(crate) rosters: Rosters,
 }
 
 /// Sequence numbers a delivery got.
@@ -112,16 +131,30 @@ pub(crate) struct Assignment {
     /// Each recipient (those that had not deleted themselves) and its
     /// sequence number.
     pub(crate) entries: Vec<(ClientId, u64)>,
+    /// Positions in the recipients given that got no entry (they had
+    /// deleted themselves), ascending.
+    pub(crate) skipped: Vec<u32>,
     /// The oldest entries of full queues, dropped to make room.
     pub(crate) dropped: Released,
     /// What the drops changed, to put back if the write is not made.
     overflow: Vec<Overflow>,
+    /// The roster stored for this delivery, forgotten if the write is not
+    /// made.
+    pub(crate) created_roster: Option<CreatedRoster>,
+}
+
+/// A roster stored for a delivery (`rosters.rs`).
+pub(crate) struct CreatedRoster {
+    /// The group's id.
+    pub(crate) group: Vec<u8>,
+    /// The roster's.
+    pub(crate) id: u64,
 }
 
 /// One full queue's drop: its mark and entries before.
 struct Overflow {
     client: ClientId,
-    acked: u64,
+    mark: Mark,
     ids: Vec<u64>,
     /// Acceptance time of each dropped message's batch, to restore its
     /// record if the drop freed it.
@@ -132,7 +165,7 @@ struct Overflow {
 #[derive(Default)]
 pub(crate) struct Released {
     /// New acknowledgement marks to store.
-    pub(crate) marks: Vec<(ClientId, u64)>,
+    pub(crate) marks: Vec<(ClientId, Mark)>,
     /// Batches no queue entry references any more (to delete).
     pub(crate) freed: Vec<u64>,
     /// Queue entries that left.
@@ -182,7 +215,7 @@ impl IndexState {
     pub(crate) fn client(&mut self, id: &ClientId) -> &mut ClientQueue {
         self.clients
             .entry(id.clone())
-            .or_insert_with(|| ClientQueue::new(0))
+            .or_insert_with(|| ClientQueue::new(Mark::default()))
     }
 
     /// `f` on the queue of `id`, created empty if unknown: the id is
@@ -193,7 +226,7 @@ impl IndexState {
             None => f(self
                 .clients
                 .entry(id.clone())
-                .or_insert_with(|| ClientQueue::new(0))),
+                .or_insert_with(|| ClientQueue::new(Mark::default()))),
         }
     }
 
@@ -213,10 +246,11 @@ impl IndexState {
         max_depth: u64,
     ) -> Assignment {
         let mut entries = Vec::with_capacity(recipients.len());
+        let mut skipped = Vec::new();
         let mut popped = Vec::new();
         let mut marks = Vec::new();
         let mut overflow = Vec::new();
-        for r in recipients {
+        for (position, r) in recipients.into_iter().enumerate() {
             let placed = self.with_queue(&r, |cq| {
                 if cq.deleted {
                     return None;
@@ -224,22 +258,24 @@ impl IndexState {
                 // Above the bound after it was lowered, too: back to it.
                 let excess = (cq.ids.len() as u64 + 1).saturating_sub(max_depth.max(1));
                 let dropped = (excess > 0).then(|| {
-                    let acked = cq.acked;
-                    (acked, acked + excess, cq.advance(acked + excess))
+                    let before = cq.mark();
+                    let ids = cq.advance(before.seq + excess);
+                    (before, cq.mark(), ids)
                 });
                 let seq = cq.next_seq();
                 cq.ids.push_back(message_id);
                 Some((seq, dropped))
             });
             let Some((seq, dropped)) = placed else {
+                skipped.push(u32::try_from(position).unwrap_or(u32::MAX));
                 continue;
             };
-            if let Some((acked, mark, ids)) = dropped {
+            if let Some((before, mark, ids)) = dropped {
                 popped.extend_from_slice(&ids);
                 marks.push((r.clone(), mark));
                 overflow.push(Overflow {
                     client: r.clone(),
-                    acked,
+                    mark: before,
                     ids,
                     stored_ms: Vec::new(),
                 });
@@ -278,8 +314,10 @@ impl IndexState {
         Assignment {
             message_id,
             entries,
+            skipped,
             dropped,
             overflow,
+            created_roster: None,
         }
     }
 
@@ -287,6 +325,9 @@ impl IndexState {
     /// prepared), so that no queue keeps a gap.
     pub(crate) fn unassign(&mut self, assignments: &[Assignment]) {
         for a in assignments.iter().rev() {
+            if let Some(r) = &a.created_roster {
+                self.rosters.unmade(&r.group, r.id);
+            }
             for (client, _) in &a.entries {
                 if let Some(cq) = self.clients.get_mut(client) {
                     if cq.ids.back() == Some(a.message_id) {
@@ -299,7 +340,8 @@ impl IndexState {
                     for id in o.ids.iter().rev() {
                         cq.ids.push_front(*id);
                     }
-                    cq.acked = o.acked;
+                    cq.acked = o.mark.seq;
+                    cq.acked_id = o.mark.id;
                 }
                 for (id, stored_ms) in o.ids.iter().zip(&o.stored_ms) {
                     let meta = self
@@ -381,8 +423,9 @@ impl IndexState {
         };
         let entries = popped.len();
         let freed = self.release(popped);
+        let mark = self.with_queue(client, |cq| cq.mark());
         Ok(Released {
-            marks: vec![(client.clone(), up_to)],
+            marks: vec![(client.clone(), mark)],
             freed,
             entries,
         })
@@ -422,9 +465,8 @@ impl IndexState {
                 .take_while(|id| *id < boundary)
                 .count() as u64;
             if n > 0 {
-                let mark = cq.acked + n;
-                popped.extend(cq.advance(mark));
-                marks.push((client.clone(), mark));
+                popped.extend(cq.advance(cq.acked + n));
+                marks.push((client.clone(), cq.mark()));
             }
         }
         let entries = popped.len();
@@ -441,8 +483,8 @@ impl IndexState {
     pub(crate) fn delete_client(&mut self, client: &ClientId) -> Released {
         let cq = self.client(client);
         cq.deleted = true;
-        let mark = cq.next_seq() - 1;
-        let popped = cq.advance(mark);
+        let popped = cq.advance(cq.next_seq() - 1);
+        let mark = cq.mark();
         let entries = popped.len();
         let freed = self.release(popped);
         Released {
@@ -455,14 +497,17 @@ impl IndexState {
     /// Bring a queue taken from the index's checkpoint up to its mark and
     /// deletion on disk (at startup): the entries up to the mark leave.
     /// Returns the batches they leave unreferenced.
-    pub(crate) fn catch_up(&mut self, client: &ClientId, mark: u64, deleted: bool) -> Vec<u64> {
+    pub(crate) fn catch_up(&mut self, client: &ClientId, mark: Mark, deleted: bool) -> Vec<u64> {
         let popped = self.with_queue(client, |cq| {
             cq.deleted |= deleted;
-            if mark > cq.acked {
-                cq.advance(mark)
+            let popped = if mark.seq > cq.acked {
+                cq.advance(mark.seq)
             } else {
                 Vec::new()
-            }
+            };
+            // The checkpoint does not hold the message id at the mark.
+            cq.acked_id = mark.id;
+            popped
         });
         self.release(popped)
     }
@@ -611,6 +656,7 @@ mod tests {
         s.delete_client(&b);
         let third = put(&mut s, &[a.clone(), b.clone()], 1, u64::MAX);
         assert_eq!(third.entries, vec![(a.clone(), 2)], "b deleted itself");
+        assert_eq!(third.skipped, vec![1], "b is at position 1");
     }
 
     #[test]
@@ -644,7 +690,8 @@ mod tests {
         visible(&mut s, &shared);
         // The bound was lowered to 2: a holds 4, so 3 go for the new one.
         let full = put(&mut s, std::slice::from_ref(&a), 9, 2);
-        assert_eq!(full.dropped.marks, vec![(a.clone(), 3)]);
+        let mark = Mark { seq: 3, id: id(3) };
+        assert_eq!(full.dropped.marks, vec![(a.clone(), mark)]);
         assert_eq!(full.dropped.entries, 3);
         assert_eq!(full.dropped.freed, vec![1, 2, 3], "batch 4 is b's too");
         assert_eq!(s.client(&a).ids.len(), 2);
@@ -652,8 +699,8 @@ mod tests {
         s.unassign(&[full]);
         let q = s.client(&a);
         assert_eq!(
-            (q.acked, q.ids.to_vec()),
-            (0, vec![id(1), id(2), id(3), id(4)])
+            (q.mark(), q.ids.to_vec()),
+            (Mark::default(), vec![id(1), id(2), id(3), id(4)])
         );
         assert_eq!(s.overflow_drops, 0);
         assert_eq!(s.batches.len(), 4);
@@ -687,7 +734,11 @@ mod tests {
         visible(&mut s, &old);
         let _pending_old = put(&mut s, std::slice::from_ref(&a), 200, u64::MAX);
         let r = s.expire(1_000);
-        assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
+        let mark = Mark {
+            seq: 1,
+            id: old.message_id,
+        };
+        assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), mark)]));
         assert_eq!(s.client(&a).ids.len(), 1, "the entry not yet durable stays");
     }
 
@@ -705,6 +756,15 @@ mod tests {
             "deletion acknowledged an entry not yet visible"
         );
         let r = s.expire(1_000);
-        assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), 1)]));
+        let mark = Mark {
+            seq: 1,
+            id: old.message_id,
+        };
+        assert_eq!((r.entries, r.marks), (1, vec![(a.clone(), mark)]));
+        assert_eq!(
+            s.client(&b).acked_id,
+            _pending.message_id,
+            "b's mark names it"
+        );
     }
 }

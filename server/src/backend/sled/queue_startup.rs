@@ -4,8 +4,11 @@
 //! the marks and the batches written since.
 //!
 //! Every envelope's fan-out (in the delivery batches) says which queues
-//! hold the message at which sequence number; the ack marks say how far
-//! each queue is acknowledged; the client records say who deleted itself.
+//! hold the message at which sequence number, or (a big group's) which
+//! roster's members hold it at the next sequence number of their queues;
+//! the ack marks say how far each queue is acknowledged, and the id of the
+//! message there, so that a fan-out by roster skips the entries at or
+//! below it; the client records say who deleted itself.
 //! A queue must be gap-free after its mark; a batch that no queue entry
 //! references any more (a crash between an acknowledgement's mark and the
 //! removal it allowed), or one kept for the send receipts it holds
@@ -22,8 +25,9 @@ use mls_ds_storage::codec::decode_record;
 
 use super::batch;
 use super::checkpoint;
-use super::layout::{self, Layout, ACK_PREFIX};
+use super::layout::{self, Layout, Mark, ACK_PREFIX};
 use super::queue_index::{BatchMeta, ClientQueue, IndexState};
+use super::rosters::{RosterReader, Rosters};
 use crate::backend::error::StoreError;
 use crate::backend::records::ClientRecord;
 
@@ -85,7 +89,7 @@ pub(crate) fn queues_at_start(
     for (k, v) in s.scan_raw(delivery.handle, &[ACK_PREFIX])? {
         let id = ClientId::new(k.get(2..).unwrap_or_default())
             .map_err(|e| StoreError::Corrupt(format!("ack mark key {}: {e}", hex::encode(&k))))?;
-        let mark = layout::be_u64(&v).ok_or_else(|| {
+        let mark = Mark::from_bytes(&v).ok_or_else(|| {
             StoreError::Corrupt(format!("ack mark of {id} holds {} bytes", v.len()))
         })?;
         clients.insert(id, ClientQueue::new(mark));
@@ -98,7 +102,7 @@ pub(crate) fn queues_at_start(
                 .map_err(|e| StoreError::Corrupt(format!("client record key: {e}")))?;
             clients
                 .entry(id)
-                .or_insert_with(|| ClientQueue::new(0))
+                .or_insert_with(|| ClientQueue::new(Mark::default()))
                 .deleted = true;
         }
     }
@@ -130,6 +134,7 @@ fn replay(
         envelopes: 0,
     };
     let tree = layout.trees.delivery;
+    let mut rosters = RosterReader::default();
     for_each_batch(layout, first, |number, value| {
         state.next_batch = state.next_batch.max(number.saturating_add(1));
         let mut meta = BatchMeta {
@@ -149,6 +154,19 @@ fn replay(
                 meta.stored_ms = fanout.stored_ms;
             }
             meta.messages += 1;
+            if let Some(roster) = &fanout.roster {
+                for client in rosters.recipients(layout, roster)? {
+                    let cq = match state.clients.get_mut(client) {
+                        Some(cq) => cq,
+                        None => state.client(client),
+                    };
+                    if id <= cq.acked_id {
+                        continue;
+                    }
+                    cq.ids.push_back(id);
+                    meta.refs += 1;
+                }
+            }
             for (client, seq) in fanout.entries {
                 // Looked up by its bytes: an id is built (and checked) only
                 // for a queue not seen yet, not for each of its entries.
@@ -191,11 +209,19 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
     // Built at once: a map built from sorted entries fills its nodes,
     // where one insert after another leaves them half full.
     state.batches = replayed.batches.into_iter().collect();
-    finish(state, Source::Batches, replayed.orphans, replayed.envelopes)
+    finish(
+        layout,
+        state,
+        Source::Batches,
+        replayed.orphans,
+        replayed.envelopes,
+    )
 }
 
-/// Every entry of a loaded index is durable.
+/// Every entry of a loaded index is durable; every stored roster is
+/// retired.
 fn finish(
+    layout: &Layout,
     mut state: IndexState,
     source: Source,
     orphans: Vec<u64>,
@@ -204,6 +230,7 @@ fn finish(
     for cq in state.clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
     }
+    state.rosters = Rosters::at_start(layout, state.next_batch)?;
     Ok(Loaded {
         state,
         source,
@@ -234,7 +261,7 @@ fn from_checkpoint(
     }
     let mut freed = Vec::new();
     for (id, q) in &on_disk {
-        freed.extend(state.catch_up(id, q.acked, q.deleted));
+        freed.extend(state.catch_up(id, q.mark(), q.deleted));
     }
     let first = state.next_batch;
     let replayed = match replay(layout, &mut state, first, Decode::Fanout) {
@@ -252,7 +279,14 @@ fn from_checkpoint(
             orphans.push(batch);
         }
     }
-    finish(state, Source::Checkpoint, orphans, replayed.envelopes).map(Ok)
+    finish(
+        layout,
+        state,
+        Source::Checkpoint,
+        orphans,
+        replayed.envelopes,
+    )
+    .map(Ok)
 }
 
 /// The index for a start: the checkpoint brought up to date if there is a

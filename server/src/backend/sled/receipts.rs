@@ -211,8 +211,7 @@ impl Receipts {
                     },
                     receipt: SendReceipt {
                         message_id: id,
-                        recipients: u32::try_from(envelope.fanout.entries.len())
-                            .unwrap_or(u32::MAX),
+                        recipients: u32::try_from(envelope.fanout.recipients()).unwrap_or(u32::MAX),
                     },
                 });
             }

@@ -43,6 +43,7 @@ pub(super) fn open_with(dir: &Path, max_queue_depth: u64, checkpoint_every: u64)
             max_queue_depth,
             index_checkpoint_every_ops: checkpoint_every,
             receipts_run_size: 65_536,
+            roster_min_members: super::rosters::MIN_MEMBERS,
         },
     )
     .unwrap()
@@ -70,6 +71,7 @@ pub(super) fn delivery(stored_ms: u64, to: &[&ClientId]) -> Delivery {
     Delivery {
         message: message(stored_ms),
         recipients: to.iter().map(|c| (*c).clone()).collect(),
+        sender_at: None,
         receipt: None,
     }
 }
@@ -315,9 +317,13 @@ async fn crash_prefixes_of_key_by_key_writes_reopen_cleanly() {
         // acknowledged but still stored.
         b.ack(&a, 1).wait().await.unwrap();
         let delivery = b.layout.trees.delivery.handle;
+        let mark = layout::Mark {
+            seq: 1,
+            id: layout::message_id(1, 0),
+        };
         b.layout
             .storage
-            .put_raw(delivery, &layout::ack_key(&c), &1u64.to_be_bytes())
+            .put_raw(delivery, &layout::ack_key(&c), &mark.to_bytes())
             .unwrap();
         b.flush().unwrap();
     }
@@ -379,6 +385,7 @@ async fn a_gap_is_refused() {
             max_queue_depth: u64::MAX,
             index_checkpoint_every_ops: 0,
             receipts_run_size: 65_536,
+            roster_min_members: super::rosters::MIN_MEMBERS,
         },
     )
     .err()

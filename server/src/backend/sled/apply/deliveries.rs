@@ -2,7 +2,8 @@
 //! queue index, each message stored in a delivery batch (`batch.rs`). A
 //! plain send joins the open batch, which [`Applier::seal`] turns into
 //! writes; a write set that changes more gets a batch of its own inside
-//! its atomic write.
+//! its atomic write. The fan-out of a big group's message references the
+//! group's roster (`rosters.rs`), stored first when it is new.
 
 use std::sync::Arc;
 
@@ -12,9 +13,10 @@ use super::{stage_release, Applier, StagedWrite};
 use crate::backend::error::StoreError;
 use crate::backend::records::SendReceipt;
 use crate::backend::sled::batch::BatchBuilder;
-use crate::backend::sled::layout::{self, FanoutRef, Layout};
-use crate::backend::sled::queue_index::{Assignment, IndexState, Released};
+use crate::backend::sled::layout::{self, FanoutRef, Layout, RosterRef};
+use crate::backend::sled::queue_index::{Assignment, CreatedRoster, IndexState, Released};
 use crate::backend::sled::receipts::{Receipts, SendAnswer};
+use crate::backend::sled::rosters::Members;
 use crate::backend::write_set::{Applied, Delivery, DeliveryOutcome};
 
 /// What queueing a write set's deliveries produced.
@@ -70,11 +72,14 @@ impl Applier {
             // An acknowledgement prepared after the drop, whose mark went
             // before this batch, may have taken the queue past it: a mark
             // on disk never goes back.
-            let mark = state
-                .clients
-                .get(client)
-                .map_or(*mark, |q| q.acked.max(*mark));
-            after.put_raw(tree.handle, &layout::ack_key(client), &mark.to_be_bytes())?;
+            let mark = state.clients.get(client).map_or(*mark, |q| {
+                if q.acked >= mark.seq {
+                    q.mark()
+                } else {
+                    *mark
+                }
+            });
+            after.put_raw(tree.handle, &layout::ack_key(client), &mark.to_bytes())?;
         }
         for batch in &open.dropped.freed {
             // A batch freed by a drop may be this one, which messages
@@ -104,20 +109,40 @@ impl Applier {
             builder: BatchBuilder::new(state.new_batch()),
             dropped: Released::default(),
         });
+        // A new roster is written before the batch that references it.
+        let rosters = self.layout.storage.begin();
+        let start = open.builder.mark();
         let queued = queue_into(
             &self.layout,
             &mut state,
             &mut open.builder,
             deliveries,
             self.max_queue_depth,
+            &rosters,
         )?;
+        let writes = if queued
+            .assignments
+            .iter()
+            .any(|a| a.created_roster.is_some())
+        {
+            match rosters.into_pending() {
+                Ok(w) => vec![w],
+                Err(e) => {
+                    state.unassign(&queued.assignments);
+                    open.builder.rollback(start);
+                    return Err(e.into());
+                }
+            }
+        } else {
+            Vec::new()
+        };
         drop(state);
         self.receipts.stage(open.builder.number(), &queued.receipts);
         for a in &queued.assignments {
             open.dropped.marks.extend(a.dropped.marks.iter().cloned());
             open.dropped.freed.extend(a.dropped.freed.iter().copied());
         }
-        Ok(self.delivered(Vec::new(), queued))
+        Ok(self.delivered(writes, queued))
     }
 
     /// Assign sequence numbers to `deliveries` and stage them as a batch of
@@ -141,6 +166,7 @@ impl Applier {
             &mut builder,
             deliveries,
             self.max_queue_depth,
+            tx,
         )?;
         let staged = queued
             .assignments
@@ -180,15 +206,16 @@ impl Applier {
     }
 }
 
-/// Assign sequence numbers to `deliveries`, store each in `builder` and
-/// note its send's answer. Undone in the index, and in `builder`, if one
-/// cannot be stored, so that no queue keeps a gap.
+/// Assign sequence numbers to `deliveries`, store each in `builder` (a new
+/// roster in `rosters`) and note its send's answer. Undone in the index,
+/// and in `builder`, if one cannot be stored, so that no queue keeps a gap.
 fn queue_into(
     layout: &Layout,
     state: &mut IndexState,
     builder: &mut BatchBuilder,
     deliveries: Vec<Delivery>,
     max_queue_depth: u64,
+    rosters: &Transaction,
 ) -> Result<Queued, StoreError> {
     let n = deliveries.len();
     let mut queued = Queued {
@@ -202,18 +229,50 @@ fn queue_into(
     let start = builder.mark();
     let tree = layout.trees.delivery;
     for d in deliveries {
-        let a = state.assign(
+        let roster = d.sender_at.and_then(|at| {
+            let to = Members {
+                group: &d.message.group_id,
+                recipients: &d.recipients,
+                sender: &d.message.sender,
+                sender_at: at as usize,
+            };
+            state.rosters.reference(&to, builder.number())
+        });
+        let mut created = None;
+        if let Some((id, c)) = roster
+            .as_ref()
+            .and_then(|r| Some((r.id, r.created.as_ref()?)))
+        {
+            created = Some(CreatedRoster {
+                group: d.message.group_id.clone(),
+                id,
+            });
+            if let Err(e) = rosters.put_raw(tree.handle, &c.key, &c.value) {
+                state.rosters.unmade(&d.message.group_id, id);
+                state.unassign(&queued.assignments);
+                builder.rollback(start);
+                return Err(e.into());
+            }
+        }
+        let mut a = state.assign(
             builder.next_id(),
             d.recipients,
             d.message.stored_ms,
             max_queue_depth,
         );
+        a.created_roster = created;
         let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
+        let by_roster = roster.zip(d.sender_at).map(|(r, at)| RosterRef {
+            id: r.id,
+            skipped: member_positions(&a.skipped, at),
+            recipients,
+        });
         // A message for nobody is not stored, unless it answers a send id:
         // its envelope is that send's receipt.
         let fanout = (!a.entries.is_empty() || d.receipt.is_some()).then_some(FanoutRef {
             stored_ms: d.message.stored_ms,
             entries: &a.entries,
+            roster: by_roster.as_ref(),
         });
         let stored = builder.push(tree, fanout, &d.message);
         queued.applied.deliveries.push(DeliveryOutcome {
@@ -239,4 +298,37 @@ fn queue_into(
         }));
     }
     Ok(queued)
+}
+
+/// The roster positions of the members that got no entry: the sender's
+/// (`sender_at`), and those of the recipients at `skipped`, which count
+/// the members but the sender.
+fn member_positions(skipped: &[u32], sender_at: u32) -> Vec<u32> {
+    let mut positions = Vec::with_capacity(skipped.len() + 1);
+    let mut sender = Some(sender_at);
+    for &r in skipped {
+        let member = if r < sender_at { r } else { r + 1 };
+        if let Some(at) = sender.filter(|at| *at < member) {
+            positions.push(at);
+            sender = None;
+        }
+        positions.push(member);
+    }
+    positions.extend(sender);
+    positions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::member_positions;
+
+    #[test]
+    fn skipped_members_are_placed_around_the_sender() {
+        assert_eq!(member_positions(&[], 0), vec![0]);
+        assert_eq!(member_positions(&[], 5), vec![5]);
+        // Recipients 0 and 4 of members [r0 r1 S r2 r3 r4 ...].
+        assert_eq!(member_positions(&[0, 4], 2), vec![0, 2, 5]);
+        assert_eq!(member_positions(&[2, 3], 2), vec![2, 3, 4]);
+        assert_eq!(member_positions(&[0, 1], 2), vec![0, 1, 2]);
+    }
 }
