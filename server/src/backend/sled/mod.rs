@@ -114,7 +114,10 @@ impl SledBackend {
         let layout = Layout::open(data_dir, config.store)?;
         let started = std::time::Instant::now();
         let mut loaded = queue_startup::start(&layout)?;
-        loaded.state.rosters.from_members(config.roster_min_members);
+        loaded
+            .state
+            .rosters
+            .set_min_members(config.roster_min_members);
         let receipts = Arc::new(Receipts::open(&layout)?);
         receipts.remove_unfinished()?;
         receipts.freeze_at(config.receipts_run_size);

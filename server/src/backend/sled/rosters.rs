@@ -194,7 +194,7 @@ impl Rosters {
     }
 
     /// Reference rosters from groups of `n` members on.
-    pub(crate) fn from_members(&mut self, n: usize) {
+    pub(crate) fn set_min_members(&mut self, n: usize) {
         self.min_members = n;
     }
 
