@@ -282,18 +282,7 @@ async fn queued_point(n: u64, offline_members: usize) {
     }
     let compacted = t.elapsed();
     let disk_compacted = disk_bytes(&root.path().join("data"));
-    let stats = server.admin(&["stats"]);
-    let live = String::from_utf8_lossy(&stats.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("live records"))
-        .and_then(|v| {
-            v.trim()
-                .trim_end_matches("bytes")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .unwrap_or(0.0);
+    let live = live_bytes(&server);
     println!(
         "queued {n}: disk after drain {:.1} MiB, after compaction {:.1} MiB, live records {:.1} MiB \
          (serving again {:.2} s after the command)",
@@ -411,7 +400,7 @@ async fn members(sizes: Vec<u64>) {
         );
     }
     if size > 1 {
-        witness_joins(&mut creator, &mut witness, pid).await;
+        witness_joins(&server, &mut creator, &mut witness, pid).await;
     }
     server.stop_and_check();
 }
@@ -419,19 +408,43 @@ async fn members(sizes: Vec<u64>) {
 /// The client the members phase adds last.
 const WITNESS: &str = "members-witness";
 
+/// Bytes of live records, as `mls-ds stats` counts them.
+fn live_bytes(server: &Server) -> f64 {
+    let stats = server.admin(&["stats"]);
+    String::from_utf8_lossy(&stats.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("live records"))
+        .and_then(|v| {
+            v.trim()
+                .trim_end_matches("bytes")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
 /// The member added last joins as a real client: it joins from its Welcome
 /// (with the tree the DS hands out beside it) and processes every commit
-/// since, then sends messages to everyone, which the creator reads.
-async fn witness_joins(creator: &mut RawMember, witness: &mut RawMember, pid: u32) {
+/// since, then sends messages to everyone, which the creator reads; the
+/// live records the first message added, and each later one (while they
+/// are queued for the offline members).
+async fn witness_joins(
+    server: &Server,
+    creator: &mut RawMember,
+    witness: &mut RawMember,
+    pid: u32,
+) {
     let t0 = Instant::now();
     witness.sync().await;
     let joined = t0.elapsed();
     assert_eq!(witness.epoch(), creator.epoch(), "the witness joined");
     let gid = witness.gid();
-    const MESSAGES: usize = 20;
+    const MESSAGES: usize = 50;
     let bodies: Vec<Vec<u8>> = (0..MESSAGES)
         .map(|i| witness.encrypt(format!("hello, everyone {i}").as_bytes()))
         .collect();
+    let mut live = vec![live_bytes(server)];
     let cpu0 = cpu_seconds(pid);
     for body in bodies {
         witness
@@ -439,17 +452,26 @@ async fn witness_joins(creator: &mut RawMember, witness: &mut RawMember, pid: u3
             .send_message(&gid, body)
             .await
             .expect("send to the group");
+        if live.len() == 1 {
+            live.push(live_bytes(server));
+        }
     }
     let send_cpu = (cpu_seconds(pid) - cpu0) / MESSAGES as f64;
+    live.push(live_bytes(server));
+    let first = live[1] - live[0];
+    let later = (live[2] - live[1]) / (MESSAGES - 1) as f64;
     let read = creator.sync().await;
     assert_eq!(read.len(), MESSAGES, "the creator read every message");
     println!(
         "members {}: the last member added joined from its Welcome and caught up in {:.0} ms \
          (client side), then sent messages to all ({:.1} ms server CPU per message, {MESSAGES} \
-         messages); the creator read them",
+         messages; live records: {:.0} bytes for the first, {:.0} for each later one); the \
+         creator read them",
         creator.group().members().count(),
         joined.as_secs_f64() * 1e3,
         send_cpu * 1e3,
+        first,
+        later,
     );
 }
 

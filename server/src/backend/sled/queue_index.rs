@@ -416,14 +416,13 @@ impl IndexState {
             if up_to > cq.visible {
                 return Err(cq.visible);
             }
-            Ok((up_to > cq.acked).then(|| cq.advance(up_to)))
+            Ok((up_to > cq.acked).then(|| (cq.advance(up_to), cq.mark())))
         })?;
-        let Some(popped) = popped else {
+        let Some((popped, mark)) = popped else {
             return Ok(Released::default());
         };
         let entries = popped.len();
         let freed = self.release(popped);
-        let mark = self.with_queue(client, |cq| cq.mark());
         Ok(Released {
             marks: vec![(client.clone(), mark)],
             freed,

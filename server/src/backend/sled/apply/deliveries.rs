@@ -16,7 +16,7 @@ use crate::backend::sled::batch::BatchBuilder;
 use crate::backend::sled::layout::{self, FanoutRef, Layout, RosterRef};
 use crate::backend::sled::queue_index::{Assignment, CreatedRoster, IndexState, Released};
 use crate::backend::sled::receipts::{Receipts, SendAnswer};
-use crate::backend::sled::rosters::Members;
+use crate::backend::sled::rosters::{Created, Members};
 use crate::backend::write_set::{Applied, Delivery, DeliveryOutcome};
 
 /// What queueing a write set's deliveries produced.
@@ -28,6 +28,8 @@ pub(super) struct Queued {
     receipts: Vec<SendAnswer>,
     /// The batch a write set's own deliveries are stored in.
     batch: u64,
+    /// Rosters to store before the batch.
+    rosters: Vec<Created>,
 }
 
 impl Queued {
@@ -109,8 +111,6 @@ impl Applier {
             builder: BatchBuilder::new(state.new_batch()),
             dropped: Released::default(),
         });
-        // A new roster is written before the batch that references it.
-        let rosters = self.layout.storage.begin();
         let start = open.builder.mark();
         let queued = queue_into(
             &self.layout,
@@ -118,24 +118,22 @@ impl Applier {
             &mut open.builder,
             deliveries,
             self.max_queue_depth,
-            &rosters,
         )?;
-        let writes = if queued
-            .assignments
-            .iter()
-            .any(|a| a.created_roster.is_some())
-        {
-            match rosters.into_pending() {
-                Ok(w) => vec![w],
+        // A new roster is written before the batch that references it.
+        let mut writes = Vec::new();
+        if !queued.rosters.is_empty() {
+            let tx = self.layout.storage.begin();
+            let staged = stage_rosters(&self.layout, &tx, &queued.rosters)
+                .and_then(|()| Ok(tx.into_pending()?));
+            match staged {
+                Ok(w) => writes.push(w),
                 Err(e) => {
                     state.unassign(&queued.assignments);
                     open.builder.rollback(start);
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
-        } else {
-            Vec::new()
-        };
+        }
         drop(state);
         self.receipts.stage(open.builder.number(), &queued.receipts);
         for a in &queued.assignments {
@@ -166,12 +164,12 @@ impl Applier {
             &mut builder,
             deliveries,
             self.max_queue_depth,
-            tx,
         )?;
         let staged = queued
             .assignments
             .iter()
             .try_for_each(|a| stage_release(&self.layout, &self.receipts, tx, &a.dropped))
+            .and_then(|()| stage_rosters(&self.layout, tx, &queued.rosters))
             .and_then(|()| {
                 if builder.is_empty() {
                     return Ok(());
@@ -206,16 +204,24 @@ impl Applier {
     }
 }
 
-/// Assign sequence numbers to `deliveries`, store each in `builder` (a new
-/// roster in `rosters`) and note its send's answer. Undone in the index,
-/// and in `builder`, if one cannot be stored, so that no queue keeps a gap.
+/// Stage the new rosters a batch references.
+fn stage_rosters(layout: &Layout, tx: &Transaction, rosters: &[Created]) -> Result<(), StoreError> {
+    for r in rosters {
+        tx.put_raw(layout.trees.delivery.handle, &r.key, &r.value)?;
+    }
+    Ok(())
+}
+
+/// Assign sequence numbers to `deliveries`, store each in `builder` and
+/// note its send's answer (and the new rosters to store before the batch).
+/// Undone in the index, and in `builder`, if one cannot be stored, so that
+/// no queue keeps a gap.
 fn queue_into(
     layout: &Layout,
     state: &mut IndexState,
     builder: &mut BatchBuilder,
     deliveries: Vec<Delivery>,
     max_queue_depth: u64,
-    rosters: &Transaction,
 ) -> Result<Queued, StoreError> {
     let n = deliveries.len();
     let mut queued = Queued {
@@ -225,6 +231,7 @@ fn queue_into(
         assignments: Vec::with_capacity(n),
         receipts: Vec::with_capacity(n),
         batch: 0,
+        rosters: Vec::new(),
     };
     let start = builder.mark();
     let tree = layout.trees.delivery;
@@ -238,34 +245,27 @@ fn queue_into(
             };
             state.rosters.reference(&to, builder.number())
         });
-        let mut created = None;
-        if let Some((id, c)) = roster
-            .as_ref()
-            .and_then(|r| Some((r.id, r.created.as_ref()?)))
-        {
-            created = Some(CreatedRoster {
-                group: d.message.group_id.clone(),
-                id,
-            });
-            if let Err(e) = rosters.put_raw(tree.handle, &c.key, &c.value) {
-                state.rosters.unmade(&d.message.group_id, id);
-                state.unassign(&queued.assignments);
-                builder.rollback(start);
-                return Err(e.into());
-            }
-        }
         let mut a = state.assign(
             builder.next_id(),
             d.recipients,
             d.message.stored_ms,
             max_queue_depth,
         );
-        a.created_roster = created;
         let recipients = u32::try_from(a.entries.len()).unwrap_or(u32::MAX);
-        let by_roster = roster.zip(d.sender_at).map(|(r, at)| RosterRef {
-            id: r.id,
-            skipped: member_positions(&a.skipped, at),
-            recipients,
+        let by_roster = roster.zip(d.sender_at).map(|(r, at)| {
+            if let Some(created) = r.created {
+                // Forgotten with the assignment if the write is not made.
+                a.created_roster = Some(CreatedRoster {
+                    group: d.message.group_id.clone(),
+                    id: r.id,
+                });
+                queued.rosters.push(created);
+            }
+            RosterRef {
+                id: r.id,
+                skipped: member_positions(&a.skipped, at),
+                recipients,
+            }
         });
         // A message for nobody is not stored, unless it answers a send id:
         // its envelope is that send's receipt.
