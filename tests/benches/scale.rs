@@ -19,7 +19,8 @@
 //!   fetches (response bytes, server CPU), and the server's resident memory.
 //!   The member added last is a real client: at the end it joins from its
 //!   Welcome, catches up and sends messages to everyone, which the creator
-//!   reads.
+//!   reads (server CPU per message, and the live records the first message
+//!   and each later one add while queued for the offline members).
 //! - `epochs`: one group of two through MLS_DS_SCALE_EPOCHS=10000 commits
 //!   (the other member offline, then drained): disk per epoch and server CPU
 //!   per commit, by fifths.

@@ -6,7 +6,8 @@
 //! (one before its merge, one after) must leave nothing half-merged behind;
 //! and all of it goes on after a restart, with nothing kept. Joiners take
 //! the ratchet tree from their Welcome entry, which must be the tree the
-//! DS serves with the GroupInfo of that epoch.
+//! DS serves with the GroupInfo of that epoch. Messages to the group are
+//! stored with a reference to its roster and survive a crash.
 
 use mls_ds_client::HttpPool;
 use mls_ds_protocol::queue::EntryKind;
@@ -134,5 +135,26 @@ async fn a_big_group_stays_consistent_through_its_kept_state() {
         alice.api.group_info(&gid).await.unwrap().epoch,
         alice.epoch()
     );
+
+    // Messages to everyone store a reference to the group's roster, not
+    // its 200 recipients; after a crash the queues are rebuilt from it:
+    // those that read them see nothing again, the others get them.
+    let texts: Vec<Vec<u8>> = (0..3).map(|i| format!("to all {i}").into_bytes()).collect();
+    for t in &texts {
+        let m = witness.encrypt(t);
+        witness.api.send_message(&gid, m).await.unwrap();
+    }
+    assert_eq!(alice.sync().await, texts);
+    let stats = server.admin_ok(&["stats"]);
+    let rosters = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("rosters"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+    // The proposal's (retired at the restart, still queued for the
+    // offline members) and the current one.
+    assert_eq!(rosters, Some(2), "{stats}");
+    server.kill_and_restart_on_same_port();
+    assert!(alice.sync().await.is_empty());
+    assert_eq!(outsider.sync().await, texts);
     server.stop_and_check();
 }
