@@ -17,6 +17,7 @@
 
 mod deliveries;
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
@@ -76,6 +77,10 @@ pub(crate) struct Applier {
     /// Records the writes prepared since the last apply change: dropped
     /// from `caches` once applied.
     changed: Mutex<ChangedRecords>,
+    /// Why a job that had changed the queue index could not be prepared:
+    /// the index no longer follows the database, so storage must be
+    /// reopened (`take_diverged`).
+    diverged: Cell<Option<String>>,
 }
 
 impl Applier {
@@ -96,6 +101,7 @@ impl Applier {
             open: None,
             caches,
             changed: Mutex::default(),
+            diverged: Cell::new(None),
         }
     }
 
@@ -105,6 +111,19 @@ impl Applier {
         let changed = std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()));
         self.caches.groups.changed(changed.groups);
         self.caches.clients.changed(changed.clients);
+    }
+
+    /// Why the last job that changed the queue index failed to be
+    /// prepared, if one did: the writer then marks storage broken, so that
+    /// the index is rebuilt from the database.
+    pub(crate) fn take_diverged(&self) -> Option<String> {
+        self.diverged.take()
+    }
+
+    /// `e` after the queue index changed: nothing undoes the change.
+    fn diverge(&self, e: StoreError) -> StoreError {
+        self.diverged.set(Some(e.to_string()));
+        e
     }
 
     /// Turn `job` into writes, or answer it at once (a failed condition,
@@ -146,7 +165,7 @@ impl Applier {
                         finish: Finish::Expire(reply, released.entries),
                     }),
                     Err(e) => {
-                        reply.send(Err(e));
+                        reply.send(Err(self.diverge(e)));
                         None
                     }
                 }
@@ -212,13 +231,20 @@ impl Applier {
                 self.stage(&tx, change)?;
             }
         }
-        // Index changes come last, once nothing else can fail.
+        // Index changes come last, once nothing else can fail. A failure
+        // after one that is not undone breaks storage (`diverge`).
         let mut state = self.index.lock();
         for id in &deleted {
             let released = state.delete_client(id);
-            stage_release(&self.layout, &self.receipts, &tx, &released)?;
+            stage_release(&self.layout, &self.receipts, &tx, &released)
+                .map_err(|e| self.diverge(e))?;
         }
-        let queued = self.deliver(&mut state, &tx, set.deliveries)?;
+        // `deliver` undoes its own assignments when it fails.
+        let queued = match self.deliver(&mut state, &tx, set.deliveries) {
+            Ok(queued) => queued,
+            Err(e) if deleted.is_empty() => return Err(e),
+            Err(e) => return Err(self.diverge(e)),
+        };
         let next_batch = state.next_batch;
         for change in &staged_groups {
             if let GroupChange::Deleted(id) = change {
@@ -226,7 +252,14 @@ impl Applier {
             }
         }
         drop(state);
-        let writes = vec![tx.into_pending()?];
+        #[cfg(test)]
+        if deleted
+            .iter()
+            .any(|id| id.as_bytes() == FAIL_AFTER_DELETING)
+        {
+            return Err(self.diverge(StoreError::Corrupt("injected failure".into())));
+        }
+        let writes = vec![tx.into_pending().map_err(|e| self.diverge(e.into()))?];
         // Staged once nothing can fail: a write that was not made leaves no
         // receipt behind.
         queued.stage_receipts(&self.receipts);
@@ -416,7 +449,10 @@ impl Applier {
             .map_err(|head| StoreError::AckBeyondHead { up_to, head })?;
         let outcome = state.position(client);
         drop(state);
-        Ok((self.release_writes(&released)?, outcome))
+        let writes = self
+            .release_writes(&released)
+            .map_err(|e| self.diverge(e))?;
+        Ok((writes, outcome))
     }
 
     /// Ack marks and removals of freed batches, applied key by key: every
@@ -429,6 +465,11 @@ impl Applier {
         Ok(tx.into_pending()?.into_single_writes())
     }
 }
+
+/// Tests: a write set that deletes this client fails once the queue index
+/// has changed.
+#[cfg(test)]
+pub(crate) const FAIL_AFTER_DELETING: &[u8] = b"fails-after-its-deletion";
 
 /// Ack marks and the removal of freed batches; a batch holding the send ids
 /// of fresh receipts stays until they are frozen into a run.

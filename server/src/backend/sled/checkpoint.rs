@@ -1,7 +1,8 @@
 //! The queue index's checkpoint, so that a start need not read every
 //! stored delivery batch. Over 500 lines because the encoding, its
 //! chunked write under generations and the reading that checks each step
-//! are one format, kept in one place so that they cannot drift apart.
+//! are one format: split, the key layout, the seal and the field order
+//! would each be spelled out on both sides.
 //!
 //! Without it a start rebuilds the index from every envelope's fan-out
 //! (`queue_startup::load`), which reads the whole delivery tree: about a
@@ -31,11 +32,8 @@
 //! removed and ignored: the index is rebuilt from every batch.
 //!
 //! `mls-ds check` on a stopped server compares the index from the
-//! checkpoint with the full rebuild.
-//!
-//! Over 500 lines because the encoding, its writing by generation and its
-//! checked reading are one format: split, the key layout, the seal and the
-//! field order would each be spelled out on both sides.
+//! checkpoint with the full rebuild. The message id at each queue's mark
+//! is not held: a start takes it from the mark on disk.
 
 use std::collections::{BTreeMap, HashMap};
 

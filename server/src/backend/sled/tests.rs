@@ -223,6 +223,48 @@ async fn the_index_is_rebuilt_from_disk() {
     assert!(seqs(&b, &d, 0).await.is_empty());
 }
 
+/// A write that fails to be prepared after it changed the queue index (a
+/// client's deletion here) breaks storage: nothing of it is applied, and
+/// the index is rebuilt from the database at the reopen.
+#[tokio::test]
+async fn a_write_failing_after_the_index_changed_breaks_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ClientId::new(super::apply::FAIL_AFTER_DELETING).unwrap();
+    let a = id("a");
+    {
+        let b = open(dir.path());
+        register(&b, &c).await;
+        send(&b, 1, &[&c, &a]).await;
+        let set = WriteSet {
+            conditions: vec![Condition::ClientActive(c.clone())],
+            changes: vec![Change::DeleteClient {
+                id: c.clone(),
+                tombstone: ClientRecord {
+                    deleted_ms: Some(2),
+                    ..client_record()
+                },
+            }],
+            deliveries: Vec::new(),
+        };
+        let e = b.submit(set).wait().await.unwrap_err();
+        assert!(e.to_string().contains("injected"), "{e}");
+        // Refused: the writer marked storage broken before its next job.
+        assert!(b
+            .submit(WriteSet {
+                deliveries: vec![delivery(3, &[&a])],
+                ..WriteSet::default()
+            })
+            .wait()
+            .await
+            .is_err());
+        assert!(b.health().is_err(), "storage is broken");
+    }
+    let b = open(dir.path());
+    assert_eq!(seqs(&b, &c, 0).await, vec![1], "not deleted");
+    assert_eq!(seqs(&b, &a, 0).await, vec![1]);
+    assert!(!b.layout.client(&c).unwrap().unwrap().is_deleted());
+}
+
 /// Many messages in one batch, and more batches than the startup scan
 /// reads at a time, reload in order.
 #[tokio::test]
