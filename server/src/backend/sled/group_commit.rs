@@ -39,6 +39,7 @@ use mls_ds_storage::{PendingWrites, StorageError, Store};
 use super::apply::Applier;
 use super::checkpoint::{self, Written};
 use super::job::{Finish, Job};
+use super::rosters;
 use crate::backend::error::{StorageFault, StoreError};
 use crate::backend::{AdminReport, NewHeads};
 
@@ -197,8 +198,11 @@ impl Writer {
                 self.since_sweep += 1;
                 if self.since_sweep >= SWEEP_EVERY_CYCLES {
                     self.since_sweep = 0;
-                    if let Err(e) = self.index.lock().rosters.sweep(&self.applier.layout) {
-                        self.storage_failed(&e, "removing retired rosters failed");
+                    // Read without the index's lock, which fetches take.
+                    let retired = self.index.lock().rosters.retired();
+                    match rosters::sweep(&self.applier.layout, &retired) {
+                        Ok(gone) => self.index.lock().rosters.removed(&gone),
+                        Err(e) => self.storage_failed(&e, "removing retired rosters failed"),
                     }
                 }
             }

@@ -119,6 +119,7 @@ impl SledBackend {
             .rosters
             .set_min_members(config.roster_min_members);
         let receipts = Arc::new(Receipts::open(&layout)?);
+        loaded.state.next_batch = loaded.state.next_batch.max(receipts.watermark());
         receipts.remove_unfinished()?;
         receipts.freeze_at(config.receipts_run_size);
         tracing::info!(

@@ -219,7 +219,9 @@ pub(crate) fn load(layout: &Layout, decode: Decode) -> Result<Loaded, StoreError
 }
 
 /// Every entry of a loaded index is durable; every stored roster is
-/// retired.
+/// retired. Batches are numbered on past every one a mark or a roster
+/// names, stored or not: a message id never goes back below a queue's
+/// mark, which a fan-out by roster relies on.
 fn finish(
     layout: &Layout,
     mut state: IndexState,
@@ -227,10 +229,14 @@ fn finish(
     orphans: Vec<u64>,
     envelopes: usize,
 ) -> Result<Loaded, StoreError> {
+    let mut floor = state.next_batch;
     for cq in state.clients.values_mut() {
         cq.visible = cq.next_seq() - 1;
+        floor = floor.max(layout::batch_of(cq.acked_id).saturating_add(1));
     }
+    state.next_batch = floor;
     state.rosters = Rosters::at_start(layout, state.next_batch)?;
+    state.next_batch = state.next_batch.max(state.rosters.batch_floor());
     Ok(Loaded {
         state,
         source,

@@ -220,6 +220,13 @@ impl Receipts {
         })
     }
 
+    /// The first batch whose receipts are read back from its envelopes at
+    /// a start: batches are numbered from it on at least, or a start would
+    /// not read theirs.
+    pub(crate) fn watermark(&self) -> u64 {
+        self.lock().watermark
+    }
+
     /// Freeze after `n` fresh receipts instead of [`FREEZE_AT`]
     /// (`--receipts-run-size`).
     pub(crate) fn freeze_at(&self, n: usize) {

@@ -141,8 +141,9 @@ impl Rosters {
                 .ok_or_else(|| StoreError::Corrupt(format!("roster key {}", hex::encode(&key))))?;
             let first =
                 first_batch(&value).ok_or_else(|| damaged(id, "its header is cut short"))?;
-            rosters.retired.insert(id, first..next_batch.max(first + 1));
-            rosters.next_id = rosters.next_id.max(id + 1);
+            let end = next_batch.max(first.saturating_add(1));
+            rosters.retired.insert(id, first..end);
+            rosters.next_id = rosters.next_id.max(id.saturating_add(1));
         }
         Ok(rosters)
     }
@@ -216,33 +217,67 @@ impl Rosters {
 
     fn retire(&mut self, old: Current, before: u64) {
         let first = first_batch(&old.value).unwrap_or(0);
-        self.retired.insert(old.id, first..before.max(first + 1));
+        self.retired
+            .insert(old.id, first..before.max(first.saturating_add(1)));
     }
 
-    /// Remove the retired rosters no stored batch can reference (between
-    /// two cycles, when every batch is written). Returns how many went.
-    pub(crate) fn sweep(&mut self, layout: &Layout) -> Result<usize, StoreError> {
-        let tree = layout.trees.delivery;
-        let mut gone = Vec::new();
-        for (id, range) in &self.retired {
-            let any = layout.storage.range_raw(
-                tree.handle,
-                &layout::batch_key(range.start),
-                &layout::batch_key(range.end - 1),
-                1,
-            )?;
-            if any.is_empty() {
-                gone.push(*id);
-            }
-        }
-        for id in &gone {
-            layout
-                .storage
-                .remove_raw(tree.handle, &layout::roster_key(*id))?;
+    /// The number past every batch a stored roster was first used in.
+    pub(crate) fn batch_floor(&self) -> u64 {
+        self.retired
+            .values()
+            .map(|r| r.start.saturating_add(1))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The retired rosters and the batches that may reference them.
+    pub(crate) fn retired(&self) -> Vec<Retired> {
+        self.retired
+            .iter()
+            .map(|(id, batches)| Retired {
+                id: *id,
+                batches: batches.clone(),
+            })
+            .collect()
+    }
+
+    /// Forget retired rosters that were removed.
+    pub(crate) fn removed(&mut self, ids: &[u64]) {
+        for id in ids {
             self.retired.remove(id);
         }
-        Ok(gone.len())
     }
+}
+
+/// A retired roster.
+pub(crate) struct Retired {
+    /// The roster.
+    pub(crate) id: u64,
+    /// The batches that may reference it.
+    pub(crate) batches: Range<u64>,
+}
+
+/// Remove the rosters of `retired` that no stored batch can reference
+/// (between two cycles, when every batch is written, on the writer thread,
+/// the only one that changes rosters); returns their ids.
+pub(crate) fn sweep(layout: &Layout, retired: &[Retired]) -> Result<Vec<u64>, StoreError> {
+    let tree = layout.trees.delivery;
+    let mut gone = Vec::new();
+    for r in retired {
+        let any = layout.storage.range_raw(
+            tree.handle,
+            &layout::batch_key(r.batches.start),
+            &layout::batch_key(r.batches.end.saturating_sub(1)),
+            1,
+        )?;
+        if any.is_empty() {
+            layout
+                .storage
+                .remove_raw(tree.handle, &layout::roster_key(r.id))?;
+            gone.push(r.id);
+        }
+    }
+    Ok(gone)
 }
 
 /// What the stored rosters take (`mls-ds stats`).

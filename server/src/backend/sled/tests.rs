@@ -764,55 +764,63 @@ async fn a_message_submitted_with_its_group_deletion_is_refused() {
     b.submit(send()).wait().await.unwrap();
 }
 
+/// Send `n` of `a`'s, with a send id: to `to`, or to nobody else for 100
+/// (its envelope is kept all the same).
+fn send_with_id(a: &ClientId, to: &ClientId, n: u64) -> WriteSet {
+    use crate::backend::records::StoredSendId;
+    let one = [to];
+    let mut d = delivery(1, if n == 100 { &[] } else { &one });
+    d.message.sender = a.as_bytes().to_vec();
+    d.message.send = Some(StoredSendId {
+        created_ms: 7,
+        nonce: n,
+    });
+    d.receipt = Some(send_key(a, n));
+    WriteSet {
+        conditions: vec![Condition::SendNew(send_key(a, n))],
+        deliveries: vec![d],
+        ..WriteSet::default()
+    }
+}
+
+/// The key of `a`'s send `n`.
+fn send_key(a: &ClientId, n: u64) -> crate::backend::records::SendKey {
+    crate::backend::records::SendKey {
+        sender: a.clone(),
+        id: mls_ds_protocol::groups::SendId {
+            created_ms: 7,
+            nonce: n,
+        },
+    }
+}
+
+/// Whether send `n` of `a`'s to `to` is refused as a duplicate.
+async fn is_duplicate(b: &SledBackend, a: &ClientId, to: &ClientId, n: u64) -> bool {
+    matches!(
+        b.submit(send_with_id(a, to, n)).wait().await,
+        Err(StoreError::ConditionFailed(Condition::SendNew(_)))
+    )
+}
+
+/// Delivery batches stored.
+fn batches(b: &SledBackend) -> usize {
+    b.layout
+        .storage
+        .scan_raw(b.layout.trees.delivery.handle, &[layout::BATCH_PREFIX])
+        .unwrap()
+        .len()
+}
+
 /// A send's receipt lives in its batch's envelope until it is frozen into
 /// a run: the batch stays on disk after every entry of it is acknowledged,
 /// a start (after a crash: no checkpoint) reads the receipts back from it,
 /// and the freeze removes it; a retry gets the first answer throughout.
 #[tokio::test]
 async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restarts() {
-    use crate::backend::records::{SendKey, StoredSendId};
-    use mls_ds_protocol::groups::SendId;
     let dir = tempfile::tempdir().unwrap();
     let (a, c) = (id("a"), id("c"));
-    let key = |n: u64| SendKey {
-        sender: a.clone(),
-        id: SendId {
-            created_ms: 7,
-            nonce: n,
-        },
-    };
-    // Send 100 goes to nobody else: its envelope is kept all the same.
-    let set = |n: u64| {
-        let one = [&c];
-        let mut d = delivery(1, if n == 100 { &[] } else { &one });
-        d.message.sender = a.as_bytes().to_vec();
-        d.message.send = Some(StoredSendId {
-            created_ms: 7,
-            nonce: n,
-        });
-        d.receipt = Some(key(n));
-        WriteSet {
-            conditions: vec![Condition::SendNew(key(n))],
-            deliveries: vec![d],
-            ..WriteSet::default()
-        }
-    };
-    let duplicate = |b: &SledBackend, n: u64| {
-        let b_submit = b.submit(set(n));
-        async move {
-            matches!(
-                b_submit.wait().await,
-                Err(StoreError::ConditionFailed(Condition::SendNew(_)))
-            )
-        }
-    };
-    let batches = |b: &SledBackend| {
-        b.layout
-            .storage
-            .scan_raw(b.layout.trees.delivery.handle, b"b")
-            .unwrap()
-            .len()
-    };
+    let key = |n: u64| send_key(&a, n);
+    let set = |n: u64| send_with_id(&a, &c, n);
     let mut ids = Vec::new();
     let to_nobody = {
         let b = open(dir.path());
@@ -824,7 +832,7 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
         b.ack(&c, 20).wait().await.unwrap();
         assert_eq!(stored(&b), 0, "every entry acknowledged");
         assert_eq!(batches(&b), 21, "kept for their receipts");
-        assert!(duplicate(&b, 3).await);
+        assert!(is_duplicate(&b, &a, &c, 3).await);
         b.flush().unwrap();
         to_nobody
     };
@@ -839,8 +847,8 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
         (receipt.message_id, receipt.recipients),
         (to_nobody.message_id, 0)
     );
-    assert!(duplicate(&b, 4).await);
-    assert!(duplicate(&b, 100).await);
+    assert!(is_duplicate(&b, &a, &c, 4).await);
+    assert!(is_duplicate(&b, &a, &c, 100).await);
     // The next send, once a run is due, starts freezing them; once the
     // run is published, the batches go.
     b.receipts.freeze_at(1);
@@ -860,8 +868,43 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
             .expect("frozen");
         assert_eq!(receipt.message_id, *id);
     }
-    assert!(duplicate(&b, 5).await);
-    assert!(duplicate(&b, 20).await);
-    assert!(duplicate(&b, 100).await);
+    assert!(is_duplicate(&b, &a, &c, 5).await);
+    assert!(is_duplicate(&b, &a, &c, 20).await);
+    assert!(is_duplicate(&b, &a, &c, 100).await);
     assert!(b.check().await.unwrap().text.contains("22 send receipts"));
+}
+
+/// A start without a usable checkpoint numbers batches from the receipts'
+/// watermark on at least, even with no batch stored: otherwise the sends
+/// after it would be stored below the watermark, and the next start would
+/// not read their receipts back.
+#[tokio::test]
+async fn batches_are_numbered_from_the_receipts_watermark_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c) = (id("a"), id("c"));
+    {
+        let b = open(dir.path());
+        for n in 0..3 {
+            b.submit(send_with_id(&a, &c, n)).wait().await.unwrap();
+        }
+        b.ack(&c, 3).wait().await.unwrap();
+        b.settled().wait().await.unwrap();
+        b.receipts.freeze_now(&b.index.lock()).unwrap();
+        assert_eq!(batches(&b), 0, "frozen, then removed");
+        b.flush().unwrap();
+    }
+    let b = open(dir.path());
+    let watermark = b.receipts.watermark();
+    assert!(watermark > 1);
+    assert!(b.index.lock().next_batch >= watermark);
+    let sent = b.submit(send_with_id(&a, &c, 10)).wait().await.unwrap();
+    b.flush().unwrap();
+    drop(b);
+    let b = open(dir.path());
+    let receipt = b.send_receipt(&send_key(&a, 10)).await.unwrap();
+    assert_eq!(
+        receipt.map(|r| r.message_id),
+        Some(sent.deliveries[0].message_id)
+    );
+    assert!(is_duplicate(&b, &a, &c, 10).await);
 }
