@@ -11,8 +11,8 @@
 //! least one such kill is asserted, on the sled backend). The server
 //! checkpoints its queue index every 50 jobs, so most starts take it from
 //! a checkpoint and the messages stored since (at least one such start is
-//! asserted, on sled). The group's messages store their fan-out as a
-//! reference to its roster (`--roster-min-members 3`), its commits and
+//! asserted, on sled). The group's messages and commits store their
+//! fan-out as a reference to its roster (`--roster-min-members 3`), its
 //! Welcomes as lists. Every fifth cycle ends with a SIGTERM under load
 //! instead, which must exit 0; every second of those stops is cut short by
 //! a SIGKILL 0-30 ms after the SIGTERM, while the server finishes requests
@@ -57,9 +57,9 @@ const INDEX_CHECKPOINT_EVERY_OPS: &str = "50";
 const RECEIPTS_RUN_SIZE: &str = "8";
 
 /// The group's three members share a roster (`--roster-min-members`): its
-/// messages store a reference to it instead of their recipients, while
-/// commits and Welcomes list theirs, so that a start rebuilds queues that
-/// mix both through every kind of kill and cut.
+/// messages and commits store a reference to it instead of their
+/// recipients, while Welcomes list theirs, so that a start rebuilds queues
+/// that mix both through every kind of kill and cut.
 const ROSTER_MIN_MEMBERS: &str = "3";
 
 /// Every this many cycles, one runs long enough for sled's flusher (every

@@ -306,9 +306,12 @@ impl<B: Backend> Ds<B> {
         group: &LoadedGroup,
     ) -> Result<CommitWrite> {
         let mut commit_to = Vec::with_capacity(record.members.len());
-        for m in &record.members {
+        let mut sender_at = None;
+        let mut skipped = false;
+        for (at, m) in record.members.iter().enumerate() {
             let m = ClientId::new(m)?;
             if m == caller.client {
+                sender_at = sender_at.or(u32::try_from(at).ok());
                 continue;
             }
             // Clients that deleted themselves get nothing (counted as such);
@@ -321,10 +324,16 @@ impl<B: Backend> Ds<B> {
                     .await?
                     .is_none_or(|r| r.is_deleted()),
             };
-            if !deleted {
+            if deleted {
+                skipped = true;
+            } else {
                 commit_to.push(m);
             }
         }
+        // Every member but the committer, in the record's order: the
+        // backend may store the fan-out as the epoch's roster, which the
+        // epoch's messages share.
+        let sender_at = sender_at.filter(|_| !skipped);
         let recipients = u32::try_from(commit_to.len() + merged.welcome_to.len())
             .map_err(|_| DsError::Internal("too many recipients".into()))?;
         let now = now_ms();
@@ -343,9 +352,7 @@ impl<B: Backend> Ds<B> {
         let mut deliveries = vec![Delivery {
             message: stored(EntryKind::Commit, submitted.epoch, bundle.commit.as_slice()),
             recipients: commit_to,
-            // Without the members that deleted themselves: not the roster
-            // sends share.
-            sender_at: None,
+            sender_at,
             receipt: None,
         }];
         if let Some(w) = &bundle.welcome {

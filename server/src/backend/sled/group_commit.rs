@@ -308,8 +308,8 @@ impl Writer {
             }
             if let Some(why) = self.applier.take_diverged() {
                 // The queue index changed for a write that will not be
-                // made: nothing of the cycle is applied, and the reopen
-                // rebuilds the index from the database.
+                // made: nothing more of the cycle is applied, and the
+                // reopen rebuilds the index from the database.
                 let e = mls_ds_storage::StorageError::Io(std::io::Error::other(why));
                 let fault = self.stats.mark_broken(&e);
                 tracing::error!(error = %e, "a write that changed the queue index could not be prepared; storage marked broken");

@@ -363,6 +363,23 @@ pub(crate) fn batch_of(id: u64) -> u64 {
     id >> SLOT_BITS
 }
 
+/// Batches are numbered below this (far beyond what a DS writes: a batch a
+/// millisecond for four thousand years), so that a number read from disk
+/// and the ones after it still make message ids.
+const BATCH_LIMIT: u64 = 1 << 47;
+
+/// `number`, a batch number read from disk (`what` names where), unless it
+/// is past what the DS numbers.
+pub(crate) fn stored_batch(number: u64, what: &str) -> Result<u64, StoreError> {
+    if number < BATCH_LIMIT {
+        Ok(number)
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "{what} names batch {number}, past any the DS numbers"
+        )))
+    }
+}
+
 /// The slot of a message id within its batch.
 pub(crate) fn slot_of(id: u64) -> u32 {
     // Masked to SLOT_BITS: fits.

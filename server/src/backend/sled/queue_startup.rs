@@ -92,6 +92,7 @@ pub(crate) fn queues_at_start(
         let mark = Mark::from_bytes(&v).ok_or_else(|| {
             StoreError::Corrupt(format!("ack mark of {id} holds {} bytes", v.len()))
         })?;
+        layout::stored_batch(layout::batch_of(mark.id), &format!("the ack mark of {id}"))?;
         clients.insert(id, ClientQueue::new(mark));
     }
     let tree = layout.trees.clients;
@@ -136,7 +137,8 @@ fn replay(
     let tree = layout.trees.delivery;
     let mut rosters = RosterReader::default();
     for_each_batch(layout, first, |number, value| {
-        state.next_batch = state.next_batch.max(number.saturating_add(1));
+        let number = layout::stored_batch(number, "a batch key")?;
+        state.next_batch = state.next_batch.max(number + 1);
         let mut meta = BatchMeta {
             refs: 0,
             messages: 0,

@@ -155,12 +155,14 @@ impl Receipts {
         }
         let next_run = runs.last().map_or(0, |r| r.id + 1);
         let watermark = match layout.storage.get_raw(tree.handle, WATERMARK)? {
-            Some(v) => layout::be_u64(&v).ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "the send receipts' watermark holds {} bytes",
-                    v.len()
-                ))
-            })?,
+            Some(v) => layout::be_u64(&v)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "the send receipts' watermark holds {} bytes",
+                        v.len()
+                    ))
+                })
+                .and_then(|w| layout::stored_batch(w, "the send receipts' watermark"))?,
             None => 0,
         };
         let receipts = Receipts {

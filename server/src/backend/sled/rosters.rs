@@ -141,6 +141,7 @@ impl Rosters {
                 .ok_or_else(|| StoreError::Corrupt(format!("roster key {}", hex::encode(&key))))?;
             let first =
                 first_batch(&value).ok_or_else(|| damaged(id, "its header is cut short"))?;
+            layout::stored_batch(first, &format!("roster {id}"))?;
             let end = next_batch.max(first.saturating_add(1));
             rosters.retired.insert(id, first..end);
             rosters.next_id = rosters.next_id.max(id.saturating_add(1));

@@ -36,6 +36,15 @@ pub(super) fn open_with_depth(dir: &Path, max_queue_depth: u64) -> SledBackend {
 /// With a queue bound and a checkpoint of the queue index every
 /// `checkpoint_every` jobs (0: at a stop only).
 pub(super) fn open_with(dir: &Path, max_queue_depth: u64, checkpoint_every: u64) -> SledBackend {
+    try_open(dir, max_queue_depth, checkpoint_every).unwrap()
+}
+
+/// [`open_with`], its error returned.
+fn try_open(
+    dir: &Path,
+    max_queue_depth: u64,
+    checkpoint_every: u64,
+) -> Result<SledBackend, StoreError> {
     SledBackend::open(
         dir,
         SledConfig {
@@ -46,7 +55,6 @@ pub(super) fn open_with(dir: &Path, max_queue_depth: u64, checkpoint_every: u64)
             roster_min_members: super::rosters::MIN_MEMBERS,
         },
     )
-    .unwrap()
 }
 
 pub(super) fn id(s: &str) -> ClientId {
@@ -420,18 +428,7 @@ async fn a_gap_is_refused() {
             report.problems
         );
     }
-    let refused = SledBackend::open(
-        dir.path(),
-        SledConfig {
-            store: TUNING,
-            max_queue_depth: u64::MAX,
-            index_checkpoint_every_ops: 0,
-            receipts_run_size: 65_536,
-            roster_min_members: super::rosters::MIN_MEMBERS,
-        },
-    )
-    .err()
-    .expect("refused");
+    let refused = try_open(dir.path(), u64::MAX, 0).err().expect("refused");
     assert!(refused.to_string().contains("has a gap"), "{refused}");
 }
 
@@ -764,12 +761,12 @@ async fn a_message_submitted_with_its_group_deletion_is_refused() {
     b.submit(send()).wait().await.unwrap();
 }
 
-/// Send `n` of `a`'s, with a send id: to `to`, or to nobody else for 100
-/// (its envelope is kept all the same).
+/// Send `n` of `a`'s, with a send id: to `to`, or to nobody else from 100
+/// on (its envelope is kept all the same).
 fn send_with_id(a: &ClientId, to: &ClientId, n: u64) -> WriteSet {
     use crate::backend::records::StoredSendId;
     let one = [to];
-    let mut d = delivery(1, if n == 100 { &[] } else { &one });
+    let mut d = delivery(1, if n >= 100 { &[] } else { &one });
     d.message.sender = a.as_bytes().to_vec();
     d.message.send = Some(StoredSendId {
         created_ms: 7,
@@ -875,19 +872,19 @@ async fn receipts_outlive_their_acknowledged_batches_through_freezes_and_restart
 }
 
 /// A start without a usable checkpoint numbers batches from the receipts'
-/// watermark on at least, even with no batch stored: otherwise the sends
-/// after it would be stored below the watermark, and the next start would
-/// not read their receipts back.
+/// watermark on at least, even with no batch stored and no mark naming
+/// one (sends to nobody else): otherwise the sends after it would be
+/// stored below the watermark, and the next start would not read their
+/// receipts back.
 #[tokio::test]
 async fn batches_are_numbered_from_the_receipts_watermark_on() {
     let dir = tempfile::tempdir().unwrap();
     let (a, c) = (id("a"), id("c"));
     {
         let b = open(dir.path());
-        for n in 0..3 {
+        for n in 100..103 {
             b.submit(send_with_id(&a, &c, n)).wait().await.unwrap();
         }
-        b.ack(&c, 3).wait().await.unwrap();
         b.settled().wait().await.unwrap();
         b.receipts.freeze_now(&b.index.lock()).unwrap();
         assert_eq!(batches(&b), 0, "frozen, then removed");
@@ -897,14 +894,48 @@ async fn batches_are_numbered_from_the_receipts_watermark_on() {
     let watermark = b.receipts.watermark();
     assert!(watermark > 1);
     assert!(b.index.lock().next_batch >= watermark);
-    let sent = b.submit(send_with_id(&a, &c, 10)).wait().await.unwrap();
+    let sent = b.submit(send_with_id(&a, &c, 110)).wait().await.unwrap();
     b.flush().unwrap();
     drop(b);
     let b = open(dir.path());
-    let receipt = b.send_receipt(&send_key(&a, 10)).await.unwrap();
+    let receipt = b.send_receipt(&send_key(&a, 110)).await.unwrap();
     assert_eq!(
         receipt.map(|r| r.message_id),
         Some(sent.deliveries[0].message_id)
     );
-    assert!(is_duplicate(&b, &a, &c, 10).await);
+    assert!(is_duplicate(&b, &a, &c, 110).await);
+}
+
+/// A mark naming a batch past any the DS numbers is damage: the start
+/// refuses it (new batches would be numbered from there, and their message
+/// ids would wrap around), and `check` reports it.
+#[tokio::test]
+async fn a_mark_past_any_batch_number_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = id("a");
+    {
+        let b = open(dir.path());
+        send(&b, 1, &[&a]).await;
+        let mark = layout::Mark {
+            seq: 1,
+            id: u64::MAX,
+        };
+        b.layout
+            .storage
+            .put_raw(
+                b.layout.trees.delivery.handle,
+                &layout::ack_key(&a),
+                &mark.to_bytes(),
+            )
+            .unwrap();
+        b.flush().unwrap();
+        let report = super::queue_startup::verify(&b.layout, super::Serving::Running);
+        assert!(
+            report.problems.iter().any(|p| p.contains("past any")),
+            "{:?}",
+            report.problems
+        );
+    }
+    let refused = try_open(dir.path(), u64::MAX, 0);
+    assert!(matches!(refused, Err(StoreError::Corrupt(_))));
 }
