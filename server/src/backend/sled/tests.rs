@@ -177,7 +177,12 @@ pub(super) async fn register(b: &SledBackend, c: &ClientId) {
 }
 
 pub(super) async fn delete(b: &SledBackend, c: &ClientId) {
-    let set = WriteSet {
+    b.submit(deletion(c)).wait().await.unwrap();
+}
+
+/// `c`'s deletion of itself.
+fn deletion(c: &ClientId) -> WriteSet {
+    WriteSet {
         conditions: vec![Condition::ClientActive(c.clone())],
         changes: vec![Change::DeleteClient {
             id: c.clone(),
@@ -187,8 +192,7 @@ pub(super) async fn delete(b: &SledBackend, c: &ClientId) {
             },
         }],
         deliveries: Vec::new(),
-    };
-    b.submit(set).wait().await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -243,18 +247,7 @@ async fn a_write_failing_after_the_index_changed_breaks_storage() {
         let b = open(dir.path());
         register(&b, &c).await;
         send(&b, 1, &[&c, &a]).await;
-        let set = WriteSet {
-            conditions: vec![Condition::ClientActive(c.clone())],
-            changes: vec![Change::DeleteClient {
-                id: c.clone(),
-                tombstone: ClientRecord {
-                    deleted_ms: Some(2),
-                    ..client_record()
-                },
-            }],
-            deliveries: Vec::new(),
-        };
-        let e = b.submit(set).wait().await.unwrap_err();
+        let e = b.submit(deletion(&c)).wait().await.unwrap_err();
         assert!(e.to_string().contains("injected"), "{e}");
         // Refused: the writer marked storage broken before its next job.
         assert!(b
