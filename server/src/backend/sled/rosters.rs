@@ -5,16 +5,20 @@
 //! instead of about 28 KB.
 //!
 //! A delivery whose recipients are a group's members but the sender, in
-//! the group record's order (the service says where the sender stands),
-//! in a group of at least [`MIN_MEMBERS`], references the group's current
-//! roster. When the members differ from it (a commit changed them), the
-//! writer stores a new roster, before the batch whose envelopes reference
-//! it, in the same write or an earlier one. The roster it replaces is
-//! retired, and so is a deleted group's: no later message references it,
-//! and it is removed between two cycles once no batch numbered in its
-//! range is stored (read on disk). A start retires every stored roster
+//! the group record's order (the service says where the sender stands:
+//! a message, or a commit none of whose members deleted themselves), in a
+//! group of at least [`MIN_MEMBERS`] (`--roster-min-members`), references
+//! the group's current roster. When the members differ from it (a commit
+//! changed them), the writer stores a new roster, before the batch whose
+//! envelopes reference it, in the same write or an earlier one. The roster
+//! it replaces is retired, and so is a deleted group's: no later message
+//! references it, and it is removed between two cycles once no batch
+//! numbered in its range is stored (read on disk; a batch of any group in
+//! the range keeps it, so a roster lives at most until the messages of its
+//! time are acknowledged or expire). A start retires every stored roster
 //! (the current ones are stored anew when next needed), with the range up
-//! to the batch number it starts at.
+//! to the batch number it starts at. The writer keeps each current roster's
+//! value in memory, to compare a delivery's members with it.
 //!
 //! A start reads a roster when it replays an envelope that references it
 //! (`queue_startup.rs`): each member but the skipped ones holds the message
