@@ -310,7 +310,7 @@ impl Writer {
                 // The queue index changed for a write that will not be
                 // made: nothing more of the cycle is applied, and the
                 // reopen rebuilds the index from the database.
-                let e = mls_ds_storage::StorageError::Io(std::io::Error::other(why));
+                let e = StorageError::Io(std::io::Error::other(why));
                 let fault = self.stats.mark_broken(&e);
                 tracing::error!(error = %e, "a write that changed the queue index could not be prepared; storage marked broken");
                 applied = Err(StoreError::Failed(fault));
