@@ -2,6 +2,9 @@
 //! crate, namespace `ds`, so that any of them can join one atomic write),
 //! their keys, the envelope a queued message is stored in, and the layout
 //! version that refuses data of other builds.
+//! Over 500 lines because it is the one place that spells out every key and
+//! stored value of the backend (with their bounds, as read back from disk):
+//! split, a key's writer and its reader would each carry half of a format.
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
