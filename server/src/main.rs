@@ -17,10 +17,28 @@ use mls_ds_server::config_file::{self, LoadError};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How long mimalloc keeps a freed page committed before returning it to the
+/// system, in milliseconds, unless `MIMALLOC_PURGE_DELAY` is set. With v3's
+/// default (1 s) a server holding 3,000,000 queued messages had 238 MiB
+/// resident, against 201 MiB with 10 ms (and 207 with glibc), at no
+/// measurable difference in CPU; 0 (purge at once) cost about a tenth more
+/// CPU per request.
+const PURGE_DELAY_MS: std::ffi::c_long = 10;
+
+/// `mi_option_purge_delay` of mimalloc.h (v3, as libmimalloc-sys 0.1.49
+/// builds it), which the Rust bindings do not name.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 /// Exit status of a usage error, as clap uses for the command line.
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: `mi_option_set` stores a number in mimalloc's option table;
+        // it has no preconditions and may be called at any time from any
+        // thread. mimalloc reads the delay each time it schedules a purge.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
     let cli = match config_file::load() {
         Ok(cli) => cli,
         Err(LoadError::Cli(e)) => e.exit(),
