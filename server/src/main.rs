@@ -28,6 +28,8 @@ const PURGE_DELAY_MS: std::ffi::c_long = 10;
 /// `mi_option_purge_delay` of mimalloc.h (v3, as libmimalloc-sys 0.1.49
 /// builds it), which the Rust bindings do not name.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+// The option after it, which the bindings do name, pins the value.
+const _: () = assert!(MI_OPTION_PURGE_DELAY == libmimalloc_sys::mi_option_use_numa_nodes - 1);
 
 /// Exit status of a usage error, as clap uses for the command line.
 const USAGE: u8 = 2;
